@@ -1,0 +1,23 @@
+//! The Lease object used for leader election between controller replicas.
+
+use serde::{Deserialize, Serialize};
+
+/// A leader lease, written only with compare-and-swap on `resource_version`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Lease {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub holder: String,
+    #[serde(default)]
+    pub lease_duration_seconds: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acquired_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed_at: Option<String>,
+    #[serde(default)]
+    pub transitions: u64,
+    #[serde(default)]
+    pub resource_version: String,
+}

@@ -1,0 +1,24 @@
+//! Wire types of the sandboxd-o API and the sbxlet agent API, quantity parsing and validation.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod lease;
+pub mod names;
+pub mod node;
+pub mod quantity;
+pub mod sandbox;
+pub mod time;
+pub mod validate;
+pub mod watch;
+
+pub use lease::Lease;
+pub use node::{Node, NodeResources, NodeSource, NodeState};
+pub use sandbox::{
+    AssignedPort, Container, ContainerResource, EnvVar, Phase, PortSpec, Probe, ProbeProtocol,
+    Protocol, Readiness, Sandbox, SandboxSpec, SandboxStatus,
+};
+pub use validate::{FieldError, FieldErrors};
+pub use watch::{EventType, WatchEvent};
+
+/// Label every sandbox created by the orchestrator carries on its agent.
+pub const MANAGED_LABEL: &str = "sandboxd.io/managed";

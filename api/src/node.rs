@@ -1,0 +1,203 @@
+//! The Node object: a worker running one sbxlet, with its heartbeat state and resources.
+
+use serde::{Deserialize, Serialize};
+
+/// Readiness of a node as judged by heartbeats (with hysteresis).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum NodeState {
+    #[default]
+    Unknown,
+    Ready,
+    NotReady,
+}
+
+/// Where a node registration came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum NodeSource {
+    #[default]
+    Api,
+    Config,
+}
+
+/// What a user declares about a node.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    /// IPv4/IPv6 address or DNS name of the node agent.
+    #[serde(default)]
+    pub ip: String,
+    /// Port of the node agent, 1–65535.
+    #[serde(default)]
+    pub port: i64,
+    /// Address clients outside the cluster use; overrides the agent's report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<String>,
+    /// Share of capacity that may be allocated on this node (1–100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_alloc_percent: Option<i64>,
+}
+
+/// Body of `POST /api/v1/nodes`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct NodeCreateRequest {
+    #[serde(alias = "name", default)]
+    pub id: String,
+    #[serde(default)]
+    pub spec: NodeSpec,
+}
+
+/// Resources reported by the agent and derived by the orchestrator.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(default)]
+pub struct NodeResources {
+    pub capacity_cpu_milli: u64,
+    pub capacity_memory_bytes: u64,
+    pub allocatable_cpu_milli: u64,
+    pub allocatable_memory_bytes: u64,
+    pub used_cpu_milli: u64,
+    pub used_memory_bytes: u64,
+    pub available_cpu_milli: u64,
+    pub available_memory_bytes: u64,
+    pub max_alloc_percent: u32,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub external: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+}
+
+impl NodeResources {
+    /// Derives allocatable and available figures from an agent report, as semantics.md defines them.
+    pub fn derive(
+        capacity_cpu_milli: u64,
+        capacity_memory_bytes: u64,
+        used_cpu_milli: u64,
+        used_memory_bytes: u64,
+        max_alloc_percent: u32,
+    ) -> NodeResources {
+        let allocatable = |capacity: u64| {
+            (u128::from(capacity) * u128::from(max_alloc_percent) / 100) as u64
+        };
+        let allocatable_cpu_milli = allocatable(capacity_cpu_milli);
+        let allocatable_memory_bytes = allocatable(capacity_memory_bytes);
+        NodeResources {
+            capacity_cpu_milli,
+            capacity_memory_bytes,
+            allocatable_cpu_milli,
+            allocatable_memory_bytes,
+            used_cpu_milli,
+            used_memory_bytes,
+            available_cpu_milli: allocatable_cpu_milli.saturating_sub(used_cpu_milli),
+            available_memory_bytes: allocatable_memory_bytes.saturating_sub(used_memory_bytes),
+            max_alloc_percent,
+            external: String::new(),
+            updated_at: None,
+        }
+    }
+}
+
+/// The part of a node that controllers write (`PUT /api/v1/nodes/{id}/status`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(default)]
+pub struct NodeStatus {
+    pub state: NodeState,
+    pub last_error: String,
+    pub success_streak: u32,
+    pub failure_streak: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_transition_at: Option<String>,
+    pub resources: NodeResources,
+}
+
+/// Body of `PUT /api/v1/nodes/{id}/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct NodeStatusUpdate {
+    #[serde(default)]
+    pub resource_version: Option<String>,
+    pub status: NodeStatus,
+}
+
+/// A registered node as stored and returned by the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Node {
+    pub id: String,
+    pub name: String,
+    pub ip: String,
+    pub port: u16,
+    /// The spec's `external`, when the user set one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<String>,
+    /// The spec's `max_alloc_percent`, when the user set one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_alloc_percent: Option<u32>,
+    #[serde(default)]
+    pub source: NodeSource,
+    #[serde(flatten)]
+    pub status: NodeStatus,
+    pub created_at: String,
+    pub updated_at: String,
+    pub sbxlet_base_url: String,
+    #[serde(default)]
+    pub resource_version: String,
+}
+
+impl Node {
+    /// The base URL of the node's agent: `http://{ip}:{port}`, IPv6 in brackets.
+    pub fn base_url(ip: &str, port: u16) -> String {
+        if ip.contains(':') {
+            format!("http://[{ip}]:{port}")
+        } else {
+            format!("http://{ip}:{port}")
+        }
+    }
+
+    /// The spec part of the node, as a user would post it.
+    pub fn spec(&self) -> NodeSpec {
+        NodeSpec {
+            ip: self.ip.clone(),
+            port: i64::from(self.port),
+            external: self.external.clone(),
+            max_alloc_percent: self.max_alloc_percent.map(i64::from),
+        }
+    }
+
+    /// The address clients outside the cluster use to reach this node.
+    pub fn effective_external(&self) -> &str {
+        match &self.external {
+            Some(e) if !e.is_empty() => e,
+            _ => &self.status.resources.external,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_derive_floors_allocatable_and_clamps_available() {
+        let r = NodeResources::derive(4000, 16_709_799_936, 100, 134_217_728, 90);
+        assert_eq!(r.allocatable_cpu_milli, 3600);
+        assert_eq!(r.allocatable_memory_bytes, 15_038_819_942);
+        assert_eq!(r.available_cpu_milli, 3500);
+        assert_eq!(r.available_memory_bytes, 14_904_602_214);
+        let over = NodeResources::derive(1000, 1000, 5000, 5000, 50);
+        assert_eq!((over.available_cpu_milli, over.available_memory_bytes), (0, 0));
+    }
+
+    #[test]
+    fn base_url_brackets_ipv6() {
+        assert_eq!(Node::base_url("192.168.0.3", 8080), "http://192.168.0.3:8080");
+        assert_eq!(Node::base_url("::1", 8080), "http://[::1]:8080");
+    }
+}

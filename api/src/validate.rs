@@ -1,0 +1,416 @@
+//! Validation of user-submitted specs, reporting every violated rule with its field path.
+
+use crate::names::name_problem;
+use crate::node::NodeSpec;
+use crate::quantity::{parse_bytes, parse_cpu_milli};
+use crate::sandbox::{Probe, Protocol, SandboxSpec};
+use std::collections::HashSet;
+use std::fmt;
+
+/// One violated rule: `spec.containers[1].name: duplicate "a"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every rule a submission broke, in field order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FieldErrors(pub Vec<FieldError>);
+
+impl FieldErrors {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError { path: path.into(), message: message.into() });
+    }
+
+    fn into_result(self) -> Result<(), FieldErrors> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(self)
+        }
+    }
+}
+
+impl fmt::Display for FieldErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for FieldErrors {}
+
+/// Limits and defaults from configuration that validation and request sums need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxPolicy {
+    pub max_ttl_seconds: i64,
+    pub default_cpu_milli: u64,
+    pub default_memory_bytes: u64,
+}
+
+impl Default for SandboxPolicy {
+    fn default() -> Self {
+        SandboxPolicy { max_ttl_seconds: 86_400, default_cpu_milli: 100, default_memory_bytes: 128 << 20 }
+    }
+}
+
+/// Checks an object name (`id`) against the DNS-label rules.
+pub fn validate_name(path: &str, name: &str) -> Result<(), FieldErrors> {
+    let mut errors = FieldErrors::default();
+    if let Some(problem) = name_problem(name) {
+        errors.push(path, problem);
+    }
+    errors.into_result()
+}
+
+/// Checks a node spec: address and port.
+pub fn validate_node_spec(spec: &NodeSpec) -> Result<(), FieldErrors> {
+    let mut errors = FieldErrors::default();
+    if spec.ip.is_empty() {
+        errors.push("spec.ip", "required");
+    } else if !is_ip_or_dns_name(&spec.ip) {
+        errors.push("spec.ip", format!("{:?} is not an IP address or DNS name", spec.ip));
+    }
+    if !(1..=65535).contains(&spec.port) {
+        errors.push("spec.port", format!("{} is not in 1-65535", spec.port));
+    }
+    if let Some(p) = spec.max_alloc_percent {
+        if !(1..=100).contains(&p) {
+            errors.push("spec.max_alloc_percent", format!("{p} is not in 1-100"));
+        }
+    }
+    if let Some(e) = &spec.external {
+        if !e.is_empty() && !is_ip_or_dns_name(e) {
+            errors.push("spec.external", format!("{e:?} is not an IP address or DNS name"));
+        }
+    }
+    errors.into_result()
+}
+
+fn is_ip_or_dns_name(s: &str) -> bool {
+    if s.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    // A dotted string of digits that is not a valid IP is a typo, not a host name.
+    if s.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+        return false;
+    }
+    s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// Checks a sandbox spec against every rule of semantics.md.
+pub fn validate_sandbox_spec(spec: &SandboxSpec, policy: &SandboxPolicy) -> Result<(), FieldErrors> {
+    let mut errors = FieldErrors::default();
+    validate_containers(spec, &mut errors);
+    validate_ports(spec, &mut errors);
+    if let Some(ttl) = spec.ttl_seconds {
+        if ttl < 0 {
+            errors.push("spec.ttl_seconds", format!("{ttl} must not be negative"));
+        } else if ttl > policy.max_ttl_seconds {
+            errors.push(
+                "spec.ttl_seconds",
+                format!("{ttl} exceeds the maximum of {}", policy.max_ttl_seconds),
+            );
+        }
+    }
+    if let Some(probe) = &spec.readiness_probe {
+        validate_probe(probe, spec, &mut errors);
+    }
+    for key in spec.labels.keys() {
+        if key.is_empty() || key.len() > 253 {
+            errors.push("spec.labels", format!("key {key:?} must be 1-253 characters"));
+        }
+    }
+    errors.into_result()
+}
+
+fn validate_containers(spec: &SandboxSpec, errors: &mut FieldErrors) {
+    if spec.containers.is_empty() {
+        errors.push("spec.containers", "at least one container is required");
+    }
+    let mut seen = HashSet::new();
+    for (i, c) in spec.containers.iter().enumerate() {
+        let at = format!("spec.containers[{i}]");
+        if let Some(problem) = name_problem(&c.name) {
+            errors.push(format!("{at}.name"), problem);
+        } else if !seen.insert(c.name.as_str()) {
+            errors.push(format!("{at}.name"), format!("duplicate {:?}", c.name));
+        }
+        if c.image.trim().is_empty() {
+            errors.push(format!("{at}.image"), "required");
+        }
+        for (j, env) in c.env.iter().enumerate() {
+            if env.name.is_empty() || env.name.contains('=') {
+                errors.push(format!("{at}.env[{j}].name"), format!("{:?} is not a valid variable name", env.name));
+            }
+        }
+        let Some(r) = &c.resource else { continue };
+        if let Some(cpu) = &r.cpu {
+            check_positive(errors, format!("{at}.resource.cpu"), cpu, parse_cpu_milli(cpu));
+        }
+        if let Some(mem) = &r.memory {
+            check_positive(errors, format!("{at}.resource.memory"), mem, parse_bytes(mem));
+        }
+        if let Some(eph) = &r.ephemeral_storage {
+            check_positive(errors, format!("{at}.resource.ephemeral_storage"), eph, parse_bytes(eph));
+        }
+    }
+}
+
+fn check_positive<E: fmt::Display>(errors: &mut FieldErrors, path: String, raw: &str, parsed: Result<u64, E>) {
+    match parsed {
+        Err(e) => errors.push(path, e.to_string()),
+        Ok(0) => errors.push(path, format!("{raw:?} must be greater than zero")),
+        Ok(_) => {}
+    }
+}
+
+fn validate_ports(spec: &SandboxSpec, errors: &mut FieldErrors) {
+    let mut seen: HashSet<(Protocol, i64)> = HashSet::new();
+    let mut pinned: HashSet<(Protocol, i64)> = HashSet::new();
+    for (i, p) in spec.ports.iter().enumerate() {
+        let at = format!("spec.ports[{i}]");
+        if !(1..=65535).contains(&p.container_port) {
+            errors.push(format!("{at}.container_port"), format!("{} is not in 1-65535", p.container_port));
+        } else if !seen.insert((p.protocol, p.container_port)) {
+            errors.push(
+                format!("{at}.container_port"),
+                format!("duplicate {}/{}", p.container_port, p.protocol.as_str()),
+            );
+        }
+        if let Some(h) = p.host_port {
+            if !(1..=65535).contains(&h) {
+                errors.push(format!("{at}.host_port"), format!("{h} is not in 1-65535"));
+            } else if !pinned.insert((p.protocol, h)) {
+                errors.push(format!("{at}.host_port"), format!("duplicate {h}/{}", p.protocol.as_str()));
+            }
+        }
+    }
+}
+
+fn validate_probe(probe: &Probe, spec: &SandboxSpec, errors: &mut FieldErrors) {
+    let at = "spec.readiness_probe";
+    if !spec.ports.iter().any(|p| p.container_port == probe.port) {
+        errors.push(format!("{at}.port"), format!("{} is not a container port in spec.ports", probe.port));
+    }
+    if probe.path.is_some() && probe.protocol == crate::sandbox::ProbeProtocol::Tcp {
+        errors.push(format!("{at}.path"), "only http probes take a path");
+    }
+    if let Some(path) = &probe.path {
+        if !path.is_empty() && !path.starts_with('/') {
+            errors.push(format!("{at}.path"), format!("{path:?} must start with '/'"));
+        }
+    }
+    let bounds = [
+        ("initial_delay_seconds", probe.initial_delay_seconds, 0),
+        ("period_seconds", probe.period_seconds, 1),
+        ("timeout_seconds", probe.timeout_seconds, 1),
+        ("success_threshold", probe.success_threshold, 1),
+        ("failure_threshold", probe.failure_threshold, 1),
+    ];
+    for (field, value, min) in bounds {
+        if value < min {
+            errors.push(format!("{at}.{field}"), format!("{value} must be at least {min}"));
+        } else if value > 86_400 {
+            errors.push(format!("{at}.{field}"), format!("{value} must be at most 86400"));
+        }
+    }
+}
+
+/// Total CPU (millicores) and memory (bytes) a sandbox requests; containers without `resource` use the defaults.
+///
+/// Call only on a validated spec: unparsable quantities count as the defaults.
+pub fn sandbox_requests(spec: &SandboxSpec, policy: &SandboxPolicy) -> (u64, u64) {
+    spec.containers.iter().fold((0u64, 0u64), |(cpu, mem), c| {
+        let r = c.resource.as_ref();
+        let c_cpu = r
+            .and_then(|r| r.cpu.as_deref())
+            .and_then(|q| parse_cpu_milli(q).ok())
+            .unwrap_or(policy.default_cpu_milli);
+        let c_mem = r
+            .and_then(|r| r.memory.as_deref())
+            .and_then(|q| parse_bytes(q).ok())
+            .unwrap_or(policy.default_memory_bytes);
+        (cpu.saturating_add(c_cpu), mem.saturating_add(c_mem))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::{Container, ContainerResource, PortSpec, ProbeProtocol};
+
+    fn container(name: &str) -> Container {
+        Container {
+            name: name.into(),
+            image: "nginx:latest".into(),
+            args: vec![],
+            env: vec![],
+            work_dir: String::new(),
+            resource: None,
+        }
+    }
+
+    fn spec() -> SandboxSpec {
+        SandboxSpec { containers: vec![container("web")], ..Default::default() }
+    }
+
+    fn port(container_port: i64) -> PortSpec {
+        PortSpec { container_port, protocol: Protocol::Tcp, host_port: None }
+    }
+
+    fn probe(port: i64) -> Probe {
+        Probe {
+            protocol: ProbeProtocol::Http,
+            port,
+            path: None,
+            initial_delay_seconds: 0,
+            period_seconds: 10,
+            timeout_seconds: 1,
+            success_threshold: 1,
+            failure_threshold: 3,
+        }
+    }
+
+    fn messages(spec: &SandboxSpec) -> Vec<String> {
+        match validate_sandbox_spec(spec, &SandboxPolicy::default()) {
+            Ok(()) => vec![],
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn a_minimal_spec_is_valid() {
+        assert_eq!(messages(&spec()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn every_violated_rule_is_reported_with_its_path() {
+        type Case = (&'static str, fn(&mut SandboxSpec), &'static str);
+        let cases: Vec<Case> = vec![
+            ("no containers", |s| s.containers.clear(), "spec.containers: at least one container is required"),
+            ("duplicate name", |s| s.containers.push(container("web")), "spec.containers[1].name: duplicate \"web\""),
+            ("bad name", |s| s.containers[0].name = "Web_1".into(), "spec.containers[0].name: \"Web_1\" may contain only lowercase letters, digits, '-' and '.'"),
+            ("empty image", |s| s.containers[0].image = " ".into(), "spec.containers[0].image: required"),
+            (
+                "bad cpu",
+                |s| s.containers[0].resource = Some(ContainerResource { cpu: Some("2x".into()), ..Default::default() }),
+                "spec.containers[0].resource.cpu: invalid quantity \"2x\"",
+            ),
+            (
+                "zero memory",
+                |s| s.containers[0].resource = Some(ContainerResource { memory: Some("0".into()), ..Default::default() }),
+                "spec.containers[0].resource.memory: \"0\" must be greater than zero",
+            ),
+            (
+                "bad storage",
+                |s| s.containers[0].resource = Some(ContainerResource { ephemeral_storage: Some("1.5.5".into()), ..Default::default() }),
+                "spec.containers[0].resource.ephemeral_storage: invalid quantity \"1.5.5\"",
+            ),
+            ("port zero", |s| s.ports.push(port(0)), "spec.ports[0].container_port: 0 is not in 1-65535"),
+            ("port too big", |s| s.ports.push(port(70000)), "spec.ports[0].container_port: 70000 is not in 1-65535"),
+            ("duplicate port", |s| s.ports = vec![port(80), port(80)], "spec.ports[1].container_port: duplicate 80/tcp"),
+            ("negative ttl", |s| s.ttl_seconds = Some(-1), "spec.ttl_seconds: -1 must not be negative"),
+            ("ttl over max", |s| s.ttl_seconds = Some(86_401), "spec.ttl_seconds: 86401 exceeds the maximum of 86400"),
+            ("probe on unknown port", |s| s.readiness_probe = Some(probe(80)), "spec.readiness_probe.port: 80 is not a container port in spec.ports"),
+            (
+                "probe zero period",
+                |s| {
+                    s.ports.push(port(80));
+                    s.readiness_probe = Some(Probe { period_seconds: 0, ..probe(80) });
+                },
+                "spec.readiness_probe.period_seconds: 0 must be at least 1",
+            ),
+            (
+                "probe zero threshold",
+                |s| {
+                    s.ports.push(port(80));
+                    s.readiness_probe = Some(Probe { success_threshold: 0, ..probe(80) });
+                },
+                "spec.readiness_probe.success_threshold: 0 must be at least 1",
+            ),
+            (
+                "tcp probe with path",
+                |s| {
+                    s.ports.push(port(80));
+                    s.readiness_probe = Some(Probe { protocol: ProbeProtocol::Tcp, path: Some("/".into()), ..probe(80) });
+                },
+                "spec.readiness_probe.path: only http probes take a path",
+            ),
+        ];
+        for (what, mutate, want) in cases {
+            let mut s = spec();
+            mutate(&mut s);
+            assert_eq!(messages(&s), vec![want.to_string()], "case {what}");
+        }
+    }
+
+    #[test]
+    fn several_violations_are_all_reported() {
+        let mut s = spec();
+        s.containers.push(container("web"));
+        s.ttl_seconds = Some(-5);
+        s.ports.push(port(0));
+        let got = messages(&s);
+        assert_eq!(got.len(), 3, "{got:?}");
+        let joined = validate_sandbox_spec(&s, &SandboxPolicy::default()).unwrap_err().to_string();
+        assert!(joined.contains("; "), "{joined}");
+    }
+
+    #[test]
+    fn same_port_number_on_two_protocols_is_allowed() {
+        let mut s = spec();
+        s.ports = vec![port(53), PortSpec { protocol: Protocol::Udp, ..port(53) }];
+        assert_eq!(messages(&s), Vec::<String>::new());
+    }
+
+    #[test]
+    fn node_spec_rules() {
+        let ok = NodeSpec { ip: "127.0.1.5".into(), port: 8080, ..Default::default() };
+        assert!(validate_node_spec(&ok).is_ok());
+        assert!(validate_node_spec(&NodeSpec { ip: "::1".into(), ..ok.clone() }).is_ok());
+        assert!(validate_node_spec(&NodeSpec { ip: "worker-1.example".into(), ..ok.clone() }).is_ok());
+        let cases = [
+            (NodeSpec { ip: String::new(), ..ok.clone() }, "spec.ip: required"),
+            (NodeSpec { ip: "300.1.1.1".into(), ..ok.clone() }, "spec.ip: \"300.1.1.1\" is not an IP address or DNS name"),
+            (NodeSpec { ip: "bad host".into(), ..ok.clone() }, "spec.ip: \"bad host\" is not an IP address or DNS name"),
+            (NodeSpec { port: 0, ..ok.clone() }, "spec.port: 0 is not in 1-65535"),
+            (NodeSpec { port: 65536, ..ok.clone() }, "spec.port: 65536 is not in 1-65535"),
+            (NodeSpec { max_alloc_percent: Some(0), ..ok.clone() }, "spec.max_alloc_percent: 0 is not in 1-100"),
+        ];
+        for (spec, want) in cases {
+            assert_eq!(validate_node_spec(&spec).unwrap_err().to_string(), want);
+        }
+    }
+
+    #[test]
+    fn requests_sum_containers_and_apply_defaults() {
+        let mut s = spec();
+        s.containers[0].resource = Some(ContainerResource {
+            cpu: Some("200m".into()),
+            memory: Some("256Mi".into()),
+            ephemeral_storage: None,
+        });
+        s.containers.push(container("sidecar"));
+        assert_eq!(sandbox_requests(&s, &SandboxPolicy::default()), (300, (256 + 128) << 20));
+    }
+}

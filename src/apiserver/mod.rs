@@ -1,0 +1,125 @@
+//! The HTTP API: routes for nodes, sandboxes and watches over the store.
+
+mod error;
+mod extract;
+mod nodes;
+mod openapi;
+mod respond;
+mod sandboxes;
+mod watch;
+
+pub use error::{ApiError, ApiResult};
+pub use extract::parse_json;
+
+use crate::config::Config;
+use crate::store::Store;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use sandboxd_api::validate::SandboxPolicy;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Calls into the node side that the API needs (agent status on create, heartbeat, proxy).
+pub use nodes::NodeAgentHooks;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct ApiState {
+    pub store: Arc<dyn Store>,
+    pub policy: SandboxPolicy,
+    pub default_max_alloc_percent: u32,
+    pub auth_token: Option<Arc<str>>,
+    /// Cancelled on shutdown so open watch streams end and let the server drain.
+    pub shutdown: CancellationToken,
+    pub agents: Option<Arc<dyn NodeAgentHooks>>,
+}
+
+impl ApiState {
+    /// State for a store with the settings of `config`.
+    pub fn new(store: Arc<dyn Store>, config: &Config, auth_token: Option<String>) -> ApiState {
+        ApiState {
+            store,
+            policy: config.sandbox_policy(),
+            default_max_alloc_percent: config.max_alloc_percent,
+            auth_token: auth_token.map(Arc::from),
+            shutdown: CancellationToken::new(),
+            agents: None,
+        }
+    }
+}
+
+/// The whole API as an axum router.
+pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
+    let api = Router::new()
+        .route("/api/v1/nodes", post(nodes::create_or_update).get(nodes::list))
+        .route("/api/v1/nodes/{name}", get(nodes::get_one).delete(nodes::delete))
+        .route("/api/v1/nodes/{name}/status", put(nodes::put_status))
+        .route("/api/v1/sandboxes", post(sandboxes::create).get(sandboxes::list))
+        .route(
+            "/api/v1/sandboxes/{id}",
+            get(sandboxes::get_one).put(sandboxes::update_spec).delete(sandboxes::delete),
+        )
+        .route("/api/v1/sandboxes/{id}/status", put(sandboxes::put_status))
+        .route("/openapi.json", get(openapi::document))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The server is up")))]
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "ok": true }))
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::NotFound(format!("no route for {} {}", request.method(), request.uri().path()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.auth_token {
+        let presented = request
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if presented != Some(&**token) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// The current time as an RFC 3339 UTC timestamp with second precision.
+pub fn now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    sandboxd_api::time::format_unix(secs)
+}
+
+/// The current time in Unix seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Registers (or refreshes) a node declared in the configuration file, with `source: config`.
+pub async fn register_static_node(state: &ApiState, id: &str, spec: &sandboxd_api::node::NodeSpec) -> ApiResult<()> {
+    nodes::register_node(state, id, spec, sandboxd_api::NodeSource::Config).await.map(|_| ())
+}

@@ -1,0 +1,45 @@
+//! The OpenAPI document of every route, generated with utoipa.
+
+use axum::Json;
+use utoipa::OpenApi;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "sandboxd-o", description = "Control plane for fleets of sandboxes"),
+    paths(
+        super::healthz,
+        super::nodes::create_or_update,
+        super::nodes::list,
+        super::nodes::get_one,
+        super::nodes::delete,
+        super::nodes::put_status,
+        super::sandboxes::create,
+        super::sandboxes::list,
+        super::sandboxes::get_one,
+        super::sandboxes::update_spec,
+        super::sandboxes::delete,
+        super::sandboxes::put_status,
+        document,
+    ),
+    components(schemas(
+        sandboxd_api::Node,
+        sandboxd_api::Sandbox,
+        sandboxd_api::Lease,
+        sandboxd_api::node::NodeCreateRequest,
+        sandboxd_api::node::NodeStatusUpdate,
+        sandboxd_api::sandbox::SandboxCreateRequest,
+        sandboxd_api::sandbox::SandboxUpdateRequest,
+        sandboxd_api::sandbox::SandboxStatusUpdate,
+    ))
+)]
+struct ApiDoc;
+
+/// The OpenAPI 3 document.
+pub fn spec() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "This OpenAPI document")))]
+pub async fn document() -> Json<utoipa::openapi::OpenApi> {
+    Json(spec())
+}

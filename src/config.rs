@@ -1,0 +1,439 @@
+//! Configuration: one struct with defaults, fed by the TOML file, `SANDBOXD_<KEY>` env vars and flags.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sandboxd_api::quantity::{parse_bytes, parse_cpu_milli};
+
+/// A configuration value that failed to parse or validate, naming its key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+/// How the scheduler scores nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedulerPolicy {
+    /// Least allocated node first.
+    Spread,
+    /// Most allocated node first.
+    Binpack,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A node declared in the configuration file (`source: config`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticNode {
+    #[serde(alias = "name")]
+    pub id: String,
+    pub ip: String,
+    pub port: u16,
+    #[serde(default)]
+    pub external: Option<String>,
+    #[serde(default)]
+    pub max_alloc_percent: Option<u32>,
+}
+
+/// Every setting of the orchestrator, with the defaults of semantics.md.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub store: String,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub node_ready_threshold: u32,
+    pub node_failure_threshold: u32,
+    pub node_lost_grace: Duration,
+    pub max_alloc_percent: u32,
+    pub host_port_range: (u16, u16),
+    pub scheduler_policy: SchedulerPolicy,
+    pub sync_period: Duration,
+    pub agent_timeout: Duration,
+    pub max_ttl_seconds: i64,
+    pub default_cpu_milli: u64,
+    pub default_memory_bytes: u64,
+    pub nodes: Vec<StaticNode>,
+    pub auth_token_file: Option<PathBuf>,
+    pub max_body_bytes: usize,
+    pub log_format: LogFormat,
+}
+
+/// Every key, in the order of the table in semantics.md, with its default as text.
+pub const KEYS: [(&str, &str); 19] = [
+    ("listen", "0.0.0.0:8082"),
+    ("store", "sqlite://./sandboxd-data/store.db"),
+    ("heartbeat_interval", "5s"),
+    ("heartbeat_timeout", "2s"),
+    ("node_ready_threshold", "2"),
+    ("node_failure_threshold", "3"),
+    ("node_lost_grace", "60s"),
+    ("max_alloc_percent", "90"),
+    ("host_port_range", "10000-19999"),
+    ("scheduler_policy", "spread"),
+    ("sync_period", "30s"),
+    ("agent_timeout", "5s"),
+    ("max_ttl_seconds", "86400"),
+    ("default_cpu", "100m"),
+    ("default_memory", "128Mi"),
+    ("nodes", "[]"),
+    ("auth_token_file", ""),
+    ("max_body_bytes", "1MiB"),
+    ("log_format", "text"),
+];
+
+fn known_keys() -> impl Iterator<Item = &'static str> {
+    KEYS.iter().map(|(k, _)| *k)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_layers(&HashMap::new()).expect("defaults are valid")
+    }
+}
+
+impl Config {
+    /// Builds the configuration: flag > env > file > default. `flags` maps keys to raw flag values.
+    pub fn load(
+        file: Option<&Path>,
+        env: &HashMap<String, String>,
+        flags: &HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let mut raw: HashMap<String, String> = HashMap::new();
+        if let Some(path) = file {
+            raw.extend(read_file(path)?);
+        }
+        for key in known_keys() {
+            if let Some(v) = env.get(&format!("SANDBOXD_{}", key.to_ascii_uppercase())) {
+                raw.insert(key.to_string(), v.clone());
+            }
+        }
+        for (k, v) in flags {
+            raw.insert(k.clone(), v.clone());
+        }
+        Config::from_layers(&raw)
+    }
+
+    fn from_layers(raw: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let value = |key: &str| -> String {
+            raw.get(key).cloned().unwrap_or_else(|| {
+                KEYS.iter().find(|(k, _)| *k == key).map(|(_, d)| d.to_string()).unwrap_or_default()
+            })
+        };
+        let config = Config {
+            listen: parse_key("listen", &value("listen"), |s| s.parse::<SocketAddr>().map_err(|e| e.to_string()))?,
+            store: parse_key("store", &value("store"), parse_store_url)?,
+            heartbeat_interval: parse_key("heartbeat_interval", &value("heartbeat_interval"), positive_duration)?,
+            heartbeat_timeout: parse_key("heartbeat_timeout", &value("heartbeat_timeout"), positive_duration)?,
+            node_ready_threshold: parse_key("node_ready_threshold", &value("node_ready_threshold"), at_least_one)?,
+            node_failure_threshold: parse_key("node_failure_threshold", &value("node_failure_threshold"), at_least_one)?,
+            node_lost_grace: parse_key("node_lost_grace", &value("node_lost_grace"), parse_duration)?,
+            max_alloc_percent: parse_key("max_alloc_percent", &value("max_alloc_percent"), percent)?,
+            host_port_range: parse_key("host_port_range", &value("host_port_range"), parse_port_range)?,
+            scheduler_policy: parse_key("scheduler_policy", &value("scheduler_policy"), parse_policy)?,
+            sync_period: parse_key("sync_period", &value("sync_period"), positive_duration)?,
+            agent_timeout: parse_key("agent_timeout", &value("agent_timeout"), positive_duration)?,
+            max_ttl_seconds: parse_key("max_ttl_seconds", &value("max_ttl_seconds"), |s| {
+                s.parse::<i64>().ok().filter(|v| *v >= 0).ok_or_else(|| format!("{s:?} is not a non-negative integer"))
+            })?,
+            default_cpu_milli: parse_key("default_cpu", &value("default_cpu"), |s| {
+                parse_cpu_milli(s).map_err(|e| e.to_string()).and_then(nonzero)
+            })?,
+            default_memory_bytes: parse_key("default_memory", &value("default_memory"), |s| {
+                parse_bytes(s).map_err(|e| e.to_string()).and_then(nonzero)
+            })?,
+            nodes: parse_key("nodes", &value("nodes"), parse_nodes)?,
+            auth_token_file: {
+                let v = value("auth_token_file");
+                (!v.is_empty()).then(|| PathBuf::from(v))
+            },
+            max_body_bytes: parse_key("max_body_bytes", &value("max_body_bytes"), |s| {
+                // The semantics table writes `1MiB`; quantities spell it `1Mi`.
+                let quantity = s.strip_suffix("iB").map(|p| format!("{p}i")).unwrap_or_else(|| s.to_string());
+                parse_bytes(&quantity).map_err(|e| e.to_string()).and_then(nonzero).map(|b| b as usize)
+            })?,
+            log_format: parse_key("log_format", &value("log_format"), |s| match s {
+                "text" => Ok(LogFormat::Text),
+                "json" => Ok(LogFormat::Json),
+                _ => Err(format!("{s:?} is not one of text, json")),
+            })?,
+        };
+        config.check_relations()?;
+        Ok(config)
+    }
+
+    fn check_relations(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_timeout > self.heartbeat_interval {
+            return Err(invalid(
+                "heartbeat_timeout",
+                format!(
+                    "{:?} is longer than heartbeat_interval {:?}",
+                    self.heartbeat_timeout, self.heartbeat_interval
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the bearer token named by `auth_token_file`, if any.
+    pub fn auth_token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.auth_token_file else { return Ok(None) };
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| invalid("auth_token_file", format!("reading {}: {e}", path.display())))?;
+        let token = token.trim().to_string();
+        if token.is_empty() {
+            return Err(invalid("auth_token_file", format!("{} is empty", path.display())));
+        }
+        Ok(Some(token))
+    }
+
+    /// Validation limits and request defaults for sandboxes.
+    pub fn sandbox_policy(&self) -> sandboxd_api::validate::SandboxPolicy {
+        sandboxd_api::validate::SandboxPolicy {
+            max_ttl_seconds: self.max_ttl_seconds,
+            default_cpu_milli: self.default_cpu_milli,
+            default_memory_bytes: self.default_memory_bytes,
+        }
+    }
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_string(), message: message.into() }
+}
+
+fn parse_key<T>(key: &str, raw: &str, parse: impl Fn(&str) -> Result<T, String>) -> Result<T, ConfigError> {
+    parse(raw.trim()).map_err(|message| invalid(key, message))
+}
+
+fn read_file(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
+    let file_error = |message: String| ConfigError::File { path: path.to_path_buf(), message };
+    let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| file_error(e.to_string()))?;
+    let mut raw = HashMap::new();
+    for (key, value) in table {
+        if !known_keys().any(|k| k == key) {
+            return Err(file_error(format!("unknown key {key:?}")));
+        }
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            // Tables and arrays (the `nodes` list) travel as JSON so every layer parses alike.
+            other => serde_json::to_string(&other).map_err(|e| file_error(e.to_string()))?,
+        };
+        raw.insert(key, text);
+    }
+    Ok(raw)
+}
+
+/// Parses `500ms`, `5s`, `2m`, `1h` (or `0`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration (use e.g. 500ms, 5s, 2m)");
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let millis = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => None,
+    };
+    millis.map(Duration::from_millis).ok_or_else(bad)
+}
+
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).and_then(|d| if d.is_zero() { Err("must be greater than zero".into()) } else { Ok(d) })
+}
+
+fn at_least_one(s: &str) -> Result<u32, String> {
+    s.parse::<u32>().ok().filter(|v| *v >= 1).ok_or_else(|| format!("{s:?} is not an integer of at least 1"))
+}
+
+fn percent(s: &str) -> Result<u32, String> {
+    s.parse::<u32>().ok().filter(|v| (1..=100).contains(v)).ok_or_else(|| format!("{s:?} is not in 1-100"))
+}
+
+fn nonzero(v: u64) -> Result<u64, String> {
+    if v == 0 {
+        Err("must be greater than zero".into())
+    } else {
+        Ok(v)
+    }
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{s:?} is not a port range like 10000-19999");
+    let (lo, hi) = s.split_once('-').ok_or_else(bad)?;
+    let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+    let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+    if lo == 0 || lo > hi {
+        return Err(bad());
+    }
+    Ok((lo, hi))
+}
+
+fn parse_policy(s: &str) -> Result<SchedulerPolicy, String> {
+    match s {
+        "spread" => Ok(SchedulerPolicy::Spread),
+        "binpack" => Ok(SchedulerPolicy::Binpack),
+        _ => Err(format!("{s:?} is not one of spread, binpack")),
+    }
+}
+
+fn parse_store_url(s: &str) -> Result<String, String> {
+    let ok = s == "memory://"
+        || s.strip_prefix("sqlite://").is_some_and(|p| !p.is_empty())
+        || s.strip_prefix("etcd://").is_some_and(|p| !p.is_empty());
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not memory://, sqlite://PATH or etcd://HOST:PORT[,HOST:PORT...]"))
+    }
+}
+
+fn parse_nodes(s: &str) -> Result<Vec<StaticNode>, String> {
+    let nodes: Vec<StaticNode> = serde_json::from_str(s).map_err(|e| format!("not a list of {{id, ip, port}}: {e}"))?;
+    for (i, node) in nodes.iter().enumerate() {
+        if let Some(problem) = sandboxd_api::names::name_problem(&node.id) {
+            return Err(format!("[{i}].id: {problem}"));
+        }
+        let spec = sandboxd_api::node::NodeSpec {
+            ip: node.ip.clone(),
+            port: i64::from(node.port),
+            external: node.external.clone(),
+            max_alloc_percent: node.max_alloc_percent.map(i64::from),
+        };
+        if let Err(e) = sandboxd_api::validate::validate_node_spec(&spec) {
+            return Err(format!("[{i}]: {e}"));
+        }
+    }
+    Ok(nodes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_match_the_semantics_table() {
+        let c = Config::default();
+        assert_eq!(c.listen, "0.0.0.0:8082".parse().unwrap());
+        assert_eq!(c.store, "sqlite://./sandboxd-data/store.db");
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(c.heartbeat_timeout, Duration::from_secs(2));
+        assert_eq!((c.node_ready_threshold, c.node_failure_threshold), (2, 3));
+        assert_eq!(c.node_lost_grace, Duration::from_secs(60));
+        assert_eq!(c.max_alloc_percent, 90);
+        assert_eq!(c.host_port_range, (10000, 19999));
+        assert_eq!(c.scheduler_policy, SchedulerPolicy::Spread);
+        assert_eq!(c.sync_period, Duration::from_secs(30));
+        assert_eq!(c.agent_timeout, Duration::from_secs(5));
+        assert_eq!(c.max_ttl_seconds, 86_400);
+        assert_eq!((c.default_cpu_milli, c.default_memory_bytes), (100, 128 << 20));
+        assert!(c.nodes.is_empty());
+        assert_eq!(c.auth_token_file, None);
+        assert_eq!(c.max_body_bytes, 1 << 20);
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "heartbeat_interval = \"7s\"\nsync_period = \"9s\"\nmax_alloc_percent = 80\n\
+             [[nodes]]\nid = \"n1\"\nip = \"127.0.1.1\"\nport = 8080\n",
+        )
+        .unwrap();
+        let env = map(&[("SANDBOXD_HEARTBEAT_INTERVAL", "3s"), ("SANDBOXD_SYNC_PERIOD", "4s")]);
+        let flags = map(&[("sync_period", "1s")]);
+        let c = Config::load(Some(&file), &env, &flags).unwrap();
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(3), "env over file");
+        assert_eq!(c.sync_period, Duration::from_secs(1), "flag over env");
+        assert_eq!(c.max_alloc_percent, 80, "file over default");
+        assert_eq!(c.nodes.len(), 1);
+        assert_eq!(c.nodes[0].id, "n1");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("heartbeat_interval", "5x"),
+            ("heartbeat_timeout", "0s"),
+            ("node_ready_threshold", "0"),
+            ("max_alloc_percent", "101"),
+            ("host_port_range", "20000-10000"),
+            ("host_port_range", "0-10"),
+            ("scheduler_policy", "random"),
+            ("listen", "nowhere"),
+            ("store", "postgres://x"),
+            ("default_cpu", "2x"),
+            ("default_memory", "0"),
+            ("max_body_bytes", "-1"),
+            ("log_format", "xml"),
+            ("nodes", "[{\"id\": \"Bad_Name\", \"ip\": \"127.0.0.1\", \"port\": 1}]"),
+            ("max_ttl_seconds", "-5"),
+        ];
+        for (key, value) in cases {
+            let err = Config::load(None, &HashMap::new(), &map(&[(key, value)])).unwrap_err();
+            assert!(err.to_string().starts_with(&format!("{key}: ")), "{key}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn env_keys_are_upper_case_with_prefix() {
+        let env = map(&[("SANDBOXD_HOST_PORT_RANGE", "31000-31999"), ("SANDBOXD_LOG_FORMAT", "json")]);
+        let c = Config::load(None, &env, &HashMap::new()).unwrap();
+        assert_eq!(c.host_port_range, (31000, 31999));
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_file_key_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "heartbeat_intervl = \"5s\"\n").unwrap();
+        let err = Config::load(Some(&file), &HashMap::new(), &HashMap::new()).unwrap_err();
+        assert!(err.to_string().contains("unknown key \"heartbeat_intervl\""), "{err}");
+    }
+
+    #[test]
+    fn durations_accept_ms_s_m_h() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "5", "s", "5 s", "1.5s", "-1s", "5d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn timeout_longer_than_interval_is_rejected() {
+        let err = Config::load(None, &HashMap::new(), &map(&[("heartbeat_interval", "1s")])).unwrap_err();
+        assert!(err.to_string().starts_with("heartbeat_timeout: "), "{err}");
+    }
+}

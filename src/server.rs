@@ -1,0 +1,111 @@
+//! Wiring of a running orchestrator: store, static nodes, API server and graceful shutdown.
+
+use crate::apiserver::{self, ApiState};
+use crate::config::Config;
+use crate::store::{self, Store, StoreError, StoreOptions};
+use sandboxd_api::node::NodeSpec;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("config: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("listening on {addr}: {source} (is another sandboxd-o running? set --listen)")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("config node {id}: {message}")]
+    StaticNode { id: String, message: String },
+    #[error("serving: {0}")]
+    Serve(std::io::Error),
+}
+
+/// What a process runs besides the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// API, store and every controller.
+    AllInOne,
+    /// API and store only.
+    ApiOnly,
+}
+
+/// A started server: its address and the handle to stop it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub store: Arc<dyn Store>,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl Running {
+    /// Waits for the server to stop (after `shutdown` is cancelled) and the store to flush.
+    pub async fn wait(self) -> Result<(), ServeError> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(ServeError::Serve(std::io::Error::other(e))),
+        }
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(self) -> Result<(), ServeError> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+/// Opens the store, declares static nodes, binds the listener and serves until `shutdown`.
+pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
+    let store = store::open(&config.store, StoreOptions::default()).await?;
+    let auth_token = config.auth_token()?;
+    let state = ApiState::new(store.clone(), &config, auth_token);
+    declare_static_nodes(&state, &config).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(ServeError::Serve)?;
+    let shutdown = state.shutdown.clone();
+    let router = apiserver::router(state, config.max_body_bytes);
+    tracing::info!(%addr, store = %config.store, ?mode, "sandboxd-o serving");
+    let task = tokio::spawn(serve(listener, router, store.clone(), shutdown.clone()));
+    Ok(Running { addr, shutdown, store, task })
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let signal = shutdown.clone();
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move { signal.cancelled().await });
+    let served = tokio::spawn(async move { server.await });
+    shutdown.cancelled().await;
+    // In-flight requests get a bounded time to finish; watches end at once with the token.
+    match tokio::time::timeout(Duration::from_secs(10), served).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server stopped with an error"),
+        Err(_) => tracing::warn!("requests still open after 10s; stopping anyway"),
+        _ => {}
+    }
+    store.close().await;
+    tracing::info!("sandboxd-o stopped; store flushed");
+    Ok(())
+}
+
+async fn declare_static_nodes(state: &ApiState, config: &Config) -> Result<(), ServeError> {
+    for node in &config.nodes {
+        let spec = NodeSpec {
+            ip: node.ip.clone(),
+            port: i64::from(node.port),
+            external: node.external.clone(),
+            max_alloc_percent: node.max_alloc_percent.map(i64::from),
+        };
+        apiserver::register_static_node(state, &node.id, &spec)
+            .await
+            .map_err(|e| ServeError::StaticNode { id: node.id.clone(), message: e.to_string() })?;
+    }
+    Ok(())
+}

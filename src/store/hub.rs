@@ -1,0 +1,189 @@
+//! In-memory state shared by the in-process backends: objects, revision, history ring and watchers.
+
+use super::{Event, EventType, Kind, Page, Result, Revision, StoreError, Versioned, WatchItem, WatchStream};
+use futures::StreamExt;
+use parking_lot::RwLock;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How much history the watch ring keeps: bounded by count and by age.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryLimits {
+    pub max_events: usize,
+    pub max_age: Duration,
+}
+
+struct Watcher {
+    kind: Kind,
+    tx: mpsc::Sender<WatchItem>,
+}
+
+struct State {
+    objects: HashMap<Kind, BTreeMap<Arc<str>, Versioned>>,
+    revision: Revision,
+    /// Every event with a revision above this one is still in `ring`.
+    compacted: Revision,
+    ring: VecDeque<(Instant, Event)>,
+    watchers: Vec<Watcher>,
+    closed: bool,
+}
+
+/// A committed change the writer hands to the hub.
+pub(super) struct Change {
+    pub kind: Kind,
+    pub name: Arc<str>,
+    pub event_type: EventType,
+    pub object: Versioned,
+}
+
+/// Objects and watchers; readers never wait for the writer's disk IO.
+pub(super) struct Hub {
+    state: RwLock<State>,
+    limits: HistoryLimits,
+    watcher_buffer: usize,
+}
+
+impl Hub {
+    pub fn new(
+        objects: Vec<(Kind, Versioned)>,
+        revision: Revision,
+        limits: HistoryLimits,
+        watcher_buffer: usize,
+    ) -> Hub {
+        let mut by_kind: HashMap<Kind, BTreeMap<Arc<str>, Versioned>> =
+            Kind::ALL.iter().map(|k| (*k, BTreeMap::new())).collect();
+        for (kind, object) in objects {
+            by_kind.entry(kind).or_default().insert(object.name.clone(), object);
+        }
+        Hub {
+            state: RwLock::new(State {
+                objects: by_kind,
+                revision,
+                compacted: revision,
+                ring: VecDeque::new(),
+                watchers: Vec::new(),
+                closed: false,
+            }),
+            limits,
+            watcher_buffer: watcher_buffer.max(1),
+        }
+    }
+
+    pub fn get(&self, kind: Kind, name: &str) -> Option<Versioned> {
+        self.state.read().objects.get(&kind).and_then(|m| m.get(name)).cloned()
+    }
+
+    pub fn list(&self, kind: Kind) -> (Vec<Versioned>, Revision) {
+        let state = self.state.read();
+        let items = state.objects.get(&kind).map(|m| m.values().cloned().collect()).unwrap_or_default();
+        (items, state.revision)
+    }
+
+    pub fn list_page(&self, kind: Kind, cursor: &str, limit: usize) -> Page {
+        let state = self.state.read();
+        let limit = limit.max(1);
+        let mut items = Vec::with_capacity(limit.min(1024));
+        let mut more = false;
+        if let Some(map) = state.objects.get(&kind) {
+            let start: Bound<&str> = if cursor.is_empty() { Bound::Unbounded } else { Bound::Excluded(cursor) };
+            for (_, v) in map.range::<str, _>((start, Bound::Unbounded)) {
+                if items.len() == limit {
+                    more = true;
+                    break;
+                }
+                items.push(v.clone());
+            }
+        }
+        let next_cursor = match (more, items.last()) {
+            (true, Some(last)) => last.name.to_string(),
+            _ => String::new(),
+        };
+        Page { items, revision: state.revision, next_cursor }
+    }
+
+    pub fn revision(&self) -> Revision {
+        self.state.read().revision
+    }
+
+    /// Applies committed changes in revision order and fans them out to watchers.
+    pub fn apply(&self, changes: Vec<Change>) {
+        let mut guard = self.state.write();
+        let state = &mut *guard;
+        let now = Instant::now();
+        for change in changes {
+            let map = state.objects.entry(change.kind).or_default();
+            match change.event_type {
+                EventType::Deleted => {
+                    map.remove(&change.name);
+                }
+                _ => {
+                    map.insert(change.name.clone(), change.object.clone());
+                }
+            }
+            state.revision = change.object.revision;
+            let event = Event { kind: change.kind, event_type: change.event_type, object: change.object };
+            // A watcher that cannot take the event now is cut off: it will re-watch from its last revision.
+            state
+                .watchers
+                .retain(|w| w.kind != event.kind || w.tx.try_send(WatchItem::Event(event.clone())).is_ok());
+            state.ring.push_back((now, event));
+        }
+        self.trim_ring(state, now);
+    }
+
+    fn trim_ring(&self, state: &mut State, now: Instant) {
+        while let Some((at, event)) = state.ring.front() {
+            let too_many = state.ring.len() > self.limits.max_events;
+            let too_old = now.duration_since(*at) > self.limits.max_age;
+            if !too_many && !too_old {
+                break;
+            }
+            state.compacted = event.revision();
+            state.ring.pop_front();
+        }
+    }
+
+    /// Registers a watcher atomically with the backlog it must replay, so no event falls between.
+    pub fn watch(&self, kind: Kind, from: Revision) -> Result<WatchStream> {
+        let mut state = self.state.write();
+        if state.closed {
+            return Err(StoreError::Unavailable("store is closed".into()));
+        }
+        if from < state.compacted {
+            return Err(StoreError::Gone { requested: from, oldest: state.compacted });
+        }
+        let backlog: Vec<WatchItem> = state
+            .ring
+            .iter()
+            .map(|(_, e)| e)
+            .filter(|e| e.kind == kind && e.revision() > from)
+            .map(|e| WatchItem::Event(e.clone()))
+            .collect();
+        let (tx, rx) = mpsc::channel(self.watcher_buffer);
+        state.watchers.push(Watcher { kind, tx });
+        let live = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
+        Ok(futures::stream::iter(backlog).chain(live).boxed())
+    }
+
+    /// Tells every watcher the current revision; ordered after every event already sent to it.
+    pub fn bookmark(&self) {
+        let mut state = self.state.write();
+        let revision = state.revision;
+        state.watchers.retain(|w| w.tx.try_send(WatchItem::Bookmark(revision)).is_ok());
+    }
+
+    /// Ends every watch and refuses new ones.
+    pub fn close(&self) {
+        let mut state = self.state.write();
+        state.closed = true;
+        state.watchers.clear();
+    }
+
+    /// Reads an object for the writer's CAS checks.
+    pub fn current(&self, kind: Kind, name: &str) -> Option<Versioned> {
+        self.get(kind, name)
+    }
+}

@@ -1,0 +1,211 @@
+//! The versioned object store: one global revision, compare-and-swap writes and watch from a revision.
+
+mod hub;
+mod writer;
+
+pub mod memory;
+pub mod sqlite;
+
+#[cfg(test)]
+mod conformance;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use hub::HistoryLimits;
+pub use writer::LocalStore;
+
+/// Global revision: bumped by one on every write.
+pub type Revision = u64;
+
+/// The kinds of object the store holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Nodes,
+    Sandboxes,
+    Leases,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Nodes, Kind::Sandboxes, Kind::Leases];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Nodes => "nodes",
+            Kind::Sandboxes => "sandboxes",
+            Kind::Leases => "leases",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Singular noun used in error messages.
+    pub fn singular(self) -> &'static str {
+        match self {
+            Kind::Nodes => "node",
+            Kind::Sandboxes => "sandbox",
+            Kind::Leases => "lease",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stored object: its JSON (with `resource_version` embedded) and the revision of its last write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub name: Arc<str>,
+    pub revision: Revision,
+    pub data: Bytes,
+}
+
+impl Versioned {
+    /// Decodes the stored JSON into a typed object.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, StoreError> {
+        serde_json::from_slice(&self.data)
+            .map_err(|e| StoreError::Corrupt(format!("{}: {e}", self.name)))
+    }
+}
+
+/// What a watch event says happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+/// One change, in revision order. For `Deleted`, the object is its last state at the delete's revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub kind: Kind,
+    pub event_type: EventType,
+    pub object: Versioned,
+}
+
+impl Event {
+    pub fn revision(&self) -> Revision {
+        self.object.revision
+    }
+}
+
+/// What a watch stream yields: a change, or a bookmark saying every change up to a revision was sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchItem {
+    Event(Event),
+    Bookmark(Revision),
+}
+
+/// One page of a list, ordered by name.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub items: Vec<Versioned>,
+    pub revision: Revision,
+    /// Name to pass as the next cursor; empty on the last page.
+    pub next_cursor: String,
+}
+
+/// Store failures; each maps to one HTTP status.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    #[error("{} {name:?} already exists", kind.singular())]
+    AlreadyExists { kind: Kind, name: String },
+    #[error("{} {name:?} not found", kind.singular())]
+    NotFound { kind: Kind, name: String },
+    #[error("conflict: {} {name:?} is at resource_version {actual}, not {expected}", kind.singular())]
+    Conflict { kind: Kind, name: String, expected: Revision, actual: Revision },
+    #[error("resource_version {requested} is too old: the oldest available is {oldest}")]
+    Gone { requested: Revision, oldest: Revision },
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored object is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A stream of events that ends when the watcher falls behind or the store closes.
+pub type WatchStream = BoxStream<'static, WatchItem>;
+
+/// The store contract every backend passes (see `conformance`).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The current object, if any.
+    async fn get(&self, kind: Kind, name: &str) -> Result<Option<Versioned>>;
+    /// Every object of a kind, ordered by name, with the revision the list was taken at.
+    async fn list(&self, kind: Kind) -> Result<(Vec<Versioned>, Revision)>;
+    /// Up to `limit` objects with names after `cursor`, ordered by name.
+    async fn list_page(&self, kind: Kind, cursor: &str, limit: usize) -> Result<Page>;
+    /// Creates an object; `AlreadyExists` if the name is taken.
+    async fn create(&self, kind: Kind, name: &str, value: serde_json::Value) -> Result<Versioned>;
+    /// Replaces an object; with `expect`, only if it is still at that revision.
+    async fn update(
+        &self,
+        kind: Kind,
+        name: &str,
+        value: serde_json::Value,
+        expect: Option<Revision>,
+    ) -> Result<Versioned>;
+    /// Removes an object; with `expect`, only if it is still at that revision. Returns its last state.
+    async fn delete(&self, kind: Kind, name: &str, expect: Option<Revision>) -> Result<Versioned>;
+    /// Changes after revision `from`, then live; `Gone` if `from` is older than the history kept.
+    async fn watch(&self, kind: Kind, from: Revision) -> Result<WatchStream>;
+    /// The latest revision.
+    async fn revision(&self) -> Result<Revision>;
+    /// Flushes and stops accepting writes; open watches end.
+    async fn close(&self);
+}
+
+/// Options shared by the in-process backends.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub history: HistoryLimits,
+    /// Events a watcher may fall behind by before it is cut off.
+    pub watcher_buffer: usize,
+    /// Most writes grouped into one transaction.
+    pub max_batch: usize,
+    /// How often every watcher gets a bookmark.
+    pub bookmark_interval: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            history: HistoryLimits { max_events: 200_000, max_age: Duration::from_secs(600) },
+            watcher_buffer: 16_384,
+            max_batch: 1024,
+            bookmark_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Opens the backend a `store` URL names: `memory://`, `sqlite://PATH`.
+pub async fn open(url: &str, options: StoreOptions) -> Result<Arc<dyn Store>> {
+    if url == "memory://" {
+        return Ok(Arc::new(memory::open(options)));
+    }
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            return Err(StoreError::Unavailable("sqlite:// needs a path, e.g. sqlite://./data/store.db".into()));
+        }
+        return Ok(Arc::new(sqlite::open(std::path::Path::new(path), options).await?));
+    }
+    if url.starts_with("etcd://") {
+        return Err(StoreError::Unavailable(
+            "the etcd backend is not built yet; use memory:// or sqlite://PATH".into(),
+        ));
+    }
+    Err(StoreError::Unavailable(format!(
+        "unknown store URL {url:?}: expected memory:// or sqlite://PATH"
+    )))
+}

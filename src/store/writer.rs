@@ -1,0 +1,293 @@
+//! The single writer: validates compare-and-swap writes, groups them into one durable commit, then publishes.
+
+use super::hub::{Change, Hub};
+use super::{
+    EventType, Kind, Page, Result, Revision, Store, StoreError, StoreOptions, Versioned, WatchStream,
+};
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// A row change handed to the durable layer.
+pub(super) struct Mutation {
+    pub kind: Kind,
+    pub name: Arc<str>,
+    pub revision: Revision,
+    /// `None` deletes the row.
+    pub data: Option<Bytes>,
+}
+
+/// Durable layer under the hub; `commit` returns only once the batch is on disk.
+pub(super) trait Persist: Send + 'static {
+    fn commit(&mut self, batch: &[Mutation], revision: Revision) -> std::result::Result<(), String>;
+}
+
+/// The memory backend persists nothing.
+pub(super) struct NoPersist;
+
+impl Persist for NoPersist {
+    fn commit(&mut self, _: &[Mutation], _: Revision) -> std::result::Result<(), String> {
+        Ok(())
+    }
+}
+
+enum Op {
+    Create(serde_json::Value),
+    Update(serde_json::Value, Option<Revision>),
+    Delete(Option<Revision>),
+}
+
+struct Request {
+    kind: Kind,
+    name: Arc<str>,
+    op: Op,
+    reply: oneshot::Sender<Result<Versioned>>,
+}
+
+/// A store kept in memory, optionally backed by a durable layer; the memory and SQLite backends.
+pub struct LocalStore {
+    hub: Arc<Hub>,
+    requests: Mutex<Option<mpsc::Sender<Request>>>,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl LocalStore {
+    pub(super) fn start(
+        objects: Vec<(Kind, Versioned)>,
+        revision: Revision,
+        persist: impl Persist,
+        options: StoreOptions,
+    ) -> LocalStore {
+        let hub = Arc::new(Hub::new(objects, revision, options.history, options.watcher_buffer));
+        spawn_bookmarks(&hub, options.bookmark_interval);
+        let (tx, rx) = mpsc::channel(options.max_batch.max(1) * 4);
+        let writer = BatchWriter { hub: hub.clone(), persist, max_batch: options.max_batch.max(1) };
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run(rx))
+            .expect("spawn store writer thread");
+        LocalStore {
+            hub,
+            requests: Mutex::new(Some(tx)),
+            writer_thread: Mutex::new(Some(thread)),
+        }
+    }
+
+    async fn write(&self, kind: Kind, name: &str, op: Op) -> Result<Versioned> {
+        let sender = self.requests.lock().clone();
+        let Some(sender) = sender else {
+            return Err(StoreError::Unavailable("store is closed".into()));
+        };
+        let (reply, answer) = oneshot::channel();
+        let request = Request { kind, name: Arc::from(name), op, reply };
+        sender
+            .send(request)
+            .await
+            .map_err(|_| StoreError::Unavailable("store is closed".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+    }
+}
+
+#[async_trait]
+impl Store for LocalStore {
+    async fn get(&self, kind: Kind, name: &str) -> Result<Option<Versioned>> {
+        Ok(self.hub.get(kind, name))
+    }
+
+    async fn list(&self, kind: Kind) -> Result<(Vec<Versioned>, Revision)> {
+        Ok(self.hub.list(kind))
+    }
+
+    async fn list_page(&self, kind: Kind, cursor: &str, limit: usize) -> Result<Page> {
+        Ok(self.hub.list_page(kind, cursor, limit))
+    }
+
+    async fn create(&self, kind: Kind, name: &str, value: serde_json::Value) -> Result<Versioned> {
+        self.write(kind, name, Op::Create(value)).await
+    }
+
+    async fn update(
+        &self,
+        kind: Kind,
+        name: &str,
+        value: serde_json::Value,
+        expect: Option<Revision>,
+    ) -> Result<Versioned> {
+        self.write(kind, name, Op::Update(value, expect)).await
+    }
+
+    async fn delete(&self, kind: Kind, name: &str, expect: Option<Revision>) -> Result<Versioned> {
+        self.write(kind, name, Op::Delete(expect)).await
+    }
+
+    async fn watch(&self, kind: Kind, from: Revision) -> Result<WatchStream> {
+        self.hub.watch(kind, from)
+    }
+
+    async fn revision(&self) -> Result<Revision> {
+        Ok(self.hub.revision())
+    }
+
+    async fn close(&self) {
+        self.requests.lock().take();
+        let thread = self.writer_thread.lock().take();
+        if let Some(thread) = thread {
+            // The writer drains queued requests and commits them before it exits.
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        self.hub.close();
+    }
+}
+
+impl Drop for LocalStore {
+    fn drop(&mut self) {
+        self.requests.lock().take();
+        self.hub.close();
+    }
+}
+
+/// Sends bookmarks to every watcher until the store is dropped.
+fn spawn_bookmarks(hub: &Arc<Hub>, interval: Duration) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    let hub = Arc::downgrade(hub);
+    runtime.spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            match hub.upgrade() {
+                Some(hub) => hub.bookmark(),
+                None => return,
+            }
+        }
+    });
+}
+
+struct BatchWriter<P> {
+    hub: Arc<Hub>,
+    persist: P,
+    max_batch: usize,
+}
+
+/// The outcome of one request inside a batch, before the commit decides its fate.
+struct Planned {
+    reply: oneshot::Sender<Result<Versioned>>,
+    outcome: Result<Versioned>,
+}
+
+impl<P: Persist> BatchWriter<P> {
+    fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.write_batch(batch);
+        }
+    }
+
+    fn write_batch(&mut self, batch: Vec<Request>) {
+        let mut revision = self.hub.revision();
+        let mut staged: HashMap<(Kind, Arc<str>), Option<Versioned>> = HashMap::new();
+        let mut planned = Vec::with_capacity(batch.len());
+        let mut changes = Vec::new();
+        let mut mutations = Vec::new();
+        for request in batch {
+            let key = (request.kind, request.name.clone());
+            let current = match staged.get(&key) {
+                Some(staged) => staged.clone(),
+                None => self.hub.current(request.kind, &request.name),
+            };
+            let outcome = plan(&request, current, revision + 1);
+            if let Ok((event_type, object)) = &outcome {
+                revision += 1;
+                let deleted = *event_type == EventType::Deleted;
+                staged.insert(key, (!deleted).then(|| object.clone()));
+                mutations.push(Mutation {
+                    kind: request.kind,
+                    name: request.name.clone(),
+                    revision,
+                    data: (!deleted).then(|| object.data.clone()),
+                });
+                changes.push(Change {
+                    kind: request.kind,
+                    name: request.name.clone(),
+                    event_type: *event_type,
+                    object: object.clone(),
+                });
+            }
+            planned.push(Planned { reply: request.reply, outcome: outcome.map(|(_, v)| v) });
+        }
+        if !mutations.is_empty() {
+            if let Err(e) = self.persist.commit(&mutations, revision) {
+                tracing::error!(error = %e, writes = mutations.len(), "store commit failed");
+                for p in planned {
+                    let outcome = p.outcome.and(Err(StoreError::Unavailable(e.clone())));
+                    let _ = p.reply.send(outcome);
+                }
+                return;
+            }
+            self.hub.apply(changes);
+        }
+        for p in planned {
+            let _ = p.reply.send(p.outcome);
+        }
+    }
+}
+
+/// Decides one write against the object's current state; `revision` is the one it would get.
+fn plan(request: &Request, current: Option<Versioned>, revision: Revision) -> Result<(EventType, Versioned)> {
+    let (kind, name) = (request.kind, &request.name);
+    let check = |current: &Option<Versioned>, expect: Option<Revision>| -> Result<()> {
+        let Some(cur) = current else {
+            return Err(StoreError::NotFound { kind, name: name.to_string() });
+        };
+        match expect {
+            Some(expected) if expected != cur.revision => Err(StoreError::Conflict {
+                kind,
+                name: name.to_string(),
+                expected,
+                actual: cur.revision,
+            }),
+            _ => Ok(()),
+        }
+    };
+    match &request.op {
+        Op::Create(value) => {
+            if current.is_some() {
+                return Err(StoreError::AlreadyExists { kind, name: name.to_string() });
+            }
+            Ok((EventType::Added, encode(name, value.clone(), revision)?))
+        }
+        Op::Update(value, expect) => {
+            check(&current, *expect)?;
+            Ok((EventType::Modified, encode(name, value.clone(), revision)?))
+        }
+        Op::Delete(expect) => {
+            check(&current, *expect)?;
+            let last: serde_json::Value = current
+                .expect("checked above")
+                .decode()?;
+            Ok((EventType::Deleted, encode(name, last, revision)?))
+        }
+    }
+}
+
+/// Serializes an object with its new `resource_version` embedded.
+fn encode(name: &Arc<str>, mut value: serde_json::Value, revision: Revision) -> Result<Versioned> {
+    let Some(map) = value.as_object_mut() else {
+        return Err(StoreError::Corrupt(format!("{name}: stored objects must be JSON objects")));
+    };
+    map.insert("resource_version".into(), serde_json::Value::String(revision.to_string()));
+    let data = serde_json::to_vec(&value).map_err(|e| StoreError::Corrupt(format!("{name}: {e}")))?;
+    Ok(Versioned { name: name.clone(), revision, data: Bytes::from(data) })
+}
