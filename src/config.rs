@@ -70,6 +70,8 @@ pub struct Config {
     pub auth_token_file: Option<PathBuf>,
     pub max_body_bytes: usize,
     pub log_format: LogFormat,
+    /// Refuse agent addresses outside loopback (tests and demos); not a file key, set by code or `SANDBOXD_LOOPBACK_ONLY=1`.
+    pub loopback_only_agents: bool,
 }
 
 /// Every key, in the order of the table in semantics.md, with its default as text.
@@ -129,9 +131,9 @@ impl Config {
 
     fn from_layers(raw: &HashMap<String, String>) -> Result<Config, ConfigError> {
         let value = |key: &str| -> String {
-            raw.get(key).cloned().unwrap_or_else(|| {
-                KEYS.iter().find(|(k, _)| *k == key).map(|(_, d)| d.to_string()).unwrap_or_default()
-            })
+            raw.get(key)
+                .cloned()
+                .unwrap_or_else(|| KEYS.iter().find(|(k, _)| *k == key).map(|(_, d)| d.to_string()).unwrap_or_default())
         };
         let config = Config {
             listen: parse_key("listen", &value("listen"), |s| s.parse::<SocketAddr>().map_err(|e| e.to_string()))?,
@@ -139,7 +141,11 @@ impl Config {
             heartbeat_interval: parse_key("heartbeat_interval", &value("heartbeat_interval"), positive_duration)?,
             heartbeat_timeout: parse_key("heartbeat_timeout", &value("heartbeat_timeout"), positive_duration)?,
             node_ready_threshold: parse_key("node_ready_threshold", &value("node_ready_threshold"), at_least_one)?,
-            node_failure_threshold: parse_key("node_failure_threshold", &value("node_failure_threshold"), at_least_one)?,
+            node_failure_threshold: parse_key(
+                "node_failure_threshold",
+                &value("node_failure_threshold"),
+                at_least_one,
+            )?,
             node_lost_grace: parse_key("node_lost_grace", &value("node_lost_grace"), parse_duration)?,
             max_alloc_percent: parse_key("max_alloc_percent", &value("max_alloc_percent"), percent)?,
             host_port_range: parse_key("host_port_range", &value("host_port_range"), parse_port_range)?,
@@ -170,6 +176,7 @@ impl Config {
                 "json" => Ok(LogFormat::Json),
                 _ => Err(format!("{s:?} is not one of text, json")),
             })?,
+            loopback_only_agents: false,
         };
         config.check_relations()?;
         Ok(config)
@@ -179,10 +186,7 @@ impl Config {
         if self.heartbeat_timeout > self.heartbeat_interval {
             return Err(invalid(
                 "heartbeat_timeout",
-                format!(
-                    "{:?} is longer than heartbeat_interval {:?}",
-                    self.heartbeat_timeout, self.heartbeat_interval
-                ),
+                format!("{:?} is longer than heartbeat_interval {:?}", self.heartbeat_timeout, self.heartbeat_interval),
             ));
         }
         Ok(())

@@ -1,7 +1,10 @@
 //! sandboxd-o: the store, the HTTP API, the agent client and the wiring of the controllers.
 #![forbid(unsafe_code)]
 
-pub mod config;
-pub mod store;
+pub mod agent_client;
 pub mod apiserver;
+pub mod config;
+pub mod controllers;
+pub mod objects;
 pub mod server;
+pub mod store;

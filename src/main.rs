@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use sandboxd_o::config::{Config, LogFormat};
+use sandboxd_o::config::{Config, LogFormat, StaticNode};
 use sandboxd_o::server::{self, Mode};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,6 +27,12 @@ struct ServeArgs {
     /// TOML configuration file.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Also start N simulated agents on 127.0.2.1, 127.0.2.2, ... and declare them as config nodes.
+    #[arg(long, default_value_t = 0)]
+    demo_agents: usize,
+    /// Port the demo agents listen on (each on its own loopback address).
+    #[arg(long, default_value_t = 8080)]
+    demo_agent_port: u16,
     #[command(flatten)]
     flags: ConfigFlags,
 }
@@ -109,14 +115,50 @@ fn main() -> anyhow::Result<()> {
         Command::Apiserver(args) => (args, Mode::ApiOnly),
     };
     let env: HashMap<String, String> = std::env::vars().collect();
-    let config = Config::load(args.config.as_deref(), &env, &args.flags.into_map())
-        .context("invalid configuration")?;
+    let mut config =
+        Config::load(args.config.as_deref(), &env, &args.flags.into_map()).context("invalid configuration")?;
+    config.loopback_only_agents = env.get("SANDBOXD_LOOPBACK_ONLY").is_some_and(|v| v == "1" || v == "true");
     init_logging(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(run(config, mode))
+    let demo = DemoAgents { count: args.demo_agents, port: args.demo_agent_port };
+    runtime.block_on(run(config, mode, demo))
 }
 
-async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
+/// Simulated agents the `serve --demo-agents N` demo starts in-process.
+struct DemoAgents {
+    count: usize,
+    port: u16,
+}
+
+/// Starts the demo fleet and declares its agents as config nodes `demo-1..N`.
+async fn start_demo_agents(demo: &DemoAgents, config: &mut Config) -> anyhow::Result<Option<sbxlet::Fleet>> {
+    if demo.count == 0 {
+        return Ok(None);
+    }
+    let fleet = sbxlet::start_fleet(sbxlet::FleetConfig {
+        nodes: demo.count,
+        base_ip: std::net::Ipv4Addr::new(127, 0, 2, 1),
+        port: demo.port,
+        template: sbxlet::SimConfig { external: "127.0.0.1".into(), ..sbxlet::SimConfig::default() },
+        name_prefix: "demo".into(),
+    })
+    .await
+    .context("starting demo agents (is the port in use? set --demo-agent-port)")?;
+    for (i, agent) in fleet.agents().iter().enumerate() {
+        config.nodes.push(StaticNode {
+            id: fleet.node_name(i),
+            ip: agent.addr().ip().to_string(),
+            port: agent.addr().port(),
+            external: None,
+            max_alloc_percent: None,
+        });
+        tracing::info!(node = %fleet.node_name(i), addr = %agent.addr(), "demo agent started");
+    }
+    Ok(Some(fleet))
+}
+
+async fn run(mut config: Config, mode: Mode, demo: DemoAgents) -> anyhow::Result<()> {
+    let fleet = start_demo_agents(&demo, &mut config).await?;
     let running = server::start(config, mode).await?;
     let shutdown = running.shutdown.clone();
     tokio::spawn(async move {
@@ -125,6 +167,9 @@ async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         shutdown.cancel();
     });
     running.wait().await?;
+    if let Some(fleet) = fleet {
+        fleet.shutdown().await;
+    }
     Ok(())
 }
 

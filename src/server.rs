@@ -1,9 +1,11 @@
 //! Wiring of a running orchestrator: store, static nodes, API server and graceful shutdown.
 
+use crate::agent_client::HttpAgentClient;
 use crate::apiserver::{self, ApiState};
 use crate::config::Config;
 use crate::store::{self, Store, StoreError, StoreOptions};
 use sandboxd_api::node::NodeSpec;
+use sandboxd_controllers::AgentClient;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,16 +63,25 @@ impl Running {
 pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
     let store = store::open(&config.store, StoreOptions::default()).await?;
     let auth_token = config.auth_token()?;
-    let state = ApiState::new(store.clone(), &config, auth_token);
+    let mut agent_client = HttpAgentClient::new(config.agent_timeout);
+    if config.loopback_only_agents {
+        agent_client = agent_client.loopback_only();
+    }
+    let agents: Arc<dyn AgentClient> = Arc::new(agent_client);
+    let state = ApiState::new(store.clone(), &config, auth_token).with_agents(agents.clone());
     declare_static_nodes(&state, &config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(ServeError::Serve)?;
     let shutdown = state.shutdown.clone();
+    let controllers = match mode {
+        Mode::AllInOne => crate::controllers::start(&state, &config, agents, shutdown.clone()),
+        Mode::ApiOnly => tokio::task::JoinSet::new(),
+    };
     let router = apiserver::router(state, config.max_body_bytes);
     tracing::info!(%addr, store = %config.store, ?mode, "sandboxd-o serving");
-    let task = tokio::spawn(serve(listener, router, store.clone(), shutdown.clone()));
+    let task = tokio::spawn(serve(listener, router, store.clone(), controllers, shutdown.clone()));
     Ok(Running { addr, shutdown, store, task })
 }
 
@@ -78,6 +89,7 @@ async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     store: Arc<dyn Store>,
+    mut controllers: tokio::task::JoinSet<()>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let signal = shutdown.clone();
@@ -89,6 +101,14 @@ async fn serve(
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server stopped with an error"),
         Err(_) => tracing::warn!("requests still open after 10s; stopping anyway"),
         _ => {}
+    }
+    // Controllers finish their current reconcile and stop; their writes land before the store closes.
+    if tokio::time::timeout(Duration::from_secs(5), async { while controllers.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        tracing::warn!("controllers still busy after 5s; stopping anyway");
+        controllers.abort_all();
     }
     store.close().await;
     tracing::info!("sandboxd-o stopped; store flushed");

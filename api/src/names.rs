@@ -10,9 +10,7 @@ pub fn name_problem(name: &str) -> Option<String> {
     }
     let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
     if !name.chars().all(allowed) {
-        return Some(format!(
-            "{name:?} may contain only lowercase letters, digits, '-' and '.'"
-        ));
+        return Some(format!("{name:?} may contain only lowercase letters, digits, '-' and '.'"));
     }
     let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     if !alnum(name.chars().next()) || !alnum(name.chars().last()) {

@@ -80,9 +80,7 @@ impl NodeResources {
         used_memory_bytes: u64,
         max_alloc_percent: u32,
     ) -> NodeResources {
-        let allocatable = |capacity: u64| {
-            (u128::from(capacity) * u128::from(max_alloc_percent) / 100) as u64
-        };
+        let allocatable = |capacity: u64| (u128::from(capacity) * u128::from(max_alloc_percent) / 100) as u64;
         let allocatable_cpu_milli = allocatable(capacity_cpu_milli);
         let allocatable_memory_bytes = allocatable(capacity_memory_bytes);
         NodeResources {

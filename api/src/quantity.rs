@@ -47,10 +47,8 @@ pub fn parse_bytes(s: &str) -> Result<u64, QuantityError> {
         ("P", 1_000_000_000_000_000),
         ("E", 1_000_000_000_000_000_000),
     ];
-    let (number, multiplier) = SUFFIXES
-        .iter()
-        .find_map(|(suffix, m)| s.strip_suffix(suffix).map(|n| (n, *m)))
-        .unwrap_or((s, 1));
+    let (number, multiplier) =
+        SUFFIXES.iter().find_map(|(suffix, m)| s.strip_suffix(suffix).map(|n| (n, *m))).unwrap_or((s, 1));
     scaled(s, number, multiplier)
 }
 
@@ -82,9 +80,7 @@ fn scaled(original: &str, number: &str, multiplier: u128) -> Result<u64, Quantit
         let frac: u128 = frac_part.parse().map_err(|_| overflow())?;
         let denominator = 10u128.pow(frac_part.len() as u32);
         let scaled_frac = frac.checked_mul(multiplier).ok_or_else(overflow)?;
-        total = total
-            .checked_add(scaled_frac.div_ceil(denominator))
-            .ok_or_else(overflow)?;
+        total = total.checked_add(scaled_frac.div_ceil(denominator)).ok_or_else(overflow)?;
     }
     u64::try_from(total).map_err(|_| overflow())
 }
@@ -114,9 +110,7 @@ mod tests {
 
     #[test]
     fn cpu_quantities_reject_garbage() {
-        let cases = [
-            "", "2x", "-1", "1.5.5", "m", "1.", "1 ", " 1", "1e3", "+1", "1Mi", "0.5mm", "..",
-        ];
+        let cases = ["", "2x", "-1", "1.5.5", "m", "1.", "1 ", " 1", "1e3", "+1", "1Mi", "0.5mm", ".."];
         for input in cases {
             assert!(parse_cpu_milli(input).is_err(), "input {input:?} should fail");
         }
@@ -124,14 +118,8 @@ mod tests {
 
     #[test]
     fn cpu_quantity_overflow_is_rejected() {
-        assert!(matches!(
-            parse_cpu_milli("99999999999999999999"),
-            Err(QuantityError::Overflow(_))
-        ));
-        assert!(matches!(
-            parse_cpu_milli("1234567890123456789012345678901234567890"),
-            Err(QuantityError::Overflow(_))
-        ));
+        assert!(matches!(parse_cpu_milli("99999999999999999999"), Err(QuantityError::Overflow(_))));
+        assert!(matches!(parse_cpu_milli("1234567890123456789012345678901234567890"), Err(QuantityError::Overflow(_))));
     }
 
     #[test]
@@ -166,10 +154,7 @@ mod tests {
     #[test]
     fn byte_quantity_overflow_is_rejected() {
         assert!(matches!(parse_bytes("16Ei"), Err(QuantityError::Overflow(_))));
-        assert!(matches!(
-            parse_bytes("18446744073709551616"),
-            Err(QuantityError::Overflow(_))
-        ));
+        assert!(matches!(parse_bytes("18446744073709551616"), Err(QuantityError::Overflow(_))));
         assert_eq!(parse_bytes("18446744073709551615"), Ok(u64::MAX));
     }
 

@@ -281,10 +281,7 @@ mod tests {
     #[test]
     fn probe_defaults_are_filled_in() {
         let p: Probe = serde_json::from_str(r#"{"protocol":"http","port":80}"#).unwrap();
-        assert_eq!(
-            (p.initial_delay_seconds, p.period_seconds, p.timeout_seconds),
-            (0, 10, 1)
-        );
+        assert_eq!((p.initial_delay_seconds, p.period_seconds, p.timeout_seconds), (0, 10, 1));
         assert_eq!((p.success_threshold, p.failure_threshold), (1, 3));
         assert_eq!(p.http_path(), "/");
     }

@@ -126,10 +126,7 @@ pub fn validate_sandbox_spec(spec: &SandboxSpec, policy: &SandboxPolicy) -> Resu
         if ttl < 0 {
             errors.push("spec.ttl_seconds", format!("{ttl} must not be negative"));
         } else if ttl > policy.max_ttl_seconds {
-            errors.push(
-                "spec.ttl_seconds",
-                format!("{ttl} exceeds the maximum of {}", policy.max_ttl_seconds),
-            );
+            errors.push("spec.ttl_seconds", format!("{ttl} exceeds the maximum of {}", policy.max_ttl_seconds));
         }
     }
     if let Some(probe) = &spec.readiness_probe {
@@ -242,10 +239,8 @@ fn validate_probe(probe: &Probe, spec: &SandboxSpec, errors: &mut FieldErrors) {
 pub fn sandbox_requests(spec: &SandboxSpec, policy: &SandboxPolicy) -> (u64, u64) {
     spec.containers.iter().fold((0u64, 0u64), |(cpu, mem), c| {
         let r = c.resource.as_ref();
-        let c_cpu = r
-            .and_then(|r| r.cpu.as_deref())
-            .and_then(|q| parse_cpu_milli(q).ok())
-            .unwrap_or(policy.default_cpu_milli);
+        let c_cpu =
+            r.and_then(|r| r.cpu.as_deref()).and_then(|q| parse_cpu_milli(q).ok()).unwrap_or(policy.default_cpu_milli);
         let c_mem = r
             .and_then(|r| r.memory.as_deref())
             .and_then(|q| parse_bytes(q).ok())
@@ -309,7 +304,11 @@ mod tests {
         let cases: Vec<Case> = vec![
             ("no containers", |s| s.containers.clear(), "spec.containers: at least one container is required"),
             ("duplicate name", |s| s.containers.push(container("web")), "spec.containers[1].name: duplicate \"web\""),
-            ("bad name", |s| s.containers[0].name = "Web_1".into(), "spec.containers[0].name: \"Web_1\" may contain only lowercase letters, digits, '-' and '.'"),
+            (
+                "bad name",
+                |s| s.containers[0].name = "Web_1".into(),
+                "spec.containers[0].name: \"Web_1\" may contain only lowercase letters, digits, '-' and '.'",
+            ),
             ("empty image", |s| s.containers[0].image = " ".into(), "spec.containers[0].image: required"),
             (
                 "bad cpu",
@@ -318,20 +317,34 @@ mod tests {
             ),
             (
                 "zero memory",
-                |s| s.containers[0].resource = Some(ContainerResource { memory: Some("0".into()), ..Default::default() }),
+                |s| {
+                    s.containers[0].resource =
+                        Some(ContainerResource { memory: Some("0".into()), ..Default::default() })
+                },
                 "spec.containers[0].resource.memory: \"0\" must be greater than zero",
             ),
             (
                 "bad storage",
-                |s| s.containers[0].resource = Some(ContainerResource { ephemeral_storage: Some("1.5.5".into()), ..Default::default() }),
+                |s| {
+                    s.containers[0].resource =
+                        Some(ContainerResource { ephemeral_storage: Some("1.5.5".into()), ..Default::default() })
+                },
                 "spec.containers[0].resource.ephemeral_storage: invalid quantity \"1.5.5\"",
             ),
             ("port zero", |s| s.ports.push(port(0)), "spec.ports[0].container_port: 0 is not in 1-65535"),
             ("port too big", |s| s.ports.push(port(70000)), "spec.ports[0].container_port: 70000 is not in 1-65535"),
-            ("duplicate port", |s| s.ports = vec![port(80), port(80)], "spec.ports[1].container_port: duplicate 80/tcp"),
+            (
+                "duplicate port",
+                |s| s.ports = vec![port(80), port(80)],
+                "spec.ports[1].container_port: duplicate 80/tcp",
+            ),
             ("negative ttl", |s| s.ttl_seconds = Some(-1), "spec.ttl_seconds: -1 must not be negative"),
             ("ttl over max", |s| s.ttl_seconds = Some(86_401), "spec.ttl_seconds: 86401 exceeds the maximum of 86400"),
-            ("probe on unknown port", |s| s.readiness_probe = Some(probe(80)), "spec.readiness_probe.port: 80 is not a container port in spec.ports"),
+            (
+                "probe on unknown port",
+                |s| s.readiness_probe = Some(probe(80)),
+                "spec.readiness_probe.port: 80 is not a container port in spec.ports",
+            ),
             (
                 "probe zero period",
                 |s| {
@@ -352,7 +365,8 @@ mod tests {
                 "tcp probe with path",
                 |s| {
                     s.ports.push(port(80));
-                    s.readiness_probe = Some(Probe { protocol: ProbeProtocol::Tcp, path: Some("/".into()), ..probe(80) });
+                    s.readiness_probe =
+                        Some(Probe { protocol: ProbeProtocol::Tcp, path: Some("/".into()), ..probe(80) });
                 },
                 "spec.readiness_probe.path: only http probes take a path",
             ),
@@ -391,8 +405,14 @@ mod tests {
         assert!(validate_node_spec(&NodeSpec { ip: "worker-1.example".into(), ..ok.clone() }).is_ok());
         let cases = [
             (NodeSpec { ip: String::new(), ..ok.clone() }, "spec.ip: required"),
-            (NodeSpec { ip: "300.1.1.1".into(), ..ok.clone() }, "spec.ip: \"300.1.1.1\" is not an IP address or DNS name"),
-            (NodeSpec { ip: "bad host".into(), ..ok.clone() }, "spec.ip: \"bad host\" is not an IP address or DNS name"),
+            (
+                NodeSpec { ip: "300.1.1.1".into(), ..ok.clone() },
+                "spec.ip: \"300.1.1.1\" is not an IP address or DNS name",
+            ),
+            (
+                NodeSpec { ip: "bad host".into(), ..ok.clone() },
+                "spec.ip: \"bad host\" is not an IP address or DNS name",
+            ),
             (NodeSpec { port: 0, ..ok.clone() }, "spec.port: 0 is not in 1-65535"),
             (NodeSpec { port: 65536, ..ok.clone() }, "spec.port: 65536 is not in 1-65535"),
             (NodeSpec { max_alloc_percent: Some(0), ..ok.clone() }, "spec.max_alloc_percent: 0 is not in 1-100"),
@@ -405,11 +425,8 @@ mod tests {
     #[test]
     fn requests_sum_containers_and_apply_defaults() {
         let mut s = spec();
-        s.containers[0].resource = Some(ContainerResource {
-            cpu: Some("200m".into()),
-            memory: Some("256Mi".into()),
-            ephemeral_storage: None,
-        });
+        s.containers[0].resource =
+            Some(ContainerResource { cpu: Some("200m".into()), memory: Some("256Mi".into()), ephemeral_storage: None });
         s.containers.push(container("sidecar"));
         assert_eq!(sandbox_requests(&s, &SandboxPolicy::default()), (300, (256 + 128) << 20));
     }

@@ -1,1 +1,314 @@
-//! placeholder
+//! Typed async HTTP client for the sandboxd-o API, used by sbxctl, remote controllers, tests and benchmarks.
+#![forbid(unsafe_code)]
+
+use futures::stream::{BoxStream, StreamExt};
+use reqwest::{Method, StatusCode};
+use sandboxd_api::node::{NodeCreateRequest, NodeSpec, NodeStatus, NodeStatusUpdate};
+use sandboxd_api::sandbox::{SandboxCreateRequest, SandboxStatusUpdate, SandboxUpdateRequest};
+use sandboxd_api::watch::WatchEvent;
+use sandboxd_api::{Node, Sandbox, SandboxSpec, SandboxStatus};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// What went wrong talking to the server.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error status and `{"error": ...}`.
+    #[error("{status}: {message}")]
+    Api { status: u16, message: String },
+    /// The server could not be reached.
+    #[error("cannot reach {server}: {message}")]
+    Connect { server: String, message: String },
+    /// The request failed in flight or timed out.
+    #[error("request to {server} failed: {message}")]
+    Transport { server: String, message: String },
+    /// The answer was not the JSON expected.
+    #[error("unexpected answer from {server}: {message}")]
+    Decode { server: String, message: String },
+}
+
+impl ClientError {
+    /// The HTTP status of an API error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(404)
+    }
+
+    pub fn is_conflict(&self) -> bool {
+        self.status() == Some(409)
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// A list answer: items plus the revision it was taken at.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct List<T> {
+    pub items: Vec<T>,
+    pub resource_version: String,
+    #[serde(default)]
+    pub next_cursor: Option<String>,
+}
+
+/// An object together with the status code of the call that wrote it.
+#[derive(Debug, Clone)]
+pub struct Written<T> {
+    pub status: u16,
+    pub object: T,
+}
+
+#[derive(Deserialize)]
+struct NodeEnvelope {
+    node: Node,
+}
+
+#[derive(Deserialize)]
+struct SandboxEnvelope {
+    sandbox: Sandbox,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+}
+
+/// A typed client for one sandboxd-o server.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    /// A client for `base` (e.g. `http://127.0.0.1:8082`), with a per-request timeout.
+    pub fn new(base: &str, token: Option<String>) -> Result<Client> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(64)
+            .build()
+            .map_err(|e| ClientError::Transport { server: base.to_string(), message: e.to_string() })?;
+        Ok(Client { http, base: base.trim_end_matches('/').to_string(), token })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let mut builder = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(token) = &self.token {
+            builder = builder.bearer_auth(token);
+        }
+        builder
+    }
+
+    fn transport_error(&self, e: reqwest::Error) -> ClientError {
+        let message = error_chain(&e);
+        if e.is_connect() {
+            ClientError::Connect { server: self.base.clone(), message }
+        } else {
+            ClientError::Transport { server: self.base.clone(), message }
+        }
+    }
+
+    /// Sends a request and decodes a JSON answer, mapping error statuses to `ClientError::Api`.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(u16, T)> {
+        let mut builder = self.request(method, path).timeout(Duration::from_secs(30));
+        if let Some(body) = body {
+            builder = builder.json(body);
+        }
+        let response = builder.send().await.map_err(|e| self.transport_error(e))?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| self.transport_error(e))?;
+        if !status.is_success() {
+            return Err(api_error(status, &bytes));
+        }
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Decode { server: self.base.clone(), message: e.to_string() })?;
+        Ok((status.as_u16(), value))
+    }
+
+    pub async fn healthz(&self) -> Result<()> {
+        self.call::<serde_json::Value>(Method::GET, "/healthz", None).await.map(|_| ())
+    }
+
+    // === nodes ===
+
+    /// Creates (201) or updates (200) a node.
+    pub async fn apply_node(&self, id: &str, spec: &NodeSpec) -> Result<Written<Node>> {
+        let body = to_json(&NodeCreateRequest { id: id.to_string(), spec: spec.clone() });
+        let (status, env): (u16, NodeEnvelope) = self.call(Method::POST, "/api/v1/nodes", Some(&body)).await?;
+        Ok(Written { status, object: env.node })
+    }
+
+    pub async fn get_node(&self, name: &str) -> Result<Node> {
+        let (_, env): (u16, NodeEnvelope) = self.call(Method::GET, &format!("/api/v1/nodes/{name}"), None).await?;
+        Ok(env.node)
+    }
+
+    pub async fn list_nodes(&self) -> Result<List<Node>> {
+        self.call(Method::GET, "/api/v1/nodes", None).await.map(|(_, l)| l)
+    }
+
+    pub async fn delete_node(&self, name: &str) -> Result<()> {
+        self.call::<serde_json::Value>(Method::DELETE, &format!("/api/v1/nodes/{name}"), None).await.map(|_| ())
+    }
+
+    /// Writes a node's status, guarded by `resource_version` when given.
+    pub async fn put_node_status(
+        &self,
+        name: &str,
+        status: &NodeStatus,
+        resource_version: Option<&str>,
+    ) -> Result<Node> {
+        let body =
+            to_json(&NodeStatusUpdate { resource_version: resource_version.map(String::from), status: status.clone() });
+        let (_, env): (u16, NodeEnvelope) =
+            self.call(Method::PUT, &format!("/api/v1/nodes/{name}/status"), Some(&body)).await?;
+        Ok(env.node)
+    }
+
+    // === sandboxes ===
+
+    /// Creates a sandbox (201), or returns the identical existing one (200).
+    pub async fn create_sandbox(&self, id: &str, spec: &SandboxSpec) -> Result<Written<Sandbox>> {
+        let body = to_json(&SandboxCreateRequest { id: id.to_string(), spec: spec.clone() });
+        let (status, env): (u16, SandboxEnvelope) = self.call(Method::POST, "/api/v1/sandboxes", Some(&body)).await?;
+        Ok(Written { status, object: env.sandbox })
+    }
+
+    pub async fn get_sandbox(&self, id: &str) -> Result<Sandbox> {
+        let (_, env): (u16, SandboxEnvelope) = self.call(Method::GET, &format!("/api/v1/sandboxes/{id}"), None).await?;
+        Ok(env.sandbox)
+    }
+
+    pub async fn list_sandboxes(&self) -> Result<List<Sandbox>> {
+        self.call(Method::GET, "/api/v1/sandboxes", None).await.map(|(_, l)| l)
+    }
+
+    /// One page of sandboxes after `cursor`.
+    pub async fn list_sandboxes_page(&self, cursor: &str, limit: usize) -> Result<List<Sandbox>> {
+        let path = format!("/api/v1/sandboxes?limit={limit}&cursor={cursor}");
+        self.call(Method::GET, &path, None).await.map(|(_, l)| l)
+    }
+
+    /// Replaces the mutable parts of a sandbox's spec.
+    pub async fn update_sandbox(
+        &self,
+        id: &str,
+        spec: &SandboxSpec,
+        resource_version: Option<&str>,
+    ) -> Result<Sandbox> {
+        let body =
+            to_json(&SandboxUpdateRequest { resource_version: resource_version.map(String::from), spec: spec.clone() });
+        let (_, env): (u16, SandboxEnvelope) =
+            self.call(Method::PUT, &format!("/api/v1/sandboxes/{id}"), Some(&body)).await?;
+        Ok(env.sandbox)
+    }
+
+    pub async fn delete_sandbox(&self, id: &str) -> Result<()> {
+        self.call::<serde_json::Value>(Method::DELETE, &format!("/api/v1/sandboxes/{id}"), None).await.map(|_| ())
+    }
+
+    /// Writes a sandbox's status, guarded by `resource_version` when given.
+    pub async fn put_sandbox_status(
+        &self,
+        id: &str,
+        status: &SandboxStatus,
+        resource_version: Option<&str>,
+    ) -> Result<Sandbox> {
+        let body = to_json(&SandboxStatusUpdate {
+            resource_version: resource_version.map(String::from),
+            status: status.clone(),
+        });
+        let (_, env): (u16, SandboxEnvelope) =
+            self.call(Method::PUT, &format!("/api/v1/sandboxes/{id}/status"), Some(&body)).await?;
+        Ok(env.sandbox)
+    }
+
+    // === watch ===
+
+    /// Streams watch events of `kind` ("nodes" or "sandboxes") after `resource_version`
+    /// (from the current state when `None`). The stream ends when the server closes it.
+    pub async fn watch(
+        &self,
+        kind: &str,
+        resource_version: Option<&str>,
+    ) -> Result<BoxStream<'static, Result<WatchEvent<serde_json::Value>>>> {
+        let mut path = format!("/api/v1/{kind}?watch=true");
+        if let Some(rv) = resource_version {
+            path.push_str(&format!("&resource_version={rv}"));
+        }
+        let response = self.request(Method::GET, &path).send().await.map_err(|e| self.transport_error(e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let bytes = response.bytes().await.map_err(|e| self.transport_error(e))?;
+            return Err(api_error(status, &bytes));
+        }
+        let server = self.base.clone();
+        Ok(ndjson_lines(response.bytes_stream(), server))
+    }
+}
+
+/// Splits a byte stream into newline-delimited JSON watch events.
+fn ndjson_lines(
+    bytes: impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + 'static,
+    server: String,
+) -> BoxStream<'static, Result<WatchEvent<serde_json::Value>>> {
+    let state = (Box::pin(bytes), Vec::<u8>::new(), server);
+    futures::stream::unfold(state, |(mut bytes, mut buffer, server)| async move {
+        loop {
+            if let Some(pos) = buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buffer.drain(..=pos).collect();
+                let event = serde_json::from_slice(&line[..line.len() - 1])
+                    .map_err(|e| ClientError::Decode { server: server.clone(), message: e.to_string() });
+                return Some((event, (bytes, buffer, server)));
+            }
+            match bytes.next().await {
+                Some(Ok(chunk)) => buffer.extend_from_slice(&chunk),
+                Some(Err(e)) => {
+                    let err = ClientError::Transport { server: server.clone(), message: e.to_string() };
+                    return Some((Err(err), (bytes, Vec::new(), server)));
+                }
+                None => return None,
+            }
+        }
+    })
+    .boxed()
+}
+
+fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+    let message = serde_json::from_slice::<ErrorBody>(body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).chars().take(200).collect());
+    ClientError::Api { status: status.as_u16(), message }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        message.push_str(": ");
+        message.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    message
+}
+
+fn to_json<T: Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).expect("request types serialize")
+}

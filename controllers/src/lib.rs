@@ -1,4 +1,10 @@
 //! Controller runtime and the node, scheduler, sandbox and ttl controllers of sandboxd-o.
 #![forbid(unsafe_code)]
 
+pub mod agent;
+pub mod node;
+pub mod objects;
 pub mod runtime;
+
+pub use agent::{AgentClient, AgentError};
+pub use objects::{ObjectClient, ObjectError, ObjectKind};

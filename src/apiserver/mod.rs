@@ -4,12 +4,15 @@ mod error;
 mod extract;
 mod nodes;
 mod openapi;
+mod proxy;
 mod respond;
 mod sandboxes;
 mod watch;
 
 pub use error::{ApiError, ApiResult};
 pub use extract::parse_json;
+pub use nodes::write_status as write_node_status;
+pub use sandboxes::{mark_terminating, write_status as write_sandbox_status};
 
 use crate::config::Config;
 use crate::store::Store;
@@ -20,11 +23,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use sandboxd_api::validate::SandboxPolicy;
+use sandboxd_controllers::node::NodeSettings;
+use sandboxd_controllers::AgentClient;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
-
-/// Calls into the node side that the API needs (agent status on create, heartbeat, proxy).
-pub use nodes::NodeAgentHooks;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -35,7 +37,9 @@ pub struct ApiState {
     pub auth_token: Option<Arc<str>>,
     /// Cancelled on shutdown so open watch streams end and let the server drain.
     pub shutdown: CancellationToken,
-    pub agents: Option<Arc<dyn NodeAgentHooks>>,
+    /// Node agent client for the node proxy, heartbeats and the status call on node create; `None` makes no agent calls.
+    pub agents: Option<Arc<dyn AgentClient>>,
+    pub node_settings: NodeSettings,
 }
 
 impl ApiState {
@@ -48,7 +52,26 @@ impl ApiState {
             auth_token: auth_token.map(Arc::from),
             shutdown: CancellationToken::new(),
             agents: None,
+            node_settings: node_settings(config),
         }
+    }
+
+    /// The same state, calling node agents through `agents`.
+    pub fn with_agents(mut self, agents: Arc<dyn AgentClient>) -> ApiState {
+        self.agents = Some(agents);
+        self
+    }
+}
+
+/// Node controller settings from configuration.
+pub fn node_settings(config: &Config) -> NodeSettings {
+    NodeSettings {
+        heartbeat_interval: config.heartbeat_interval,
+        heartbeat_timeout: config.heartbeat_timeout,
+        ready_threshold: config.node_ready_threshold,
+        failure_threshold: config.node_failure_threshold,
+        default_max_alloc_percent: config.max_alloc_percent,
+        ..NodeSettings::default()
     }
 }
 
@@ -58,11 +81,14 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/api/v1/nodes", post(nodes::create_or_update).get(nodes::list))
         .route("/api/v1/nodes/{name}", get(nodes::get_one).delete(nodes::delete))
         .route("/api/v1/nodes/{name}/status", put(nodes::put_status))
+        .route("/api/v1/nodes/{name}/heartbeat", post(proxy::heartbeat))
+        .route("/api/v1/nodes/{name}/reconcile", post(proxy::reconcile))
+        .route("/api/v1/nodes/{name}/sandboxes", get(proxy::list_sandboxes).post(proxy::create_sandbox))
+        .route("/api/v1/nodes/{name}/sandboxes/{id}", get(proxy::get_sandbox).delete(proxy::delete_sandbox))
+        .route("/api/v1/nodes/{name}/sandboxes/{id}/logs", get(proxy::logs))
+        .route("/api/v1/nodes/{name}/sandboxes/{id}/containers/{container}/logs", get(proxy::container_logs))
         .route("/api/v1/sandboxes", post(sandboxes::create).get(sandboxes::list))
-        .route(
-            "/api/v1/sandboxes/{id}",
-            get(sandboxes::get_one).put(sandboxes::update_spec).delete(sandboxes::delete),
-        )
+        .route("/api/v1/sandboxes/{id}", get(sandboxes::get_one).put(sandboxes::update_spec).delete(sandboxes::delete))
         .route("/api/v1/sandboxes/{id}/status", put(sandboxes::put_status))
         .route("/openapi.json", get(openapi::document))
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
@@ -90,11 +116,8 @@ async fn method_not_allowed() -> ApiError {
 
 async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     if let Some(token) = &state.auth_token {
-        let presented = request
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+        let presented =
+            request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
         if presented != Some(&**token) {
             return ApiError::Unauthorized.into_response();
         }
@@ -104,19 +127,14 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
 
 /// The current time as an RFC 3339 UTC timestamp with second precision.
 pub fn now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     sandboxd_api::time::format_unix(secs)
 }
 
 /// The current time in Unix seconds.
 pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// Registers (or refreshes) a node declared in the configuration file, with `source: config`.

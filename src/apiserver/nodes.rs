@@ -4,30 +4,38 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiQuery};
 use super::{now, respond, watch, ApiState};
 use crate::store::{Kind, StoreError, Versioned};
-use async_trait::async_trait;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use sandboxd_api::agent::AgentStatus;
 use sandboxd_api::node::{NodeCreateRequest, NodeSpec, NodeStatus, NodeStatusUpdate};
 use sandboxd_api::validate::{validate_name, validate_node_spec};
 use sandboxd_api::{Node, NodeResources, NodeSource};
+use sandboxd_controllers::node::derive_resources;
 
-/// Calls to node agents that node registration makes.
-#[async_trait]
-pub trait NodeAgentHooks: Send + Sync + 'static {
-    /// One best-effort status call, bounded by about a second, made when a node is created.
-    async fn initial_status(&self, base_url: &str) -> Option<AgentStatus>;
-}
+const INITIAL_STATUS_BOUND: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Query of list routes: paging and watch.
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct ListQuery {
-    #[serde(default)]
-    pub watch: bool,
+    pub watch: Option<String>,
     pub resource_version: Option<String>,
-    pub limit: Option<usize>,
+    pub limit: Option<String>,
     pub cursor: Option<String>,
+}
+
+/// Parses a boolean query parameter, naming it on error.
+pub fn query_bool(name: &str, raw: Option<&str>) -> ApiResult<bool> {
+    match raw {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("") | Some("true") | Some("1") => Ok(true),
+        Some(other) => Err(ApiError::BadRequest(format!("{name}: {other:?} is not true or false"))),
+    }
+}
+
+/// Parses a numeric query parameter, naming it on error.
+pub fn query_number(name: &str, raw: Option<&str>) -> ApiResult<Option<usize>> {
+    raw.map(|s| s.parse::<usize>().map_err(|_| ApiError::BadRequest(format!("{name}: {s:?} is not a number"))))
+        .transpose()
 }
 
 #[utoipa::path(post, path = "/api/v1/nodes", request_body = NodeCreateRequest,
@@ -66,7 +74,9 @@ pub async fn register_node(state: &ApiState, id: &str, spec: &NodeSpec, source: 
         match result {
             Ok((status, stored)) => return Ok(respond::envelope(status, "node", &stored)),
             // Someone else wrote the node between our read and write: read again.
-            Err(StoreError::Conflict { .. } | StoreError::AlreadyExists { .. } | StoreError::NotFound { .. }) => continue,
+            Err(StoreError::Conflict { .. } | StoreError::AlreadyExists { .. } | StoreError::NotFound { .. }) => {
+                continue
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -75,8 +85,10 @@ pub async fn register_node(state: &ApiState, id: &str, spec: &NodeSpec, source: 
 async fn create_node(state: &ApiState, id: &str, spec: &NodeSpec, source: NodeSource) -> Result<Versioned, StoreError> {
     let mut node = new_node(id, spec, source, state.default_max_alloc_percent);
     if let Some(agents) = &state.agents {
-        if let Some(report) = agents.initial_status(&node.sbxlet_base_url).await {
-            apply_agent_report(&mut node, &report, state.default_max_alloc_percent, &now());
+        // Best effort and bounded, so the create answer already carries resources; not a heartbeat.
+        let bound = INITIAL_STATUS_BOUND.min(state.node_settings.heartbeat_timeout);
+        if let Ok(report) = agents.status(&node.sbxlet_base_url, bound).await {
+            node.status.resources = derive_resources(&node, &report, state.default_max_alloc_percent, &now());
         }
     }
     state.store.create(Kind::Nodes, id, to_value(&node)).await
@@ -106,8 +118,13 @@ async fn update_node_spec(
     node.max_alloc_percent = spec.max_alloc_percent.map(|p| p as u32);
     let percent = node.max_alloc_percent.unwrap_or(state.default_max_alloc_percent);
     let r = &node.status.resources;
-    let mut resources =
-        NodeResources::derive(r.capacity_cpu_milli, r.capacity_memory_bytes, r.used_cpu_milli, r.used_memory_bytes, percent);
+    let mut resources = NodeResources::derive(
+        r.capacity_cpu_milli,
+        r.capacity_memory_bytes,
+        r.used_cpu_milli,
+        r.used_memory_bytes,
+        percent,
+    );
     resources.updated_at = r.updated_at.clone();
     resources.external = r.external.clone();
     node.status.resources = resources;
@@ -146,24 +163,6 @@ pub fn new_node(id: &str, spec: &NodeSpec, source: NodeSource, default_max_alloc
     }
 }
 
-/// Refreshes a node's resources from an agent's status report, as semantics.md derives them.
-pub fn apply_agent_report(node: &mut Node, report: &AgentStatus, default_max_alloc_percent: u32, at: &str) {
-    let percent = node.max_alloc_percent.unwrap_or(default_max_alloc_percent);
-    let mut resources = NodeResources::derive(
-        report.capacity_cpu_milli,
-        report.capacity_memory_bytes,
-        report.used_cpu_milli,
-        report.used_memory_bytes,
-        percent,
-    );
-    resources.external = match node.external.as_ref().filter(|e| !e.is_empty()) {
-        Some(spec_external) => spec_external.clone(),
-        None => report.external.clone(),
-    };
-    resources.updated_at = Some(at.to_string());
-    node.status.resources = resources;
-}
-
 fn to_value<T: serde::Serialize>(object: &T) -> serde_json::Value {
     serde_json::to_value(object).expect("API objects serialize")
 }
@@ -184,12 +183,14 @@ pub async fn list_kind(state: &ApiState, kind: Kind, query: ListQuery) -> ApiRes
         .resource_version
         .as_deref()
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<u64>().map_err(|_| ApiError::BadRequest(format!("resource_version: {s:?} is not a revision"))))
+        .map(|s| {
+            s.parse::<u64>().map_err(|_| ApiError::BadRequest(format!("resource_version: {s:?} is not a revision")))
+        })
         .transpose()?;
-    if query.watch {
+    if query_bool("watch", query.watch.as_deref())? {
         return Ok(watch::stream(state, kind, from));
     }
-    match query.limit {
+    match query_number("limit", query.limit.as_deref())? {
         None if query.cursor.is_none() => {
             let (items, revision) = state.store.list(kind).await?;
             Ok(respond::list(&items, revision, None))
@@ -232,20 +233,30 @@ pub async fn put_status(
     ApiJson(update): ApiJson<NodeStatusUpdate>,
 ) -> ApiResult<Response> {
     let expect = parse_expected(update.resource_version.as_deref())?;
+    let stored = write_status(&state, &name, &update.status, expect).await?;
+    Ok(respond::envelope(StatusCode::OK, "node", &stored))
+}
+
+/// Writes a node's status (CAS when `expect` is set); a deleted node is never re-created.
+pub async fn write_status(
+    state: &ApiState,
+    name: &str,
+    status: &NodeStatus,
+    expect: Option<u64>,
+) -> ApiResult<Versioned> {
     loop {
         let current = state
             .store
-            .get(Kind::Nodes, &name)
+            .get(Kind::Nodes, name)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("node {name:?} not found")))?;
         let mut node: Node = current.decode()?;
-        node.status = update.status.clone();
+        node.status = status.clone();
         node.updated_at = now();
         let guard = expect.or(Some(current.revision));
-        match state.store.update(Kind::Nodes, &name, to_value(&node), guard).await {
-            Ok(stored) => return Ok(respond::envelope(StatusCode::OK, "node", &stored)),
+        match state.store.update(Kind::Nodes, name, to_value(&node), guard).await {
             Err(StoreError::Conflict { .. }) if expect.is_none() => continue,
-            Err(e) => return Err(e.into()),
+            result => return Ok(result?),
         }
     }
 }

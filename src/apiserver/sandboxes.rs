@@ -100,11 +100,7 @@ pub async fn get_one(State(state): State<ApiState>, Path(id): Path<String>) -> A
 }
 
 async fn get_sandbox(state: &ApiState, id: &str) -> ApiResult<Versioned> {
-    state
-        .store
-        .get(Kind::Sandboxes, id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("sandbox {id:?} not found")))
+    state.store.get(Kind::Sandboxes, id).await?.ok_or_else(|| ApiError::NotFound(format!("sandbox {id:?} not found")))
 }
 
 #[utoipa::path(put, path = "/api/v1/sandboxes/{id}", params(("id" = String, Path)), request_body = SandboxUpdateRequest,
@@ -153,7 +149,9 @@ fn check_immutable(current: &SandboxSpec, wanted: &SandboxSpec) -> ApiResult<()>
     }
     let problems: Vec<String> = changed
         .iter()
-        .map(|field| format!("{field}: is immutable (only ttl_seconds and labels may change; delete and re-create instead)"))
+        .map(|field| {
+            format!("{field}: is immutable (only ttl_seconds and labels may change; delete and re-create instead)")
+        })
         .collect();
     Err(ApiError::BadRequest(problems.join("; ")))
 }
@@ -195,14 +193,15 @@ enum Removal {
 }
 
 async fn removal_for(state: &ApiState, sandbox: &Sandbox) -> ApiResult<Removal> {
-    if sandbox.status.phase == Phase::Terminating {
-        return Ok(Removal::AlreadyTerminating);
-    }
     let Some(node) = sandbox.status.node_name.as_deref() else {
         return Ok(Removal::Now);
     };
+    // With its node gone nothing will ever confirm the removal, even if it was already Terminating.
     if state.store.get(Kind::Nodes, node).await?.is_none() {
         return Ok(Removal::Now);
+    }
+    if sandbox.status.phase == Phase::Terminating {
+        return Ok(Removal::AlreadyTerminating);
     }
     Ok(Removal::AfterNodeConfirms)
 }
@@ -226,19 +225,41 @@ pub async fn put_status(
     ApiJson(update): ApiJson<SandboxStatusUpdate>,
 ) -> ApiResult<Response> {
     let expect = parse_expected(update.resource_version.as_deref())?;
+    let stored = write_status(&state, &id, &update.status, expect).await?;
+    Ok(respond::envelope(StatusCode::OK, "sandbox", &stored))
+}
+
+/// Writes a sandbox's status (CAS when `expect` is set), refusing illegal transitions.
+pub async fn write_status(
+    state: &ApiState,
+    id: &str,
+    status: &SandboxStatus,
+    expect: Option<u64>,
+) -> ApiResult<Versioned> {
     loop {
-        let current = get_sandbox(&state, &id).await?;
-        let mut sandbox: Sandbox = current.decode()?;
-        check_status_transition(&sandbox.status, &update.status)?;
-        let phase_changed = sandbox.status.phase != update.status.phase;
-        sandbox.status = update.status.clone();
-        if phase_changed && update.status.last_transition_at.is_none() {
-            sandbox.status.last_transition_at = Some(now());
+        let current = get_sandbox(state, id).await?;
+        if let Some(expected) = expect {
+            if expected != current.revision {
+                return Err(StoreError::Conflict {
+                    kind: Kind::Sandboxes,
+                    name: id.to_string(),
+                    expected,
+                    actual: current.revision,
+                }
+                .into());
+            }
         }
+        let mut sandbox: Sandbox = current.decode()?;
+        check_status_transition(&sandbox.status, status)?;
+        let previous = std::mem::replace(&mut sandbox.status, status.clone());
+        // expire_at follows the spec and last_transition_at the phase: the server owns both.
+        sandbox.status.expire_at = previous.expire_at;
+        sandbox.status.last_transition_at =
+            if previous.phase != status.phase { Some(now()) } else { previous.last_transition_at };
         sandbox.updated_at = now();
-        match write(&state, &id, &sandbox, expect.or(Some(current.revision))).await {
+        match write(state, id, &sandbox, Some(current.revision)).await {
             Err(StoreError::Conflict { .. }) if expect.is_none() => continue,
-            result => return Ok(respond::envelope(StatusCode::OK, "sandbox", &result?)),
+            result => return Ok(result?),
         }
     }
 }
@@ -287,11 +308,23 @@ mod tests {
             (Scheduled, Failed),
         ];
         for (from, to) in allowed {
-            assert!(check_status_transition(&status(from, Some("n")), &status(to, Some("n"))).is_ok(), "{from:?}->{to:?}");
+            assert!(
+                check_status_transition(&status(from, Some("n")), &status(to, Some("n"))).is_ok(),
+                "{from:?}->{to:?}"
+            );
         }
-        let refused = [(Running, Creating), (Scheduled, Pending), (Terminating, Failed), (Terminating, Running), (Failed, Running)];
+        let refused = [
+            (Running, Creating),
+            (Scheduled, Pending),
+            (Terminating, Failed),
+            (Terminating, Running),
+            (Failed, Running),
+        ];
         for (from, to) in refused {
-            assert!(check_status_transition(&status(from, Some("n")), &status(to, Some("n"))).is_err(), "{from:?}->{to:?}");
+            assert!(
+                check_status_transition(&status(from, Some("n")), &status(to, Some("n"))).is_err(),
+                "{from:?}->{to:?}"
+            );
         }
     }
 

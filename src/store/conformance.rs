@@ -9,10 +9,7 @@ use std::pin::Pin;
 type Open = fn(StoreOptions) -> Pin<Box<dyn Future<Output = Arc<dyn Store>>>>;
 
 fn small_ring(max_events: usize) -> StoreOptions {
-    StoreOptions {
-        history: HistoryLimits { max_events, max_age: Duration::from_secs(600) },
-        ..StoreOptions::default()
-    }
+    StoreOptions { history: HistoryLimits { max_events, max_age: Duration::from_secs(600) }, ..StoreOptions::default() }
 }
 
 async fn next_event(stream: &mut WatchStream) -> Event {
@@ -109,7 +106,8 @@ async fn watch_replays_changes_after_revision_in_order(open: Open) {
     let mut stream = store.watch(Kind::Sandboxes, base).await.unwrap();
     store.update(Kind::Sandboxes, "a", json!({"v": 2}), Some(a.revision)).await.unwrap();
     store.delete(Kind::Sandboxes, "a", None).await.unwrap();
-    let events: Vec<Event> = [next_event(&mut stream).await, next_event(&mut stream).await, next_event(&mut stream).await].into();
+    let events: Vec<Event> =
+        [next_event(&mut stream).await, next_event(&mut stream).await, next_event(&mut stream).await].into();
     let types: Vec<EventType> = events.iter().map(|e| e.event_type).collect();
     assert_eq!(types, [EventType::Added, EventType::Modified, EventType::Deleted]);
     assert!(events.iter().all(|e| &*e.object.name == "a" && e.kind == Kind::Sandboxes));
@@ -181,11 +179,9 @@ async fn bookmarks_carry_the_revision_after_sent_events(open: Open) {
     store.create(Kind::Nodes, "n", json!({})).await.unwrap();
     let first = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap();
     assert!(matches!(first, WatchItem::Event(ref e) if e.object == created), "{first:?}");
-    let bookmark = loop {
-        match tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap() {
-            WatchItem::Bookmark(rev) => break rev,
-            WatchItem::Event(e) => panic!("unexpected {e:?}"),
-        }
+    let bookmark = match tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap() {
+        WatchItem::Bookmark(rev) => rev,
+        WatchItem::Event(e) => panic!("unexpected {e:?}"),
     };
     assert_eq!(bookmark, created.revision + 1, "bookmarks name the global revision");
 }
@@ -282,9 +278,9 @@ macro_rules! conformance {
     };
 }
 
-conformance!(memory_backend, |options| Box::pin(async move {
-    Arc::new(super::memory::open(options)) as Arc<dyn Store>
-}));
+conformance!(memory_backend, |options| Box::pin(
+    async move { Arc::new(super::memory::open(options)) as Arc<dyn Store> }
+));
 
 conformance!(sqlite_backend, |options| Box::pin(async move {
     // The directory is leaked on purpose: the store outlives this closure.
@@ -310,8 +306,8 @@ async fn sqlite_keeps_objects_and_revision_across_reopen() {
     assert_eq!(reopened.get(Kind::Sandboxes, "dropped").await.unwrap(), None);
     let next = reopened.create(Kind::Sandboxes, "new", json!({})).await.unwrap();
     assert_eq!(next.revision, last + 1, "revisions stay monotonic after restart");
-    assert!(matches!(
-        reopened.watch(Kind::Sandboxes, 0).await,
-        Err(StoreError::Gone { .. })
-    ), "history from before the restart is gone");
+    assert!(
+        matches!(reopened.watch(Kind::Sandboxes, 0).await, Err(StoreError::Gone { .. })),
+        "history from before the restart is gone"
+    );
 }

@@ -126,9 +126,7 @@ impl Hub {
             state.revision = change.object.revision;
             let event = Event { kind: change.kind, event_type: change.event_type, object: change.object };
             // A watcher that cannot take the event now is cut off: it will re-watch from its last revision.
-            state
-                .watchers
-                .retain(|w| w.kind != event.kind || w.tx.try_send(WatchItem::Event(event.clone())).is_ok());
+            state.watchers.retain(|w| w.kind != event.kind || w.tx.try_send(WatchItem::Event(event.clone())).is_ok());
             state.ring.push_back((now, event));
         }
         self.trim_ring(state, now);

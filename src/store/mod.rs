@@ -72,8 +72,7 @@ pub struct Versioned {
 impl Versioned {
     /// Decodes the stored JSON into a typed object.
     pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, StoreError> {
-        serde_json::from_slice(&self.data)
-            .map_err(|e| StoreError::Corrupt(format!("{}: {e}", self.name)))
+        serde_json::from_slice(&self.data).map_err(|e| StoreError::Corrupt(format!("{}: {e}", self.name)))
     }
 }
 
@@ -205,7 +204,5 @@ pub async fn open(url: &str, options: StoreOptions) -> Result<Arc<dyn Store>> {
             "the etcd backend is not built yet; use memory:// or sqlite://PATH".into(),
         ));
     }
-    Err(StoreError::Unavailable(format!(
-        "unknown store URL {url:?}: expected memory:// or sqlite://PATH"
-    )))
+    Err(StoreError::Unavailable(format!("unknown store URL {url:?}: expected memory:// or sqlite://PATH")))
 }

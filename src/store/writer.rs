@@ -1,9 +1,7 @@
 //! The single writer: validates compare-and-swap writes, groups them into one durable commit, then publishes.
 
 use super::hub::{Change, Hub};
-use super::{
-    EventType, Kind, Page, Result, Revision, Store, StoreError, StoreOptions, Versioned, WatchStream,
-};
+use super::{EventType, Kind, Page, Result, Revision, Store, StoreError, StoreOptions, Versioned, WatchStream};
 use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -70,11 +68,7 @@ impl LocalStore {
             .name("store-writer".into())
             .spawn(move || writer.run(rx))
             .expect("spawn store writer thread");
-        LocalStore {
-            hub,
-            requests: Mutex::new(Some(tx)),
-            writer_thread: Mutex::new(Some(thread)),
-        }
+        LocalStore { hub, requests: Mutex::new(Some(tx)), writer_thread: Mutex::new(Some(thread)) }
     }
 
     async fn write(&self, kind: Kind, name: &str, op: Op) -> Result<Versioned> {
@@ -84,13 +78,8 @@ impl LocalStore {
         };
         let (reply, answer) = oneshot::channel();
         let request = Request { kind, name: Arc::from(name), op, reply };
-        sender
-            .send(request)
-            .await
-            .map_err(|_| StoreError::Unavailable("store is closed".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+        sender.send(request).await.map_err(|_| StoreError::Unavailable("store is closed".into()))?;
+        answer.await.map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
     }
 }
 
@@ -252,12 +241,9 @@ fn plan(request: &Request, current: Option<Versioned>, revision: Revision) -> Re
             return Err(StoreError::NotFound { kind, name: name.to_string() });
         };
         match expect {
-            Some(expected) if expected != cur.revision => Err(StoreError::Conflict {
-                kind,
-                name: name.to_string(),
-                expected,
-                actual: cur.revision,
-            }),
+            Some(expected) if expected != cur.revision => {
+                Err(StoreError::Conflict { kind, name: name.to_string(), expected, actual: cur.revision })
+            }
             _ => Ok(()),
         }
     };
@@ -274,9 +260,7 @@ fn plan(request: &Request, current: Option<Versioned>, revision: Revision) -> Re
         }
         Op::Delete(expect) => {
             check(&current, *expect)?;
-            let last: serde_json::Value = current
-                .expect("checked above")
-                .decode()?;
+            let last: serde_json::Value = current.expect("checked above").decode()?;
             Ok((EventType::Deleted, encode(name, last, revision)?))
         }
     }

@@ -1,0 +1,73 @@
+//! The `AgentClient` trait: every call the controllers make to a node agent, each bounded by a timeout.
+
+use async_trait::async_trait;
+use sandboxd_api::agent::{AgentCreateRequest, AgentLogs, AgentSandbox, AgentSandboxList, AgentStatus};
+use std::time::Duration;
+
+/// How an agent call failed; the node proxy and `last_error` keep these apart.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentError {
+    /// Connect failure or timeout: the agent could not be reached.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// The agent answered with an error status.
+    #[error("agent answered {status}: {message}")]
+    Status { status: u16, message: String },
+    /// The agent answered something that is not the expected JSON.
+    #[error("invalid answer: {0}")]
+    Invalid(String),
+}
+
+impl AgentError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, AgentError::Status { status: 404, .. })
+    }
+
+    /// A 4xx answer: the agent understood and refused; retrying the same call will not help.
+    pub fn is_client_error(&self) -> bool {
+        matches!(self, AgentError::Status { status, .. } if (400..500).contains(status))
+    }
+}
+
+pub type AgentResult<T> = Result<T, AgentError>;
+
+/// Calls to the sbxlet API of one node, addressed by its base URL (`http://ip:port`).
+#[async_trait]
+pub trait AgentClient: Send + Sync + 'static {
+    /// `GET /healthz`: Ok only for 2xx with `{"ok": true}`.
+    async fn health(&self, base_url: &str, timeout: Duration) -> AgentResult<()>;
+    /// `GET /api/v1/status`.
+    async fn status(&self, base_url: &str, timeout: Duration) -> AgentResult<AgentStatus>;
+    /// `POST /api/v1/sandboxes` (idempotent on the agent).
+    async fn create_sandbox(&self, base_url: &str, request: &AgentCreateRequest) -> AgentResult<AgentSandbox>;
+    /// `GET /api/v1/sandboxes/{id}`.
+    async fn get_sandbox(&self, base_url: &str, id: &str) -> AgentResult<AgentSandbox>;
+    /// `GET /api/v1/sandboxes?cursor=&limit=`.
+    async fn list_sandboxes(&self, base_url: &str, cursor: &str, limit: usize) -> AgentResult<AgentSandboxList>;
+    /// `DELETE /api/v1/sandboxes/{id}`; a 404 is returned as an error for the caller to judge.
+    async fn delete_sandbox(&self, base_url: &str, id: &str) -> AgentResult<()>;
+    /// `GET .../logs`, of one container when `container` is set.
+    async fn logs(
+        &self,
+        base_url: &str,
+        id: &str,
+        container: Option<&str>,
+        tail: Option<usize>,
+    ) -> AgentResult<AgentLogs>;
+    /// `POST /api/v1/reconcile`.
+    async fn reconcile(&self, base_url: &str) -> AgentResult<()>;
+}
+
+/// Lists every sandbox an agent holds, following `next_cursor`.
+pub async fn list_all_sandboxes(agents: &dyn AgentClient, base_url: &str) -> AgentResult<Vec<AgentSandbox>> {
+    let mut all = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = agents.list_sandboxes(base_url, &cursor, 1000).await?;
+        all.extend(page.items);
+        if page.next_cursor.is_empty() || page.next_cursor == cursor {
+            return Ok(all);
+        }
+        cursor = page.next_cursor;
+    }
+}

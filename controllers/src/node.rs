@@ -1,0 +1,397 @@
+//! Node controller: heartbeats on a shared timer, streaks with hysteresis, and resources from agent reports.
+
+use crate::agent::{AgentClient, AgentError};
+use crate::objects::{ObjectClient, ObjectError};
+use crate::runtime::informer::{Change, Informer};
+use crate::runtime::queue::{run_workers, Outcome, WorkQueue};
+use sandboxd_api::agent::AgentStatus;
+use sandboxd_api::node::NodeStatus;
+use sandboxd_api::{Node, NodeResources, NodeState};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Settings of the node controller, from configuration.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub ready_threshold: u32,
+    pub failure_threshold: u32,
+    pub default_max_alloc_percent: u32,
+    /// Heartbeats in flight at once.
+    pub workers: usize,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        NodeSettings {
+            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_timeout: Duration::from_secs(2),
+            ready_threshold: 2,
+            failure_threshold: 3,
+            default_max_alloc_percent: 90,
+            workers: 256,
+        }
+    }
+}
+
+/// The outcome of one heartbeat as the API reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Health and status both succeeded.
+    Ok,
+    /// Health succeeded, status failed: a success for the streaks, resources unchanged.
+    Degraded,
+    /// Health failed: a failure for the streaks.
+    Failed,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Degraded => "degraded",
+            Verdict::Failed => "failed",
+        }
+    }
+}
+
+/// What the two agent calls of a heartbeat returned.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub health: Result<(), AgentError>,
+    pub status: Result<AgentStatus, AgentError>,
+}
+
+/// What one heartbeat did to a node.
+#[derive(Debug, Clone)]
+pub struct HeartbeatReport {
+    pub node: Node,
+    pub verdict: Verdict,
+    pub heartbeat_error: String,
+    pub status_error: String,
+}
+
+/// Streak counters and state after one heartbeat; the state moves only when a threshold is reached.
+pub fn next_streaks(
+    state: NodeState,
+    success_streak: u32,
+    failure_streak: u32,
+    success: bool,
+    ready_threshold: u32,
+    failure_threshold: u32,
+) -> (NodeState, u32, u32) {
+    if success {
+        let streak = success_streak.saturating_add(1);
+        let state = if streak >= ready_threshold { NodeState::Ready } else { state };
+        (state, streak, 0)
+    } else {
+        let streak = failure_streak.saturating_add(1);
+        let state = if streak >= failure_threshold { NodeState::NotReady } else { state };
+        (state, 0, streak)
+    }
+}
+
+/// Describes a failed agent call for `last_error`, keeping "unreachable" apart from "reported unhealthy".
+pub fn describe_failure(error: &AgentError) -> String {
+    match error {
+        AgentError::Unreachable(why) => format!("unreachable: {why}"),
+        AgentError::Status { status, message } => format!("unhealthy: agent answered {status}: {message}"),
+        AgentError::Invalid(why) => format!("unhealthy: invalid answer: {why}"),
+    }
+}
+
+/// Applies one heartbeat's probe to a node's status (pure; `now` is the RFC 3339 time of the probe).
+pub fn apply_probe(node: &Node, probe: &Probe, settings: &NodeSettings, now: &str) -> (NodeStatus, Verdict) {
+    let mut status = node.status.clone();
+    let verdict = match (&probe.health, &probe.status) {
+        (Err(_), _) => Verdict::Failed,
+        (Ok(()), Err(_)) => Verdict::Degraded,
+        (Ok(()), Ok(_)) => Verdict::Ok,
+    };
+    let success = verdict != Verdict::Failed;
+    let (state, successes, failures) = next_streaks(
+        status.state,
+        status.success_streak,
+        status.failure_streak,
+        success,
+        settings.ready_threshold,
+        settings.failure_threshold,
+    );
+    if state != status.state {
+        status.last_transition_at = Some(now.to_string());
+    }
+    status.state = state;
+    status.success_streak = successes;
+    status.failure_streak = failures;
+    match (&probe.health, &probe.status) {
+        (Err(e), _) => status.last_error = describe_failure(e),
+        (Ok(()), Err(e)) => {
+            status.last_heartbeat = Some(now.to_string());
+            status.last_error = format!("degraded: status call failed: {}", describe_failure(e));
+        }
+        (Ok(()), Ok(report)) => {
+            status.last_heartbeat = Some(now.to_string());
+            status.last_error.clear();
+            status.resources = derive_resources(node, report, settings.default_max_alloc_percent, now);
+        }
+    }
+    (status, verdict)
+}
+
+/// Resources from an agent report: allocatable = floor(capacity × percent / 100), available = max(0, allocatable − used).
+pub fn derive_resources(node: &Node, report: &AgentStatus, default_max_alloc_percent: u32, now: &str) -> NodeResources {
+    let percent = node.max_alloc_percent.unwrap_or(default_max_alloc_percent);
+    let mut resources = NodeResources::derive(
+        report.capacity_cpu_milli,
+        report.capacity_memory_bytes,
+        report.used_cpu_milli,
+        report.used_memory_bytes,
+        percent,
+    );
+    resources.external = match node.external.as_deref().filter(|e| !e.is_empty()) {
+        Some(from_spec) => from_spec.to_string(),
+        None => report.external.clone(),
+    };
+    resources.updated_at = Some(now.to_string());
+    resources
+}
+
+/// Calls the agent's health and status endpoints concurrently, each bounded by `timeout`.
+pub async fn probe_agent(agents: &dyn AgentClient, base_url: &str, timeout: Duration) -> Probe {
+    let (health, status) = tokio::join!(agents.health(base_url, timeout), agents.status(base_url, timeout));
+    Probe { health, status }
+}
+
+/// Runs one heartbeat against a node and writes the result with compare-and-swap.
+///
+/// A node deleted meanwhile is not resurrected: the write fails with `NotFound`.
+pub async fn heartbeat_once(
+    objects: &dyn ObjectClient,
+    agents: &dyn AgentClient,
+    settings: &NodeSettings,
+    name: &str,
+) -> Result<HeartbeatReport, ObjectError> {
+    let mut node = objects.get_node(name).await?.ok_or_else(|| ObjectError::NotFound(format!("node {name:?}")))?;
+    let probe = probe_agent(agents, &node.sbxlet_base_url, settings.heartbeat_timeout).await;
+    let now = rfc3339_now();
+    loop {
+        let (status, verdict) = apply_probe(&node, &probe, settings, &now);
+        if status.state != node.status.state {
+            tracing::info!(node = name, from = ?node.status.state, to = ?status.state, error = %status.last_error, "node state changed");
+        }
+        match objects.put_node_status(name, &status, &node.resource_version).await {
+            Ok(written) => {
+                return Ok(HeartbeatReport {
+                    node: written,
+                    verdict,
+                    heartbeat_error: probe.health.as_ref().err().map(describe_failure).unwrap_or_default(),
+                    status_error: probe.status.as_ref().err().map(describe_failure).unwrap_or_default(),
+                });
+            }
+            // Someone else wrote the node (a user, the on-demand heartbeat): apply the same probe to the new version.
+            Err(ObjectError::Conflict(_)) => {
+                node = objects.get_node(name).await?.ok_or_else(|| ObjectError::NotFound(format!("node {name:?}")))?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The current time as RFC 3339 UTC, second precision.
+pub fn rfc3339_now() -> String {
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    sandboxd_api::time::format_unix(secs)
+}
+
+/// The heartbeat period with ±10 % jitter, so thousands of nodes do not beat in lockstep.
+pub fn jittered(interval: Duration) -> Duration {
+    let factor = 0.9 + fastrand::f64() * 0.2;
+    interval.mul_f64(factor)
+}
+
+/// Runs heartbeats for every node in `nodes` until `shutdown`: one timer queue, bounded concurrency.
+pub async fn run(
+    nodes: Informer<Node>,
+    objects: Arc<dyn ObjectClient>,
+    agents: Arc<dyn AgentClient>,
+    settings: NodeSettings,
+    shutdown: CancellationToken,
+) {
+    let queue: WorkQueue<String> = WorkQueue::new();
+    subscribe_heartbeats(&nodes, &queue);
+    nodes.wait_synced().await;
+    let workers = settings.workers.max(1);
+    let settings = Arc::new(settings);
+    let worker_queue = queue.clone();
+    let reconcile = move |name: String| {
+        let (nodes, objects, agents, settings) = (nodes.clone(), objects.clone(), agents.clone(), settings.clone());
+        async move {
+            if nodes.get(&name).is_none() {
+                return Outcome::Done;
+            }
+            match heartbeat_once(objects.as_ref(), agents.as_ref(), &settings, &name).await {
+                Err(ObjectError::NotFound(_)) => Outcome::Done,
+                Err(e) => {
+                    tracing::debug!(node = %name, error = %e, "heartbeat not recorded");
+                    Outcome::Requeue(jittered(settings.heartbeat_interval))
+                }
+                Ok(_) => Outcome::Requeue(jittered(settings.heartbeat_interval)),
+            }
+        }
+    };
+    let stop = queue.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        stop.shut_down();
+    });
+    run_workers(worker_queue, workers, reconcile).await;
+}
+
+/// New nodes and nodes whose address changed get a heartbeat at once; status writes do not retrigger.
+fn subscribe_heartbeats(nodes: &Informer<Node>, queue: &WorkQueue<String>) {
+    let queue = queue.clone();
+    nodes.subscribe(move |change| {
+        if let Change::Upsert { old, new } = change {
+            let address_changed = old.is_none_or(|old| old.ip != new.ip || old.port != new.port);
+            if address_changed {
+                queue.add(new.name.clone());
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use NodeState::*;
+
+    #[test]
+    fn streaks_and_state_follow_thresholds_with_hysteresis() {
+        // (state, successes, failures, heartbeat ok?) -> (state, successes, failures); thresholds 2 and 3.
+        let table = [
+            ((Unknown, 0, 0, true), (Unknown, 1, 0)),
+            ((Unknown, 1, 0, true), (Ready, 2, 0)),
+            ((Unknown, 0, 0, false), (Unknown, 0, 1)),
+            ((Unknown, 0, 2, false), (NotReady, 0, 3)),
+            ((Ready, 5, 0, false), (Ready, 0, 1)),
+            ((Ready, 0, 1, false), (Ready, 0, 2)),
+            ((Ready, 0, 2, false), (NotReady, 0, 3)),
+            ((Ready, 0, 2, true), (Ready, 1, 0)),
+            ((NotReady, 0, 7, true), (NotReady, 1, 0)),
+            ((NotReady, 1, 0, true), (Ready, 2, 0)),
+            ((NotReady, 1, 0, false), (NotReady, 0, 1)),
+            ((Ready, u32::MAX, 0, true), (Ready, u32::MAX, 0)),
+        ];
+        for ((state, s, f, ok), want) in table {
+            assert_eq!(next_streaks(state, s, f, ok, 2, 3), want, "from {state:?} s={s} f={f} ok={ok}");
+        }
+    }
+
+    #[test]
+    fn thresholds_come_from_configuration() {
+        assert_eq!(next_streaks(Unknown, 0, 0, true, 1, 1), (Ready, 1, 0));
+        assert_eq!(next_streaks(Ready, 0, 0, false, 1, 1), (NotReady, 0, 1));
+        assert_eq!(next_streaks(Unknown, 3, 0, true, 5, 1), (Unknown, 4, 0));
+    }
+
+    fn node() -> Node {
+        Node {
+            id: "n".into(),
+            name: "n".into(),
+            ip: "127.0.0.1".into(),
+            port: 1,
+            external: None,
+            max_alloc_percent: None,
+            source: Default::default(),
+            status: NodeStatus::default(),
+            created_at: String::new(),
+            updated_at: String::new(),
+            sbxlet_base_url: String::new(),
+            resource_version: "1".into(),
+        }
+    }
+
+    fn report() -> AgentStatus {
+        AgentStatus {
+            capacity_cpu_milli: 4000,
+            capacity_memory_bytes: 16_709_799_936,
+            used_cpu_milli: 100,
+            used_memory_bytes: 134_217_728,
+            external: "203.0.113.10".into(),
+            sandboxes: 1,
+        }
+    }
+
+    #[test]
+    fn ok_heartbeat_refreshes_resources_and_clears_error() {
+        let mut n = node();
+        n.status.last_error = "unreachable: x".into();
+        let probe = Probe { health: Ok(()), status: Ok(report()) };
+        let (status, verdict) = apply_probe(&n, &probe, &NodeSettings::default(), "2026-05-15T04:31:30Z");
+        assert_eq!(verdict, Verdict::Ok);
+        assert_eq!(status.last_error, "");
+        assert_eq!(status.last_heartbeat.as_deref(), Some("2026-05-15T04:31:30Z"));
+        assert_eq!(status.resources.allocatable_cpu_milli, 3600);
+        assert_eq!(status.resources.available_memory_bytes, 14_904_602_214);
+        assert_eq!(status.resources.external, "203.0.113.10");
+    }
+
+    #[test]
+    fn spec_external_wins_over_agent_report() {
+        let mut n = node();
+        n.external = Some("198.51.100.7".into());
+        n.max_alloc_percent = Some(50);
+        let r = derive_resources(&n, &report(), 90, "t");
+        assert_eq!(r.external, "198.51.100.7");
+        assert_eq!(r.allocatable_cpu_milli, 2000);
+    }
+
+    #[test]
+    fn degraded_counts_as_success_and_keeps_resources() {
+        let mut n = node();
+        n.status.resources.capacity_cpu_milli = 1234;
+        let probe = Probe { health: Ok(()), status: Err(AgentError::Status { status: 500, message: "boom".into() }) };
+        let (status, verdict) = apply_probe(&n, &probe, &NodeSettings::default(), "t");
+        assert_eq!(verdict, Verdict::Degraded);
+        assert_eq!(status.success_streak, 1);
+        assert_eq!(status.resources.capacity_cpu_milli, 1234);
+        assert!(status.last_error.contains("boom"));
+    }
+
+    #[test]
+    fn failure_keeps_unreachable_apart_from_unhealthy() {
+        let n = node();
+        let unreachable =
+            Probe { health: Err(AgentError::Unreachable("connection refused".into())), status: Ok(report()) };
+        let (status, verdict) = apply_probe(&n, &unreachable, &NodeSettings::default(), "t");
+        assert_eq!(verdict, Verdict::Failed);
+        assert_eq!(status.failure_streak, 1);
+        assert!(status.last_error.starts_with("unreachable: "), "{}", status.last_error);
+        assert_eq!(status.last_heartbeat, None);
+        let unhealthy =
+            Probe { health: Err(AgentError::Status { status: 500, message: "sick".into() }), status: Ok(report()) };
+        let (status, _) = apply_probe(&n, &unhealthy, &NodeSettings::default(), "t");
+        assert!(status.last_error.starts_with("unhealthy: "), "{}", status.last_error);
+    }
+
+    #[test]
+    fn state_change_stamps_transition_time() {
+        let mut n = node();
+        n.status.success_streak = 1;
+        let probe = Probe { health: Ok(()), status: Ok(report()) };
+        let (status, _) = apply_probe(&n, &probe, &NodeSettings::default(), "2026-05-15T04:31:30Z");
+        assert_eq!(status.state, Ready);
+        assert_eq!(status.last_transition_at.as_deref(), Some("2026-05-15T04:31:30Z"));
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        for _ in 0..1000 {
+            let d = jittered(Duration::from_secs(5));
+            assert!(d >= Duration::from_millis(4500) && d <= Duration::from_millis(5500), "{d:?}");
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! Informer: list, then watch from the list's revision into a local cache, telling subscribers what changed.
+
+use crate::objects::{ObjectClient, ObjectError, ObjectKind, RawEvent, RawWatch};
+use crate::runtime::backoff::{Backoff, BackoffConfig};
+use futures::StreamExt;
+use parking_lot::RwLock;
+use serde::de::DeserializeOwned;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// An API object an informer can cache.
+pub trait Object: DeserializeOwned + Send + Sync + 'static {
+    const KIND: ObjectKind;
+    /// The object's name (its queue key within its kind).
+    fn key(&self) -> &str;
+    fn resource_version(&self) -> &str;
+}
+
+impl Object for sandboxd_api::Node {
+    const KIND: ObjectKind = ObjectKind::Nodes;
+    fn key(&self) -> &str {
+        &self.name
+    }
+    fn resource_version(&self) -> &str {
+        &self.resource_version
+    }
+}
+
+impl Object for sandboxd_api::Sandbox {
+    const KIND: ObjectKind = ObjectKind::Sandboxes;
+    fn key(&self) -> &str {
+        &self.id
+    }
+    fn resource_version(&self) -> &str {
+        &self.resource_version
+    }
+}
+
+/// What a subscriber is told; it must only enqueue keys, never block.
+pub enum Change<'a, T> {
+    Upsert { old: Option<&'a Arc<T>>, new: &'a Arc<T> },
+    Delete(&'a Arc<T>),
+}
+
+type Handler<T> = Box<dyn Fn(&Change<'_, T>) + Send + Sync>;
+
+struct Inner<T> {
+    cache: RwLock<HashMap<String, Arc<T>>>,
+    handlers: RwLock<Vec<Handler<T>>>,
+    synced: tokio::sync::watch::Sender<bool>,
+}
+
+/// A cache of one kind kept current by list + watch. Cheap to clone.
+pub struct Informer<T> {
+    inner: Arc<Inner<T>>,
+}
+
+impl<T> Clone for Informer<T> {
+    fn clone(&self) -> Self {
+        Informer { inner: self.inner.clone() }
+    }
+}
+
+impl<T: Object> Default for Informer<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where the list/watch loop stands.
+enum State {
+    /// Nothing trustworthy: take a full list and swap the cache.
+    Listing,
+    /// The cache is current up to `revision`: open a watch from there.
+    Opening { revision: u64 },
+    /// Applying events as they come.
+    Watching { revision: u64, stream: RawWatch },
+}
+
+impl<T: Object> Informer<T> {
+    pub fn new() -> Self {
+        let (synced, _) = tokio::sync::watch::channel(false);
+        Informer {
+            inner: Arc::new(Inner { cache: RwLock::new(HashMap::new()), handlers: RwLock::new(Vec::new()), synced }),
+        }
+    }
+
+    /// Registers a handler called for every change, in order, on the informer's task.
+    pub fn subscribe(&self, handler: impl Fn(&Change<'_, T>) + Send + Sync + 'static) {
+        self.inner.handlers.write().push(Box::new(handler));
+    }
+
+    pub fn get(&self, key: &str) -> Option<Arc<T>> {
+        self.inner.cache.read().get(key).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<T>> {
+        self.inner.cache.read().values().cloned().collect()
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        self.inner.cache.read().keys().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.cache.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the first full list has been applied.
+    pub fn has_synced(&self) -> bool {
+        *self.inner.synced.borrow()
+    }
+
+    /// Waits until the first full list has been applied.
+    pub async fn wait_synced(&self) {
+        let mut rx = self.inner.synced.subscribe();
+        let _ = rx.wait_for(|synced| *synced).await;
+    }
+
+    /// Keeps the cache current until `shutdown`.
+    pub async fn run(self, client: Arc<dyn ObjectClient>, shutdown: CancellationToken) {
+        let mut state = State::Listing;
+        let mut backoff = Backoff::new(BackoffConfig::default());
+        let mut healthy_since = tokio::time::Instant::now();
+        loop {
+            let step = self.step(state, client.as_ref(), &mut backoff, &mut healthy_since);
+            state = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = step => next,
+            };
+        }
+    }
+
+    async fn step(
+        &self,
+        state: State,
+        client: &dyn ObjectClient,
+        backoff: &mut Backoff,
+        healthy_since: &mut tokio::time::Instant,
+    ) -> State {
+        match state {
+            State::Listing => match client.list(T::KIND).await {
+                Ok((items, revision)) => {
+                    self.replace_all(&items);
+                    State::Opening { revision }
+                }
+                Err(e) => {
+                    self.wait_after_error(backoff, &e, "list").await;
+                    State::Listing
+                }
+            },
+            State::Opening { revision } => match client.watch(T::KIND, revision).await {
+                Ok(stream) => {
+                    *healthy_since = tokio::time::Instant::now();
+                    State::Watching { revision, stream }
+                }
+                Err(ObjectError::Gone(_)) => State::Listing,
+                Err(e) => {
+                    self.wait_after_error(backoff, &e, "watch").await;
+                    State::Opening { revision }
+                }
+            },
+            State::Watching { revision, mut stream } => match stream.next().await {
+                Some(Ok(event)) => {
+                    backoff.reset_if_healthy_since(*healthy_since);
+                    let revision = self.apply(event).unwrap_or(revision).max(revision);
+                    State::Watching { revision, stream }
+                }
+                Some(Err(ObjectError::Gone(_))) => State::Listing,
+                Some(Err(e)) => {
+                    self.wait_after_error(backoff, &e, "watch stream").await;
+                    State::Opening { revision }
+                }
+                // The server ended the stream (timeout, cut off as slow, restart): resume.
+                None => State::Opening { revision },
+            },
+        }
+    }
+
+    async fn wait_after_error(&self, backoff: &mut Backoff, error: &ObjectError, what: &str) {
+        let delay = backoff.next_delay();
+        tracing::debug!(kind = T::KIND.as_str(), %error, ?delay, "informer {what} failed");
+        tokio::time::sleep(delay).await;
+    }
+
+    /// Swaps in a full list, telling subscribers about every object and every disappearance.
+    fn replace_all(&self, items: &[Vec<u8>]) {
+        let mut fresh: HashMap<String, Arc<T>> = HashMap::with_capacity(items.len());
+        for raw in items {
+            match serde_json::from_slice::<T>(raw) {
+                Ok(object) => {
+                    fresh.insert(object.key().to_string(), Arc::new(object));
+                }
+                Err(e) => tracing::warn!(kind = T::KIND.as_str(), error = %e, "skipping undecodable object"),
+            }
+        }
+        let old = std::mem::replace(&mut *self.inner.cache.write(), fresh.clone());
+        let handlers = self.inner.handlers.read();
+        for (key, new) in &fresh {
+            let change = Change::Upsert { old: old.get(key), new };
+            handlers.iter().for_each(|h| h(&change));
+        }
+        for (key, gone) in &old {
+            if !fresh.contains_key(key) {
+                handlers.iter().for_each(|h| h(&Change::Delete(gone)));
+            }
+        }
+        self.inner.synced.send_replace(true);
+    }
+
+    /// Applies one event; returns the revision it carries.
+    fn apply(&self, event: RawEvent) -> Option<u64> {
+        let (raw, deleted) = match event {
+            RawEvent::Bookmark(revision) => return Some(revision),
+            RawEvent::Added(raw) | RawEvent::Modified(raw) => (raw, false),
+            RawEvent::Deleted(raw) => (raw, true),
+        };
+        let object = match serde_json::from_slice::<T>(&raw) {
+            Ok(object) => Arc::new(object),
+            Err(e) => {
+                tracing::warn!(kind = T::KIND.as_str(), error = %e, "skipping undecodable event");
+                return None;
+            }
+        };
+        let revision = object.resource_version().parse().ok();
+        let key = object.key().to_string();
+        let handlers = self.inner.handlers.read();
+        if deleted {
+            let removed = self.inner.cache.write().remove(&key);
+            let last = removed.unwrap_or(object);
+            handlers.iter().for_each(|h| h(&Change::Delete(&last)));
+        } else {
+            let old = self.inner.cache.write().insert(key, object.clone());
+            let change = Change::Upsert { old: old.as_ref(), new: &object };
+            handlers.iter().for_each(|h| h(&change));
+        }
+        revision
+    }
+}

@@ -1,0 +1,5 @@
+//! Controller runtime: work queue, informer, backoff.
+
+pub mod backoff;
+pub mod informer;
+pub mod queue;

@@ -1,0 +1,306 @@
+//! Command-line flags of the `sbxlet` binary and how a parsed command line runs.
+
+use crate::config::SimConfig;
+use crate::faults::Faults;
+use crate::fleet::{start_fleet, FleetConfig, FleetError};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sandboxd_api::quantity::{parse_bytes, parse_cpu_milli};
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// Why the binary stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("starting the agent: {0}")]
+    Start(#[source] io::Error),
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] io::Error),
+}
+
+/// `sbxlet`: one node agent, or `sbxlet fleet`: many in one process.
+#[derive(Debug, Parser)]
+#[command(name = "sbxlet", version, about = "The sandboxd-o node agent (simulated runtime)")]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Address the agent API listens on; published ports bind on the same IP.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub sim: SimFlags,
+}
+
+/// Subcommands of `sbxlet`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run many simulated agents on consecutive loopback addresses.
+    Fleet(FleetFlags),
+}
+
+/// Flags of `sbxlet fleet`.
+#[derive(Debug, Args)]
+pub struct FleetFlags {
+    /// Number of agents.
+    #[arg(long)]
+    pub nodes: usize,
+    /// Address of the first agent (must be in 127.0.0.0/8); the others follow it.
+    #[arg(long, default_value = "127.1.0.1")]
+    pub base_ip: Ipv4Addr,
+    /// Port every agent listens on.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Register every agent as a node with this sandboxd-o server (a loopback http URL).
+    #[arg(long)]
+    pub register: Option<String>,
+    /// Node names are `{prefix}-1`, `{prefix}-2`, ...
+    #[arg(long, default_value = "sim")]
+    pub name_prefix: String,
+    #[command(flatten)]
+    pub sim: SimFlags,
+}
+
+/// The container runtime behind the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeKind {
+    /// Simulated sandboxes with real published ports.
+    Sim,
+}
+
+/// Settings of each agent; unset flags keep the defaults of [`SimConfig`].
+#[derive(Debug, Args)]
+pub struct SimFlags {
+    /// Container runtime.
+    #[arg(long, value_enum, default_value = "sim")]
+    pub runtime: RuntimeKind,
+    /// CPU capacity, as a quantity (4000m, 4, 0.5).
+    #[arg(long, value_parser = cpu_quantity)]
+    pub capacity_cpu: Option<u64>,
+    /// Memory capacity, as a quantity (16Gi, 512Mi).
+    #[arg(long, value_parser = byte_quantity)]
+    pub capacity_memory: Option<u64>,
+    /// External address reported in the status.
+    #[arg(long)]
+    pub external: Option<String>,
+    /// Time a sandbox stays creating before it runs (500ms, 5s, 2m).
+    #[arg(long, value_parser = parse_duration)]
+    pub create_delay: Option<Duration>,
+    /// IPv4 CIDR private sandbox addresses come from.
+    #[arg(long)]
+    pub ip_pool: Option<String>,
+    /// Fault: /healthz answers 500.
+    #[arg(long)]
+    pub fault_health_failing: bool,
+    /// Fault: /api/v1/status answers 500.
+    #[arg(long)]
+    pub fault_status_failing: bool,
+    /// Fault: delay before every answer, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub fault_latency_ms: u64,
+    /// Fault: probability (0.0-1.0) that a sandbox call answers 500.
+    #[arg(long, value_parser = probability, default_value_t = 0.0)]
+    pub fault_error_rate: f64,
+    /// Fault: every answer is non-JSON text with status 200.
+    #[arg(long)]
+    pub fault_garbage: bool,
+    /// Fault: published ports answer 503.
+    #[arg(long)]
+    pub fault_probe_503: bool,
+}
+
+impl SimFlags {
+    /// The agent configuration these flags describe, listening on `listen`.
+    pub fn into_config(self, listen: SocketAddr) -> SimConfig {
+        let defaults = SimConfig::default();
+        SimConfig {
+            listen,
+            capacity_cpu_milli: self.capacity_cpu.unwrap_or(defaults.capacity_cpu_milli),
+            capacity_memory_bytes: self.capacity_memory.unwrap_or(defaults.capacity_memory_bytes),
+            external: self.external.unwrap_or(defaults.external),
+            create_delay: self.create_delay.unwrap_or(defaults.create_delay),
+            ip_pool: self.ip_pool.unwrap_or(defaults.ip_pool),
+            faults: Faults {
+                health_failing: self.fault_health_failing,
+                status_failing: self.fault_status_failing,
+                latency_ms: self.fault_latency_ms,
+                error_rate: self.fault_error_rate,
+                garbage: self.fault_garbage,
+                probe_503: self.fault_probe_503,
+            },
+        }
+    }
+}
+
+fn cpu_quantity(s: &str) -> Result<u64, String> {
+    parse_cpu_milli(s).map_err(|e| e.to_string())
+}
+
+fn byte_quantity(s: &str) -> Result<u64, String> {
+    parse_bytes(s).map_err(|e| e.to_string())
+}
+
+fn probability(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a number in 0.0-1.0")),
+    }
+}
+
+/// Parses a whole number with a unit: `500ms`, `5s`, `2m`, `1h`; a bare `0` is zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 5s or 2m"))?;
+    let unit_secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("{s:?} has no unit of ms, s, m or h")),
+    };
+    n.checked_mul(unit_secs).map(Duration::from_secs).ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// Runs what the command line asks for until `shutdown` completes.
+pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), CliError> {
+    match cli.command {
+        None => run_agent(cli.sim.into_config(cli.listen), shutdown).await,
+        Some(Command::Fleet(flags)) => run_fleet(flags, shutdown).await,
+    }
+}
+
+async fn run_agent(config: SimConfig, shutdown: impl Future<Output = ()>) -> Result<(), CliError> {
+    let agent = crate::start(config).await.map_err(CliError::Start)?;
+    tracing::info!(addr = %agent.addr(), "ready");
+    shutdown.await;
+    tracing::info!("shutting down");
+    agent.shutdown().await;
+    Ok(())
+}
+
+async fn run_fleet(flags: FleetFlags, shutdown: impl Future<Output = ()>) -> Result<(), CliError> {
+    let started = Instant::now();
+    let config = FleetConfig {
+        nodes: flags.nodes,
+        base_ip: flags.base_ip,
+        port: flags.port,
+        template: flags.sim.into_config(SocketAddr::from((flags.base_ip, flags.port))),
+        name_prefix: flags.name_prefix,
+    };
+    let fleet = start_fleet(config).await.map_err(CliError::Start)?;
+    tracing::info!(nodes = flags.nodes, elapsed_ms = started.elapsed().as_millis() as u64, "agents started");
+    if let Some(server) = &flags.register {
+        if let Err(e) = fleet.register(server).await {
+            fleet.shutdown().await;
+            return Err(e.into());
+        }
+        tracing::info!(nodes = flags.nodes, %server, elapsed_ms = started.elapsed().as_millis() as u64, "registered");
+    }
+    tracing::info!(nodes = flags.nodes, elapsed_ms = started.elapsed().as_millis() as u64, "ready");
+    shutdown.await;
+    tracing::info!("shutting down");
+    fleet.shutdown().await;
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub fn shutdown_signal() -> Result<impl Future<Output = ()>, CliError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(CliError::Signals)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(CliError::Signals)?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_ms_s_m_h() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        for bad in ["", "5", "s", "1.5s", "5d", "-1s", "5 s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn agent_flags_fill_the_config() {
+        let cli = Cli::parse_from([
+            "sbxlet",
+            "--listen",
+            "127.0.1.1:8080",
+            "--capacity-cpu",
+            "2500m",
+            "--capacity-memory",
+            "8Gi",
+            "--external",
+            "203.0.113.10",
+            "--create-delay",
+            "500ms",
+            "--fault-error-rate",
+            "0.25",
+            "--fault-probe-503",
+        ]);
+        assert!(cli.command.is_none());
+        let config = cli.sim.into_config(cli.listen);
+        assert_eq!(config.listen, "127.0.1.1:8080".parse().unwrap());
+        assert_eq!((config.capacity_cpu_milli, config.capacity_memory_bytes), (2500, 8 << 30));
+        assert_eq!(config.external, "203.0.113.10");
+        assert_eq!(config.create_delay, Duration::from_millis(500));
+        assert_eq!(config.ip_pool, "10.88.0.0/16");
+        assert_eq!(config.faults, Faults { error_rate: 0.25, probe_503: true, ..Faults::default() });
+    }
+
+    #[test]
+    fn unset_flags_keep_the_config_defaults() {
+        let cli = Cli::parse_from(["sbxlet"]);
+        let config = cli.sim.into_config(cli.listen);
+        assert_eq!(config, SimConfig { listen: "127.0.0.1:8080".parse().unwrap(), ..SimConfig::default() });
+    }
+
+    #[test]
+    fn fleet_flags_parse() {
+        let cli = Cli::parse_from([
+            "sbxlet",
+            "fleet",
+            "--nodes",
+            "3",
+            "--base-ip",
+            "127.1.0.1",
+            "--port",
+            "9000",
+            "--register",
+            "http://127.0.0.1:8082",
+            "--capacity-cpu",
+            "8",
+        ]);
+        let Some(Command::Fleet(f)) = cli.command else { panic!("not fleet") };
+        assert_eq!((f.nodes, f.port, f.name_prefix.as_str()), (3, 9000, "sim"));
+        assert_eq!(f.register.as_deref(), Some("http://127.0.0.1:8082"));
+        assert_eq!(f.sim.capacity_cpu, Some(8000));
+    }
+
+    #[test]
+    fn bad_quantities_and_rates_are_rejected() {
+        assert!(Cli::try_parse_from(["sbxlet", "--capacity-cpu", "lots"]).is_err());
+        assert!(Cli::try_parse_from(["sbxlet", "--fault-error-rate", "1.5"]).is_err());
+        assert!(Cli::try_parse_from(["sbxlet", "--capacity-cpu", "1", "fleet", "--nodes", "1"]).is_err());
+    }
+}

@@ -1,0 +1,36 @@
+//! Configuration of one simulated agent, with every default in one place.
+
+use crate::faults::Faults;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+/// Everything one simulated agent needs to start.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimConfig {
+    /// Address of the agent API; published ports bind on the same IP. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    pub capacity_cpu_milli: u64,
+    pub capacity_memory_bytes: u64,
+    /// Address clients outside the cluster use, reported in `/api/v1/status`; may be empty.
+    pub external: String,
+    /// How long a new sandbox stays `creating` before it is `running`.
+    pub create_delay: Duration,
+    /// IPv4 CIDR private sandbox addresses are taken from.
+    pub ip_pool: String,
+    /// Faults active from the start.
+    pub faults: Faults,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            capacity_cpu_milli: 4000,
+            capacity_memory_bytes: 16 << 30,
+            external: String::new(),
+            create_delay: Duration::ZERO,
+            ip_pool: "10.88.0.0/16".into(),
+            faults: Faults::default(),
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Shared fixtures for end-to-end tests: servers on free loopback ports and small object builders.
+#![allow(dead_code)]
+
+use sandboxd_api::{Container, ContainerResource, PortSpec, Protocol, SandboxSpec};
+use sandboxd_o::config::Config;
+use sandboxd_o::server::{self, Mode, Running};
+use std::collections::HashMap;
+
+/// A config for tests: memory store, a free port on 127.0.0.1, fast timers.
+pub fn test_config(overrides: &[(&str, &str)]) -> Config {
+    let mut flags: HashMap<String, String> = [
+        ("listen", "127.0.0.1:0"),
+        ("store", "memory://"),
+        ("heartbeat_interval", "200ms"),
+        ("heartbeat_timeout", "200ms"),
+        ("sync_period", "1s"),
+        ("agent_timeout", "1s"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in overrides {
+        flags.insert(k.to_string(), v.to_string());
+    }
+    let mut config = Config::load(None, &HashMap::new(), &flags).expect("valid test config");
+    config.loopback_only_agents = true;
+    config
+}
+
+/// Starts an all-in-one server and returns it with a client.
+pub async fn start_server(config: Config) -> (Running, sandboxd_client::Client) {
+    let running = server::start(config, Mode::AllInOne).await.expect("server starts");
+    let client = sandboxd_client::Client::new(&format!("http://{}", running.addr), None).unwrap();
+    (running, client)
+}
+
+/// A one-container sandbox spec requesting `cpu`.
+pub fn sandbox_spec(cpu: &str) -> SandboxSpec {
+    SandboxSpec {
+        containers: vec![Container {
+            name: "web".into(),
+            image: "nginx:latest".into(),
+            args: vec![],
+            env: vec![],
+            work_dir: String::new(),
+            resource: Some(ContainerResource {
+                cpu: Some(cpu.into()),
+                memory: Some("64Mi".into()),
+                ephemeral_storage: None,
+            }),
+        }],
+        ..SandboxSpec::default()
+    }
+}
+
+/// Adds a tcp port to a spec.
+pub fn with_port(mut spec: SandboxSpec, container_port: i64) -> SandboxSpec {
+    spec.ports.push(PortSpec { container_port, protocol: Protocol::Tcp, host_port: None });
+    spec
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts a simulated agent on 127.0.0.1 with a free port.
+pub async fn start_agent(faults: sbxlet::Faults) -> sbxlet::AgentHandle {
+    let config = sbxlet::SimConfig { external: "203.0.113.10".into(), faults, ..sbxlet::SimConfig::default() };
+    sbxlet::start(config).await.expect("agent starts")
+}
+
+/// Registers a node pointing at `addr`.
+pub async fn register(client: &sandboxd_client::Client, name: &str, addr: std::net::SocketAddr) -> sandboxd_api::Node {
+    let spec =
+        sandboxd_api::node::NodeSpec { ip: addr.ip().to_string(), port: i64::from(addr.port()), ..Default::default() };
+    client.apply_node(name, &spec).await.expect("node registers").object
+}
+
+/// Polls `check` every 25 ms until it returns `Some`, for at most `secs` seconds.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {secs}s waiting for {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+/// Waits until node `name` is in `state`.
+pub async fn wait_node_state(
+    client: &sandboxd_client::Client,
+    name: &str,
+    state: sandboxd_api::NodeState,
+) -> sandboxd_api::Node {
+    eventually(10, &format!("node {name} {state:?}"), || async {
+        client.get_node(name).await.ok().filter(|n| n.status.state == state)
+    })
+    .await
+}
