@@ -6,7 +6,8 @@ use sandboxd_api::agent::{
     AgentCreateRequest, AgentDeleted, AgentLogs, AgentSandbox, AgentSandboxEnvelope, AgentSandboxList, AgentStatus,
     ErrorBody, Health,
 };
-use sandboxd_controllers::agent::{AgentClient, AgentError, AgentResult};
+use sandboxd_api::Node;
+use sandboxd_controllers::agent::{AgentClient, AgentError, AgentResult, ProbeTarget};
 use serde::de::DeserializeOwned;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -179,6 +180,37 @@ impl AgentClient for HttpAgentClient {
             Ok(())
         } else {
             Err(AgentError::Invalid("reconcile answered ok: false".into()))
+        }
+    }
+
+    async fn probe(&self, target: &ProbeTarget) -> Result<(), String> {
+        self.probe_target(target).await
+    }
+}
+
+impl HttpAgentClient {
+    async fn probe_target(&self, target: &ProbeTarget) -> Result<(), String> {
+        let base = Node::base_url(&target.host, target.port);
+        self.check_address(&base).map_err(|e| e.to_string())?;
+        match &target.http_path {
+            None => {
+                let connect = tokio::net::TcpStream::connect((target.host.as_str(), target.port));
+                match tokio::time::timeout(target.timeout, connect).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(format!("tcp connect: {e}")),
+                    Err(_) => Err("tcp connect timed out".into()),
+                }
+            }
+            Some(path) => {
+                let response = self.http.get(format!("{base}{path}")).timeout(target.timeout).send().await;
+                match response {
+                    // Redirects are not followed, so a 3xx is the answer itself: a success.
+                    Ok(r) if (200..400).contains(&r.status().as_u16()) => Ok(()),
+                    Ok(r) => Err(format!("http probe answered {}", r.status().as_u16())),
+                    Err(e) if e.is_timeout() => Err("http probe timed out".into()),
+                    Err(e) => Err(format!("http probe: {}", describe_send_error(e))),
+                }
+            }
         }
     }
 }

@@ -231,6 +231,16 @@ pub struct SandboxStatus {
     pub last_transition_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expire_at: Option<String>,
+    /// A Failed sandbox's agent confirmed its leftovers gone: its host ports and resources are free again.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub released: bool,
+}
+
+impl SandboxStatus {
+    /// Whether this sandbox still holds resources and host ports on its node.
+    pub fn holds_node_resources(&self) -> bool {
+        self.node_name.is_some() && !self.released
+    }
 }
 
 /// A sandbox as stored and returned by the API.

@@ -56,6 +56,18 @@ pub trait AgentClient: Send + Sync + 'static {
     ) -> AgentResult<AgentLogs>;
     /// `POST /api/v1/reconcile`.
     async fn reconcile(&self, base_url: &str) -> AgentResult<()>;
+    /// One readiness probe try against a sandbox's published port; `Err` says why it failed.
+    async fn probe(&self, target: &ProbeTarget) -> Result<(), String>;
+}
+
+/// Where and how to probe a sandbox: `host:port` on its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeTarget {
+    pub host: String,
+    pub port: u16,
+    /// `Some(path)` for an HTTP probe (200-399 is a success), `None` for a TCP connect.
+    pub http_path: Option<String>,
+    pub timeout: Duration,
 }
 
 /// Lists every sandbox an agent holds, following `next_cursor`.

@@ -4,7 +4,11 @@
 pub mod agent;
 pub mod node;
 pub mod objects;
+pub mod prober;
 pub mod runtime;
+pub mod sandbox;
+pub mod scheduler;
+pub mod ttl;
 
 pub use agent::{AgentClient, AgentError};
 pub use objects::{ObjectClient, ObjectError, ObjectKind};

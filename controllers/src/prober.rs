@@ -1,0 +1,255 @@
+//! Readiness prober: one shared timer queue with bounded concurrency probes running sandboxes and writes `ready`.
+
+use crate::agent::{AgentClient, ProbeTarget};
+use crate::node::rfc3339_now;
+use crate::objects::{ObjectClient, ObjectError};
+use crate::runtime::informer::Informer;
+use crate::runtime::queue::{run_workers, Outcome, WorkQueue};
+use parking_lot::Mutex;
+use sandboxd_api::{Node, Phase, Probe, ProbeProtocol, Readiness, Sandbox};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Probe bookkeeping of one sandbox, kept in memory between tries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeState {
+    pub success_streak: u32,
+    pub failure_streak: u32,
+    pub ready: bool,
+    pub last_error: String,
+}
+
+/// Applies one probe result (pure): thresholds flip `ready`, which otherwise keeps its value.
+pub fn record_probe(state: &ProbeState, result: &Result<(), String>, probe: &Probe) -> ProbeState {
+    let mut next = state.clone();
+    match result {
+        Ok(()) => {
+            next.success_streak = state.success_streak.saturating_add(1);
+            next.failure_streak = 0;
+            next.last_error.clear();
+            if next.success_streak >= probe.success_threshold as u32 {
+                next.ready = true;
+            }
+        }
+        Err(why) => {
+            next.failure_streak = state.failure_streak.saturating_add(1);
+            next.success_streak = 0;
+            next.last_error = why.clone();
+            if next.failure_streak >= probe.failure_threshold as u32 {
+                next.ready = false;
+            }
+        }
+    }
+    next
+}
+
+struct Tracked {
+    /// When the agent was first seen to run the sandbox; probing starts `initial_delay_seconds` later.
+    running_since: Instant,
+    state: ProbeState,
+}
+
+/// Probes every tracked sandbox on its own period from one timer queue.
+pub struct Prober {
+    nodes: Informer<Node>,
+    sandboxes: Informer<Sandbox>,
+    objects: Arc<dyn ObjectClient>,
+    agents: Arc<dyn AgentClient>,
+    queue: WorkQueue<String>,
+    tracked: Mutex<HashMap<String, Tracked>>,
+    workers: usize,
+}
+
+impl Prober {
+    pub fn new(
+        nodes: Informer<Node>,
+        sandboxes: Informer<Sandbox>,
+        objects: Arc<dyn ObjectClient>,
+        agents: Arc<dyn AgentClient>,
+        workers: usize,
+    ) -> Arc<Prober> {
+        Arc::new(Prober {
+            nodes,
+            sandboxes,
+            objects,
+            agents,
+            queue: WorkQueue::new(),
+            tracked: Mutex::new(HashMap::new()),
+            workers,
+        })
+    }
+
+    /// Starts probing a sandbox its agent reports running (no-op when already tracked).
+    pub fn track(&self, id: &str) {
+        let mut tracked = self.tracked.lock();
+        if tracked.contains_key(id) {
+            return;
+        }
+        let state = ProbeState { success_streak: 0, failure_streak: 0, ready: false, last_error: String::new() };
+        tracked.insert(id.to_string(), Tracked { running_since: Instant::now(), state });
+        drop(tracked);
+        self.queue.add(id.to_string());
+    }
+
+    /// Stops probing a sandbox.
+    pub fn forget(&self, id: &str) {
+        self.tracked.lock().remove(id);
+    }
+
+    /// One probe try of one sandbox, then its next try is scheduled.
+    pub async fn probe_once(&self, id: &str) -> Outcome {
+        let Some(sandbox) = self.sandboxes.get(id) else {
+            self.forget(id);
+            return Outcome::Done;
+        };
+        let probing = matches!(sandbox.status.phase, Phase::Creating | Phase::Running);
+        let (Some(probe), true) = (sandbox.spec.readiness_probe.clone(), probing) else {
+            self.forget(id);
+            return Outcome::Done;
+        };
+        let Some((since, state)) = self.tracked.lock().get(id).map(|t| (t.running_since, t.state.clone())) else {
+            return Outcome::Done;
+        };
+        let start_at = since + Duration::from_secs(probe.initial_delay_seconds as u64);
+        let now = Instant::now();
+        if now < start_at {
+            return Outcome::Requeue(start_at - now);
+        }
+        let period = Duration::from_secs(probe.period_seconds as u64);
+        let Some(target) = self.target_of(&sandbox, &probe) else {
+            return Outcome::Requeue(period);
+        };
+        let result = self.agents.probe(&target).await;
+        let next = record_probe(&state, &result, &probe);
+        match self.tracked.lock().get_mut(id) {
+            Some(t) => t.state = next.clone(),
+            None => return Outcome::Done,
+        }
+        if let Err(e) = self.publish(id, &next).await {
+            tracing::debug!(sandbox = id, error = %e, "readiness not written; next try will");
+        }
+        Outcome::Requeue(period)
+    }
+
+    fn target_of(&self, sandbox: &Sandbox, probe: &Probe) -> Option<ProbeTarget> {
+        let node = self.nodes.get(sandbox.status.node_name.as_deref()?)?;
+        let host_port = sandbox
+            .status
+            .assigned_ports
+            .iter()
+            .find(|p| i64::from(p.container_port) == probe.port && p.protocol == sandboxd_api::Protocol::Tcp)?
+            .host_port;
+        Some(ProbeTarget {
+            host: node.ip.clone(),
+            port: host_port,
+            http_path: (probe.protocol == ProbeProtocol::Http).then(|| probe.http_path().to_string()),
+            timeout: Duration::from_secs(probe.timeout_seconds as u64),
+        })
+    }
+
+    /// Writes `ready` and `readiness` when `ready` flips or the error changes; Creating becomes Running once ready.
+    async fn publish(&self, id: &str, state: &ProbeState) -> Result<(), ObjectError> {
+        for _ in 0..5 {
+            let Some(sandbox) = self.objects.get_sandbox(id).await? else { return Ok(()) };
+            if !matches!(sandbox.status.phase, Phase::Creating | Phase::Running) {
+                return Ok(());
+            }
+            let previous = sandbox.status.readiness.clone().unwrap_or_default();
+            let unchanged = sandbox.status.ready == state.ready && previous.last_error == state.last_error;
+            let becomes_running = state.ready && sandbox.status.phase == Phase::Creating;
+            if unchanged && !becomes_running {
+                return Ok(());
+            }
+            let mut status = sandbox.status.clone();
+            status.ready = state.ready;
+            status.readiness = Some(Readiness {
+                success_streak: state.success_streak,
+                failure_streak: state.failure_streak,
+                last_probe_at: Some(rfc3339_now()),
+                last_error: state.last_error.clone(),
+            });
+            if becomes_running {
+                status.phase = Phase::Running;
+            }
+            match crate::sandbox::write_status(self.objects.as_ref(), &sandbox, status).await {
+                Ok(_) => return Ok(()),
+                Err(ObjectError::Conflict(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ObjectError::Conflict(format!("sandbox {id} kept changing")))
+    }
+
+    /// Probes until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let queue = self.queue.clone();
+        let stop = queue.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            stop.shut_down();
+        });
+        let me = self.clone();
+        run_workers(queue, self.workers.max(1), move |id: String| {
+            let me = me.clone();
+            async move { me.probe_once(&id).await }
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe(success: i64, failure: i64) -> Probe {
+        Probe {
+            protocol: ProbeProtocol::Http,
+            port: 80,
+            path: None,
+            initial_delay_seconds: 0,
+            period_seconds: 1,
+            timeout_seconds: 1,
+            success_threshold: success,
+            failure_threshold: failure,
+        }
+    }
+
+    fn run(results: &[bool], p: &Probe) -> Vec<bool> {
+        let mut state = ProbeState { success_streak: 0, failure_streak: 0, ready: false, last_error: String::new() };
+        results
+            .iter()
+            .map(|ok| {
+                let result = if *ok { Ok(()) } else { Err("503".to_string()) };
+                state = record_probe(&state, &result, p);
+                state.ready
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ready_needs_success_threshold_consecutive_successes() {
+        assert_eq!(run(&[true, false, true, true], &probe(2, 3)), [false, false, false, true]);
+        assert_eq!(run(&[true], &probe(1, 3)), [true]);
+    }
+
+    #[test]
+    fn not_ready_needs_failure_threshold_consecutive_failures() {
+        assert_eq!(
+            run(&[true, false, false, true, false, false, false], &probe(1, 3)),
+            [true, true, true, true, true, true, false]
+        );
+    }
+
+    #[test]
+    fn failures_record_the_error_and_successes_clear_it() {
+        let p = probe(1, 3);
+        let start = ProbeState { success_streak: 0, failure_streak: 0, ready: false, last_error: String::new() };
+        let failed = record_probe(&start, &Err("http probe answered 503".into()), &p);
+        assert_eq!((failed.failure_streak, failed.last_error.as_str()), (1, "http probe answered 503"));
+        let ok = record_probe(&failed, &Ok(()), &p);
+        assert_eq!((ok.success_streak, ok.failure_streak, ok.last_error.as_str()), (1, 0, ""));
+    }
+}

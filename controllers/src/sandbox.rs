@@ -1,0 +1,552 @@
+//! Sandbox controller: drives bound sandboxes to Running on their agent, syncs status, deletes, and detects loss.
+
+use crate::agent::{list_all_sandboxes, AgentClient, AgentError};
+use crate::node::rfc3339_now;
+use crate::objects::{ObjectClient, ObjectError};
+use crate::prober::Prober;
+use crate::runtime::informer::{Change, Informer};
+use crate::runtime::queue::{run_workers, Outcome, WorkQueue};
+use parking_lot::Mutex;
+use sandboxd_api::agent::{AgentCreateRequest, AgentPhase, AgentPort, AgentSandbox};
+use sandboxd_api::time::parse_rfc3339;
+use sandboxd_api::{Node, NodeState, Phase, Sandbox, SandboxStatus, MANAGED_LABEL};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Settings of the sandbox controller, from configuration.
+#[derive(Debug, Clone)]
+pub struct SandboxSettings {
+    pub node_lost_grace: Duration,
+    pub sync_period: Duration,
+    /// Reconciles (agent calls) in flight at once.
+    pub workers: usize,
+    /// How soon a sandbox the agent still reports `creating` is looked at again.
+    pub creating_poll: Duration,
+}
+
+impl Default for SandboxSettings {
+    fn default() -> Self {
+        SandboxSettings {
+            node_lost_grace: Duration::from_secs(60),
+            sync_period: Duration::from_secs(30),
+            workers: 64,
+            creating_poll: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Whether a bound sandbox's node still counts as alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeVerdict {
+    /// Ready: act on the agent.
+    Usable,
+    /// Not Ready yet or NotReady within the grace: look again after this long.
+    Wait(Duration),
+    /// Deleted, or NotReady past the grace while some other node is Ready.
+    Lost,
+}
+
+/// Judges a sandbox's node (pure): deleted or NotReady past `grace` is lost, unless every node is NotReady.
+pub fn judge_node(node: Option<&Node>, now_unix: i64, grace: Duration, every_node_not_ready: bool) -> NodeVerdict {
+    let Some(node) = node else { return NodeVerdict::Lost };
+    match node.status.state {
+        NodeState::Ready => NodeVerdict::Usable,
+        NodeState::Unknown => NodeVerdict::Wait(Duration::from_secs(1)),
+        NodeState::NotReady => {
+            let since = node.status.last_transition_at.as_deref().and_then(parse_rfc3339).unwrap_or(now_unix);
+            let lost_at = since + grace.as_secs() as i64;
+            if now_unix < lost_at {
+                NodeVerdict::Wait(Duration::from_secs((lost_at - now_unix) as u64))
+            } else if every_node_not_ready {
+                // We are probably the one cut off: fail nothing until some node is Ready again.
+                NodeVerdict::Wait(Duration::from_secs(5))
+            } else {
+                NodeVerdict::Lost
+            }
+        }
+    }
+}
+
+/// What the agent's view of a sandbox means for its phase (pure).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentVerdict {
+    StillCreating,
+    Running,
+    Failed { reason: &'static str, message: String },
+}
+
+/// Maps the agent's phase of a sandbox to what the orchestrator does.
+pub fn judge_agent(observed: Result<&AgentSandbox, &AgentError>, node: &str) -> Option<AgentVerdict> {
+    match observed {
+        Err(e) if e.is_not_found() => {
+            Some(AgentVerdict::Failed { reason: "Vanished", message: format!("sandbox is missing on node {node}") })
+        }
+        Err(_) => None,
+        Ok(a) => Some(match a.phase {
+            AgentPhase::Creating => AgentVerdict::StillCreating,
+            AgentPhase::Running => AgentVerdict::Running,
+            AgentPhase::Failed | AgentPhase::Exited => AgentVerdict::Failed {
+                reason: "AgentFailed",
+                message: if a.message.is_empty() {
+                    format!("agent reports {}", a.phase.as_str())
+                } else {
+                    a.message.clone()
+                },
+            },
+            AgentPhase::Deleting | AgentPhase::Deleted => AgentVerdict::Failed {
+                reason: "Vanished",
+                message: format!("agent on node {node} reports it {}", a.phase.as_str()),
+            },
+        }),
+    }
+}
+
+/// Writes a sandbox's new status with CAS, logging a phase change once at info level.
+pub async fn write_status(
+    objects: &dyn ObjectClient,
+    sandbox: &Sandbox,
+    status: SandboxStatus,
+) -> Result<Sandbox, ObjectError> {
+    let written = objects.put_sandbox_status(&sandbox.id, &status, &sandbox.resource_version).await?;
+    if sandbox.status.phase != status.phase {
+        tracing::info!(
+            sandbox = %sandbox.id,
+            node = status.node_name.as_deref().unwrap_or(""),
+            from = sandbox.status.phase.as_str(),
+            to = status.phase.as_str(),
+            reason = status.reason.as_deref().unwrap_or(""),
+            "sandbox phase changed"
+        );
+    }
+    Ok(written)
+}
+
+/// A Failed copy of `status` with reason and message.
+pub fn failed(status: &SandboxStatus, reason: &str, message: String) -> SandboxStatus {
+    SandboxStatus {
+        phase: Phase::Failed,
+        ready: false,
+        reason: Some(reason.to_string()),
+        message: Some(message),
+        ..status.clone()
+    }
+}
+
+/// The create request an agent gets for a bound sandbox.
+pub fn agent_request(sandbox: &Sandbox) -> AgentCreateRequest {
+    let mut labels = sandbox.spec.labels.clone();
+    labels.insert(MANAGED_LABEL.to_string(), "true".to_string());
+    AgentCreateRequest {
+        id: sandbox.id.clone(),
+        egress: sandbox.spec.egress,
+        labels,
+        ports: sandbox
+            .status
+            .assigned_ports
+            .iter()
+            .map(|p| AgentPort { host_port: p.host_port, container_port: p.container_port, protocol: p.protocol })
+            .collect(),
+        containers: sandbox.spec.containers.clone(),
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// The sandbox controller.
+pub struct SandboxController {
+    nodes: Informer<Node>,
+    sandboxes: Informer<Sandbox>,
+    objects: Arc<dyn ObjectClient>,
+    agents: Arc<dyn AgentClient>,
+    prober: Arc<Prober>,
+    settings: SandboxSettings,
+    queue: WorkQueue<String>,
+    /// Sandbox ids bound to each node, so a node change re-examines exactly its sandboxes.
+    by_node: Mutex<HashMap<String, HashSet<String>>>,
+}
+
+impl SandboxController {
+    pub fn new(
+        nodes: Informer<Node>,
+        sandboxes: Informer<Sandbox>,
+        objects: Arc<dyn ObjectClient>,
+        agents: Arc<dyn AgentClient>,
+        prober: Arc<Prober>,
+        settings: SandboxSettings,
+    ) -> Arc<SandboxController> {
+        let controller = Arc::new(SandboxController {
+            nodes,
+            sandboxes,
+            objects,
+            agents,
+            prober,
+            settings,
+            queue: WorkQueue::new(),
+            by_node: Mutex::new(HashMap::new()),
+        });
+        controller.subscribe();
+        controller
+    }
+
+    fn subscribe(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        self.sandboxes.subscribe(move |change| {
+            let Some(me) = me.upgrade() else { return };
+            match change {
+                Change::Upsert { new, .. } => {
+                    if let Some(node) = &new.status.node_name {
+                        me.by_node.lock().entry(node.clone()).or_default().insert(new.id.clone());
+                    }
+                    if new.status.phase != Phase::Pending {
+                        me.queue.add(new.id.clone());
+                    }
+                }
+                Change::Delete(gone) => {
+                    if let Some(node) = &gone.status.node_name {
+                        if let Some(ids) = me.by_node.lock().get_mut(node) {
+                            ids.remove(&gone.id);
+                        }
+                    }
+                    me.prober.forget(&gone.id);
+                }
+            }
+        });
+        let me = Arc::downgrade(self);
+        self.nodes.subscribe(move |change| {
+            let Some(me) = me.upgrade() else { return };
+            let (name, changed) = match change {
+                Change::Upsert { old, new } => (&new.name, old.is_none_or(|o| o.status.state != new.status.state)),
+                Change::Delete(gone) => (&gone.name, true),
+            };
+            if changed {
+                me.enqueue_node(name);
+            }
+        });
+    }
+
+    fn enqueue_node(&self, node: &str) {
+        let ids: Vec<String> = self.by_node.lock().get(node).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+        for id in ids {
+            self.queue.add(id);
+        }
+    }
+
+    /// Drives one sandbox one step toward its desired state.
+    pub async fn reconcile(&self, id: &str) -> Outcome {
+        let Some(sandbox) = self.sandboxes.get(id) else {
+            self.prober.forget(id);
+            return Outcome::Done;
+        };
+        let result = match sandbox.status.phase {
+            Phase::Pending => return Outcome::Done,
+            Phase::Terminating => self.terminate(&sandbox).await,
+            Phase::Failed => self.clean_up_failed(&sandbox).await,
+            Phase::Scheduled | Phase::Creating | Phase::Running => self.drive(&sandbox).await,
+        };
+        result.unwrap_or_else(|e| Outcome::Err(format!("sandbox {id}: {e}")))
+    }
+
+    fn node_of(&self, sandbox: &Sandbox) -> Option<Arc<Node>> {
+        sandbox.status.node_name.as_deref().and_then(|n| self.nodes.get(n))
+    }
+
+    fn every_node_not_ready(&self) -> bool {
+        let nodes = self.nodes.list();
+        !nodes.is_empty() && nodes.iter().all(|n| n.status.state == NodeState::NotReady)
+    }
+
+    async fn drive(&self, sandbox: &Sandbox) -> Result<Outcome, String> {
+        let Some(node_name) = sandbox.status.node_name.clone() else { return Ok(Outcome::Done) };
+        let node = self.node_of(sandbox);
+        match judge_node(node.as_deref(), unix_now(), self.settings.node_lost_grace, self.every_node_not_ready()) {
+            NodeVerdict::Lost => {
+                let why = if node.is_none() { "was deleted" } else { "is NotReady past node_lost_grace" };
+                let status = failed(&sandbox.status, "NodeLost", format!("node {node_name} {why}"));
+                write_status(self.objects.as_ref(), sandbox, status).await.map_err(|e| e.to_string())?;
+                self.prober.forget(&sandbox.id);
+                return Ok(Outcome::Done);
+            }
+            NodeVerdict::Wait(after) => return Ok(Outcome::Requeue(after)),
+            NodeVerdict::Usable => {}
+        }
+        let node = node.expect("usable nodes exist");
+        if sandbox.status.phase == Phase::Scheduled {
+            return self.create_on_agent(sandbox, &node).await;
+        }
+        self.sync_with_agent(sandbox, &node).await
+    }
+
+    async fn create_on_agent(&self, sandbox: &Sandbox, node: &Node) -> Result<Outcome, String> {
+        match self.agents.create_sandbox(&node.sbxlet_base_url, &agent_request(sandbox)).await {
+            Ok(created) => {
+                let mut status = sandbox.status.clone();
+                status.phase = Phase::Creating;
+                apply_agent_view(&mut status, &created, node);
+                write_status(self.objects.as_ref(), sandbox, status).await.map_err(|e| e.to_string())?;
+                Ok(Outcome::Requeue(self.settings.creating_poll))
+            }
+            Err(e) if e.is_client_error() => {
+                let status = failed(&sandbox.status, "AgentRejected", format!("node {}: {e}", node.name));
+                write_status(self.objects.as_ref(), sandbox, status).await.map_err(|e| e.to_string())?;
+                Ok(Outcome::Done)
+            }
+            Err(e) => Err(format!("creating on node {}: {e}", node.name)),
+        }
+    }
+
+    async fn sync_with_agent(&self, sandbox: &Sandbox, node: &Node) -> Result<Outcome, String> {
+        let observed = self.agents.get_sandbox(&node.sbxlet_base_url, &sandbox.id).await;
+        let Some(verdict) = judge_agent(observed.as_ref(), &node.name) else {
+            return Err(format!("reading from node {}: {}", node.name, observed.unwrap_err()));
+        };
+        let mut status = sandbox.status.clone();
+        if let Ok(view) = &observed {
+            apply_agent_view(&mut status, view, node);
+        }
+        let outcome = match verdict {
+            AgentVerdict::Failed { reason, message } => {
+                self.prober.forget(&sandbox.id);
+                status = failed(&status, reason, message);
+                Outcome::Done
+            }
+            AgentVerdict::StillCreating => Outcome::Requeue(self.settings.creating_poll),
+            AgentVerdict::Running => match &sandbox.spec.readiness_probe {
+                None => {
+                    status.ready = true;
+                    status.phase = Phase::Running;
+                    Outcome::Done
+                }
+                Some(_) => {
+                    // The prober owns `ready`; the phase follows it.
+                    self.prober.track(&sandbox.id);
+                    if status.ready {
+                        status.phase = Phase::Running;
+                    }
+                    Outcome::Done
+                }
+            },
+        };
+        if status != sandbox.status {
+            write_status(self.objects.as_ref(), sandbox, status).await.map_err(|e| e.to_string())?;
+        }
+        Ok(outcome)
+    }
+
+    async fn terminate(&self, sandbox: &Sandbox) -> Result<Outcome, String> {
+        self.prober.forget(&sandbox.id);
+        if let Some(node) = self.node_of(sandbox) {
+            match self.agents.delete_sandbox(&node.sbxlet_base_url, &sandbox.id).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(format!("deleting on node {}: {e}", node.name)),
+            }
+        }
+        match self.objects.remove_sandbox(&sandbox.id, &sandbox.resource_version).await {
+            Ok(()) | Err(ObjectError::NotFound(_)) => {
+                tracing::info!(sandbox = %sandbox.id, node = sandbox.status.node_name.as_deref().unwrap_or(""), "sandbox removed");
+                Ok(Outcome::Done)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// A Failed sandbox's leftovers leave its agent; only then are its ports and resources released.
+    async fn clean_up_failed(&self, sandbox: &Sandbox) -> Result<Outcome, String> {
+        if !sandbox.status.holds_node_resources() {
+            return Ok(Outcome::Done);
+        }
+        let release = match self.node_of(sandbox) {
+            None => true,
+            Some(node) if node.status.state != NodeState::Ready => {
+                return Ok(Outcome::Requeue(self.settings.sync_period));
+            }
+            Some(node) => match self.agents.delete_sandbox(&node.sbxlet_base_url, &sandbox.id).await {
+                Ok(()) => true,
+                Err(e) if e.is_not_found() => true,
+                Err(e) => return Err(format!("removing leftovers on node {}: {e}", node.name)),
+            },
+        };
+        if release {
+            let status = SandboxStatus { released: true, ..sandbox.status.clone() };
+            self.objects
+                .put_sandbox_status(&sandbox.id, &status, &sandbox.resource_version)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// Deletes sandboxes an agent holds with the managed label that the store no longer knows on that node.
+    pub async fn collect_orphans(&self) {
+        let nodes: Vec<Arc<Node>> =
+            self.nodes.list().into_iter().filter(|n| n.status.state == NodeState::Ready).collect();
+        for node in nodes {
+            let held = match list_all_sandboxes(self.agents.as_ref(), &node.sbxlet_base_url).await {
+                Ok(held) => held,
+                Err(e) => {
+                    tracing::debug!(node = %node.name, error = %e, "orphan scan skipped");
+                    continue;
+                }
+            };
+            for agent_sandbox in held {
+                let managed = agent_sandbox.labels.get(MANAGED_LABEL).is_some_and(|v| v == "true");
+                let known = self
+                    .sandboxes
+                    .get(&agent_sandbox.id)
+                    .is_some_and(|s| s.status.node_name.as_deref() == Some(node.name.as_str()));
+                if managed && !known {
+                    match self.agents.delete_sandbox(&node.sbxlet_base_url, &agent_sandbox.id).await {
+                        Ok(()) => {
+                            tracing::info!(node = %node.name, sandbox = %agent_sandbox.id, "removed managed orphan")
+                        }
+                        Err(e) => {
+                            tracing::debug!(node = %node.name, sandbox = %agent_sandbox.id, error = %e, "orphan removal failed")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the controller until `shutdown`: workers, a periodic resync and the orphan sweep.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        self.nodes.wait_synced().await;
+        self.sandboxes.wait_synced().await;
+        let queue = self.queue.clone();
+        let resync = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(resync.settings.sync_period);
+            ticker.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = ticker.tick() => {}
+                }
+                for id in resync.sandboxes.keys() {
+                    resync.queue.add(id);
+                }
+                resync.collect_orphans().await;
+            }
+        });
+        let stop_queue = queue.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            stop_queue.shut_down();
+        });
+        let me = self.clone();
+        let workers = self.settings.workers.max(1);
+        run_workers(queue, workers, move |id: String| {
+            let me = me.clone();
+            async move { me.reconcile(&id).await }
+        })
+        .await;
+    }
+}
+
+/// Copies what the agent reports (private IP, agent phase) and the node's external address into a status.
+pub fn apply_agent_view(status: &mut SandboxStatus, view: &AgentSandbox, node: &Node) {
+    if !view.private_ip.is_empty() {
+        status.private_ip = Some(view.private_ip.clone());
+    }
+    status.agent_phase = Some(view.phase.as_str().to_string());
+    let external = node.effective_external();
+    if !external.is_empty() {
+        status.external = Some(external.to_string());
+    }
+}
+
+/// Stamps now as RFC 3339 (re-exported for controllers that write times).
+pub fn now() -> String {
+    rfc3339_now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sandboxd_api::node::NodeStatus;
+
+    fn node(state: NodeState, since: Option<&str>) -> Node {
+        Node {
+            id: "n".into(),
+            name: "n".into(),
+            ip: "127.0.0.1".into(),
+            port: 1,
+            external: None,
+            max_alloc_percent: None,
+            source: Default::default(),
+            status: NodeStatus { state, last_transition_at: since.map(String::from), ..NodeStatus::default() },
+            created_at: String::new(),
+            updated_at: String::new(),
+            sbxlet_base_url: String::new(),
+            resource_version: "1".into(),
+        }
+    }
+
+    #[test]
+    fn node_verdicts_follow_state_grace_and_the_cut_off_rule() {
+        let t0 = parse_rfc3339("2026-05-15T04:30:00Z").unwrap();
+        let grace = Duration::from_secs(60);
+        let not_ready = node(NodeState::NotReady, Some("2026-05-15T04:30:00Z"));
+        let cases = [
+            ("deleted", None, t0, false, NodeVerdict::Lost),
+            ("ready", Some(node(NodeState::Ready, None)), t0, false, NodeVerdict::Usable),
+            ("within grace", Some(not_ready.clone()), t0 + 20, false, NodeVerdict::Wait(Duration::from_secs(40))),
+            ("past grace", Some(not_ready.clone()), t0 + 60, false, NodeVerdict::Lost),
+            (
+                "past grace but everyone is down",
+                Some(not_ready.clone()),
+                t0 + 600,
+                true,
+                NodeVerdict::Wait(Duration::from_secs(5)),
+            ),
+            ("unknown", Some(node(NodeState::Unknown, None)), t0, false, NodeVerdict::Wait(Duration::from_secs(1))),
+        ];
+        for (what, node, now, all_down, want) in cases {
+            assert_eq!(judge_node(node.as_ref(), now, grace, all_down), want, "{what}");
+        }
+    }
+
+    fn agent_sandbox(phase: AgentPhase, message: &str) -> AgentSandbox {
+        AgentSandbox {
+            id: "s".into(),
+            phase,
+            private_ip: "10.88.0.5".into(),
+            ports: vec![],
+            containers: vec![],
+            message: message.into(),
+            created_at: String::new(),
+            labels: Default::default(),
+        }
+    }
+
+    #[test]
+    fn agent_views_map_to_phases() {
+        let not_found = AgentError::Status { status: 404, message: "no".into() };
+        let down = AgentError::Unreachable("refused".into());
+        assert_eq!(
+            judge_agent(Err(&not_found), "n"),
+            Some(AgentVerdict::Failed { reason: "Vanished", message: "sandbox is missing on node n".into() })
+        );
+        assert_eq!(judge_agent(Err(&down), "n"), None, "an unreachable agent says nothing about the sandbox");
+        assert_eq!(judge_agent(Ok(&agent_sandbox(AgentPhase::Creating, "")), "n"), Some(AgentVerdict::StillCreating));
+        assert_eq!(judge_agent(Ok(&agent_sandbox(AgentPhase::Running, "")), "n"), Some(AgentVerdict::Running));
+        assert_eq!(
+            judge_agent(Ok(&agent_sandbox(AgentPhase::Failed, "oom")), "n"),
+            Some(AgentVerdict::Failed { reason: "AgentFailed", message: "oom".into() })
+        );
+    }
+
+    #[test]
+    fn failed_keeps_binding_and_drops_readiness() {
+        let status =
+            SandboxStatus { phase: Phase::Running, node_name: Some("n".into()), ready: true, ..Default::default() };
+        let f = failed(&status, "Vanished", "gone".into());
+        assert_eq!((f.phase, f.ready, f.node_name.as_deref()), (Phase::Failed, false, Some("n")));
+        assert!(f.holds_node_resources(), "ports stay held until the agent confirms");
+    }
+}
