@@ -4,12 +4,13 @@ use crate::apiserver::{node_settings, ApiState};
 use crate::config::{Config, SchedulerPolicy};
 use crate::objects::InProcessObjects;
 use sandboxd_api::{Node, Sandbox};
+use sandboxd_controllers::node::NodeController;
 use sandboxd_controllers::prober::Prober;
 use sandboxd_controllers::runtime::informer::Informer;
 use sandboxd_controllers::sandbox::{SandboxController, SandboxSettings};
 use sandboxd_controllers::scheduler::{Policy, Scheduler, SchedulerSettings};
 use sandboxd_controllers::ttl::TtlController;
-use sandboxd_controllers::{node, AgentClient, ObjectClient};
+use sandboxd_controllers::{AgentClient, ObjectClient};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
@@ -60,8 +61,9 @@ pub fn start(
         sandbox_settings(config),
     );
     let ttl = TtlController::new(sandboxes.clone(), objects.clone());
+    let node_controller = NodeController::new(nodes.clone(), objects.clone(), agents, node_settings(config));
     let mut tasks = JoinSet::new();
-    tasks.spawn(node::run(nodes.clone(), objects.clone(), agents, node_settings(config), shutdown.clone()));
+    tasks.spawn(node_controller.run(shutdown.clone()));
     tasks.spawn(scheduler.run(shutdown.clone()));
     tasks.spawn(sandbox_controller.run(shutdown.clone()));
     tasks.spawn(prober.run(shutdown.clone()));

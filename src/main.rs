@@ -139,7 +139,7 @@ async fn start_demo_agents(demo: &DemoAgents, config: &mut Config) -> anyhow::Re
         nodes: demo.count,
         base_ip: std::net::Ipv4Addr::new(127, 0, 2, 1),
         port: demo.port,
-        template: sbxlet::SimConfig { external: "127.0.0.1".into(), ..sbxlet::SimConfig::default() },
+        template: sbxlet::SimConfig::default(),
         name_prefix: "demo".into(),
     })
     .await
@@ -149,7 +149,8 @@ async fn start_demo_agents(demo: &DemoAgents, config: &mut Config) -> anyhow::Re
             id: fleet.node_name(i),
             ip: agent.addr().ip().to_string(),
             port: agent.addr().port(),
-            external: None,
+            // Published ports listen on the agent's own address, so that is where clients reach them.
+            external: Some(agent.addr().ip().to_string()),
             max_alloc_percent: None,
         });
         tracing::info!(node = %fleet.node_name(i), addr = %agent.addr(), "demo agent started");

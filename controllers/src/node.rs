@@ -212,42 +212,59 @@ pub fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(factor)
 }
 
-/// Runs heartbeats for every node in `nodes` until `shutdown`: one timer queue, bounded concurrency.
-pub async fn run(
+/// The node controller: one timer queue of due heartbeats drained by a bounded set of workers.
+pub struct NodeController {
     nodes: Informer<Node>,
     objects: Arc<dyn ObjectClient>,
     agents: Arc<dyn AgentClient>,
     settings: NodeSettings,
-    shutdown: CancellationToken,
-) {
-    let queue: WorkQueue<String> = WorkQueue::new();
-    subscribe_heartbeats(&nodes, &queue);
-    nodes.wait_synced().await;
-    let workers = settings.workers.max(1);
-    let settings = Arc::new(settings);
-    let worker_queue = queue.clone();
-    let reconcile = move |name: String| {
-        let (nodes, objects, agents, settings) = (nodes.clone(), objects.clone(), agents.clone(), settings.clone());
-        async move {
-            if nodes.get(&name).is_none() {
-                return Outcome::Done;
-            }
-            match heartbeat_once(objects.as_ref(), agents.as_ref(), &settings, &name).await {
-                Err(ObjectError::NotFound(_)) => Outcome::Done,
-                Err(e) => {
-                    tracing::debug!(node = %name, error = %e, "heartbeat not recorded");
-                    Outcome::Requeue(jittered(settings.heartbeat_interval))
-                }
-                Ok(_) => Outcome::Requeue(jittered(settings.heartbeat_interval)),
-            }
+    queue: WorkQueue<String>,
+}
+
+impl NodeController {
+    /// Subscribes to `nodes` at once, so no node of the informer's first list is missed.
+    pub fn new(
+        nodes: Informer<Node>,
+        objects: Arc<dyn ObjectClient>,
+        agents: Arc<dyn AgentClient>,
+        settings: NodeSettings,
+    ) -> Arc<NodeController> {
+        let queue = WorkQueue::new();
+        subscribe_heartbeats(&nodes, &queue);
+        Arc::new(NodeController { nodes, objects, agents, settings, queue })
+    }
+
+    /// One heartbeat of one node, then the next one is scheduled an interval (±10 %) later.
+    pub async fn beat(&self, name: &str) -> Outcome {
+        if self.nodes.get(name).is_none() {
+            return Outcome::Done;
         }
-    };
-    let stop = queue.clone();
-    tokio::spawn(async move {
-        shutdown.cancelled().await;
-        stop.shut_down();
-    });
-    run_workers(worker_queue, workers, reconcile).await;
+        match heartbeat_once(self.objects.as_ref(), self.agents.as_ref(), &self.settings, name).await {
+            Err(ObjectError::NotFound(_)) => Outcome::Done,
+            Err(e) => {
+                tracing::debug!(node = %name, error = %e, "heartbeat not recorded");
+                Outcome::Requeue(jittered(self.settings.heartbeat_interval))
+            }
+            Ok(_) => Outcome::Requeue(jittered(self.settings.heartbeat_interval)),
+        }
+    }
+
+    /// Runs heartbeats until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        self.nodes.wait_synced().await;
+        let queue = self.queue.clone();
+        let stop = queue.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            stop.shut_down();
+        });
+        let me = self.clone();
+        run_workers(queue, self.settings.workers.max(1), move |name: String| {
+            let me = me.clone();
+            async move { me.beat(&name).await }
+        })
+        .await;
+    }
 }
 
 /// New nodes and nodes whose address changed get a heartbeat at once; status writes do not retrigger.

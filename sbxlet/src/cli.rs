@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 /// Why the binary stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    #[error("starting the agent: {0}")]
+    #[error("starting agents")]
     Start(#[source] io::Error),
     #[error(transparent)]
     Fleet(#[from] FleetError),
-    #[error("installing signal handlers: {0}")]
+    #[error("installing signal handlers")]
     Signals(#[source] io::Error),
 }
 

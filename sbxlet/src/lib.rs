@@ -8,7 +8,7 @@ mod faults;
 mod fleet;
 mod ports;
 mod server;
-pub mod sim;
+mod sim;
 
 pub use agent::{start, AgentHandle};
 pub use config::SimConfig;

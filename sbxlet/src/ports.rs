@@ -108,6 +108,10 @@ impl HostPorts {
     /// Stops the listeners without waiting; a later publish of the same port waits for them.
     pub(crate) fn release_later(&self, ports: Vec<PublishedPort>) {
         let mut draining = self.draining.lock();
+        draining.retain(|_, tasks| {
+            tasks.retain(|t| !t.is_finished());
+            !tasks.is_empty()
+        });
         for p in ports {
             p.stop.cancel();
             draining.entry(p.port).or_default().push(p.task);

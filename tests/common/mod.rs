@@ -106,3 +106,67 @@ pub async fn wait_node_state(
     })
     .await
 }
+
+// === agents on loopback addresses of their own ===
+
+/// UDP port bound on each handed-out address to claim it for this process.
+const ADDRESS_CLAIM_PORT: u16 = 64999;
+
+/// A loopback address (127.1xx.y.z) no other agent of this or a concurrent test process uses.
+///
+/// Sim agents bind their sandboxes' host ports on their own IP, so agents sharing an IP would clash.
+pub fn unique_loopback_ip() -> std::net::Ipv4Addr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static CLAIMS: std::sync::Mutex<Vec<std::net::UdpSocket>> = std::sync::Mutex::new(Vec::new());
+    let second = 100 + (std::process::id() % 100) as u8;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) % (250 * 250);
+        let ip = std::net::Ipv4Addr::new(127, second, (n / 250) as u8, (n % 250 + 1) as u8);
+        if let Ok(claim) = std::net::UdpSocket::bind((ip, ADDRESS_CLAIM_PORT)) {
+            CLAIMS.lock().unwrap().push(claim);
+            return ip;
+        }
+    }
+}
+
+/// A sim agent config on an address of its own, reporting external 203.0.113.10.
+pub fn isolated_sim_config() -> sbxlet::SimConfig {
+    sbxlet::SimConfig {
+        listen: std::net::SocketAddr::from((unique_loopback_ip(), 0)),
+        external: "203.0.113.10".into(),
+        ..sbxlet::SimConfig::default()
+    }
+}
+
+/// Starts a simulated agent on an address of its own.
+pub async fn start_isolated_agent(config: sbxlet::SimConfig) -> sbxlet::AgentHandle {
+    sbxlet::start(config).await.expect("agent starts")
+}
+
+/// Every sandbox an agent holds, read from its own API (all pages).
+pub async fn agent_sandboxes(addr: std::net::SocketAddr) -> Vec<sandboxd_api::agent::AgentSandbox> {
+    let http = reqwest::Client::new();
+    let mut all = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let url = format!("http://{addr}/api/v1/sandboxes?limit=1000&cursor={cursor}");
+        let page: sandboxd_api::agent::AgentSandboxList =
+            http.get(url).send().await.expect("agent answers").json().await.expect("agent list decodes");
+        all.extend(page.items);
+        if page.next_cursor.is_empty() {
+            return all;
+        }
+        cursor = page.next_cursor;
+    }
+}
+
+/// One sandbox as its agent reports it, `None` when the agent does not hold it.
+pub async fn agent_sandbox(addr: std::net::SocketAddr, id: &str) -> Option<sandboxd_api::agent::AgentSandbox> {
+    let response = reqwest::get(format!("http://{addr}/api/v1/sandboxes/{id}")).await.expect("agent answers");
+    if response.status() == reqwest::StatusCode::NOT_FOUND {
+        return None;
+    }
+    let envelope: sandboxd_api::agent::AgentSandboxEnvelope = response.json().await.expect("agent sandbox decodes");
+    Some(envelope.sandbox)
+}

@@ -1,0 +1,247 @@
+//! sbxctl: a kubectl-shaped command-line client for sandboxd-o.
+
+/// Prints a line to stdout; a closed pipe (`sbxctl get ... | head`) ends the program quietly instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => { $crate::print_line(format_args!($($arg)*)) };
+}
+
+pub fn print_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = writeln!(std::io::stdout(), "{args}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
+mod manifest;
+mod render;
+mod wait;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use reqwest::Method;
+use sandboxd_client::{Client, ClientError};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "sbxctl", version, about = "Command-line client for sandboxd-o")]
+struct Cli {
+    /// API server URL.
+    #[arg(long, env = "SANDBOXD_SERVER", default_value = "http://127.0.0.1:8082", global = true)]
+    server: String,
+    /// Bearer token, when the server requires one.
+    #[arg(long, env = "SANDBOXD_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or update objects from YAML or JSON files (`-f FILE|DIR|-`).
+    Apply {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+    },
+    /// List objects, or show one.
+    Get {
+        resource: Resource,
+        name: Option<String>,
+        #[arg(short = 'o', long)]
+        output: Option<Output>,
+        /// Keep streaming changes from the watch API.
+        #[arg(short = 'w', long)]
+        watch: bool,
+    },
+    /// Show one object in detail.
+    Describe { resource: Resource, name: String },
+    /// Delete an object.
+    Delete {
+        resource: Resource,
+        name: String,
+        /// Wait until the object is gone.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "60s")]
+        timeout: String,
+    },
+    /// Print a sandbox's logs (through the node proxy).
+    Logs {
+        sandbox: String,
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        #[arg(long)]
+        tail: Option<usize>,
+    },
+    /// Wait for a condition: `wait sandbox/NAME --for phase=Running`.
+    Wait {
+        target: String,
+        #[arg(long = "for")]
+        condition: String,
+        #[arg(long, default_value = "60s")]
+        timeout: String,
+    },
+    /// Run one heartbeat against a node now: `heartbeat node/NAME`.
+    Heartbeat { target: String },
+    /// Print a shell completion script.
+    Completion { shell: clap_complete::Shell },
+}
+
+/// The kinds sbxctl knows, with kubectl-style short names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Resource {
+    #[value(alias = "node", alias = "no")]
+    Nodes,
+    #[value(alias = "sandbox", alias = "sbx")]
+    Sandboxes,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Wide,
+    Json,
+    Yaml,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            std::process::exit(1);
+        }
+    }
+}
+
+/// The error as one readable line; connection failures say where and how to start the server.
+fn one_line(e: &anyhow::Error) -> String {
+    if let Some(ClientError::Connect { server, message }) = e.downcast_ref::<ClientError>() {
+        let why = if message.contains("refused") { "connection refused" } else { message.as_str() };
+        return format!(
+            "cannot reach {server} ({why}); start it with `sandboxd-o serve --demo-agents 3` or point --server / SANDBOXD_SERVER at it"
+        );
+    }
+    format!("{e:#}").replace('\n', " ")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let client = Client::new(&cli.server, cli.token.clone())?;
+    match cli.command {
+        Command::Apply { files } => manifest::apply(&client, &files).await,
+        Command::Get { resource, name, output, watch } => {
+            render::get(&client, resource, name.as_deref(), output, watch).await.map(|_| 0)
+        }
+        Command::Describe { resource, name } => render::describe(&client, resource, &name).await.map(|_| 0),
+        Command::Delete { resource, name, wait, timeout } => delete(&client, resource, &name, wait, &timeout).await,
+        Command::Logs { sandbox, container, tail } => logs(&client, &sandbox, container.as_deref(), tail).await,
+        Command::Wait { target, condition, timeout } => wait::wait(&client, &target, &condition, &timeout).await,
+        Command::Heartbeat { target } => heartbeat(&client, &target).await,
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "sbxctl", &mut std::io::stdout());
+            Ok(0)
+        }
+    }
+}
+
+/// Parses `500ms`, `5s`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| anyhow!("{s:?} is not a duration like 60s"))?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().with_context(|| format!("{s:?} is not a duration like 60s"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => bail!("{s:?} is not a duration like 60s"),
+    })
+}
+
+/// Splits `kind/NAME`, checking the kind.
+pub fn split_target<'a>(target: &'a str, kind: &str) -> anyhow::Result<&'a str> {
+    let (k, name) = target.split_once('/').ok_or_else(|| anyhow!("{target:?} is not {kind}/NAME"))?;
+    let matches = match kind {
+        "sandbox" => matches!(k, "sandbox" | "sandboxes" | "sbx"),
+        _ => matches!(k, "node" | "nodes" | "no"),
+    };
+    if !matches || name.is_empty() {
+        bail!("{target:?} is not {kind}/NAME");
+    }
+    Ok(name)
+}
+
+async fn delete(client: &Client, resource: Resource, name: &str, wait: bool, timeout: &str) -> anyhow::Result<i32> {
+    let timeout = parse_duration(timeout)?;
+    let noun = render::noun(resource);
+    match resource {
+        Resource::Nodes => client.delete_node(name).await?,
+        Resource::Sandboxes => client.delete_sandbox(name).await?,
+    }
+    say!("{noun}/{name} deleted");
+    if !wait {
+        return Ok(0);
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let gone = match resource {
+            Resource::Nodes => client.get_node(name).await.err(),
+            Resource::Sandboxes => client.get_sandbox(name).await.err(),
+        };
+        match gone {
+            Some(e) if e.is_not_found() => return Ok(0),
+            Some(e) => return Err(e.into()),
+            None => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {noun}/{name} to be removed");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn logs(client: &Client, id: &str, container: Option<&str>, tail: Option<usize>) -> anyhow::Result<i32> {
+    let sandbox = client.get_sandbox(id).await?;
+    let node = sandbox
+        .status
+        .node_name
+        .ok_or_else(|| anyhow!("sandbox/{id} is {} and not on a node yet", sandbox.status.phase.as_str()))?;
+    let mut path = format!("/api/v1/nodes/{node}/sandboxes/{id}/logs");
+    let mut query = Vec::new();
+    if let Some(tail) = tail {
+        query.push(format!("tail={tail}"));
+    }
+    if let Some(c) = container {
+        query.push(format!("container={c}"));
+    }
+    if !query.is_empty() {
+        path = format!("{path}?{}", query.join("&"));
+    }
+    let (_, answer): (u16, serde_json::Value) = client.call(Method::GET, &path, None).await?;
+    for line in answer["logs"]["lines"].as_array().into_iter().flatten() {
+        say!("{}", line.as_str().unwrap_or_default());
+    }
+    Ok(0)
+}
+
+async fn heartbeat(client: &Client, target: &str) -> anyhow::Result<i32> {
+    let name = split_target(target, "node")?;
+    let (_, answer): (u16, serde_json::Value) =
+        client.call(Method::POST, &format!("/api/v1/nodes/{name}/heartbeat"), None).await?;
+    let node = &answer["node"];
+    say!(
+        "node/{name} heartbeat {} (state {}, success_streak {}, failure_streak {})",
+        answer["heartbeat"].as_str().unwrap_or("?"),
+        node["state"].as_str().unwrap_or("?"),
+        node["success_streak"],
+        node["failure_streak"]
+    );
+    for key in ["heartbeat_error", "status_error"] {
+        if let Some(e) = answer[key].as_str().filter(|e| !e.is_empty()) {
+            say!("  {key}: {e}");
+        }
+    }
+    Ok(if answer["heartbeat"] == "failed" { 1 } else { 0 })
+}

@@ -1,0 +1,334 @@
+//! `get` and `describe`: tables, wide tables, JSON and YAML, and the watch stream as rows.
+
+use crate::{Output, Resource};
+use futures::StreamExt;
+use sandboxd_api::time::parse_rfc3339;
+use sandboxd_api::watch::WatchEvent;
+use sandboxd_api::{EventType, Node, Sandbox};
+use sandboxd_client::Client;
+use serde::Serialize;
+
+/// The singular noun of a resource, as in `sandbox/NAME`.
+pub fn noun(resource: Resource) -> &'static str {
+    match resource {
+        Resource::Nodes => "node",
+        Resource::Sandboxes => "sandbox",
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// `45s`, `12m`, `3h`, `2d` since an RFC 3339 time.
+pub fn age(since: &str) -> String {
+    let Some(t) = parse_rfc3339(since) else { return "-".into() };
+    let secs = (unix_now() - t).max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+fn ports(sandbox: &Sandbox) -> String {
+    if !sandbox.status.assigned_ports.is_empty() {
+        let parts: Vec<String> = sandbox
+            .status
+            .assigned_ports
+            .iter()
+            .map(|p| format!("{}->{}/{}", p.host_port, p.container_port, p.protocol.as_str()))
+            .collect();
+        return parts.join(",");
+    }
+    let parts: Vec<String> =
+        sandbox.spec.ports.iter().map(|p| format!("{}/{}", p.container_port, p.protocol.as_str())).collect();
+    if parts.is_empty() {
+        "<none>".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+fn dash(s: Option<&str>) -> String {
+    s.filter(|s| !s.is_empty()).unwrap_or("-").to_string()
+}
+
+fn sandbox_row(s: &Sandbox, wide: bool) -> Vec<String> {
+    let mut row = vec![
+        s.id.clone(),
+        s.status.phase.as_str().to_string(),
+        dash(s.status.node_name.as_deref()),
+        s.status.ready.to_string(),
+        ports(s),
+        age(&s.created_at),
+    ];
+    if wide {
+        row.push(dash(s.status.external.as_deref()));
+        row.push(dash(s.status.private_ip.as_deref()));
+        let reason = match (&s.status.reason, &s.status.message) {
+            (Some(r), Some(m)) => format!("{r}: {m}"),
+            (Some(r), None) => r.clone(),
+            _ => "-".into(),
+        };
+        row.push(reason);
+    }
+    row
+}
+
+fn node_row(n: &Node, wide: bool) -> Vec<String> {
+    let r = &n.status.resources;
+    let mut row = vec![
+        n.name.clone(),
+        format!("{:?}", n.status.state),
+        format!("{:?}", n.source).to_lowercase(),
+        format!("{}:{}", n.ip, n.port),
+        format!("{}m/{}m", r.available_cpu_milli, r.allocatable_cpu_milli),
+        format!("{}Mi/{}Mi", r.available_memory_bytes >> 20, r.allocatable_memory_bytes >> 20),
+        age(&n.created_at),
+    ];
+    if wide {
+        row.push(dash(Some(n.effective_external())));
+        row.push(n.status.last_heartbeat.as_deref().map(age).unwrap_or_else(|| "-".into()));
+        row.push(dash(Some(&n.status.last_error)));
+    }
+    row
+}
+
+fn headers(resource: Resource, wide: bool) -> Vec<&'static str> {
+    let (base, extra): (&[&str], &[&str]) = match resource {
+        Resource::Sandboxes => {
+            (&["NAME", "PHASE", "NODE", "READY", "PORTS", "AGE"], &["EXTERNAL", "PRIVATE-IP", "REASON"])
+        }
+        Resource::Nodes => (
+            &["NAME", "STATE", "SOURCE", "ADDRESS", "CPU(AVAIL)", "MEMORY(AVAIL)", "AGE"],
+            &["EXTERNAL", "HEARTBEAT", "LAST-ERROR"],
+        ),
+    };
+    let mut h = base.to_vec();
+    if wide {
+        h.extend_from_slice(extra);
+    }
+    h
+}
+
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        say!("{}", padded.join("   ").trim_end());
+    };
+    line(header.iter().map(|s| s.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn print_structured<T: Serialize>(value: &T, output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Yaml => say!("{}", serde_norway::to_string(value)?.trim_end()),
+        _ => say!("{}", serde_json::to_string_pretty(value)?),
+    }
+    Ok(())
+}
+
+/// `get`: one object or a list, as a table, JSON or YAML; with `watch`, rows keep coming.
+pub async fn get(
+    client: &Client,
+    resource: Resource,
+    name: Option<&str>,
+    output: Option<Output>,
+    watch: bool,
+) -> anyhow::Result<()> {
+    let wide = output == Some(Output::Wide);
+    let structured = matches!(output, Some(Output::Json | Output::Yaml));
+    let (rows, values, revision) = match (resource, name) {
+        (Resource::Sandboxes, Some(n)) => {
+            let s = client.get_sandbox(n).await?;
+            (vec![sandbox_row(&s, wide)], serde_json::to_value(&s)?, s.resource_version.clone())
+        }
+        (Resource::Nodes, Some(n)) => {
+            let node = client.get_node(n).await?;
+            (vec![node_row(&node, wide)], serde_json::to_value(&node)?, node.resource_version.clone())
+        }
+        (Resource::Sandboxes, None) => {
+            let list = client.list_sandboxes().await?;
+            let rows = list.items.iter().map(|s| sandbox_row(s, wide)).collect();
+            (rows, serde_json::json!({ "items": list.items }), list.resource_version)
+        }
+        (Resource::Nodes, None) => {
+            let list = client.list_nodes().await?;
+            let rows = list.items.iter().map(|n| node_row(n, wide)).collect();
+            (rows, serde_json::json!({ "items": list.items }), list.resource_version)
+        }
+    };
+    if structured {
+        print_structured(&values, output.expect("structured output"))?;
+    } else if rows.is_empty() && !watch {
+        eprintln!("No {} found.", if resource == Resource::Nodes { "nodes" } else { "sandboxes" });
+    } else {
+        print_table(&headers(resource, wide), &rows);
+    }
+    if watch {
+        stream_rows(client, resource, name, wide, &revision).await?;
+    }
+    Ok(())
+}
+
+async fn stream_rows(
+    client: &Client,
+    resource: Resource,
+    name: Option<&str>,
+    wide: bool,
+    from: &str,
+) -> anyhow::Result<()> {
+    let kind = if resource == Resource::Nodes { "nodes" } else { "sandboxes" };
+    let mut revision = from.to_string();
+    loop {
+        let mut stream = client.watch(kind, Some(&revision)).await?;
+        while let Some(event) = stream.next().await {
+            let event: WatchEvent<serde_json::Value> = event?;
+            match event.event_type {
+                EventType::Bookmark => {
+                    if let Some(rv) = event.object["resource_version"].as_str() {
+                        revision = rv.to_string();
+                    }
+                    continue;
+                }
+                EventType::Error => anyhow::bail!("watch ended: {}", event.object["error"]),
+                _ => {}
+            }
+            if let Some(rv) = event.object["resource_version"].as_str() {
+                revision = rv.to_string();
+            }
+            let object_name = event.object.get(if kind == "nodes" { "name" } else { "id" }).and_then(|v| v.as_str());
+            if name.is_some() && object_name != name {
+                continue;
+            }
+            let mut row = match resource {
+                Resource::Sandboxes => sandbox_row(&serde_json::from_value(event.object)?, wide),
+                Resource::Nodes => node_row(&serde_json::from_value(event.object)?, wide),
+            };
+            if event.event_type == EventType::Deleted {
+                row[1] = "<deleted>".into();
+            }
+            say!("{}", row.join("   "));
+        }
+    }
+}
+
+/// `describe`: everything about one object, in a readable block.
+pub async fn describe(client: &Client, resource: Resource, name: &str) -> anyhow::Result<()> {
+    match resource {
+        Resource::Sandboxes => describe_sandbox(&client.get_sandbox(name).await?),
+        Resource::Nodes => {
+            let node = client.get_node(name).await?;
+            let bound: Vec<String> = client
+                .list_sandboxes()
+                .await?
+                .items
+                .into_iter()
+                .filter(|s| s.status.node_name.as_deref() == Some(name))
+                .map(|s| format!("{} ({})", s.id, s.status.phase.as_str()))
+                .collect();
+            describe_node(&node, &bound);
+        }
+    }
+    Ok(())
+}
+
+fn field(label: &str, value: impl std::fmt::Display) {
+    say!("{:<16}{value}", format!("{label}:"));
+}
+
+fn describe_sandbox(s: &Sandbox) {
+    let st = &s.status;
+    field("Name", &s.id);
+    let since = st.last_transition_at.as_deref().map(|t| format!(" (since {t}, {} ago)", age(t))).unwrap_or_default();
+    field("Phase", format!("{}{since}", st.phase.as_str()));
+    field("Reason", dash(st.reason.as_deref()));
+    field("Message", dash(st.message.as_deref()));
+    field("Node", dash(st.node_name.as_deref()));
+    field("External", dash(st.external.as_deref()));
+    field("Private IP", dash(st.private_ip.as_deref()));
+    field("Ports", ports(s));
+    field("Ready", st.ready);
+    if let Some(r) = &st.readiness {
+        field(
+            "Readiness",
+            format!(
+                "success_streak={} failure_streak={} last_probe_at={} last_error={}",
+                r.success_streak,
+                r.failure_streak,
+                dash(r.last_probe_at.as_deref()),
+                dash(Some(&r.last_error))
+            ),
+        );
+    }
+    field("Agent phase", dash(st.agent_phase.as_deref()));
+    let expires = st.expire_at.as_deref().map(|e| e.to_string()).unwrap_or_else(|| "never".into());
+    field("Expires", expires);
+    field("Created", format!("{} ({} ago)", s.created_at, age(&s.created_at)));
+    field("Egress", s.spec.egress);
+    say!("Containers:");
+    for c in &s.spec.containers {
+        let r = c.resource.clone().unwrap_or_default();
+        say!(
+            "  {:<12}{:<24}cpu={} memory={}",
+            c.name,
+            c.image,
+            r.cpu.as_deref().unwrap_or("default"),
+            r.memory.as_deref().unwrap_or("default")
+        );
+    }
+    if let Some(p) = &s.spec.readiness_probe {
+        field(
+            "Probe",
+            format!(
+                "{:?} :{}{} delay={}s period={}s timeout={}s success={} failure={}",
+                p.protocol,
+                p.port,
+                p.path.as_deref().unwrap_or(""),
+                p.initial_delay_seconds,
+                p.period_seconds,
+                p.timeout_seconds,
+                p.success_threshold,
+                p.failure_threshold
+            )
+            .to_lowercase(),
+        );
+    }
+    let labels: Vec<String> = s.spec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    field("Labels", if labels.is_empty() { "-".into() } else { labels.join(",") });
+}
+
+fn describe_node(n: &Node, bound: &[String]) {
+    let st = &n.status;
+    let r = &st.resources;
+    field("Name", &n.name);
+    let since = st.last_transition_at.as_deref().map(|t| format!(" (since {t})")).unwrap_or_default();
+    field("State", format!("{:?}{since}", st.state));
+    field("Source", format!("{:?}", n.source).to_lowercase());
+    field("Agent", &n.sbxlet_base_url);
+    field("External", dash(Some(n.effective_external())));
+    field("Last heartbeat", dash(st.last_heartbeat.as_deref()));
+    field("Streaks", format!("success={} failure={}", st.success_streak, st.failure_streak));
+    field("Last error", dash(Some(&st.last_error)));
+    say!("Resources:        cpu (milli)      memory (bytes)");
+    for (label, cpu, mem) in [
+        ("capacity", r.capacity_cpu_milli, r.capacity_memory_bytes),
+        ("allocatable", r.allocatable_cpu_milli, r.allocatable_memory_bytes),
+        ("used", r.used_cpu_milli, r.used_memory_bytes),
+        ("available", r.available_cpu_milli, r.available_memory_bytes),
+    ] {
+        say!("  {label:<15} {cpu:<16} {mem}");
+    }
+    field("Max alloc", format!("{}%", r.max_alloc_percent));
+    field("Sandboxes", if bound.is_empty() { "-".into() } else { bound.join(", ") });
+}

@@ -1,0 +1,309 @@
+//! kill -9 of `sandboxd-o serve` halfway through 500 creates: after a restart on the same store, agents and store agree.
+
+mod common;
+
+use common::*;
+use sandboxd_api::{Phase, Protocol, Sandbox, SandboxSpec};
+use sandboxd_client::{Client, ClientError};
+use sbxlet::{AgentHandle, SimConfig};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const AGENTS: usize = 5;
+const SANDBOXES: usize = 500;
+const CLIENTS: usize = 16;
+/// Pause of each client between creates, so the kill lands while creates are still coming in.
+const PACE: Duration = Duration::from_millis(100);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_halfway_through_creates_converges_to_agents_matching_the_store() {
+    let agents = start_agents().await;
+    let mut server = Orchestrator::spawn(&agents);
+    let client = server.client();
+    server.wait_nodes_ready(&client).await;
+
+    let creates = Creates::start(&client);
+    wait_halfway_with_some_running(&client, &creates).await;
+    let durable = creates.acknowledged();
+    eprintln!("killing sandboxd-o after {} answered creates", durable.len());
+    server.kill();
+    server.restart();
+    server.wait_healthy(&client).await;
+    assert_all_stored(&client, &durable).await;
+    creates.finish().await;
+
+    let world = converge(&client, &agents).await;
+    assert_eq!(world.store.len(), SANDBOXES);
+    let not_running: Vec<&Sandbox> = world.store.iter().filter(|s| s.status.phase != Phase::Running).collect();
+    assert!(not_running.is_empty(), "not Running: {:?}", not_running.iter().map(|s| &s.id).collect::<Vec<_>>());
+    let mut host_ports = BTreeSet::new();
+    for s in &world.store {
+        for p in &s.status.assigned_ports {
+            let key = (s.status.node_name.clone().unwrap(), p.protocol, p.host_port);
+            assert!(host_ports.insert(key.clone()), "{key:?} handed out twice");
+        }
+    }
+    for (node, held) in &world.agents {
+        assert_eq!(held, &bound_to(&world.store, node), "agent of {node} holds exactly what the store binds to it");
+    }
+    server.kill();
+    std::fs::copy(server.log_path(), "/tmp/cc-run.log").unwrap();
+}
+
+// === fixtures ===
+
+/// One sandbox's host ports as (host port, container port, protocol), sorted.
+type Ports = Vec<(u16, u16, Protocol)>;
+
+/// The store's sandboxes and, per node, the sandboxes its agent holds.
+struct World {
+    store: Vec<Sandbox>,
+    agents: BTreeMap<String, BTreeMap<String, Ports>>,
+}
+
+fn node_name(i: usize) -> String {
+    format!("node-{}", i + 1)
+}
+
+async fn start_agents() -> Vec<AgentHandle> {
+    let mut agents = Vec::new();
+    for _ in 0..AGENTS {
+        let config =
+            SimConfig { capacity_cpu_milli: 64_000, capacity_memory_bytes: 256 << 30, ..isolated_sim_config() };
+        agents.push(start_isolated_agent(config).await);
+    }
+    agents
+}
+
+fn spec() -> SandboxSpec {
+    with_port(sandbox_spec("100m"), 80)
+}
+
+/// The `sandboxd-o serve` child process, on a fixed port and a SQLite store in a temp dir.
+struct Orchestrator {
+    dir: tempfile::TempDir,
+    port: u16,
+    nodes: String,
+    child: Option<Child>,
+}
+
+impl Orchestrator {
+    fn spawn(agents: &[AgentHandle]) -> Orchestrator {
+        let nodes: Vec<serde_json::Value> = agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| serde_json::json!({"id": node_name(i), "ip": a.addr().ip().to_string(), "port": a.addr().port()}))
+            .collect();
+        let mut server = Orchestrator {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            nodes: serde_json::to_string(&nodes).unwrap(),
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("sandboxd-o.log")
+    }
+
+    /// Starts the server (again) on the same store and port; its output is appended to the log file.
+    fn restart(&mut self) {
+        let log = OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sandboxd-o"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--store")
+            .arg(format!("sqlite://{}", self.dir.path().join("store.db").display()))
+            .args(["--nodes", &self.nodes])
+            .args(["--heartbeat-interval", "200ms", "--heartbeat-timeout", "200ms", "--sync-period", "1s"])
+            .env("SANDBOXD_LOOPBACK_ONLY", "1")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn sandboxd-o");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, then reap.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&format!("http://127.0.0.1:{}", self.port), None).unwrap()
+    }
+
+    async fn wait_healthy(&self, client: &Client) {
+        eventually(20, "sandboxd-o healthy", || async { client.healthz().await.ok() }).await;
+    }
+
+    async fn wait_nodes_ready(&self, client: &Client) {
+        self.wait_healthy(client).await;
+        for i in 0..AGENTS {
+            wait_node_state(client, &node_name(i), sandboxd_api::NodeState::Ready).await;
+        }
+    }
+}
+
+impl Drop for Orchestrator {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!("--- last lines of sandboxd-o output ---");
+            for line in &lines[lines.len().saturating_sub(150)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// `CLIENTS` tasks creating `sandbox-000..499`, each retrying its create until the server answers it.
+struct Creates {
+    acknowledged: Arc<Mutex<BTreeSet<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Creates {
+    fn start(client: &Client) -> Creates {
+        let next = Arc::new(AtomicUsize::new(0));
+        let acknowledged = Arc::new(Mutex::new(BTreeSet::new()));
+        let tasks = (0..CLIENTS)
+            .map(|_| {
+                let (client, next, acknowledged) = (client.clone(), next.clone(), acknowledged.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if n >= SANDBOXES {
+                            return;
+                        }
+                        let id = format!("sandbox-{n:03}");
+                        create_until_answered(&client, &id).await;
+                        acknowledged.lock().unwrap().insert(id);
+                        tokio::time::sleep(PACE).await;
+                    }
+                })
+            })
+            .collect();
+        Creates { acknowledged, tasks }
+    }
+
+    fn acknowledged(&self) -> BTreeSet<String> {
+        self.acknowledged.lock().unwrap().clone()
+    }
+
+    async fn finish(self) {
+        for task in self.tasks {
+            task.await.expect("a create client failed");
+        }
+        assert_eq!(self.acknowledged.lock().unwrap().len(), SANDBOXES);
+    }
+}
+
+/// Posts one create until it is answered; an id created before a kill comes back as an idempotent 200.
+async fn create_until_answered(client: &Client, id: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match client.create_sandbox(id, &spec()).await {
+            Ok(written) => {
+                assert!(matches!(written.status, 200 | 201), "{id}: status {}", written.status);
+                return;
+            }
+            Err(ClientError::Api { status, message }) if status < 500 => panic!("create {id}: {status} {message}"),
+            Err(e) if tokio::time::Instant::now() > deadline => panic!("create {id} kept failing: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+async fn wait_halfway_with_some_running(client: &Client, creates: &Creates) {
+    eventually(30, "half the creates answered and some Running", || async {
+        if creates.acknowledged.lock().unwrap().len() < SANDBOXES / 2 {
+            return None;
+        }
+        let all = client.list_sandboxes().await.ok()?.items;
+        all.iter().any(|s| s.status.phase == Phase::Running).then_some(())
+    })
+    .await;
+}
+
+async fn assert_all_stored(client: &Client, durable: &BTreeSet<String>) {
+    let stored: BTreeSet<String> = client.list_sandboxes().await.unwrap().items.into_iter().map(|s| s.id).collect();
+    let lost: Vec<&String> = durable.difference(&stored).collect();
+    assert!(lost.is_empty(), "{} creates answered before the kill were lost: {lost:?}", lost.len());
+}
+
+/// Waits up to 60 s until every sandbox is Running and every agent holds exactly what is bound to it.
+async fn converge(client: &Client, agents: &[AgentHandle]) -> World {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let world = observe(client, agents).await;
+        let mismatch = mismatch(&world);
+        match mismatch {
+            None => return world,
+            Some(why) if tokio::time::Instant::now() > deadline => panic!("no convergence within 60 s: {why}"),
+            Some(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+async fn observe(client: &Client, agents: &[AgentHandle]) -> World {
+    let store = client.list_sandboxes().await.unwrap().items;
+    let mut held = BTreeMap::new();
+    for (i, agent) in agents.iter().enumerate() {
+        let on_agent = agent_sandboxes(agent.addr())
+            .await
+            .into_iter()
+            .map(|a| (a.id, sorted(a.ports.iter().map(|p| (p.host_port, p.container_port, p.protocol)).collect())))
+            .collect();
+        held.insert(node_name(i), on_agent);
+    }
+    World { store, agents: held }
+}
+
+/// What still differs from a converged world, if anything.
+fn mismatch(world: &World) -> Option<String> {
+    let phases: BTreeMap<&str, usize> = world.store.iter().fold(BTreeMap::new(), |mut counts, s| {
+        *counts.entry(s.status.phase.as_str()).or_default() += 1;
+        counts
+    });
+    if phases.get("Running") != Some(&SANDBOXES) {
+        return Some(format!("phases in the store: {phases:?}"));
+    }
+    for (node, held) in &world.agents {
+        let bound = bound_to(&world.store, node);
+        if held != &bound {
+            let extra: Vec<&String> = held.keys().filter(|id| !bound.contains_key(*id)).collect();
+            let missing: Vec<&String> = bound.keys().filter(|id| !held.contains_key(*id)).collect();
+            return Some(format!("{node}: agent has extra {extra:?}, misses {missing:?}, or ports differ"));
+        }
+    }
+    None
+}
+
+/// The sandboxes the store binds to `node`, with their assigned ports.
+fn bound_to(store: &[Sandbox], node: &str) -> BTreeMap<String, Ports> {
+    store
+        .iter()
+        .filter(|s| s.status.node_name.as_deref() == Some(node))
+        .map(|s| {
+            let ports = s.status.assigned_ports.iter().map(|p| (p.host_port, p.container_port, p.protocol)).collect();
+            (s.id.clone(), sorted(ports))
+        })
+        .collect()
+}
+
+fn sorted(mut ports: Ports) -> Ports {
+    ports.sort();
+    ports
+}

@@ -1,0 +1,580 @@
+//! Sandbox side end to end: phases, readiness, scheduling, host ports, TTL and failure detection against sim agents.
+
+mod common;
+
+use common::*;
+use futures::StreamExt;
+use reqwest::Method;
+use sandboxd_api::watch::EventType;
+use sandboxd_api::{AssignedPort, NodeState, Phase, Probe, ProbeProtocol, Protocol, Sandbox, SandboxSpec};
+use sandboxd_client::Client;
+use sandboxd_o::server::Running;
+use sbxlet::{AgentHandle, Faults, SimConfig};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+// === lifecycle ===
+
+#[tokio::test]
+async fn sandbox_runs_on_its_node_then_delete_removes_it_everywhere() {
+    let c = Cluster::start(1, &[]).await;
+    let created = c.client.create_sandbox("life-1", &web("200m")).await.unwrap();
+    assert_eq!((created.status, created.object.status.phase), (201, Phase::Pending));
+
+    let s = wait_phase(&c.client, "life-1", Phase::Running).await.status;
+    assert_eq!(s.node_name.as_deref(), Some("node-a"));
+    assert_eq!(s.assigned_ports, [AssignedPort { host_port: 10000, container_port: 80, protocol: Protocol::Tcp }]);
+    assert_eq!(s.external.as_deref(), Some("203.0.113.10"), "copied from the node");
+    assert!(s.private_ip.as_deref().is_some_and(|ip| ip.starts_with("10.88.")), "{:?}", s.private_ip);
+    assert!(s.ready && s.last_transition_at.is_some(), "{s:?}");
+
+    let held = agent_sandbox(c.agents[0].addr(), "life-1").await.expect("the agent holds it");
+    assert_eq!(held.labels.get("sandboxd.io/managed").map(String::as_str), Some("true"));
+    assert_eq!(Some(held.private_ip.as_str()), s.private_ip.as_deref());
+    assert_eq!(held.ports.iter().map(|p| p.host_port).collect::<Vec<_>>(), [10000]);
+
+    let events = c.phases_after_delete("life-1").await;
+    assert_eq!(events, [(EventType::Modified, Phase::Terminating), (EventType::Deleted, Phase::Terminating)]);
+    assert!(c.client.get_sandbox("life-1").await.unwrap_err().is_not_found());
+    assert!(!c.agents[0].sandbox_ids().contains(&"life-1".to_string()), "gone from the agent");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn watch_sees_scheduled_creating_running_in_order() {
+    let c = Cluster::start(1, &[]).await;
+    let from = c.client.list_sandboxes().await.unwrap().resource_version;
+    let mut watch = c.client.watch("sandboxes", Some(&from)).await.unwrap();
+    c.client.create_sandbox("watched", &web("100m")).await.unwrap();
+
+    let mut seen = Vec::new();
+    while seen.last().map(|(_, phase)| *phase) != Some(Phase::Running) {
+        let event = tokio::time::timeout(Duration::from_secs(10), watch.next()).await.expect("an event").unwrap();
+        let event = event.unwrap();
+        let sandbox: Sandbox = serde_json::from_value(event.object).unwrap();
+        if sandbox.id == "watched" && seen.last().map(|(_, p)| *p) != Some(sandbox.status.phase) {
+            seen.push((event.event_type, sandbox.status.phase));
+        }
+    }
+    let expected = [
+        (EventType::Added, Phase::Pending),
+        (EventType::Modified, Phase::Scheduled),
+        (EventType::Modified, Phase::Creating),
+        (EventType::Modified, Phase::Running),
+    ];
+    assert_eq!(seen, expected);
+    c.stop().await;
+}
+
+// === readiness ===
+
+#[tokio::test]
+async fn readiness_probe_gates_running_and_later_failures_only_clear_ready() {
+    let c = Cluster::start_with(&[SimConfig { faults: probe_503(), ..isolated_sim_config() }], &[]).await;
+    c.client.create_sandbox("probed", &with_http_probe(web("100m"))).await.unwrap();
+
+    let s = wait_status(&c.client, "probed", "probe error recorded", |s| last_probe_error(s).contains("503")).await;
+    assert_eq!((s.status.phase, s.status.ready), (Phase::Creating, false));
+    assert_holds(&c.client, "probed", 3, "Creating and not ready", |s| {
+        s.status.phase == Phase::Creating && !s.status.ready
+    })
+    .await;
+
+    c.agents[0].set_faults(Faults::default());
+    wait_status(&c.client, "probed", "Running and ready", |s| s.status.phase == Phase::Running && s.status.ready).await;
+
+    c.agents[0].set_faults(probe_503());
+    let s = wait_status(&c.client, "probed", "not ready again", |s| !s.status.ready).await;
+    assert_eq!(s.status.phase, Phase::Running, "a Running sandbox stays Running");
+    assert!(last_probe_error(&s).contains("503"), "{:?}", s.status.readiness);
+    assert_holds(&c.client, "probed", 2, "Running and not ready", |s| {
+        s.status.phase == Phase::Running && !s.status.ready
+    })
+    .await;
+    c.stop().await;
+}
+
+// === scheduling ===
+
+#[tokio::test]
+async fn unschedulable_sandbox_waits_pending_and_lands_on_a_bigger_node_when_one_joins() {
+    let mut c = Cluster::start(1, &[]).await;
+    c.client.create_sandbox("huge", &sandbox_spec("8")).await.unwrap();
+    let s =
+        wait_status(&c.client, "huge", "Unschedulable", |s| s.status.reason.as_deref() == Some("Unschedulable")).await;
+    assert_eq!(s.status.phase, Phase::Pending);
+    assert_eq!(s.status.message.as_deref(), Some("0/1 nodes available: 1 insufficient cpu"));
+    assert_eq!(s.status.node_name, None);
+
+    c.add_node("node-big", SimConfig { capacity_cpu_milli: 64_000, ..isolated_sim_config() }).await;
+    let s = wait_phase(&c.client, "huge", Phase::Running).await;
+    assert_eq!(s.status.node_name.as_deref(), Some("node-big"));
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_fill_allocatable_cpu_exactly() {
+    // 4000m at 90 % is 3600m allocatable: room for 18 sandboxes of 200m, not 19.
+    let c = Cluster::start(1, &[]).await;
+    let ids: Vec<String> = (0..19).map(|i| format!("fill-{i:02}")).collect();
+    create_concurrently(&c.client, &ids, |_| sandbox_spec("200m")).await;
+
+    let phases = |all: &[Sandbox]| count_by(all, |s| (s.status.phase.as_str(), s.status.reason.clone()));
+    let settled = eventually(15, "18 Running and 1 Unschedulable", || async {
+        let all = c.client.list_sandboxes().await.ok()?.items;
+        let counts = phases(&all);
+        (counts.get(&("Running", None)) == Some(&18)).then_some(all)
+    })
+    .await;
+    let expected = BTreeMap::from([(("Pending", Some("Unschedulable".to_string())), 1), (("Running", None), 18)]);
+    assert_eq!(phases(&settled), expected);
+    let pending = settled.iter().find(|s| s.status.phase == Phase::Pending).unwrap();
+    assert_eq!(pending.status.message.as_deref(), Some("0/1 nodes available: 1 insufficient cpu"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(phases(&c.client.list_sandboxes().await.unwrap().items), expected, "and it stays that way");
+    assert_eq!(c.agents[0].sandbox_ids().len(), 18);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_ports_are_unique_per_node_under_concurrent_creates() {
+    let c = Cluster::start(5, &[]).await;
+    let ids: Vec<String> = (0..200).map(|i| format!("port-{i:03}")).collect();
+    create_concurrently(&c.client, &ids, |_| web("10m")).await;
+
+    let all = eventually(30, "200 sandboxes Running", || async {
+        let all = c.client.list_sandboxes().await.ok()?.items;
+        (all.len() == 200 && all.iter().all(|s| s.status.phase == Phase::Running)).then_some(all)
+    })
+    .await;
+    let bound = bound_ports(&all);
+    let mut seen = BTreeSet::new();
+    for (node, port) in bound.values().flatten() {
+        assert!(seen.insert((node.clone(), *port)), "host port {port} handed out twice on {node}");
+        assert!((10000..=19999).contains(port), "{port} outside the range");
+    }
+    assert_eq!(seen.len(), 200);
+    for (i, agent) in c.agents.iter().enumerate() {
+        let node = node_name(i);
+        let on_agent: BTreeMap<String, Vec<(String, u16)>> = agent_sandboxes(agent.addr())
+            .await
+            .into_iter()
+            .map(|a| (a.id, a.ports.iter().map(|p| (node.clone(), p.host_port)).collect()))
+            .collect();
+        let in_store: BTreeMap<String, Vec<(String, u16)>> = bound
+            .iter()
+            .filter(|(_, ports)| ports[0].0 == node)
+            .map(|(id, ports)| (id.clone(), ports.clone()))
+            .collect();
+        assert!(!in_store.is_empty(), "spread used {node}");
+        assert_eq!(on_agent, in_store, "agent of {node} agrees with the store");
+    }
+    c.stop().await;
+}
+
+// === ttl ===
+
+#[tokio::test]
+async fn expired_sandbox_is_removed_from_store_and_agent() {
+    let c = Cluster::start(1, &[]).await;
+    c.client.create_sandbox("short", &with_ttl(web("100m"), 2)).await.unwrap();
+    wait_phase(&c.client, "short", Phase::Running).await;
+    assert!(c.agents[0].sandbox_ids().contains(&"short".to_string()));
+
+    eventually(8, "expired sandbox removed", || async {
+        c.client.get_sandbox("short").await.err().filter(|e| e.is_not_found())
+    })
+    .await;
+    assert!(c.agents[0].sandbox_ids().is_empty(), "gone from the agent: {:?}", c.agents[0].sandbox_ids());
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn raising_ttl_before_expiry_moves_expire_at_and_keeps_the_sandbox() {
+    let c = Cluster::start(1, &[]).await;
+    let created = c.client.create_sandbox("extended", &with_ttl(web("100m"), 3)).await.unwrap().object;
+    let created_at = unix(&created.created_at);
+    assert_eq!(created.status.expire_at.as_deref().map(unix), Some(created_at + 3));
+    wait_phase(&c.client, "extended", Phase::Running).await;
+
+    let updated = c.client.update_sandbox("extended", &with_ttl(web("100m"), 60), None).await.unwrap();
+    assert_eq!(updated.status.expire_at.as_deref().map(unix), Some(created_at + 60));
+    sleep_until_unix(created_at + 5).await;
+    let s = c.client.get_sandbox("extended").await.expect("still there past the original expiry");
+    assert_eq!(s.status.phase, Phase::Running);
+    assert_eq!(c.agents[0].sandbox_ids(), ["extended"]);
+    c.stop().await;
+}
+
+// === node loss ===
+
+#[tokio::test]
+async fn sandbox_on_a_node_not_ready_past_the_grace_fails_with_node_lost() {
+    let c = Cluster::start(2, &[("node_lost_grace", "1s")]).await;
+    c.client.create_sandbox("lost", &web("100m")).await.unwrap();
+    let node = wait_phase(&c.client, "lost", Phase::Running).await.status.node_name.unwrap();
+
+    c.agent_of(&node).set_faults(health_failing());
+    wait_node_state(&c.client, &node, NodeState::NotReady).await;
+    let s = wait_phase(&c.client, "lost", Phase::Failed).await;
+    assert_eq!(s.status.reason.as_deref(), Some("NodeLost"));
+    assert_eq!(s.status.node_name.as_deref(), Some(node.as_str()), "keeps its node");
+    assert!(!s.status.ready);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_a_node_fails_its_sandboxes_at_once() {
+    // The default grace of 60 s shows the failure does not wait for it.
+    let c = Cluster::start(2, &[]).await;
+    let ids: Vec<String> = (0..4).map(|i| format!("del-{i}")).collect();
+    create_concurrently(&c.client, &ids, |_| web("100m")).await;
+    let mut on_node_a = Vec::new();
+    for id in &ids {
+        let s = wait_phase(&c.client, id, Phase::Running).await;
+        if s.status.node_name.as_deref() == Some("node-a") {
+            on_node_a.push(id.clone());
+        }
+    }
+    assert!(!on_node_a.is_empty() && on_node_a.len() < ids.len(), "spread over both nodes: {on_node_a:?}");
+
+    c.client.delete_node("node-a").await.unwrap();
+    for id in &ids {
+        let s = if on_node_a.contains(id) {
+            let s = wait_status_within(&c.client, id, 5, "NodeLost and released", |s| {
+                s.status.phase == Phase::Failed && s.status.released
+            })
+            .await;
+            assert_eq!(s.status.node_name.as_deref(), Some("node-a"));
+            s
+        } else {
+            c.client.get_sandbox(id).await.unwrap()
+        };
+        let want = if on_node_a.contains(id) { (Phase::Failed, Some("NodeLost")) } else { (Phase::Running, None) };
+        assert_eq!((s.status.phase, s.status.reason.as_deref()), want, "{id}");
+    }
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn nothing_fails_while_every_node_is_not_ready() {
+    let c = Cluster::start(1, &[("node_lost_grace", "1s")]).await;
+    c.client.create_sandbox("cut-off", &web("100m")).await.unwrap();
+    wait_phase(&c.client, "cut-off", Phase::Running).await;
+
+    c.agents[0].set_faults(health_failing());
+    wait_node_state(&c.client, "node-a", NodeState::NotReady).await;
+    assert_holds(&c.client, "cut-off", 4, "still Running", |s| s.status.phase == Phase::Running).await;
+    assert_eq!(c.client.get_node("node-a").await.unwrap().status.state, NodeState::NotReady, "for the whole time");
+    c.stop().await;
+}
+
+// === agent side failures ===
+
+#[tokio::test]
+async fn sandbox_forgotten_by_a_restarted_agent_fails_as_vanished() {
+    let c = Cluster::start(1, &[]).await;
+    c.client.create_sandbox("forgotten", &web("100m")).await.unwrap();
+    wait_phase(&c.client, "forgotten", Phase::Running).await;
+
+    c.agents[0].restart();
+    let s = wait_phase(&c.client, "forgotten", Phase::Failed).await;
+    assert_eq!(s.status.reason.as_deref(), Some("Vanished"));
+    assert_eq!(s.status.node_name.as_deref(), Some("node-a"));
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn sandbox_the_agent_reports_failed_fails_as_agent_failed() {
+    let c = Cluster::start(1, &[]).await;
+    c.client.create_sandbox("oom", &web("100m")).await.unwrap();
+    wait_phase(&c.client, "oom", Phase::Running).await;
+
+    assert!(c.agents[0].fail_sandbox("oom", "oom killed"));
+    let s = wait_phase(&c.client, "oom", Phase::Failed).await;
+    assert_eq!(s.status.reason.as_deref(), Some("AgentFailed"));
+    assert_eq!(s.status.message.as_deref(), Some("oom killed"));
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn managed_orphans_are_collected_and_unmanaged_ones_left_alone() {
+    let c = Cluster::start(1, &[]).await;
+    let unmanaged = direct_sandbox("stray", 10500, None);
+    let managed = direct_sandbox("orphan", 10501, Some(json!({"sandboxd.io/managed": "true"})));
+    for body in [unmanaged, managed] {
+        let (status, answer) = call(&c.client, Method::POST, "/api/v1/nodes/node-a/sandboxes", body).await;
+        assert_eq!(status, 201, "{answer}");
+    }
+    assert_eq!(c.agents[0].sandbox_ids(), ["orphan", "stray"]);
+
+    eventually(6, "managed orphan collected", || async { (c.agents[0].sandbox_ids() == ["stray"]).then_some(()) })
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(c.agents[0].sandbox_ids(), ["stray"], "the unmanaged one survives later sweeps");
+    c.stop().await;
+}
+
+// === failed leftovers ===
+
+#[tokio::test]
+async fn vanished_sandbox_releases_its_host_port_for_reuse_on_that_node() {
+    let c = Cluster::start(1, &[]).await;
+    c.client.create_sandbox("first", &web("100m")).await.unwrap();
+    let port = host_port(&wait_phase(&c.client, "first", Phase::Running).await);
+
+    c.agents[0].restart();
+    let s = wait_status(&c.client, "first", "Failed and released", |s| s.status.released).await;
+    assert_eq!((s.status.phase, s.status.reason.as_deref()), (Phase::Failed, Some("Vanished")));
+
+    c.client.create_sandbox("second", &pinned(web("100m"), port)).await.unwrap();
+    let second = wait_phase(&c.client, "second", Phase::Running).await;
+    assert_eq!((second.status.node_name.as_deref(), host_port(&second)), (Some("node-a"), port));
+    assert_eq!(c.agents[0].sandbox_ids(), ["second"]);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn node_lost_sandbox_is_released_once_its_recovered_agent_removes_it() {
+    let c = Cluster::start(2, &[("node_lost_grace", "1s")]).await;
+    c.client.create_sandbox("stranded", &web("100m")).await.unwrap();
+    let running = wait_phase(&c.client, "stranded", Phase::Running).await;
+    let (node, port) = (running.status.node_name.clone().unwrap(), host_port(&running));
+
+    c.agent_of(&node).set_faults(health_failing());
+    let s = wait_phase(&c.client, "stranded", Phase::Failed).await;
+    assert_eq!((s.status.reason.as_deref(), s.status.released), (Some("NodeLost"), false));
+    assert_eq!(c.agent_of(&node).sandbox_ids(), ["stranded"], "the unreachable agent still holds it");
+
+    c.agent_of(&node).set_faults(Faults::default());
+    wait_status(&c.client, "stranded", "released", |s| s.status.released).await;
+    assert!(c.agent_of(&node).sandbox_ids().is_empty(), "leftovers removed from the agent");
+
+    // Two sandboxes pinned to the same host port need both nodes: the port is free again on the recovered one.
+    for id in ["pin-1", "pin-2"] {
+        c.client.create_sandbox(id, &pinned(web("100m"), port)).await.unwrap();
+    }
+    let mut nodes = BTreeSet::new();
+    for id in ["pin-1", "pin-2"] {
+        nodes.insert(wait_phase(&c.client, id, Phase::Running).await.status.node_name.unwrap());
+    }
+    assert_eq!(nodes, BTreeSet::from(["node-a".to_string(), "node-b".to_string()]));
+    c.stop().await;
+}
+
+// === fixtures ===
+
+/// A server and its nodes `node-a`, `node-b`, ... on sim agents of their own, all Ready.
+struct Cluster {
+    server: Running,
+    client: Client,
+    agents: Vec<AgentHandle>,
+    names: Vec<String>,
+}
+
+impl Cluster {
+    async fn start(nodes: usize, config: &[(&str, &str)]) -> Cluster {
+        let agents: Vec<SimConfig> = (0..nodes).map(|_| isolated_sim_config()).collect();
+        Cluster::start_with(&agents, config).await
+    }
+
+    async fn start_with(agents: &[SimConfig], config: &[(&str, &str)]) -> Cluster {
+        let (server, client) = start_server(test_config(config)).await;
+        let mut cluster = Cluster { server, client, agents: Vec::new(), names: Vec::new() };
+        for (i, agent) in agents.iter().enumerate() {
+            cluster.add_node(&node_name(i), agent.clone()).await;
+        }
+        cluster
+    }
+
+    async fn add_node(&mut self, name: &str, config: SimConfig) {
+        let agent = start_isolated_agent(config).await;
+        register(&self.client, name, agent.addr()).await;
+        wait_node_state(&self.client, name, NodeState::Ready).await;
+        self.agents.push(agent);
+        self.names.push(name.to_string());
+    }
+
+    fn agent_of(&self, node: &str) -> &AgentHandle {
+        let i = self.names.iter().position(|n| n == node).unwrap_or_else(|| panic!("no node {node}"));
+        &self.agents[i]
+    }
+
+    /// Deletes a sandbox and returns the (event, phase) pairs its watch shows until it is gone.
+    async fn phases_after_delete(&self, id: &str) -> Vec<(EventType, Phase)> {
+        let from = self.client.get_sandbox(id).await.unwrap().resource_version;
+        let mut watch = self.client.watch("sandboxes", Some(&from)).await.unwrap();
+        self.client.delete_sandbox(id).await.unwrap();
+        let mut seen = Vec::new();
+        while seen.last().map(|(t, _)| *t) != Some(EventType::Deleted) {
+            let event = tokio::time::timeout(Duration::from_secs(10), watch.next()).await.expect("an event").unwrap();
+            let event = event.unwrap();
+            let Ok(sandbox) = serde_json::from_value::<Sandbox>(event.object) else { continue };
+            if sandbox.id == id {
+                seen.push((event.event_type, sandbox.status.phase));
+            }
+        }
+        seen
+    }
+
+    async fn stop(self) {
+        self.server.stop().await.unwrap();
+    }
+}
+
+fn node_name(i: usize) -> String {
+    format!("node-{}", (b'a' + i as u8) as char)
+}
+
+/// A sandbox with one tcp port 80.
+fn web(cpu: &str) -> SandboxSpec {
+    with_port(sandbox_spec(cpu), 80)
+}
+
+fn with_ttl(mut spec: SandboxSpec, ttl_seconds: i64) -> SandboxSpec {
+    spec.ttl_seconds = Some(ttl_seconds);
+    spec
+}
+
+fn pinned(mut spec: SandboxSpec, host_port: u16) -> SandboxSpec {
+    spec.ports[0].host_port = Some(i64::from(host_port));
+    spec
+}
+
+/// An http readiness probe on port 80 that flips `ready` after a single result, every second.
+fn with_http_probe(mut spec: SandboxSpec) -> SandboxSpec {
+    spec.readiness_probe = Some(Probe {
+        protocol: ProbeProtocol::Http,
+        port: 80,
+        path: None,
+        initial_delay_seconds: 0,
+        period_seconds: 1,
+        timeout_seconds: 1,
+        success_threshold: 1,
+        failure_threshold: 1,
+    });
+    spec
+}
+
+fn probe_503() -> Faults {
+    Faults { probe_503: true, ..Faults::default() }
+}
+
+fn health_failing() -> Faults {
+    Faults { health_failing: true, ..Faults::default() }
+}
+
+fn last_probe_error(s: &Sandbox) -> &str {
+    s.status.readiness.as_ref().map_or("", |r| r.last_error.as_str())
+}
+
+fn host_port(s: &Sandbox) -> u16 {
+    s.status.assigned_ports[0].host_port
+}
+
+/// A raw agent create body, optionally with labels.
+fn direct_sandbox(id: &str, host_port: u16, labels: Option<Value>) -> Value {
+    let mut body = json!({
+        "id": id,
+        "ports": [{"host_port": host_port, "container_port": 80, "protocol": "tcp"}],
+        "containers": [{"name": "web", "image": "nginx:latest", "resource": {"cpu": "100m", "memory": "64Mi"}}]
+    });
+    if let Some(labels) = labels {
+        body["labels"] = labels;
+    }
+    body
+}
+
+async fn call(client: &Client, method: Method, path: &str, body: Value) -> (u16, Value) {
+    match client.call::<Value>(method, path, Some(&body)).await {
+        Ok(answer) => answer,
+        Err(sandboxd_client::ClientError::Api { status, message }) => (status, json!({ "error": message })),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Creates every id at once, one task per create.
+async fn create_concurrently(client: &Client, ids: &[String], spec: impl Fn(&str) -> SandboxSpec) {
+    let tasks: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (client, id, spec) = (client.clone(), id.clone(), spec(id));
+            tokio::spawn(async move { client.create_sandbox(&id, &spec).await.map(|w| w.status) })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap(), 201);
+    }
+}
+
+/// Sandbox id → its (node, host port) pairs.
+fn bound_ports(all: &[Sandbox]) -> BTreeMap<String, Vec<(String, u16)>> {
+    all.iter()
+        .map(|s| {
+            let node = s.status.node_name.clone().unwrap_or_default();
+            (s.id.clone(), s.status.assigned_ports.iter().map(|p| (node.clone(), p.host_port)).collect())
+        })
+        .collect()
+}
+
+fn count_by<K: Ord>(all: &[Sandbox], key: impl Fn(&Sandbox) -> K) -> BTreeMap<K, usize> {
+    let mut counts = BTreeMap::new();
+    for s in all {
+        *counts.entry(key(s)).or_default() += 1;
+    }
+    counts
+}
+
+async fn wait_phase(client: &Client, id: &str, phase: Phase) -> Sandbox {
+    wait_status(client, id, phase.as_str(), |s| s.status.phase == phase).await
+}
+
+async fn wait_status(client: &Client, id: &str, what: &str, check: impl Fn(&Sandbox) -> bool) -> Sandbox {
+    wait_status_within(client, id, 10, what, check).await
+}
+
+async fn wait_status_within(
+    client: &Client,
+    id: &str,
+    secs: u64,
+    what: &str,
+    check: impl Fn(&Sandbox) -> bool,
+) -> Sandbox {
+    let mut last = None;
+    let found = tokio::time::timeout(Duration::from_secs(secs), async {
+        loop {
+            if let Ok(s) = client.get_sandbox(id).await {
+                if check(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("{id}: not {what} within {secs}s; last seen {:?}", last.map(|s| s.status)))
+}
+
+/// Asserts `check` holds on every read of the sandbox for `secs` seconds.
+async fn assert_holds(client: &Client, id: &str, secs: u64, what: &str, check: impl Fn(&Sandbox) -> bool) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < until {
+        let s = client.get_sandbox(id).await.unwrap();
+        assert!(check(&s), "{id} should stay {what}: {:?}", s.status);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn unix(rfc3339: &str) -> i64 {
+    sandboxd_api::time::parse_rfc3339(rfc3339).expect("an RFC 3339 time")
+}
+
+async fn sleep_until_unix(at: i64) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let target = Duration::from_secs(at as u64);
+    if let Some(left) = target.checked_sub(now) {
+        tokio::time::sleep(left).await;
+    }
+}

@@ -1,0 +1,154 @@
+//! sbxctl as a subprocess against a real server with sim agents: apply, get, wait, logs, delete --wait.
+
+mod common;
+
+use common::*;
+use sandboxd_api::NodeState;
+use sbxlet::Faults;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// The sbxctl binary next to this test's target dir, built on demand when only this package was built.
+fn sbxctl_path() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join("sbxctl");
+    if !path.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "sandboxd-client", "--bin", "sbxctl"])
+            .status()
+            .expect("cargo build sbxctl");
+        assert!(status.success());
+    }
+    path
+}
+
+struct Ctl {
+    server: String,
+}
+
+impl Ctl {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(sbxctl_path()).env("SANDBOXD_SERVER", &self.server).args(args).output().expect("sbxctl runs")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "sbxctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+fn write_manifest(dir: &std::path::Path, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, body).unwrap();
+    path.display().to_string()
+}
+
+const SANDBOX: &str = "kind: Sandbox\nid: cli-1\nspec:\n  ttl_seconds: 600\n  labels: {team: a}\n  ports: [{container_port: 80}]\n  containers:\n    - name: web\n      image: nginx:latest\n      resource: {cpu: 200m, memory: 64Mi}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sbxctl_drives_a_real_server() {
+    let agent = start_agent(Faults::default()).await;
+    let (server, client) = start_server(test_config(&[])).await;
+    register(&client, "node-a", agent.addr()).await;
+    wait_node_state(&client, "node-a", NodeState::Ready).await;
+    let ctl = Ctl { server: format!("http://{}", server.addr) };
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_manifest(dir.path(), "s.yaml", SANDBOX);
+
+    let ctl_ref = &ctl;
+    let (first, second, third) = tokio::task::spawn_blocking({
+        let file = file.clone();
+        let changed = write_manifest(dir.path(), "changed.yaml", &SANDBOX.replace("team: a", "team: b"));
+        let ctl = Ctl { server: ctl_ref.server.clone() };
+        move || (ctl.ok(&["apply", "-f", &file]), ctl.ok(&["apply", "-f", &file]), ctl.ok(&["apply", "-f", &changed]))
+    })
+    .await
+    .unwrap();
+    assert_eq!(first.trim(), "sandbox/cli-1 created");
+    assert_eq!(second.trim(), "sandbox/cli-1 unchanged");
+    assert_eq!(third.trim(), "sandbox/cli-1 configured");
+
+    let server_url = ctl.server.clone();
+    tokio::task::spawn_blocking(move || {
+        let ctl = Ctl { server: server_url };
+        let waited = ctl.ok(&["wait", "sandbox/cli-1", "--for", "phase=Running", "--timeout", "20s"]);
+        assert!(waited.contains("condition met"), "{waited}");
+
+        let table = ctl.ok(&["get", "sandboxes"]);
+        let header = table.lines().next().unwrap();
+        assert!(header.starts_with("NAME") && header.contains("PHASE") && header.contains("NODE"), "{table}");
+        let row = table.lines().find(|l| l.starts_with("cli-1")).expect("row for cli-1");
+        assert!(row.contains("Running") && row.contains("node-a") && row.contains("10000->80/tcp"), "{row}");
+
+        let json: serde_json::Value =
+            serde_json::from_str(&ctl.ok(&["get", "sandbox", "cli-1", "-o", "json"])).unwrap();
+        assert_eq!(json["status"]["phase"], "Running");
+        assert_eq!(json["spec"]["labels"]["team"], "b");
+
+        let nodes = ctl.ok(&["get", "nodes"]);
+        assert!(nodes.lines().any(|l| l.starts_with("node-a") && l.contains("Ready")), "{nodes}");
+
+        let logs = ctl.ok(&["logs", "cli-1", "--tail", "2"]);
+        assert_eq!(logs.lines().count(), 2, "{logs}");
+        assert!(logs.lines().all(|l| l.starts_with("[web] ")), "{logs}");
+
+        let timeout = ctl.run(&["wait", "sandbox/cli-1", "--for", "phase=Failed", "--timeout", "1s"]);
+        assert_eq!(timeout.status.code(), Some(1), "wait times out with exit 1");
+        assert!(String::from_utf8_lossy(&timeout.stderr).contains("timed out"));
+
+        let deleted = ctl.ok(&["delete", "sandbox", "cli-1", "--wait", "--timeout", "20s"]);
+        assert_eq!(deleted.trim(), "sandbox/cli-1 deleted");
+        let gone = ctl.run(&["get", "sandbox", "cli-1"]);
+        assert_eq!(gone.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&gone.stderr).contains("not found"));
+    })
+    .await
+    .unwrap();
+    assert!(agent.sandbox_ids().is_empty(), "delete --wait returns once the agent no longer holds it");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sbxctl_wait_fails_fast_on_failed_with_the_reason() {
+    let agent = start_agent(Faults::default()).await;
+    let (server, client) = start_server(test_config(&[])).await;
+    register(&client, "node-a", agent.addr()).await;
+    wait_node_state(&client, "node-a", NodeState::Ready).await;
+    client.create_sandbox("doomed", &sandbox_spec("100m")).await.unwrap();
+    eventually(10, "doomed on the agent", || async {
+        agent.sandbox_ids().contains(&"doomed".to_string()).then_some(())
+    })
+    .await;
+    agent.fail_sandbox("doomed", "oom killed");
+    let server_url = format!("http://{}", server.addr);
+    let out = tokio::task::spawn_blocking(move || {
+        Ctl { server: server_url }.run(&["wait", "sandbox/doomed", "--for", "phase=Running", "--timeout", "30s"])
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // It may already be Running before the failure lands; then wait succeeds, which is also correct.
+    if !out.status.success() {
+        assert!(stderr.contains("Failed") && stderr.contains("oom killed"), "{stderr}");
+    }
+    server.stop().await.unwrap();
+}
+
+#[test]
+fn sbxctl_says_which_address_is_unreachable_and_how_to_start_the_server() {
+    let ctl = Ctl { server: format!("http://127.0.0.1:{}", free_port()) };
+    let out = ctl.run(&["get", "nodes"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one readable line: {stderr}");
+    assert!(stderr.contains(&ctl.server) && stderr.contains("sandboxd-o serve"), "{stderr}");
+}
+
+#[test]
+fn sbxctl_prints_completions() {
+    let ctl = Ctl { server: "http://127.0.0.1:1".into() };
+    let out = ctl.ok(&["completion", "bash"]);
+    assert!(out.contains("sbxctl") && out.contains("complete"), "bash completion script");
+}
