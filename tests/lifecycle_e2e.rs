@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use futures::StreamExt;
 use reqwest::Method;
-use sandboxd_api::watch::EventType;
+use sandboxd_api::watch::{EventType, WatchEvent};
 use sandboxd_api::{AssignedPort, NodeState, Phase, Probe, ProbeProtocol, Protocol, Sandbox, SandboxSpec};
 use sandboxd_client::Client;
 use sandboxd_o::server::Running;
@@ -34,8 +34,10 @@ async fn sandbox_runs_on_its_node_then_delete_removes_it_everywhere() {
     assert_eq!(Some(held.private_ip.as_str()), s.private_ip.as_deref());
     assert_eq!(held.ports.iter().map(|p| p.host_port).collect::<Vec<_>>(), [10000]);
 
-    let events = c.phases_after_delete("life-1").await;
-    assert_eq!(events, [(EventType::Modified, Phase::Terminating), (EventType::Deleted, Phase::Terminating)]);
+    let mut events = SandboxEvents::open(&c.client, "life-1", None).await;
+    c.client.delete_sandbox("life-1").await.unwrap();
+    let phases: Vec<(EventType, Phase)> = events.until_deleted().await.into_iter().map(|(t, p, _)| (t, p)).collect();
+    assert_eq!(phases, [(EventType::Modified, Phase::Terminating), (EventType::Deleted, Phase::Terminating)]);
     assert!(c.client.get_sandbox("life-1").await.unwrap_err().is_not_found());
     assert!(!c.agents[0].sandbox_ids().contains(&"life-1".to_string()), "gone from the agent");
     c.stop().await;
@@ -45,25 +47,19 @@ async fn sandbox_runs_on_its_node_then_delete_removes_it_everywhere() {
 async fn watch_sees_scheduled_creating_running_in_order() {
     let c = Cluster::start(1, &[]).await;
     let from = c.client.list_sandboxes().await.unwrap().resource_version;
-    let mut watch = c.client.watch("sandboxes", Some(&from)).await.unwrap();
+    let mut events = SandboxEvents::open(&c.client, "watched", Some(from)).await;
     c.client.create_sandbox("watched", &web("100m")).await.unwrap();
 
-    let mut seen = Vec::new();
-    while seen.last().map(|(_, phase)| *phase) != Some(Phase::Running) {
-        let event = tokio::time::timeout(Duration::from_secs(10), watch.next()).await.expect("an event").unwrap();
-        let event = event.unwrap();
-        let sandbox: Sandbox = serde_json::from_value(event.object).unwrap();
-        if sandbox.id == "watched" && seen.last().map(|(_, p)| *p) != Some(sandbox.status.phase) {
-            seen.push((event.event_type, sandbox.status.phase));
-        }
-    }
+    let seen = events.until(|_, s| s.status.phase == Phase::Running).await;
+    let mut phases: Vec<(EventType, Phase)> = seen.iter().map(|(t, s)| (*t, s.status.phase)).collect();
+    phases.dedup_by_key(|(_, phase)| *phase);
     let expected = [
         (EventType::Added, Phase::Pending),
         (EventType::Modified, Phase::Scheduled),
         (EventType::Modified, Phase::Creating),
         (EventType::Modified, Phase::Running),
     ];
-    assert_eq!(seen, expected);
+    assert_eq!(phases, expected);
     c.stop().await;
 }
 
@@ -134,6 +130,11 @@ async fn concurrent_creates_fill_allocatable_cpu_exactly() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(phases(&c.client.list_sandboxes().await.unwrap().items), expected, "and it stays that way");
     assert_eq!(c.agents[0].sandbox_ids().len(), 18);
+
+    // Freeing room retries the waiting one.
+    let running = settled.iter().find(|s| s.status.phase == Phase::Running).unwrap();
+    c.client.delete_sandbox(&running.id).await.unwrap();
+    wait_phase(&c.client, &pending.id, Phase::Running).await;
     c.stop().await;
 }
 
@@ -182,10 +183,10 @@ async fn expired_sandbox_is_removed_from_store_and_agent() {
     wait_phase(&c.client, "short", Phase::Running).await;
     assert!(c.agents[0].sandbox_ids().contains(&"short".to_string()));
 
-    eventually(8, "expired sandbox removed", || async {
-        c.client.get_sandbox("short").await.err().filter(|e| e.is_not_found())
-    })
-    .await;
+    let mut events = SandboxEvents::open(&c.client, "short", None).await;
+    let expired = (Phase::Terminating, Some("Expired".to_string()));
+    assert_eq!(events.until_deleted().await, [modified(&expired), deleted(&expired)]);
+    assert!(c.client.get_sandbox("short").await.unwrap_err().is_not_found());
     assert!(c.agents[0].sandbox_ids().is_empty(), "gone from the agent: {:?}", c.agents[0].sandbox_ids());
     c.stop().await;
 }
@@ -401,25 +402,48 @@ impl Cluster {
         &self.agents[i]
     }
 
-    /// Deletes a sandbox and returns the (event, phase) pairs its watch shows until it is gone.
-    async fn phases_after_delete(&self, id: &str) -> Vec<(EventType, Phase)> {
-        let from = self.client.get_sandbox(id).await.unwrap().resource_version;
-        let mut watch = self.client.watch("sandboxes", Some(&from)).await.unwrap();
-        self.client.delete_sandbox(id).await.unwrap();
-        let mut seen = Vec::new();
-        while seen.last().map(|(t, _)| *t) != Some(EventType::Deleted) {
-            let event = tokio::time::timeout(Duration::from_secs(10), watch.next()).await.expect("an event").unwrap();
-            let event = event.unwrap();
-            let Ok(sandbox) = serde_json::from_value::<Sandbox>(event.object) else { continue };
-            if sandbox.id == id {
-                seen.push((event.event_type, sandbox.status.phase));
-            }
-        }
-        seen
-    }
-
     async fn stop(self) {
         self.server.stop().await.unwrap();
+    }
+}
+
+/// The watch events of one sandbox.
+struct SandboxEvents {
+    id: String,
+    stream: futures::stream::BoxStream<'static, Result<WatchEvent<Value>, sandboxd_client::ClientError>>,
+}
+
+impl SandboxEvents {
+    /// Watches sandbox `id` after revision `from`, or from its current version when `None`.
+    async fn open(client: &Client, id: &str, from: Option<String>) -> SandboxEvents {
+        let from = match from {
+            Some(rv) => rv,
+            None => client.get_sandbox(id).await.unwrap().resource_version,
+        };
+        SandboxEvents { id: id.to_string(), stream: client.watch("sandboxes", Some(&from)).await.unwrap() }
+    }
+
+    /// Events of this sandbox up to and including the first one `last` accepts.
+    async fn until(&mut self, last: impl Fn(EventType, &Sandbox) -> bool) -> Vec<(EventType, Sandbox)> {
+        let mut seen = Vec::new();
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(10), self.stream.next()).await;
+            let event = next.expect("a watch event within 10 s").expect("the watch stays open").unwrap();
+            let Ok(sandbox) = serde_json::from_value::<Sandbox>(event.object) else { continue };
+            if sandbox.id != self.id {
+                continue;
+            }
+            let done = last(event.event_type, &sandbox);
+            seen.push((event.event_type, sandbox));
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    async fn until_deleted(&mut self) -> Vec<(EventType, Phase, Option<String>)> {
+        let events = self.until(|t, _| t == EventType::Deleted).await;
+        events.into_iter().map(|(t, s)| (t, s.status.phase, s.status.reason)).collect()
     }
 }
 
@@ -455,6 +479,14 @@ fn with_http_probe(mut spec: SandboxSpec) -> SandboxSpec {
         failure_threshold: 1,
     });
     spec
+}
+
+fn modified((phase, reason): &(Phase, Option<String>)) -> (EventType, Phase, Option<String>) {
+    (EventType::Modified, *phase, reason.clone())
+}
+
+fn deleted((phase, reason): &(Phase, Option<String>)) -> (EventType, Phase, Option<String>) {
+    (EventType::Deleted, *phase, reason.clone())
 }
 
 fn probe_503() -> Faults {

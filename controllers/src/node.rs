@@ -3,6 +3,7 @@
 use crate::agent::{AgentClient, AgentError};
 use crate::objects::{ObjectClient, ObjectError};
 use crate::runtime::informer::{Change, Informer};
+use crate::runtime::metrics::METRICS;
 use crate::runtime::queue::{run_workers, Outcome, WorkQueue};
 use sandboxd_api::agent::AgentStatus;
 use sandboxd_api::node::NodeStatus;
@@ -219,6 +220,8 @@ pub struct NodeController {
     agents: Arc<dyn AgentClient>,
     settings: NodeSettings,
     queue: WorkQueue<String>,
+    /// When each node's next heartbeat is due, to measure how late it starts.
+    due: parking_lot::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
 }
 
 impl NodeController {
@@ -231,22 +234,29 @@ impl NodeController {
     ) -> Arc<NodeController> {
         let queue = WorkQueue::new();
         subscribe_heartbeats(&nodes, &queue);
-        Arc::new(NodeController { nodes, objects, agents, settings, queue })
+        Arc::new(NodeController { nodes, objects, agents, settings, queue, due: Default::default() })
     }
 
     /// One heartbeat of one node, then the next one is scheduled an interval (±10 %) later.
     pub async fn beat(&self, name: &str) -> Outcome {
+        let due = self.due.lock().remove(name);
         if self.nodes.get(name).is_none() {
             return Outcome::Done;
         }
-        match heartbeat_once(self.objects.as_ref(), self.agents.as_ref(), &self.settings, name).await {
-            Err(ObjectError::NotFound(_)) => Outcome::Done,
-            Err(e) => {
-                tracing::debug!(node = %name, error = %e, "heartbeat not recorded");
-                Outcome::Requeue(jittered(self.settings.heartbeat_interval))
-            }
-            Ok(_) => Outcome::Requeue(jittered(self.settings.heartbeat_interval)),
+        if let Some(due) = due {
+            METRICS.heartbeat_lag.record(tokio::time::Instant::now().saturating_duration_since(due));
         }
+        METRICS.heartbeats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let result = heartbeat_once(self.objects.as_ref(), self.agents.as_ref(), &self.settings, name).await;
+        if let Err(e) = &result {
+            if matches!(e, ObjectError::NotFound(_)) {
+                return Outcome::Done;
+            }
+            tracing::debug!(node = %name, error = %e, "heartbeat not recorded");
+        }
+        let next = jittered(self.settings.heartbeat_interval);
+        self.due.lock().insert(name.to_string(), tokio::time::Instant::now() + next);
+        Outcome::Requeue(next)
     }
 
     /// Runs heartbeats until `shutdown`.

@@ -422,6 +422,7 @@ impl Scheduler {
         status.message = None;
         match self.objects.put_sandbox_status(&sandbox.id, &status, &sandbox.resource_version).await {
             Ok(_) => {
+                crate::runtime::metrics::METRICS.binds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.unschedulable.lock().remove(&sandbox.id);
                 tracing::info!(sandbox = %sandbox.id, node = %node.name, from = "Pending", to = "Scheduled", "sandbox phase changed");
                 Outcome::Done

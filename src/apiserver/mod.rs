@@ -91,6 +91,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/api/v1/sandboxes/{id}", get(sandboxes::get_one).put(sandboxes::update_spec).delete(sandboxes::delete))
         .route("/api/v1/sandboxes/{id}/status", put(sandboxes::put_status))
         .route("/openapi.json", get(openapi::document))
+        .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
@@ -104,6 +105,29 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
 #[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The server is up")))]
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "ok": true }))
+}
+
+/// Prometheus text exposition of the process's counters and heartbeat lag.
+async fn metrics() -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = &sandboxd_controllers::runtime::metrics::METRICS;
+    let mut out = String::new();
+    out.push_str("# TYPE sandboxd_heartbeat_lag_seconds summary\n");
+    for q in [0.5, 0.9, 0.99] {
+        let v = m.heartbeat_lag.quantile(q).as_secs_f64();
+        out.push_str(&format!("sandboxd_heartbeat_lag_seconds{{quantile=\"{q}\"}} {v}\n"));
+    }
+    out.push_str(&format!("sandboxd_heartbeat_lag_seconds_count {}\n", m.heartbeat_lag.count()));
+    let counters = [
+        ("sandboxd_heartbeats_total", m.heartbeats.load(Relaxed)),
+        ("sandboxd_binds_total", m.binds.load(Relaxed)),
+        ("sandboxd_store_commits_total", crate::store::COMMITS.load(Relaxed)),
+        ("sandboxd_store_writes_total", crate::store::COMMITTED_WRITES.load(Relaxed)),
+    ];
+    for (name, value) in counters {
+        out.push_str(&format!("# TYPE {name} counter\n{name} {value}\n"));
+    }
+    out
 }
 
 async fn not_found(request: Request) -> ApiError {

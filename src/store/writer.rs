@@ -225,6 +225,8 @@ impl<P: Persist> BatchWriter<P> {
                 }
                 return;
             }
+            super::COMMITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            super::COMMITTED_WRITES.fetch_add(mutations.len() as u64, std::sync::atomic::Ordering::Relaxed);
             self.hub.apply(changes);
         }
         for p in planned {

@@ -1,5 +1,6 @@
-//! Controller runtime: work queue, informer, backoff.
+//! Controller runtime: work queue, informer, backoff and metrics.
 
 pub mod backoff;
 pub mod informer;
+pub mod metrics;
 pub mod queue;

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs every benchmark scenario (or the named ones) on release binaries and prints one JSON line each plus a table.
+# Usage: hack/bench.sh [all|store-create|scheduling-basic|startup-latency|burst|scale|api-latency ...] [--smoke]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --bins -q
+exec target/release/sandboxd-bench --bin-dir target/release "${@:-all}"

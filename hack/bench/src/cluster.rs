@@ -1,0 +1,181 @@
+//! A real cluster for a benchmark: a `sandboxd-o serve` child on SQLite in a temp dir and a `sbxlet fleet` child.
+
+use anyhow::{bail, Context};
+use sandboxd_client::Client;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub nodes: usize,
+    pub heartbeat_interval: &'static str,
+    /// Fleet agents' capacity.
+    pub capacity_cpu: &'static str,
+    pub capacity_memory: &'static str,
+    /// First agent address; the fleet uses consecutive addresses from here.
+    pub base_ip: &'static str,
+}
+
+/// A running server (and fleet); both are killed on drop.
+pub struct Cluster {
+    pub client: Client,
+    pub url: String,
+    bin_dir: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+    heartbeat_interval: &'static str,
+    server: Child,
+    fleet: Option<Child>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Cluster {
+    pub async fn start(bin_dir: &Path, spec: &ClusterSpec) -> anyhow::Result<Cluster> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let url = format!("http://127.0.0.1:{port}");
+        let server = spawn_server(bin_dir, dir.path(), port, spec.heartbeat_interval)?;
+        let client = Client::new(&url, None)?;
+        let mut cluster = Cluster {
+            client,
+            url,
+            bin_dir: bin_dir.to_path_buf(),
+            dir,
+            port,
+            heartbeat_interval: spec.heartbeat_interval,
+            server,
+            fleet: None,
+        };
+        cluster.wait_serving(Duration::from_secs(60)).await?;
+        if spec.nodes > 0 {
+            let agent_port = free_port()?;
+            let log = std::fs::File::create(cluster.dir.path().join("fleet.log"))?;
+            let fleet = Command::new(bin_dir.join("sbxlet"))
+                .args(["fleet", "--nodes", &spec.nodes.to_string(), "--base-ip", spec.base_ip])
+                .args(["--port", &agent_port.to_string(), "--register", &cluster.url])
+                .args(["--capacity-cpu", spec.capacity_cpu, "--capacity-memory", spec.capacity_memory])
+                .env("RUST_LOG", "warn")
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting sbxlet fleet")?;
+            cluster.fleet = Some(fleet);
+        }
+        Ok(cluster)
+    }
+
+    /// Waits until `/healthz` answers; returns how long that took.
+    pub async fn wait_serving(&mut self, limit: Duration) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.client.healthz().await.is_ok() {
+                return Ok(start.elapsed());
+            }
+            if let Some(status) = self.server.try_wait()? {
+                bail!("server exited with {status}; see {}", self.dir.path().join("server.log").display());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!("server did not serve within {limit:?}")
+    }
+
+    /// Waits until `count` nodes are Ready.
+    pub async fn wait_nodes_ready(&self, count: usize, limit: Duration) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        loop {
+            let ready = self
+                .client
+                .list_nodes()
+                .await?
+                .items
+                .iter()
+                .filter(|n| n.status.state == sandboxd_api::NodeState::Ready)
+                .count();
+            if ready >= count {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > limit {
+                bail!("only {ready}/{count} nodes Ready after {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// SIGKILLs the server and starts it again on the same store; returns kill-to-serving time.
+    pub async fn crash_and_restart(&mut self) -> anyhow::Result<Duration> {
+        self.server.kill()?;
+        self.server.wait()?;
+        let start = Instant::now();
+        self.server = spawn_server(&self.bin_dir, self.dir.path(), self.port, self.heartbeat_interval)?;
+        self.wait_serving(Duration::from_secs(120)).await?;
+        Ok(start.elapsed())
+    }
+
+    /// Resident memory of the server process.
+    pub fn server_rss_bytes(&self) -> u64 {
+        proc_status_kib(self.server.id(), "VmRSS:") * 1024
+    }
+
+    /// CPU seconds (user + system) the server has used so far.
+    pub fn server_cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.server.id())).unwrap_or_default();
+        let fields: Vec<&str> =
+            stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // utime and stime are fields 14 and 15; after the ')' they are at 11 and 12. Kernel ticks are 100 Hz here.
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
+    /// Reads one Prometheus value from `/metrics`.
+    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.url)).await?.text().await?;
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("metric {name} missing"))
+    }
+}
+
+fn proc_status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn spawn_server(bin_dir: &Path, dir: &Path, port: u16, heartbeat_interval: &str) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("server.log"))?;
+    Command::new(bin_dir.join("sandboxd-o"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--store")
+        .arg(format!("sqlite://{}", dir.join("store.db").display()))
+        .args(["--heartbeat-interval", heartbeat_interval])
+        .args(["--max-body-bytes", "1MiB"])
+        .env("SANDBOXD_LOOPBACK_ONLY", "1")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", bin_dir.join("sandboxd-o").display()))
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        if let Some(fleet) = &mut self.fleet {
+            let _ = fleet.kill();
+            let _ = fleet.wait();
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! The benchmark scenarios of issue 6 (and the store create figures), each with full and smoke sizes.
+
+use crate::cluster::{Cluster, ClusterSpec};
+use crate::load::{closed_loop, create_concurrently, create_paced, ms, quantile, spec, Sent};
+use crate::observe::{Observer, Seen};
+use anyhow::{ensure, Context};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+pub const ALL: [&str; 6] = ["store-create", "scheduling-basic", "startup-latency", "burst", "scale", "api-latency"];
+
+/// One scenario's figures, printed as one JSON line.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub smoke: bool,
+    pub figures: Map<String, Value>,
+    pub target: String,
+    /// "met", "missed", or "n/a" for smoke runs and figure-only scenarios.
+    pub verdict: String,
+}
+
+fn report(name: &str, smoke: bool, figures: Value, target: &str, met: Option<bool>) -> Report {
+    let verdict = match (smoke, met) {
+        (true, _) | (false, None) => "n/a",
+        (false, Some(true)) => "met",
+        (false, Some(false)) => "missed",
+    };
+    Report {
+        scenario: name.to_string(),
+        smoke,
+        figures: figures.as_object().cloned().unwrap_or_default(),
+        target: target.to_string(),
+        verdict: verdict.into(),
+    }
+}
+
+pub async fn run(name: &str, bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
+    match name {
+        "store-create" => store_create(bin_dir, smoke).await,
+        "scheduling-basic" => scheduling_basic(bin_dir, smoke).await,
+        "startup-latency" => startup_latency(bin_dir, smoke).await,
+        "burst" => burst(bin_dir, smoke).await,
+        "scale" => scale(bin_dir, smoke).await,
+        "api-latency" => api_latency(bin_dir, smoke).await,
+        other => anyhow::bail!("unknown scenario {other}"),
+    }
+}
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:06}")).collect()
+}
+
+fn cluster_spec(nodes: usize, heartbeat_interval: &'static str) -> ClusterSpec {
+    ClusterSpec { nodes, heartbeat_interval, capacity_cpu: "64", capacity_memory: "256Gi", base_ip: "127.3.0.1" }
+}
+
+/// Every sandbox Running and no (node, host port) pair handed out twice.
+fn check_converged(seen: &HashMap<String, Seen>, ids: &[String]) -> anyhow::Result<()> {
+    let mut ports = HashSet::new();
+    for id in ids {
+        let s = seen.get(id).with_context(|| format!("{id} never seen"))?;
+        ensure!(s.running.is_some(), "{id} never Running");
+        for p in &s.host_ports {
+            ensure!(ports.insert((s.node.clone(), *p)), "host port {p} on {:?} handed out twice", s.node);
+        }
+    }
+    Ok(())
+}
+
+fn latency_figures(prefix: &str, mut latencies: Vec<Duration>) -> Map<String, Value> {
+    let mut m = Map::new();
+    for (label, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)] {
+        m.insert(format!("{prefix}_{label}_ms"), json!(ms(quantile(&mut latencies, q))));
+    }
+    m
+}
+
+// === store-create: API creates on SQLite with 1 and 64 clients ===
+
+async fn store_create(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
+    let (n1, n64) = if smoke { (50, 200) } else { (2_000, 20_000) };
+    let cluster = Cluster::start(bin_dir, &cluster_spec(0, "5s")).await?;
+    let template = spec("10m", 0);
+    let mut figures = Map::new();
+    for (clients, n) in [(1usize, n1), (64, n64)] {
+        let commits_before = cluster.metric("sandboxd_store_commits_total").await?;
+        let writes_before = cluster.metric("sandboxd_store_writes_total").await?;
+        let start = Instant::now();
+        let sent = create_concurrently(&cluster.client, &ids(&format!("c{clients}"), n), &template, clients).await?;
+        let elapsed = start.elapsed();
+        let commits = cluster.metric("sandboxd_store_commits_total").await? - commits_before;
+        let writes = cluster.metric("sandboxd_store_writes_total").await? - writes_before;
+        figures.insert(format!("creates_per_s_{clients}_clients"), json!((n as f64 / elapsed.as_secs_f64()).round()));
+        figures.extend(latency_figures(
+            &format!("create_{clients}_clients"),
+            sent.into_iter().map(|s| s.latency).collect(),
+        ));
+        figures.insert(
+            format!("writes_per_commit_{clients}_clients"),
+            json!((writes / commits.max(1.0) * 10.0).round() / 10.0),
+        );
+    }
+    let listed = cluster.client.list_sandboxes().await?.items.len();
+    ensure!(listed == n1 + n64, "{listed} sandboxes stored, expected {}", n1 + n64);
+    Ok(report("store-create", smoke, Value::Object(figures), "figures for issue 2 (no target)", None))
+}
+
+// === scheduling-basic: binds/s over 10,000 creates on 5,000 nodes ===
+
+async fn scheduling_basic(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
+    let (nodes, pre, measured) = if smoke { (5, 10, 50) } else { (5_000, 1_000, 10_000) };
+    let cluster = Cluster::start(bin_dir, &cluster_spec(nodes, "5s")).await?;
+    let ready_after = cluster.wait_nodes_ready(nodes, Duration::from_secs(90)).await?;
+    let observer = Observer::start(&cluster.client).await?;
+    let template = spec("10m", if smoke { 1 } else { 0 });
+    let pre_ids = ids("pre", pre);
+    create_concurrently(&cluster.client, &pre_ids, &template, 64).await?;
+    observer.wait_for(&pre_ids, Duration::from_secs(60), |s| s.scheduled.is_some()).await;
+
+    let measured_ids = ids("s", measured);
+    let start = Instant::now();
+    let sent = create_concurrently(&cluster.client, &measured_ids, &template, 64).await?;
+    let accepted = start.elapsed();
+    let bound = observer.wait_for(&measured_ids, Duration::from_secs(120), |s| s.scheduled.is_some()).await;
+    ensure!(bound == measured, "only {bound}/{measured} bound");
+    let seen = observer.snapshot();
+    let last_bind = measured_ids.iter().filter_map(|id| seen[id].scheduled).max().expect("bound");
+    let binds_per_s = measured as f64 / last_bind.duration_since(start).as_secs_f64();
+    if smoke {
+        observer.wait_for(&measured_ids, Duration::from_secs(60), |s| s.running.is_some()).await;
+        check_converged(&observer.snapshot(), &measured_ids)?;
+    }
+    let mut figures = Map::new();
+    figures.insert("nodes".into(), json!(nodes));
+    figures.insert("nodes_ready_after_s".into(), json!(ready_after.as_secs_f64().round()));
+    figures.insert("binds_per_s".into(), json!(binds_per_s.round()));
+    figures.insert("creates_accepted_per_s".into(), json!((measured as f64 / accepted.as_secs_f64()).round()));
+    figures.extend(latency_figures("create", sent.into_iter().map(|s| s.latency).collect()));
+    Ok(report("scheduling-basic", smoke, Value::Object(figures), ">= 5000 binds/s", Some(binds_per_s >= 5000.0)))
+}
+
+// === startup-latency: create sent -> Running seen on the watch, at a steady rate ===
+
+fn to_running(sent: &[Sent], seen: &HashMap<String, Seen>) -> Vec<Duration> {
+    sent.iter().filter_map(|s| seen.get(&s.id)?.running.map(|r| r.saturating_duration_since(s.at))).collect()
+}
+
+async fn startup_latency(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
+    let (nodes, n, rate) = if smoke { (3, 30, 30.0) } else { (200, 10_000, 100.0) };
+    let cluster = Cluster::start(bin_dir, &cluster_spec(nodes, "5s")).await?;
+    cluster.wait_nodes_ready(nodes, Duration::from_secs(60)).await?;
+    let observer = Observer::start(&cluster.client).await?;
+    let all = ids("l", n);
+    let sent = create_paced(&cluster.client, &all, &spec("10m", 1), rate).await?;
+    let running = observer.wait_for(&all, Duration::from_secs(60), |s| s.running.is_some()).await;
+    ensure!(running == n, "only {running}/{n} Running");
+    let seen = observer.snapshot();
+    check_converged(&seen, &all)?;
+    let mut latencies = to_running(&sent, &seen);
+    let p99 = quantile(&mut latencies, 0.99);
+    let mut figures = latency_figures("create_to_running", latencies);
+    figures.insert("nodes".into(), json!(nodes));
+    figures.insert("rate_per_s".into(), json!(rate));
+    Ok(report("startup-latency", smoke, Value::Object(figures), "p99 <= 50 ms", Some(p99 <= Duration::from_millis(50))))
+}
+
+// === burst: 10,000 creates at once on 1,000 nodes, time until the last is Running ===
+
+async fn burst(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
+    let (nodes, n) = if smoke { (4, 40) } else { (1_000, 10_000) };
+    let cluster = Cluster::start(bin_dir, &cluster_spec(nodes, "5s")).await?;
+    cluster.wait_nodes_ready(nodes, Duration::from_secs(60)).await?;
+    let observer = Observer::start(&cluster.client).await?;
+    let all = ids("b", n);
+    let start = Instant::now();
+    create_concurrently(&cluster.client, &all, &spec("10m", 1), 64).await?;
+    let accepted = start.elapsed();
+    let running = observer.wait_for(&all, Duration::from_secs(150), |s| s.running.is_some()).await;
+    ensure!(running == n, "only {running}/{n} Running");
+    let seen = observer.snapshot();
+    check_converged(&seen, &all)?;
+    let last = all.iter().filter_map(|id| seen[id].running).max().expect("running");
+    let total = last.duration_since(start);
+    let figures = json!({
+        "nodes": nodes,
+        "sandboxes": n,
+        "all_accepted_s": (accepted.as_secs_f64() * 100.0).round() / 100.0,
+        "all_running_s": (total.as_secs_f64() * 100.0).round() / 100.0,
+    });
+    Ok(report("burst", smoke, figures, "last Running <= 10 s", Some(total <= Duration::from_secs(10))))
+}
+
+// === scale: 5,000 nodes heartbeating + 150,000 sandboxes stored ===
+
+async fn load_sandboxes(cluster: &Cluster, n: usize, prefix: &str) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let all = ids(prefix, n);
+    for chunk in all.chunks(10_000) {
+        create_concurrently(&cluster.client, chunk, &spec("10m", 0), 64).await?;
+    }
+    Ok(start.elapsed())
+}
+
+async fn scale(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
+    let (nodes, n, settle) = if smoke { (5, 100, 2) } else { (5_000, 150_000, 30) };
+    let mut cluster = Cluster::start(bin_dir, &cluster_spec(nodes, "5s")).await?;
+    cluster.wait_nodes_ready(nodes, Duration::from_secs(90)).await?;
+    let loaded_in = load_sandboxes(&cluster, n, "x").await?;
+    // Let placement and agent creates finish and heartbeats run steadily before measuring.
+    let cpu_before = cluster.server_cpu_seconds();
+    let lag_before_count = cluster.metric("sandboxd_heartbeat_lag_seconds_count").await?;
+    tokio::time::sleep(Duration::from_secs(settle)).await;
+    let cpu_percent = (cluster.server_cpu_seconds() - cpu_before) / settle as f64 * 100.0;
+    let rss = cluster.server_rss_bytes();
+    let lag_p99 = cluster.metric("sandboxd_heartbeat_lag_seconds{quantile=\"0.99\"}").await?;
+    let heartbeats = cluster.metric("sandboxd_heartbeat_lag_seconds_count").await? - lag_before_count;
+    let restart = cluster.crash_and_restart().await?;
+    let listed = cluster.client.list_sandboxes_page("", 1).await?;
+    ensure!(listed.next_cursor.is_some(), "store lost its sandboxes");
+    if smoke {
+        let all = cluster.client.list_sandboxes().await?.items;
+        ensure!(all.len() == n, "{} stored after restart, expected {n}", all.len());
+    }
+    let figures = json!({
+        "nodes": nodes,
+        "sandboxes": n,
+        "loaded_through_api_s": loaded_in.as_secs_f64().round(),
+        "server_rss_mib": rss / (1 << 20),
+        "server_cpu_percent_steady": cpu_percent.round(),
+        "heartbeats_in_window": heartbeats,
+        "heartbeat_lag_p99_ms": (lag_p99 * 1000.0).round(),
+        "restart_to_serving_s": (restart.as_secs_f64() * 100.0).round() / 100.0,
+    });
+    let met = rss <= 2 << 30 && lag_p99 <= 1.0 && restart <= Duration::from_secs(5);
+    Ok(report("scale", smoke, figures, "RSS <= 2 GiB, lag p99 <= 1 s, restart <= 5 s", Some(met)))
+}
+
+// === api-latency: GET / LIST page / POST with 150,000 stored, against a bare axum floor ===
+
+async fn bare_axum_floor(body: String, concurrency: usize, duration: Duration) -> anyhow::Result<f64> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let body: &'static str = Box::leak(body.into_boxed_str());
+    let app = axum::Router::new().route(
+        "/x",
+        axum::routing::get(move || async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], body) }),
+    );
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let http = reqwest::Client::new();
+    let url = format!("http://{addr}/x");
+    let (rate, _) = closed_loop(concurrency, duration, 2_000_000, move |_| {
+        let (http, url) = (http.clone(), url.clone());
+        async move { http.get(&url).send().await.map(|r| r.status().is_success()).unwrap_or(false) }
+    })
+    .await;
+    server.abort();
+    Ok(rate)
+}
+
+async fn api_latency(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
+    let (n, window) = if smoke { (100, Duration::from_secs(1)) } else { (150_000, Duration::from_secs(10)) };
+    let cluster = Cluster::start(bin_dir, &cluster_spec(0, "5s")).await?;
+    load_sandboxes(&cluster, n, "a").await?;
+    let http = reqwest::Client::new();
+    let url = cluster.url.clone();
+    let stored = ids("a", n);
+    let sample_body = http.get(format!("{url}/api/v1/sandboxes/{}", stored[0])).send().await?.text().await?;
+
+    let stored = std::sync::Arc::new(stored);
+    let get_one = {
+        let (http, url, stored) = (http.clone(), url.clone(), stored.clone());
+        move |i: usize| {
+            let (http, url, id) = (http.clone(), url.clone(), stored[(i * 7919) % stored.len()].clone());
+            async move {
+                http.get(format!("{url}/api/v1/sandboxes/{id}"))
+                    .send()
+                    .await
+                    .map(|r| r.status().is_success())
+                    .unwrap_or(false)
+            }
+        }
+    };
+    let (_, get_latencies) = closed_loop(1, window, 5_000, get_one.clone()).await;
+    let list_page = {
+        let (http, url, stored) = (http.clone(), url.clone(), stored.clone());
+        move |i: usize| {
+            let (http, url, cursor) = (http.clone(), url.clone(), stored[(i * 104_729) % stored.len()].clone());
+            async move {
+                let r = http.get(format!("{url}/api/v1/sandboxes?limit=100&cursor={cursor}")).send().await;
+                r.map(|r| r.status().is_success()).unwrap_or(false)
+            }
+        }
+    };
+    let (_, list_latencies) = closed_loop(1, window, 2_000, list_page).await;
+    let post_ids = ids("p", (window.as_secs() * 200) as usize);
+    let posts = create_paced(&cluster.client, &post_ids, &spec("10m", 0), 200.0).await?;
+    let (get_rate, _) = closed_loop(32, window, 2_000_000, get_one).await;
+    let floor = bare_axum_floor(sample_body, 32, window).await?;
+
+    let mut get_l = get_latencies;
+    let get_p99 = quantile(&mut get_l, 0.99);
+    let mut figures = latency_figures("get_one", get_l);
+    figures.extend(latency_figures("list_page_100", list_latencies));
+    let mut post_l: Vec<Duration> = posts.into_iter().map(|s| s.latency).collect();
+    let post_p99 = quantile(&mut post_l, 0.99);
+    figures.extend(latency_figures("post_200_per_s", post_l));
+    figures.insert("stored".into(), json!(n));
+    figures.insert("get_per_s_32_clients".into(), json!(get_rate.round()));
+    figures.insert("bare_axum_per_s_32_clients".into(), json!(floor.round()));
+    let ratio = get_rate / floor.max(1.0);
+    figures.insert("get_vs_floor_percent".into(), json!((ratio * 100.0).round()));
+    let met = ratio >= 0.5 && get_p99 <= Duration::from_millis(5) && post_p99 <= Duration::from_millis(5);
+    Ok(report("api-latency", smoke, Value::Object(figures), ">= 50 % of floor, p99 <= 5 ms", Some(met)))
+}
+
+/// A human table of every report.
+pub fn print_table(reports: &[Report]) {
+    eprintln!();
+    eprintln!("{:<18} {:<8} {:<44} figures", "scenario", "verdict", "target");
+    for r in reports {
+        let figures: Vec<String> = r.figures.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        eprintln!("{:<18} {:<8} {:<44} {}", r.scenario, r.verdict, r.target, figures.join(" "));
+    }
+}
