@@ -3,5 +3,5 @@
 # Usage: hack/bench.sh [all|store-create|scheduling-basic|startup-latency|burst|scale|api-latency ...] [--smoke]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bins -q
+cargo build --workspace --release --bins -q
 exec target/release/sandboxd-bench --bin-dir target/release "${@:-all}"

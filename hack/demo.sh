@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile="${PROFILE:-debug}"
-if [ "$profile" = release ]; then cargo build --release --bins -q; else cargo build --bins -q; fi
+if [ "$profile" = release ]; then cargo build --workspace --release --bins -q; else cargo build --workspace --bins -q; fi
 bin="target/$profile"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

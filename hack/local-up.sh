@@ -7,7 +7,7 @@ agents="${1:-3}"
 listen="${LISTEN:-127.0.0.1:8082}"
 store="${STORE:-sqlite://./sandboxd-data/store.db}"
 
-cargo build --release --bins
+cargo build --workspace --release --bins
 cat <<TXT
 
 sandboxd-o on http://$listen with $agents simulated agents (127.0.2.1 ... ). Try, in another terminal:

@@ -28,9 +28,9 @@ async fn sigkill_halfway_through_creates_converges_to_agents_matching_the_store(
     server.wait_nodes_ready(&client).await;
 
     let creates = Creates::start(&client);
-    wait_halfway_with_some_running(&client, &creates).await;
+    let phases = wait_halfway_with_some_running(&client, &creates).await;
     let durable = creates.acknowledged();
-    eprintln!("killing sandboxd-o after {} answered creates", durable.len());
+    eprintln!("killing sandboxd-o after {} answered creates; phases just before: {phases:?}", durable.len());
     server.kill();
     server.restart();
     server.wait_healthy(&client).await;
@@ -41,13 +41,7 @@ async fn sigkill_halfway_through_creates_converges_to_agents_matching_the_store(
     assert_eq!(world.store.len(), SANDBOXES);
     let not_running: Vec<&Sandbox> = world.store.iter().filter(|s| s.status.phase != Phase::Running).collect();
     assert!(not_running.is_empty(), "not Running: {:?}", not_running.iter().map(|s| &s.id).collect::<Vec<_>>());
-    let mut host_ports = BTreeSet::new();
-    for s in &world.store {
-        for p in &s.status.assigned_ports {
-            let key = (s.status.node_name.clone().unwrap(), p.protocol, p.host_port);
-            assert!(host_ports.insert(key.clone()), "{key:?} handed out twice");
-        }
-    }
+    assert_no_host_port_twice(&world.store);
     for (node, held) in &world.agents {
         assert_eq!(held, &bound_to(&world.store, node), "agent of {node} holds exactly what the store binds to it");
     }
@@ -55,7 +49,7 @@ async fn sigkill_halfway_through_creates_converges_to_agents_matching_the_store(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: node state survives an orchestrator restart instead of starting Unknown"]
+
 async fn restarted_orchestrator_reports_nodes_unknown_until_heartbeats_decide() {
     let agents = start_agents(1).await;
     let mut server = Orchestrator::spawn(&agents, &[]);
@@ -73,7 +67,7 @@ async fn restarted_orchestrator_reports_nodes_unknown_until_heartbeats_decide() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: stale NotReady from before a restart fails sandboxes NodeLost before any heartbeat"]
+
 async fn node_not_ready_at_a_crash_is_not_judged_lost_on_its_stale_state_after_restart() {
     let agents = start_agents(2).await;
     let mut server = Orchestrator::spawn(&agents, &["--node-lost-grace", "3s"]);
@@ -303,15 +297,16 @@ async fn create_until_answered(client: &Client, id: &str) {
     }
 }
 
-async fn wait_halfway_with_some_running(client: &Client, creates: &Creates) {
+/// Waits until half the creates are answered and some sandbox runs; returns the phase counts seen then.
+async fn wait_halfway_with_some_running(client: &Client, creates: &Creates) -> BTreeMap<&'static str, usize> {
     eventually(30, "half the creates answered and some Running", || async {
         if creates.acknowledged.lock().unwrap().len() < SANDBOXES / 2 {
             return None;
         }
-        let all = client.list_sandboxes().await.ok()?.items;
-        all.iter().any(|s| s.status.phase == Phase::Running).then_some(())
+        let phases = phase_counts(&client.list_sandboxes().await.ok()?.items);
+        phases.contains_key("Running").then_some(phases)
     })
-    .await;
+    .await
 }
 
 async fn assert_all_stored(client: &Client, durable: &BTreeSet<String>) {
@@ -350,10 +345,7 @@ async fn observe(client: &Client, agents: &[AgentHandle]) -> World {
 
 /// What still differs from a converged world, if anything.
 fn mismatch(world: &World) -> Option<String> {
-    let phases: BTreeMap<&str, usize> = world.store.iter().fold(BTreeMap::new(), |mut counts, s| {
-        *counts.entry(s.status.phase.as_str()).or_default() += 1;
-        counts
-    });
+    let phases = phase_counts(&world.store);
     if phases.get("Running") != Some(&SANDBOXES) {
         return Some(format!("phases in the store: {phases:?}"));
     }
@@ -366,6 +358,24 @@ fn mismatch(world: &World) -> Option<String> {
         }
     }
     None
+}
+
+fn assert_no_host_port_twice(store: &[Sandbox]) {
+    let mut handed_out = BTreeSet::new();
+    for s in store {
+        for p in &s.status.assigned_ports {
+            let key = (s.status.node_name.clone().unwrap(), p.protocol, p.host_port);
+            assert!(handed_out.insert(key.clone()), "(node, protocol, host port) {key:?} handed out twice");
+        }
+    }
+}
+
+fn phase_counts(store: &[Sandbox]) -> BTreeMap<&'static str, usize> {
+    let mut counts = BTreeMap::new();
+    for s in store {
+        *counts.entry(s.status.phase.as_str()).or_default() += 1;
+    }
+    counts
 }
 
 /// The sandboxes the store binds to `node`, with their assigned ports.

@@ -116,19 +116,12 @@ async fn concurrent_creates_fill_allocatable_cpu_exactly() {
     let ids: Vec<String> = (0..19).map(|i| format!("fill-{i:02}")).collect();
     create_concurrently(&c.client, &ids, |_| sandbox_spec("200m")).await;
 
-    let phases = |all: &[Sandbox]| count_by(all, |s| (s.status.phase.as_str(), s.status.reason.clone()));
-    let settled = eventually(15, "18 Running and 1 Unschedulable", || async {
-        let all = c.client.list_sandboxes().await.ok()?.items;
-        let counts = phases(&all);
-        (counts.get(&("Running", None)) == Some(&18)).then_some(all)
-    })
-    .await;
     let expected = BTreeMap::from([(("Pending", Some("Unschedulable".to_string())), 1), (("Running", None), 18)]);
-    assert_eq!(phases(&settled), expected);
+    let settled = wait_phase_counts(&c.client, &expected).await;
     let pending = settled.iter().find(|s| s.status.phase == Phase::Pending).unwrap();
     assert_eq!(pending.status.message.as_deref(), Some("0/1 nodes available: 1 insufficient cpu"));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(phases(&c.client.list_sandboxes().await.unwrap().items), expected, "and it stays that way");
+    assert_eq!(phase_counts(&c.client.list_sandboxes().await.unwrap().items), expected, "and it stays that way");
     assert_eq!(c.agents[0].sandbox_ids().len(), 18);
 
     // Freeing room retries the waiting one.
@@ -149,27 +142,16 @@ async fn host_ports_are_unique_per_node_under_concurrent_creates() {
         (all.len() == 200 && all.iter().all(|s| s.status.phase == Phase::Running)).then_some(all)
     })
     .await;
-    let bound = bound_ports(&all);
-    let mut seen = BTreeSet::new();
-    for (node, port) in bound.values().flatten() {
-        assert!(seen.insert((node.clone(), *port)), "host port {port} handed out twice on {node}");
-        assert!((10000..=19999).contains(port), "{port} outside the range");
+    let mut handed_out = BTreeSet::new();
+    for s in &all {
+        let (node, port) = (s.status.node_name.clone().unwrap(), host_port(s));
+        assert!((10000..=19999).contains(&port), "{port} outside the range");
+        assert!(handed_out.insert((node.clone(), port)), "host port {port} handed out twice on {node}");
     }
-    assert_eq!(seen.len(), 200);
     for (i, agent) in c.agents.iter().enumerate() {
-        let node = node_name(i);
-        let on_agent: BTreeMap<String, Vec<(String, u16)>> = agent_sandboxes(agent.addr())
-            .await
-            .into_iter()
-            .map(|a| (a.id, a.ports.iter().map(|p| (node.clone(), p.host_port)).collect()))
-            .collect();
-        let in_store: BTreeMap<String, Vec<(String, u16)>> = bound
-            .iter()
-            .filter(|(_, ports)| ports[0].0 == node)
-            .map(|(id, ports)| (id.clone(), ports.clone()))
-            .collect();
-        assert!(!in_store.is_empty(), "spread used {node}");
-        assert_eq!(on_agent, in_store, "agent of {node} agrees with the store");
+        let (node, held) = (node_name(i), host_ports_on_agent(agent).await);
+        assert!(!held.is_empty(), "spread used {node}");
+        assert_eq!(held, host_ports_bound_to(&all, &node), "agent of {node} agrees with the store");
     }
     c.stop().await;
 }
@@ -241,19 +223,15 @@ async fn deleting_a_node_fails_its_sandboxes_at_once() {
     assert!(!on_node_a.is_empty() && on_node_a.len() < ids.len(), "spread over both nodes: {on_node_a:?}");
 
     c.client.delete_node("node-a").await.unwrap();
-    for id in &ids {
-        let s = if on_node_a.contains(id) {
-            let s = wait_status_within(&c.client, id, 5, "NodeLost and released", |s| {
-                s.status.phase == Phase::Failed && s.status.released
-            })
-            .await;
-            assert_eq!(s.status.node_name.as_deref(), Some("node-a"));
-            s
-        } else {
-            c.client.get_sandbox(id).await.unwrap()
-        };
-        let want = if on_node_a.contains(id) { (Phase::Failed, Some("NodeLost")) } else { (Phase::Running, None) };
-        assert_eq!((s.status.phase, s.status.reason.as_deref()), want, "{id}");
+    for id in &on_node_a {
+        let s = wait_status_within(&c.client, id, 5, "Failed and released", |s| {
+            s.status.phase == Phase::Failed && s.status.released
+        })
+        .await;
+        assert_eq!((s.status.reason.as_deref(), s.status.node_name.as_deref()), (Some("NodeLost"), Some("node-a")));
+    }
+    for id in ids.iter().filter(|id| !on_node_a.contains(id)) {
+        assert_eq!(c.client.get_sandbox(id).await.unwrap().status.phase, Phase::Running, "{id} on node-b");
     }
     c.stop().await;
 }
@@ -280,7 +258,8 @@ async fn sandbox_forgotten_by_a_restarted_agent_fails_as_vanished() {
     wait_phase(&c.client, "forgotten", Phase::Running).await;
 
     c.agents[0].restart();
-    let s = wait_phase(&c.client, "forgotten", Phase::Failed).await;
+    // Within a couple of sync periods (1 s each).
+    let s = wait_status_within(&c.client, "forgotten", 4, "Failed", |s| s.status.phase == Phase::Failed).await;
     assert_eq!(s.status.reason.as_deref(), Some("Vanished"));
     assert_eq!(s.status.node_name.as_deref(), Some("node-a"));
     c.stop().await;
@@ -310,7 +289,7 @@ async fn managed_orphans_are_collected_and_unmanaged_ones_left_alone() {
     }
     assert_eq!(c.agents[0].sandbox_ids(), ["orphan", "stray"]);
 
-    eventually(6, "managed orphan collected", || async { (c.agents[0].sandbox_ids() == ["stray"]).then_some(()) })
+    eventually(4, "managed orphan collected", || async { (c.agents[0].sandbox_ids() == ["stray"]).then_some(()) })
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(c.agents[0].sandbox_ids(), ["stray"], "the unmanaged one survives later sweeps");
@@ -540,22 +519,43 @@ async fn create_concurrently(client: &Client, ids: &[String], spec: impl Fn(&str
     }
 }
 
-/// Sandbox id → its (node, host port) pairs.
-fn bound_ports(all: &[Sandbox]) -> BTreeMap<String, Vec<(String, u16)>> {
+/// Sandbox id → host ports, as an agent holds them.
+async fn host_ports_on_agent(agent: &AgentHandle) -> BTreeMap<String, Vec<u16>> {
+    let held = agent_sandboxes(agent.addr()).await;
+    held.into_iter().map(|a| (a.id, a.ports.iter().map(|p| p.host_port).collect())).collect()
+}
+
+/// Sandbox id → assigned host ports, of the sandboxes the store binds to `node`.
+fn host_ports_bound_to(all: &[Sandbox], node: &str) -> BTreeMap<String, Vec<u16>> {
     all.iter()
-        .map(|s| {
-            let node = s.status.node_name.clone().unwrap_or_default();
-            (s.id.clone(), s.status.assigned_ports.iter().map(|p| (node.clone(), p.host_port)).collect())
-        })
+        .filter(|s| s.status.node_name.as_deref() == Some(node))
+        .map(|s| (s.id.clone(), s.status.assigned_ports.iter().map(|p| p.host_port).collect()))
         .collect()
 }
 
-fn count_by<K: Ord>(all: &[Sandbox], key: impl Fn(&Sandbox) -> K) -> BTreeMap<K, usize> {
+type PhaseCounts = BTreeMap<(&'static str, Option<String>), usize>;
+
+/// How many sandboxes are in each (phase, reason).
+fn phase_counts(all: &[Sandbox]) -> PhaseCounts {
     let mut counts = BTreeMap::new();
     for s in all {
-        *counts.entry(key(s)).or_default() += 1;
+        *counts.entry((s.status.phase.as_str(), s.status.reason.clone())).or_default() += 1;
     }
     counts
+}
+
+/// Waits until the sandboxes' (phase, reason) counts are `expected`; returns the sandboxes.
+async fn wait_phase_counts(client: &Client, expected: &PhaseCounts) -> Vec<Sandbox> {
+    let mut last = PhaseCounts::new();
+    for _ in 0..600 {
+        let all = client.list_sandboxes().await.unwrap().items;
+        last = phase_counts(&all);
+        if &last == expected {
+            return all;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("phase counts never became {expected:?}; last {last:?}");
 }
 
 async fn wait_phase(client: &Client, id: &str, phase: Phase) -> Sandbox {

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{sandbox_spec, start_server, test_config};
+use common::{sandbox_spec, start_api_server, start_server, test_config};
 use futures::StreamExt;
 use sandboxd_api::watch::WatchEvent;
 use sandboxd_api::EventType;
@@ -29,7 +29,7 @@ fn revision(event: &WatchEvent<serde_json::Value>) -> u64 {
 
 #[tokio::test]
 async fn watch_sees_create_update_delete_in_order_and_resumes_without_gaps() {
-    let (server, client) = start_server(test_config(&[])).await;
+    let (server, client) = start_api_server(test_config(&[])).await;
     let start = client.list_sandboxes().await.unwrap().resource_version;
     let mut stream = client.watch("sandboxes", Some(&start)).await.unwrap();
 

@@ -259,9 +259,32 @@ impl NodeController {
         Outcome::Requeue(next)
     }
 
+    /// Starts every node over as Unknown: a state from before this controller started says nothing now.
+    async fn forget_stale_states(&self) {
+        let now = rfc3339_now();
+        for node in self.nodes.list() {
+            let status = &node.status;
+            if status.state == NodeState::Unknown && status.success_streak == 0 && status.failure_streak == 0 {
+                continue;
+            }
+            let fresh = NodeStatus {
+                state: NodeState::Unknown,
+                success_streak: 0,
+                failure_streak: 0,
+                last_transition_at: Some(now.clone()),
+                ..status.clone()
+            };
+            if let Err(e) = self.objects.put_node_status(&node.name, &fresh, &node.resource_version).await {
+                // A concurrent write (an on-demand heartbeat) already judged the node afresh.
+                tracing::debug!(node = %node.name, error = %e, "node state not reset");
+            }
+        }
+    }
+
     /// Runs heartbeats until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         self.nodes.wait_synced().await;
+        self.forget_stale_states().await;
         let queue = self.queue.clone();
         let stop = queue.clone();
         tokio::spawn(async move {

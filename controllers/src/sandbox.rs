@@ -49,13 +49,23 @@ pub enum NodeVerdict {
 }
 
 /// Judges a sandbox's node (pure): deleted or NotReady past `grace` is lost, unless every node is NotReady.
-pub fn judge_node(node: Option<&Node>, now_unix: i64, grace: Duration, every_node_not_ready: bool) -> NodeVerdict {
+///
+/// NotReady counts only from `watching_since` (when this controller started) at the earliest: a state
+/// recorded before a restart was not observed by us and may be stale.
+pub fn judge_node(
+    node: Option<&Node>,
+    now_unix: i64,
+    grace: Duration,
+    every_node_not_ready: bool,
+    watching_since: i64,
+) -> NodeVerdict {
     let Some(node) = node else { return NodeVerdict::Lost };
     match node.status.state {
         NodeState::Ready => NodeVerdict::Usable,
         NodeState::Unknown => NodeVerdict::Wait(Duration::from_secs(1)),
         NodeState::NotReady => {
             let since = node.status.last_transition_at.as_deref().and_then(parse_rfc3339).unwrap_or(now_unix);
+            let since = since.max(watching_since);
             let lost_at = since + grace.as_secs() as i64;
             if now_unix < lost_at {
                 NodeVerdict::Wait(Duration::from_secs((lost_at - now_unix) as u64))
@@ -167,6 +177,8 @@ pub struct SandboxController {
     queue: WorkQueue<String>,
     /// Sandbox ids bound to each node, so a node change re-examines exactly its sandboxes.
     by_node: Mutex<HashMap<String, HashSet<String>>>,
+    /// When this controller started, in Unix seconds; node-lost grace never counts from earlier.
+    started_unix: i64,
 }
 
 impl SandboxController {
@@ -187,6 +199,7 @@ impl SandboxController {
             settings,
             queue: WorkQueue::new(),
             by_node: Mutex::new(HashMap::new()),
+            started_unix: unix_now(),
         });
         controller.subscribe();
         controller
@@ -262,7 +275,8 @@ impl SandboxController {
     async fn drive(&self, sandbox: &Sandbox) -> Result<Outcome, String> {
         let Some(node_name) = sandbox.status.node_name.clone() else { return Ok(Outcome::Done) };
         let node = self.node_of(sandbox);
-        match judge_node(node.as_deref(), unix_now(), self.settings.node_lost_grace, self.every_node_not_ready()) {
+        let all_down = self.every_node_not_ready();
+        match judge_node(node.as_deref(), unix_now(), self.settings.node_lost_grace, all_down, self.started_unix) {
             NodeVerdict::Lost => {
                 let why = if node.is_none() { "was deleted" } else { "is NotReady past node_lost_grace" };
                 let status = failed(&sandbox.status, "NodeLost", format!("node {node_name} {why}"));
@@ -507,8 +521,10 @@ mod tests {
             ("unknown", Some(node(NodeState::Unknown, None)), t0, false, NodeVerdict::Wait(Duration::from_secs(1))),
         ];
         for (what, node, now, all_down, want) in cases {
-            assert_eq!(judge_node(node.as_ref(), now, grace, all_down), want, "{what}");
+            assert_eq!(judge_node(node.as_ref(), now, grace, all_down, t0), want, "{what}");
         }
+        let restarted_later = judge_node(Some(&not_ready), t0 + 90, grace, false, t0 + 60);
+        assert_eq!(restarted_later, NodeVerdict::Wait(Duration::from_secs(30)), "grace counts from our own start");
     }
 
     fn agent_sandbox(phase: AgentPhase, message: &str) -> AgentSandbox {

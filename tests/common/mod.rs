@@ -170,3 +170,10 @@ pub async fn agent_sandbox(addr: std::net::SocketAddr, id: &str) -> Option<sandb
     let envelope: sandboxd_api::agent::AgentSandboxEnvelope = response.json().await.expect("agent sandbox decodes");
     Some(envelope.sandbox)
 }
+
+/// Starts the API alone (no controllers), so nothing but the test writes objects.
+pub async fn start_api_server(config: Config) -> (Running, sandboxd_client::Client) {
+    let running = server::start(config, Mode::ApiOnly).await.expect("server starts");
+    let client = sandboxd_client::Client::new(&format!("http://{}", running.addr), None).unwrap();
+    (running, client)
+}
