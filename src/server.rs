@@ -18,8 +18,8 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error("config: {0}")]
     Config(#[from] crate::config::ConfigError),
-    #[error("listening on {addr}: {source} (is another sandboxd-o running? set --listen)")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("listening on {addr}: {error} (is another sandboxd-o running? set --listen)")]
+    Bind { addr: SocketAddr, error: std::io::Error },
     #[error("config node {id}: {message}")]
     StaticNode { id: String, message: String },
     #[error("serving: {0}")]
@@ -59,8 +59,12 @@ impl Running {
     }
 }
 
-/// Opens the store, declares static nodes, binds the listener and serves until `shutdown`.
+/// Binds the listener, opens the store, declares static nodes and serves until `shutdown`.
 pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
+    // Bind first: a second server started by mistake must fail before it touches the store.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|error| ServeError::Bind { addr: config.listen, error })?;
     let store = store::open(&config.store, StoreOptions::default()).await?;
     let auth_token = config.auth_token()?;
     let mut agent_client = HttpAgentClient::new(config.agent_timeout);
@@ -70,9 +74,6 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
     let agents: Arc<dyn AgentClient> = Arc::new(agent_client);
     let state = ApiState::new(store.clone(), &config, auth_token).with_agents(agents.clone());
     declare_static_nodes(&state, &config).await?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(ServeError::Serve)?;
     let shutdown = state.shutdown.clone();
     let controllers = match mode {

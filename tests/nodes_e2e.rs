@@ -241,3 +241,25 @@ async fn proxy_dead_garbage_and_slow_agents_are_502() {
     }
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn agent_errors_on_create_show_in_the_sandbox_status() {
+    let agent = start_agent(Faults::default()).await;
+    let (server, client) = start_server(test_config(&[])).await;
+    register(&client, "node-a", agent.addr()).await;
+    wait_node_state(&client, "node-a", NodeState::Ready).await;
+    agent.set_faults(Faults { error_rate: 1.0, ..Faults::default() });
+    client.create_sandbox("stuck", &sandbox_spec("100m")).await.unwrap();
+    let waiting = eventually(10, "AgentError reason", || async {
+        client.get_sandbox("stuck").await.ok().filter(|s| s.status.reason.as_deref() == Some("AgentError"))
+    })
+    .await;
+    assert!(waiting.status.message.unwrap().contains("agent answered 500"));
+    agent.set_faults(Faults::default());
+    let running = eventually(15, "Running after the agent recovers", || async {
+        client.get_sandbox("stuck").await.ok().filter(|s| s.status.phase == sandboxd_api::Phase::Running)
+    })
+    .await;
+    assert_eq!(running.status.reason, None, "the transient reason is cleared");
+    server.stop().await.unwrap();
+}

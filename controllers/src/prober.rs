@@ -50,7 +50,12 @@ struct Tracked {
     /// When the agent was first seen to run the sandbox; probing starts `initial_delay_seconds` later.
     running_since: Instant,
     state: ProbeState,
+    /// When `readiness` was last written; counters are refreshed at most every `REFRESH` otherwise.
+    published_at: Option<Instant>,
 }
+
+/// How stale `status.readiness` counters may get when nothing else about readiness changes.
+const REFRESH: Duration = Duration::from_secs(10);
 
 /// Probes every tracked sandbox on its own period from one timer queue.
 pub struct Prober {
@@ -89,7 +94,7 @@ impl Prober {
             return;
         }
         let state = ProbeState { success_streak: 0, failure_streak: 0, ready: false, last_error: String::new() };
-        tracked.insert(id.to_string(), Tracked { running_since: Instant::now(), state });
+        tracked.insert(id.to_string(), Tracked { running_since: Instant::now(), state, published_at: None });
         drop(tracked);
         self.queue.add(id.to_string());
     }
@@ -110,7 +115,9 @@ impl Prober {
             self.forget(id);
             return Outcome::Done;
         };
-        let Some((since, state)) = self.tracked.lock().get(id).map(|t| (t.running_since, t.state.clone())) else {
+        let Some((since, state, published_at)) =
+            self.tracked.lock().get(id).map(|t| (t.running_since, t.state.clone(), t.published_at))
+        else {
             return Outcome::Done;
         };
         let start_at = since + Duration::from_secs(probe.initial_delay_seconds as u64);
@@ -128,8 +135,15 @@ impl Prober {
             Some(t) => t.state = next.clone(),
             None => return Outcome::Done,
         }
-        if let Err(e) = self.publish(id, &next).await {
-            tracing::debug!(sandbox = id, error = %e, "readiness not written; next try will");
+        let refresh_due = published_at.is_none_or(|at| at.elapsed() >= REFRESH);
+        match self.publish(id, &next, refresh_due).await {
+            Ok(true) => {
+                if let Some(t) = self.tracked.lock().get_mut(id) {
+                    t.published_at = Some(Instant::now());
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::debug!(sandbox = id, error = %e, "readiness not written; next try will"),
         }
         Outcome::Requeue(period)
     }
@@ -150,18 +164,19 @@ impl Prober {
         })
     }
 
-    /// Writes `ready` and `readiness` when `ready` flips or the error changes; Creating becomes Running once ready.
-    async fn publish(&self, id: &str, state: &ProbeState) -> Result<(), ObjectError> {
+    /// Writes `ready` and `readiness` when `ready` flips, the error changes, or a refresh is due;
+    /// Creating becomes Running once ready. Returns whether it wrote.
+    async fn publish(&self, id: &str, state: &ProbeState, refresh_due: bool) -> Result<bool, ObjectError> {
         for _ in 0..5 {
-            let Some(sandbox) = self.objects.get_sandbox(id).await? else { return Ok(()) };
+            let Some(sandbox) = self.objects.get_sandbox(id).await? else { return Ok(false) };
             if !matches!(sandbox.status.phase, Phase::Creating | Phase::Running) {
-                return Ok(());
+                return Ok(false);
             }
             let previous = sandbox.status.readiness.clone().unwrap_or_default();
             let unchanged = sandbox.status.ready == state.ready && previous.last_error == state.last_error;
             let becomes_running = state.ready && sandbox.status.phase == Phase::Creating;
-            if unchanged && !becomes_running {
-                return Ok(());
+            if unchanged && !becomes_running && !refresh_due {
+                return Ok(false);
             }
             let mut status = sandbox.status.clone();
             status.ready = state.ready;
@@ -175,7 +190,7 @@ impl Prober {
                 status.phase = Phase::Running;
             }
             match crate::sandbox::write_status(self.objects.as_ref(), &sandbox, status).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(true),
                 Err(ObjectError::Conflict(_)) => continue,
                 Err(e) => return Err(e),
             }

@@ -275,7 +275,9 @@ impl SandboxController {
     async fn drive(&self, sandbox: &Sandbox) -> Result<Outcome, String> {
         let Some(node_name) = sandbox.status.node_name.clone() else { return Ok(Outcome::Done) };
         let node = self.node_of(sandbox);
-        let all_down = self.every_node_not_ready();
+        // Scanning every node is only worth it when this one is NotReady.
+        let all_down =
+            node.as_ref().is_some_and(|n| n.status.state == NodeState::NotReady) && self.every_node_not_ready();
         match judge_node(node.as_deref(), unix_now(), self.settings.node_lost_grace, all_down, self.started_unix) {
             NodeVerdict::Lost => {
                 let why = if node.is_none() { "was deleted" } else { "is NotReady past node_lost_grace" };
@@ -299,6 +301,8 @@ impl SandboxController {
             Ok(created) => {
                 let mut status = sandbox.status.clone();
                 status.phase = Phase::Creating;
+                status.reason = None;
+                status.message = None;
                 apply_agent_view(&mut status, &created, node);
                 write_status(self.objects.as_ref(), sandbox, status).await.map_err(|e| e.to_string())?;
                 Ok(Outcome::Requeue(self.settings.creating_poll))
@@ -308,7 +312,17 @@ impl SandboxController {
                 write_status(self.objects.as_ref(), sandbox, status).await.map_err(|e| e.to_string())?;
                 Ok(Outcome::Done)
             }
-            Err(e) => Err(format!("creating on node {}: {e}", node.name)),
+            Err(e) => {
+                // Retried with backoff; say why in the status so `describe` shows what it is waiting for.
+                let message = format!("creating on node {}: {e} (retrying)", node.name);
+                if sandbox.status.message.as_deref() != Some(message.as_str()) {
+                    let mut status = sandbox.status.clone();
+                    status.reason = Some("AgentError".into());
+                    status.message = Some(message.clone());
+                    let _ = write_status(self.objects.as_ref(), sandbox, status).await;
+                }
+                Err(message)
+            }
         }
     }
 

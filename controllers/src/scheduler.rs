@@ -174,21 +174,34 @@ pub fn unschedulable_message(total: usize, rejections: &HashMap<Rejection, usize
     format!("0/{total} nodes available: {}", parts.join(", "))
 }
 
-/// Picks the best node and its host ports, or explains why none fits.
+/// How many feasible nodes to score before choosing, as kube-scheduler's adaptive
+/// `percentageOfNodesToScore`: all of a small cluster, 10 % of 5,000 nodes, never fewer than 100.
+pub fn feasible_nodes_to_score(nodes: usize) -> usize {
+    let percent = 50usize.saturating_sub(nodes / 125).max(5);
+    (nodes * percent / 100).max(100)
+}
+
+/// Picks the best of the first `sample` feasible nodes and its host ports, or explains why none fits.
 pub fn choose<'a>(
     nodes: impl IntoIterator<Item = NodeView<'a>>,
     request: &Request,
     policy: Policy,
     range: (u16, u16),
+    sample: usize,
 ) -> Result<(String, Vec<AssignedPort>), String> {
     let mut best: Option<(u64, NodeView<'a>)> = None;
     let mut rejections: HashMap<Rejection, usize> = HashMap::new();
     let mut total = 0;
+    let mut feasible = 0;
     for node in nodes {
+        if feasible >= sample.max(1) {
+            break;
+        }
         total += 1;
         match filter(&node, request, range) {
             Err(why) => *rejections.entry(why).or_default() += 1,
             Ok(()) => {
+                feasible += 1;
                 let s = score(&node, request, policy);
                 // Ties go to the lowest name so placement is deterministic.
                 let better = match &best {
@@ -213,66 +226,145 @@ pub fn choose<'a>(
 /// What one sandbox holds on its node.
 #[derive(Debug, Clone)]
 struct Held {
-    node: String,
+    slot: usize,
     cpu_milli: u64,
     memory_bytes: u64,
     ports: Vec<(Protocol, u16)>,
 }
 
+/// One node as the scheduler keeps it: the last reported figures and what is bound to it.
 #[derive(Debug, Default)]
-struct NodeAllocation {
-    cpu_milli: u64,
-    memory_bytes: u64,
+struct Slot {
+    name: String,
+    /// Still registered (a deleted node keeps its slot until its sandboxes are released).
+    present: bool,
+    ready: bool,
+    available_cpu_milli: u64,
+    available_memory_bytes: u64,
+    allocatable_cpu_milli: u64,
+    allocatable_memory_bytes: u64,
+    bound_cpu_milli: u64,
+    bound_memory_bytes: u64,
     ports: BTreeSet<(Protocol, u16)>,
 }
 
-/// Resources and host ports bound per node, from the store plus binds not yet seen back ("assumed").
+impl Slot {
+    fn view(&self) -> NodeView<'_> {
+        NodeView {
+            name: &self.name,
+            ready: self.present && self.ready,
+            available_cpu_milli: self.available_cpu_milli,
+            available_memory_bytes: self.available_memory_bytes,
+            allocatable_cpu_milli: self.allocatable_cpu_milli,
+            allocatable_memory_bytes: self.allocatable_memory_bytes,
+            bound_cpu_milli: self.bound_cpu_milli,
+            bound_memory_bytes: self.bound_memory_bytes,
+            used_ports: &self.ports,
+        }
+    }
+}
+
+/// Nodes and what is bound to them, from the store plus binds not yet seen back ("assumed").
+///
+/// Nodes live in a flat table so a placement scans memory without hashing or cloning.
 #[derive(Debug, Default)]
 pub struct AllocationIndex {
-    nodes: HashMap<String, NodeAllocation>,
+    slots: Vec<Slot>,
+    by_name: HashMap<String, usize>,
     held: HashMap<String, Held>,
+    /// Where the next placement starts scanning, so sampled placements rotate over all nodes.
+    next_start: usize,
 }
 
 impl AllocationIndex {
+    fn slot_of(&mut self, node: &str) -> usize {
+        if let Some(i) = self.by_name.get(node) {
+            return *i;
+        }
+        self.slots.push(Slot { name: node.to_string(), ..Slot::default() });
+        self.by_name.insert(node.to_string(), self.slots.len() - 1);
+        self.slots.len() - 1
+    }
+
+    /// Records a node's latest state and reported resources.
+    pub fn upsert_node(&mut self, node: &Node) {
+        let i = self.slot_of(&node.name);
+        let r = &node.status.resources;
+        let slot = &mut self.slots[i];
+        slot.present = true;
+        slot.ready = node.status.state == NodeState::Ready;
+        slot.available_cpu_milli = r.available_cpu_milli;
+        slot.available_memory_bytes = r.available_memory_bytes;
+        slot.allocatable_cpu_milli = r.allocatable_cpu_milli;
+        slot.allocatable_memory_bytes = r.allocatable_memory_bytes;
+    }
+
+    /// A deleted node takes no new sandboxes; what its sandboxes hold is released with them.
+    pub fn remove_node(&mut self, node: &str) {
+        if let Some(i) = self.by_name.get(node) {
+            self.slots[*i].present = false;
+        }
+    }
+
     /// Records that `sandbox` holds resources on `node`; idempotent.
     pub fn hold(&mut self, sandbox: &str, node: &str, cpu_milli: u64, memory_bytes: u64, ports: Vec<(Protocol, u16)>) {
+        let slot = self.slot_of(node);
         if let Some(existing) = self.held.get(sandbox) {
-            if existing.node == node {
+            if existing.slot == slot {
                 return;
             }
             self.release(sandbox);
         }
-        let allocation = self.nodes.entry(node.to_string()).or_default();
-        allocation.cpu_milli += cpu_milli;
-        allocation.memory_bytes += memory_bytes;
-        allocation.ports.extend(ports.iter().copied());
-        self.held.insert(sandbox.to_string(), Held { node: node.to_string(), cpu_milli, memory_bytes, ports });
+        let s = &mut self.slots[slot];
+        s.bound_cpu_milli += cpu_milli;
+        s.bound_memory_bytes += memory_bytes;
+        s.ports.extend(ports.iter().copied());
+        self.held.insert(sandbox.to_string(), Held { slot, cpu_milli, memory_bytes, ports });
     }
 
     /// Frees what `sandbox` held; returns whether it held anything.
     pub fn release(&mut self, sandbox: &str) -> bool {
         let Some(held) = self.held.remove(sandbox) else { return false };
-        if let Some(allocation) = self.nodes.get_mut(&held.node) {
-            allocation.cpu_milli = allocation.cpu_milli.saturating_sub(held.cpu_milli);
-            allocation.memory_bytes = allocation.memory_bytes.saturating_sub(held.memory_bytes);
-            for port in &held.ports {
-                allocation.ports.remove(port);
-            }
+        let s = &mut self.slots[held.slot];
+        s.bound_cpu_milli = s.bound_cpu_milli.saturating_sub(held.cpu_milli);
+        s.bound_memory_bytes = s.bound_memory_bytes.saturating_sub(held.memory_bytes);
+        for port in &held.ports {
+            s.ports.remove(port);
         }
         true
     }
 
-    /// Bound (cpu, memory, ports) of a node.
-    fn bound(&self, node: &str) -> (u64, u64, Option<&BTreeSet<(Protocol, u16)>>) {
-        match self.nodes.get(node) {
-            Some(a) => (a.cpu_milli, a.memory_bytes, Some(&a.ports)),
-            None => (0, 0, None),
-        }
+    /// Chooses a node for `request` (scanning from a rotating start) and assumes the placement at once.
+    pub fn place(
+        &mut self,
+        sandbox: &str,
+        request: &Request,
+        policy: Policy,
+        range: (u16, u16),
+    ) -> Result<(String, Vec<AssignedPort>), String> {
+        let n = self.slots.len();
+        let start = if n == 0 { 0 } else { self.next_start % n };
+        let sample = feasible_nodes_to_score(self.slots.iter().filter(|s| s.present).count());
+        let order = self.slots[start..].iter().chain(self.slots[..start].iter()).filter(|s| s.present);
+        let (name, ports) = choose(order.map(Slot::view), request, policy, range, sample)?;
+        self.next_start = start + 1;
+        let held_ports = ports.iter().map(|p| (p.protocol, p.host_port)).collect();
+        self.hold(sandbox, &name, request.cpu_milli, request.memory_bytes, held_ports);
+        Ok((name, ports))
+    }
+
+    /// Bound (cpu, memory) of a node.
+    #[cfg(test)]
+    fn bound(&self, node: &str) -> (u64, u64) {
+        self.by_name
+            .get(node)
+            .map(|i| (self.slots[*i].bound_cpu_milli, self.slots[*i].bound_memory_bytes))
+            .unwrap_or_default()
     }
 
     /// Host ports in use on a node.
     pub fn used_ports(&self, node: &str) -> Vec<(Protocol, u16)> {
-        self.nodes.get(node).map(|a| a.ports.iter().copied().collect()).unwrap_or_default()
+        self.by_name.get(node).map(|i| self.slots[*i].ports.iter().copied().collect()).unwrap_or_default()
     }
 }
 
@@ -348,7 +440,14 @@ impl Scheduler {
     }
 
     fn on_node_change(&self, change: &Change<'_, Node>) {
-        let Change::Upsert { old, new } = change else { return };
+        let (old, new) = match change {
+            Change::Upsert { old, new } => (old, new),
+            Change::Delete(gone) => {
+                self.index.lock().remove_node(&gone.name);
+                return;
+            }
+        };
+        self.index.lock().upsert_node(new);
         let more_room = match old {
             None => true,
             Some(old) => {
@@ -360,7 +459,9 @@ impl Scheduler {
                     || n.allocatable_memory_bytes != o.allocatable_memory_bytes
             }
         };
-        if more_room && new.status.state == NodeState::Ready {
+        // A state change either way makes the recorded reasons ("1 not ready") stale, so retry then too.
+        let state_changed = old.is_some_and(|o| o.status.state != new.status.state);
+        if state_changed || (more_room && new.status.state == NodeState::Ready) {
             self.retry_unschedulable();
         }
     }
@@ -387,29 +488,15 @@ impl Scheduler {
     }
 
     fn choose_and_assume(&self, id: &str, request: &Request) -> Result<(Arc<Node>, Vec<AssignedPort>), String> {
-        let nodes = self.nodes.list();
-        let mut index = self.index.lock();
-        let empty = BTreeSet::new();
-        let views = nodes.iter().map(|n| {
-            let (bound_cpu, bound_memory, ports) = index.bound(&n.name);
-            let r = &n.status.resources;
-            NodeView {
-                name: &n.name,
-                ready: n.status.state == NodeState::Ready,
-                available_cpu_milli: r.available_cpu_milli,
-                available_memory_bytes: r.available_memory_bytes,
-                allocatable_cpu_milli: r.allocatable_cpu_milli,
-                allocatable_memory_bytes: r.allocatable_memory_bytes,
-                bound_cpu_milli: bound_cpu,
-                bound_memory_bytes: bound_memory,
-                used_ports: ports.unwrap_or(&empty),
+        let (name, ports) =
+            self.index.lock().place(id, request, self.settings.policy, self.settings.host_port_range)?;
+        match self.nodes.get(&name) {
+            Some(node) => Ok((node, ports)),
+            None => {
+                self.index.lock().release(id);
+                Err(format!("node {name} disappeared while placing"))
             }
-        });
-        let (name, ports) = choose(views, request, self.settings.policy, self.settings.host_port_range)?;
-        let held_ports = ports.iter().map(|p| (p.protocol, p.host_port)).collect();
-        index.hold(id, &name, request.cpu_milli, request.memory_bytes, held_ports);
-        let node = nodes.into_iter().find(|n| n.name == name).expect("chosen from this list");
-        Ok((node, ports))
+        }
     }
 
     async fn bind(&self, sandbox: &Sandbox, node: Arc<Node>, ports: Vec<AssignedPort>) -> Outcome {
@@ -572,7 +659,7 @@ mod tests {
         let idle = view("idle", &none);
         let busy = NodeView { bound_cpu_milli: 3000, bound_memory_bytes: 6 << 30, ..view("busy", &none) };
         let req = request(100, &[]);
-        let pick = |policy| choose([idle.clone(), busy.clone()], &req, policy, (10000, 19999)).unwrap().0;
+        let pick = |policy| choose([idle.clone(), busy.clone()], &req, policy, (10000, 19999), 100).unwrap().0;
         assert_eq!(pick(Policy::Spread), "idle");
         assert_eq!(pick(Policy::Binpack), "busy");
     }
@@ -580,8 +667,13 @@ mod tests {
     #[test]
     fn ties_go_to_the_lowest_name() {
         let none = BTreeSet::new();
-        let got =
-            choose([view("b", &none), view("a", &none), view("c", &none)], &request(1, &[]), Policy::Spread, (1, 2));
+        let got = choose(
+            [view("b", &none), view("a", &none), view("c", &none)],
+            &request(1, &[]),
+            Policy::Spread,
+            (1, 2),
+            100,
+        );
         assert_eq!(got.unwrap().0, "a");
     }
 
@@ -593,7 +685,7 @@ mod tests {
             NodeView { bound_cpu_milli: 3600, ..view("b", &none) },
             NodeView { bound_cpu_milli: 3600, ..view("c", &none) },
         ];
-        let err = choose(nodes, &request(200, &[]), Policy::Spread, (1, 2)).unwrap_err();
+        let err = choose(nodes, &request(200, &[]), Policy::Spread, (1, 2), 100).unwrap_err();
         assert_eq!(err, "0/3 nodes available: 1 not ready, 2 insufficient cpu");
         assert_eq!(unschedulable_message(0, &HashMap::new()), "0/0 nodes available: no nodes registered");
     }
@@ -611,20 +703,61 @@ mod tests {
         assert!(index.used_ports("n").is_empty());
     }
 
+    fn ready_node(name: &str, allocatable_cpu: u64) -> Node {
+        let mut node: Node = serde_json::from_value(serde_json::json!({
+            "id": name, "name": name, "ip": "127.0.0.1", "port": 1, "state": "Ready",
+            "created_at": "", "updated_at": "", "sbxlet_base_url": ""
+        }))
+        .unwrap();
+        node.status.resources = sandboxd_api::NodeResources::derive(allocatable_cpu * 10 / 9, 16 << 30, 0, 0, 90);
+        node
+    }
+
     #[test]
     fn eighteen_of_200m_fill_a_3600m_node_and_the_nineteenth_does_not_fit() {
         let mut index = AllocationIndex::default();
+        index.upsert_node(&ready_node("n", 3600));
         let req = request(200, &[]);
-        let mut placed = 0;
-        for i in 0..19 {
-            let (cpu, mem, ports) = index.bound("n");
-            let empty = BTreeSet::new();
-            let node = NodeView { bound_cpu_milli: cpu, bound_memory_bytes: mem, ..view("n", ports.unwrap_or(&empty)) };
-            if let Ok((name, _)) = choose([node], &req, Policy::Spread, (10000, 19999)) {
-                index.hold(&format!("s{i}"), &name, req.cpu_milli, req.memory_bytes, vec![]);
-                placed += 1;
-            }
-        }
+        let placed =
+            (0..19).filter(|i| index.place(&format!("s{i}"), &req, Policy::Spread, (10000, 19999)).is_ok()).count();
         assert_eq!(placed, 18);
+        assert_eq!(
+            index.place("s19", &req, Policy::Spread, (10000, 19999)).unwrap_err(),
+            "0/1 nodes available: 1 insufficient cpu"
+        );
+    }
+
+    #[test]
+    fn placements_rotate_over_equal_nodes_and_never_reuse_a_port() {
+        let mut index = AllocationIndex::default();
+        for name in ["a", "b", "c"] {
+            index.upsert_node(&ready_node(name, 3600));
+        }
+        let req = request(10, &[(80, None)]);
+        let mut seen = HashSet::new();
+        for i in 0..300 {
+            let (node, ports) = index.place(&format!("s{i}"), &req, Policy::Spread, (10000, 10099)).unwrap();
+            assert!(seen.insert((node, ports[0].host_port)), "a (node, port) pair was handed out twice");
+        }
+        assert!(
+            index.place("s300", &req, Policy::Spread, (10000, 10099)).is_err(),
+            "300 ports of 3 nodes are all used"
+        );
+    }
+
+    #[test]
+    fn removed_nodes_take_nothing_new() {
+        let mut index = AllocationIndex::default();
+        index.upsert_node(&ready_node("a", 3600));
+        index.remove_node("a");
+        assert!(index.place("s", &request(10, &[]), Policy::Spread, (1, 2)).is_err());
+    }
+
+    #[test]
+    fn sample_size_follows_the_kube_scheduler_rule() {
+        assert_eq!(feasible_nodes_to_score(3), 100);
+        assert_eq!(feasible_nodes_to_score(1000), 420);
+        assert_eq!(feasible_nodes_to_score(5000), 500);
+        assert_eq!(feasible_nodes_to_score(100_000), 5000);
     }
 }

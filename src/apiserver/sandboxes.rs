@@ -210,6 +210,7 @@ async fn removal_for(state: &ApiState, sandbox: &Sandbox) -> ApiResult<Removal> 
 pub fn mark_terminating(sandbox: &mut Sandbox, reason: &str, message: &str) {
     let at = now();
     sandbox.status.phase = Phase::Terminating;
+    sandbox.status.ready = false;
     sandbox.status.reason = Some(reason.to_string());
     sandbox.status.message = Some(message.to_string());
     sandbox.status.last_transition_at = Some(at.clone());

@@ -311,3 +311,15 @@ async fn sqlite_keeps_objects_and_revision_across_reopen() {
         "history from before the restart is gone"
     );
 }
+
+#[tokio::test]
+async fn sqlite_refuses_a_second_process_on_the_same_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let first = super::sqlite::open(&path, StoreOptions::default()).await.unwrap();
+    first.create(Kind::Nodes, "n", json!({})).await.unwrap();
+    let second = super::sqlite::open(&path, StoreOptions::default()).await;
+    let Err(err) = second else { panic!("a second store on the same file must be refused") };
+    assert!(err.to_string().contains("in use by another process?"), "{err}");
+    first.close().await;
+}

@@ -30,15 +30,24 @@ pub async fn open(path: &Path, options: StoreOptions) -> Result<LocalStore> {
 }
 
 fn open_blocking(path: &Path, options: StoreOptions) -> Result<LocalStore> {
-    let unavailable = |e: rusqlite::Error| StoreError::Unavailable(format!("sqlite {}: {e}", path.display()));
+    let unavailable = |e: rusqlite::Error| {
+        let held = if e.to_string().contains("locked") { " (in use by another process?)" } else { "" };
+        StoreError::Unavailable(format!("sqlite {}: {e}{held}", path.display()))
+    };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
     }
     let conn = Connection::open(path).map_err(unavailable)?;
+    conn.busy_timeout(std::time::Duration::from_millis(500)).map_err(unavailable)?;
     // FULL makes each commit durable across power loss too; batching amortizes the fsync.
     conn.pragma_update(None, "journal_mode", "WAL").map_err(unavailable)?;
     conn.pragma_update(None, "synchronous", "FULL").map_err(unavailable)?;
+    // This process is the store's only writer and keeps everything in memory: a second process on the
+    // same file would fork the history, so hold the lock for as long as the store is open.
+    conn.pragma_update(None, "locking_mode", "EXCLUSIVE").map_err(unavailable)?;
+    conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
+        .map_err(|e| StoreError::Unavailable(format!("sqlite {} is in use by another process: {e}", path.display())))?;
     conn.execute_batch(SCHEMA).map_err(unavailable)?;
     let (objects, max_row_revision) = load_objects(&conn).map_err(unavailable)?;
     let stored_revision: Option<i64> = conn

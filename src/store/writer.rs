@@ -190,13 +190,13 @@ impl<P: Persist> BatchWriter<P> {
         let mut planned = Vec::with_capacity(batch.len());
         let mut changes = Vec::new();
         let mut mutations = Vec::new();
-        for request in batch {
+        for mut request in batch {
             let key = (request.kind, request.name.clone());
             let current = match staged.get(&key) {
                 Some(staged) => staged.clone(),
                 None => self.hub.current(request.kind, &request.name),
             };
-            let outcome = plan(&request, current, revision + 1);
+            let outcome = plan(&mut request, current, revision + 1);
             if let Ok((event_type, object)) = &outcome {
                 revision += 1;
                 let deleted = *event_type == EventType::Deleted;
@@ -236,7 +236,7 @@ impl<P: Persist> BatchWriter<P> {
 }
 
 /// Decides one write against the object's current state; `revision` is the one it would get.
-fn plan(request: &Request, current: Option<Versioned>, revision: Revision) -> Result<(EventType, Versioned)> {
+fn plan(request: &mut Request, current: Option<Versioned>, revision: Revision) -> Result<(EventType, Versioned)> {
     let (kind, name) = (request.kind, &request.name);
     let check = |current: &Option<Versioned>, expect: Option<Revision>| -> Result<()> {
         let Some(cur) = current else {
@@ -249,16 +249,16 @@ fn plan(request: &Request, current: Option<Versioned>, revision: Revision) -> Re
             _ => Ok(()),
         }
     };
-    match &request.op {
+    match &mut request.op {
         Op::Create(value) => {
             if current.is_some() {
                 return Err(StoreError::AlreadyExists { kind, name: name.to_string() });
             }
-            Ok((EventType::Added, encode(name, value.clone(), revision)?))
+            Ok((EventType::Added, encode(name, std::mem::take(value), revision)?))
         }
         Op::Update(value, expect) => {
             check(&current, *expect)?;
-            Ok((EventType::Modified, encode(name, value.clone(), revision)?))
+            Ok((EventType::Modified, encode(name, std::mem::take(value), revision)?))
         }
         Op::Delete(expect) => {
             check(&current, *expect)?;

@@ -140,7 +140,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Wait { target, condition, timeout } => wait::wait(&client, &target, &condition, &timeout).await,
         Command::Heartbeat { target } => heartbeat(&client, &target).await,
         Command::Completion { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "sbxctl", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "sbxctl", &mut script);
+            say!("{}", String::from_utf8_lossy(&script).trim_end());
             Ok(0)
         }
     }
