@@ -108,7 +108,15 @@ impl ConfigFlags {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    if let Err(e) = run_cli() {
+        // One readable line with the whole cause chain; no backtrace even when RUST_BACKTRACE is set.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run_cli() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (args, mode) = match cli.command {
         Command::Serve(args) => (args, Mode::AllInOne),

@@ -1197,3 +1197,20 @@ async fn list_len_with_token(app: &Router) -> usize {
     let (_, nodes) = send(app, request("GET", "/api/v1/nodes", Some(TOKEN), None)).await;
     body["items"].as_array().unwrap().len() + nodes["items"].as_array().unwrap().len()
 }
+
+// === node proxy input checks ===
+
+#[tokio::test]
+async fn proxy_refuses_ids_that_would_escape_the_agent_path() {
+    let app = app();
+    create_node(&app, "node-a").await;
+    for uri in [
+        "/api/v1/nodes/node-a/sandboxes/..%2Fstatus",
+        "/api/v1/nodes/node-a/sandboxes/a%3Fb/logs",
+        "/api/v1/nodes/node-a/sandboxes/x/containers/..%2F..%2Fstatus/logs",
+        "/api/v1/nodes/node-a/sandboxes?cursor=a%26limit%3D5",
+    ] {
+        let (status, body) = call(&app, "GET", uri, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {body}");
+    }
+}

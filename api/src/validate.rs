@@ -208,6 +208,8 @@ fn validate_probe(probe: &Probe, spec: &SandboxSpec, errors: &mut FieldErrors) {
     let at = "spec.readiness_probe";
     if !spec.ports.iter().any(|p| p.container_port == probe.port) {
         errors.push(format!("{at}.port"), format!("{} is not a container port in spec.ports", probe.port));
+    } else if !spec.ports.iter().any(|p| p.container_port == probe.port && p.protocol == Protocol::Tcp) {
+        errors.push(format!("{at}.port"), format!("{} is not a tcp port: probes connect over tcp", probe.port));
     }
     if probe.path.is_some() && probe.protocol == crate::sandbox::ProbeProtocol::Tcp {
         errors.push(format!("{at}.path"), "only http probes take a path");
@@ -360,6 +362,14 @@ mod tests {
                     s.readiness_probe = Some(Probe { success_threshold: 0, ..probe(80) });
                 },
                 "spec.readiness_probe.success_threshold: 0 must be at least 1",
+            ),
+            (
+                "probe on a udp port",
+                |s| {
+                    s.ports.push(PortSpec { protocol: Protocol::Udp, ..port(53) });
+                    s.readiness_probe = Some(Probe { protocol: ProbeProtocol::Tcp, ..probe(53) });
+                },
+                "spec.readiness_probe.port: 53 is not a tcp port: probes connect over tcp",
             ),
             (
                 "tcp probe with path",

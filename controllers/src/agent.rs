@@ -24,8 +24,9 @@ impl AgentError {
     }
 
     /// A 4xx answer: the agent understood and refused; retrying the same call will not help.
+    /// 408 and 429 are the exceptions: they mean "not now".
     pub fn is_client_error(&self) -> bool {
-        matches!(self, AgentError::Status { status, .. } if (400..500).contains(status))
+        matches!(self, AgentError::Status { status, .. } if (400..500).contains(status) && *status != 408 && *status != 429)
     }
 }
 
@@ -81,5 +82,22 @@ pub async fn list_all_sandboxes(agents: &dyn AgentClient, base_url: &str) -> Age
             return Ok(all);
         }
         cursor = page.next_cursor;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_refusals_are_permanent_and_not_now_answers_are_retried() {
+        let status = |status| AgentError::Status { status, message: String::new() };
+        assert!(status(400).is_client_error());
+        assert!(status(409).is_client_error());
+        assert!(!status(408).is_client_error(), "408 is retried");
+        assert!(!status(429).is_client_error(), "429 is retried");
+        assert!(!status(500).is_client_error());
+        assert!(!AgentError::Unreachable("x".into()).is_client_error());
+        assert!(status(404).is_not_found());
     }
 }

@@ -193,7 +193,12 @@ pub async fn heartbeat_once(
             }
             // Someone else wrote the node (a user, the on-demand heartbeat): apply the same probe to the new version.
             Err(ObjectError::Conflict(_)) => {
+                let probed = node.sbxlet_base_url.clone();
                 node = objects.get_node(name).await?.ok_or_else(|| ObjectError::NotFound(format!("node {name:?}")))?;
+                if node.sbxlet_base_url != probed {
+                    // The address changed under us: this probe says nothing about the new one.
+                    return Err(ObjectError::Conflict(format!("node {name} moved to {}", node.sbxlet_base_url)));
+                }
             }
             Err(e) => return Err(e),
         }

@@ -46,6 +46,17 @@ pub fn record_probe(state: &ProbeState, result: &Result<(), String>, probe: &Pro
     next
 }
 
+/// Probe state to resume from: the stored `ready` and streaks, so thresholds hold across restarts.
+pub fn seed_state(sandbox: &Sandbox) -> ProbeState {
+    let stored = sandbox.status.readiness.clone().unwrap_or_default();
+    ProbeState {
+        success_streak: stored.success_streak,
+        failure_streak: stored.failure_streak,
+        ready: sandbox.status.ready,
+        last_error: stored.last_error,
+    }
+}
+
 struct Tracked {
     /// When the agent was first seen to run the sandbox; probing starts `initial_delay_seconds` later.
     running_since: Instant,
@@ -88,12 +99,15 @@ impl Prober {
     }
 
     /// Starts probing a sandbox its agent reports running (no-op when already tracked).
-    pub fn track(&self, id: &str) {
+    ///
+    /// Streaks and `ready` start from the stored status, so a restarted controller keeps the thresholds.
+    pub fn track(&self, sandbox: &Sandbox) {
+        let id = sandbox.id.as_str();
         let mut tracked = self.tracked.lock();
         if tracked.contains_key(id) {
             return;
         }
-        let state = ProbeState { success_streak: 0, failure_streak: 0, ready: false, last_error: String::new() };
+        let state = seed_state(sandbox);
         tracked.insert(id.to_string(), Tracked { running_since: Instant::now(), state, published_at: None });
         drop(tracked);
         self.queue.add(id.to_string());
@@ -126,10 +140,10 @@ impl Prober {
             return Outcome::Requeue(start_at - now);
         }
         let period = Duration::from_secs(probe.period_seconds as u64);
-        let Some(target) = self.target_of(&sandbox, &probe) else {
-            return Outcome::Requeue(period);
+        let result = match self.target_of(&sandbox, &probe) {
+            Some(target) => self.agents.probe(&target).await,
+            None => Err(format!("no tcp host port for probe port {} on a known node", probe.port)),
         };
-        let result = self.agents.probe(&target).await;
         let next = record_probe(&state, &result, &probe);
         match self.tracked.lock().get_mut(id) {
             Some(t) => t.state = next.clone(),
@@ -256,6 +270,23 @@ mod tests {
             run(&[true, false, false, true, false, false, false], &probe(1, 3)),
             [true, true, true, true, true, true, false]
         );
+    }
+
+    #[test]
+    fn a_restarted_prober_keeps_a_ready_sandbox_ready_until_the_failure_threshold() {
+        let p = probe(1, 3);
+        let mut stored: Sandbox = serde_json::from_value(serde_json::json!({
+            "id": "s", "created_at": "", "updated_at": "", "spec": {"containers": []},
+            "status": {"phase": "Running", "ready": true, "readiness": {"success_streak": 5, "failure_streak": 0}}
+        }))
+        .unwrap();
+        stored.status.ready = true;
+        let seeded = seed_state(&stored);
+        assert_eq!((seeded.ready, seeded.success_streak), (true, 5));
+        let once = record_probe(&seeded, &Err("503".into()), &p);
+        let twice = record_probe(&once, &Err("503".into()), &p);
+        assert!(once.ready && twice.ready, "one or two failures do not flip a ready sandbox");
+        assert!(!record_probe(&twice, &Err("503".into()), &p).ready);
     }
 
     #[test]

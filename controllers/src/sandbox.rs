@@ -113,6 +113,14 @@ pub fn judge_agent(observed: Result<&AgentSandbox, &AgentError>, node: &str) -> 
     }
 }
 
+/// How soon to look again at a sandbox the agent still reports creating: a quarter of the time it has
+/// been creating, between `base` and 5 s, so slow image pulls are not polled 20 times a second.
+pub fn creating_poll_after(status: &SandboxStatus, base: Duration) -> Duration {
+    let since = status.last_transition_at.as_deref().and_then(parse_rfc3339).unwrap_or_else(unix_now);
+    let creating_for = Duration::from_secs((unix_now() - since).max(0) as u64);
+    (creating_for / 4).clamp(base, Duration::from_secs(5))
+}
+
 /// Writes a sandbox's new status with CAS, logging a phase change once at info level.
 pub async fn write_status(
     objects: &dyn ObjectClient,
@@ -341,7 +349,9 @@ impl SandboxController {
                 status = failed(&status, reason, message);
                 Outcome::Done
             }
-            AgentVerdict::StillCreating => Outcome::Requeue(self.settings.creating_poll),
+            AgentVerdict::StillCreating => {
+                Outcome::Requeue(creating_poll_after(&sandbox.status, self.settings.creating_poll))
+            }
             AgentVerdict::Running => match &sandbox.spec.readiness_probe {
                 None => {
                     status.ready = true;
@@ -350,7 +360,7 @@ impl SandboxController {
                 }
                 Some(_) => {
                     // The prober owns `ready`; the phase follows it.
-                    self.prober.track(&sandbox.id);
+                    self.prober.track(sandbox);
                     if status.ready {
                         status.phase = Phase::Running;
                     }
@@ -366,7 +376,9 @@ impl SandboxController {
 
     async fn terminate(&self, sandbox: &Sandbox) -> Result<Outcome, String> {
         self.prober.forget(&sandbox.id);
-        if let Some(node) = self.node_of(sandbox) {
+        // A released sandbox's agent already confirmed it gone: nothing to delete there.
+        let on_agent = if sandbox.status.released { None } else { self.node_of(sandbox) };
+        if let Some(node) = on_agent {
             match self.agents.delete_sandbox(&node.sbxlet_base_url, &sandbox.id).await {
                 Ok(()) => {}
                 Err(e) if e.is_not_found() => {}
@@ -422,10 +434,11 @@ impl SandboxController {
             };
             for agent_sandbox in held {
                 let managed = agent_sandbox.labels.get(MANAGED_LABEL).is_some_and(|v| v == "true");
+                // Released sandboxes gave up their ports: whatever the agent still holds of them is an orphan.
                 let known = self
                     .sandboxes
                     .get(&agent_sandbox.id)
-                    .is_some_and(|s| s.status.node_name.as_deref() == Some(node.name.as_str()));
+                    .is_some_and(|s| s.status.node_name.as_deref() == Some(node.name.as_str()) && !s.status.released);
                 if managed && !known {
                     match self.agents.delete_sandbox(&node.sbxlet_base_url, &agent_sandbox.id).await {
                         Ok(()) => {
@@ -455,8 +468,10 @@ impl SandboxController {
                     _ = stop.cancelled() => return,
                     _ = ticker.tick() => {}
                 }
+                // Spread the resync over the period, so a large fleet's sync never delays new sandboxes in a burst.
+                let period = resync.settings.sync_period;
                 for id in resync.sandboxes.keys() {
-                    resync.queue.add(id);
+                    resync.queue.add_after(id, period.mul_f64(fastrand::f64()));
                 }
                 resync.collect_orphans().await;
             }

@@ -7,6 +7,7 @@ use parking_lot::Mutex;
 use sandboxd_api::validate::{sandbox_requests, SandboxPolicy};
 use sandboxd_api::{AssignedPort, Node, NodeState, Phase, Protocol, Sandbox, SandboxSpec};
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -322,6 +323,11 @@ impl AllocationIndex {
         self.held.insert(sandbox.to_string(), Held { slot, cpu_milli, memory_bytes, ports });
     }
 
+    /// Whether `sandbox` holds (or is assumed to hold) resources.
+    pub fn holds(&self, sandbox: &str) -> bool {
+        self.held.contains_key(sandbox)
+    }
+
     /// Frees what `sandbox` held; returns whether it held anything.
     pub fn release(&mut self, sandbox: &str) -> bool {
         let Some(held) = self.held.remove(sandbox) else { return false };
@@ -378,6 +384,8 @@ pub struct Scheduler {
     queue: WorkQueue<String>,
     /// Pending sandboxes that fit nowhere; retried when nodes or capacity change, not in a loop.
     unschedulable: Mutex<HashSet<String>>,
+    /// Bumped whenever room may have appeared, so a placement that failed meanwhile is retried.
+    releases: AtomicU64,
 }
 
 impl Scheduler {
@@ -395,6 +403,7 @@ impl Scheduler {
             index: Mutex::new(AllocationIndex::default()),
             queue: WorkQueue::new(),
             unschedulable: Mutex::new(HashSet::new()),
+            releases: AtomicU64::new(0),
         });
         scheduler.subscribe();
         scheduler
@@ -423,7 +432,9 @@ impl Scheduler {
                     let request = Request::of(&new.spec, &self.settings.requests);
                     let ports = new.status.assigned_ports.iter().map(|p| (p.protocol, p.host_port)).collect();
                     self.index.lock().hold(&new.id, node, request.cpu_milli, request.memory_bytes, ports);
-                } else if self.index.lock().release(&new.id) {
+                } else if new.status.node_name.is_some() && self.index.lock().release(&new.id) {
+                    // Only a bound sandbox's release frees anything: a Pending copy may predate our own bind
+                    // (a relist, or the event of the bind not yet applied) and must not undo the assumption.
                     self.retry_unschedulable();
                 }
                 if new.status.phase == Phase::Pending && new.status.node_name.is_none() {
@@ -466,7 +477,14 @@ impl Scheduler {
         }
     }
 
+    fn release_assumption(&self, id: &str) {
+        if self.index.lock().release(id) {
+            self.retry_unschedulable();
+        }
+    }
+
     fn retry_unschedulable(&self) {
+        self.releases.fetch_add(1, Ordering::SeqCst);
         let waiting: Vec<String> = self.unschedulable.lock().drain().collect();
         for id in waiting {
             self.queue.add(id);
@@ -479,11 +497,23 @@ impl Scheduler {
         if sandbox.status.phase != Phase::Pending || sandbox.status.node_name.is_some() {
             return Outcome::Done;
         }
+        // Held already: our bind succeeded and its event has not reached the cache yet.
+        if self.index.lock().holds(id) {
+            return Outcome::Done;
+        }
         let request = Request::of(&sandbox.spec, &self.settings.requests);
+        let releases_before = self.releases.load(Ordering::SeqCst);
         let decision = self.choose_and_assume(id, &request);
         match decision {
             Ok((node, ports)) => self.bind(&sandbox, node, ports).await,
-            Err(message) => self.mark_unschedulable(&sandbox, message).await,
+            Err(message) => {
+                let outcome = self.mark_unschedulable(&sandbox, message).await;
+                // Room freed while we looked: the retry that release triggered may have missed us.
+                if self.releases.load(Ordering::SeqCst) != releases_before {
+                    self.retry_unschedulable();
+                }
+                outcome
+            }
         }
     }
 
@@ -493,7 +523,7 @@ impl Scheduler {
         match self.nodes.get(&name) {
             Some(node) => Ok((node, ports)),
             None => {
-                self.index.lock().release(id);
+                self.release_assumption(id);
                 Err(format!("node {name} disappeared while placing"))
             }
         }
@@ -516,7 +546,7 @@ impl Scheduler {
             }
             Err(e) => {
                 // The bind did not happen: take back the assumption so the ports and room are free again.
-                self.index.lock().release(&sandbox.id);
+                self.release_assumption(&sandbox.id);
                 Outcome::Err(format!("binding {} to {}: {e}", sandbox.id, node.name))
             }
         }
@@ -759,5 +789,72 @@ mod tests {
         assert_eq!(feasible_nodes_to_score(1000), 420);
         assert_eq!(feasible_nodes_to_score(5000), 500);
         assert_eq!(feasible_nodes_to_score(100_000), 5000);
+    }
+}
+
+#[cfg(test)]
+mod assumption_tests {
+    use super::*;
+    use crate::objects::{ObjectError, ObjectKind, ObjectResult, RawWatch};
+    use async_trait::async_trait;
+    use sandboxd_api::node::NodeStatus;
+    use sandboxd_api::SandboxStatus;
+
+    struct NoObjects;
+
+    #[async_trait]
+    impl ObjectClient for NoObjects {
+        async fn list(&self, _: ObjectKind) -> ObjectResult<(Vec<Vec<u8>>, u64)> {
+            Err(ObjectError::Unavailable("test".into()))
+        }
+        async fn watch(&self, _: ObjectKind, _: u64) -> ObjectResult<RawWatch> {
+            Err(ObjectError::Unavailable("test".into()))
+        }
+        async fn get_node(&self, _: &str) -> ObjectResult<Option<Node>> {
+            Ok(None)
+        }
+        async fn get_sandbox(&self, _: &str) -> ObjectResult<Option<Sandbox>> {
+            Ok(None)
+        }
+        async fn put_node_status(&self, _: &str, _: &NodeStatus, _: &str) -> ObjectResult<Node> {
+            Err(ObjectError::Unavailable("test".into()))
+        }
+        async fn put_sandbox_status(&self, _: &str, _: &SandboxStatus, _: &str) -> ObjectResult<Sandbox> {
+            Err(ObjectError::Unavailable("test".into()))
+        }
+        async fn remove_sandbox(&self, _: &str, _: &str) -> ObjectResult<()> {
+            Err(ObjectError::Unavailable("test".into()))
+        }
+    }
+
+    fn sandbox(id: &str, node: Option<&str>, port: u16) -> Arc<Sandbox> {
+        let mut s: Sandbox = serde_json::from_value(serde_json::json!({
+            "id": id, "created_at": "", "updated_at": "",
+            "spec": {"containers": [{"name": "c", "image": "i"}], "ports": [{"container_port": 80}]}
+        }))
+        .unwrap();
+        if let Some(node) = node {
+            s.status.phase = Phase::Scheduled;
+            s.status.node_name = Some(node.into());
+            s.status.assigned_ports =
+                vec![AssignedPort { host_port: port, container_port: 80, protocol: Protocol::Tcp }];
+        }
+        Arc::new(s)
+    }
+
+    #[test]
+    fn a_stale_pending_copy_never_releases_an_assumed_bind() {
+        let scheduler =
+            Scheduler::new(Informer::new(), Informer::new(), Arc::new(NoObjects), SchedulerSettings::default());
+        scheduler.index.lock().hold("s", "n", 100, 1, vec![(Protocol::Tcp, 10000)]);
+        // A relist (or a late event) delivers the sandbox as it was before our bind.
+        let pending = sandbox("s", None, 0);
+        scheduler.on_sandbox_change(&Change::Upsert { old: None, new: &pending });
+        assert_eq!(scheduler.used_ports("n"), [(Protocol::Tcp, 10000)], "the assumed port stays taken");
+        // The bind's own event and then a deletion do release it.
+        let bound = sandbox("s", Some("n"), 10000);
+        scheduler.on_sandbox_change(&Change::Upsert { old: None, new: &bound });
+        scheduler.on_sandbox_change(&Change::Delete(&bound));
+        assert!(scheduler.used_ports("n").is_empty());
     }
 }

@@ -5,10 +5,17 @@ use sbxlet::cli::{run, shutdown_signal, Cli};
 use tracing::Level;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
     let level = std::env::var("RUST_LOG").ok().and_then(|v| v.parse::<Level>().ok()).unwrap_or(Level::INFO);
     tracing_subscriber::fmt().with_max_level(level).init();
     let cli = Cli::parse();
-    run(cli, shutdown_signal()?).await?;
-    Ok(())
+    let result = match shutdown_signal() {
+        Ok(signal) => run(cli, signal).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        // One readable line; no backtrace even when RUST_BACKTRACE is set.
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
 }

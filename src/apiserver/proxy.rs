@@ -33,6 +33,16 @@ pub struct LogsQuery {
     container: Option<String>,
 }
 
+/// Ids that go into agent URLs must be plain names: no `/`, `..` or query characters.
+fn check_names(names: &[(&str, &str)]) -> ApiResult<()> {
+    for (field, value) in names {
+        if let Some(problem) = sandboxd_api::names::name_problem(value) {
+            return Err(ApiError::BadRequest(format!("{field}: {problem}")));
+        }
+    }
+    Ok(())
+}
+
 /// The node (404 if unknown) and the agent client (503 if this server makes no agent calls).
 async fn node_and_agent(state: &ApiState, name: &str) -> ApiResult<(Node, Arc<dyn AgentClient>)> {
     let node: Node = state
@@ -73,6 +83,9 @@ pub async fn list_sandboxes(
     ApiQuery(query): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<Value>> {
     let limit = query_number("limit", query.limit.as_deref())?.unwrap_or(100);
+    if !query.cursor.is_empty() {
+        check_names(&[("cursor", &query.cursor)])?;
+    }
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::BadRequest(format!("limit: {limit} is not in 1-1000")));
     }
@@ -89,6 +102,7 @@ pub async fn get_sandbox(
     State(state): State<ApiState>,
     Path((name, id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
+    check_names(&[("id", &id)])?;
     let (node, agents) = node_and_agent(&state, &name).await?;
     let sandbox = agents.get_sandbox(&node.sbxlet_base_url, &id).await.map_err(|e| upstream(&name, e))?;
     Ok(with_external(json!({ "sandbox": sandbox }), &node))
@@ -102,6 +116,7 @@ pub async fn create_sandbox(
     Path(name): Path<String>,
     ApiJson(request): ApiJson<AgentCreateRequest>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
+    check_names(&[("id", &request.id)])?;
     let (node, agents) = node_and_agent(&state, &name).await?;
     let sandbox = agents.create_sandbox(&node.sbxlet_base_url, &request).await.map_err(|e| upstream(&name, e))?;
     Ok((StatusCode::CREATED, Json(json!({ "sandbox": sandbox }))))
@@ -114,6 +129,7 @@ pub async fn delete_sandbox(
     State(state): State<ApiState>,
     Path((name, id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
+    check_names(&[("id", &id)])?;
     let (node, agents) = node_and_agent(&state, &name).await?;
     agents.delete_sandbox(&node.sbxlet_base_url, &id).await.map_err(|e| upstream(&name, e))?;
     Ok(Json(json!({ "id": id, "phase": "deleted" })))
@@ -128,6 +144,7 @@ pub async fn logs(
     Path((name, id)): Path<(String, String)>,
     ApiQuery(query): ApiQuery<LogsQuery>,
 ) -> ApiResult<Json<Value>> {
+    check_names(&[("id", &id), ("container", query.container.as_deref().unwrap_or("x"))])?;
     let (node, agents) = node_and_agent(&state, &name).await?;
     let container = query.container.as_deref();
     let tail = query_number("tail", query.tail.as_deref())?;
@@ -144,6 +161,7 @@ pub async fn container_logs(
     Path((name, id, container)): Path<(String, String, String)>,
     ApiQuery(query): ApiQuery<LogsQuery>,
 ) -> ApiResult<Json<Value>> {
+    check_names(&[("id", &id), ("container", &container)])?;
     let tail = query_number("tail", query.tail.as_deref())?;
     let (node, agents) = node_and_agent(&state, &name).await?;
     let answer =

@@ -153,6 +153,13 @@ async fn watch_from_compacted_revision_is_gone(open: Open) {
     assert!(store.watch(Kind::Sandboxes, recent).await.is_ok(), "recent revisions are still served");
 }
 
+async fn watch_from_a_revision_never_reached_is_gone(open: Open) {
+    let store = open(StoreOptions::default()).await;
+    store.create(Kind::Sandboxes, "a", json!({})).await.unwrap();
+    let ahead = store.revision().await.unwrap() + 10;
+    assert!(matches!(store.watch(Kind::Sandboxes, ahead).await, Err(StoreError::Gone { .. })));
+}
+
 async fn slow_watcher_is_cut_off_not_waited_for(open: Open) {
     let options = StoreOptions { watcher_buffer: 2, ..StoreOptions::default() };
     let store = open(options).await;
@@ -259,6 +266,10 @@ macro_rules! conformance {
                 super::watch_from_compacted_revision_is_gone(OPEN).await
             }
             #[tokio::test]
+            async fn watch_from_a_revision_never_reached_is_gone() {
+                super::watch_from_a_revision_never_reached_is_gone(OPEN).await
+            }
+            #[tokio::test]
             async fn slow_watcher_is_cut_off_not_waited_for() {
                 super::slow_watcher_is_cut_off_not_waited_for(OPEN).await
             }
@@ -320,6 +331,6 @@ async fn sqlite_refuses_a_second_process_on_the_same_file() {
     first.create(Kind::Nodes, "n", json!({})).await.unwrap();
     let second = super::sqlite::open(&path, StoreOptions::default()).await;
     let Err(err) = second else { panic!("a second store on the same file must be refused") };
-    assert!(err.to_string().contains("in use by another process?"), "{err}");
+    assert!(err.to_string().contains("in use by another process"), "{err}");
     first.close().await;
 }

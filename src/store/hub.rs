@@ -153,6 +153,10 @@ impl Hub {
         if from < state.compacted {
             return Err(StoreError::Gone { requested: from, oldest: state.compacted });
         }
+        // A revision this store never reached (it was reset, or the client is confused): list again.
+        if from > state.revision {
+            return Err(StoreError::Gone { requested: from, oldest: state.compacted });
+        }
         let backlog: Vec<WatchItem> = state
             .ring
             .iter()

@@ -38,6 +38,7 @@ fn open_blocking(path: &Path, options: StoreOptions) -> Result<LocalStore> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
     }
+    let lock = lock_store(path)?;
     let conn = Connection::open(path).map_err(unavailable)?;
     conn.busy_timeout(std::time::Duration::from_millis(500)).map_err(unavailable)?;
     // FULL makes each commit durable across power loss too; batching amortizes the fsync.
@@ -56,7 +57,49 @@ fn open_blocking(path: &Path, options: StoreOptions) -> Result<LocalStore> {
         .map_err(unavailable)?;
     let revision = (stored_revision.unwrap_or(0) as Revision).max(max_row_revision);
     tracing::info!(path = %path.display(), objects = objects.len(), revision, "sqlite store loaded");
-    Ok(LocalStore::start(objects, revision, SqlitePersist { conn }, options))
+    let checkpoints = spawn_checkpointer(path)?;
+    Ok(LocalStore::start(objects, revision, SqlitePersist { conn, _checkpoints: checkpoints, _lock: lock }, options))
+}
+
+/// Takes an exclusive lock on `PATH.lock` for as long as the store is open: this process keeps every
+/// object in memory and is the file's only writer, so a second process on it would fork the history.
+fn lock_store(path: &Path) -> Result<std::fs::File> {
+    let lock_path = path.with_extension("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Unavailable(format!("opening {}: {e}", lock_path.display())))?;
+    file.try_lock().map_err(|_| {
+        StoreError::Unavailable(format!(
+            "sqlite {} is in use by another process (lock {} is held)",
+            path.display(),
+            lock_path.display()
+        ))
+    })?;
+    Ok(file)
+}
+
+/// Checkpoints the WAL every second from a second connection until the returned sender is dropped.
+fn spawn_checkpointer(path: &Path) -> Result<std::sync::mpsc::Sender<()>> {
+    let conn = Connection::open(path).map_err(|e| StoreError::Unavailable(format!("sqlite checkpointer: {e}")))?;
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("store-checkpoint".into())
+        .spawn(move || loop {
+            match stopped.recv_timeout(std::time::Duration::from_secs(1)) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    // PASSIVE never blocks the writer; it copies what it can and the next round does the rest.
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        tracing::warn!(error = %e, "wal checkpoint failed");
+                    }
+                }
+                _ => return,
+            }
+        })
+        .map_err(|e| StoreError::Unavailable(format!("starting checkpointer: {e}")))?;
+    Ok(stop)
 }
 
 fn load_objects(conn: &Connection) -> rusqlite::Result<(Vec<(Kind, Versioned)>, Revision)> {
@@ -81,6 +124,10 @@ fn load_objects(conn: &Connection) -> rusqlite::Result<(Vec<(Kind, Versioned)>, 
 
 struct SqlitePersist {
     conn: Connection,
+    /// Dropping it stops the checkpointer thread.
+    _checkpoints: std::sync::mpsc::Sender<()>,
+    /// Held for the store's lifetime.
+    _lock: std::fs::File,
 }
 
 impl SqlitePersist {
