@@ -10,7 +10,8 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub const ALL: [&str; 6] = ["store-create", "scheduling-basic", "startup-latency", "burst", "scale", "api-latency"];
+pub const ALL: [&str; 8] =
+    ["store-create", "heartbeats", "burst-1k", "scheduling-basic", "startup-latency", "burst", "scale", "api-latency"];
 
 /// One scenario's figures, printed as one JSON line.
 #[derive(Debug, Serialize)]
@@ -44,6 +45,8 @@ pub async fn run(name: &str, bin_dir: &Path, smoke: bool) -> anyhow::Result<Repo
         "scheduling-basic" => scheduling_basic(bin_dir, smoke).await,
         "startup-latency" => startup_latency(bin_dir, smoke).await,
         "burst" => burst(bin_dir, smoke).await,
+        "burst-1k" => burst_1k(bin_dir, smoke).await,
+        "heartbeats" => heartbeats(bin_dir, smoke).await,
         "scale" => scale(bin_dir, smoke).await,
         "api-latency" => api_latency(bin_dir, smoke).await,
         other => anyhow::bail!("unknown scenario {other}"),
@@ -172,6 +175,23 @@ async fn startup_latency(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> 
 
 async fn burst(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
     let (nodes, n) = if smoke { (4, 40) } else { (1_000, 10_000) };
+    burst_of("burst", bin_dir, smoke, nodes, n, Duration::from_secs(10)).await
+}
+
+/// The controllers issue's figure: 1,000 sandboxes created at once over 50 agents.
+async fn burst_1k(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
+    let (nodes, n) = if smoke { (3, 30) } else { (50, 1_000) };
+    burst_of("burst-1k", bin_dir, smoke, nodes, n, Duration::from_secs(10)).await
+}
+
+async fn burst_of(
+    name: &str,
+    bin_dir: &Path,
+    smoke: bool,
+    nodes: usize,
+    n: usize,
+    target: Duration,
+) -> anyhow::Result<Report> {
     let cluster = Cluster::start(bin_dir, &cluster_spec(nodes, "5s")).await?;
     cluster.wait_nodes_ready(nodes, Duration::from_secs(60)).await?;
     let observer = Observer::start(&cluster.client).await?;
@@ -191,7 +211,43 @@ async fn burst(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
         "all_accepted_s": (accepted.as_secs_f64() * 100.0).round() / 100.0,
         "all_running_s": (total.as_secs_f64() * 100.0).round() / 100.0,
     });
-    Ok(report("burst", smoke, figures, "last Running <= 10 s", Some(total <= Duration::from_secs(10))))
+    Ok(report(name, smoke, figures, &format!("last Running <= {} s", target.as_secs()), Some(total <= target)))
+}
+
+// === heartbeats: 5,000 agents heartbeating at 5 s and nothing else ===
+
+async fn heartbeats(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
+    let (nodes, window) = if smoke { (5, 6) } else { (5_000, 30) };
+    let cluster = Cluster::start(bin_dir, &cluster_spec(nodes, "5s")).await?;
+    cluster.wait_nodes_ready(nodes, Duration::from_secs(90)).await?;
+    let count_before = cluster.metric("sandboxd_heartbeat_lag_seconds_count").await?;
+    let cpu_before = cluster.server_cpu_seconds();
+    tokio::time::sleep(Duration::from_secs(window)).await;
+    let cpu_percent = (cluster.server_cpu_seconds() - cpu_before) / window as f64 * 100.0;
+    let beats = cluster.metric("sandboxd_heartbeat_lag_seconds_count").await? - count_before;
+    let lag_p99 = cluster.metric("sandboxd_heartbeat_lag_seconds{quantile=\"0.99\"}").await?;
+    let lag_p50 = cluster.metric("sandboxd_heartbeat_lag_seconds{quantile=\"0.5\"}").await?;
+    let ready = cluster
+        .client
+        .list_nodes()
+        .await?
+        .items
+        .iter()
+        .filter(|n| n.status.state == sandboxd_api::NodeState::Ready)
+        .count();
+    ensure!(ready == nodes, "{ready}/{nodes} nodes Ready while heartbeating");
+    let expected = nodes as f64 * window as f64 / 5.0;
+    let figures = json!({
+        "nodes": nodes,
+        "window_s": window,
+        "heartbeats_per_s": (beats / window as f64).round(),
+        "heartbeats_vs_expected_percent": (beats / expected * 100.0).round(),
+        "lag_p50_ms": (lag_p50 * 1000.0).round(),
+        "lag_p99_ms": (lag_p99 * 1000.0).round(),
+        "server_cpu_percent": cpu_percent.round(),
+        "server_rss_mib": cluster.server_rss_bytes() / (1 << 20),
+    });
+    Ok(report("heartbeats", smoke, figures, "lag p99 <= 1 s", Some(lag_p99 <= 1.0)))
 }
 
 // === scale: 5,000 nodes heartbeating + 150,000 sandboxes stored ===
