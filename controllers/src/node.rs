@@ -4,7 +4,7 @@ use crate::agent::{AgentClient, AgentError};
 use crate::objects::{ObjectClient, ObjectError};
 use crate::runtime::informer::{Change, Informer};
 use crate::runtime::metrics::METRICS;
-use crate::runtime::queue::{run_workers, Outcome, WorkQueue};
+use crate::runtime::queue::{run_until_shutdown, Outcome, WorkQueue};
 use sandboxd_api::agent::AgentStatus;
 use sandboxd_api::node::NodeStatus;
 use sandboxd_api::{Node, NodeResources, NodeState};
@@ -291,13 +291,8 @@ impl NodeController {
         self.nodes.wait_synced().await;
         self.forget_stale_states().await;
         let queue = self.queue.clone();
-        let stop = queue.clone();
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            stop.shut_down();
-        });
         let me = self.clone();
-        run_workers(queue, self.settings.workers.max(1), move |name: String| {
+        run_until_shutdown(queue, self.settings.workers.max(1), shutdown, move |name: String| {
             let me = me.clone();
             async move { me.beat(&name).await }
         })

@@ -4,7 +4,7 @@ use crate::agent::{AgentClient, ProbeTarget};
 use crate::node::rfc3339_now;
 use crate::objects::{ObjectClient, ObjectError};
 use crate::runtime::informer::Informer;
-use crate::runtime::queue::{run_workers, Outcome, WorkQueue};
+use crate::runtime::queue::{run_until_shutdown, Outcome, WorkQueue};
 use parking_lot::Mutex;
 use sandboxd_api::{Node, Phase, Probe, ProbeProtocol, Readiness, Sandbox};
 use std::collections::HashMap;
@@ -215,13 +215,8 @@ impl Prober {
     /// Probes until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let queue = self.queue.clone();
-        let stop = queue.clone();
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            stop.shut_down();
-        });
         let me = self.clone();
-        run_workers(queue, self.workers.max(1), move |id: String| {
+        run_until_shutdown(queue, self.workers.max(1), shutdown, move |id: String| {
             let me = me.clone();
             async move { me.probe_once(&id).await }
         })

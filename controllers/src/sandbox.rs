@@ -5,7 +5,7 @@ use crate::node::rfc3339_now;
 use crate::objects::{ObjectClient, ObjectError};
 use crate::prober::Prober;
 use crate::runtime::informer::{Change, Informer};
-use crate::runtime::queue::{run_workers, Outcome, WorkQueue};
+use crate::runtime::queue::{run_until_shutdown, Outcome, WorkQueue};
 use parking_lot::Mutex;
 use sandboxd_api::agent::{AgentCreateRequest, AgentPhase, AgentPort, AgentSandbox};
 use sandboxd_api::time::parse_rfc3339;
@@ -496,14 +496,9 @@ impl SandboxController {
                 resync.sync_with_agents().await;
             }
         });
-        let stop_queue = queue.clone();
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            stop_queue.shut_down();
-        });
         let me = self.clone();
         let workers = self.settings.workers.max(1);
-        run_workers(queue, workers, move |id: String| {
+        run_until_shutdown(queue, workers, shutdown, move |id: String| {
             let me = me.clone();
             async move { me.reconcile(&id).await }
         })

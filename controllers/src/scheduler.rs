@@ -2,7 +2,7 @@
 
 use crate::objects::ObjectClient;
 use crate::runtime::informer::{Change, Informer};
-use crate::runtime::queue::{run_workers, Outcome, WorkQueue};
+use crate::runtime::queue::{run_until_shutdown, Outcome, WorkQueue};
 use parking_lot::Mutex;
 use sandboxd_api::validate::{sandbox_requests, SandboxPolicy};
 use sandboxd_api::{AssignedPort, Node, NodeState, Phase, Protocol, Sandbox, SandboxSpec};
@@ -573,14 +573,9 @@ impl Scheduler {
         self.nodes.wait_synced().await;
         self.sandboxes.wait_synced().await;
         let queue = self.queue.clone();
-        let stop = queue.clone();
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            stop.shut_down();
-        });
         let me = self.clone();
         let workers = self.settings.workers.max(1);
-        run_workers(queue, workers, move |id: String| {
+        run_until_shutdown(queue, workers, shutdown, move |id: String| {
             let me = me.clone();
             async move { me.schedule_one(&id).await }
         })

@@ -2,7 +2,7 @@
 
 use crate::objects::{ObjectClient, ObjectError};
 use crate::runtime::informer::{Change, Informer};
-use crate::runtime::queue::{run_workers, Outcome, WorkQueue};
+use crate::runtime::queue::{run_until_shutdown, Outcome, WorkQueue};
 use sandboxd_api::time::parse_rfc3339;
 use sandboxd_api::{Phase, Sandbox, SandboxStatus};
 use std::sync::Arc;
@@ -75,13 +75,8 @@ impl TtlController {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         self.sandboxes.wait_synced().await;
         let queue = self.queue.clone();
-        let stop = queue.clone();
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            stop.shut_down();
-        });
         let me = self.clone();
-        run_workers(queue, 8, move |id: String| {
+        run_until_shutdown(queue, 8, shutdown, move |id: String| {
             let me = me.clone();
             async move { me.expire_one(&id).await }
         })

@@ -485,6 +485,26 @@ fn promote_due<K: QueueKey>(queue: &Weak<Inner<K>>) -> PumpStep {
 
 // === workers ===
 
+/// Runs `workers` reconcile tasks until `shutdown`, then shuts the queue down and waits for them:
+/// the loop every controller runs.
+pub async fn run_until_shutdown<K, F, Fut>(
+    queue: WorkQueue<K>,
+    workers: usize,
+    shutdown: tokio_util::sync::CancellationToken,
+    reconcile: F,
+) where
+    K: QueueKey + fmt::Debug,
+    F: Fn(K) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Outcome> + Send + 'static,
+{
+    let stop = queue.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        stop.shut_down();
+    });
+    run_workers(queue, workers, reconcile).await;
+}
+
 /// Runs `workers` tasks that reconcile keys until the queue is shut down, then waits for them.
 pub async fn run_workers<K, F, Fut>(queue: WorkQueue<K>, workers: usize, reconcile: F)
 where
