@@ -8,6 +8,7 @@ use utoipa::OpenApi;
     info(title = "sandboxd-o", description = "Control plane for fleets of sandboxes"),
     paths(
         super::healthz,
+        super::metrics,
         super::nodes::create_or_update,
         super::nodes::list,
         super::nodes::get_one,

@@ -168,6 +168,7 @@ pub async fn delete(State(state): State<ApiState>, Path(id): Path<String>) -> Ap
     loop {
         let current = get_sandbox(&state, &id).await?;
         let mut sandbox: Sandbox = current.decode()?;
+        let sandbox_phase_before = sandbox.status.phase.as_str();
         let result = match removal_for(&state, &sandbox).await? {
             Removal::AlreadyTerminating => return Ok(respond::deleted(&id)),
             Removal::Now => state.store.delete(Kind::Sandboxes, &id, Some(current.revision)).await,
@@ -177,7 +178,11 @@ pub async fn delete(State(state): State<ApiState>, Path(id): Path<String>) -> Ap
             }
         };
         match result {
-            Ok(_) => return Ok(respond::deleted(&id)),
+            Ok(_) => {
+                let node = sandbox.status.node_name.as_deref().unwrap_or("");
+                tracing::info!(sandbox = %id, node, from = %sandbox_phase_before, reason = "Deleted", "sandbox deletion requested");
+                return Ok(respond::deleted(&id));
+            }
             Err(StoreError::Conflict { .. }) => continue,
             Err(StoreError::NotFound { .. }) => return Ok(respond::deleted(&id)),
             Err(e) => return Err(e.into()),
