@@ -113,21 +113,26 @@ fn headers(resource: Resource, wide: bool) -> Vec<&'static str> {
     h
 }
 
-fn print_table(header: &[&str], rows: &[Vec<String>]) {
+/// Prints a header and rows in aligned columns; returns the column widths for rows printed later.
+fn print_table(header: &[&str], rows: &[Vec<String>]) -> Vec<usize> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
             widths[i] = widths[i].max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
-        say!("{}", padded.join("   ").trim_end());
-    };
-    line(header.iter().map(|s| s.to_string()).collect());
+    let header: Vec<String> = header.iter().map(|s| s.to_string()).collect();
+    say!("{}", aligned(&header, &widths));
     for row in rows {
-        line(row.clone());
+        say!("{}", aligned(row, &widths));
     }
+    widths
+}
+
+fn aligned(cells: &[String], widths: &[usize]) -> String {
+    let padded: Vec<String> =
+        cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths.get(i).copied().unwrap_or(0))).collect();
+    padded.join("   ").trim_end().to_string()
 }
 
 fn print_structured<T: Serialize>(value: &T, output: Output) -> anyhow::Result<()> {
@@ -170,13 +175,16 @@ pub async fn get(
     };
     if structured {
         print_structured(&values, output.expect("structured output"))?;
+        if watch {
+            stream_rows(client, resource, name, wide, &revision, &[], &[]).await?;
+        }
     } else if rows.is_empty() && !watch {
         eprintln!("No {} found.", if resource == Resource::Nodes { "nodes" } else { "sandboxes" });
     } else {
-        print_table(&headers(resource, wide), &rows);
-    }
-    if watch {
-        stream_rows(client, resource, name, wide, &revision).await?;
+        let widths = print_table(&headers(resource, wide), &rows);
+        if watch {
+            stream_rows(client, resource, name, wide, &revision, &widths, &rows).await?;
+        }
     }
     Ok(())
 }
@@ -187,9 +195,20 @@ async fn stream_rows(
     name: Option<&str>,
     wide: bool,
     from: &str,
+    widths: &[usize],
+    initial: &[Vec<String>],
 ) -> anyhow::Result<()> {
     let kind = if resource == Resource::Nodes { "nodes" } else { "sandboxes" };
     let mut revision = from.to_string();
+    // Rows already shown, without their AGE column: a change nobody can see in the table prints nothing.
+    let age_column = headers(resource, false).len() - 1;
+    let without_age = |row: &[String]| -> Vec<String> {
+        let mut visible = row.to_vec();
+        visible.remove(age_column);
+        visible
+    };
+    let mut shown: std::collections::HashMap<String, Vec<String>> =
+        initial.iter().map(|row| (row[0].clone(), without_age(row))).collect();
     loop {
         let mut stream = client.watch(kind, Some(&revision)).await?;
         while let Some(event) = stream.next().await {
@@ -218,7 +237,12 @@ async fn stream_rows(
             if event.event_type == EventType::Deleted {
                 row[1] = "<deleted>".into();
             }
-            say!("{}", row.join("   "));
+            let visible = without_age(&row);
+            if shown.get(&row[0]) == Some(&visible) {
+                continue;
+            }
+            shown.insert(row[0].clone(), visible);
+            say!("{}", aligned(&row, widths));
         }
     }
 }
