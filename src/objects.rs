@@ -7,6 +7,7 @@ use futures::StreamExt;
 use sandboxd_api::node::NodeStatus;
 use sandboxd_api::{Node, Sandbox, SandboxStatus};
 use sandboxd_controllers::objects::{ObjectClient, ObjectError, ObjectKind, ObjectResult, RawEvent, RawWatch};
+use sandboxd_controllers::runtime::lease::LeaseClient;
 
 /// List/watch and status writes over the local store, with the same semantics as the HTTP API.
 #[derive(Clone)]
@@ -104,5 +105,78 @@ impl ObjectClient for InProcessObjects {
     async fn remove_sandbox(&self, id: &str, resource_version: &str) -> ObjectResult<()> {
         let expect = parse_revision(resource_version)?;
         self.state.store.delete(Kind::Sandboxes, id, Some(expect)).await.map(|_| ()).map_err(from_store)
+    }
+}
+
+fn lease_value(lease: &sandboxd_api::Lease) -> serde_json::Value {
+    let mut value = serde_json::to_value(lease).expect("leases serialize");
+    value.as_object_mut().map(|m| m.remove("resource_version"));
+    value
+}
+
+#[async_trait]
+impl LeaseClient for InProcessObjects {
+    async fn get_lease(&self, name: &str) -> ObjectResult<Option<sandboxd_api::Lease>> {
+        match self.state.store.get(Kind::Leases, name).await.map_err(from_store)? {
+            Some(v) => v.decode().map(Some).map_err(from_store),
+            None => Ok(None),
+        }
+    }
+
+    async fn create_lease(&self, lease: &sandboxd_api::Lease) -> ObjectResult<sandboxd_api::Lease> {
+        let stored =
+            self.state.store.create(Kind::Leases, &lease.name, lease_value(lease)).await.map_err(from_store)?;
+        stored.decode().map_err(from_store)
+    }
+
+    async fn update_lease(&self, lease: &sandboxd_api::Lease) -> ObjectResult<sandboxd_api::Lease> {
+        let expect = parse_revision(&lease.resource_version)?;
+        let stored = self
+            .state
+            .store
+            .update(Kind::Leases, &lease.name, lease_value(lease), Some(expect))
+            .await
+            .map_err(from_store)?;
+        stored.decode().map_err(from_store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::store::{memory, StoreOptions};
+    use sandboxd_controllers::runtime::lease::{Elector, LeaseSettings};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio_util::sync::CancellationToken;
+
+    #[tokio::test]
+    async fn electors_over_the_store_hand_leadership_over_on_shutdown() {
+        let store: Arc<dyn crate::store::Store> = Arc::new(memory::open(StoreOptions::default()));
+        let objects = Arc::new(InProcessObjects::new(ApiState::new(store, &Config::default(), None)));
+        let settings = LeaseSettings {
+            duration: Duration::from_secs(3),
+            renew_deadline: Duration::from_secs(2),
+            retry: Duration::from_millis(200),
+        };
+        let start = |who: &str| {
+            let (elector, leading) = Elector::new("sandboxd-controller-test", who, settings, objects.clone());
+            let stop = CancellationToken::new();
+            (leading, stop.clone(), tokio::spawn(elector.run(stop)))
+        };
+        let (a, stop_a, task_a) = start("a");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (b, stop_b, task_b) = start("b");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(*a.borrow() && !*b.borrow());
+        stop_a.cancel();
+        task_a.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(*b.borrow(), "the standby took over well within the 3 s lease duration");
+        let lease = objects.get_lease("sandboxd-controller-test").await.unwrap().unwrap();
+        assert_eq!((lease.holder.as_str(), lease.transitions), ("b", 1));
+        stop_b.cancel();
+        task_b.await.unwrap();
     }
 }

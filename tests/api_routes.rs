@@ -1214,3 +1214,40 @@ async fn proxy_refuses_ids_that_would_escape_the_agent_path() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {body}");
     }
 }
+
+// === leases ===
+
+fn lease_body(holder: &str, rv: Option<&str>) -> Value {
+    let mut body = json!({ "name": "sandboxd-controller-scheduler", "holder": holder, "lease_duration_seconds": 15 });
+    if let Some(rv) = rv {
+        body["resource_version"] = json!(rv);
+    }
+    body
+}
+
+#[tokio::test]
+async fn leases_are_created_once_and_written_only_with_a_current_resource_version() {
+    let app = app();
+    let (status, created) = call(&app, "POST", "/api/v1/leases", Some(lease_body("a", None))).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let rv = created["lease"]["resource_version"].as_str().unwrap().to_string();
+    let (status, _) = call(&app, "POST", "/api/v1/leases", Some(lease_body("b", None))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "a second create loses");
+
+    let path = "/api/v1/leases/sandboxd-controller-scheduler";
+    let (status, body) = call(&app, "PUT", path, Some(lease_body("b", None))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "an unconditional lease write is refused: {body}");
+    let (status, renewed) = call(&app, "PUT", path, Some(lease_body("a", Some(&rv)))).await;
+    assert_eq!(status, StatusCode::OK, "{renewed}");
+    let (status, _) = call(&app, "PUT", path, Some(lease_body("b", Some(&rv)))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "a deposed writer's stale write fails");
+
+    let (status, got) = call(&app, "GET", path, None).await;
+    assert_eq!((status, got["lease"]["holder"].as_str()), (StatusCode::OK, Some("a")));
+    let (status, _) = call(&app, "DELETE", &format!("{path}?resource_version={rv}"), None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "delete is a CAS too");
+    let (status, _) = call(&app, "DELETE", path, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(&app, "GET", path, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

@@ -2,5 +2,6 @@
 
 pub mod backoff;
 pub mod informer;
+pub mod lease;
 pub mod metrics;
 pub mod queue;

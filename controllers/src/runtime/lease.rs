@@ -1,0 +1,403 @@
+//! Leader election over a `Lease` object: acquire, renew, step down past the renew deadline, take over expired leases.
+
+use crate::objects::{ObjectError, ObjectResult};
+use async_trait::async_trait;
+use sandboxd_api::Lease;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Lease reads and compare-and-swap writes.
+#[async_trait]
+pub trait LeaseClient: Send + Sync + 'static {
+    async fn get_lease(&self, name: &str) -> ObjectResult<Option<Lease>>;
+    /// Creates the lease; `Conflict` if it exists.
+    async fn create_lease(&self, lease: &Lease) -> ObjectResult<Lease>;
+    /// Replaces the lease if it is still at `lease.resource_version`; `Conflict` otherwise.
+    async fn update_lease(&self, lease: &Lease) -> ObjectResult<Lease>;
+}
+
+/// Timing of an election.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseSettings {
+    /// How long a lease holds without renewal before another candidate may take it.
+    pub duration: Duration,
+    /// A leader that has not renewed for this long stops acting.
+    pub renew_deadline: Duration,
+    /// How often candidates try and leaders renew (jittered).
+    pub retry: Duration,
+}
+
+impl Default for LeaseSettings {
+    fn default() -> Self {
+        LeaseSettings {
+            duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry: Duration::from_secs(2),
+        }
+    }
+}
+
+impl LeaseSettings {
+    /// `duration > renew_deadline > 1.2 × retry`, so a leader always steps down before anyone may take over.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.duration <= self.renew_deadline {
+            return Err(format!(
+                "lease duration {:?} must exceed the renew deadline {:?}",
+                self.duration, self.renew_deadline
+            ));
+        }
+        if self.renew_deadline.as_secs_f64() <= 1.2 * self.retry.as_secs_f64() {
+            return Err(format!("renew deadline {:?} must exceed 1.2 × retry {:?}", self.renew_deadline, self.retry));
+        }
+        Ok(())
+    }
+}
+
+/// What a candidate does after reading the lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// No lease yet: create it, holding it.
+    Create,
+    /// We hold it: renew.
+    Renew,
+    /// Released, or unchanged for a whole lease duration by the local clock: take it.
+    TakeOver,
+    /// Someone else holds a live lease.
+    Follow,
+}
+
+/// Decides the next step (pure). Expiry is judged from `seen_changed_at`, the local time this candidate
+/// last saw the lease change, never from the timestamps in it: clocks of other hosts do not matter.
+pub fn decide(observed: Option<&Lease>, me: &str, seen_changed_at: Instant, now: Instant) -> Step {
+    let Some(lease) = observed else { return Step::Create };
+    if lease.holder == me {
+        return Step::Renew;
+    }
+    if lease.holder.is_empty() {
+        return Step::TakeOver;
+    }
+    let duration = Duration::from_secs(lease.lease_duration_seconds.max(1));
+    if now.saturating_duration_since(seen_changed_at) >= duration {
+        Step::TakeOver
+    } else {
+        Step::Follow
+    }
+}
+
+fn rfc3339_now() -> String {
+    crate::node::rfc3339_now()
+}
+
+/// One candidate in one election; leadership is published on a `watch` channel.
+pub struct Elector {
+    name: String,
+    identity: String,
+    settings: LeaseSettings,
+    client: Arc<dyn LeaseClient>,
+    leading: watch::Sender<bool>,
+}
+
+impl Elector {
+    /// A candidate for lease `name`; the receiver says whether it leads right now.
+    pub fn new(
+        name: &str,
+        identity: &str,
+        settings: LeaseSettings,
+        client: Arc<dyn LeaseClient>,
+    ) -> (Elector, watch::Receiver<bool>) {
+        let (leading, rx) = watch::channel(false);
+        (Elector { name: name.into(), identity: identity.into(), settings, client, leading }, rx)
+    }
+
+    /// Campaigns, renews and steps down until `shutdown`; then releases the lease if held.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut seen: Option<(String, Instant)> = None;
+        let mut last_renewed: Option<Instant> = None;
+        loop {
+            let held = self.attempt(&mut seen).await;
+            let now = Instant::now();
+            match held {
+                Ok(true) => last_renewed = Some(now),
+                Ok(false) => last_renewed = None,
+                Err(e) => tracing::debug!(lease = %self.name, error = %e, "lease attempt failed"),
+            }
+            let leading =
+                last_renewed.is_some_and(|at| now.saturating_duration_since(at) < self.settings.renew_deadline);
+            if *self.leading.borrow() != leading {
+                tracing::info!(lease = %self.name, identity = %self.identity, leading, "leadership changed");
+                self.leading.send_replace(leading);
+            }
+            let pause = self.settings.retry.mul_f64(0.9 + fastrand::f64() * 0.2);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        self.leading.send_replace(false);
+        if let Err(e) = self.release().await {
+            tracing::debug!(lease = %self.name, error = %e, "lease not released");
+        }
+    }
+
+    /// Reads the lease and acts on it; returns whether we hold it afterwards.
+    async fn attempt(&self, seen: &mut Option<(String, Instant)>) -> ObjectResult<bool> {
+        let observed = self.client.get_lease(&self.name).await?;
+        let now = Instant::now();
+        if let Some(lease) = &observed {
+            if seen.as_ref().is_none_or(|(rv, _)| *rv != lease.resource_version) {
+                *seen = Some((lease.resource_version.clone(), now));
+            }
+        }
+        let seen_at = seen.as_ref().map(|(_, at)| *at).unwrap_or(now);
+        let at = rfc3339_now();
+        let written = match (decide(observed.as_ref(), &self.identity, seen_at, now), observed) {
+            (Step::Create, _) => {
+                let lease = Lease {
+                    name: self.name.clone(),
+                    holder: self.identity.clone(),
+                    lease_duration_seconds: self.settings.duration.as_secs().max(1),
+                    acquired_at: Some(at.clone()),
+                    renewed_at: Some(at),
+                    transitions: 0,
+                    resource_version: String::new(),
+                };
+                self.client.create_lease(&lease).await
+            }
+            (Step::Renew, Some(lease)) => self.client.update_lease(&Lease { renewed_at: Some(at), ..lease }).await,
+            (Step::TakeOver, Some(lease)) => {
+                let taken = Lease {
+                    holder: self.identity.clone(),
+                    lease_duration_seconds: self.settings.duration.as_secs().max(1),
+                    acquired_at: Some(at.clone()),
+                    renewed_at: Some(at),
+                    transitions: lease.transitions + 1,
+                    ..lease
+                };
+                self.client.update_lease(&taken).await
+            }
+            _ => return Ok(false),
+        };
+        match written {
+            Ok(lease) => {
+                *seen = Some((lease.resource_version.clone(), Instant::now()));
+                Ok(true)
+            }
+            // Another candidate wrote first: it leads, we follow.
+            Err(ObjectError::Conflict(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Gives the lease up so a standby takes over at once instead of after a whole duration.
+    async fn release(&self) -> ObjectResult<()> {
+        let Some(lease) = self.client.get_lease(&self.name).await? else { return Ok(()) };
+        if lease.holder != self.identity {
+            return Ok(());
+        }
+        self.client.update_lease(&Lease { holder: String::new(), ..lease }).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parking_lot::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// An in-memory lease store with CAS and a switch that makes every call fail.
+    #[derive(Default)]
+    struct FakeLeases {
+        lease: Mutex<Option<Lease>>,
+        revision: Mutex<u64>,
+        down: AtomicBool,
+    }
+
+    impl FakeLeases {
+        fn check_up(&self) -> ObjectResult<()> {
+            if self.down.load(Ordering::SeqCst) {
+                Err(ObjectError::Unavailable("down".into()))
+            } else {
+                Ok(())
+            }
+        }
+
+        fn stamp(&self, mut lease: Lease) -> Lease {
+            let mut rev = self.revision.lock();
+            *rev += 1;
+            lease.resource_version = rev.to_string();
+            lease
+        }
+
+        fn current(&self) -> Option<Lease> {
+            self.lease.lock().clone()
+        }
+    }
+
+    #[async_trait]
+    impl LeaseClient for FakeLeases {
+        async fn get_lease(&self, _: &str) -> ObjectResult<Option<Lease>> {
+            self.check_up()?;
+            Ok(self.current())
+        }
+        async fn create_lease(&self, lease: &Lease) -> ObjectResult<Lease> {
+            self.check_up()?;
+            let mut slot = self.lease.lock();
+            if slot.is_some() {
+                return Err(ObjectError::Conflict("exists".into()));
+            }
+            let stored = self.stamp(lease.clone());
+            *slot = Some(stored.clone());
+            Ok(stored)
+        }
+        async fn update_lease(&self, lease: &Lease) -> ObjectResult<Lease> {
+            self.check_up()?;
+            let mut slot = self.lease.lock();
+            match slot.as_ref() {
+                Some(cur) if cur.resource_version == lease.resource_version => {
+                    let stored = self.stamp(lease.clone());
+                    *slot = Some(stored.clone());
+                    Ok(stored)
+                }
+                Some(_) => Err(ObjectError::Conflict("stale".into())),
+                None => Err(ObjectError::NotFound("gone".into())),
+            }
+        }
+    }
+
+    fn start(
+        client: &Arc<FakeLeases>,
+        who: &str,
+    ) -> (watch::Receiver<bool>, CancellationToken, tokio::task::JoinHandle<()>) {
+        let (elector, leading) =
+            Elector::new("sandboxd-controller-test", who, LeaseSettings::default(), client.clone());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(elector.run(stop.clone()));
+        (leading, stop, task)
+    }
+
+    async fn settle(secs: u64) {
+        for _ in 0..secs * 10 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[test]
+    fn settings_need_duration_over_deadline_over_retry() {
+        assert!(LeaseSettings::default().validate().is_ok());
+        let s = |d, r, t| LeaseSettings {
+            duration: Duration::from_secs(d),
+            renew_deadline: Duration::from_secs(r),
+            retry: Duration::from_secs(t),
+        };
+        assert!(s(10, 10, 2).validate().is_err());
+        assert!(s(15, 2, 2).validate().is_err());
+    }
+
+    #[test]
+    fn decisions_follow_holder_and_local_expiry() {
+        let t0 = Instant::now();
+        let held = |holder: &str| Lease { holder: holder.into(), lease_duration_seconds: 15, ..Lease::default() };
+        assert_eq!(decide(None, "a", t0, t0), Step::Create);
+        assert_eq!(decide(Some(&held("a")), "a", t0, t0), Step::Renew);
+        assert_eq!(decide(Some(&held("")), "a", t0, t0), Step::TakeOver);
+        assert_eq!(decide(Some(&held("b")), "a", t0, t0 + Duration::from_secs(14)), Step::Follow);
+        assert_eq!(decide(Some(&held("b")), "a", t0, t0 + Duration::from_secs(15)), Step::TakeOver);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acquires_a_missing_lease_and_keeps_renewing_it() {
+        let leases = Arc::new(FakeLeases::default());
+        let (leading, stop, task) = start(&leases, "a");
+        settle(1).await;
+        assert!(*leading.borrow());
+        let first = leases.current().unwrap();
+        assert_eq!((first.holder.as_str(), first.transitions), ("a", 0));
+        settle(10).await;
+        let later = leases.current().unwrap();
+        assert!(
+            later.resource_version.parse::<u64>().unwrap() > first.resource_version.parse::<u64>().unwrap(),
+            "renewed"
+        );
+        assert!(*leading.borrow());
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_cannot_renew_steps_down_at_the_deadline() {
+        let leases = Arc::new(FakeLeases::default());
+        let (leading, stop, task) = start(&leases, "a");
+        settle(1).await;
+        assert!(*leading.borrow());
+        leases.down.store(true, Ordering::SeqCst);
+        settle(8).await;
+        assert!(*leading.borrow(), "still within the renew deadline");
+        settle(4).await;
+        assert!(!*leading.borrow(), "stopped acting past the 10 s renew deadline");
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_standby_takes_over_an_expired_lease() {
+        let leases = Arc::new(FakeLeases::default());
+        leases
+            .create_lease(&Lease {
+                name: "l".into(),
+                holder: "dead".into(),
+                lease_duration_seconds: 15,
+                ..Lease::default()
+            })
+            .await
+            .unwrap();
+        let (leading, stop, task) = start(&leases, "b");
+        settle(10).await;
+        assert!(!*leading.borrow(), "the lease is still live by our clock");
+        settle(8).await;
+        assert!(*leading.borrow(), "taken over once unchanged for a whole duration");
+        let taken = leases.current().unwrap();
+        assert_eq!((taken.holder.as_str(), taken.transitions), ("b", 1));
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_candidates_never_lead_at_once() {
+        let leases = Arc::new(FakeLeases::default());
+        let (a, stop_a, task_a) = start(&leases, "a");
+        let (b, stop_b, task_b) = start(&leases, "b");
+        for _ in 0..300 {
+            settle(0).await;
+            tokio::time::advance(Duration::from_millis(100)).await;
+            tokio::task::yield_now().await;
+            assert!(!(*a.borrow() && *b.borrow()), "both lead");
+        }
+        assert!(*a.borrow() ^ *b.borrow(), "exactly one leads");
+        stop_a.cancel();
+        stop_b.cancel();
+        task_a.await.unwrap();
+        task_b.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_releases_so_the_standby_takes_over_at_once() {
+        let leases = Arc::new(FakeLeases::default());
+        let (a, stop_a, task_a) = start(&leases, "a");
+        settle(1).await;
+        let (b, stop_b, task_b) = start(&leases, "b");
+        settle(3).await;
+        assert!(*a.borrow() && !*b.borrow());
+        stop_a.cancel();
+        task_a.await.unwrap();
+        assert_eq!(leases.current().unwrap().holder, "", "released");
+        settle(3).await;
+        assert!(*b.borrow(), "took over within a retry, not a whole lease duration");
+        assert_eq!(leases.current().unwrap().transitions, 1);
+        stop_b.cancel();
+        task_b.await.unwrap();
+    }
+}
