@@ -1,20 +1,26 @@
-//! Starts the controllers of an all-in-one server over the in-process object client.
+//! Starts the controllers: all in the server process, or in their own process against a remote API server,
+//! each behind its own leader lease.
 
-use crate::apiserver::{node_settings, ApiState};
+use crate::apiserver::node_settings;
 use crate::config::{Config, SchedulerPolicy};
-use crate::objects::InProcessObjects;
 use sandboxd_api::{Node, Sandbox};
 use sandboxd_controllers::node::NodeController;
 use sandboxd_controllers::prober::Prober;
 use sandboxd_controllers::runtime::informer::Informer;
+use sandboxd_controllers::runtime::lease::{Elector, LeaseClient, LeaseSettings};
 use sandboxd_controllers::sandbox::{SandboxController, SandboxSettings};
 use sandboxd_controllers::scheduler::{Policy, Scheduler, SchedulerSettings};
 use sandboxd_controllers::ttl::TtlController;
 use sandboxd_controllers::{AgentClient, ObjectClient};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+/// The controllers a process can run; each has its own lease `sandboxd-controller-<name>`.
+pub const CONTROLLERS: [&str; 4] = ["node", "scheduler", "sandbox", "ttl"];
 
 /// Scheduler settings from configuration.
 pub fn scheduler_settings(config: &Config) -> SchedulerSettings {
@@ -39,36 +45,173 @@ pub fn sandbox_settings(config: &Config) -> SandboxSettings {
     }
 }
 
-/// Spawns shared informers and every controller; they stop when `shutdown` is cancelled.
+type ControllerRun = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// Starts one controller's loop, given the token that stops it.
+type StartController = Box<dyn FnOnce(CancellationToken) -> ControllerRun + Send>;
+
+/// Every selected controller, subscribed to shared informers, ready to run; informers not yet started.
+struct Built {
+    nodes: Informer<Node>,
+    sandboxes: Informer<Sandbox>,
+    runs: Vec<(&'static str, StartController)>,
+}
+
+fn build(objects: &Arc<dyn ObjectClient>, agents: &Arc<dyn AgentClient>, config: &Config, only: &[&str]) -> Built {
+    let nodes: Informer<Node> = Informer::new();
+    let sandboxes: Informer<Sandbox> = Informer::new();
+    let mut runs: Vec<(&'static str, StartController)> = Vec::new();
+    // Every controller subscribes before the informers list, so none misses the first list.
+    for name in CONTROLLERS.into_iter().filter(|n| only.contains(n)) {
+        let run: StartController = match name {
+            "node" => {
+                let c = NodeController::new(nodes.clone(), objects.clone(), agents.clone(), node_settings(config));
+                Box::new(move |stop| Box::pin(c.run(stop)))
+            }
+            "scheduler" => {
+                let c = Scheduler::new(nodes.clone(), sandboxes.clone(), objects.clone(), scheduler_settings(config));
+                Box::new(move |stop| Box::pin(c.run(stop)))
+            }
+            "sandbox" => {
+                let prober = Prober::new(nodes.clone(), sandboxes.clone(), objects.clone(), agents.clone(), 64);
+                let c = SandboxController::new(
+                    nodes.clone(),
+                    sandboxes.clone(),
+                    objects.clone(),
+                    agents.clone(),
+                    prober.clone(),
+                    sandbox_settings(config),
+                );
+                Box::new(move |stop: CancellationToken| {
+                    Box::pin(async move {
+                        tokio::join!(prober.run(stop.clone()), c.run(stop));
+                    })
+                })
+            }
+            _ => {
+                let c = TtlController::new(sandboxes.clone(), objects.clone());
+                Box::new(move |stop| Box::pin(c.run(stop)))
+            }
+        };
+        runs.push((name, run));
+    }
+    Built { nodes, sandboxes, runs }
+}
+
+fn spawn_informers(
+    built: &Built,
+    objects: &Arc<dyn ObjectClient>,
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) {
+    tasks.spawn(built.nodes.clone().run(objects.clone(), shutdown.clone()));
+    tasks.spawn(built.sandboxes.clone().run(objects.clone(), shutdown.clone()));
+}
+
+/// Spawns shared informers and every controller in this process; they stop when `shutdown` is cancelled.
 pub fn start(
-    state: &ApiState,
+    objects: Arc<dyn ObjectClient>,
     config: &Config,
     agents: Arc<dyn AgentClient>,
     shutdown: CancellationToken,
 ) -> JoinSet<()> {
-    let objects: Arc<dyn ObjectClient> = Arc::new(InProcessObjects::new(state.clone()));
-    let nodes: Informer<Node> = Informer::new();
-    let sandboxes: Informer<Sandbox> = Informer::new();
-    // Every controller subscribes before the informers list, so none misses the first list.
-    let prober = Prober::new(nodes.clone(), sandboxes.clone(), objects.clone(), agents.clone(), 64);
-    let scheduler = Scheduler::new(nodes.clone(), sandboxes.clone(), objects.clone(), scheduler_settings(config));
-    let sandbox_controller = SandboxController::new(
-        nodes.clone(),
-        sandboxes.clone(),
-        objects.clone(),
-        agents.clone(),
-        prober.clone(),
-        sandbox_settings(config),
-    );
-    let ttl = TtlController::new(sandboxes.clone(), objects.clone());
-    let node_controller = NodeController::new(nodes.clone(), objects.clone(), agents, node_settings(config));
+    let built = build(&objects, &agents, config, &CONTROLLERS);
     let mut tasks = JoinSet::new();
-    tasks.spawn(node_controller.run(shutdown.clone()));
-    tasks.spawn(scheduler.run(shutdown.clone()));
-    tasks.spawn(sandbox_controller.run(shutdown.clone()));
-    tasks.spawn(prober.run(shutdown.clone()));
-    tasks.spawn(ttl.run(shutdown.clone()));
-    tasks.spawn(nodes.run(objects.clone(), shutdown.clone()));
-    tasks.spawn(sandboxes.run(objects, shutdown));
+    spawn_informers(&built, &objects, &mut tasks, &shutdown);
+    for (_, run) in built.runs {
+        tasks.spawn(run(shutdown.clone()));
+    }
     tasks
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Why a controllers process stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllersError {
+    #[error("unknown controller {0:?}; known: node, scheduler, sandbox, ttl")]
+    Unknown(String),
+    #[error("lease settings: {0}")]
+    Lease(String),
+    /// Writes and agent calls stop at once; a supervisor restarts the process as a standby.
+    #[error("lost the lease of the {0} controller")]
+    LostLeadership(&'static str),
+}
+
+/// Who this replica is and which controllers it campaigns for.
+#[derive(Debug, Clone)]
+pub struct Candidacy {
+    /// Written into the leases this replica holds.
+    pub identity: String,
+    /// Controllers to run: any of node, scheduler, sandbox, ttl.
+    pub only: Vec<String>,
+    pub lease: LeaseSettings,
+}
+
+/// Runs the chosen controllers, each only while it holds its lease; informers stay warm on standbys.
+///
+/// Returns `LostLeadership` the moment a held lease is lost (every controller task is aborted first),
+/// or `Ok` after `shutdown`, having released the leases.
+pub async fn run_elected(
+    objects: Arc<dyn ObjectClient>,
+    leases: Arc<dyn LeaseClient>,
+    agents: Arc<dyn AgentClient>,
+    config: &Config,
+    candidacy: &Candidacy,
+    shutdown: CancellationToken,
+) -> Result<(), ControllersError> {
+    let (only, identity, lease_settings) = (&candidacy.only, candidacy.identity.as_str(), candidacy.lease);
+    lease_settings.validate().map_err(ControllersError::Lease)?;
+    let mut chosen: Vec<&str> = Vec::new();
+    for name in only {
+        let known =
+            CONTROLLERS.iter().find(|c| **c == name.as_str()).ok_or_else(|| ControllersError::Unknown(name.clone()))?;
+        chosen.push(known);
+    }
+    let built = build(&objects, &agents, config, &chosen);
+    let mut background = JoinSet::new();
+    spawn_informers(&built, &objects, &mut background, &shutdown);
+    let mut controllers = JoinSet::new();
+    let (lost_tx, mut lost_rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    for (name, run) in built.runs {
+        let lease = format!("sandboxd-controller-{name}");
+        let (elector, mut leading) = Elector::new(&lease, identity, lease_settings, leases.clone());
+        background.spawn(elector.run(shutdown.clone()));
+        let (stop, lost) = (shutdown.clone(), lost_tx.clone());
+        controllers.spawn(async move {
+            if leading.wait_for(|l| *l).await.is_err() || stop.is_cancelled() {
+                return;
+            }
+            tracing::info!(controller = name, "leading: controller started");
+            // Aborted with this task too, so a controller never outlives the lease that allowed it.
+            let mut running = AbortOnDrop(tokio::spawn(run(stop.clone())));
+            let _ = leading.wait_for(|l| !*l).await;
+            if !stop.is_cancelled() {
+                running.0.abort();
+                let _ = lost.send(name);
+            } else {
+                let _ = (&mut running.0).await;
+            }
+        });
+    }
+    drop(lost_tx);
+    tokio::select! {
+        Some(name) = lost_rx.recv() => {
+            controllers.abort_all();
+            tracing::error!(controller = name, "lost leadership: stopping every controller at once");
+            Err(ControllersError::LostLeadership(name))
+        }
+        _ = shutdown.cancelled() => {
+            while controllers.join_next().await.is_some() {}
+            // Electors release their leases on the way out, so standbys take over at once.
+            let _ = tokio::time::timeout(Duration::from_secs(5), async { while background.join_next().await.is_some() {} }).await;
+            Ok(())
+        }
+    }
 }

@@ -6,6 +6,7 @@ use sandboxd_o::config::{Config, LogFormat, StaticNode};
 use sandboxd_o::server::{self, Mode};
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(name = "sandboxd-o", version, about = "Control plane for fleets of sandboxes")]
@@ -20,6 +21,29 @@ enum Command {
     Serve(ServeArgs),
     /// Run the API and the store only.
     Apiserver(ServeArgs),
+    /// Run controllers in their own process against a remote API server, each behind a leader lease.
+    Controllers(ControllersArgs),
+}
+
+#[derive(Args)]
+struct ControllersArgs {
+    /// API server URL.
+    #[arg(long)]
+    server: String,
+    /// Controllers to run (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "node,scheduler,sandbox,ttl")]
+    only: Vec<String>,
+    /// Name this replica writes into the leases it holds (default: controllers-<host>-<pid>).
+    #[arg(long)]
+    identity: Option<String>,
+    /// Bearer token for the API server.
+    #[arg(long, env = "SANDBOXD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// TOML configuration file (heartbeat, scheduler and sync settings apply here too).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    flags: ConfigFlags,
 }
 
 #[derive(Args)]
@@ -121,6 +145,7 @@ fn run_cli() -> anyhow::Result<()> {
     let (args, mode) = match cli.command {
         Command::Serve(args) => (args, Mode::AllInOne),
         Command::Apiserver(args) => (args, Mode::ApiOnly),
+        Command::Controllers(args) => return run_controllers(args),
     };
     let env: HashMap<String, String> = std::env::vars().collect();
     let mut config =
@@ -180,6 +205,43 @@ async fn run(mut config: Config, mode: Mode, demo: DemoAgents) -> anyhow::Result
         fleet.shutdown().await;
     }
     Ok(())
+}
+
+fn run_controllers(args: ControllersArgs) -> anyhow::Result<()> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let mut config =
+        Config::load(args.config.as_deref(), &env, &args.flags.into_map()).context("invalid configuration")?;
+    config.loopback_only_agents = env.get("SANDBOXD_LOOPBACK_ONLY").is_some_and(|v| v == "1" || v == "true");
+    init_logging(config.log_format);
+    let identity = args.identity.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default().trim().to_string();
+        format!("controllers-{}-{}", if host.is_empty() { "host" } else { &host }, std::process::id())
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let client = sandboxd_client::Client::new(&args.server, args.token.clone())?;
+        let objects = Arc::new(sandboxd_client::objects::HttpObjects::new(client));
+        let mut agents = sandboxd_o::agent_client::HttpAgentClient::new(config.agent_timeout);
+        if config.loopback_only_agents {
+            agents = agents.loopback_only();
+        }
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down: releasing leases");
+            stop.cancel();
+        });
+        tracing::info!(server = %args.server, identity = %identity, only = ?args.only, "controllers starting");
+        let candidacy = sandboxd_o::controllers::Candidacy {
+            identity,
+            only: args.only.clone(),
+            lease: sandboxd_controllers::runtime::lease::LeaseSettings::default(),
+        };
+        sandboxd_o::controllers::run_elected(objects.clone(), objects, Arc::new(agents), &config, &candidacy, shutdown)
+            .await?;
+        anyhow::Ok(())
+    })
 }
 
 async fn wait_for_signal() {

@@ -77,7 +77,10 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
     let addr = listener.local_addr().map_err(ServeError::Serve)?;
     let shutdown = state.shutdown.clone();
     let controllers = match mode {
-        Mode::AllInOne => crate::controllers::start(&state, &config, agents, shutdown.clone()),
+        Mode::AllInOne => {
+            let objects = Arc::new(crate::objects::InProcessObjects::new(state.clone()));
+            crate::controllers::start(objects, &config, agents, shutdown.clone())
+        }
         Mode::ApiOnly => tokio::task::JoinSet::new(),
     };
     let router = apiserver::router(state, config.max_body_bytes);

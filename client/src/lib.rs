@@ -1,6 +1,8 @@
 //! Typed async HTTP client for the sandboxd-o API, used by sbxctl, remote controllers, tests and benchmarks.
 #![forbid(unsafe_code)]
 
+pub mod objects;
+
 use futures::stream::{BoxStream, StreamExt};
 use reqwest::{Method, StatusCode};
 use sandboxd_api::node::{NodeCreateRequest, NodeSpec, NodeStatus, NodeStatusUpdate};

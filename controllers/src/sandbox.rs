@@ -458,6 +458,15 @@ impl SandboxController {
         }
     }
 
+    /// Asks the API itself before deleting: a cache that lags (or stopped) must never delete a live sandbox.
+    async fn confirmed_orphan(&self, id: &str, node: &str) -> bool {
+        match self.objects.get_sandbox(id).await {
+            Ok(None) => true,
+            Ok(Some(s)) => s.status.node_name.as_deref() != Some(node) || s.status.released,
+            Err(_) => false,
+        }
+    }
+
     /// Deletes sandboxes an agent holds with the managed label that the store no longer knows on that node.
     async fn remove_orphans(&self, node: &Node, held: &HashMap<String, AgentSandbox>) {
         for agent_sandbox in held.values() {
@@ -467,7 +476,7 @@ impl SandboxController {
                 .sandboxes
                 .get(&agent_sandbox.id)
                 .is_some_and(|s| s.status.node_name.as_deref() == Some(node.name.as_str()) && !s.status.released);
-            if managed && !known {
+            if managed && !known && self.confirmed_orphan(&agent_sandbox.id, &node.name).await {
                 match self.agents.delete_sandbox(&node.sbxlet_base_url, &agent_sandbox.id).await {
                     Ok(()) => tracing::info!(node = %node.name, sandbox = %agent_sandbox.id, "removed managed orphan"),
                     Err(e) => {

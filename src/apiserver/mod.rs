@@ -91,6 +91,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/api/v1/sandboxes", post(sandboxes::create).get(sandboxes::list))
         .route("/api/v1/sandboxes/{id}", get(sandboxes::get_one).put(sandboxes::update_spec).delete(sandboxes::delete))
         .route("/api/v1/sandboxes/{id}/status", put(sandboxes::put_status))
+        .route("/api/v1/sandboxes/{id}/finalize", post(sandboxes::finalize))
         .route("/api/v1/leases", post(leases::create).get(leases::list))
         .route("/api/v1/leases/{name}", get(leases::get_one).put(leases::update).delete(leases::delete))
         .route("/openapi.json", get(openapi::document))

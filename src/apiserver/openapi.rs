@@ -20,6 +20,7 @@ use utoipa::OpenApi;
         super::sandboxes::update_spec,
         super::sandboxes::delete,
         super::sandboxes::put_status,
+        super::sandboxes::finalize,
         super::leases::create,
         super::leases::list,
         super::leases::get_one,

@@ -270,6 +270,35 @@ pub async fn write_status(
     }
 }
 
+/// Body of `POST /api/v1/sandboxes/{id}/finalize`.
+#[derive(Debug, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct FinalizeRequest {
+    pub resource_version: String,
+}
+
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/finalize", params(("id" = String, Path)), request_body = FinalizeRequest,
+    responses((status = 200, description = "Removed from the store"), (status = 404, description = "Unknown sandbox"),
+              (status = 409, description = "Stale resource_version, or the sandbox is neither Terminating nor unbound")))]
+/// Removes a sandbox once its agent confirmed it gone: the sandbox controller's last step, over HTTP.
+pub async fn finalize(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    ApiJson(request): ApiJson<FinalizeRequest>,
+) -> ApiResult<Response> {
+    let expect = parse_expected(Some(&request.resource_version))?
+        .ok_or_else(|| ApiError::BadRequest("resource_version: required".into()))?;
+    let current = get_sandbox(&state, &id).await?;
+    let sandbox: Sandbox = current.decode()?;
+    if sandbox.status.phase != Phase::Terminating && sandbox.status.node_name.is_some() {
+        return Err(ApiError::Conflict(format!(
+            "sandbox {id:?} is {} on a node: only Terminating or unbound sandboxes are finalized",
+            sandbox.status.phase.as_str()
+        )));
+    }
+    state.store.delete(Kind::Sandboxes, &id, Some(expect)).await?;
+    Ok(respond::deleted(&id))
+}
+
 /// Phases never move backwards, and a bound sandbox never moves to another node.
 pub fn check_status_transition(current: &SandboxStatus, next: &SandboxStatus) -> ApiResult<()> {
     if next.phase.rank() < current.phase.rank() {

@@ -1,0 +1,97 @@
+//! Controllers in their own "process" over HTTP, leader-elected: a standby takes over when the leader dies.
+
+mod common;
+
+use common::*;
+use sandboxd_api::{NodeState, Phase};
+use sandboxd_client::objects::HttpObjects;
+use sandboxd_controllers::runtime::lease::{LeaseClient, LeaseSettings};
+use sandboxd_o::agent_client::HttpAgentClient;
+use sandboxd_o::controllers::{run_elected, Candidacy};
+use sbxlet::Faults;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+fn fast_leases() -> LeaseSettings {
+    LeaseSettings {
+        duration: Duration::from_secs(3),
+        renew_deadline: Duration::from_secs(2),
+        retry: Duration::from_millis(200),
+    }
+}
+
+/// One controllers replica against `server`, as `sandboxd-o controllers` runs it.
+fn start_replica(server: &str, identity: &str) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let client = sandboxd_client::Client::new(server, None).unwrap();
+    let objects = Arc::new(HttpObjects::new(client));
+    let agents = Arc::new(HttpAgentClient::new(Duration::from_secs(1)).loopback_only());
+    let config = test_config(&[]);
+    let candidacy = Candidacy {
+        identity: identity.to_string(),
+        only: ["node", "scheduler", "sandbox", "ttl"].iter().map(|s| s.to_string()).collect(),
+        lease: fast_leases(),
+    };
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move {
+        let _ = run_elected(objects.clone(), objects, agents, &config, &candidacy, token).await;
+    });
+    (stop, task)
+}
+
+async fn wait_all_running(client: &sandboxd_client::Client, ids: &[String]) {
+    eventually(30, "every sandbox Running", || async {
+        let items = client.list_sandboxes().await.ok()?.items;
+        let running = items.iter().filter(|s| ids.contains(&s.id) && s.status.phase == Phase::Running).count();
+        (running == ids.len()).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_replica_takes_over_when_the_leader_dies() {
+    let agent = start_agent(Faults::default()).await;
+    let (server, client) = start_api_server(test_config(&[])).await;
+    let url = format!("http://{}", server.addr);
+    register(&client, "node-a", agent.addr()).await;
+    let (_stop_a, task_a) = start_replica(&url, "replica-a");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (stop_b, task_b) = start_replica(&url, "replica-b");
+    wait_node_state(&client, "node-a", NodeState::Ready).await;
+
+    let first: Vec<String> = (0..20).map(|i| format!("r1-{i}")).collect();
+    for id in &first {
+        client.create_sandbox(id, &with_port(sandbox_spec("10m"), 80)).await.unwrap();
+    }
+    wait_all_running(&client, &first).await;
+    let leases = HttpObjects::new(client.clone());
+    let before = leases.get_lease("sandboxd-controller-scheduler").await.unwrap().unwrap();
+    assert_eq!(before.holder, "replica-a");
+
+    // SIGKILL-like: the leader vanishes without releasing its leases.
+    task_a.abort();
+    let killed_at = tokio::time::Instant::now();
+    let second: Vec<String> = (0..20).map(|i| format!("r2-{i}")).collect();
+    for id in &second {
+        client.create_sandbox(id, &with_port(sandbox_spec("10m"), 80)).await.unwrap();
+    }
+    wait_all_running(&client, &second).await;
+    let took = killed_at.elapsed();
+    let after = leases.get_lease("sandboxd-controller-scheduler").await.unwrap().unwrap();
+    assert_eq!(after.holder, "replica-b");
+    assert_eq!(after.transitions, before.transitions + 1);
+    assert!(took < Duration::from_secs(10), "failover and convergence took {took:?}");
+
+    let items = client.list_sandboxes().await.unwrap().items;
+    let ports: HashSet<u16> = items.iter().flat_map(|s| s.status.assigned_ports.iter().map(|p| p.host_port)).collect();
+    assert_eq!(ports.len(), 40, "no host port handed out twice on the one node");
+    assert_eq!(agent.sandbox_ids().len(), 40, "the agent holds each sandbox once");
+
+    stop_b.cancel();
+    task_b.await.unwrap();
+    let released = leases.get_lease("sandboxd-controller-scheduler").await.unwrap().unwrap();
+    assert_eq!(released.holder, "", "graceful shutdown releases the lease");
+    server.stop().await.unwrap();
+}
