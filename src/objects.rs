@@ -108,12 +108,6 @@ impl ObjectClient for InProcessObjects {
     }
 }
 
-fn lease_value(lease: &sandboxd_api::Lease) -> serde_json::Value {
-    let mut value = serde_json::to_value(lease).expect("leases serialize");
-    value.as_object_mut().map(|m| m.remove("resource_version"));
-    value
-}
-
 #[async_trait]
 impl LeaseClient for InProcessObjects {
     async fn get_lease(&self, name: &str) -> ObjectResult<Option<sandboxd_api::Lease>> {
@@ -125,7 +119,7 @@ impl LeaseClient for InProcessObjects {
 
     async fn create_lease(&self, lease: &sandboxd_api::Lease) -> ObjectResult<sandboxd_api::Lease> {
         let stored =
-            self.state.store.create(Kind::Leases, &lease.name, lease_value(lease)).await.map_err(from_store)?;
+            self.state.store.create(Kind::Leases, &lease.name, lease.to_stored_json()).await.map_err(from_store)?;
         stored.decode().map_err(from_store)
     }
 
@@ -134,7 +128,7 @@ impl LeaseClient for InProcessObjects {
         let stored = self
             .state
             .store
-            .update(Kind::Leases, &lease.name, lease_value(lease), Some(expect))
+            .update(Kind::Leases, &lease.name, lease.to_stored_json(), Some(expect))
             .await
             .map_err(from_store)?;
         stored.decode().map_err(from_store)

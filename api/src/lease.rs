@@ -21,3 +21,14 @@ pub struct Lease {
     #[serde(default)]
     pub resource_version: String,
 }
+
+impl Lease {
+    /// The lease as JSON without `resource_version`, which only the store assigns.
+    pub fn to_stored_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).expect("leases serialize");
+        if let Some(map) = value.as_object_mut() {
+            map.remove("resource_version");
+        }
+        value
+    }
+}

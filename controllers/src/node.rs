@@ -205,12 +205,7 @@ pub async fn heartbeat_once(
     }
 }
 
-/// The current time as RFC 3339 UTC, second precision.
-pub fn rfc3339_now() -> String {
-    let secs =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    sandboxd_api::time::format_unix(secs)
-}
+pub use crate::clock::rfc3339_now;
 
 /// The heartbeat period with ±10 % jitter, so thousands of nodes do not beat in lockstep.
 pub fn jittered(interval: Duration) -> Duration {

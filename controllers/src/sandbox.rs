@@ -1,7 +1,7 @@
 //! Sandbox controller: drives bound sandboxes to Running on their agent, syncs status, deletes, and detects loss.
 
 use crate::agent::{list_all_sandboxes, AgentClient, AgentError};
-use crate::node::rfc3339_now;
+use crate::clock::unix_now;
 use crate::objects::{ObjectClient, ObjectError};
 use crate::prober::Prober;
 use crate::runtime::informer::{Change, Informer};
@@ -168,10 +168,6 @@ pub fn agent_request(sandbox: &Sandbox) -> AgentCreateRequest {
             .collect(),
         containers: sandbox.spec.containers.clone(),
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// The sandbox controller.
@@ -542,11 +538,6 @@ pub fn apply_agent_view(status: &mut SandboxStatus, view: &AgentSandbox, node: &
     if !external.is_empty() {
         status.external = Some(external.to_string());
     }
-}
-
-/// Stamps now as RFC 3339 (re-exported for controllers that write times).
-pub fn now() -> String {
-    rfc3339_now()
 }
 
 #[cfg(test)]

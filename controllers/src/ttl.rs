@@ -1,5 +1,6 @@
 //! TTL controller: a delay queue keyed by `expire_at` that moves expired sandboxes to Terminating.
 
+use crate::clock::unix_now;
 use crate::objects::{ObjectClient, ObjectError};
 use crate::runtime::informer::{Change, Informer};
 use crate::runtime::queue::{run_until_shutdown, Outcome, WorkQueue};
@@ -16,10 +17,6 @@ pub fn time_to_expiry(sandbox: &Sandbox, now_unix: i64) -> Option<Duration> {
     }
     let expire_at = parse_rfc3339(sandbox.status.expire_at.as_deref()?)?;
     Some(Duration::from_secs(expire_at.saturating_sub(now_unix).max(0) as u64))
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// The TTL controller.

@@ -25,18 +25,11 @@ fn check_lease(lease: &Lease) -> ApiResult<()> {
     Ok(())
 }
 
-fn to_value(lease: &Lease) -> serde_json::Value {
-    let mut value = serde_json::to_value(lease).expect("leases serialize");
-    // The store assigns resource_version; a client's copy must not be written back.
-    value.as_object_mut().map(|m| m.remove("resource_version"));
-    value
-}
-
 #[utoipa::path(post, path = "/api/v1/leases", request_body = Lease,
     responses((status = 201, description = "Lease created"), (status = 409, description = "Lease exists")))]
 pub async fn create(State(state): State<ApiState>, ApiJson(lease): ApiJson<Lease>) -> ApiResult<Response> {
     check_lease(&lease)?;
-    let stored = state.store.create(Kind::Leases, &lease.name, to_value(&lease)).await?;
+    let stored = state.store.create(Kind::Leases, &lease.name, lease.to_stored_json()).await?;
     Ok(respond::envelope(StatusCode::CREATED, "lease", &stored))
 }
 
@@ -69,7 +62,7 @@ pub async fn update(
     // A lease write without a precondition could depose a leader unseen: CAS is mandatory here.
     let expect = parse_expected(Some(&lease.resource_version))?
         .ok_or_else(|| ApiError::BadRequest("resource_version: required for lease updates".into()))?;
-    let stored = state.store.update(Kind::Leases, &name, to_value(&lease), Some(expect)).await?;
+    let stored = state.store.update(Kind::Leases, &name, lease.to_stored_json(), Some(expect)).await?;
     Ok(respond::envelope(StatusCode::OK, "lease", &stored))
 }
 

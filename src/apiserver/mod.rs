@@ -154,17 +154,7 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
     next.run(request).await
 }
 
-/// The current time as an RFC 3339 UTC timestamp with second precision.
-pub fn now() -> String {
-    let secs =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    sandboxd_api::time::format_unix(secs)
-}
-
-/// The current time in Unix seconds.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
+pub use sandboxd_controllers::clock::{rfc3339_now as now, unix_now};
 
 /// Registers (or refreshes) a node declared in the configuration file, with `source: config`.
 pub async fn register_static_node(state: &ApiState, id: &str, spec: &sandboxd_api::node::NodeSpec) -> ApiResult<()> {

@@ -1,5 +1,6 @@
 //! Leader election over a `Lease` object: acquire, renew, step down past the renew deadline, take over expired leases.
 
+use crate::clock::rfc3339_now;
 use crate::objects::{ObjectError, ObjectResult};
 use async_trait::async_trait;
 use sandboxd_api::Lease;
@@ -85,10 +86,6 @@ pub fn decide(observed: Option<&Lease>, me: &str, seen_changed_at: Instant, now:
     } else {
         Step::Follow
     }
-}
-
-fn rfc3339_now() -> String {
-    crate::node::rfc3339_now()
 }
 
 /// One candidate in one election; leadership is published on a `watch` channel.

@@ -6,6 +6,7 @@ use sandboxd_api::time::parse_rfc3339;
 use sandboxd_api::watch::WatchEvent;
 use sandboxd_api::{EventType, Node, Sandbox};
 use sandboxd_client::Client;
+use sandboxd_controllers::clock::unix_now;
 use serde::Serialize;
 
 /// The singular noun of a resource, as in `sandbox/NAME`.
@@ -14,10 +15,6 @@ pub fn noun(resource: Resource) -> &'static str {
         Resource::Nodes => "node",
         Resource::Sandboxes => "sandbox",
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// `45s`, `12m`, `3h`, `2d` since an RFC 3339 time.
