@@ -254,7 +254,8 @@ pub async fn write_status(
         node.status = status.clone();
         node.updated_at = now();
         let guard = expect.or(Some(current.revision));
-        match state.store.update(Kind::Nodes, name, to_value(&node), guard).await {
+        let json = serde_json::to_vec(&node).map_err(|e| ApiError::Internal(e.to_string()))?;
+        match state.store.update_encoded(Kind::Nodes, name, json, guard).await {
             Err(StoreError::Conflict { .. }) if expect.is_none() => continue,
             result => return Ok(result?),
         }

@@ -23,8 +23,8 @@ pub async fn create(
 ) -> ApiResult<Response> {
     check_spec(&state, Some(&request.id), &request.spec)?;
     let sandbox = new_sandbox(&request.id, request.spec);
-    let value = serde_json::to_value(&sandbox).map_err(|e| ApiError::Internal(e.to_string()))?;
-    match state.store.create(Kind::Sandboxes, &request.id, value).await {
+    let json = serde_json::to_vec(&sandbox).map_err(|e| ApiError::Internal(e.to_string()))?;
+    match state.store.create_encoded(Kind::Sandboxes, &request.id, json).await {
         Ok(stored) => Ok(respond::envelope(StatusCode::CREATED, "sandbox", &stored)),
         Err(StoreError::AlreadyExists { .. }) => existing_if_identical(&state, &sandbox).await,
         Err(e) => Err(e.into()),
@@ -157,8 +157,8 @@ fn check_immutable(current: &SandboxSpec, wanted: &SandboxSpec) -> ApiResult<()>
 }
 
 async fn write(state: &ApiState, id: &str, sandbox: &Sandbox, expect: Option<u64>) -> Result<Versioned, StoreError> {
-    let value = serde_json::to_value(sandbox).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    state.store.update(Kind::Sandboxes, id, value, expect).await
+    let json = serde_json::to_vec(sandbox).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    state.store.update_encoded(Kind::Sandboxes, id, json, expect).await
 }
 
 #[utoipa::path(delete, path = "/api/v1/sandboxes/{id}", params(("id" = String, Path)),

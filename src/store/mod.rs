@@ -159,6 +159,23 @@ pub trait Store: Send + Sync + 'static {
         value: serde_json::Value,
         expect: Option<Revision>,
     ) -> Result<Versioned>;
+    /// Creates an object from JSON already encoded from a typed API object, whose last field is
+    /// `resource_version`: the hot write paths skip building a `serde_json::Value` tree.
+    async fn create_encoded(&self, kind: Kind, name: &str, json: Vec<u8>) -> Result<Versioned> {
+        let value = serde_json::from_slice(&json).map_err(|e| StoreError::Corrupt(format!("{name}: {e}")))?;
+        self.create(kind, name, value).await
+    }
+    /// `update` from JSON already encoded, as `create_encoded`.
+    async fn update_encoded(
+        &self,
+        kind: Kind,
+        name: &str,
+        json: Vec<u8>,
+        expect: Option<Revision>,
+    ) -> Result<Versioned> {
+        let value = serde_json::from_slice(&json).map_err(|e| StoreError::Corrupt(format!("{name}: {e}")))?;
+        self.update(kind, name, value, expect).await
+    }
     /// Removes an object; with `expect`, only if it is still at that revision. Returns its last state.
     async fn delete(&self, kind: Kind, name: &str, expect: Option<Revision>) -> Result<Versioned>;
     /// Changes after revision `from`, then live; `Gone` if `from` is older than the history kept.

@@ -33,9 +33,15 @@ impl Persist for NoPersist {
     }
 }
 
+/// The new content of an object: a JSON tree, or JSON already encoded from a typed object.
+enum Content {
+    Tree(serde_json::Value),
+    Encoded(Vec<u8>),
+}
+
 enum Op {
-    Create(serde_json::Value),
-    Update(serde_json::Value, Option<Revision>),
+    Create(Content),
+    Update(Content, Option<Revision>),
     Delete(Option<Revision>),
 }
 
@@ -98,7 +104,21 @@ impl Store for LocalStore {
     }
 
     async fn create(&self, kind: Kind, name: &str, value: serde_json::Value) -> Result<Versioned> {
-        self.write(kind, name, Op::Create(value)).await
+        self.write(kind, name, Op::Create(Content::Tree(value))).await
+    }
+
+    async fn create_encoded(&self, kind: Kind, name: &str, json: Vec<u8>) -> Result<Versioned> {
+        self.write(kind, name, Op::Create(Content::Encoded(json))).await
+    }
+
+    async fn update_encoded(
+        &self,
+        kind: Kind,
+        name: &str,
+        json: Vec<u8>,
+        expect: Option<Revision>,
+    ) -> Result<Versioned> {
+        self.write(kind, name, Op::Update(Content::Encoded(json), expect)).await
     }
 
     async fn update(
@@ -108,7 +128,7 @@ impl Store for LocalStore {
         value: serde_json::Value,
         expect: Option<Revision>,
     ) -> Result<Versioned> {
-        self.write(kind, name, Op::Update(value, expect)).await
+        self.write(kind, name, Op::Update(Content::Tree(value), expect)).await
     }
 
     async fn delete(&self, kind: Kind, name: &str, expect: Option<Revision>) -> Result<Versioned> {
@@ -254,11 +274,11 @@ fn plan(request: &mut Request, current: Option<Versioned>, revision: Revision) -
             if current.is_some() {
                 return Err(StoreError::AlreadyExists { kind, name: name.to_string() });
             }
-            Ok((EventType::Added, encode(name, std::mem::take(value), revision)?))
+            Ok((EventType::Added, encode_content(name, value, revision)?))
         }
         Op::Update(value, expect) => {
             check(&current, *expect)?;
-            Ok((EventType::Modified, encode(name, std::mem::take(value), revision)?))
+            Ok((EventType::Modified, encode_content(name, value, revision)?))
         }
         Op::Delete(expect) => {
             check(&current, *expect)?;
@@ -266,6 +286,36 @@ fn plan(request: &mut Request, current: Option<Versioned>, revision: Revision) -
             Ok((EventType::Deleted, encode(name, last, revision)?))
         }
     }
+}
+
+fn encode_content(name: &Arc<str>, content: &mut Content, revision: Revision) -> Result<Versioned> {
+    match content {
+        Content::Tree(value) => encode(name, std::mem::take(value), revision),
+        Content::Encoded(json) => match stamp_encoded(json, revision) {
+            Some(data) => Ok(Versioned { name: name.clone(), revision, data: Bytes::from(data) }),
+            None => {
+                let value = serde_json::from_slice(json).map_err(|e| StoreError::Corrupt(format!("{name}: {e}")))?;
+                encode(name, value, revision)
+            }
+        },
+    }
+}
+
+/// Rewrites the trailing `"resource_version":"…"}` of encoded JSON; `None` when it does not end that way.
+fn stamp_encoded(json: &[u8], revision: Revision) -> Option<Vec<u8>> {
+    const FIELD: &[u8] = b"\"resource_version\":\"";
+    let start = json.windows(FIELD.len()).rposition(|w| w == FIELD)?;
+    let tail = &json[start + FIELD.len()..];
+    let old_len = tail.iter().position(|b| *b == b'"')?;
+    if !tail[..old_len].iter().all(u8::is_ascii_digit) || &tail[old_len..] != b"\"}" {
+        return None;
+    }
+    let number = revision.to_string();
+    let mut out = Vec::with_capacity(start + FIELD.len() + number.len() + 2);
+    out.extend_from_slice(&json[..start + FIELD.len()]);
+    out.extend_from_slice(number.as_bytes());
+    out.extend_from_slice(b"\"}");
+    Some(out)
 }
 
 /// Serializes an object with its new `resource_version` embedded.
@@ -276,4 +326,19 @@ fn encode(name: &Arc<str>, mut value: serde_json::Value, revision: Revision) -> 
     map.insert("resource_version".into(), serde_json::Value::String(revision.to_string()));
     let data = serde_json::to_vec(&value).map_err(|e| StoreError::Corrupt(format!("{name}: {e}")))?;
     Ok(Versioned { name: name.clone(), revision, data: Bytes::from(data) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stamp_encoded;
+
+    #[test]
+    fn encoded_objects_get_their_revision_stamped_in_place() {
+        let got = stamp_encoded(br#"{"id":"a","resource_version":""}"#, 42).unwrap();
+        assert_eq!(got, br#"{"id":"a","resource_version":"42"}"#);
+        let again = stamp_encoded(&got, 43).unwrap();
+        assert_eq!(again, br#"{"id":"a","resource_version":"43"}"#);
+        assert_eq!(stamp_encoded(br#"{"resource_version":"1","id":"a"}"#, 2), None, "not the last field");
+        assert_eq!(stamp_encoded(br#"{"id":"a"}"#, 2), None);
+    }
 }
