@@ -87,8 +87,9 @@ impl ObjectClient for InProcessObjects {
 
     async fn put_node_status(&self, name: &str, status: &NodeStatus, resource_version: &str) -> ObjectResult<Node> {
         let expect = parse_revision(resource_version)?;
-        let stored = apiserver::write_node_status(&self.state, name, status, Some(expect)).await.map_err(from_api)?;
-        stored.decode().map_err(from_store)
+        let (_, node) =
+            apiserver::write_node_status(&self.state, name, status, Some(expect)).await.map_err(from_api)?;
+        Ok(node)
     }
 
     async fn put_sandbox_status(
@@ -98,8 +99,9 @@ impl ObjectClient for InProcessObjects {
         resource_version: &str,
     ) -> ObjectResult<Sandbox> {
         let expect = parse_revision(resource_version)?;
-        let stored = apiserver::write_sandbox_status(&self.state, id, status, Some(expect)).await.map_err(from_api)?;
-        stored.decode().map_err(from_store)
+        let (_, sandbox) =
+            apiserver::write_sandbox_status(&self.state, id, status, Some(expect)).await.map_err(from_api)?;
+        Ok(sandbox)
     }
 
     async fn remove_sandbox(&self, id: &str, resource_version: &str) -> ObjectResult<()> {

@@ -233,7 +233,7 @@ pub async fn put_status(
     ApiJson(update): ApiJson<NodeStatusUpdate>,
 ) -> ApiResult<Response> {
     let expect = parse_expected(update.resource_version.as_deref())?;
-    let stored = write_status(&state, &name, &update.status, expect).await?;
+    let (stored, _) = write_status(&state, &name, &update.status, expect).await?;
     Ok(respond::envelope(StatusCode::OK, "node", &stored))
 }
 
@@ -243,7 +243,7 @@ pub async fn write_status(
     name: &str,
     status: &NodeStatus,
     expect: Option<u64>,
-) -> ApiResult<Versioned> {
+) -> ApiResult<(Versioned, Node)> {
     loop {
         let current = state
             .store
@@ -257,7 +257,12 @@ pub async fn write_status(
         let json = serde_json::to_vec(&node).map_err(|e| ApiError::Internal(e.to_string()))?;
         match state.store.update_encoded(Kind::Nodes, name, json, guard).await {
             Err(StoreError::Conflict { .. }) if expect.is_none() => continue,
-            result => return Ok(result?),
+            // The typed copy saves in-process callers decoding what was just encoded.
+            result => {
+                let stored = result?;
+                node.resource_version = stored.revision.to_string();
+                return Ok((stored, node));
+            }
         }
     }
 }

@@ -231,7 +231,7 @@ pub async fn put_status(
     ApiJson(update): ApiJson<SandboxStatusUpdate>,
 ) -> ApiResult<Response> {
     let expect = parse_expected(update.resource_version.as_deref())?;
-    let stored = write_status(&state, &id, &update.status, expect).await?;
+    let (stored, _) = write_status(&state, &id, &update.status, expect).await?;
     Ok(respond::envelope(StatusCode::OK, "sandbox", &stored))
 }
 
@@ -241,7 +241,7 @@ pub async fn write_status(
     id: &str,
     status: &SandboxStatus,
     expect: Option<u64>,
-) -> ApiResult<Versioned> {
+) -> ApiResult<(Versioned, Sandbox)> {
     loop {
         let current = get_sandbox(state, id).await?;
         if let Some(expected) = expect {
@@ -265,7 +265,12 @@ pub async fn write_status(
         sandbox.updated_at = now();
         match write(state, id, &sandbox, Some(current.revision)).await {
             Err(StoreError::Conflict { .. }) if expect.is_none() => continue,
-            result => return Ok(result?),
+            // The typed copy saves in-process callers decoding what was just encoded.
+            result => {
+                let stored = result?;
+                sandbox.resource_version = stored.revision.to_string();
+                return Ok((stored, sandbox));
+            }
         }
     }
 }
