@@ -308,6 +308,25 @@ fn subscribe_heartbeats(nodes: &Informer<Node>, queue: &WorkQueue<String>) {
     });
 }
 
+/// A node named `n` in `state` since `since`, for tests of the controllers.
+#[cfg(test)]
+pub(crate) fn test_node(state: NodeState, since: Option<&str>) -> Node {
+    Node {
+        id: "n".into(),
+        name: "n".into(),
+        ip: "127.0.0.1".into(),
+        port: 1,
+        external: None,
+        max_alloc_percent: None,
+        source: Default::default(),
+        status: NodeStatus { state, last_transition_at: since.map(String::from), ..NodeStatus::default() },
+        created_at: String::new(),
+        updated_at: String::new(),
+        sbxlet_base_url: String::new(),
+        resource_version: "1".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,20 +362,7 @@ mod tests {
     }
 
     fn node() -> Node {
-        Node {
-            id: "n".into(),
-            name: "n".into(),
-            ip: "127.0.0.1".into(),
-            port: 1,
-            external: None,
-            max_alloc_percent: None,
-            source: Default::default(),
-            status: NodeStatus::default(),
-            created_at: String::new(),
-            updated_at: String::new(),
-            sbxlet_base_url: String::new(),
-            resource_version: "1".into(),
-        }
+        test_node(Unknown, None)
     }
 
     fn report() -> AgentStatus {

@@ -543,24 +543,7 @@ pub fn apply_agent_view(status: &mut SandboxStatus, view: &AgentSandbox, node: &
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sandboxd_api::node::NodeStatus;
-
-    fn node(state: NodeState, since: Option<&str>) -> Node {
-        Node {
-            id: "n".into(),
-            name: "n".into(),
-            ip: "127.0.0.1".into(),
-            port: 1,
-            external: None,
-            max_alloc_percent: None,
-            source: Default::default(),
-            status: NodeStatus { state, last_transition_at: since.map(String::from), ..NodeStatus::default() },
-            created_at: String::new(),
-            updated_at: String::new(),
-            sbxlet_base_url: String::new(),
-            resource_version: "1".into(),
-        }
-    }
+    use crate::node::test_node as node;
 
     #[test]
     fn node_verdicts_follow_state_grace_and_the_cut_off_rule() {

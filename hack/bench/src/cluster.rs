@@ -84,18 +84,17 @@ impl Cluster {
         bail!("server did not serve within {limit:?}")
     }
 
+    /// How many nodes are Ready now.
+    pub async fn ready_nodes(&self) -> anyhow::Result<usize> {
+        let nodes = self.client.list_nodes().await?.items;
+        Ok(nodes.iter().filter(|n| n.status.state == sandboxd_api::NodeState::Ready).count())
+    }
+
     /// Waits until `count` nodes are Ready.
     pub async fn wait_nodes_ready(&self, count: usize, limit: Duration) -> anyhow::Result<Duration> {
         let start = Instant::now();
         loop {
-            let ready = self
-                .client
-                .list_nodes()
-                .await?
-                .items
-                .iter()
-                .filter(|n| n.status.state == sandboxd_api::NodeState::Ready)
-                .count();
+            let ready = self.ready_nodes().await?;
             if ready >= count {
                 return Ok(start.elapsed());
             }

@@ -227,14 +227,7 @@ async fn heartbeats(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
     let beats = cluster.metric("sandboxd_heartbeat_lag_seconds_count").await? - count_before;
     let lag_p99 = cluster.metric("sandboxd_heartbeat_lag_seconds{quantile=\"0.99\"}").await?;
     let lag_p50 = cluster.metric("sandboxd_heartbeat_lag_seconds{quantile=\"0.5\"}").await?;
-    let ready = cluster
-        .client
-        .list_nodes()
-        .await?
-        .items
-        .iter()
-        .filter(|n| n.status.state == sandboxd_api::NodeState::Ready)
-        .count();
+    let ready = cluster.ready_nodes().await?;
     ensure!(ready == nodes, "{ready}/{nodes} nodes Ready while heartbeating");
     let expected = nodes as f64 * window as f64 / 5.0;
     let figures = json!({
