@@ -24,6 +24,10 @@ async fn next_event(stream: &mut WatchStream) -> Event {
     }
 }
 
+async fn next_item(stream: &mut WatchStream) -> WatchItem {
+    tokio::time::timeout(Duration::from_secs(5), stream.next()).await.expect("item within 5s").expect("stream open")
+}
+
 fn field(v: &Versioned, name: &str) -> serde_json::Value {
     let value: serde_json::Value = v.decode().unwrap();
     value[name].clone()
@@ -184,13 +188,26 @@ async fn bookmarks_carry_the_revision_after_sent_events(open: Open) {
     let mut stream = store.watch(Kind::Sandboxes, start).await.unwrap();
     let created = store.create(Kind::Sandboxes, "a", json!({})).await.unwrap();
     store.create(Kind::Nodes, "n", json!({})).await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap();
-    assert!(matches!(first, WatchItem::Event(ref e) if e.object == created), "{first:?}");
-    let bookmark = match tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap() {
-        WatchItem::Bookmark(rev) => rev,
-        WatchItem::Event(e) => panic!("unexpected {e:?}"),
-    };
-    assert_eq!(bookmark, created.revision + 1, "bookmarks name the global revision");
+    // A slow write (etcd's fsync) may let a bookmark tick first; it must not claim the write yet.
+    loop {
+        match next_item(&mut stream).await {
+            WatchItem::Bookmark(rev) => assert!(rev < created.revision, "bookmark {rev} sent before its event"),
+            WatchItem::Event(e) => {
+                assert_eq!(e.object, created);
+                break;
+            }
+        }
+    }
+    loop {
+        match next_item(&mut stream).await {
+            WatchItem::Bookmark(rev) if rev == created.revision => continue,
+            WatchItem::Bookmark(rev) => {
+                assert_eq!(rev, created.revision + 1, "bookmarks name the global revision");
+                break;
+            }
+            WatchItem::Event(e) => panic!("unexpected {e:?}"),
+        }
+    }
 }
 
 async fn concurrent_cas_writers_lose_no_update(open: Open) {
@@ -299,6 +316,15 @@ conformance!(sqlite_backend, |options| Box::pin(async move {
     Arc::new(super::sqlite::open(&dir.join("store.db"), options).await.unwrap()) as Arc<dyn Store>
 }));
 
+conformance!(etcd_backend, |options| Box::pin(async move {
+    // One etcd per test: revisions are global to an etcd cluster, and the suite counts them.
+    // The etcd process lives as long as the store and is killed when the test drops it.
+    let etcd = crate::local_etcd::LocalEtcd::start().expect("local etcd starts");
+    let endpoints = vec![format!("http://{}", etcd.addr())];
+    let store = super::etcd::open(&endpoints, super::etcd::DEFAULT_PREFIX, options).await.unwrap();
+    Arc::new(WithEtcd { store, _etcd: etcd }) as Arc<dyn Store>
+}));
+
 #[tokio::test]
 async fn sqlite_keeps_objects_and_revision_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -333,4 +359,100 @@ async fn sqlite_refuses_a_second_process_on_the_same_file() {
     let Err(err) = second else { panic!("a second store on the same file must be refused") };
     assert!(err.to_string().contains("in use by another process"), "{err}");
     first.close().await;
+}
+
+/// An etcd store that owns the throwaway etcd under it.
+struct WithEtcd {
+    store: super::etcd::EtcdStore,
+    _etcd: crate::local_etcd::LocalEtcd,
+}
+
+#[async_trait]
+impl Store for WithEtcd {
+    async fn get(&self, kind: Kind, name: &str) -> Result<Option<Versioned>> {
+        self.store.get(kind, name).await
+    }
+    async fn list(&self, kind: Kind) -> Result<(Vec<Versioned>, Revision)> {
+        self.store.list(kind).await
+    }
+    async fn list_page(&self, kind: Kind, cursor: &str, limit: usize) -> Result<Page> {
+        self.store.list_page(kind, cursor, limit).await
+    }
+    async fn create(&self, kind: Kind, name: &str, value: serde_json::Value) -> Result<Versioned> {
+        self.store.create(kind, name, value).await
+    }
+    async fn update(
+        &self,
+        kind: Kind,
+        name: &str,
+        value: serde_json::Value,
+        expect: Option<Revision>,
+    ) -> Result<Versioned> {
+        self.store.update(kind, name, value, expect).await
+    }
+    async fn delete(&self, kind: Kind, name: &str, expect: Option<Revision>) -> Result<Versioned> {
+        self.store.delete(kind, name, expect).await
+    }
+    async fn watch(&self, kind: Kind, from: Revision) -> Result<WatchStream> {
+        self.store.watch(kind, from).await
+    }
+    async fn revision(&self) -> Result<Revision> {
+        self.store.revision().await
+    }
+    async fn close(&self) {
+        self.store.close().await
+    }
+}
+
+#[tokio::test]
+async fn etcd_stores_on_one_cluster_share_objects_and_see_each_others_writes() {
+    let etcd = crate::local_etcd::LocalEtcd::start().expect("local etcd starts");
+    let endpoints = vec![format!("http://{}", etcd.addr())];
+    let prefix = super::etcd::DEFAULT_PREFIX;
+    let a = super::etcd::open(&endpoints, prefix, StoreOptions::default()).await.unwrap();
+    let b = super::etcd::open(&endpoints, prefix, StoreOptions::default()).await.unwrap();
+    let mut watch_b = b.watch(Kind::Sandboxes, b.revision().await.unwrap()).await.unwrap();
+
+    let created = a.create(Kind::Sandboxes, "s", json!({"v": 1})).await.unwrap();
+    assert_eq!(b.get(Kind::Sandboxes, "s").await.unwrap(), Some(created.clone()), "a GET through B reads etcd");
+    assert_eq!(next_event(&mut watch_b).await.object, created, "B's cache is fed by etcd's watch");
+    let dup = b.create(Kind::Sandboxes, "s", json!({})).await.unwrap_err();
+    assert!(matches!(dup, StoreError::AlreadyExists { .. }), "{dup:?}");
+
+    let updated = b.update(Kind::Sandboxes, "s", json!({"v": 2}), Some(created.revision)).await.unwrap();
+    let stale = a.update(Kind::Sandboxes, "s", json!({"v": 3}), Some(created.revision)).await.unwrap_err();
+    assert_eq!(
+        stale,
+        StoreError::Conflict {
+            kind: Kind::Sandboxes,
+            name: "s".into(),
+            expected: created.revision,
+            actual: updated.revision
+        },
+        "a CAS write through A loses to B's newer write"
+    );
+    // A watch from a revision the other server produced waits for this server's cache instead of failing.
+    let mut watch_a = a.watch(Kind::Sandboxes, updated.revision).await.unwrap();
+    b.delete(Kind::Sandboxes, "s", None).await.unwrap();
+    assert_eq!(next_event(&mut watch_a).await.event_type, EventType::Deleted);
+
+    // A restarted server loads what is already there.
+    a.close().await;
+    b.create(Kind::Nodes, "n", json!({})).await.unwrap();
+    let c = super::etcd::open(&endpoints, prefix, StoreOptions::default()).await.unwrap();
+    let (nodes, revision) = c.list(Kind::Nodes).await.unwrap();
+    assert_eq!(nodes.iter().map(|n| &*n.name).collect::<Vec<_>>(), ["n"]);
+    assert_eq!(revision, b.revision().await.unwrap());
+    assert!(c.list(Kind::Sandboxes).await.unwrap().0.is_empty(), "deleted objects stay deleted");
+}
+
+#[tokio::test]
+async fn etcd_store_reports_an_unreachable_cluster_as_unavailable() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let endpoints = vec![format!("http://127.0.0.1:{port}")];
+    let err = match super::etcd::open(&endpoints, super::etcd::DEFAULT_PREFIX, StoreOptions::default()).await {
+        Err(e) => e,
+        Ok(_) => panic!("nothing listens there"),
+    };
+    assert!(matches!(err, StoreError::Unavailable(ref m) if m.contains(&port.to_string())), "{err}");
 }

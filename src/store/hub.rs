@@ -44,6 +44,8 @@ pub(super) struct Hub {
     state: RwLock<State>,
     limits: HistoryLimits,
     watcher_buffer: usize,
+    /// The revision applied so far, for writers that must wait until the hub has seen their write.
+    applied: tokio::sync::watch::Sender<Revision>,
 }
 
 impl Hub {
@@ -53,14 +55,9 @@ impl Hub {
         limits: HistoryLimits,
         watcher_buffer: usize,
     ) -> Hub {
-        let mut by_kind: HashMap<Kind, BTreeMap<Arc<str>, Versioned>> =
-            Kind::ALL.iter().map(|k| (*k, BTreeMap::new())).collect();
-        for (kind, object) in objects {
-            by_kind.entry(kind).or_default().insert(object.name.clone(), object);
-        }
         Hub {
             state: RwLock::new(State {
-                objects: by_kind,
+                objects: group_by_kind(objects),
                 revision,
                 compacted: revision,
                 ring: VecDeque::new(),
@@ -69,6 +66,7 @@ impl Hub {
             }),
             limits,
             watcher_buffer: watcher_buffer.max(1),
+            applied: tokio::sync::watch::Sender::new(revision),
         }
     }
 
@@ -130,6 +128,26 @@ impl Hub {
             state.ring.push_back((now, event));
         }
         self.trim_ring(state, now);
+        self.applied.send_replace(state.revision);
+    }
+
+    /// Waits until the hub has applied `revision`; false if `limit` passed first or the hub closed.
+    pub async fn wait_for(&self, revision: Revision, limit: Duration) -> bool {
+        let mut applied = self.applied.subscribe();
+        let reached = tokio::time::timeout(limit, applied.wait_for(|r| *r >= revision)).await;
+        matches!(reached, Ok(Ok(_)))
+    }
+
+    /// Replaces every object after the history was lost (e.g. the source compacted it): open watches
+    /// end, and re-watching from any earlier revision is `Gone`, so clients list again.
+    pub fn reset(&self, objects: Vec<(Kind, Versioned)>, revision: Revision) {
+        let mut state = self.state.write();
+        state.objects = group_by_kind(objects);
+        state.revision = revision;
+        state.compacted = revision;
+        state.ring.clear();
+        state.watchers.clear();
+        self.applied.send_replace(revision);
     }
 
     fn trim_ring(&self, state: &mut State, now: Instant) {
@@ -188,4 +206,13 @@ impl Hub {
     pub fn current(&self, kind: Kind, name: &str) -> Option<Versioned> {
         self.get(kind, name)
     }
+}
+
+fn group_by_kind(objects: Vec<(Kind, Versioned)>) -> HashMap<Kind, BTreeMap<Arc<str>, Versioned>> {
+    let mut by_kind: HashMap<Kind, BTreeMap<Arc<str>, Versioned>> =
+        Kind::ALL.iter().map(|k| (*k, BTreeMap::new())).collect();
+    for (kind, object) in objects {
+        by_kind.entry(kind).or_default().insert(object.name.clone(), object);
+    }
+    by_kind
 }

@@ -3,6 +3,7 @@
 mod hub;
 mod writer;
 
+pub mod etcd;
 pub mod memory;
 pub mod sqlite;
 
@@ -209,7 +210,7 @@ impl Default for StoreOptions {
     }
 }
 
-/// Opens the backend a `store` URL names: `memory://`, `sqlite://PATH`.
+/// Opens the backend a `store` URL names: `memory://`, `sqlite://PATH`, `etcd://HOST:PORT[,HOST:PORT...]`.
 pub async fn open(url: &str, options: StoreOptions) -> Result<Arc<dyn Store>> {
     if url == "memory://" {
         return Ok(Arc::new(memory::open(options)));
@@ -220,10 +221,11 @@ pub async fn open(url: &str, options: StoreOptions) -> Result<Arc<dyn Store>> {
         }
         return Ok(Arc::new(sqlite::open(std::path::Path::new(path), options).await?));
     }
-    if url.starts_with("etcd://") {
-        return Err(StoreError::Unavailable(
-            "the etcd backend is not built yet; use memory:// or sqlite://PATH".into(),
-        ));
+    if let Some(rest) = url.strip_prefix("etcd://") {
+        let endpoints = etcd::endpoints(rest)?;
+        return Ok(Arc::new(etcd::open(&endpoints, etcd::DEFAULT_PREFIX, options).await?));
     }
-    Err(StoreError::Unavailable(format!("unknown store URL {url:?}: expected memory:// or sqlite://PATH")))
+    Err(StoreError::Unavailable(format!(
+        "unknown store URL {url:?}: expected memory://, sqlite://PATH or etcd://HOST:PORT[,HOST:PORT...]"
+    )))
 }

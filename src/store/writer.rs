@@ -162,7 +162,7 @@ impl Drop for LocalStore {
 }
 
 /// Sends bookmarks to every watcher until the store is dropped.
-fn spawn_bookmarks(hub: &Arc<Hub>, interval: Duration) {
+pub(super) fn spawn_bookmarks(hub: &Arc<Hub>, interval: Duration) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
     let hub = Arc::downgrade(hub);
     runtime.spawn(async move {
@@ -302,7 +302,7 @@ fn encode_content(name: &Arc<str>, content: &mut Content, revision: Revision) ->
 }
 
 /// Rewrites the trailing `"resource_version":"…"}` of encoded JSON; `None` when it does not end that way.
-fn stamp_encoded(json: &[u8], revision: Revision) -> Option<Vec<u8>> {
+pub(super) fn stamp_encoded(json: &[u8], revision: Revision) -> Option<Vec<u8>> {
     const FIELD: &[u8] = b"\"resource_version\":\"";
     let start = json.windows(FIELD.len()).rposition(|w| w == FIELD)?;
     let tail = &json[start + FIELD.len()..];
@@ -319,7 +319,7 @@ fn stamp_encoded(json: &[u8], revision: Revision) -> Option<Vec<u8>> {
 }
 
 /// Serializes an object with its new `resource_version` embedded.
-fn encode(name: &Arc<str>, mut value: serde_json::Value, revision: Revision) -> Result<Versioned> {
+pub(super) fn encode(name: &Arc<str>, mut value: serde_json::Value, revision: Revision) -> Result<Versioned> {
     let Some(map) = value.as_object_mut() else {
         return Err(StoreError::Corrupt(format!("{name}: stored objects must be JSON objects")));
     };
