@@ -1,4 +1,4 @@
-//! The `sandboxd-o` binary: `serve` (all in one) and `apiserver`.
+//! The `sandboxd-o` binary: `serve` (all in one), `apiserver` and `controllers`.
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -7,6 +7,9 @@ use sandboxd_o::server::{self, Mode};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+
+use sandboxd_controllers::runtime::lease::LeaseSettings;
 
 #[derive(Parser)]
 #[command(name = "sandboxd-o", version, about = "Control plane for fleets of sandboxes")]
@@ -39,6 +42,8 @@ struct ControllersArgs {
     /// Bearer token for the API server.
     #[arg(long, env = "SANDBOXD_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    #[command(flatten)]
+    leases: LeaseFlags,
     /// TOML configuration file (heartbeat, scheduler and sync settings apply here too).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -57,8 +62,43 @@ struct ServeArgs {
     /// Port the demo agents listen on (each on its own loopback address).
     #[arg(long, default_value_t = 8080)]
     demo_agent_port: u16,
+    /// Run each controller only while holding its lease, so several `serve` processes can share one
+    /// etcd store (`serve` only).
+    #[arg(long)]
+    leader_elect: bool,
+    /// Name written into the leases this server holds (default: sandboxd-<host>-<pid>).
+    #[arg(long, requires = "leader_elect")]
+    identity: Option<String>,
+    #[command(flatten)]
+    leases: LeaseFlags,
     #[command(flatten)]
     flags: ConfigFlags,
+}
+
+/// Leader lease timing, as kube-controller-manager's --leader-elect-* flags.
+#[derive(Args)]
+struct LeaseFlags {
+    /// How long a lease holds without renewal before a standby may take it.
+    #[arg(long, default_value = "15s", value_parser = sandboxd_o::config::parse_duration)]
+    lease_duration: Duration,
+    /// How long a leader keeps trying to renew before it stops every controller.
+    #[arg(long, default_value = "10s", value_parser = sandboxd_o::config::parse_duration)]
+    renew_deadline: Duration,
+    /// How often candidates try to acquire and leaders renew (with jitter).
+    #[arg(long, default_value = "2s", value_parser = sandboxd_o::config::parse_duration)]
+    retry_period: Duration,
+}
+
+impl LeaseFlags {
+    fn settings(&self) -> LeaseSettings {
+        LeaseSettings { duration: self.lease_duration, renew_deadline: self.renew_deadline, retry: self.retry_period }
+    }
+}
+
+/// Default identity written into leases: `<role>-<host>-<pid>`.
+fn default_identity(role: &str) -> String {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default().trim().to_string();
+    format!("{role}-{}-{}", if host.is_empty() { "host" } else { &host }, std::process::id())
 }
 
 /// One flag per configuration key; each wins over `SANDBOXD_<KEY>` and the file.
@@ -143,7 +183,18 @@ fn main() {
 fn run_cli() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (args, mode) = match cli.command {
+        Command::Serve(args) if args.leader_elect => {
+            let candidacy = sandboxd_o::controllers::Candidacy {
+                identity: args.identity.clone().unwrap_or_else(|| default_identity("sandboxd")),
+                only: sandboxd_o::controllers::CONTROLLERS.iter().map(|c| c.to_string()).collect(),
+                lease: args.leases.settings(),
+            };
+            (args, Mode::AllInOneElected(candidacy))
+        }
         Command::Serve(args) => (args, Mode::AllInOne),
+        Command::Apiserver(args) if args.leader_elect => {
+            anyhow::bail!("--leader-elect is for `serve`; `apiserver` runs no controllers")
+        }
         Command::Apiserver(args) => (args, Mode::ApiOnly),
         Command::Controllers(args) => return run_controllers(args),
     };
@@ -213,10 +264,7 @@ fn run_controllers(args: ControllersArgs) -> anyhow::Result<()> {
         Config::load(args.config.as_deref(), &env, &args.flags.into_map()).context("invalid configuration")?;
     config.loopback_only_agents = env.get("SANDBOXD_LOOPBACK_ONLY").is_some_and(|v| v == "1" || v == "true");
     init_logging(config.log_format);
-    let identity = args.identity.unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default().trim().to_string();
-        format!("controllers-{}-{}", if host.is_empty() { "host" } else { &host }, std::process::id())
-    });
+    let identity = args.identity.unwrap_or_else(|| default_identity("controllers"));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let client = sandboxd_client::Client::new(&args.server, args.token.clone())?;
@@ -233,11 +281,8 @@ fn run_controllers(args: ControllersArgs) -> anyhow::Result<()> {
             stop.cancel();
         });
         tracing::info!(server = %args.server, identity = %identity, only = ?args.only, "controllers starting");
-        let candidacy = sandboxd_o::controllers::Candidacy {
-            identity,
-            only: args.only.clone(),
-            lease: sandboxd_controllers::runtime::lease::LeaseSettings::default(),
-        };
+        let candidacy =
+            sandboxd_o::controllers::Candidacy { identity, only: args.only.clone(), lease: args.leases.settings() };
         sandboxd_o::controllers::run_elected(objects.clone(), objects, Arc::new(agents), &config, &candidacy, shutdown)
             .await?;
         anyhow::Ok(())

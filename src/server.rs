@@ -22,15 +22,20 @@ pub enum ServeError {
     Bind { addr: SocketAddr, error: std::io::Error },
     #[error("config node {id}: {message}")]
     StaticNode { id: String, message: String },
+    #[error("leader election: {0}")]
+    Lease(String),
     #[error("serving: {0}")]
     Serve(std::io::Error),
 }
 
 /// What a process runs besides the API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Mode {
     /// API, store and every controller.
     AllInOne,
+    /// API, store, and every controller behind its leader lease, so several servers can share one
+    /// etcd: a server that loses a lease stops its controllers and stands by again.
+    AllInOneElected(crate::controllers::Candidacy),
     /// API and store only.
     ApiOnly,
 }
@@ -65,6 +70,9 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|error| ServeError::Bind { addr: config.listen, error })?;
+    if let Mode::AllInOneElected(candidacy) = &mode {
+        candidacy.lease.validate().map_err(ServeError::Lease)?;
+    }
     let store = store::open(&config.store, StoreOptions::default()).await?;
     let auth_token = config.auth_token()?;
     let mut agent_client = HttpAgentClient::new(config.agent_timeout);
@@ -80,6 +88,13 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
         Mode::AllInOne => {
             let objects = Arc::new(crate::objects::InProcessObjects::new(state.clone()));
             crate::controllers::start(objects, &config, agents, shutdown.clone())
+        }
+        Mode::AllInOneElected(ref candidacy) => {
+            let objects = Arc::new(crate::objects::InProcessObjects::new(state.clone()));
+            let mut tasks = tokio::task::JoinSet::new();
+            let (config, candidacy) = (config.clone(), candidacy.clone());
+            tasks.spawn(campaign_until_shutdown(objects, agents, config, candidacy, shutdown.clone()));
+            tasks
         }
         Mode::ApiOnly => tokio::task::JoinSet::new(),
     };
@@ -117,6 +132,35 @@ async fn serve(
     store.close().await;
     tracing::info!("sandboxd-o stopped; store flushed");
     Ok(())
+}
+
+/// Runs the elected controllers; after losing a lease, stands by again instead of taking the API down.
+async fn campaign_until_shutdown(
+    objects: Arc<crate::objects::InProcessObjects>,
+    agents: Arc<dyn AgentClient>,
+    config: Config,
+    candidacy: crate::controllers::Candidacy,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let result = crate::controllers::run_elected(
+            objects.clone(),
+            objects.clone(),
+            agents.clone(),
+            &config,
+            &candidacy,
+            shutdown.clone(),
+        )
+        .await;
+        match result {
+            Ok(()) => return,
+            Err(e) => tracing::error!(error = %e, "controllers stopped; standing by for the leases again"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(candidacy.lease.retry) => {}
+        }
+    }
 }
 
 async fn declare_static_nodes(state: &ApiState, config: &Config) -> Result<(), ServeError> {

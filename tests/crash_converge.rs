@@ -2,10 +2,11 @@
 
 mod common;
 
+use common::world::*;
 use common::*;
-use sandboxd_api::{NodeState, Phase, Protocol, Sandbox, SandboxSpec};
+use sandboxd_api::{NodeState, Phase, Sandbox, SandboxSpec};
 use sandboxd_client::{Client, ClientError};
-use sbxlet::{AgentHandle, Faults, SimConfig};
+use sbxlet::{AgentHandle, Faults};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
 use std::path::PathBuf;
@@ -37,7 +38,7 @@ async fn sigkill_halfway_through_creates_converges_to_agents_matching_the_store(
     assert_all_stored(&client, &durable).await;
     creates.finish().await;
 
-    let world = converge(&client, &agents).await;
+    let world = converge(&client, &agents, SANDBOXES).await;
     assert_eq!(world.store.len(), SANDBOXES);
     let not_running: Vec<&Sandbox> = world.store.iter().filter(|s| s.status.phase != Phase::Running).collect();
     assert!(not_running.is_empty(), "not Running: {:?}", not_running.iter().map(|s| &s.id).collect::<Vec<_>>());
@@ -95,29 +96,6 @@ async fn node_not_ready_at_a_crash_is_not_judged_lost_on_its_stale_state_after_r
 
 // === fixtures ===
 
-/// One sandbox's host ports as (host port, container port, protocol), sorted.
-type Ports = Vec<(u16, u16, Protocol)>;
-
-/// The store's sandboxes and, per node, the sandboxes its agent holds.
-struct World {
-    store: Vec<Sandbox>,
-    agents: BTreeMap<String, BTreeMap<String, Ports>>,
-}
-
-fn node_name(i: usize) -> String {
-    format!("node-{}", i + 1)
-}
-
-async fn start_agents(count: usize) -> Vec<AgentHandle> {
-    let mut agents = Vec::new();
-    for _ in 0..count {
-        let config =
-            SimConfig { capacity_cpu_milli: 64_000, capacity_memory_bytes: 256 << 30, ..isolated_sim_config() };
-        agents.push(start_isolated_agent(config).await);
-    }
-    agents
-}
-
 fn health_failing() -> Faults {
     Faults { health_failing: true, ..Faults::default() }
 }
@@ -159,15 +137,10 @@ struct Orchestrator {
 
 impl Orchestrator {
     fn spawn(agents: &[AgentHandle], flags: &[&str]) -> Orchestrator {
-        let nodes: Vec<serde_json::Value> = agents
-            .iter()
-            .enumerate()
-            .map(|(i, a)| serde_json::json!({"id": node_name(i), "ip": a.addr().ip().to_string(), "port": a.addr().port()}))
-            .collect();
         let mut server = Orchestrator {
             dir: tempfile::tempdir().unwrap(),
             port: free_port(),
-            nodes: serde_json::to_string(&nodes).unwrap(),
+            nodes: nodes_json(agents),
             flags: flags.iter().map(|f| f.to_string()).collect(),
             child: None,
         };
@@ -313,84 +286,4 @@ async fn assert_all_stored(client: &Client, durable: &BTreeSet<String>) {
     let stored: BTreeSet<String> = client.list_sandboxes().await.unwrap().items.into_iter().map(|s| s.id).collect();
     let lost: Vec<&String> = durable.difference(&stored).collect();
     assert!(lost.is_empty(), "{} creates answered before the kill were lost: {lost:?}", lost.len());
-}
-
-/// Waits up to 60 s until every sandbox is Running and every agent holds exactly what is bound to it.
-async fn converge(client: &Client, agents: &[AgentHandle]) -> World {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let world = observe(client, agents).await;
-        let mismatch = mismatch(&world);
-        match mismatch {
-            None => return world,
-            Some(why) if tokio::time::Instant::now() > deadline => panic!("no convergence within 60 s: {why}"),
-            Some(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
-}
-
-async fn observe(client: &Client, agents: &[AgentHandle]) -> World {
-    let store = client.list_sandboxes().await.unwrap().items;
-    let mut held = BTreeMap::new();
-    for (i, agent) in agents.iter().enumerate() {
-        let on_agent = agent_sandboxes(agent.addr())
-            .await
-            .into_iter()
-            .map(|a| (a.id, sorted(a.ports.iter().map(|p| (p.host_port, p.container_port, p.protocol)).collect())))
-            .collect();
-        held.insert(node_name(i), on_agent);
-    }
-    World { store, agents: held }
-}
-
-/// What still differs from a converged world, if anything.
-fn mismatch(world: &World) -> Option<String> {
-    let phases = phase_counts(&world.store);
-    if phases.get("Running") != Some(&SANDBOXES) {
-        return Some(format!("phases in the store: {phases:?}"));
-    }
-    for (node, held) in &world.agents {
-        let bound = bound_to(&world.store, node);
-        if held != &bound {
-            let extra: Vec<&String> = held.keys().filter(|id| !bound.contains_key(*id)).collect();
-            let missing: Vec<&String> = bound.keys().filter(|id| !held.contains_key(*id)).collect();
-            return Some(format!("{node}: agent has extra {extra:?}, misses {missing:?}, or ports differ"));
-        }
-    }
-    None
-}
-
-fn assert_no_host_port_twice(store: &[Sandbox]) {
-    let mut handed_out = BTreeSet::new();
-    for s in store {
-        for p in &s.status.assigned_ports {
-            let key = (s.status.node_name.clone().unwrap(), p.protocol, p.host_port);
-            assert!(handed_out.insert(key.clone()), "(node, protocol, host port) {key:?} handed out twice");
-        }
-    }
-}
-
-fn phase_counts(store: &[Sandbox]) -> BTreeMap<&'static str, usize> {
-    let mut counts = BTreeMap::new();
-    for s in store {
-        *counts.entry(s.status.phase.as_str()).or_default() += 1;
-    }
-    counts
-}
-
-/// The sandboxes the store binds to `node`, with their assigned ports.
-fn bound_to(store: &[Sandbox], node: &str) -> BTreeMap<String, Ports> {
-    store
-        .iter()
-        .filter(|s| s.status.node_name.as_deref() == Some(node))
-        .map(|s| {
-            let ports = s.status.assigned_ports.iter().map(|p| (p.host_port, p.container_port, p.protocol)).collect();
-            (s.id.clone(), sorted(ports))
-        })
-        .collect()
-}
-
-fn sorted(mut ports: Ports) -> Ports {
-    ports.sort();
-    ports
 }

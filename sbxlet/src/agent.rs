@@ -29,6 +29,8 @@ pub(crate) struct Agent {
     runtime: Mutex<Runtime>,
     ports: HostPorts,
     external: String,
+    /// How many times each id was admitted as a new sandbox, so tests can tell a double create.
+    admissions: Mutex<std::collections::BTreeMap<String, u32>>,
 }
 
 // === impl Agent ===
@@ -39,7 +41,12 @@ impl Agent {
         // A restart releases listeners without waiting; a port coming back must wait for its old socket.
         self.ports.wait_released(&tcp_host_ports(&request)).await;
         let now = Instant::now();
-        self.runtime.lock().create(request, now, rfc3339_now(), |ports| self.ports.publish(ports))
+        let id = request.id.clone();
+        let created = self.runtime.lock().create(request, now, rfc3339_now(), |ports| self.ports.publish(ports))?;
+        if matches!(created, Created::New(_)) {
+            *self.admissions.lock().entry(id).or_default() += 1;
+        }
+        Ok(created)
     }
 
     /// Forgets a sandbox and waits until its host ports are closed.
@@ -130,6 +137,7 @@ pub(crate) fn serve_agent(listener: TcpListener, config: SimConfig) -> io::Resul
         runtime: Mutex::new(Runtime::new(limits, pool)),
         ports: HostPorts::new(addr.ip(), faults.clone(), stop.clone()),
         external: config.external,
+        admissions: Mutex::default(),
     });
     let app = axum::middleware::from_fn_with_state(faults, inject_faults).layer(server::router(agent.clone()));
     let shutdown = stop.clone().cancelled_owned();
@@ -173,6 +181,11 @@ impl AgentHandle {
     /// Ids of every sandbox the agent holds, in order.
     pub fn sandbox_ids(&self) -> Vec<String> {
         self.agent.runtime.lock().ids()
+    }
+
+    /// How many times each sandbox id was admitted as new since the agent started (restarts included).
+    pub fn admissions(&self) -> std::collections::BTreeMap<String, u32> {
+        self.agent.admissions.lock().clone()
     }
 
     /// Tells the agent to stop, without waiting.

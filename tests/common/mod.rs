@@ -1,6 +1,9 @@
 //! Shared fixtures for end-to-end tests: servers on free loopback ports and small object builders.
 #![allow(dead_code)]
 
+pub mod daemon;
+pub mod world;
+
 use sandboxd_api::{Container, ContainerResource, PortSpec, Protocol, SandboxSpec};
 use sandboxd_o::config::Config;
 use sandboxd_o::server::{self, Mode, Running};

@@ -1,4 +1,5 @@
-//! A real cluster for a benchmark: a `sandboxd-o serve` child on SQLite in a temp dir and a `sbxlet fleet` child.
+//! A real cluster for a benchmark: a `sandboxd-o serve` child (on SQLite in a temp dir, or on a throwaway
+//! local etcd) and a `sbxlet fleet` child.
 
 use anyhow::{bail, Context};
 use sandboxd_client::Client;
@@ -16,6 +17,8 @@ pub struct ClusterSpec {
     pub capacity_memory: &'static str,
     /// First agent address; the fleet uses consecutive addresses from here.
     pub base_ip: &'static str,
+    /// Store the objects in a local single-member etcd instead of SQLite.
+    pub etcd: bool,
 }
 
 /// A running server (and fleet); both are killed on drop.
@@ -26,8 +29,11 @@ pub struct Cluster {
     dir: tempfile::TempDir,
     port: u16,
     heartbeat_interval: &'static str,
+    store_url: String,
     server: Child,
     fleet: Option<Child>,
+    /// Dropped after the server (fields drop in order), so the server never outlives its store.
+    _etcd: Option<sandboxd_o::local_etcd::LocalEtcd>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -39,7 +45,12 @@ impl Cluster {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let url = format!("http://127.0.0.1:{port}");
-        let server = spawn_server(bin_dir, dir.path(), port, spec.heartbeat_interval)?;
+        let etcd = if spec.etcd { Some(sandboxd_o::local_etcd::LocalEtcd::start()?) } else { None };
+        let store_url = match &etcd {
+            Some(etcd) => etcd.url(),
+            None => format!("sqlite://{}", dir.path().join("store.db").display()),
+        };
+        let server = spawn_server(bin_dir, dir.path(), port, spec.heartbeat_interval, &store_url)?;
         let client = Client::new(&url, None)?;
         let mut cluster = Cluster {
             client,
@@ -48,8 +59,10 @@ impl Cluster {
             dir,
             port,
             heartbeat_interval: spec.heartbeat_interval,
+            store_url,
             server,
             fleet: None,
+            _etcd: etcd,
         };
         cluster.wait_serving(Duration::from_secs(60)).await?;
         if spec.nodes > 0 {
@@ -110,7 +123,8 @@ impl Cluster {
         self.server.kill()?;
         self.server.wait()?;
         let start = Instant::now();
-        self.server = spawn_server(&self.bin_dir, self.dir.path(), self.port, self.heartbeat_interval)?;
+        self.server =
+            spawn_server(&self.bin_dir, self.dir.path(), self.port, self.heartbeat_interval, &self.store_url)?;
         self.wait_serving(Duration::from_secs(120)).await?;
         Ok(start.elapsed())
     }
@@ -151,12 +165,11 @@ fn proc_status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn spawn_server(bin_dir: &Path, dir: &Path, port: u16, heartbeat_interval: &str) -> anyhow::Result<Child> {
+fn spawn_server(bin_dir: &Path, dir: &Path, port: u16, heartbeat_interval: &str, store: &str) -> anyhow::Result<Child> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("server.log"))?;
     Command::new(bin_dir.join("sandboxd-o"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--store")
-        .arg(format!("sqlite://{}", dir.join("store.db").display()))
+        .args(["--store", store])
         .args(["--heartbeat-interval", heartbeat_interval])
         .args(["--max-body-bytes", "1MiB"])
         .env("SANDBOXD_LOOPBACK_ONLY", "1")

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(name = "sandboxd-bench", about = "Benchmarks sandboxd-o through its public API")]
 struct Cli {
-    /// Scenarios to run: store-create, scheduling-basic, startup-latency, burst, scale, api-latency, or all.
+    /// Scenarios to run: store-create, store-create-etcd, heartbeats, burst-1k, scheduling-basic, startup-latency, burst, scale, api-latency, or all.
     #[arg(default_value = "all")]
     scenarios: Vec<String>,
     /// Tiny sizes that only check correctness (every sandbox Running, unique ports), for CI.
