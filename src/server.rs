@@ -14,8 +14,9 @@ use tokio_util::sync::CancellationToken;
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    // Not `#[from]`: that would also make it the source, and `{:#}` would print the message twice.
     #[error("store: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error("config: {0}")]
     Config(#[from] crate::config::ConfigError),
     #[error("listening on {addr}: {error} (is another sandboxd-o running? set --listen)")]
@@ -26,6 +27,12 @@ pub enum ServeError {
     Lease(String),
     #[error("serving: {0}")]
     Serve(std::io::Error),
+}
+
+impl From<StoreError> for ServeError {
+    fn from(e: StoreError) -> Self {
+        ServeError::Store(e)
+    }
 }
 
 /// What a process runs besides the API.

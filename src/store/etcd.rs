@@ -43,12 +43,13 @@ pub async fn open(endpoints: &[String], prefix: &str, options: StoreOptions) -> 
         .with_connect_timeout(Duration::from_secs(5))
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
     let joined = endpoints.join(",");
-    let client = within(etcd_client::Client::connect(endpoints, Some(connect)))
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("etcd at {joined}: {e}")))?;
+    let at = |e: StoreError| match e {
+        StoreError::Unavailable(why) => StoreError::Unavailable(format!("{why} (endpoints {joined})")),
+        other => other,
+    };
+    let client = within(etcd_client::Client::connect(endpoints, Some(connect))).await.map_err(at)?;
     let prefix: Arc<str> = Arc::from(prefix);
-    let (objects, revision) =
-        load(&client, &prefix).await.map_err(|e| StoreError::Unavailable(format!("etcd at {joined}: {e}")))?;
+    let (objects, revision) = load(&client, &prefix).await.map_err(at)?;
     let hub = Arc::new(Hub::new(objects, revision, options.history, options.watcher_buffer));
     spawn_bookmarks(&hub, options.bookmark_interval);
     let feeder = tokio::spawn(feed(client.clone(), prefix.clone(), Arc::downgrade(&hub), revision));
@@ -68,9 +69,28 @@ pub fn endpoints(url_rest: &str) -> Result<Vec<String>> {
 async fn within<T>(call: impl std::future::Future<Output = Result<T, etcd_client::Error>>) -> Result<T> {
     match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(StoreError::Unavailable(format!("etcd: {e}"))),
+        Ok(Err(e)) => Err(StoreError::Unavailable(format!("etcd: {}", root_cause(&e)))),
         Err(_) => Err(StoreError::Unavailable(format!("etcd: no answer within {REQUEST_TIMEOUT:?}"))),
     }
+}
+
+/// The innermost cause (e.g. "Connection refused"), not tonic's whole nested chain.
+fn root_cause(e: &etcd_client::Error) -> String {
+    if let etcd_client::Error::GRpcStatus(status) = e {
+        if let Some(inner) = std::error::Error::source(status) {
+            return root_of(inner);
+        }
+        return format!("{:?}: {}", status.code(), status.message());
+    }
+    root_of(e)
+}
+
+fn root_of(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    cause.to_string()
 }
 
 fn kv_client(client: &etcd_client::Client) -> etcd_client::KvClient {
