@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 pub struct LocalEtcd {
     child: Child,
     client_addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    peer_addr: SocketAddr,
+    dir: tempfile::TempDir,
 }
 
 /// Why a local etcd could not be started.
@@ -40,31 +41,19 @@ impl LocalEtcd {
 
     fn start_once() -> Result<LocalEtcd, LocalEtcdError> {
         let dir = tempfile::Builder::new().prefix("sandboxd-etcd-").tempdir()?;
-        let client_addr = free_loopback_addr()?;
-        let peer_addr = free_loopback_addr()?;
-        let log = std::fs::File::create(dir.path().join("etcd.log"))?;
-        let client_url = format!("http://{client_addr}");
-        let peer_url = format!("http://{peer_addr}");
-        let child = Command::new("etcd")
-            .args(["--name", "local", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("local={peer_url}")])
-            // One member on loopback: elect at once, and keep the test's disk use small.
-            .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
-            .args(["--quota-backend-bytes", &(2u64 << 30).to_string()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => LocalEtcdError::NotInstalled,
-                _ => LocalEtcdError::Io(e),
-            })?;
-        let mut etcd = LocalEtcd { child, client_addr, _dir: dir };
+        let (client_addr, peer_addr) = (free_loopback_addr()?, free_loopback_addr()?);
+        let child = spawn(dir.path(), client_addr, peer_addr)?;
+        let mut etcd = LocalEtcd { child, client_addr, peer_addr, dir };
         etcd.wait_until_serving(Duration::from_secs(20))?;
         Ok(etcd)
+    }
+
+    /// Starts etcd again on the same data and ports after `kill`, as a member coming back.
+    pub fn restart(&mut self) -> Result<(), LocalEtcdError> {
+        self.kill();
+        std::fs::write(self.log_path(), "")?;
+        self.child = spawn(self.dir.path(), self.client_addr, self.peer_addr)?;
+        self.wait_until_serving(Duration::from_secs(20))
     }
 
     /// `host:port` of the client listener.
@@ -78,7 +67,7 @@ impl LocalEtcd {
     }
 
     fn log_path(&self) -> PathBuf {
-        self._dir.path().join("etcd.log")
+        self.dir.path().join("etcd.log")
     }
 
     fn wait_until_serving(&mut self, limit: Duration) -> Result<(), LocalEtcdError> {
@@ -115,6 +104,29 @@ impl Drop for LocalEtcd {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+fn spawn(dir: &std::path::Path, client_addr: SocketAddr, peer_addr: SocketAddr) -> Result<Child, LocalEtcdError> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("etcd.log"))?;
+    let client_url = format!("http://{client_addr}");
+    let peer_url = format!("http://{peer_addr}");
+    Command::new("etcd")
+        .args(["--name", "local", "--data-dir"])
+        .arg(dir.join("data"))
+        .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("local={peer_url}")])
+        // One member on loopback: elect at once.
+        .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
+        .args(["--quota-backend-bytes", &(2u64 << 30).to_string()])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => LocalEtcdError::NotInstalled,
+            _ => LocalEtcdError::Io(e),
+        })
 }
 
 fn free_loopback_addr() -> std::io::Result<SocketAddr> {

@@ -456,3 +456,36 @@ async fn etcd_store_reports_an_unreachable_cluster_as_unavailable() {
     };
     assert!(matches!(err, StoreError::Unavailable(ref m) if m.contains(&port.to_string())), "{err}");
 }
+
+#[tokio::test]
+async fn etcd_store_refuses_writes_while_etcd_is_down_and_resumes_its_watch_after() {
+    let mut etcd = crate::local_etcd::LocalEtcd::start().expect("local etcd starts");
+    let endpoints = vec![format!("http://{}", etcd.addr())];
+    let store = super::etcd::open(&endpoints, super::etcd::DEFAULT_PREFIX, StoreOptions::default()).await.unwrap();
+    let before = store.create(Kind::Sandboxes, "before", json!({})).await.unwrap();
+    let mut watch = store.watch(Kind::Sandboxes, before.revision).await.unwrap();
+
+    etcd.kill();
+    let refused = store.create(Kind::Sandboxes, "during", json!({})).await.unwrap_err();
+    assert!(matches!(refused, StoreError::Unavailable(_)), "{refused:?}");
+    let (cached, _) = store.list(Kind::Sandboxes).await.unwrap();
+    assert_eq!(cached.len(), 1, "lists keep serving the cache while etcd is down");
+
+    etcd.restart().expect("etcd comes back");
+    let after = eventually_created(&store, "after").await;
+    let event = next_event(&mut watch).await;
+    assert_eq!((event.event_type, event.object), (EventType::Added, after), "the same watch goes on");
+    assert_eq!(store.get(Kind::Sandboxes, "during").await.unwrap(), None, "the refused write left nothing");
+}
+
+/// Creates `name`, retrying while etcd finishes coming back.
+async fn eventually_created(store: &super::etcd::EtcdStore, name: &str) -> Versioned {
+    for _ in 0..100 {
+        match store.create(Kind::Sandboxes, name, json!({})).await {
+            Ok(v) => return v,
+            Err(StoreError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("etcd did not take writes within 10 s of coming back");
+}

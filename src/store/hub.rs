@@ -216,3 +216,39 @@ fn group_by_kind(objects: Vec<(Kind, Versioned)>) -> HashMap<Kind, BTreeMap<Arc<
     }
     by_kind
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    fn object(name: &str, revision: Revision) -> Versioned {
+        Versioned { name: Arc::from(name), revision, data: bytes::Bytes::from_static(b"{}") }
+    }
+
+    fn change(name: &str, revision: Revision) -> Change {
+        Change {
+            kind: Kind::Sandboxes,
+            name: Arc::from(name),
+            event_type: EventType::Added,
+            object: object(name, revision),
+        }
+    }
+
+    #[tokio::test]
+    async fn reset_replaces_objects_ends_watches_and_makes_older_revisions_gone() {
+        let limits = HistoryLimits { max_events: 100, max_age: Duration::from_secs(60) };
+        let hub = Hub::new(vec![], 0, limits, 16);
+        hub.apply(vec![change("a", 1), change("b", 2)]);
+        let mut watch = hub.watch(Kind::Sandboxes, 2).unwrap();
+
+        hub.reset(vec![(Kind::Sandboxes, object("c", 7))], 9);
+        assert!(watch.next().await.is_none(), "open watches end, so clients re-watch");
+        let names: Vec<String> = hub.list(Kind::Sandboxes).0.iter().map(|v| v.name.to_string()).collect();
+        assert_eq!(names, ["c"]);
+        assert_eq!(hub.revision(), 9);
+        assert!(matches!(hub.watch(Kind::Sandboxes, 2), Err(StoreError::Gone { requested: 2, oldest: 9 })));
+        assert!(hub.watch(Kind::Sandboxes, 9).is_ok());
+        assert!(hub.wait_for(9, Duration::from_millis(10)).await, "writers waiting for 9 are released");
+    }
+}
