@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every benchmark scenario (or the named ones) on release binaries and prints one JSON line each plus a table.
-# Usage: hack/bench.sh [all|store-create|scheduling-basic|startup-latency|burst|scale|api-latency ...] [--smoke]
+# Usage: hack/bench.sh [all|store-create|store-create-etcd|heartbeats|burst-1k|scheduling-basic|startup-latency|burst|scale|api-latency ...] [--smoke]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --workspace --release --bins -q

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 10] = [
     "store-create",
     "store-create-etcd",
     "heartbeats",
@@ -20,6 +20,7 @@ pub const ALL: [&str; 9] = [
     "burst",
     "scale",
     "api-latency",
+    "failover",
 ];
 
 /// One scenario's figures, printed as one JSON line.
@@ -33,7 +34,7 @@ pub struct Report {
     pub verdict: String,
 }
 
-fn report(name: &str, smoke: bool, figures: Value, target: &str, met: Option<bool>) -> Report {
+pub(crate) fn report(name: &str, smoke: bool, figures: Value, target: &str, met: Option<bool>) -> Report {
     let verdict = match (smoke, met) {
         (true, _) | (false, None) => "n/a",
         (false, Some(true)) => "met",
@@ -59,6 +60,7 @@ pub async fn run(name: &str, bin_dir: &Path, smoke: bool) -> anyhow::Result<Repo
         "heartbeats" => heartbeats(bin_dir, smoke).await,
         "scale" => scale(bin_dir, smoke).await,
         "api-latency" => api_latency(bin_dir, smoke).await,
+        "failover" => crate::failover::failover(bin_dir, smoke).await,
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }
