@@ -4,7 +4,7 @@
 use crate::apiserver::node_settings;
 use crate::config::{Config, SchedulerPolicy};
 use sandboxd_api::{Node, Sandbox};
-use sandboxd_controllers::node::NodeController;
+use sandboxd_controllers::node::{NodeController, NodeSettings};
 use sandboxd_controllers::prober::Prober;
 use sandboxd_controllers::runtime::informer::Informer;
 use sandboxd_controllers::runtime::lease::{Elector, LeaseClient, LeaseSettings};
@@ -56,7 +56,20 @@ struct Built {
     runs: Vec<(&'static str, StartController)>,
 }
 
-fn build(objects: &Arc<dyn ObjectClient>, agents: &Arc<dyn AgentClient>, config: &Config, only: &[&str]) -> Built {
+/// How the controllers come to run: started with the process, or elected (taking over from a leader).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    WithProcess,
+    Elected,
+}
+
+fn build(
+    objects: &Arc<dyn ObjectClient>,
+    agents: &Arc<dyn AgentClient>,
+    config: &Config,
+    only: &[&str],
+    start: Start,
+) -> Built {
     let nodes: Informer<Node> = Informer::new();
     let sandboxes: Informer<Sandbox> = Informer::new();
     let mut runs: Vec<(&'static str, StartController)> = Vec::new();
@@ -64,7 +77,9 @@ fn build(objects: &Arc<dyn ObjectClient>, agents: &Arc<dyn AgentClient>, config:
     for name in CONTROLLERS.into_iter().filter(|n| only.contains(n)) {
         let run: StartController = match name {
             "node" => {
-                let c = NodeController::new(nodes.clone(), objects.clone(), agents.clone(), node_settings(config));
+                // A new leader continues the old one's fresh judgments instead of blacking out every node.
+                let settings = NodeSettings { keep_fresh_states: start == Start::Elected, ..node_settings(config) };
+                let c = NodeController::new(nodes.clone(), objects.clone(), agents.clone(), settings);
                 Box::new(move |stop| Box::pin(c.run(stop)))
             }
             "scheduler" => {
@@ -114,7 +129,7 @@ pub fn start(
     agents: Arc<dyn AgentClient>,
     shutdown: CancellationToken,
 ) -> JoinSet<()> {
-    let built = build(&objects, &agents, config, &CONTROLLERS);
+    let built = build(&objects, &agents, config, &CONTROLLERS, Start::WithProcess);
     let mut tasks = JoinSet::new();
     spawn_informers(&built, &objects, &mut tasks, &shutdown);
     for (_, run) in built.runs {
@@ -174,7 +189,7 @@ pub async fn run_elected(
             CONTROLLERS.iter().find(|c| **c == name.as_str()).ok_or_else(|| ControllersError::Unknown(name.clone()))?;
         chosen.push(known);
     }
-    let built = build(&objects, &agents, config, &chosen);
+    let built = build(&objects, &agents, config, &chosen, Start::Elected);
     let mut background = JoinSet::new();
     spawn_informers(&built, &objects, &mut background, &shutdown);
     let mut controllers = JoinSet::new();

@@ -95,3 +95,36 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     assert_eq!(released.holder, "", "graceful shutdown releases the lease");
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_handover_keeps_nodes_ready_instead_of_starting_them_over() {
+    let agent = start_agent(Faults::default()).await;
+    let (server, client) = start_api_server(test_config(&[])).await;
+    let url = format!("http://{}", server.addr);
+    register(&client, "node-a", agent.addr()).await;
+    let (stop_a, task_a) = start_replica(&url, "replica-a");
+    wait_node_state(&client, "node-a", NodeState::Ready).await;
+    let (stop_b, task_b) = start_replica(&url, "replica-b");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A graceful stop releases the leases: the standby takes over while the last heartbeat is fresh.
+    stop_a.cancel();
+    task_a.await.unwrap();
+    let leases = HttpObjects::new(client.clone());
+    let mut states = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let node = client.get_node("node-a").await.unwrap();
+        states.push(node.status.state);
+        let lease = leases.get_lease("sandboxd-controller-node").await.unwrap().unwrap();
+        if lease.holder == "replica-b" && node.status.success_streak >= 4 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "replica-b did not take over and heartbeat");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(states.iter().all(|s| *s == NodeState::Ready), "the node left Ready during the handover: {states:?}");
+    stop_b.cancel();
+    task_b.await.unwrap();
+    server.stop().await.unwrap();
+}

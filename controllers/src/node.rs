@@ -22,6 +22,9 @@ pub struct NodeSettings {
     pub default_max_alloc_percent: u32,
     /// Heartbeats in flight at once.
     pub workers: usize,
+    /// A leader taking over from another keeps node states whose last heartbeat is recent (the
+    /// previous leader's judgment still stands); otherwise every node starts over as Unknown.
+    pub keep_fresh_states: bool,
 }
 
 impl Default for NodeSettings {
@@ -33,6 +36,7 @@ impl Default for NodeSettings {
             failure_threshold: 3,
             default_max_alloc_percent: 90,
             workers: 256,
+            keep_fresh_states: false,
         }
     }
 }
@@ -259,12 +263,17 @@ impl NodeController {
         Outcome::Requeue(next)
     }
 
-    /// Starts every node over as Unknown: a state from before this controller started says nothing now.
+    /// Starts nodes over as Unknown: a state from before this controller started says nothing now,
+    /// unless `keep_fresh_states` and a heartbeat recorded it recently.
     async fn forget_stale_states(&self) {
         let now = rfc3339_now();
+        let unix_now = crate::clock::unix_now();
         for node in self.nodes.list() {
             let status = &node.status;
             if status.state == NodeState::Unknown && status.success_streak == 0 && status.failure_streak == 0 {
+                continue;
+            }
+            if self.settings.keep_fresh_states && heartbeat_is_fresh(status, &self.settings, unix_now) {
                 continue;
             }
             let fresh = NodeStatus {
@@ -293,6 +302,16 @@ impl NodeController {
         })
         .await;
     }
+}
+
+/// Whether the last recorded heartbeat is recent enough that a running controller would not yet have
+/// judged the node anew: within `failure_threshold` intervals (plus a second, the timestamp's precision).
+pub fn heartbeat_is_fresh(status: &NodeStatus, settings: &NodeSettings, unix_now: i64) -> bool {
+    let Some(last) = status.last_heartbeat.as_deref().and_then(sandboxd_api::time::parse_rfc3339) else {
+        return false;
+    };
+    let window = settings.heartbeat_interval * settings.failure_threshold.max(1) + Duration::from_secs(1);
+    unix_now.saturating_sub(last) <= window.as_secs() as i64
 }
 
 /// New nodes and nodes whose address changed get a heartbeat at once; status writes do not retrigger.
@@ -329,6 +348,20 @@ pub(crate) fn test_node(state: NodeState, since: Option<&str>) -> Node {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_heartbeat_is_fresh_within_failure_threshold_intervals() {
+        let settings = NodeSettings::default(); // 5 s interval, failure threshold 3: 15 s (+1 s precision)
+        let at = |secs: i64| NodeStatus {
+            last_heartbeat: Some(sandboxd_api::time::format_unix(secs)),
+            ..NodeStatus::default()
+        };
+        assert!(heartbeat_is_fresh(&at(1_000), &settings, 1_000));
+        assert!(heartbeat_is_fresh(&at(1_000), &settings, 1_016));
+        assert!(!heartbeat_is_fresh(&at(1_000), &settings, 1_017), "older than the window");
+        assert!(!heartbeat_is_fresh(&NodeStatus::default(), &settings, 1_000), "never heartbeated");
+    }
+
     use super::*;
     use NodeState::*;
 
