@@ -202,7 +202,7 @@ impl Elector {
 mod tests {
     use super::*;
     use parking_lot::Mutex;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     /// An in-memory lease store with CAS and a switch that makes every call fail.
     #[derive(Default)]
@@ -210,6 +210,9 @@ mod tests {
         lease: Mutex<Option<Lease>>,
         revision: Mutex<u64>,
         down: AtomicBool,
+        /// Yield after every read, so two candidates read the same version before either writes.
+        interleave: AtomicBool,
+        conflicts: AtomicUsize,
     }
 
     impl FakeLeases {
@@ -237,12 +240,17 @@ mod tests {
     impl LeaseClient for FakeLeases {
         async fn get_lease(&self, _: &str) -> ObjectResult<Option<Lease>> {
             self.check_up()?;
-            Ok(self.current())
+            let current = self.current();
+            if self.interleave.load(Ordering::SeqCst) {
+                tokio::task::yield_now().await;
+            }
+            Ok(current)
         }
         async fn create_lease(&self, lease: &Lease) -> ObjectResult<Lease> {
             self.check_up()?;
             let mut slot = self.lease.lock();
             if slot.is_some() {
+                self.conflicts.fetch_add(1, Ordering::SeqCst);
                 return Err(ObjectError::Conflict("exists".into()));
             }
             let stored = self.stamp(lease.clone());
@@ -258,7 +266,10 @@ mod tests {
                     *slot = Some(stored.clone());
                     Ok(stored)
                 }
-                Some(_) => Err(ObjectError::Conflict("stale".into())),
+                Some(_) => {
+                    self.conflicts.fetch_add(1, Ordering::SeqCst);
+                    Err(ObjectError::Conflict("stale".into()))
+                }
                 None => Err(ObjectError::NotFound("gone".into())),
             }
         }
@@ -396,5 +407,32 @@ mod tests {
         assert_eq!(leases.current().unwrap().transitions, 1);
         stop_b.cancel();
         task_b.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_candidates_racing_for_a_free_lease_get_one_409_and_one_leader() {
+        let leases = Arc::new(FakeLeases::default());
+        // Both read before either writes.
+        leases.interleave.store(true, Ordering::SeqCst);
+        let candidate = |who: &str| Elector::new("l", who, LeaseSettings::default(), leases.clone()).0;
+        let (a, b) = (candidate("a"), candidate("b"));
+        let (mut seen_a, mut seen_b) = (None, None);
+
+        // Missing lease: both create, one gets the 409.
+        let (won_a, won_b) = tokio::join!(a.attempt(&mut seen_a), b.attempt(&mut seen_b));
+        assert!(won_a.unwrap() ^ won_b.unwrap(), "exactly one created the lease");
+        assert_eq!(leases.conflicts.load(Ordering::SeqCst), 1);
+
+        // Released lease: both take it over, one gets the 409, one transition is recorded.
+        let holder = leases.current().unwrap().holder;
+        let released = Lease { holder: String::new(), ..leases.current().unwrap() };
+        leases.update_lease(&released).await.unwrap();
+        let (won_a, won_b) = tokio::join!(a.attempt(&mut seen_a), b.attempt(&mut seen_b));
+        assert!(won_a.as_ref().unwrap() ^ won_b.as_ref().unwrap(), "exactly one took the released lease");
+        assert_eq!(leases.conflicts.load(Ordering::SeqCst), 2);
+        let taken = leases.current().unwrap();
+        assert_eq!(taken.transitions, 1, "one change of holder, not two");
+        assert_eq!(taken.holder, if *won_a.as_ref().unwrap() { "a" } else { "b" });
+        assert!(!holder.is_empty());
     }
 }
