@@ -69,6 +69,11 @@ async fn update_with_stale_revision_is_conflict(open: Open) {
     assert_eq!(field(&v3, "v"), json!(3));
     let missing = store.update(Kind::Sandboxes, "zz", json!({}), None).await.unwrap_err();
     assert!(matches!(missing, StoreError::NotFound { .. }));
+    let at_zero = store.update(Kind::Sandboxes, "zz", json!({}), Some(0)).await.unwrap_err();
+    assert!(matches!(at_zero, StoreError::NotFound { .. }), "an expected revision never creates: {at_zero:?}");
+    let delete_at_zero = store.delete(Kind::Sandboxes, "zz", Some(0)).await.unwrap_err();
+    assert!(matches!(delete_at_zero, StoreError::NotFound { .. }), "{delete_at_zero:?}");
+    assert_eq!(store.get(Kind::Sandboxes, "zz").await.unwrap(), None);
 }
 
 async fn delete_checks_revision_and_returns_last_state(open: Open) {

@@ -41,7 +41,10 @@ pub struct EtcdStore {
 pub async fn open(endpoints: &[String], prefix: &str, options: StoreOptions) -> Result<EtcdStore> {
     let connect = etcd_client::ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        // A member cut off from the quorum cancels our watch instead of going silent, so the feeder resumes
+        // through a healthy member.
+        .with_require_leader(true);
     let joined = endpoints.join(",");
     let at = |e: StoreError| match e {
         StoreError::Unavailable(why) => StoreError::Unavailable(format!("{why} (endpoints {joined})")),
@@ -189,11 +192,11 @@ impl EtcdStore {
         Ok(())
     }
 
-    async fn put(&self, kind: Kind, name: &str, stored: Vec<u8>, guard: Compare) -> Result<Versioned> {
+    async fn put(&self, kind: Kind, name: &str, stored: Vec<u8>, guard: Vec<Compare>) -> Result<Versioned> {
         self.check_open()?;
         let key = key(&self.prefix, kind, name);
         let txn = Txn::new()
-            .when([guard])
+            .when(guard)
             .and_then([TxnOp::put(key.clone(), stored.clone(), None)])
             .or_else([TxnOp::get(key, None)]);
         let response = within(kv_client(&self.client).txn(txn)).await?;
@@ -226,11 +229,13 @@ fn refusal(kind: Kind, name: &str, response: &etcd_client::TxnResponse) -> Store
     }
 }
 
-/// The comparison an update or delete must pass: the expected revision, or merely that the key exists.
-fn guard(key: &str, expect: Option<Revision>) -> Compare {
+/// The comparisons an update or delete must pass: the key exists and, if given, is at the expected revision.
+/// (etcd compares a missing key as all zeros, so `mod_revision == 0` alone would pass for a missing key.)
+fn guard(key: &str, expect: Option<Revision>) -> Vec<Compare> {
+    let exists = Compare::create_revision(key, CompareOp::Greater, 0);
     match expect {
-        Some(revision) => Compare::mod_revision(key, CompareOp::Equal, revision as i64),
-        None => Compare::create_revision(key, CompareOp::Greater, 0),
+        Some(revision) => vec![exists, Compare::mod_revision(key, CompareOp::Equal, revision as i64)],
+        None => vec![exists],
     }
 }
 
@@ -302,7 +307,7 @@ impl Store for EtcdStore {
         self.check_open()?;
         let key = key(&self.prefix, kind, name);
         let txn = Txn::new()
-            .when([guard(&key, expect)])
+            .when(guard(&key, expect))
             .and_then([TxnOp::delete(key.clone(), Some(DeleteOptions::new().with_prev_key()))])
             .or_else([TxnOp::get(key, None)]);
         let response = within(kv_client(&self.client).txn(txn)).await?;
@@ -351,7 +356,7 @@ impl Store for EtcdStore {
 impl EtcdStore {
     async fn create_encoded_stored(&self, kind: Kind, name: &str, stored: Vec<u8>) -> Result<Versioned> {
         let key = key(&self.prefix, kind, name);
-        let guard = Compare::create_revision(key, CompareOp::Equal, 0);
+        let guard = vec![Compare::create_revision(key, CompareOp::Equal, 0)];
         self.put(kind, name, stored, guard).await.map_err(|e| match e {
             StoreError::Conflict { kind, name, .. } => StoreError::AlreadyExists { kind, name },
             other => other,
@@ -368,9 +373,16 @@ impl Drop for EtcdStore {
 
 /// Keeps the hub in step with etcd: one prefix watch, resumed after errors, relisted after compaction.
 async fn feed(client: etcd_client::Client, prefix: Arc<str>, hub: std::sync::Weak<Hub>, mut revision: Revision) {
-    let mut delay = Duration::from_millis(100);
+    const FIRST_DELAY: Duration = Duration::from_millis(100);
+    let mut delay = FIRST_DELAY;
     loop {
-        match follow(&client, &prefix, &hub, &mut revision).await {
+        let before = revision;
+        let outcome = follow(&client, &prefix, &hub, &mut revision).await;
+        if revision > before {
+            // A stretch of progress: the next break is a new incident, not a repeat.
+            delay = FIRST_DELAY;
+        }
+        match outcome {
             Ok(()) => return,
             Err(FeedError::Compacted) => {
                 tracing::warn!(revision, "etcd compacted past the watch cache; reloading every object");
@@ -379,7 +391,7 @@ async fn feed(client: etcd_client::Client, prefix: Arc<str>, hub: std::sync::Wea
                         let Some(hub) = hub.upgrade() else { return };
                         hub.reset(objects, at);
                         revision = at;
-                        delay = Duration::from_millis(100);
+                        delay = FIRST_DELAY;
                         continue;
                     }
                     Err(e) => tracing::warn!(error = %e, "etcd reload failed"),
@@ -424,9 +436,14 @@ async fn follow(
         }
         let Some(hub) = hub.upgrade() else { return Ok(()) };
         let changes: Vec<Change> = response.events().iter().filter_map(|e| to_change(prefix, e, &hub)).collect();
-        if let Some(last) = changes.last() {
-            *revision = last.object.revision;
+        // Events that were not ours to apply still move the revision, so waiters for them are released.
+        let newest = response.events().iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision() as Revision).max();
+        if !changes.is_empty() {
             hub.apply(changes);
+        }
+        if let Some(newest) = newest {
+            *revision = newest;
+            hub.advance(newest);
         }
     }
 }

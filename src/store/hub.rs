@@ -46,6 +46,8 @@ pub(super) struct Hub {
     watcher_buffer: usize,
     /// The revision applied so far, for writers that must wait until the hub has seen their write.
     applied: tokio::sync::watch::Sender<Revision>,
+    /// Set by `close`, so waiters stop waiting.
+    shut: std::sync::atomic::AtomicBool,
 }
 
 impl Hub {
@@ -67,6 +69,7 @@ impl Hub {
             limits,
             watcher_buffer: watcher_buffer.max(1),
             applied: tokio::sync::watch::Sender::new(revision),
+            shut: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -134,8 +137,19 @@ impl Hub {
     /// Waits until the hub has applied `revision`; false if `limit` passed first or the hub closed.
     pub async fn wait_for(&self, revision: Revision, limit: Duration) -> bool {
         let mut applied = self.applied.subscribe();
-        let reached = tokio::time::timeout(limit, applied.wait_for(|r| *r >= revision)).await;
-        matches!(reached, Ok(Ok(_)))
+        let shut = || self.shut.load(std::sync::atomic::Ordering::Acquire);
+        let reached = tokio::time::timeout(limit, applied.wait_for(|r| *r >= revision || shut())).await;
+        matches!(reached, Ok(Ok(_))) && !shut()
+    }
+
+    /// Moves the revision forward past changes that carried nothing to apply (e.g. keys that are not
+    /// objects), so waiters for those revisions are released; never backwards.
+    pub fn advance(&self, revision: Revision) {
+        let mut state = self.state.write();
+        if revision > state.revision {
+            state.revision = revision;
+            self.applied.send_replace(revision);
+        }
     }
 
     /// Replaces every object after the history was lost (e.g. the source compacted it): open watches
@@ -200,6 +214,9 @@ impl Hub {
         let mut state = self.state.write();
         state.closed = true;
         state.watchers.clear();
+        self.shut.store(true, std::sync::atomic::Ordering::Release);
+        // Wakes every `wait_for`, which then sees `shut`.
+        self.applied.send_modify(|_| {});
     }
 
     /// Reads an object for the writer's CAS checks.
@@ -250,5 +267,23 @@ mod tests {
         assert!(matches!(hub.watch(Kind::Sandboxes, 2), Err(StoreError::Gone { requested: 2, oldest: 9 })));
         assert!(hub.watch(Kind::Sandboxes, 9).is_ok());
         assert!(hub.wait_for(9, Duration::from_millis(10)).await, "writers waiting for 9 are released");
+    }
+
+    #[tokio::test]
+    async fn close_releases_waiters_at_once_and_advance_never_goes_back() {
+        let limits = HistoryLimits { max_events: 100, max_age: Duration::from_secs(60) };
+        let hub = Arc::new(Hub::new(vec![], 5, limits, 16));
+        hub.advance(3);
+        assert_eq!(hub.revision(), 5);
+        hub.advance(8);
+        assert!(hub.wait_for(8, Duration::from_millis(1)).await);
+        let waiter = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.wait_for(20, Duration::from_secs(3600)).await }
+        });
+        tokio::task::yield_now().await;
+        hub.close();
+        let released = tokio::time::timeout(Duration::from_secs(1), waiter).await;
+        assert!(!released.expect("released at once").unwrap(), "a closed hub reports the revision not reached");
     }
 }

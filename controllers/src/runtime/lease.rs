@@ -114,10 +114,20 @@ impl Elector {
         let mut seen: Option<(String, Instant)> = None;
         let mut last_renewed: Option<Instant> = None;
         loop {
-            let held = self.attempt(&mut seen).await;
+            // Renewal counts from when the attempt started, not when its answer came back: a slow write
+            // must not stretch leadership past the deadline the standbys are counting on.
+            let started = Instant::now();
+            let left = match last_renewed {
+                Some(at) => self.settings.renew_deadline.saturating_sub(started.saturating_duration_since(at)),
+                None => self.settings.renew_deadline,
+            };
+            let held = match tokio::time::timeout(left, self.attempt(&mut seen)).await {
+                Ok(held) => held,
+                Err(_) => Err(ObjectError::Unavailable(format!("no answer within {left:?}"))),
+            };
             let now = Instant::now();
             match held {
-                Ok(true) => last_renewed = Some(now),
+                Ok(true) => last_renewed = Some(started),
                 Ok(false) => last_renewed = None,
                 Err(e) => tracing::debug!(lease = %self.name, error = %e, "lease attempt failed"),
             }
@@ -134,8 +144,11 @@ impl Elector {
             }
         }
         self.leading.send_replace(false);
-        if let Err(e) = self.release().await {
-            tracing::debug!(lease = %self.name, error = %e, "lease not released");
+        // Bounded: a shutdown must not hang on a server that does not answer.
+        match tokio::time::timeout(self.settings.renew_deadline, self.release()).await {
+            Ok(Err(e)) => tracing::debug!(lease = %self.name, error = %e, "lease not released"),
+            Err(_) => tracing::debug!(lease = %self.name, "lease not released: no answer"),
+            Ok(Ok(())) => {}
         }
     }
 
@@ -212,10 +225,18 @@ mod tests {
         down: AtomicBool,
         /// Yield after every read, so two candidates read the same version before either writes.
         interleave: AtomicBool,
+        /// Every call hangs (a server that accepts the connection and never answers).
+        hang: AtomicBool,
         conflicts: AtomicUsize,
     }
 
     impl FakeLeases {
+        async fn hang_if_asked(&self) {
+            if self.hang.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+        }
+
         fn check_up(&self) -> ObjectResult<()> {
             if self.down.load(Ordering::SeqCst) {
                 Err(ObjectError::Unavailable("down".into()))
@@ -239,6 +260,7 @@ mod tests {
     #[async_trait]
     impl LeaseClient for FakeLeases {
         async fn get_lease(&self, _: &str) -> ObjectResult<Option<Lease>> {
+            self.hang_if_asked().await;
             self.check_up()?;
             let current = self.current();
             if self.interleave.load(Ordering::SeqCst) {
@@ -434,5 +456,20 @@ mod tests {
         assert_eq!(taken.transitions, 1, "one change of holder, not two");
         assert_eq!(taken.holder, if *won_a.as_ref().unwrap() { "a" } else { "b" });
         assert!(!holder.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_whose_renewals_hang_steps_down_at_the_deadline() {
+        let leases = Arc::new(FakeLeases::default());
+        let (leading, stop, task) = start(&leases, "a");
+        settle(1).await;
+        assert!(*leading.borrow());
+        leases.hang.store(true, Ordering::SeqCst);
+        settle(8).await;
+        assert!(*leading.borrow(), "still within the renew deadline");
+        settle(4).await;
+        assert!(!*leading.borrow(), "a renewal that never answers must not keep it leading past 10 s");
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), task).await.expect("shutdown is bounded").unwrap();
     }
 }
