@@ -50,11 +50,11 @@ async fn ha_layout_survives_the_leading_controllers_and_one_api_server_dying() {
     for i in 0..AGENTS {
         wait_node_state(&client_b, &node_name(i), NodeState::Ready).await;
     }
-    let before = leases(&client_b).await;
 
     let first_wave = Creates::start(&[client_a.clone(), client_b.clone()], 0..FIRST_WAVE);
     first_wave.wait_for(FIRST_WAVE / 2).await;
     wait_some_running(&client_a).await;
+    let before = leases(&client_b).await;
     let killed_at = Instant::now();
     leader.kill();
     let took_over_after = wait_leases_held_by(&client_b, "controllers-2").await.duration_since(killed_at);
@@ -149,6 +149,9 @@ fn assert_took_over_within_the_lease_duration(
         let renewed = sandboxd_api::time::parse_rfc3339(old.renewed_at.as_deref().unwrap()).unwrap();
         let acquired = sandboxd_api::time::parse_rfc3339(new.acquired_at.as_deref().unwrap()).unwrap();
         assert!(acquired >= renewed, "{name}: acquired {acquired} before the last renewal {renewed}");
+        // Timestamps have second precision: one second of slack each side.
+        let limit = (LEASE_DURATION + RETRY.mul_f64(2.4)).as_secs_f64().ceil() as i64 + 2;
+        assert!(acquired - renewed <= limit, "{name}: taken {}s after the last renewal", acquired - renewed);
     }
     // The standby notices the last change within one retry, waits the duration, then acquires at its
     // next retry; a second of slack covers polling and a loaded machine.

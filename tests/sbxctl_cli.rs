@@ -1,4 +1,4 @@
-//! sbxctl as a subprocess against a real server with sim agents: apply, get, wait, logs, delete --wait.
+//! sbxctl as a subprocess against a real server with sim agents: apply, get, wait, logs, delete --wait, leases.
 
 mod common;
 
@@ -107,6 +107,54 @@ async fn sbxctl_drives_a_real_server() {
     .await
     .unwrap();
     assert!(agent.sandbox_ids().is_empty(), "delete --wait returns once the agent no longer holds it");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sbxctl_gets_describes_and_deletes_leases() {
+    let (server, client) = start_server(test_config(&[])).await;
+    let at = sandboxd_api::time::format_unix(sandboxd_controllers::clock::unix_now() - 5);
+    for (name, holder) in [("cli-held", "ctl-1"), ("cli-free", "")] {
+        let body = serde_json::json!({
+            "name": name, "holder": holder, "lease_duration_seconds": 15,
+            "acquired_at": at, "renewed_at": at, "transitions": 2,
+        });
+        let (status, _): (u16, serde_json::Value) =
+            client.call(reqwest::Method::POST, "/api/v1/leases", Some(&body)).await.unwrap();
+        assert_eq!(status, 201);
+    }
+    let ctl = Ctl { server: format!("http://{}", server.addr) };
+    tokio::task::spawn_blocking(move || {
+        let table = ctl.ok(&["get", "leases"]);
+        let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+        assert_eq!(header, ["NAME", "HOLDER", "TRANSITIONS", "ACQUIRED", "RENEWED"], "{table}");
+        let columns = |name: &str| -> Vec<String> {
+            let row = table.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("row for {name}: {table}"));
+            row.split_whitespace().map(String::from).collect()
+        };
+        let held = columns("cli-held");
+        assert_eq!(held[..3], ["cli-held", "ctl-1", "2"], "{table}");
+        assert!(held[3..].iter().all(|age| age.ends_with('s')), "{table}");
+        assert_eq!(columns("cli-free")[1], "<released>", "{table}");
+
+        let wide = ctl.ok(&["get", "lease", "cli-held", "-o", "wide"]);
+        assert!(wide.lines().next().unwrap().ends_with("DURATION") && wide.trim_end().ends_with("15s"), "{wide}");
+
+        let json: serde_json::Value =
+            serde_json::from_str(&ctl.ok(&["get", "lease", "cli-held", "-o", "json"])).unwrap();
+        assert_eq!(json["holder"], "ctl-1");
+        assert_eq!(json["transitions"], 2);
+
+        let described = ctl.ok(&["describe", "lease", "cli-free"]);
+        assert!(described.lines().any(|l| l.starts_with("Holder:") && l.ends_with("<released>")), "{described}");
+
+        assert_eq!(ctl.ok(&["delete", "lease", "cli-held", "--wait"]).trim(), "lease/cli-held deleted");
+        let gone = ctl.run(&["get", "lease", "cli-held"]);
+        assert_eq!(gone.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&gone.stderr).contains("not found"));
+    })
+    .await
+    .unwrap();
     server.stop().await.unwrap();
 }
 

@@ -8,7 +8,7 @@ use reqwest::{Method, StatusCode};
 use sandboxd_api::node::{NodeCreateRequest, NodeSpec, NodeStatus, NodeStatusUpdate};
 use sandboxd_api::sandbox::{SandboxCreateRequest, SandboxStatusUpdate, SandboxUpdateRequest};
 use sandboxd_api::watch::WatchEvent;
-use sandboxd_api::{Node, Sandbox, SandboxSpec, SandboxStatus};
+use sandboxd_api::{Lease, Node, Sandbox, SandboxSpec, SandboxStatus};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -74,6 +74,11 @@ struct NodeEnvelope {
 #[derive(Deserialize)]
 struct SandboxEnvelope {
     sandbox: Sandbox,
+}
+
+#[derive(Deserialize)]
+struct LeaseEnvelope {
+    lease: Lease,
 }
 
 #[derive(Deserialize)]
@@ -242,9 +247,24 @@ impl Client {
         Ok(env.sandbox)
     }
 
+    // === leases ===
+
+    pub async fn get_lease(&self, name: &str) -> Result<Lease> {
+        let (_, env): (u16, LeaseEnvelope) = self.call(Method::GET, &format!("/api/v1/leases/{name}"), None).await?;
+        Ok(env.lease)
+    }
+
+    pub async fn list_leases(&self) -> Result<List<Lease>> {
+        self.call(Method::GET, "/api/v1/leases", None).await.map(|(_, l)| l)
+    }
+
+    pub async fn delete_lease(&self, name: &str) -> Result<()> {
+        self.call::<serde_json::Value>(Method::DELETE, &format!("/api/v1/leases/{name}"), None).await.map(|_| ())
+    }
+
     // === watch ===
 
-    /// Streams watch events of `kind` ("nodes" or "sandboxes") after `resource_version`
+    /// Streams watch events of `kind` ("nodes", "sandboxes" or "leases") after `resource_version`
     /// (from the current state when `None`). The stream ends when the server closes it.
     pub async fn watch(
         &self,

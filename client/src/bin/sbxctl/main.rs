@@ -95,6 +95,8 @@ enum Resource {
     Nodes,
     #[value(alias = "sandbox", alias = "sbx")]
     Sandboxes,
+    #[value(alias = "lease")]
+    Leases,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -181,6 +183,7 @@ async fn delete(client: &Client, resource: Resource, name: &str, wait: bool, tim
     match resource {
         Resource::Nodes => client.delete_node(name).await?,
         Resource::Sandboxes => client.delete_sandbox(name).await?,
+        Resource::Leases => client.delete_lease(name).await?,
     }
     say!("{noun}/{name} deleted");
     if !wait {
@@ -191,6 +194,7 @@ async fn delete(client: &Client, resource: Resource, name: &str, wait: bool, tim
         let gone = match resource {
             Resource::Nodes => client.get_node(name).await.err(),
             Resource::Sandboxes => client.get_sandbox(name).await.err(),
+            Resource::Leases => client.get_lease(name).await.err(),
         };
         match gone {
             Some(e) if e.is_not_found() => return Ok(0),

@@ -4,7 +4,7 @@ use crate::{Output, Resource};
 use futures::StreamExt;
 use sandboxd_api::time::parse_rfc3339;
 use sandboxd_api::watch::WatchEvent;
-use sandboxd_api::{EventType, Node, Sandbox};
+use sandboxd_api::{EventType, Lease, Node, Sandbox};
 use sandboxd_client::Client;
 use sandboxd_controllers::clock::unix_now;
 use serde::Serialize;
@@ -14,6 +14,16 @@ pub fn noun(resource: Resource) -> &'static str {
     match resource {
         Resource::Nodes => "node",
         Resource::Sandboxes => "sandbox",
+        Resource::Leases => "lease",
+    }
+}
+
+/// The plural of a resource, as in `/api/v1/leases`.
+fn plural(resource: Resource) -> &'static str {
+    match resource {
+        Resource::Nodes => "nodes",
+        Resource::Sandboxes => "sandboxes",
+        Resource::Leases => "leases",
     }
 }
 
@@ -93,6 +103,25 @@ fn node_row(n: &Node, wide: bool) -> Vec<String> {
     row
 }
 
+/// A lease's holder, or `<released>` when nobody holds it.
+fn holder(l: &Lease) -> String {
+    if l.holder.is_empty() {
+        "<released>".into()
+    } else {
+        l.holder.clone()
+    }
+}
+
+fn lease_row(l: &Lease, wide: bool) -> Vec<String> {
+    let since = |t: &Option<String>| t.as_deref().map(age).unwrap_or_else(|| "-".into());
+    let mut row =
+        vec![l.name.clone(), holder(l), l.transitions.to_string(), since(&l.acquired_at), since(&l.renewed_at)];
+    if wide {
+        row.push(format!("{}s", l.lease_duration_seconds));
+    }
+    row
+}
+
 fn headers(resource: Resource, wide: bool) -> Vec<&'static str> {
     let (base, extra): (&[&str], &[&str]) = match resource {
         Resource::Sandboxes => {
@@ -102,6 +131,7 @@ fn headers(resource: Resource, wide: bool) -> Vec<&'static str> {
             &["NAME", "STATE", "SOURCE", "ADDRESS", "CPU(AVAIL)", "MEMORY(AVAIL)", "AGE"],
             &["EXTERNAL", "HEARTBEAT", "LAST-ERROR"],
         ),
+        Resource::Leases => (&["NAME", "HOLDER", "TRANSITIONS", "ACQUIRED", "RENEWED"], &["DURATION"]),
     };
     let mut h = base.to_vec();
     if wide {
@@ -169,6 +199,15 @@ pub async fn get(
             let rows = list.items.iter().map(|n| node_row(n, wide)).collect();
             (rows, serde_json::json!({ "items": list.items }), list.resource_version)
         }
+        (Resource::Leases, Some(n)) => {
+            let lease = client.get_lease(n).await?;
+            (vec![lease_row(&lease, wide)], serde_json::to_value(&lease)?, lease.resource_version.clone())
+        }
+        (Resource::Leases, None) => {
+            let list = client.list_leases().await?;
+            let rows = list.items.iter().map(|l| lease_row(l, wide)).collect();
+            (rows, serde_json::json!({ "items": list.items }), list.resource_version)
+        }
     };
     if structured {
         print_structured(&values, output.expect("structured output"))?;
@@ -176,7 +215,7 @@ pub async fn get(
             stream_rows(client, resource, name, wide, &revision, &[], &[]).await?;
         }
     } else if rows.is_empty() && !watch {
-        eprintln!("No {} found.", if resource == Resource::Nodes { "nodes" } else { "sandboxes" });
+        eprintln!("No {} found.", plural(resource));
     } else {
         let widths = print_table(&headers(resource, wide), &rows);
         if watch {
@@ -184,6 +223,15 @@ pub async fn get(
         }
     }
     Ok(())
+}
+
+/// The columns that tick with the clock (AGE; a lease's ACQUIRED and RENEWED), left out when comparing rows.
+fn clock_columns(resource: Resource) -> &'static [usize] {
+    match resource {
+        Resource::Nodes => &[6],
+        Resource::Sandboxes => &[5],
+        Resource::Leases => &[3, 4],
+    }
 }
 
 async fn stream_rows(
@@ -195,19 +243,16 @@ async fn stream_rows(
     widths: &[usize],
     initial: &[Vec<String>],
 ) -> anyhow::Result<()> {
-    let kind = if resource == Resource::Nodes { "nodes" } else { "sandboxes" };
     let mut revision = from.to_string();
-    // Rows already shown, without their AGE column: a change nobody can see in the table prints nothing.
-    let age_column = headers(resource, false).len() - 1;
-    let without_age = |row: &[String]| -> Vec<String> {
-        let mut visible = row.to_vec();
-        visible.remove(age_column);
-        visible
+    // Rows already shown, without their clock columns: a change nobody can see in the table prints nothing.
+    let clock = clock_columns(resource);
+    let without_clock = |row: &[String]| -> Vec<String> {
+        row.iter().enumerate().filter(|(i, _)| !clock.contains(i)).map(|(_, cell)| cell.clone()).collect()
     };
     let mut shown: std::collections::HashMap<String, Vec<String>> =
-        initial.iter().map(|row| (row[0].clone(), without_age(row))).collect();
+        initial.iter().map(|row| (row[0].clone(), without_clock(row))).collect();
     loop {
-        let mut stream = client.watch(kind, Some(&revision)).await?;
+        let mut stream = client.watch(plural(resource), Some(&revision)).await?;
         while let Some(event) = stream.next().await {
             let event: WatchEvent<serde_json::Value> = event?;
             match event.event_type {
@@ -223,18 +268,20 @@ async fn stream_rows(
             if let Some(rv) = event.object["resource_version"].as_str() {
                 revision = rv.to_string();
             }
-            let object_name = event.object.get(if kind == "nodes" { "name" } else { "id" }).and_then(|v| v.as_str());
+            let key = if resource == Resource::Sandboxes { "id" } else { "name" };
+            let object_name = event.object.get(key).and_then(|v| v.as_str());
             if name.is_some() && object_name != name {
                 continue;
             }
             let mut row = match resource {
                 Resource::Sandboxes => sandbox_row(&serde_json::from_value(event.object)?, wide),
                 Resource::Nodes => node_row(&serde_json::from_value(event.object)?, wide),
+                Resource::Leases => lease_row(&serde_json::from_value(event.object)?, wide),
             };
             if event.event_type == EventType::Deleted {
                 row[1] = "<deleted>".into();
             }
-            let visible = without_age(&row);
+            let visible = without_clock(&row);
             if shown.get(&row[0]) == Some(&visible) {
                 continue;
             }
@@ -260,6 +307,7 @@ pub async fn describe(client: &Client, resource: Resource, name: &str) -> anyhow
                 .collect();
             describe_node(&node, &bound);
         }
+        Resource::Leases => describe_lease(&client.get_lease(name).await?),
     }
     Ok(())
 }
@@ -352,4 +400,15 @@ fn describe_node(n: &Node, bound: &[String]) {
     }
     field("Max alloc", format!("{}%", r.max_alloc_percent));
     field("Sandboxes", if bound.is_empty() { "-".into() } else { bound.join(", ") });
+}
+
+fn describe_lease(l: &Lease) {
+    let at = |t: &Option<String>| t.as_deref().map(|t| format!("{t} ({} ago)", age(t))).unwrap_or_else(|| "-".into());
+    field("Name", &l.name);
+    field("Holder", holder(l));
+    field("Duration", format!("{}s", l.lease_duration_seconds));
+    field("Acquired", at(&l.acquired_at));
+    field("Renewed", at(&l.renewed_at));
+    field("Transitions", l.transitions);
+    field("Revision", &l.resource_version);
 }
