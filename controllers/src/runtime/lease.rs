@@ -117,6 +117,10 @@ impl Elector {
             // Renewal counts from when the attempt started, not when its answer came back: a slow write
             // must not stretch leadership past the deadline the standbys are counting on.
             let started = Instant::now();
+            if last_renewed.is_some_and(|at| started.saturating_duration_since(at) >= self.settings.renew_deadline) {
+                // Past the deadline we no longer lead; campaign again from scratch.
+                last_renewed = None;
+            }
             let left = match last_renewed {
                 Some(at) => self.settings.renew_deadline.saturating_sub(started.saturating_duration_since(at)),
                 None => self.settings.renew_deadline,
@@ -469,6 +473,12 @@ mod tests {
         assert!(*leading.borrow(), "still within the renew deadline");
         settle(4).await;
         assert!(!*leading.borrow(), "a renewal that never answers must not keep it leading past 10 s");
+        leases.hang.store(false, Ordering::SeqCst);
+        // Answers take a scheduling round trip, as over a network, so a zero time budget would time out.
+        leases.interleave.store(true, Ordering::SeqCst);
+        // The attempt hanging right now gives up after a renew deadline; the next one succeeds.
+        settle(13).await;
+        assert!(*leading.borrow(), "once the store answers again, the candidate campaigns and leads again");
         stop.cancel();
         tokio::time::timeout(Duration::from_secs(30), task).await.expect("shutdown is bounded").unwrap();
     }
