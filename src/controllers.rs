@@ -194,26 +194,14 @@ pub async fn run_elected(
     spawn_informers(&built, &objects, &mut background, &shutdown);
     let mut controllers = JoinSet::new();
     let (lost_tx, mut lost_rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    // Cancelled only after the controllers have stopped, so a lease is never released while its
+    // controller still writes.
+    let electors = CancellationToken::new();
     for (name, run) in built.runs {
         let lease = format!("sandboxd-controller-{name}");
-        let (elector, mut leading) = Elector::new(&lease, identity, lease_settings, leases.clone());
-        background.spawn(elector.run(shutdown.clone()));
-        let (stop, lost) = (shutdown.clone(), lost_tx.clone());
-        controllers.spawn(async move {
-            if leading.wait_for(|l| *l).await.is_err() || stop.is_cancelled() {
-                return;
-            }
-            tracing::info!(controller = name, "leading: controller started");
-            // Aborted with this task too, so a controller never outlives the lease that allowed it.
-            let mut running = AbortOnDrop(tokio::spawn(run(stop.clone())));
-            let _ = leading.wait_for(|l| !*l).await;
-            if !stop.is_cancelled() {
-                running.0.abort();
-                let _ = lost.send(name);
-            } else {
-                let _ = (&mut running.0).await;
-            }
-        });
+        let (elector, leading) = Elector::new(&lease, identity, lease_settings, leases.clone());
+        background.spawn(elector.run(electors.clone()));
+        controllers.spawn(lead_while_elected(name, run, leading, shutdown.clone(), lost_tx.clone()));
     }
     drop(lost_tx);
     tokio::select! {
@@ -223,10 +211,84 @@ pub async fn run_elected(
             Err(ControllersError::LostLeadership(name))
         }
         _ = shutdown.cancelled() => {
-            while controllers.join_next().await.is_some() {}
+            let joined = async { while controllers.join_next().await.is_some() {} };
+            if tokio::time::timeout(Duration::from_secs(10), joined).await.is_err() {
+                controllers.abort_all();
+            }
             // Electors release their leases on the way out, so standbys take over at once.
+            electors.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), async { while background.join_next().await.is_some() {} }).await;
             Ok(())
         }
+    }
+}
+
+/// Runs one controller while `leading` says so; reports its name on `lost` when leadership goes.
+async fn lead_while_elected(
+    name: &'static str,
+    run: StartController,
+    mut leading: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+    lost: tokio::sync::mpsc::UnboundedSender<&'static str>,
+) {
+    tokio::select! {
+        led = async { leading.wait_for(|l| *l).await.is_ok() } => if !led { return },
+        _ = shutdown.cancelled() => return,
+    }
+    tracing::info!(controller = name, "leading: controller started");
+    // This term's own token: what the controller spawns stops with it, even when this task is aborted.
+    let term = shutdown.child_token();
+    let _end_of_term = term.clone().drop_guard();
+    // Aborted with this task too, so a controller never outlives the lease that allowed it.
+    let mut running = AbortOnDrop(tokio::spawn(run(term)));
+    tokio::select! {
+        _ = async { let _ = leading.wait_for(|l| !*l).await; } => {
+            running.0.abort();
+            let _ = lost.send(name);
+        }
+        _ = shutdown.cancelled() => {
+            let _ = (&mut running.0).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A controller that spawns a detached task, as the sandbox controller's resync loop does, which
+    /// runs until the token it was given is cancelled.
+    fn controller_with_detached_task(stopped: tokio::sync::oneshot::Sender<()>) -> StartController {
+        Box::new(move |term: CancellationToken| {
+            Box::pin(async move {
+                tokio::spawn(async move {
+                    term.cancelled().await;
+                    let _ = stopped.send(());
+                });
+                std::future::pending::<()>().await;
+            })
+        })
+    }
+
+    #[tokio::test]
+    async fn losing_the_lease_stops_what_the_controller_spawned_too() {
+        let (stopped_tx, stopped) = tokio::sync::oneshot::channel();
+        let (leading_tx, leading) = tokio::sync::watch::channel(true);
+        let (lost_tx, mut lost) = tokio::sync::mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(lead_while_elected(
+            "test",
+            controller_with_detached_task(stopped_tx),
+            leading,
+            shutdown.clone(),
+            lost_tx,
+        ));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        leading_tx.send_replace(false);
+        assert_eq!(lost.recv().await, Some("test"));
+        task.await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(1), stopped).await;
+        assert!(matches!(ended, Ok(Ok(()))), "the detached task outlived the lease");
+        assert!(!shutdown.is_cancelled(), "only this term ended, not the process");
     }
 }

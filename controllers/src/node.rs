@@ -304,13 +304,14 @@ impl NodeController {
     }
 }
 
-/// Whether the last recorded heartbeat is recent enough that a running controller would not yet have
-/// judged the node anew: within `failure_threshold` intervals (plus a second, the timestamp's precision).
+/// Whether the last recorded heartbeat is recent enough to carry its judgment over: no heartbeat has
+/// been missed yet (one interval plus the call's timeout, plus a second for the timestamp's precision),
+/// so the streaks the new controller continues are the ones a single controller would have.
 pub fn heartbeat_is_fresh(status: &NodeStatus, settings: &NodeSettings, unix_now: i64) -> bool {
     let Some(last) = status.last_heartbeat.as_deref().and_then(sandboxd_api::time::parse_rfc3339) else {
         return false;
     };
-    let window = settings.heartbeat_interval * settings.failure_threshold.max(1) + Duration::from_secs(1);
+    let window = settings.heartbeat_interval + settings.heartbeat_timeout + Duration::from_secs(1);
     unix_now.saturating_sub(last) <= window.as_secs() as i64
 }
 
@@ -350,15 +351,15 @@ pub(crate) fn test_node(state: NodeState, since: Option<&str>) -> Node {
 mod tests {
 
     #[test]
-    fn a_heartbeat_is_fresh_within_failure_threshold_intervals() {
-        let settings = NodeSettings::default(); // 5 s interval, failure threshold 3: 15 s (+1 s precision)
+    fn a_heartbeat_is_fresh_until_one_is_missed() {
+        let settings = NodeSettings::default(); // 5 s interval + 2 s timeout (+1 s precision)
         let at = |secs: i64| NodeStatus {
             last_heartbeat: Some(sandboxd_api::time::format_unix(secs)),
             ..NodeStatus::default()
         };
         assert!(heartbeat_is_fresh(&at(1_000), &settings, 1_000));
-        assert!(heartbeat_is_fresh(&at(1_000), &settings, 1_016));
-        assert!(!heartbeat_is_fresh(&at(1_000), &settings, 1_017), "older than the window");
+        assert!(heartbeat_is_fresh(&at(1_000), &settings, 1_008));
+        assert!(!heartbeat_is_fresh(&at(1_000), &settings, 1_009), "a heartbeat was missed since");
         assert!(!heartbeat_is_fresh(&NodeStatus::default(), &settings, 1_000), "never heartbeated");
     }
 

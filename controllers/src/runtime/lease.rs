@@ -118,8 +118,9 @@ impl Elector {
             // must not stretch leadership past the deadline the standbys are counting on.
             let started = Instant::now();
             if last_renewed.is_some_and(|at| started.saturating_duration_since(at) >= self.settings.renew_deadline) {
-                // Past the deadline we no longer lead; campaign again from scratch.
+                // Past the deadline we no longer lead: say so before campaigning again from scratch.
                 last_renewed = None;
+                self.publish(false);
             }
             let left = match last_renewed {
                 Some(at) => self.settings.renew_deadline.saturating_sub(started.saturating_duration_since(at)),
@@ -135,13 +136,13 @@ impl Elector {
                 Ok(false) => last_renewed = None,
                 Err(e) => tracing::debug!(lease = %self.name, error = %e, "lease attempt failed"),
             }
-            let leading =
-                last_renewed.is_some_and(|at| now.saturating_duration_since(at) < self.settings.renew_deadline);
-            if *self.leading.borrow() != leading {
-                tracing::info!(lease = %self.name, identity = %self.identity, leading, "leadership changed");
-                self.leading.send_replace(leading);
+            let deadline = last_renewed.map(|at| at + self.settings.renew_deadline).filter(|d| *d > now);
+            self.publish(deadline.is_some());
+            // A leader wakes up at its deadline at the latest, so it never leads past it while pausing.
+            let mut pause = self.settings.retry.mul_f64(0.9 + fastrand::f64() * 0.2);
+            if let Some(deadline) = deadline {
+                pause = pause.min(deadline.saturating_duration_since(now));
             }
-            let pause = self.settings.retry.mul_f64(0.9 + fastrand::f64() * 0.2);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(pause) => {}
@@ -153,6 +154,13 @@ impl Elector {
             Ok(Err(e)) => tracing::debug!(lease = %self.name, error = %e, "lease not released"),
             Err(_) => tracing::debug!(lease = %self.name, "lease not released: no answer"),
             Ok(Ok(())) => {}
+        }
+    }
+
+    fn publish(&self, leading: bool) {
+        if *self.leading.borrow() != leading {
+            tracing::info!(lease = %self.name, identity = %self.identity, leading, "leadership changed");
+            self.leading.send_replace(leading);
         }
     }
 
@@ -370,8 +378,8 @@ mod tests {
         leases.down.store(true, Ordering::SeqCst);
         settle(8).await;
         assert!(*leading.borrow(), "still within the renew deadline");
-        settle(4).await;
-        assert!(!*leading.borrow(), "stopped acting past the 10 s renew deadline");
+        settle(2).await;
+        assert!(!*leading.borrow(), "stopped acting at the 10 s renew deadline, not at the next retry after it");
         stop.cancel();
         task.await.unwrap();
     }
