@@ -286,9 +286,7 @@ impl Store for EtcdStore {
         value: serde_json::Value,
         expect: Option<Revision>,
     ) -> Result<Versioned> {
-        let stored = to_stored(name, value)?;
-        let guard = guard(&key(&self.prefix, kind, name), expect);
-        self.put(kind, name, stored, guard).await.map_err(|e| with_expected(e, expect))
+        self.update_stored(kind, name, to_stored(name, value)?, expect).await
     }
 
     async fn update_encoded(
@@ -298,9 +296,7 @@ impl Store for EtcdStore {
         json: Vec<u8>,
         expect: Option<Revision>,
     ) -> Result<Versioned> {
-        let stored = encoded_to_stored(name, json)?;
-        let guard = guard(&key(&self.prefix, kind, name), expect);
-        self.put(kind, name, stored, guard).await.map_err(|e| with_expected(e, expect))
+        self.update_stored(kind, name, encoded_to_stored(name, json)?, expect).await
     }
 
     async fn delete(&self, kind: Kind, name: &str, expect: Option<Revision>) -> Result<Versioned> {
@@ -354,6 +350,17 @@ impl Store for EtcdStore {
 }
 
 impl EtcdStore {
+    async fn update_stored(
+        &self,
+        kind: Kind,
+        name: &str,
+        stored: Vec<u8>,
+        expect: Option<Revision>,
+    ) -> Result<Versioned> {
+        let guard = guard(&key(&self.prefix, kind, name), expect);
+        self.put(kind, name, stored, guard).await.map_err(|e| with_expected(e, expect))
+    }
+
     async fn create_encoded_stored(&self, kind: Kind, name: &str, stored: Vec<u8>) -> Result<Versioned> {
         let key = key(&self.prefix, kind, name);
         let guard = vec![Compare::create_revision(key, CompareOp::Equal, 0)];
