@@ -74,31 +74,73 @@ pub struct Config {
     pub loopback_only_agents: bool,
 }
 
-/// Every key, in the order of the table in semantics.md, with its default as text.
-pub const KEYS: [(&str, &str); 19] = [
-    ("listen", "0.0.0.0:8082"),
-    ("store", "sqlite://./sandboxd-data/store.db"),
-    ("heartbeat_interval", "5s"),
-    ("heartbeat_timeout", "2s"),
-    ("node_ready_threshold", "2"),
-    ("node_failure_threshold", "3"),
-    ("node_lost_grace", "60s"),
-    ("max_alloc_percent", "90"),
-    ("host_port_range", "10000-19999"),
-    ("scheduler_policy", "spread"),
-    ("sync_period", "30s"),
-    ("agent_timeout", "5s"),
-    ("max_ttl_seconds", "86400"),
-    ("default_cpu", "100m"),
-    ("default_memory", "128Mi"),
-    ("nodes", "[]"),
-    ("auth_token_file", ""),
-    ("max_body_bytes", "1MiB"),
-    ("log_format", "text"),
+/// One configuration key: its file key (also `--flag-name` and `SANDBOXD_KEY`), default and help text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+impl Key {
+    /// The command-line flag: `heartbeat_interval` → `heartbeat-interval` (used as `--heartbeat-interval`).
+    pub fn flag(&self) -> String {
+        self.name.replace('_', "-")
+    }
+
+    /// The environment variable: `heartbeat_interval` → `SANDBOXD_HEARTBEAT_INTERVAL`.
+    pub fn env_var(&self) -> String {
+        format!("SANDBOXD_{}", self.name.to_ascii_uppercase())
+    }
+}
+
+const fn key(name: &'static str, default: &'static str, help: &'static str) -> Key {
+    Key { name, default, help }
+}
+
+/// Every key, in the order of the table in semantics.md. This is the one declaration of each key:
+/// the file layer, the env layer, the flags and their `--help` all read it.
+pub const KEYS: [Key; 19] = [
+    key("listen", "0.0.0.0:8082", "Address the API listens on"),
+    key(
+        "store",
+        "sqlite://./sandboxd-data/store.db",
+        "Store: memory://, sqlite://PATH or etcd://HOST:PORT[,HOST:PORT...]",
+    ),
+    key("heartbeat_interval", "5s", "How often each node's agent is heartbeated (jittered ±10 %)"),
+    key("heartbeat_timeout", "2s", "Bound on each heartbeat call to an agent (at most heartbeat_interval)"),
+    key("node_ready_threshold", "2", "Successful heartbeats in a row that make a node Ready"),
+    key("node_failure_threshold", "3", "Failed heartbeats in a row that make a node NotReady"),
+    key("node_lost_grace", "60s", "How long a node may stay NotReady before its sandboxes fail with NodeLost"),
+    key(
+        "max_alloc_percent",
+        "90",
+        "Share of a node's capacity the scheduler may allocate (1-100), unless the node sets its own",
+    ),
+    key("host_port_range", "10000-19999", "Range host ports are allocated from"),
+    key("scheduler_policy", "spread", "Node scoring: spread (least allocated first) or binpack (most allocated first)"),
+    key("sync_period", "30s", "How often controllers resync every object they cache against the agents"),
+    key("agent_timeout", "5s", "Bound on each call to an agent other than heartbeats"),
+    key("max_ttl_seconds", "86400", "Largest ttl_seconds a sandbox may ask for"),
+    key("default_cpu", "100m", "CPU request of a container without a resource block"),
+    key("default_memory", "128Mi", "Memory request of a container without a resource block"),
+    key("nodes", "[]", "Static nodes as JSON: [{\"id\": \"n1\", \"ip\": \"127.0.1.1\", \"port\": 8080}]"),
+    key("auth_token_file", "", "File holding the bearer token every API request must carry (empty: no auth)"),
+    key("max_body_bytes", "1MiB", "Largest request body the API accepts"),
+    key("log_format", "text", "Log output: text or json"),
 ];
 
 fn known_keys() -> impl Iterator<Item = &'static str> {
-    KEYS.iter().map(|(k, _)| *k)
+    KEYS.iter().map(|k| k.name)
+}
+
+fn default_of(name: &str) -> &'static str {
+    KEYS.iter().find(|k| k.name == name).map(|k| k.default).unwrap_or_default()
+}
+
+/// Whether `SANDBOXD_LOOPBACK_ONLY` asks to refuse agent addresses outside loopback.
+fn loopback_only_from_env(env: &HashMap<String, String>) -> bool {
+    env.get("SANDBOXD_LOOPBACK_ONLY").is_some_and(|v| v == "1" || v == "true")
 }
 
 impl Default for Config {
@@ -118,23 +160,21 @@ impl Config {
         if let Some(path) = file {
             raw.extend(read_file(path)?);
         }
-        for key in known_keys() {
-            if let Some(v) = env.get(&format!("SANDBOXD_{}", key.to_ascii_uppercase())) {
-                raw.insert(key.to_string(), v.clone());
+        for key in &KEYS {
+            if let Some(v) = env.get(&key.env_var()) {
+                raw.insert(key.name.to_string(), v.clone());
             }
         }
         for (k, v) in flags {
             raw.insert(k.clone(), v.clone());
         }
-        Config::from_layers(&raw)
+        let mut config = Config::from_layers(&raw)?;
+        config.loopback_only_agents = loopback_only_from_env(env);
+        Ok(config)
     }
 
     fn from_layers(raw: &HashMap<String, String>) -> Result<Config, ConfigError> {
-        let value = |key: &str| -> String {
-            raw.get(key)
-                .cloned()
-                .unwrap_or_else(|| KEYS.iter().find(|(k, _)| *k == key).map(|(_, d)| d.to_string()).unwrap_or_default())
-        };
+        let value = |key: &str| -> String { raw.get(key).cloned().unwrap_or_else(|| default_of(key).to_string()) };
         let config = Config {
             listen: parse_key("listen", &value("listen"), |s| s.parse::<SocketAddr>().map_err(|e| e.to_string()))?,
             store: parse_key("store", &value("store"), parse_store_url)?,
@@ -360,6 +400,24 @@ mod tests {
         assert_eq!(c.auth_token_file, None);
         assert_eq!(c.max_body_bytes, 1 << 20);
         assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn readme_table_lists_every_key_with_its_default() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        for key in &KEYS {
+            let default = if key.default.is_empty() { "none".to_string() } else { format!("`{}`", key.default) };
+            let row = readme.lines().find(|l| l.starts_with('|') && l.contains(&format!("`{}`", key.name)));
+            let row = row.unwrap_or_else(|| panic!("README's configuration table has no row for {}", key.name));
+            assert!(row.contains(&default), "README row for {} does not show its default {default}: {row}", key.name);
+        }
+    }
+
+    #[test]
+    fn every_key_has_help_text() {
+        for key in &KEYS {
+            assert!(!key.help.is_empty(), "{} has no help text", key.name);
+        }
     }
 
     #[test]

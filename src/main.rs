@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use sandboxd_o::config::{Config, LogFormat, StaticNode};
+use sandboxd_o::config::{self, Config, LogFormat, StaticNode};
 use sandboxd_o::server::{self, Mode};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -101,75 +101,57 @@ fn default_identity(role: &str) -> String {
     format!("{role}-{}-{}", if host.is_empty() { "host" } else { &host }, std::process::id())
 }
 
-/// One flag per configuration key; each wins over `SANDBOXD_<KEY>` and the file.
-#[derive(Args, Default)]
+/// One flag per configuration key, built from `config::KEYS`; each wins over `SANDBOXD_<KEY>` and the file.
+#[derive(Default)]
 struct ConfigFlags {
-    #[arg(long)]
-    listen: Option<String>,
-    #[arg(long)]
-    store: Option<String>,
-    #[arg(long)]
-    heartbeat_interval: Option<String>,
-    #[arg(long)]
-    heartbeat_timeout: Option<String>,
-    #[arg(long)]
-    node_ready_threshold: Option<String>,
-    #[arg(long)]
-    node_failure_threshold: Option<String>,
-    #[arg(long)]
-    node_lost_grace: Option<String>,
-    #[arg(long)]
-    max_alloc_percent: Option<String>,
-    #[arg(long)]
-    host_port_range: Option<String>,
-    #[arg(long)]
-    scheduler_policy: Option<String>,
-    #[arg(long)]
-    sync_period: Option<String>,
-    #[arg(long)]
-    agent_timeout: Option<String>,
-    #[arg(long)]
-    max_ttl_seconds: Option<String>,
-    #[arg(long)]
-    default_cpu: Option<String>,
-    #[arg(long)]
-    default_memory: Option<String>,
-    /// Static nodes as JSON: `[{"id": "n1", "ip": "127.0.1.1", "port": 8080}]`.
-    #[arg(long)]
-    nodes: Option<String>,
-    #[arg(long)]
-    auth_token_file: Option<String>,
-    #[arg(long)]
-    max_body_bytes: Option<String>,
-    #[arg(long)]
-    log_format: Option<String>,
+    values: HashMap<String, String>,
 }
 
 impl ConfigFlags {
     fn into_map(self) -> HashMap<String, String> {
-        let pairs = [
-            ("listen", self.listen),
-            ("store", self.store),
-            ("heartbeat_interval", self.heartbeat_interval),
-            ("heartbeat_timeout", self.heartbeat_timeout),
-            ("node_ready_threshold", self.node_ready_threshold),
-            ("node_failure_threshold", self.node_failure_threshold),
-            ("node_lost_grace", self.node_lost_grace),
-            ("max_alloc_percent", self.max_alloc_percent),
-            ("host_port_range", self.host_port_range),
-            ("scheduler_policy", self.scheduler_policy),
-            ("sync_period", self.sync_period),
-            ("agent_timeout", self.agent_timeout),
-            ("max_ttl_seconds", self.max_ttl_seconds),
-            ("default_cpu", self.default_cpu),
-            ("default_memory", self.default_memory),
-            ("nodes", self.nodes),
-            ("auth_token_file", self.auth_token_file),
-            ("max_body_bytes", self.max_body_bytes),
-            ("log_format", self.log_format),
-        ];
-        pairs.into_iter().filter_map(|(k, v)| v.map(|v| (k.to_string(), v))).collect()
+        self.values
     }
+}
+
+impl clap::FromArgMatches for ConfigFlags {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut flags = ConfigFlags::default();
+        flags.update_from_arg_matches(matches)?;
+        Ok(flags)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        for key in &config::KEYS {
+            if let Some(value) = matches.get_one::<String>(key.name) {
+                self.values.insert(key.name.to_string(), value.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Args for ConfigFlags {
+    fn augment_args(mut cmd: clap::Command) -> clap::Command {
+        for key in &config::KEYS {
+            cmd = cmd.arg(config_flag(key));
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+/// `--heartbeat-interval <VALUE>  How often ... [default: 5s] [env: SANDBOXD_HEARTBEAT_INTERVAL]`.
+/// The default is shown, not applied by clap: the env var and the file come between flag and default.
+fn config_flag(key: &config::Key) -> clap::Arg {
+    let default = if key.default.is_empty() { "none" } else { key.default };
+    clap::Arg::new(key.name).long(key.flag()).value_name("VALUE").help(format!(
+        "{} [default: {default}] [env: {}]",
+        key.help,
+        key.env_var()
+    ))
 }
 
 fn main() {
@@ -199,9 +181,7 @@ fn run_cli() -> anyhow::Result<()> {
         Command::Controllers(args) => return run_controllers(args),
     };
     let env: HashMap<String, String> = std::env::vars().collect();
-    let mut config =
-        Config::load(args.config.as_deref(), &env, &args.flags.into_map()).context("invalid configuration")?;
-    config.loopback_only_agents = env.get("SANDBOXD_LOOPBACK_ONLY").is_some_and(|v| v == "1" || v == "true");
+    let config = Config::load(args.config.as_deref(), &env, &args.flags.into_map()).context("invalid configuration")?;
     init_logging(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let demo = DemoAgents { count: args.demo_agents, port: args.demo_agent_port };
@@ -260,9 +240,7 @@ async fn run(mut config: Config, mode: Mode, demo: DemoAgents) -> anyhow::Result
 
 fn run_controllers(args: ControllersArgs) -> anyhow::Result<()> {
     let env: HashMap<String, String> = std::env::vars().collect();
-    let mut config =
-        Config::load(args.config.as_deref(), &env, &args.flags.into_map()).context("invalid configuration")?;
-    config.loopback_only_agents = env.get("SANDBOXD_LOOPBACK_ONLY").is_some_and(|v| v == "1" || v == "true");
+    let config = Config::load(args.config.as_deref(), &env, &args.flags.into_map()).context("invalid configuration")?;
     init_logging(config.log_format);
     let identity = args.identity.unwrap_or_else(|| default_identity("controllers"));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -308,5 +286,45 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json()).init(),
         LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_of_every_subcommand_says_what_it_does() {
+        let cli = Cli::command();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments().filter(|a| a.get_id() != "help") {
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                assert!(!help.trim().is_empty(), "{} --{}: no help text", sub.get_name(), arg.get_id());
+            }
+        }
+    }
+
+    #[test]
+    fn config_flags_show_their_default_and_env_var() {
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").expect("serve");
+        for key in &config::KEYS {
+            let arg = serve.get_arguments().find(|a| a.get_long() == Some(key.flag().as_str()));
+            let help = arg.and_then(|a| a.get_help()).map(|h| h.to_string()).unwrap_or_default();
+            assert!(help.contains("[default: "), "--{}: {help:?}", key.flag());
+            assert!(help.contains(&key.env_var()), "--{}: {help:?}", key.flag());
+        }
+    }
+
+    #[test]
+    fn config_flags_reach_the_config_by_their_key() {
+        let cli = Cli::try_parse_from(["sandboxd-o", "serve", "--heartbeat-interval", "7s", "--log-format", "json"])
+            .expect("parses");
+        let Command::Serve(args) = cli.command else { panic!("serve") };
+        let config = Config::load(None, &HashMap::new(), &args.flags.into_map()).expect("valid");
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(7));
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.sync_period, Duration::from_secs(30), "flags not given keep their default");
     }
 }

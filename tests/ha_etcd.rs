@@ -3,6 +3,8 @@
 //! 500 sandboxes are created through both API servers; the leading controllers process is SIGKILLed
 //! midway, then one API server is SIGKILLed and the other carries on.
 
+#![cfg(feature = "etcd")]
+
 mod common;
 
 use common::daemon::Daemon;

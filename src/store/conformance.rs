@@ -321,6 +321,7 @@ conformance!(sqlite_backend, |options| Box::pin(async move {
     Arc::new(super::sqlite::open(&dir.join("store.db"), options).await.unwrap()) as Arc<dyn Store>
 }));
 
+#[cfg(feature = "etcd")]
 conformance!(etcd_backend, |options| Box::pin(async move {
     // One etcd per test: revisions are global to an etcd cluster, and the suite counts them.
     // The etcd process lives as long as the store and is killed when the test drops it.
@@ -366,12 +367,14 @@ async fn sqlite_refuses_a_second_process_on_the_same_file() {
     first.close().await;
 }
 
+#[cfg(feature = "etcd")]
 /// An etcd store that owns the throwaway etcd under it.
 struct WithEtcd {
     store: super::etcd::EtcdStore,
     _etcd: crate::local_etcd::LocalEtcd,
 }
 
+#[cfg(feature = "etcd")]
 #[async_trait]
 impl Store for WithEtcd {
     async fn get(&self, kind: Kind, name: &str) -> Result<Option<Versioned>> {
@@ -409,6 +412,7 @@ impl Store for WithEtcd {
     }
 }
 
+#[cfg(feature = "etcd")]
 #[tokio::test]
 async fn etcd_stores_on_one_cluster_share_objects_and_see_each_others_writes() {
     let etcd = crate::local_etcd::LocalEtcd::start().expect("local etcd starts");
@@ -451,6 +455,7 @@ async fn etcd_stores_on_one_cluster_share_objects_and_see_each_others_writes() {
     assert!(c.list(Kind::Sandboxes).await.unwrap().0.is_empty(), "deleted objects stay deleted");
 }
 
+#[cfg(feature = "etcd")]
 #[tokio::test]
 async fn etcd_store_reports_an_unreachable_cluster_as_unavailable() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -462,6 +467,7 @@ async fn etcd_store_reports_an_unreachable_cluster_as_unavailable() {
     assert!(matches!(err, StoreError::Unavailable(ref m) if m.contains(&port.to_string())), "{err}");
 }
 
+#[cfg(feature = "etcd")]
 #[tokio::test]
 async fn etcd_store_refuses_writes_while_etcd_is_down_and_resumes_its_watch_after() {
     let mut etcd = crate::local_etcd::LocalEtcd::start().expect("local etcd starts");
@@ -484,6 +490,7 @@ async fn etcd_store_refuses_writes_while_etcd_is_down_and_resumes_its_watch_afte
 }
 
 /// Creates `name`, retrying while etcd finishes coming back.
+#[cfg(feature = "etcd")]
 async fn eventually_created(store: &super::etcd::EtcdStore, name: &str) -> Versioned {
     for _ in 0..100 {
         match store.create(Kind::Sandboxes, name, json!({})).await {

@@ -135,6 +135,7 @@ impl Hub {
     }
 
     /// Waits until the hub has applied `revision`; false if `limit` passed first or the hub closed.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))] // only a shared (etcd) source drives these
     pub async fn wait_for(&self, revision: Revision, limit: Duration) -> bool {
         let mut applied = self.applied.subscribe();
         let shut = || self.shut.load(std::sync::atomic::Ordering::Acquire);
@@ -144,6 +145,7 @@ impl Hub {
 
     /// Moves the revision forward past changes that carried nothing to apply (e.g. keys that are not
     /// objects), so waiters for those revisions are released; never backwards.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))] // only a shared (etcd) source drives these
     pub fn advance(&self, revision: Revision) {
         let mut state = self.state.write();
         if revision > state.revision {
@@ -154,6 +156,7 @@ impl Hub {
 
     /// Replaces every object after the history was lost (e.g. the source compacted it): open watches
     /// end, and re-watching from any earlier revision is `Gone`, so clients list again.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))] // only a shared (etcd) source drives these
     pub fn reset(&self, objects: Vec<(Kind, Versioned)>, revision: Revision) {
         let mut state = self.state.write();
         state.objects = group_by_kind(objects);

@@ -3,6 +3,7 @@
 mod hub;
 mod writer;
 
+#[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod memory;
 pub mod sqlite;
@@ -210,6 +211,21 @@ impl Default for StoreOptions {
     }
 }
 
+#[cfg(feature = "etcd")]
+async fn open_etcd(endpoints: &str, options: StoreOptions) -> Result<Arc<dyn Store>> {
+    let endpoints = etcd::endpoints(endpoints)?;
+    Ok(Arc::new(etcd::open(&endpoints, etcd::DEFAULT_PREFIX, options).await?))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn open_etcd(_endpoints: &str, _options: StoreOptions) -> Result<Arc<dyn Store>> {
+    Err(StoreError::Unavailable(
+        "this sandboxd-o was built without etcd support (cargo --no-default-features); \
+         rebuild with the default `etcd` feature"
+            .into(),
+    ))
+}
+
 /// Opens the backend a `store` URL names: `memory://`, `sqlite://PATH`, `etcd://HOST:PORT[,HOST:PORT...]`.
 pub async fn open(url: &str, options: StoreOptions) -> Result<Arc<dyn Store>> {
     if url == "memory://" {
@@ -222,8 +238,7 @@ pub async fn open(url: &str, options: StoreOptions) -> Result<Arc<dyn Store>> {
         return Ok(Arc::new(sqlite::open(std::path::Path::new(path), options).await?));
     }
     if let Some(rest) = url.strip_prefix("etcd://") {
-        let endpoints = etcd::endpoints(rest)?;
-        return Ok(Arc::new(etcd::open(&endpoints, etcd::DEFAULT_PREFIX, options).await?));
+        return open_etcd(rest, options).await;
     }
     Err(StoreError::Unavailable(format!(
         "unknown store URL {url:?}: expected memory://, sqlite://PATH or etcd://HOST:PORT[,HOST:PORT...]"
