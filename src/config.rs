@@ -70,6 +70,7 @@ pub struct Config {
     pub auth_token_file: Option<PathBuf>,
     pub max_body_bytes: usize,
     pub log_format: LogFormat,
+    pub watch_history_bytes: usize,
     /// Refuse agent addresses outside loopback (tests and demos); not a file key, set by code or `SANDBOXD_LOOPBACK_ONLY=1`.
     pub loopback_only_agents: bool,
 }
@@ -100,7 +101,7 @@ const fn key(name: &'static str, default: &'static str, help: &'static str) -> K
 
 /// Every key, in the order of the table in semantics.md. This is the one declaration of each key:
 /// the file layer, the env layer, the flags and their `--help` all read it.
-pub const KEYS: [Key; 19] = [
+pub const KEYS: [Key; 20] = [
     key("listen", "0.0.0.0:8082", "Address the API listens on"),
     key(
         "store",
@@ -128,6 +129,11 @@ pub const KEYS: [Key; 19] = [
     key("auth_token_file", "", "File holding the bearer token every API request must carry (empty: no auth)"),
     key("max_body_bytes", "1MiB", "Largest request body the API accepts"),
     key("log_format", "text", "Log output: text or json"),
+    key(
+        "watch_history_bytes",
+        "64MiB",
+        "Bytes of recent changes kept for watches to resume from (older: 410, list again)",
+    ),
 ];
 
 fn known_keys() -> impl Iterator<Item = &'static str> {
@@ -206,15 +212,20 @@ impl Config {
                 let v = value("auth_token_file");
                 (!v.is_empty()).then(|| PathBuf::from(v))
             },
-            max_body_bytes: parse_key("max_body_bytes", &value("max_body_bytes"), |s| {
-                // The semantics table writes `1MiB`; quantities spell it `1Mi`.
-                let quantity = s.strip_suffix("iB").map(|p| format!("{p}i")).unwrap_or_else(|| s.to_string());
-                parse_bytes(&quantity).map_err(|e| e.to_string()).and_then(nonzero).map(|b| b as usize)
-            })?,
+            max_body_bytes: parse_key("max_body_bytes", &value("max_body_bytes"), parse_byte_size)?,
             log_format: parse_key("log_format", &value("log_format"), |s| match s {
                 "text" => Ok(LogFormat::Text),
                 "json" => Ok(LogFormat::Json),
                 _ => Err(format!("{s:?} is not one of text, json")),
+            })?,
+            watch_history_bytes: parse_key("watch_history_bytes", &value("watch_history_bytes"), |s| {
+                parse_byte_size(s).and_then(|b| {
+                    if b < 1 << 20 {
+                        Err(format!("{s:?} is below the smallest history, 1MiB"))
+                    } else {
+                        Ok(b)
+                    }
+                })
             })?,
             loopback_only_agents: false,
         };
@@ -301,6 +312,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => None,
     };
     millis.map(Duration::from_millis).ok_or_else(bad)
+}
+
+/// Parses a byte size as the semantics table writes it (`1MiB`) or as a quantity (`1Mi`, `1048576`).
+fn parse_byte_size(s: &str) -> Result<usize, String> {
+    let quantity = s.strip_suffix("iB").map(|p| format!("{p}i")).unwrap_or_else(|| s.to_string());
+    parse_bytes(&quantity).map_err(|e| e.to_string()).and_then(nonzero).map(|b| b as usize)
 }
 
 fn positive_duration(s: &str) -> Result<Duration, String> {
@@ -400,6 +417,8 @@ mod tests {
         assert_eq!(c.auth_token_file, None);
         assert_eq!(c.max_body_bytes, 1 << 20);
         assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.watch_history_bytes, 64 << 20);
+        assert_eq!(c.watch_history_bytes, crate::store::DEFAULT_HISTORY_BYTES);
     }
 
     #[test]
@@ -458,6 +477,8 @@ mod tests {
             ("log_format", "xml"),
             ("nodes", "[{\"id\": \"Bad_Name\", \"ip\": \"127.0.0.1\", \"port\": 1}]"),
             ("max_ttl_seconds", "-5"),
+            ("watch_history_bytes", "1Ki"),
+            ("watch_history_bytes", "lots"),
         ];
         for (key, value) in cases {
             let err = Config::load(None, &HashMap::new(), &map(&[(key, value)])).unwrap_err();

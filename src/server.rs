@@ -72,6 +72,12 @@ impl Running {
 }
 
 /// Binds the listener, opens the store, declares static nodes and serves until `shutdown`.
+fn store_options(config: &Config) -> StoreOptions {
+    let mut options = StoreOptions::default();
+    options.history.max_bytes = config.watch_history_bytes;
+    options
+}
+
 pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
     // Bind first: a second server started by mistake must fail before it touches the store.
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -80,7 +86,7 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
     if let Mode::AllInOneElected(candidacy) = &mode {
         candidacy.lease.validate().map_err(ServeError::Lease)?;
     }
-    let store = store::open(&config.store, StoreOptions::default()).await?;
+    let store = store::open(&config.store, store_options(&config)).await?;
     let auth_token = config.auth_token()?;
     let mut agent_client = HttpAgentClient::new(config.agent_timeout);
     if config.loopback_only_agents {

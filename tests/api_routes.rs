@@ -37,10 +37,7 @@ fn app_with(options: StoreOptions, token: Option<&str>, max_body_bytes: usize) -
 
 /// A store that keeps only two events of history, so old revisions are compacted at once.
 fn short_history() -> StoreOptions {
-    StoreOptions {
-        history: HistoryLimits { max_events: 2, max_age: Duration::from_secs(600) },
-        ..StoreOptions::default()
-    }
+    StoreOptions { history: HistoryLimits::events(2, Duration::from_secs(600)), ..StoreOptions::default() }
 }
 
 fn request(method: &str, uri: &str, token: Option<&str>, body: Option<&Value>) -> Request<Body> {

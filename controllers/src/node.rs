@@ -228,6 +228,14 @@ pub struct NodeController {
     due: parking_lot::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
 }
 
+impl crate::runtime::footprint::Footprint for NodeController {
+    fn footprint(&self) -> Vec<(&'static str, usize)> {
+        let mut sizes = vec![("heartbeats_due", self.due.lock().len())];
+        sizes.extend(self.queue.footprint());
+        sizes
+    }
+}
+
 impl NodeController {
     /// Subscribes to `nodes` at once, so no node of the informer's first list is missed.
     pub fn new(
@@ -238,7 +246,9 @@ impl NodeController {
     ) -> Arc<NodeController> {
         let queue = WorkQueue::new();
         subscribe_heartbeats(&nodes, &queue);
-        Arc::new(NodeController { nodes, objects, agents, settings, queue, due: Default::default() })
+        let controller = Arc::new(NodeController { nodes, objects, agents, settings, queue, due: Default::default() });
+        crate::runtime::footprint::register("node", &controller);
+        controller
     }
 
     /// One heartbeat of one node, then the next one is scheduled an interval (±10 %) later.

@@ -79,6 +79,14 @@ pub struct Prober {
     workers: usize,
 }
 
+impl crate::runtime::footprint::Footprint for Prober {
+    fn footprint(&self) -> Vec<(&'static str, usize)> {
+        let mut sizes = vec![("tracked", self.tracked.lock().len())];
+        sizes.extend(self.queue.footprint());
+        sizes
+    }
+}
+
 impl Prober {
     pub fn new(
         nodes: Informer<Node>,
@@ -87,7 +95,7 @@ impl Prober {
         agents: Arc<dyn AgentClient>,
         workers: usize,
     ) -> Arc<Prober> {
-        Arc::new(Prober {
+        let prober = Arc::new(Prober {
             nodes,
             sandboxes,
             objects,
@@ -95,7 +103,9 @@ impl Prober {
             queue: WorkQueue::new(),
             tracked: Mutex::new(HashMap::new()),
             workers,
-        })
+        });
+        crate::runtime::footprint::register("prober", &prober);
+        prober
     }
 
     /// Starts probing a sandbox its agent reports running (no-op when already tracked).

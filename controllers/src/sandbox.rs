@@ -185,6 +185,16 @@ pub struct SandboxController {
     started_unix: i64,
 }
 
+impl crate::runtime::footprint::Footprint for SandboxController {
+    fn footprint(&self) -> Vec<(&'static str, usize)> {
+        let by_node = self.by_node.lock();
+        let mut sizes =
+            vec![("by_node_nodes", by_node.len()), ("by_node_sandboxes", by_node.values().map(|s| s.len()).sum())];
+        sizes.extend(self.queue.footprint());
+        sizes
+    }
+}
+
 impl SandboxController {
     pub fn new(
         nodes: Informer<Node>,
@@ -206,6 +216,7 @@ impl SandboxController {
             started_unix: unix_now(),
         });
         controller.subscribe();
+        crate::runtime::footprint::register("sandbox", &controller);
         controller
     }
 

@@ -388,6 +388,15 @@ pub struct Scheduler {
     releases: AtomicU64,
 }
 
+impl crate::runtime::footprint::Footprint for Scheduler {
+    fn footprint(&self) -> Vec<(&'static str, usize)> {
+        let mut sizes =
+            vec![("held", self.index.lock().held.len()), ("unschedulable", self.unschedulable.lock().len())];
+        sizes.extend(self.queue.footprint());
+        sizes
+    }
+}
+
 impl Scheduler {
     pub fn new(
         nodes: Informer<Node>,
@@ -406,6 +415,7 @@ impl Scheduler {
             releases: AtomicU64::new(0),
         });
         scheduler.subscribe();
+        crate::runtime::footprint::register("scheduler", &scheduler);
         scheduler
     }
 

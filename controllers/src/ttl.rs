@@ -19,6 +19,18 @@ pub fn time_to_expiry(sandbox: &Sandbox, now_unix: i64) -> Option<Duration> {
     Some(Duration::from_secs(expire_at.saturating_sub(now_unix).max(0) as u64))
 }
 
+/// Keeps one timer per sandbox that has a TTL, and none for a deleted one.
+fn schedule_expiry(queue: &WorkQueue<String>, change: &Change<'_, Sandbox>, now_unix: i64) {
+    match change {
+        Change::Upsert { new, .. } => {
+            if let Some(after) = time_to_expiry(new, now_unix) {
+                queue.add_after(new.id.clone(), after);
+            }
+        }
+        Change::Delete(gone) => queue.cancel(&gone.id),
+    }
+}
+
 /// The TTL controller.
 pub struct TtlController {
     sandboxes: Informer<Sandbox>,
@@ -26,18 +38,19 @@ pub struct TtlController {
     queue: WorkQueue<String>,
 }
 
+impl crate::runtime::footprint::Footprint for TtlController {
+    fn footprint(&self) -> Vec<(&'static str, usize)> {
+        self.queue.footprint().to_vec()
+    }
+}
+
 impl TtlController {
     pub fn new(sandboxes: Informer<Sandbox>, objects: Arc<dyn ObjectClient>) -> Arc<TtlController> {
         let controller = Arc::new(TtlController { sandboxes, objects, queue: WorkQueue::new() });
         let queue = controller.queue.clone();
         // Rebuilt from the informer's list on every start, so expiries due while down fire at once.
-        controller.sandboxes.subscribe(move |change| {
-            if let Change::Upsert { new, .. } = change {
-                if let Some(after) = time_to_expiry(new, unix_now()) {
-                    queue.add_after(new.id.clone(), after);
-                }
-            }
-        });
+        controller.sandboxes.subscribe(move |change| schedule_expiry(&queue, change, unix_now()));
+        crate::runtime::footprint::register("ttl", &controller);
         controller
     }
 
@@ -94,6 +107,28 @@ mod tests {
             updated_at: String::new(),
             resource_version: "1".into(),
         }
+    }
+
+    #[tokio::test]
+    async fn deleted_sandboxes_keep_no_expiry_timer() {
+        tokio::time::pause();
+        let now = parse_rfc3339("2026-05-15T04:30:00Z").unwrap();
+        let queue = WorkQueue::new();
+        let sandboxes: Vec<Arc<Sandbox>> = (0..100)
+            .map(|i| {
+                Arc::new(Sandbox { id: format!("s-{i}"), ..sandbox(Phase::Running, Some("2026-05-16T04:30:00Z")) })
+            })
+            .collect();
+        for s in &sandboxes {
+            schedule_expiry(&queue, &Change::Upsert { old: None, new: s }, now);
+        }
+        assert_eq!(queue.delayed_len(), 100, "one timer per sandbox with a TTL");
+        for s in &sandboxes {
+            schedule_expiry(&queue, &Change::Delete(s), now);
+        }
+        assert_eq!(queue.delayed_len(), 0, "a day-long TTL must not hold a deleted sandbox's key");
+        tokio::time::advance(Duration::from_secs(86_401)).await;
+        assert!(queue.is_empty(), "a cancelled timer never fires");
     }
 
     #[test]

@@ -29,8 +29,9 @@ pub(crate) struct Agent {
     runtime: Mutex<Runtime>,
     ports: HostPorts,
     external: String,
-    /// How many times each id was admitted as a new sandbox, so tests can tell a double create.
-    admissions: Mutex<std::collections::BTreeMap<String, u32>>,
+    /// How many times each id was admitted as a new sandbox, so tests can tell a double create;
+    /// `None` unless `SimConfig::record_admissions`, since it never forgets an id.
+    admissions: Option<Mutex<std::collections::BTreeMap<String, u32>>>,
 }
 
 // === impl Agent ===
@@ -43,8 +44,8 @@ impl Agent {
         let now = Instant::now();
         let id = request.id.clone();
         let created = self.runtime.lock().create(request, now, rfc3339_now(), |ports| self.ports.publish(ports))?;
-        if matches!(created, Created::New(_)) {
-            *self.admissions.lock().entry(id).or_default() += 1;
+        if let (Created::New(_), Some(admissions)) = (&created, &self.admissions) {
+            *admissions.lock().entry(id).or_default() += 1;
         }
         Ok(created)
     }
@@ -137,7 +138,7 @@ pub(crate) fn serve_agent(listener: TcpListener, config: SimConfig) -> io::Resul
         runtime: Mutex::new(Runtime::new(limits, pool)),
         ports: HostPorts::new(addr.ip(), faults.clone(), stop.clone()),
         external: config.external,
-        admissions: Mutex::default(),
+        admissions: config.record_admissions.then(Mutex::default),
     });
     let app = axum::middleware::from_fn_with_state(faults, inject_faults).layer(server::router(agent.clone()));
     let shutdown = stop.clone().cancelled_owned();
@@ -184,8 +185,14 @@ impl AgentHandle {
     }
 
     /// How many times each sandbox id was admitted as new since the agent started (restarts included).
+    /// Empty unless the agent was started with `SimConfig::record_admissions`.
     pub fn admissions(&self) -> std::collections::BTreeMap<String, u32> {
-        self.agent.admissions.lock().clone()
+        self.agent.admissions.as_ref().map(|a| a.lock().clone()).unwrap_or_default()
+    }
+
+    /// How many sandboxes the agent holds now.
+    pub fn sandbox_count(&self) -> usize {
+        self.agent.sandbox_page("", usize::MAX).items.len()
     }
 
     /// Tells the agent to stop, without waiting.

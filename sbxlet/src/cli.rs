@@ -131,6 +131,7 @@ impl SimFlags {
                 garbage: self.fault_garbage,
                 probe_503: self.fault_probe_503,
             },
+            record_admissions: false,
         }
     }
 }

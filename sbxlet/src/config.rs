@@ -19,6 +19,9 @@ pub struct SimConfig {
     pub ip_pool: String,
     /// Faults active from the start.
     pub faults: Faults,
+    /// Count every admission per id for `AgentHandle::admissions` (tests). It keeps one entry per id
+    /// ever admitted, so it is off for real agents, which run for months.
+    pub record_admissions: bool,
 }
 
 impl Default for SimConfig {
@@ -31,6 +34,7 @@ impl Default for SimConfig {
             create_delay: Duration::ZERO,
             ip_pool: "10.88.0.0/16".into(),
             faults: Faults::default(),
+            record_admissions: false,
         }
     }
 }

@@ -191,6 +191,40 @@ async fn sandbox_is_created_read_counted_and_deleted() {
     assert_eq!(again["sandbox"]["private_ip"], "10.88.0.2", "the address is released on delete");
 }
 
+/// Creates `n` sandboxes with one published port each and deletes them again.
+async fn churn(a: &TestAgent, n: usize) {
+    for i in 0..n {
+        let (code, body) = a.create(&sandbox(&format!("churn-{i}")).port(free_port())).await;
+        assert_eq!(code, StatusCode::CREATED, "{body}");
+    }
+    for i in 0..n {
+        let (code, body) = a.delete(&format!("/api/v1/sandboxes/churn-{i}")).await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+    }
+}
+
+#[tokio::test]
+async fn deleted_sandboxes_leave_nothing_behind() {
+    let a = agent().await;
+    churn(&a, 40).await;
+    assert_eq!(a.handle.sandbox_count(), 0);
+    assert!(a.handle.admissions().is_empty(), "an agent that runs for months keeps no record per deleted id");
+    let status = a.status().await;
+    assert_eq!(status["sandboxes"], 0, "{status}");
+    assert_eq!(status["used_cpu_milli"], 0, "{status}");
+    // The IP pool handed every address back: the next sandbox gets the first address again.
+    let (_, created) = a.create(&sandbox("after")).await;
+    assert_eq!(created["sandbox"]["private_ip"], "10.88.0.2");
+}
+
+#[tokio::test]
+async fn admissions_are_recorded_only_when_asked() {
+    let a = agent_with(SimConfig { record_admissions: true, ..SimConfig::default() }).await;
+    churn(&a, 3).await;
+    assert_eq!(a.handle.admissions().len(), 3);
+    assert!(a.handle.admissions().values().all(|n| *n == 1));
+}
+
 #[tokio::test]
 async fn sandbox_stays_creating_until_the_create_delay() {
     let a = agent_with(SimConfig { create_delay: Duration::from_secs(600), ..SimConfig::default() }).await;

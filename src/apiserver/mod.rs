@@ -112,7 +112,7 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 /// Prometheus text exposition of the process's counters and heartbeat lag.
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text: heartbeat lag, heartbeats, binds, store commits and writes")))]
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text: heartbeat lag, heartbeats, binds, store commits and writes, watch history size")))]
 async fn metrics() -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let m = &sandboxd_controllers::runtime::metrics::METRICS;
@@ -131,6 +131,20 @@ async fn metrics() -> String {
     ];
     for (name, value) in counters {
         out.push_str(&format!("# TYPE {name} counter\n{name} {value}\n"));
+    }
+    let gauges = [
+        ("sandboxd_watch_history_events", crate::store::HISTORY_EVENTS.load(Relaxed)),
+        ("sandboxd_watch_history_bytes", crate::store::HISTORY_BYTES.load(Relaxed)),
+    ];
+    for (name, value) in gauges {
+        out.push_str(&format!("# TYPE {name} gauge\n{name} {value}\n"));
+    }
+    // Entries of every per-key structure the controllers keep: flat under churn, zero once deleted.
+    out.push_str("# TYPE sandboxd_controller_entries gauge\n");
+    for ((owner, structure), entries) in sandboxd_controllers::runtime::footprint::snapshot() {
+        out.push_str(&format!(
+            "sandboxd_controller_entries{{owner=\"{owner}\",structure=\"{structure}\"}} {entries}\n"
+        ));
     }
     out
 }

@@ -9,7 +9,7 @@ use std::pin::Pin;
 type Open = fn(StoreOptions) -> Pin<Box<dyn Future<Output = Arc<dyn Store>>>>;
 
 fn small_ring(max_events: usize) -> StoreOptions {
-    StoreOptions { history: HistoryLimits { max_events, max_age: Duration::from_secs(600) }, ..StoreOptions::default() }
+    StoreOptions { history: HistoryLimits::events(max_events, Duration::from_secs(600)), ..StoreOptions::default() }
 }
 
 async fn next_event(stream: &mut WatchStream) -> Event {

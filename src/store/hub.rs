@@ -9,11 +9,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// How much history the watch ring keeps: bounded by count and by age.
+/// How much history the watch ring keeps: bounded by count, by bytes and by age.
 #[derive(Debug, Clone, Copy)]
 pub struct HistoryLimits {
     pub max_events: usize,
+    /// Bytes of the events kept (encoded object, name and per-event overhead), so large objects
+    /// shorten the history instead of growing the server.
+    pub max_bytes: usize,
     pub max_age: Duration,
+}
+
+impl HistoryLimits {
+    /// Limits by count and age only (tests and small rings).
+    pub fn events(max_events: usize, max_age: Duration) -> HistoryLimits {
+        HistoryLimits { max_events, max_bytes: usize::MAX, max_age }
+    }
+}
+
+/// What one event in the ring costs: the encoded object, its name and the ring slot.
+fn event_cost(event: &Event) -> usize {
+    event.object.data.len() + event.object.name.len() + std::mem::size_of::<(Instant, Event)>()
 }
 
 struct Watcher {
@@ -27,6 +42,8 @@ struct State {
     /// Every event with a revision above this one is still in `ring`.
     compacted: Revision,
     ring: VecDeque<(Instant, Event)>,
+    /// `event_cost` summed over `ring`.
+    ring_bytes: usize,
     watchers: Vec<Watcher>,
     closed: bool,
 }
@@ -37,6 +54,13 @@ pub(super) struct Change {
     pub name: Arc<str>,
     pub event_type: EventType,
     pub object: Versioned,
+}
+
+/// Sets the `/metrics` gauges of the watch history (the last hub to change wins; a server has one).
+fn publish_history_size(state: &State) {
+    use std::sync::atomic::Ordering::Relaxed;
+    super::HISTORY_EVENTS.store(state.ring.len() as u64, Relaxed);
+    super::HISTORY_BYTES.store(state.ring_bytes as u64, Relaxed);
 }
 
 /// Objects and watchers; readers never wait for the writer's disk IO.
@@ -63,6 +87,7 @@ impl Hub {
                 revision,
                 compacted: revision,
                 ring: VecDeque::new(),
+                ring_bytes: 0,
                 watchers: Vec::new(),
                 closed: false,
             }),
@@ -128,6 +153,7 @@ impl Hub {
             let event = Event { kind: change.kind, event_type: change.event_type, object: change.object };
             // A watcher that cannot take the event now is cut off: it will re-watch from its last revision.
             state.watchers.retain(|w| w.kind != event.kind || w.tx.try_send(WatchItem::Event(event.clone())).is_ok());
+            state.ring_bytes += event_cost(&event);
             state.ring.push_back((now, event));
         }
         self.trim_ring(state, now);
@@ -163,6 +189,8 @@ impl Hub {
         state.revision = revision;
         state.compacted = revision;
         state.ring.clear();
+        state.ring_bytes = 0;
+        publish_history_size(&state);
         state.watchers.clear();
         self.applied.send_replace(revision);
     }
@@ -170,13 +198,16 @@ impl Hub {
     fn trim_ring(&self, state: &mut State, now: Instant) {
         while let Some((at, event)) = state.ring.front() {
             let too_many = state.ring.len() > self.limits.max_events;
+            let too_big = state.ring_bytes > self.limits.max_bytes;
             let too_old = now.duration_since(*at) > self.limits.max_age;
-            if !too_many && !too_old {
+            if !too_many && !too_big && !too_old {
                 break;
             }
             state.compacted = event.revision();
+            state.ring_bytes -= event_cost(event);
             state.ring.pop_front();
         }
+        publish_history_size(state);
     }
 
     /// Registers a watcher atomically with the backlog it must replay, so no event falls between.
@@ -255,9 +286,42 @@ mod tests {
         }
     }
 
+    fn ring_bytes(hub: &Hub) -> usize {
+        hub.state.read().ring_bytes
+    }
+
+    #[tokio::test]
+    async fn history_is_bounded_by_bytes_and_older_revisions_are_gone() {
+        let one = event_cost(&Event { kind: Kind::Sandboxes, event_type: EventType::Added, object: object("s-0", 1) });
+        let limits = HistoryLimits { max_events: 1_000, max_bytes: 3 * one, max_age: Duration::from_secs(60) };
+        let hub = Hub::new(vec![], 0, limits, 16);
+        hub.apply((1..=10).map(|r| change(&format!("s-{}", r % 10), r)).collect());
+
+        assert_eq!(hub.state.read().ring.len(), 3, "names of one length cost the same, so three fit");
+        assert_eq!(ring_bytes(&hub), 3 * one);
+        assert!(matches!(hub.watch(Kind::Sandboxes, 6), Err(StoreError::Gone { .. })));
+        assert!(hub.watch(Kind::Sandboxes, 7).is_ok(), "the three newest events are still replayed");
+    }
+
+    #[tokio::test]
+    async fn history_bytes_follow_events_out_of_the_ring() {
+        let hub = Hub::new(vec![], 0, HistoryLimits::events(100, Duration::from_secs(60)), 16);
+        hub.apply(vec![change("a", 1), change("b", 2)]);
+        assert!(ring_bytes(&hub) > 0);
+        // Age is judged by std's clock when the next write trims the ring: a zero-age ring drops the older.
+        let aged = Hub::new(vec![], 0, HistoryLimits::events(100, Duration::ZERO), 16);
+        aged.apply(vec![change("a", 1)]);
+        std::thread::sleep(Duration::from_millis(2));
+        aged.apply(vec![change("b", 2)]);
+        assert_eq!(aged.state.read().ring.len(), 1);
+        assert_eq!(ring_bytes(&aged), event_cost(&aged.state.read().ring[0].1));
+        hub.reset(vec![], 5);
+        assert_eq!(ring_bytes(&hub), 0, "a reset empties the ring and its byte count");
+    }
+
     #[tokio::test]
     async fn reset_replaces_objects_ends_watches_and_makes_older_revisions_gone() {
-        let limits = HistoryLimits { max_events: 100, max_age: Duration::from_secs(60) };
+        let limits = HistoryLimits::events(100, Duration::from_secs(60));
         let hub = Hub::new(vec![], 0, limits, 16);
         hub.apply(vec![change("a", 1), change("b", 2)]);
         let mut watch = hub.watch(Kind::Sandboxes, 2).unwrap();
@@ -274,7 +338,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_releases_waiters_at_once_and_advance_never_goes_back() {
-        let limits = HistoryLimits { max_events: 100, max_age: Duration::from_secs(60) };
+        let limits = HistoryLimits::events(100, Duration::from_secs(60));
         let hub = Arc::new(Hub::new(vec![], 5, limits, 16));
         hub.advance(3);
         assert_eq!(hub.revision(), 5);

@@ -24,6 +24,9 @@ pub use writer::LocalStore;
 /// Durable commits (transactions) the in-process backends made, and the writes they carried.
 pub static COMMITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 pub static COMMITTED_WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Events and bytes the watch history holds now (gauges for `/metrics`).
+pub static HISTORY_EVENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub static HISTORY_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Global revision: bumped by one on every write.
 pub type Revision = u64;
@@ -188,6 +191,9 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self);
 }
 
+/// The default bound of the watch history in bytes (the `watch_history_bytes` key).
+pub const DEFAULT_HISTORY_BYTES: usize = 64 << 20;
+
 /// Options shared by the in-process backends.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -203,7 +209,11 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
-            history: HistoryLimits { max_events: 200_000, max_age: Duration::from_secs(600) },
+            history: HistoryLimits {
+                max_events: 200_000,
+                max_bytes: DEFAULT_HISTORY_BYTES,
+                max_age: Duration::from_secs(600),
+            },
             watcher_buffer: 16_384,
             max_batch: 1024,
             bookmark_interval: Duration::from_secs(30),

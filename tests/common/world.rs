@@ -25,8 +25,12 @@ pub fn node_name(i: usize) -> String {
 pub async fn start_agents(count: usize) -> Vec<AgentHandle> {
     let mut agents = Vec::new();
     for _ in 0..count {
-        let config =
-            SimConfig { capacity_cpu_milli: 64_000, capacity_memory_bytes: 256 << 30, ..isolated_sim_config() };
+        let config = SimConfig {
+            capacity_cpu_milli: 64_000,
+            capacity_memory_bytes: 256 << 30,
+            record_admissions: true,
+            ..isolated_sim_config()
+        };
         agents.push(start_isolated_agent(config).await);
     }
     agents

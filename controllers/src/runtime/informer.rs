@@ -68,6 +68,12 @@ impl<T: Object> Default for Informer<T> {
     }
 }
 
+impl<T: Object> crate::runtime::footprint::Footprint for Inner<T> {
+    fn footprint(&self) -> Vec<(&'static str, usize)> {
+        vec![(T::KIND.as_str(), self.cache.read().len())]
+    }
+}
+
 /// Where the list/watch loop stands.
 enum State {
     /// Nothing trustworthy: take a full list and swap the cache.
@@ -81,9 +87,9 @@ enum State {
 impl<T: Object> Informer<T> {
     pub fn new() -> Self {
         let (synced, _) = tokio::sync::watch::channel(false);
-        Informer {
-            inner: Arc::new(Inner { cache: RwLock::new(HashMap::new()), handlers: RwLock::new(Vec::new()), synced }),
-        }
+        let inner = Arc::new(Inner { cache: RwLock::new(HashMap::new()), handlers: RwLock::new(Vec::new()), synced });
+        crate::runtime::footprint::register("informer", &inner);
+        Informer { inner }
     }
 
     /// Registers a handler called for every change, in order, on the informer's task.

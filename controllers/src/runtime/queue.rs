@@ -201,6 +201,30 @@ impl<K: QueueKey> WorkQueue<K> {
         self.inner.state.lock().failures.remove(key);
     }
 
+    /// Drops `key`'s pending timer and failure count, for a key whose object is gone: a timer set for
+    /// a deleted object would otherwise hold its key until it fires, which for a TTL can be a day.
+    pub fn cancel(&self, key: &K) {
+        let mut state = self.inner.state.lock();
+        state.delayed.cancel(key);
+        state.failures.remove(key);
+    }
+
+    /// Number of keys waiting on a timer.
+    pub fn delayed_len(&self) -> usize {
+        self.inner.state.lock().delayed.slot_of.len()
+    }
+
+    /// Entries of each per-key structure: waiting, processing, timers and failure counts.
+    pub fn footprint(&self) -> [(&'static str, usize); 4] {
+        let state = self.inner.state.lock();
+        [
+            ("queue_waiting", state.dirty.len()),
+            ("queue_processing", state.processing.len()),
+            ("queue_timers", state.delayed.slot_of.len()),
+            ("queue_failures", state.failures.len()),
+        ]
+    }
+
     /// Number of times `key` went through `add_rate_limited` since it was last forgotten.
     pub fn failures(&self, key: &K) -> u32 {
         self.inner.state.lock().failures.get(key).copied().unwrap_or(0)
@@ -410,6 +434,12 @@ impl<K: QueueKey> DelaySet<K> {
             due.push(key);
         }
         due
+    }
+
+    fn cancel(&mut self, key: &K) {
+        if let Some(slot) = self.slot_of.remove(key) {
+            self.by_deadline.remove(&slot);
+        }
     }
 
     fn clear(&mut self) {
@@ -781,6 +811,22 @@ mod tests {
         assert_eq!(queue.failures(&"sandboxes/a"), 0);
         queue.add_rate_limited("sandboxes/a");
         assert_eq!(wait_for_ready(&queue).await.0, Duration::from_millis(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_drops_the_timer_and_the_failures_of_a_key() {
+        let queue = Queue::new();
+        queue.add_after("sandboxes/a", Duration::from_secs(10));
+        queue.add_after("sandboxes/b", Duration::from_secs(10));
+        queue.add_rate_limited("sandboxes/a");
+        queue.cancel(&"sandboxes/a");
+        assert_eq!((queue.delayed_len(), queue.failures(&"sandboxes/a")), (1, 0));
+
+        tokio::time::advance(Duration::from_secs(11)).await;
+        settle().await;
+        assert_eq!(queue.len(), 1, "only b fires");
+        assert_eq!(queue.next().await.unwrap().key(), &"sandboxes/b");
+        assert_eq!(queue.delayed_len(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,6 +19,8 @@ pub struct ClusterSpec {
     pub base_ip: &'static str,
     /// Store the objects in a local single-member etcd instead of SQLite.
     pub etcd: bool,
+    /// More `serve` flags, e.g. `["--watch-history-bytes", "1MiB"]`.
+    pub server_args: Vec<String>,
 }
 
 /// A running server (and fleet); both are killed on drop.
@@ -30,6 +32,7 @@ pub struct Cluster {
     port: u16,
     heartbeat_interval: &'static str,
     store_url: String,
+    server_args: Vec<String>,
     server: Child,
     fleet: Option<Child>,
     /// Dropped after the server (fields drop in order), so the server never outlives its store.
@@ -50,7 +53,7 @@ impl Cluster {
             Some(etcd) => etcd.url(),
             None => format!("sqlite://{}", dir.path().join("store.db").display()),
         };
-        let server = spawn_server(bin_dir, dir.path(), port, spec.heartbeat_interval, &store_url)?;
+        let server = spawn_server(bin_dir, dir.path(), port, spec.heartbeat_interval, &store_url, &spec.server_args)?;
         let client = Client::new(&url, None)?;
         let mut cluster = Cluster {
             client,
@@ -60,6 +63,7 @@ impl Cluster {
             port,
             heartbeat_interval: spec.heartbeat_interval,
             store_url,
+            server_args: spec.server_args.clone(),
             server,
             fleet: None,
             _etcd: etcd,
@@ -123,8 +127,14 @@ impl Cluster {
         self.server.kill()?;
         self.server.wait()?;
         let start = Instant::now();
-        self.server =
-            spawn_server(&self.bin_dir, self.dir.path(), self.port, self.heartbeat_interval, &self.store_url)?;
+        self.server = spawn_server(
+            &self.bin_dir,
+            self.dir.path(),
+            self.port,
+            self.heartbeat_interval,
+            &self.store_url,
+            &self.server_args,
+        )?;
         self.wait_serving(Duration::from_secs(120)).await?;
         Ok(start.elapsed())
     }
@@ -132,6 +142,11 @@ impl Cluster {
     /// Resident memory of the server process.
     pub fn server_rss_bytes(&self) -> u64 {
         proc_status_kib(self.server.id(), "VmRSS:") * 1024
+    }
+
+    /// Resident memory of the fleet process (zero without a fleet).
+    pub fn fleet_rss_bytes(&self) -> u64 {
+        self.fleet.as_ref().map(|f| proc_status_kib(f.id(), "VmRSS:") * 1024).unwrap_or(0)
     }
 
     /// CPU seconds (user + system) the server has used so far.
@@ -165,13 +180,21 @@ fn proc_status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn spawn_server(bin_dir: &Path, dir: &Path, port: u16, heartbeat_interval: &str, store: &str) -> anyhow::Result<Child> {
+fn spawn_server(
+    bin_dir: &Path,
+    dir: &Path,
+    port: u16,
+    heartbeat_interval: &str,
+    store: &str,
+    extra_args: &[String],
+) -> anyhow::Result<Child> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("server.log"))?;
     Command::new(bin_dir.join("sandboxd-o"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--store", store])
         .args(["--heartbeat-interval", heartbeat_interval])
         .args(["--max-body-bytes", "1MiB"])
+        .args(extra_args)
         .env("SANDBOXD_LOOPBACK_ONLY", "1")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 11] = [
     "store-create",
     "store-create-etcd",
     "heartbeats",
@@ -21,6 +21,7 @@ pub const ALL: [&str; 10] = [
     "scale",
     "api-latency",
     "failover",
+    "soak",
 ];
 
 /// One scenario's figures, printed as one JSON line.
@@ -61,6 +62,7 @@ pub async fn run(name: &str, bin_dir: &Path, smoke: bool) -> anyhow::Result<Repo
         "scale" => scale(bin_dir, smoke).await,
         "api-latency" => api_latency(bin_dir, smoke).await,
         "failover" => crate::failover::failover(bin_dir, smoke).await,
+        "soak" => crate::soak::soak(bin_dir, smoke).await,
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }
@@ -69,7 +71,7 @@ fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:06}")).collect()
 }
 
-fn cluster_spec(nodes: usize, heartbeat_interval: &'static str) -> ClusterSpec {
+pub(crate) fn cluster_spec(nodes: usize, heartbeat_interval: &'static str) -> ClusterSpec {
     ClusterSpec {
         nodes,
         heartbeat_interval,
@@ -77,6 +79,7 @@ fn cluster_spec(nodes: usize, heartbeat_interval: &'static str) -> ClusterSpec {
         capacity_memory: "256Gi",
         base_ip: "127.3.0.1",
         etcd: false,
+        server_args: Vec::new(),
     }
 }
 
