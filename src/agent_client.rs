@@ -7,7 +7,7 @@ use sandboxd_api::agent::{
     ErrorBody, Health,
 };
 use sandboxd_api::Node;
-use sandboxd_controllers::agent::{AgentClient, AgentError, AgentResult, ProbeTarget};
+use sandboxd_contracts::agent::{AgentClient, AgentError, AgentResult, ProbeTarget};
 use serde::de::DeserializeOwned;
 use std::net::IpAddr;
 use std::time::Duration;

@@ -6,8 +6,8 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use sandboxd_api::node::NodeStatus;
 use sandboxd_api::{Node, Sandbox, SandboxStatus};
-use sandboxd_controllers::objects::{ObjectClient, ObjectError, ObjectKind, ObjectResult, RawEvent, RawWatch};
-use sandboxd_controllers::runtime::lease::LeaseClient;
+use sandboxd_contracts::objects::{ObjectClient, ObjectError, ObjectKind, ObjectResult, RawEvent, RawWatch};
+use sandboxd_contracts::LeaseClient;
 
 /// List/watch and status writes over the local store, with the same semantics as the HTTP API.
 #[derive(Clone)]

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use sandboxd_api::{Lease, NodeState, SandboxSpec};
 use sandboxd_client::objects::HttpObjects;
 use sandboxd_client::{Client, ClientError};
-use sandboxd_controllers::runtime::lease::LeaseClient;
+use sandboxd_contracts::LeaseClient;
 use sandboxd_o::local_etcd::LocalEtcd;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};

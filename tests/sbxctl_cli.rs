@@ -113,7 +113,7 @@ async fn sbxctl_drives_a_real_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sbxctl_gets_describes_and_deletes_leases() {
     let (server, client) = start_server(test_config(&[])).await;
-    let at = sandboxd_api::time::format_unix(sandboxd_controllers::clock::unix_now() - 5);
+    let at = sandboxd_api::time::format_unix(sandboxd_contracts::clock::unix_now() - 5);
     for (name, holder) in [("cli-held", "ctl-1"), ("cli-free", "")] {
         let body = serde_json::json!({
             "name": name, "holder": holder, "lease_duration_seconds": 15,

@@ -6,8 +6,8 @@ use futures::StreamExt;
 use reqwest::Method;
 use sandboxd_api::node::NodeStatus;
 use sandboxd_api::{EventType, Lease, Node, Sandbox, SandboxStatus};
-use sandboxd_controllers::objects::{ObjectClient, ObjectError, ObjectKind, ObjectResult, RawEvent, RawWatch};
-use sandboxd_controllers::runtime::lease::LeaseClient;
+use sandboxd_contracts::objects::{ObjectClient, ObjectError, ObjectKind, ObjectResult, RawEvent, RawWatch};
+use sandboxd_contracts::LeaseClient;
 use serde_json::{json, Value};
 
 /// Controllers' view of a remote API server.

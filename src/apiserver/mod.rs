@@ -168,7 +168,7 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
     next.run(request).await
 }
 
-pub use sandboxd_controllers::clock::{rfc3339_now as now, unix_now};
+pub use sandboxd_contracts::clock::{rfc3339_now as now, unix_now};
 
 /// Registers (or refreshes) a node declared in the configuration file, with `source: config`.
 pub async fn register_static_node(state: &ApiState, id: &str, spec: &sandboxd_api::node::NodeSpec) -> ApiResult<()> {

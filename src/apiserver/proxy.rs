@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use sandboxd_api::agent::AgentCreateRequest;
 use sandboxd_api::Node;
-use sandboxd_controllers::agent::{AgentClient, AgentError};
+use sandboxd_contracts::agent::{AgentClient, AgentError};
 use sandboxd_controllers::node::heartbeat_once;
 use sandboxd_controllers::ObjectError;
 use serde::Deserialize;

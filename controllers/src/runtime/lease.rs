@@ -2,7 +2,6 @@
 
 use crate::clock::rfc3339_now;
 use crate::objects::{ObjectError, ObjectResult};
-use async_trait::async_trait;
 use sandboxd_api::Lease;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,15 +9,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// Lease reads and compare-and-swap writes.
-#[async_trait]
-pub trait LeaseClient: Send + Sync + 'static {
-    async fn get_lease(&self, name: &str) -> ObjectResult<Option<Lease>>;
-    /// Creates the lease; `Conflict` if it exists.
-    async fn create_lease(&self, lease: &Lease) -> ObjectResult<Lease>;
-    /// Replaces the lease if it is still at `lease.resource_version`; `Conflict` otherwise.
-    async fn update_lease(&self, lease: &Lease) -> ObjectResult<Lease>;
-}
+pub use sandboxd_contracts::lease::LeaseClient;
 
 /// Timing of an election.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,6 +217,7 @@ impl Elector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use async_trait::async_trait;
     use parking_lot::Mutex;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 

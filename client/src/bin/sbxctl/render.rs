@@ -6,7 +6,7 @@ use sandboxd_api::time::parse_rfc3339;
 use sandboxd_api::watch::WatchEvent;
 use sandboxd_api::{EventType, Lease, Node, Sandbox};
 use sandboxd_client::Client;
-use sandboxd_controllers::clock::unix_now;
+use sandboxd_contracts::clock::unix_now;
 use serde::Serialize;
 
 /// The singular noun of a resource, as in `sandbox/NAME`.
