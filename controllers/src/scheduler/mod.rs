@@ -1,0 +1,332 @@
+//! Scheduler: places Pending sandboxes on Ready nodes with room, picks host ports, and binds with one CAS write.
+//!
+//! `placement` is the pure algorithm, `table` the node table it runs over, and this module the controller.
+
+mod placement;
+mod table;
+
+pub use placement::*;
+pub use table::AllocationIndex;
+
+use crate::objects::ObjectClient;
+use crate::runtime::informer::{Change, Informer};
+use crate::runtime::queue::{run_until_shutdown, Outcome, WorkQueue};
+use parking_lot::Mutex;
+use sandboxd_api::validate::SandboxPolicy;
+use sandboxd_api::{AssignedPort, Node, NodeState, Phase, Protocol, Sandbox};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Settings of the scheduler, from configuration.
+#[derive(Debug, Clone)]
+pub struct SchedulerSettings {
+    pub policy: Policy,
+    pub host_port_range: (u16, u16),
+    pub requests: SandboxPolicy,
+    /// Binds written concurrently; placement itself is serialized.
+    pub workers: usize,
+}
+
+impl Default for SchedulerSettings {
+    fn default() -> Self {
+        SchedulerSettings {
+            policy: Policy::Spread,
+            host_port_range: (10000, 19999),
+            requests: SandboxPolicy::default(),
+            workers: 32,
+        }
+    }
+}
+
+/// The scheduler controller.
+pub struct Scheduler {
+    nodes: Informer<Node>,
+    sandboxes: Informer<Sandbox>,
+    objects: Arc<dyn ObjectClient>,
+    settings: SchedulerSettings,
+    index: Mutex<AllocationIndex>,
+    queue: WorkQueue<String>,
+    /// Pending sandboxes that fit nowhere; retried when nodes or capacity change, not in a loop.
+    unschedulable: Mutex<HashSet<String>>,
+    /// Bumped whenever room may have appeared, so a placement that failed meanwhile is retried.
+    releases: AtomicU64,
+}
+
+impl crate::runtime::footprint::Footprint for Scheduler {
+    fn footprint(&self) -> Vec<(&'static str, usize)> {
+        let mut sizes =
+            vec![("held", self.index.lock().held_count()), ("unschedulable", self.unschedulable.lock().len())];
+        sizes.extend(self.queue.footprint());
+        sizes
+    }
+}
+
+impl Scheduler {
+    pub fn new(
+        nodes: Informer<Node>,
+        sandboxes: Informer<Sandbox>,
+        objects: Arc<dyn ObjectClient>,
+        settings: SchedulerSettings,
+    ) -> Arc<Scheduler> {
+        let scheduler = Arc::new(Scheduler {
+            nodes,
+            sandboxes,
+            objects,
+            settings,
+            index: Mutex::new(AllocationIndex::default()),
+            queue: WorkQueue::new(),
+            unschedulable: Mutex::new(HashSet::new()),
+            releases: AtomicU64::new(0),
+        });
+        scheduler.subscribe();
+        crate::runtime::footprint::register("scheduler", &scheduler);
+        scheduler
+    }
+
+    fn subscribe(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        self.sandboxes.subscribe(move |change| {
+            if let Some(me) = me.upgrade() {
+                me.on_sandbox_change(change);
+            }
+        });
+        let me = Arc::downgrade(self);
+        self.nodes.subscribe(move |change| {
+            if let Some(me) = me.upgrade() {
+                me.on_node_change(change);
+            }
+        });
+    }
+
+    fn on_sandbox_change(&self, change: &Change<'_, Sandbox>) {
+        match change {
+            Change::Upsert { new, .. } => {
+                if new.status.holds_node_resources() {
+                    let node = new.status.node_name.as_deref().unwrap_or_default();
+                    let request = Request::of(&new.spec, &self.settings.requests);
+                    let ports = new.status.assigned_ports.iter().map(|p| (p.protocol, p.host_port)).collect();
+                    self.index.lock().hold(&new.id, node, request.cpu_milli, request.memory_bytes, ports);
+                } else if new.status.node_name.is_some() && self.index.lock().release(&new.id) {
+                    // Only a bound sandbox's release frees anything: a Pending copy may predate our own bind
+                    // (a relist, or the event of the bind not yet applied) and must not undo the assumption.
+                    self.retry_unschedulable();
+                }
+                if new.status.phase == Phase::Pending && new.status.node_name.is_none() {
+                    self.queue.add(new.id.clone());
+                }
+            }
+            Change::Delete(gone) => {
+                self.unschedulable.lock().remove(&gone.id);
+                if self.index.lock().release(&gone.id) {
+                    self.retry_unschedulable();
+                }
+            }
+        }
+    }
+
+    fn on_node_change(&self, change: &Change<'_, Node>) {
+        let (old, new) = match change {
+            Change::Upsert { old, new } => (old, new),
+            Change::Delete(gone) => {
+                self.index.lock().remove_node(&gone.name);
+                return;
+            }
+        };
+        self.index.lock().upsert_node(new);
+        let more_room = match old {
+            None => true,
+            Some(old) => {
+                let (o, n) = (&old.status.resources, &new.status.resources);
+                old.status.state != new.status.state
+                    || n.available_cpu_milli > o.available_cpu_milli
+                    || n.available_memory_bytes > o.available_memory_bytes
+                    || n.allocatable_cpu_milli != o.allocatable_cpu_milli
+                    || n.allocatable_memory_bytes != o.allocatable_memory_bytes
+            }
+        };
+        // A state change either way makes the recorded reasons ("1 not ready") stale, so retry then too.
+        let state_changed = old.is_some_and(|o| o.status.state != new.status.state);
+        if state_changed || (more_room && new.status.state == NodeState::Ready) {
+            self.retry_unschedulable();
+        }
+    }
+
+    fn release_assumption(&self, id: &str) {
+        if self.index.lock().release(id) {
+            self.retry_unschedulable();
+        }
+    }
+
+    fn retry_unschedulable(&self) {
+        self.releases.fetch_add(1, Ordering::SeqCst);
+        let waiting: Vec<String> = self.unschedulable.lock().drain().collect();
+        for id in waiting {
+            self.queue.add(id);
+        }
+    }
+
+    /// Places one Pending sandbox: choose and assume under the index lock, then bind with a CAS write.
+    pub async fn schedule_one(&self, id: &str) -> Outcome {
+        let Some(sandbox) = self.sandboxes.get(id) else { return Outcome::Done };
+        if sandbox.status.phase != Phase::Pending || sandbox.status.node_name.is_some() {
+            return Outcome::Done;
+        }
+        // Held already: our bind succeeded and its event has not reached the cache yet.
+        if self.index.lock().holds(id) {
+            return Outcome::Done;
+        }
+        let request = Request::of(&sandbox.spec, &self.settings.requests);
+        let releases_before = self.releases.load(Ordering::SeqCst);
+        let decision = self.choose_and_assume(id, &request);
+        match decision {
+            Ok((node, ports)) => self.bind(&sandbox, node, ports).await,
+            Err(message) => {
+                let outcome = self.mark_unschedulable(&sandbox, message).await;
+                // Room freed while we looked: the retry that release triggered may have missed us.
+                if self.releases.load(Ordering::SeqCst) != releases_before {
+                    self.retry_unschedulable();
+                }
+                outcome
+            }
+        }
+    }
+
+    fn choose_and_assume(&self, id: &str, request: &Request) -> Result<(Arc<Node>, Vec<AssignedPort>), String> {
+        let (name, ports) =
+            self.index.lock().place(id, request, self.settings.policy, self.settings.host_port_range)?;
+        match self.nodes.get(&name) {
+            Some(node) => Ok((node, ports)),
+            None => {
+                self.release_assumption(id);
+                Err(format!("node {name} disappeared while placing"))
+            }
+        }
+    }
+
+    async fn bind(&self, sandbox: &Sandbox, node: Arc<Node>, ports: Vec<AssignedPort>) -> Outcome {
+        let mut status = sandbox.status.clone();
+        status.phase = Phase::Scheduled;
+        status.node_name = Some(node.name.clone());
+        status.assigned_ports = ports;
+        status.external = Some(node.effective_external().to_string()).filter(|e| !e.is_empty());
+        status.reason = None;
+        status.message = None;
+        match self.objects.put_sandbox_status(&sandbox.id, &status, &sandbox.resource_version).await {
+            Ok(_) => {
+                crate::runtime::metrics::METRICS.binds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.unschedulable.lock().remove(&sandbox.id);
+                tracing::info!(sandbox = %sandbox.id, node = %node.name, from = "Pending", to = "Scheduled", "sandbox phase changed");
+                Outcome::Done
+            }
+            Err(e) => {
+                // The bind did not happen: take back the assumption so the ports and room are free again.
+                self.release_assumption(&sandbox.id);
+                Outcome::Err(format!("binding {} to {}: {e}", sandbox.id, node.name))
+            }
+        }
+    }
+
+    async fn mark_unschedulable(&self, sandbox: &Sandbox, message: String) -> Outcome {
+        self.unschedulable.lock().insert(sandbox.id.clone());
+        let unchanged = sandbox.status.reason.as_deref() == Some("Unschedulable")
+            && sandbox.status.message.as_deref() == Some(message.as_str());
+        if unchanged {
+            return Outcome::Done;
+        }
+        let mut status = sandbox.status.clone();
+        status.reason = Some("Unschedulable".into());
+        status.message = Some(message);
+        match self.objects.put_sandbox_status(&sandbox.id, &status, &sandbox.resource_version).await {
+            Ok(_) => Outcome::Done,
+            Err(e) => Outcome::Err(format!("recording why {} is unschedulable: {e}", sandbox.id)),
+        }
+    }
+
+    /// Places Pending sandboxes until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        self.nodes.wait_synced().await;
+        self.sandboxes.wait_synced().await;
+        let queue = self.queue.clone();
+        let me = self.clone();
+        let workers = self.settings.workers.max(1);
+        run_until_shutdown(queue, workers, shutdown, move |id: String| {
+            let me = me.clone();
+            async move { me.schedule_one(&id).await }
+        })
+        .await;
+    }
+
+    /// Host ports currently held on a node (for tests and diagnostics).
+    pub fn used_ports(&self, node: &str) -> Vec<(Protocol, u16)> {
+        self.index.lock().used_ports(node)
+    }
+}
+
+#[cfg(test)]
+mod assumption_tests {
+    use super::*;
+    use crate::objects::{ObjectError, ObjectKind, ObjectResult, RawWatch};
+    use async_trait::async_trait;
+    use sandboxd_api::node::NodeStatus;
+    use sandboxd_api::SandboxStatus;
+
+    struct NoObjects;
+
+    #[async_trait]
+    impl ObjectClient for NoObjects {
+        async fn list(&self, _: ObjectKind) -> ObjectResult<(Vec<Vec<u8>>, u64)> {
+            Err(ObjectError::Unavailable("test".into()))
+        }
+        async fn watch(&self, _: ObjectKind, _: u64) -> ObjectResult<RawWatch> {
+            Err(ObjectError::Unavailable("test".into()))
+        }
+        async fn get_node(&self, _: &str) -> ObjectResult<Option<Node>> {
+            Ok(None)
+        }
+        async fn get_sandbox(&self, _: &str) -> ObjectResult<Option<Sandbox>> {
+            Ok(None)
+        }
+        async fn put_node_status(&self, _: &str, _: &NodeStatus, _: &str) -> ObjectResult<Node> {
+            Err(ObjectError::Unavailable("test".into()))
+        }
+        async fn put_sandbox_status(&self, _: &str, _: &SandboxStatus, _: &str) -> ObjectResult<Sandbox> {
+            Err(ObjectError::Unavailable("test".into()))
+        }
+        async fn remove_sandbox(&self, _: &str, _: &str) -> ObjectResult<()> {
+            Err(ObjectError::Unavailable("test".into()))
+        }
+    }
+
+    fn sandbox(id: &str, node: Option<&str>, port: u16) -> Arc<Sandbox> {
+        let mut s: Sandbox = serde_json::from_value(serde_json::json!({
+            "id": id, "created_at": "", "updated_at": "",
+            "spec": {"containers": [{"name": "c", "image": "i"}], "ports": [{"container_port": 80}]}
+        }))
+        .unwrap();
+        if let Some(node) = node {
+            s.status.phase = Phase::Scheduled;
+            s.status.node_name = Some(node.into());
+            s.status.assigned_ports =
+                vec![AssignedPort { host_port: port, container_port: 80, protocol: Protocol::Tcp }];
+        }
+        Arc::new(s)
+    }
+
+    #[test]
+    fn a_stale_pending_copy_never_releases_an_assumed_bind() {
+        let scheduler =
+            Scheduler::new(Informer::new(), Informer::new(), Arc::new(NoObjects), SchedulerSettings::default());
+        scheduler.index.lock().hold("s", "n", 100, 1, vec![(Protocol::Tcp, 10000)]);
+        // A relist (or a late event) delivers the sandbox as it was before our bind.
+        let pending = sandbox("s", None, 0);
+        scheduler.on_sandbox_change(&Change::Upsert { old: None, new: &pending });
+        assert_eq!(scheduler.used_ports("n"), [(Protocol::Tcp, 10000)], "the assumed port stays taken");
+        // The bind's own event and then a deletion do release it.
+        let bound = sandbox("s", Some("n"), 10000);
+        scheduler.on_sandbox_change(&Change::Upsert { old: None, new: &bound });
+        scheduler.on_sandbox_change(&Change::Delete(&bound));
+        assert!(scheduler.used_ports("n").is_empty());
+    }
+}

@@ -1,0 +1,336 @@
+//! Placement, pure: whether a node fits a sandbox, how nodes score, and which host ports it gets.
+
+use sandboxd_api::validate::{sandbox_requests, SandboxPolicy};
+use sandboxd_api::{AssignedPort, Protocol, SandboxSpec};
+use std::collections::{BTreeSet, HashMap};
+
+/// How nodes are scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Least allocated first.
+    Spread,
+    /// Most allocated first.
+    Binpack,
+}
+
+/// What a sandbox asks of a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+    /// (protocol, container port, pinned host port)
+    pub ports: Vec<(Protocol, u16, Option<u16>)>,
+}
+
+impl Request {
+    /// The requests of a sandbox spec, with defaults for containers without `resource`.
+    pub fn of(spec: &SandboxSpec, defaults: &SandboxPolicy) -> Request {
+        let (cpu_milli, memory_bytes) = sandbox_requests(spec, defaults);
+        let ports =
+            spec.ports.iter().map(|p| (p.protocol, p.container_port as u16, p.host_port.map(|h| h as u16))).collect();
+        Request { cpu_milli, memory_bytes, ports }
+    }
+}
+
+/// Why a node does not fit a sandbox; the order is the order of the checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Rejection {
+    NotReady,
+    InsufficientCpu,
+    InsufficientMemory,
+    HostPortInUse,
+    NoFreeHostPort,
+}
+
+impl Rejection {
+    fn describe(self) -> &'static str {
+        match self {
+            Rejection::NotReady => "not ready",
+            Rejection::InsufficientCpu => "insufficient cpu",
+            Rejection::InsufficientMemory => "insufficient memory",
+            Rejection::HostPortInUse => "host port in use",
+            Rejection::NoFreeHostPort => "no free host port",
+        }
+    }
+}
+
+/// A node as the scheduler sees it: reported figures plus what the store has already bound to it.
+#[derive(Debug, Clone)]
+pub struct NodeView<'a> {
+    pub name: &'a str,
+    pub ready: bool,
+    pub available_cpu_milli: u64,
+    pub available_memory_bytes: u64,
+    pub allocatable_cpu_milli: u64,
+    pub allocatable_memory_bytes: u64,
+    pub bound_cpu_milli: u64,
+    pub bound_memory_bytes: u64,
+    pub used_ports: &'a BTreeSet<(Protocol, u16)>,
+}
+
+/// Checks whether a node fits a request: Ready, room by both reported and bound figures, pinned ports free.
+pub fn filter(node: &NodeView<'_>, request: &Request, range: (u16, u16)) -> Result<(), Rejection> {
+    if !node.ready {
+        return Err(Rejection::NotReady);
+    }
+    let free_cpu = node.allocatable_cpu_milli.saturating_sub(node.bound_cpu_milli);
+    if request.cpu_milli > node.available_cpu_milli || request.cpu_milli > free_cpu {
+        return Err(Rejection::InsufficientCpu);
+    }
+    let free_memory = node.allocatable_memory_bytes.saturating_sub(node.bound_memory_bytes);
+    if request.memory_bytes > node.available_memory_bytes || request.memory_bytes > free_memory {
+        return Err(Rejection::InsufficientMemory);
+    }
+    if request.ports.iter().any(|(proto, _, pinned)| pinned.is_some_and(|h| node.used_ports.contains(&(*proto, h)))) {
+        return Err(Rejection::HostPortInUse);
+    }
+    if pick_ports(node.used_ports, request, range).is_none() {
+        return Err(Rejection::NoFreeHostPort);
+    }
+    Ok(())
+}
+
+/// Scores a fitting node; higher is better. Spread prefers the most free share, binpack the least.
+pub fn score(node: &NodeView<'_>, request: &Request, policy: Policy) -> u64 {
+    let free_share = |allocatable: u64, bound: u64, asked: u64| -> u64 {
+        if allocatable == 0 {
+            return 0;
+        }
+        let free = allocatable.saturating_sub(bound).saturating_sub(asked);
+        (u128::from(free) * 10_000 / u128::from(allocatable)) as u64
+    };
+    let cpu = free_share(node.allocatable_cpu_milli, node.bound_cpu_milli, request.cpu_milli);
+    let memory = free_share(node.allocatable_memory_bytes, node.bound_memory_bytes, request.memory_bytes);
+    let free = (cpu + memory) / 2;
+    match policy {
+        Policy::Spread => free,
+        Policy::Binpack => 10_000 - free.min(10_000),
+    }
+}
+
+/// Host ports for every requested port: the pinned one, else the lowest free in `range` per protocol.
+pub fn pick_ports(used: &BTreeSet<(Protocol, u16)>, request: &Request, range: (u16, u16)) -> Option<Vec<AssignedPort>> {
+    let mut taken: Vec<(Protocol, u16)> = Vec::with_capacity(request.ports.len());
+    let is_free = |taken: &[(Protocol, u16)], key: (Protocol, u16)| !used.contains(&key) && !taken.contains(&key);
+    let mut assigned = Vec::with_capacity(request.ports.len());
+    // Pinned ports first, so an automatic pick never takes a port another entry pins.
+    for (proto, _, pinned) in &request.ports {
+        if let Some(h) = pinned {
+            if !is_free(&taken, (*proto, *h)) {
+                return None;
+            }
+            taken.push((*proto, *h));
+        }
+    }
+    for (proto, container_port, pinned) in &request.ports {
+        let host_port = match pinned {
+            Some(h) => *h,
+            None => {
+                let free = (range.0..=range.1).find(|p| is_free(&taken, (*proto, *p)))?;
+                taken.push((*proto, free));
+                free
+            }
+        };
+        assigned.push(AssignedPort { host_port, container_port: *container_port, protocol: *proto });
+    }
+    Some(assigned)
+}
+
+/// `0/3 nodes available: 2 insufficient cpu, 1 not ready`.
+pub fn unschedulable_message(total: usize, rejections: &HashMap<Rejection, usize>) -> String {
+    if total == 0 {
+        return "0/0 nodes available: no nodes registered".into();
+    }
+    let mut counts: Vec<(Rejection, usize)> = rejections.iter().map(|(r, n)| (*r, *n)).collect();
+    counts.sort();
+    let parts: Vec<String> = counts.iter().map(|(r, n)| format!("{n} {}", r.describe())).collect();
+    format!("0/{total} nodes available: {}", parts.join(", "))
+}
+
+/// How many feasible nodes to score before choosing, as kube-scheduler's adaptive
+/// `percentageOfNodesToScore`: all of a small cluster, 10 % of 5,000 nodes, never fewer than 100.
+pub fn feasible_nodes_to_score(nodes: usize) -> usize {
+    let percent = 50usize.saturating_sub(nodes / 125).max(5);
+    (nodes * percent / 100).max(100)
+}
+
+/// Picks the best of the first `sample` feasible nodes and its host ports, or explains why none fits.
+pub fn choose<'a>(
+    nodes: impl IntoIterator<Item = NodeView<'a>>,
+    request: &Request,
+    policy: Policy,
+    range: (u16, u16),
+    sample: usize,
+) -> Result<(String, Vec<AssignedPort>), String> {
+    let mut best: Option<(u64, NodeView<'a>)> = None;
+    let mut rejections: HashMap<Rejection, usize> = HashMap::new();
+    let mut total = 0;
+    let mut feasible = 0;
+    for node in nodes {
+        if feasible >= sample.max(1) {
+            break;
+        }
+        total += 1;
+        match filter(&node, request, range) {
+            Err(why) => *rejections.entry(why).or_default() += 1,
+            Ok(()) => {
+                feasible += 1;
+                let s = score(&node, request, policy);
+                // Ties go to the lowest name so placement is deterministic.
+                let better = match &best {
+                    None => true,
+                    Some((bs, bn)) => s > *bs || (s == *bs && node.name < bn.name),
+                };
+                if better {
+                    best = Some((s, node));
+                }
+            }
+        }
+    }
+    match best {
+        Some((_, node)) => {
+            let ports = pick_ports(node.used_ports, request, range).expect("filter checked the ports");
+            Ok((node.name.to_string(), ports))
+        }
+        None => Err(unschedulable_message(total, &rejections)),
+    }
+}
+
+/// A request for `cpu` millicores, 64Mi and tcp `ports` of (container port, pinned host port).
+#[cfg(test)]
+pub(crate) fn test_request(cpu: u64, ports: &[(u16, Option<u16>)]) -> Request {
+    Request {
+        cpu_milli: cpu,
+        memory_bytes: 64 << 20,
+        ports: ports.iter().map(|(c, h)| (Protocol::Tcp, *c, *h)).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_request as request;
+    use super::*;
+
+    fn view<'a>(name: &'a str, ports: &'a BTreeSet<(Protocol, u16)>) -> NodeView<'a> {
+        NodeView {
+            name,
+            ready: true,
+            available_cpu_milli: 3600,
+            available_memory_bytes: 8 << 30,
+            allocatable_cpu_milli: 3600,
+            allocatable_memory_bytes: 8 << 30,
+            bound_cpu_milli: 0,
+            bound_memory_bytes: 0,
+            used_ports: ports,
+        }
+    }
+
+    #[test]
+    fn filter_rejects_for_each_reason() {
+        let none = BTreeSet::new();
+        let used: BTreeSet<_> = [(Protocol::Tcp, 10000)].into();
+        let full: BTreeSet<_> = (10000..=10001).map(|p| (Protocol::Tcp, p)).collect();
+        let range = (10000, 10001);
+        let cases: Vec<(&str, NodeView<'_>, Request, Result<(), Rejection>)> = vec![
+            ("fits", view("a", &none), request(200, &[(80, None)]), Ok(())),
+            ("not ready", NodeView { ready: false, ..view("a", &none) }, request(200, &[]), Err(Rejection::NotReady)),
+            (
+                "reported available too low",
+                NodeView { available_cpu_milli: 100, ..view("a", &none) },
+                request(200, &[]),
+                Err(Rejection::InsufficientCpu),
+            ),
+            (
+                "bound requests fill allocatable",
+                NodeView { bound_cpu_milli: 3500, ..view("a", &none) },
+                request(200, &[]),
+                Err(Rejection::InsufficientCpu),
+            ),
+            (
+                "memory",
+                NodeView { bound_memory_bytes: 8 << 30, ..view("a", &none) },
+                request(200, &[]),
+                Err(Rejection::InsufficientMemory),
+            ),
+            ("pinned port taken", view("a", &used), request(200, &[(80, Some(10000))]), Err(Rejection::HostPortInUse)),
+            ("pinned port elsewhere free", view("a", &used), request(200, &[(80, Some(10001))]), Ok(())),
+            ("range exhausted", view("a", &full), request(200, &[(80, None)]), Err(Rejection::NoFreeHostPort)),
+            ("exact fit", NodeView { bound_cpu_milli: 3400, ..view("a", &none) }, request(200, &[]), Ok(())),
+        ];
+        for (what, node, req, want) in cases {
+            assert_eq!(filter(&node, &req, range), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn ports_are_lowest_free_per_protocol_and_pins_are_honoured() {
+        let used: BTreeSet<_> = [(Protocol::Tcp, 10000), (Protocol::Tcp, 10002)].into();
+        let req = Request {
+            cpu_milli: 1,
+            memory_bytes: 1,
+            ports: vec![
+                (Protocol::Tcp, 80, None),
+                (Protocol::Tcp, 81, None),
+                (Protocol::Udp, 53, None),
+                (Protocol::Tcp, 82, Some(10001)),
+            ],
+        };
+        let got = pick_ports(&used, &req, (10000, 19999)).unwrap();
+        let host: Vec<(Protocol, u16, u16)> = got.iter().map(|p| (p.protocol, p.container_port, p.host_port)).collect();
+        assert_eq!(
+            host,
+            [
+                (Protocol::Tcp, 80, 10003),
+                (Protocol::Tcp, 81, 10004),
+                (Protocol::Udp, 53, 10000),
+                (Protocol::Tcp, 82, 10001)
+            ],
+            "10001 is pinned by a later entry, so automatic picks skip it"
+        );
+    }
+
+    #[test]
+    fn spread_prefers_least_allocated_and_binpack_most() {
+        let none = BTreeSet::new();
+        let idle = view("idle", &none);
+        let busy = NodeView { bound_cpu_milli: 3000, bound_memory_bytes: 6 << 30, ..view("busy", &none) };
+        let req = request(100, &[]);
+        let pick = |policy| choose([idle.clone(), busy.clone()], &req, policy, (10000, 19999), 100).unwrap().0;
+        assert_eq!(pick(Policy::Spread), "idle");
+        assert_eq!(pick(Policy::Binpack), "busy");
+    }
+
+    #[test]
+    fn ties_go_to_the_lowest_name() {
+        let none = BTreeSet::new();
+        let got = choose(
+            [view("b", &none), view("a", &none), view("c", &none)],
+            &request(1, &[]),
+            Policy::Spread,
+            (1, 2),
+            100,
+        );
+        assert_eq!(got.unwrap().0, "a");
+    }
+
+    #[test]
+    fn unschedulable_message_counts_reasons() {
+        let none = BTreeSet::new();
+        let nodes = [
+            NodeView { ready: false, ..view("a", &none) },
+            NodeView { bound_cpu_milli: 3600, ..view("b", &none) },
+            NodeView { bound_cpu_milli: 3600, ..view("c", &none) },
+        ];
+        let err = choose(nodes, &request(200, &[]), Policy::Spread, (1, 2), 100).unwrap_err();
+        assert_eq!(err, "0/3 nodes available: 1 not ready, 2 insufficient cpu");
+        assert_eq!(unschedulable_message(0, &HashMap::new()), "0/0 nodes available: no nodes registered");
+    }
+
+    #[test]
+    fn sample_size_follows_the_kube_scheduler_rule() {
+        assert_eq!(feasible_nodes_to_score(3), 100);
+        assert_eq!(feasible_nodes_to_score(1000), 420);
+        assert_eq!(feasible_nodes_to_score(5000), 500);
+        assert_eq!(feasible_nodes_to_score(100_000), 5000);
+    }
+}

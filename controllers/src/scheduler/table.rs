@@ -1,0 +1,231 @@
+//! The scheduler's node table: each node's room, what bound sandboxes hold (assumed on bind, before
+//! the informer shows the bind), and the host ports in use.
+
+use super::placement::{choose, feasible_nodes_to_score, NodeView, Policy, Request};
+use sandboxd_api::{AssignedPort, Node, NodeState, Protocol};
+use std::collections::{BTreeSet, HashMap};
+
+/// What one sandbox holds on its node.
+#[derive(Debug, Clone)]
+struct Held {
+    slot: usize,
+    cpu_milli: u64,
+    memory_bytes: u64,
+    ports: Vec<(Protocol, u16)>,
+}
+
+/// One node as the scheduler keeps it: the last reported figures and what is bound to it.
+#[derive(Debug, Default)]
+struct Slot {
+    name: String,
+    /// Still registered (a deleted node keeps its slot until its sandboxes are released).
+    present: bool,
+    ready: bool,
+    available_cpu_milli: u64,
+    available_memory_bytes: u64,
+    allocatable_cpu_milli: u64,
+    allocatable_memory_bytes: u64,
+    bound_cpu_milli: u64,
+    bound_memory_bytes: u64,
+    ports: BTreeSet<(Protocol, u16)>,
+}
+
+impl Slot {
+    fn view(&self) -> NodeView<'_> {
+        NodeView {
+            name: &self.name,
+            ready: self.present && self.ready,
+            available_cpu_milli: self.available_cpu_milli,
+            available_memory_bytes: self.available_memory_bytes,
+            allocatable_cpu_milli: self.allocatable_cpu_milli,
+            allocatable_memory_bytes: self.allocatable_memory_bytes,
+            bound_cpu_milli: self.bound_cpu_milli,
+            bound_memory_bytes: self.bound_memory_bytes,
+            used_ports: &self.ports,
+        }
+    }
+}
+
+/// Nodes and what is bound to them, from the store plus binds not yet seen back ("assumed").
+///
+/// Nodes live in a flat table so a placement scans memory without hashing or cloning.
+#[derive(Debug, Default)]
+pub struct AllocationIndex {
+    slots: Vec<Slot>,
+    by_name: HashMap<String, usize>,
+    held: HashMap<String, Held>,
+    /// Where the next placement starts scanning, so sampled placements rotate over all nodes.
+    next_start: usize,
+}
+
+impl AllocationIndex {
+    /// Sandboxes holding resources on some node (bound, or assumed and not yet seen bound).
+    pub fn held_count(&self) -> usize {
+        self.held.len()
+    }
+
+    fn slot_of(&mut self, node: &str) -> usize {
+        if let Some(i) = self.by_name.get(node) {
+            return *i;
+        }
+        self.slots.push(Slot { name: node.to_string(), ..Slot::default() });
+        self.by_name.insert(node.to_string(), self.slots.len() - 1);
+        self.slots.len() - 1
+    }
+
+    /// Records a node's latest state and reported resources.
+    pub fn upsert_node(&mut self, node: &Node) {
+        let i = self.slot_of(&node.name);
+        let r = &node.status.resources;
+        let slot = &mut self.slots[i];
+        slot.present = true;
+        slot.ready = node.status.state == NodeState::Ready;
+        slot.available_cpu_milli = r.available_cpu_milli;
+        slot.available_memory_bytes = r.available_memory_bytes;
+        slot.allocatable_cpu_milli = r.allocatable_cpu_milli;
+        slot.allocatable_memory_bytes = r.allocatable_memory_bytes;
+    }
+
+    /// A deleted node takes no new sandboxes; what its sandboxes hold is released with them.
+    pub fn remove_node(&mut self, node: &str) {
+        if let Some(i) = self.by_name.get(node) {
+            self.slots[*i].present = false;
+        }
+    }
+
+    /// Records that `sandbox` holds resources on `node`; idempotent.
+    pub fn hold(&mut self, sandbox: &str, node: &str, cpu_milli: u64, memory_bytes: u64, ports: Vec<(Protocol, u16)>) {
+        let slot = self.slot_of(node);
+        if let Some(existing) = self.held.get(sandbox) {
+            if existing.slot == slot {
+                return;
+            }
+            self.release(sandbox);
+        }
+        let s = &mut self.slots[slot];
+        s.bound_cpu_milli += cpu_milli;
+        s.bound_memory_bytes += memory_bytes;
+        s.ports.extend(ports.iter().copied());
+        self.held.insert(sandbox.to_string(), Held { slot, cpu_milli, memory_bytes, ports });
+    }
+
+    /// Whether `sandbox` holds (or is assumed to hold) resources.
+    pub fn holds(&self, sandbox: &str) -> bool {
+        self.held.contains_key(sandbox)
+    }
+
+    /// Frees what `sandbox` held; returns whether it held anything.
+    pub fn release(&mut self, sandbox: &str) -> bool {
+        let Some(held) = self.held.remove(sandbox) else { return false };
+        let s = &mut self.slots[held.slot];
+        s.bound_cpu_milli = s.bound_cpu_milli.saturating_sub(held.cpu_milli);
+        s.bound_memory_bytes = s.bound_memory_bytes.saturating_sub(held.memory_bytes);
+        for port in &held.ports {
+            s.ports.remove(port);
+        }
+        true
+    }
+
+    /// Chooses a node for `request` (scanning from a rotating start) and assumes the placement at once.
+    pub fn place(
+        &mut self,
+        sandbox: &str,
+        request: &Request,
+        policy: Policy,
+        range: (u16, u16),
+    ) -> Result<(String, Vec<AssignedPort>), String> {
+        let n = self.slots.len();
+        let start = if n == 0 { 0 } else { self.next_start % n };
+        let sample = feasible_nodes_to_score(self.slots.iter().filter(|s| s.present).count());
+        let order = self.slots[start..].iter().chain(self.slots[..start].iter()).filter(|s| s.present);
+        let (name, ports) = choose(order.map(Slot::view), request, policy, range, sample)?;
+        self.next_start = start + 1;
+        let held_ports = ports.iter().map(|p| (p.protocol, p.host_port)).collect();
+        self.hold(sandbox, &name, request.cpu_milli, request.memory_bytes, held_ports);
+        Ok((name, ports))
+    }
+
+    /// Bound (cpu, memory) of a node.
+    #[cfg(test)]
+    fn bound(&self, node: &str) -> (u64, u64) {
+        self.by_name
+            .get(node)
+            .map(|i| (self.slots[*i].bound_cpu_milli, self.slots[*i].bound_memory_bytes))
+            .unwrap_or_default()
+    }
+
+    /// Host ports in use on a node.
+    pub fn used_ports(&self, node: &str) -> Vec<(Protocol, u16)> {
+        self.by_name.get(node).map(|i| self.slots[*i].ports.iter().copied().collect()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::placement::test_request as request;
+    use std::collections::HashSet;
+
+    #[test]
+    fn index_hold_is_idempotent_and_release_frees_ports() {
+        let mut index = AllocationIndex::default();
+        index.hold("s1", "n", 200, 10, vec![(Protocol::Tcp, 10000)]);
+        index.hold("s1", "n", 200, 10, vec![(Protocol::Tcp, 10000)]);
+        assert_eq!(index.bound("n").0, 200);
+        assert_eq!(index.used_ports("n"), [(Protocol::Tcp, 10000)]);
+        assert!(index.release("s1"));
+        assert!(!index.release("s1"));
+        assert_eq!(index.bound("n").0, 0);
+        assert!(index.used_ports("n").is_empty());
+    }
+
+    fn ready_node(name: &str, allocatable_cpu: u64) -> Node {
+        let mut node: Node = serde_json::from_value(serde_json::json!({
+            "id": name, "name": name, "ip": "127.0.0.1", "port": 1, "state": "Ready",
+            "created_at": "", "updated_at": "", "sbxlet_base_url": ""
+        }))
+        .unwrap();
+        node.status.resources = sandboxd_api::NodeResources::derive(allocatable_cpu * 10 / 9, 16 << 30, 0, 0, 90);
+        node
+    }
+
+    #[test]
+    fn eighteen_of_200m_fill_a_3600m_node_and_the_nineteenth_does_not_fit() {
+        let mut index = AllocationIndex::default();
+        index.upsert_node(&ready_node("n", 3600));
+        let req = request(200, &[]);
+        let placed =
+            (0..19).filter(|i| index.place(&format!("s{i}"), &req, Policy::Spread, (10000, 19999)).is_ok()).count();
+        assert_eq!(placed, 18);
+        assert_eq!(
+            index.place("s19", &req, Policy::Spread, (10000, 19999)).unwrap_err(),
+            "0/1 nodes available: 1 insufficient cpu"
+        );
+    }
+
+    #[test]
+    fn placements_rotate_over_equal_nodes_and_never_reuse_a_port() {
+        let mut index = AllocationIndex::default();
+        for name in ["a", "b", "c"] {
+            index.upsert_node(&ready_node(name, 3600));
+        }
+        let req = request(10, &[(80, None)]);
+        let mut seen = HashSet::new();
+        for i in 0..300 {
+            let (node, ports) = index.place(&format!("s{i}"), &req, Policy::Spread, (10000, 10099)).unwrap();
+            assert!(seen.insert((node, ports[0].host_port)), "a (node, port) pair was handed out twice");
+        }
+        assert!(
+            index.place("s300", &req, Policy::Spread, (10000, 10099)).is_err(),
+            "300 ports of 3 nodes are all used"
+        );
+    }
+
+    #[test]
+    fn removed_nodes_take_nothing_new() {
+        let mut index = AllocationIndex::default();
+        index.upsert_node(&ready_node("a", 3600));
+        index.remove_node("a");
+        assert!(index.place("s", &request(10, &[]), Policy::Spread, (1, 2)).is_err());
+    }
+}
