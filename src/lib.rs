@@ -8,5 +8,6 @@ pub mod controllers;
 #[cfg(feature = "etcd")]
 pub mod local_etcd;
 pub mod objects;
+pub mod registry;
 pub mod server;
 pub mod store;

@@ -11,6 +11,14 @@ use std::time::Duration;
 
 use sandboxd_controllers::runtime::lease::LeaseSettings;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "sandboxd-o", version, about = "Control plane for fleets of sandboxes")]
 struct Cli {

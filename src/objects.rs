@@ -1,6 +1,7 @@
-//! The in-process `ObjectClient`: controllers in the server process use the store directly, with the API's rules.
+//! The in-process `ObjectClient`: controllers in the server process use the registry directly, with the
+//! same rules as the HTTP API.
 
-use crate::apiserver::{self, ApiError, ApiState};
+use crate::registry::{Registry, RegistryError};
 use crate::store::{EventType, Kind, StoreError, WatchItem};
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -12,12 +13,16 @@ use sandboxd_contracts::LeaseClient;
 /// List/watch and status writes over the local store, with the same semantics as the HTTP API.
 #[derive(Clone)]
 pub struct InProcessObjects {
-    state: ApiState,
+    registry: Registry,
 }
 
 impl InProcessObjects {
-    pub fn new(state: ApiState) -> InProcessObjects {
-        InProcessObjects { state }
+    pub fn new(registry: Registry) -> InProcessObjects {
+        InProcessObjects { registry }
+    }
+
+    fn store(&self) -> &dyn crate::store::Store {
+        self.registry.store().as_ref()
     }
 }
 
@@ -30,17 +35,17 @@ fn store_kind(kind: ObjectKind) -> Kind {
 }
 
 fn from_store(e: StoreError) -> ObjectError {
-    from_api(ApiError::from(e))
+    from_registry(RegistryError::from(e))
 }
 
-fn from_api(e: ApiError) -> ObjectError {
-    let message = e.to_string();
+/// The one mapping from registry errors to what controllers react to.
+fn from_registry(e: RegistryError) -> ObjectError {
     match e {
-        ApiError::Conflict(_) => ObjectError::Conflict(message),
-        ApiError::NotFound(_) => ObjectError::NotFound(message),
-        ApiError::Gone(_) => ObjectError::Gone(message),
-        ApiError::BadRequest(_) => ObjectError::Invalid(message),
-        _ => ObjectError::Unavailable(message),
+        RegistryError::Conflict(m) => ObjectError::Conflict(m),
+        RegistryError::NotFound(m) => ObjectError::NotFound(m),
+        RegistryError::Gone(m) => ObjectError::Gone(m),
+        RegistryError::Invalid(m) => ObjectError::Invalid(m),
+        RegistryError::Unavailable(m) | RegistryError::Internal(m) => ObjectError::Unavailable(m),
     }
 }
 
@@ -51,12 +56,12 @@ fn parse_revision(rv: &str) -> ObjectResult<u64> {
 #[async_trait]
 impl ObjectClient for InProcessObjects {
     async fn list(&self, kind: ObjectKind) -> ObjectResult<(Vec<Vec<u8>>, u64)> {
-        let (items, revision) = self.state.store.list(store_kind(kind)).await.map_err(from_store)?;
+        let (items, revision) = self.store().list(store_kind(kind)).await.map_err(from_store)?;
         Ok((items.into_iter().map(|v| v.data.to_vec()).collect(), revision))
     }
 
     async fn watch(&self, kind: ObjectKind, from: u64) -> ObjectResult<RawWatch> {
-        let stream = self.state.store.watch(store_kind(kind), from).await.map_err(from_store)?;
+        let stream = self.store().watch(store_kind(kind), from).await.map_err(from_store)?;
         Ok(stream
             .map(|item| {
                 Ok(match item {
@@ -72,14 +77,14 @@ impl ObjectClient for InProcessObjects {
     }
 
     async fn get_node(&self, name: &str) -> ObjectResult<Option<Node>> {
-        match self.state.store.get(Kind::Nodes, name).await.map_err(from_store)? {
+        match self.store().get(Kind::Nodes, name).await.map_err(from_store)? {
             Some(v) => v.decode().map(Some).map_err(from_store),
             None => Ok(None),
         }
     }
 
     async fn get_sandbox(&self, id: &str) -> ObjectResult<Option<Sandbox>> {
-        match self.state.store.get(Kind::Sandboxes, id).await.map_err(from_store)? {
+        match self.store().get(Kind::Sandboxes, id).await.map_err(from_store)? {
             Some(v) => v.decode().map(Some).map_err(from_store),
             None => Ok(None),
         }
@@ -87,8 +92,7 @@ impl ObjectClient for InProcessObjects {
 
     async fn put_node_status(&self, name: &str, status: &NodeStatus, resource_version: &str) -> ObjectResult<Node> {
         let expect = parse_revision(resource_version)?;
-        let (_, node) =
-            apiserver::write_node_status(&self.state, name, status, Some(expect)).await.map_err(from_api)?;
+        let (_, node) = self.registry.write_node_status(name, status, Some(expect)).await.map_err(from_registry)?;
         Ok(node)
     }
 
@@ -99,21 +103,20 @@ impl ObjectClient for InProcessObjects {
         resource_version: &str,
     ) -> ObjectResult<Sandbox> {
         let expect = parse_revision(resource_version)?;
-        let (_, sandbox) =
-            apiserver::write_sandbox_status(&self.state, id, status, Some(expect)).await.map_err(from_api)?;
+        let (_, sandbox) = self.registry.write_sandbox_status(id, status, Some(expect)).await.map_err(from_registry)?;
         Ok(sandbox)
     }
 
     async fn remove_sandbox(&self, id: &str, resource_version: &str) -> ObjectResult<()> {
         let expect = parse_revision(resource_version)?;
-        self.state.store.delete(Kind::Sandboxes, id, Some(expect)).await.map(|_| ()).map_err(from_store)
+        self.registry.finalize_sandbox(id, expect).await.map_err(from_registry)
     }
 }
 
 #[async_trait]
 impl LeaseClient for InProcessObjects {
     async fn get_lease(&self, name: &str) -> ObjectResult<Option<sandboxd_api::Lease>> {
-        match self.state.store.get(Kind::Leases, name).await.map_err(from_store)? {
+        match self.store().get(Kind::Leases, name).await.map_err(from_store)? {
             Some(v) => v.decode().map(Some).map_err(from_store),
             None => Ok(None),
         }
@@ -121,15 +124,14 @@ impl LeaseClient for InProcessObjects {
 
     async fn create_lease(&self, lease: &sandboxd_api::Lease) -> ObjectResult<sandboxd_api::Lease> {
         let stored =
-            self.state.store.create(Kind::Leases, &lease.name, lease.to_stored_json()).await.map_err(from_store)?;
+            self.store().create(Kind::Leases, &lease.name, lease.to_stored_json()).await.map_err(from_store)?;
         stored.decode().map_err(from_store)
     }
 
     async fn update_lease(&self, lease: &sandboxd_api::Lease) -> ObjectResult<sandboxd_api::Lease> {
         let expect = parse_revision(&lease.resource_version)?;
         let stored = self
-            .state
-            .store
+            .store()
             .update(Kind::Leases, &lease.name, lease.to_stored_json(), Some(expect))
             .await
             .map_err(from_store)?;
@@ -150,7 +152,7 @@ mod tests {
     #[tokio::test]
     async fn electors_over_the_store_hand_leadership_over_on_shutdown() {
         let store: Arc<dyn crate::store::Store> = Arc::new(memory::open(StoreOptions::default()));
-        let objects = Arc::new(InProcessObjects::new(ApiState::new(store, &Config::default(), None)));
+        let objects = Arc::new(InProcessObjects::new(Registry::new(store, &Config::default())));
         let settings = LeaseSettings {
             duration: Duration::from_secs(3),
             renew_deadline: Duration::from_secs(2),

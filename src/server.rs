@@ -99,11 +99,11 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
     let shutdown = state.shutdown.clone();
     let controllers = match mode {
         Mode::AllInOne => {
-            let objects = Arc::new(crate::objects::InProcessObjects::new(state.clone()));
+            let objects = Arc::new(crate::objects::InProcessObjects::new(state.registry.clone()));
             crate::controllers::start(objects, &config, agents, shutdown.clone())
         }
         Mode::AllInOneElected(ref candidacy) => {
-            let objects = Arc::new(crate::objects::InProcessObjects::new(state.clone()));
+            let objects = Arc::new(crate::objects::InProcessObjects::new(state.registry.clone()));
             let mut tasks = tokio::task::JoinSet::new();
             let (config, candidacy) = (config.clone(), candidacy.clone());
             tasks.spawn(campaign_until_shutdown(objects, agents, config, candidacy, shutdown.clone()));

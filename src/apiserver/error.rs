@@ -1,5 +1,6 @@
 //! The one mapping from API errors to status codes and `{"error": ...}` bodies.
 
+use crate::registry::RegistryError;
 use crate::store::StoreError;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -56,13 +57,19 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        let message = e.to_string();
+        RegistryError::from(e).into()
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
         match e {
-            StoreError::AlreadyExists { .. } | StoreError::Conflict { .. } => ApiError::Conflict(message),
-            StoreError::NotFound { .. } => ApiError::NotFound(message),
-            StoreError::Gone { .. } => ApiError::Gone(message),
-            StoreError::Unavailable(_) => ApiError::Unavailable(message),
-            StoreError::Corrupt(_) => ApiError::Internal(message),
+            RegistryError::Invalid(m) => ApiError::BadRequest(m),
+            RegistryError::NotFound(m) => ApiError::NotFound(m),
+            RegistryError::Conflict(m) => ApiError::Conflict(m),
+            RegistryError::Gone(m) => ApiError::Gone(m),
+            RegistryError::Unavailable(m) => ApiError::Unavailable(m),
+            RegistryError::Internal(m) => ApiError::Internal(m),
         }
     }
 }

@@ -12,10 +12,9 @@ mod watch;
 
 pub use error::{ApiError, ApiResult};
 pub use extract::parse_json;
-pub use nodes::write_status as write_node_status;
-pub use sandboxes::{mark_terminating, write_status as write_sandbox_status};
 
 use crate::config::Config;
+use crate::registry::Registry;
 use crate::store::Store;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header::AUTHORIZATION;
@@ -32,7 +31,9 @@ use tokio_util::sync::CancellationToken;
 /// What every handler shares.
 #[derive(Clone)]
 pub struct ApiState {
+    /// Reads, lists and watches; every write goes through `registry`.
     pub store: Arc<dyn Store>,
+    pub registry: Registry,
     pub policy: SandboxPolicy,
     pub default_max_alloc_percent: u32,
     pub auth_token: Option<Arc<str>>,
@@ -47,6 +48,7 @@ impl ApiState {
     /// State for a store with the settings of `config`.
     pub fn new(store: Arc<dyn Store>, config: &Config, auth_token: Option<String>) -> ApiState {
         ApiState {
+            registry: Registry::new(store.clone(), config),
             store,
             policy: config.sandbox_policy(),
             default_max_alloc_percent: config.max_alloc_percent,
@@ -59,6 +61,7 @@ impl ApiState {
 
     /// The same state, calling node agents through `agents`.
     pub fn with_agents(mut self, agents: Arc<dyn AgentClient>) -> ApiState {
+        self.registry = self.registry.with_agents(agents.clone());
         self.agents = Some(agents);
         self
     }
@@ -172,5 +175,6 @@ pub use sandboxd_contracts::clock::{rfc3339_now as now, unix_now};
 
 /// Registers (or refreshes) a node declared in the configuration file, with `source: config`.
 pub async fn register_static_node(state: &ApiState, id: &str, spec: &sandboxd_api::node::NodeSpec) -> ApiResult<()> {
-    nodes::register_node(state, id, spec, sandboxd_api::NodeSource::Config).await.map(|_| ())
+    state.registry.register_node(id, spec, sandboxd_api::NodeSource::Config).await?;
+    Ok(())
 }

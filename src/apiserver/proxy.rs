@@ -182,7 +182,7 @@ pub async fn reconcile(State(state): State<ApiState>, Path(name): Path<String>) 
     responses((status = 200, description = "Heartbeat ran; the outcome is in the body"), (status = 404, description = "Unknown node")))]
 pub async fn heartbeat(State(state): State<ApiState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
     let (_, agents) = node_and_agent(&state, &name).await?;
-    let objects = InProcessObjects::new(state.clone());
+    let objects = InProcessObjects::new(state.registry.clone());
     let report = heartbeat_once(&objects, agents.as_ref(), &state.node_settings, &name).await.map_err(|e| match e {
         ObjectError::NotFound(_) => ApiError::NotFound(format!("node {name:?} not found")),
         other => ApiError::Unavailable(other.to_string()),

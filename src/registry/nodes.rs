@@ -1,0 +1,153 @@
+//! Node write rules: register or update (a config node stays one), status writes that never
+//! re-create a deleted node, and deletes.
+
+use super::{encode, Registry, RegistryError, RegistryResult};
+use crate::store::{Kind, StoreError, Versioned};
+use sandboxd_api::node::{NodeSpec, NodeStatus};
+use sandboxd_api::{Node, NodeResources, NodeSource};
+use sandboxd_contracts::clock::rfc3339_now as now;
+use sandboxd_controllers::node::derive_resources;
+
+impl Registry {
+    pub async fn get_node(&self, name: &str) -> RegistryResult<Versioned> {
+        self.store
+            .get(Kind::Nodes, name)
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(format!("node {name:?} not found")))
+    }
+
+    /// Creates the node (`true`) or updates its spec (`false`), retrying when another write intervenes.
+    pub async fn register_node(
+        &self,
+        id: &str,
+        spec: &NodeSpec,
+        source: NodeSource,
+    ) -> RegistryResult<(bool, Versioned)> {
+        loop {
+            let result = match self.store.get(Kind::Nodes, id).await? {
+                Some(current) => self.update_node_spec(current, spec, source).await.map(|v| (false, v)),
+                None => self.create_node(id, spec, source).await.map(|v| (true, v)),
+            };
+            match result {
+                Ok(done) => return Ok(done),
+                // Someone else wrote the node between our read and write: read again.
+                Err(StoreError::Conflict { .. } | StoreError::AlreadyExists { .. } | StoreError::NotFound { .. }) => {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn create_node(&self, id: &str, spec: &NodeSpec, source: NodeSource) -> Result<Versioned, StoreError> {
+        let mut node = new_node(id, spec, source, self.default_max_alloc_percent);
+        if let Some(agents) = &self.agents {
+            // Best effort and bounded, so the create answer already carries resources; not a heartbeat.
+            if let Ok(report) = agents.status(&node.sbxlet_base_url, self.initial_status_bound).await {
+                node.status.resources = derive_resources(&node, &report, self.default_max_alloc_percent, &now());
+            }
+        }
+        let json = serde_json::to_value(&node).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.store.create(Kind::Nodes, id, json).await
+    }
+
+    async fn update_node_spec(
+        &self,
+        current: Versioned,
+        spec: &NodeSpec,
+        source: NodeSource,
+    ) -> Result<Versioned, StoreError> {
+        let mut node: Node = current.decode()?;
+        // A node the config file declares stays a config node, whoever posts it later.
+        if source == NodeSource::Config {
+            node.source = NodeSource::Config;
+        }
+        let port = spec.port as u16;
+        if node.ip != spec.ip || node.port != port {
+            // Heartbeats of the old address say nothing about the new one.
+            node.status = NodeStatus { resources: node.status.resources.clone(), ..NodeStatus::default() };
+            node.status.last_transition_at = Some(now());
+        }
+        node.ip = spec.ip.clone();
+        node.port = port;
+        node.sbxlet_base_url = Node::base_url(&node.ip, node.port);
+        node.external = spec.external.clone().filter(|e| !e.is_empty());
+        node.max_alloc_percent = spec.max_alloc_percent.map(|p| p as u32);
+        let percent = node.max_alloc_percent.unwrap_or(self.default_max_alloc_percent);
+        let r = &node.status.resources;
+        let mut resources = NodeResources::derive(
+            r.capacity_cpu_milli,
+            r.capacity_memory_bytes,
+            r.used_cpu_milli,
+            r.used_memory_bytes,
+            percent,
+        );
+        resources.updated_at = r.updated_at.clone();
+        resources.external = r.external.clone();
+        node.status.resources = resources;
+        if let Some(external) = &node.external {
+            node.status.resources.external = external.clone();
+        }
+        node.updated_at = now();
+        let json = serde_json::to_value(&node).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.store.update(Kind::Nodes, &current.name, json, Some(current.revision)).await
+    }
+
+    /// Writes a node's status (CAS when `expect` is set, retried otherwise); a deleted node is never re-created.
+    pub async fn write_node_status(
+        &self,
+        name: &str,
+        status: &NodeStatus,
+        expect: Option<u64>,
+    ) -> RegistryResult<(Versioned, Node)> {
+        loop {
+            let current = self.get_node(name).await?;
+            let mut node: Node = current.decode()?;
+            node.status = status.clone();
+            node.updated_at = now();
+            let guard = expect.or(Some(current.revision));
+            match self.store.update_encoded(Kind::Nodes, name, encode(&node)?, guard).await {
+                Err(StoreError::Conflict { .. }) if expect.is_none() => continue,
+                // The typed copy saves in-process callers decoding what was just encoded.
+                result => {
+                    let stored = result?;
+                    node.resource_version = stored.revision.to_string();
+                    return Ok((stored, node));
+                }
+            }
+        }
+    }
+
+    pub async fn delete_node(&self, name: &str) -> RegistryResult<()> {
+        self.store.delete(Kind::Nodes, name, None).await?;
+        Ok(())
+    }
+}
+
+/// A freshly registered node: state Unknown, streaks zero, resources empty until the agent reports.
+fn new_node(id: &str, spec: &NodeSpec, source: NodeSource, default_max_alloc_percent: u32) -> Node {
+    let at = now();
+    let port = spec.port as u16;
+    let max_alloc_percent = spec.max_alloc_percent.map(|p| p as u32);
+    let mut resources = NodeResources {
+        max_alloc_percent: max_alloc_percent.unwrap_or(default_max_alloc_percent),
+        ..NodeResources::default()
+    };
+    if let Some(external) = spec.external.as_ref().filter(|e| !e.is_empty()) {
+        resources.external = external.clone();
+    }
+    Node {
+        id: id.to_string(),
+        name: id.to_string(),
+        ip: spec.ip.clone(),
+        port,
+        external: spec.external.clone().filter(|e| !e.is_empty()),
+        max_alloc_percent,
+        source,
+        status: NodeStatus { resources, ..NodeStatus::default() },
+        created_at: at.clone(),
+        updated_at: at,
+        sbxlet_base_url: Node::base_url(&spec.ip, port),
+        resource_version: String::new(),
+    }
+}
