@@ -139,27 +139,68 @@ pub fn apply_probe(node: &Node, probe: &Probe, settings: &NodeSettings, now: &st
         (Ok(()), Ok(report)) => {
             status.last_heartbeat = Some(now.to_string());
             status.last_error.clear();
-            status.resources = derive_resources(node, report, settings.default_max_alloc_percent, now);
+            status.resources =
+                derive_resources(node, &Reported::from_agent(report, now), settings.default_max_alloc_percent);
         }
     }
     (status, verdict)
 }
 
-/// Resources from an agent report: allocatable = floor(capacity × percent / 100), available = max(0, allocatable − used).
-pub fn derive_resources(node: &Node, report: &AgentStatus, default_max_alloc_percent: u32, now: &str) -> NodeResources {
+/// What an agent last said about a node's resources; all zero before its first report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reported {
+    pub capacity_cpu_milli: u64,
+    pub capacity_memory_bytes: u64,
+    pub used_cpu_milli: u64,
+    pub used_memory_bytes: u64,
+    /// The address the agent reports for reaching its sandboxes.
+    pub external: String,
+    pub updated_at: Option<String>,
+}
+
+impl Reported {
+    /// A fresh report, received at `now`.
+    pub fn from_agent(report: &AgentStatus, now: &str) -> Reported {
+        Reported {
+            capacity_cpu_milli: report.capacity_cpu_milli,
+            capacity_memory_bytes: report.capacity_memory_bytes,
+            used_cpu_milli: report.used_cpu_milli,
+            used_memory_bytes: report.used_memory_bytes,
+            external: report.external.clone(),
+            updated_at: Some(now.to_string()),
+        }
+    }
+
+    /// The report behind resources already stored, to derive them again after the node's spec changed.
+    pub fn from_resources(r: &NodeResources) -> Reported {
+        Reported {
+            capacity_cpu_milli: r.capacity_cpu_milli,
+            capacity_memory_bytes: r.capacity_memory_bytes,
+            used_cpu_milli: r.used_cpu_milli,
+            used_memory_bytes: r.used_memory_bytes,
+            external: r.external.clone(),
+            updated_at: r.updated_at.clone(),
+        }
+    }
+}
+
+/// The one derivation of a node's resources, from its spec and what its agent reported:
+/// allocatable = floor(capacity × percent / 100), available = max(0, allocatable − used), and the
+/// spec's `external` wins over the agent's.
+pub fn derive_resources(node: &Node, reported: &Reported, default_max_alloc_percent: u32) -> NodeResources {
     let percent = node.max_alloc_percent.unwrap_or(default_max_alloc_percent);
     let mut resources = NodeResources::derive(
-        report.capacity_cpu_milli,
-        report.capacity_memory_bytes,
-        report.used_cpu_milli,
-        report.used_memory_bytes,
+        reported.capacity_cpu_milli,
+        reported.capacity_memory_bytes,
+        reported.used_cpu_milli,
+        reported.used_memory_bytes,
         percent,
     );
     resources.external = match node.external.as_deref().filter(|e| !e.is_empty()) {
         Some(from_spec) => from_spec.to_string(),
-        None => report.external.clone(),
+        None => reported.external.clone(),
     };
-    resources.updated_at = Some(now.to_string());
+    resources.updated_at = reported.updated_at.clone();
     resources
 }
 
@@ -439,7 +480,7 @@ mod tests {
         let mut n = node();
         n.external = Some("198.51.100.7".into());
         n.max_alloc_percent = Some(50);
-        let r = derive_resources(&n, &report(), 90, "t");
+        let r = derive_resources(&n, &Reported::from_agent(&report(), "t"), 90);
         assert_eq!(r.external, "198.51.100.7");
         assert_eq!(r.allocatable_cpu_milli, 2000);
     }

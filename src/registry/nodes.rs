@@ -4,9 +4,9 @@
 use super::{encode, Registry, RegistryError, RegistryResult};
 use crate::store::{Kind, StoreError, Versioned};
 use sandboxd_api::node::{NodeSpec, NodeStatus};
-use sandboxd_api::{Node, NodeResources, NodeSource};
+use sandboxd_api::{Node, NodeSource};
 use sandboxd_contracts::clock::rfc3339_now as now;
-use sandboxd_controllers::node::derive_resources;
+use sandboxd_controllers::node::{derive_resources, Reported};
 
 impl Registry {
     pub async fn get_node(&self, name: &str) -> RegistryResult<Versioned> {
@@ -44,7 +44,8 @@ impl Registry {
         if let Some(agents) = &self.agents {
             // Best effort and bounded, so the create answer already carries resources; not a heartbeat.
             if let Ok(report) = agents.status(&node.sbxlet_base_url, self.initial_status_bound).await {
-                node.status.resources = derive_resources(&node, &report, self.default_max_alloc_percent, &now());
+                let reported = Reported::from_agent(&report, &now());
+                node.status.resources = derive_resources(&node, &reported, self.default_max_alloc_percent);
             }
         }
         let json = serde_json::to_value(&node).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -73,21 +74,8 @@ impl Registry {
         node.sbxlet_base_url = Node::base_url(&node.ip, node.port);
         node.external = spec.external.clone().filter(|e| !e.is_empty());
         node.max_alloc_percent = spec.max_alloc_percent.map(|p| p as u32);
-        let percent = node.max_alloc_percent.unwrap_or(self.default_max_alloc_percent);
-        let r = &node.status.resources;
-        let mut resources = NodeResources::derive(
-            r.capacity_cpu_milli,
-            r.capacity_memory_bytes,
-            r.used_cpu_milli,
-            r.used_memory_bytes,
-            percent,
-        );
-        resources.updated_at = r.updated_at.clone();
-        resources.external = r.external.clone();
-        node.status.resources = resources;
-        if let Some(external) = &node.external {
-            node.status.resources.external = external.clone();
-        }
+        let reported = Reported::from_resources(&node.status.resources);
+        node.status.resources = derive_resources(&node, &reported, self.default_max_alloc_percent);
         node.updated_at = now();
         let json = serde_json::to_value(&node).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.store.update(Kind::Nodes, &current.name, json, Some(current.revision)).await
@@ -128,26 +116,20 @@ impl Registry {
 fn new_node(id: &str, spec: &NodeSpec, source: NodeSource, default_max_alloc_percent: u32) -> Node {
     let at = now();
     let port = spec.port as u16;
-    let max_alloc_percent = spec.max_alloc_percent.map(|p| p as u32);
-    let mut resources = NodeResources {
-        max_alloc_percent: max_alloc_percent.unwrap_or(default_max_alloc_percent),
-        ..NodeResources::default()
-    };
-    if let Some(external) = spec.external.as_ref().filter(|e| !e.is_empty()) {
-        resources.external = external.clone();
-    }
-    Node {
+    let mut node = Node {
         id: id.to_string(),
         name: id.to_string(),
         ip: spec.ip.clone(),
         port,
         external: spec.external.clone().filter(|e| !e.is_empty()),
-        max_alloc_percent,
+        max_alloc_percent: spec.max_alloc_percent.map(|p| p as u32),
         source,
-        status: NodeStatus { resources, ..NodeStatus::default() },
+        status: NodeStatus::default(),
         created_at: at.clone(),
         updated_at: at,
         sbxlet_base_url: Node::base_url(&spec.ip, port),
         resource_version: String::new(),
-    }
+    };
+    node.status.resources = derive_resources(&node, &Reported::default(), default_max_alloc_percent);
+    node
 }
