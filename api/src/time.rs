@@ -1,6 +1,16 @@
-//! RFC 3339 UTC timestamps with second precision, computed without a clock dependency.
+//! RFC 3339 UTC timestamps with second precision, and the wall clock they are read from.
 
 /// Formats seconds since the Unix epoch as `2026-05-15T04:30:00Z`.
+/// Seconds since the Unix epoch, by the wall clock.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Now as `2026-05-15T04:30:00Z`: the one clock every timestamp the API writes comes from.
+pub fn rfc3339_now() -> String {
+    format_unix(unix_now())
+}
+
 pub fn format_unix(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);

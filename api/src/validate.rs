@@ -67,6 +67,20 @@ impl Default for SandboxPolicy {
 }
 
 /// Checks an object name (`id`) against the DNS-label rules.
+/// Page size of a list that names no `limit`.
+pub const DEFAULT_PAGE: usize = 100;
+/// Largest page a list may ask for.
+pub const MAX_PAGE: usize = 1000;
+
+/// The one page-size rule of every paged list (the API's and the agent's): default 100, at most 1000.
+pub fn page_limit(limit: Option<usize>) -> Result<usize, String> {
+    match limit {
+        None => Ok(DEFAULT_PAGE),
+        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        Some(n) => Err(format!("limit: {n} is not in 1-{MAX_PAGE}")),
+    }
+}
+
 pub fn validate_name(path: &str, name: &str) -> Result<(), FieldErrors> {
     let mut errors = FieldErrors::default();
     if let Some(problem) = name_problem(name) {

@@ -9,10 +9,11 @@ use crate::sim::{tcp_host_ports, Created, Runtime, RuntimeLimits, SimError};
 use axum::ServiceExt;
 use parking_lot::Mutex;
 use sandboxd_api::agent::{AgentCreateRequest, AgentLogs, AgentSandbox, AgentSandboxList, AgentStatus};
+use sandboxd_api::time::rfc3339_now;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -96,11 +97,6 @@ impl Agent {
         self.ports.release(listeners).await;
         self.ports.wait_all_released().await;
     }
-}
-
-fn rfc3339_now() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    sandboxd_api::time::format_unix(i64::try_from(secs).unwrap_or(i64::MAX))
 }
 
 /// Controls a running agent; dropping it stops the agent.

@@ -17,11 +17,6 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::sync::{Arc, OnceLock};
 
-/// Page size of a list without `limit`.
-const DEFAULT_PAGE: usize = 100;
-/// Largest page a list may ask for.
-const MAX_PAGE: usize = 1000;
-
 type AgentState = State<Arc<Agent>>;
 
 /// The routes of one agent, sharing the process-wide route table.
@@ -83,11 +78,7 @@ async fn list_sandboxes(
 }
 
 fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
-    match limit {
-        None => Ok(DEFAULT_PAGE),
-        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
-        Some(n) => Err(ApiError::BadRequest(format!("limit {n} is not in 1-{MAX_PAGE}"))),
-    }
+    sandboxd_api::validate::page_limit(limit).map_err(ApiError::BadRequest)
 }
 
 async fn get_sandbox(

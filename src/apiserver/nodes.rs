@@ -93,10 +93,7 @@ pub async fn list_kind(state: &ApiState, kind: Kind, query: ListQuery) -> ApiRes
             Ok(respond::list(&items, revision, None))
         }
         limit => {
-            let limit = limit.unwrap_or(100);
-            if !(1..=1000).contains(&limit) {
-                return Err(ApiError::BadRequest(format!("limit: {limit} is not in 1-1000")));
-            }
+            let limit = page_limit(limit)?;
             let page = state.store.list_page(kind, query.cursor.as_deref().unwrap_or(""), limit).await?;
             Ok(respond::list(&page.items, page.revision, Some(&page.next_cursor)))
         }
@@ -128,6 +125,11 @@ pub async fn put_status(
     let expect = parse_expected(update.resource_version.as_deref())?;
     let (stored, _) = state.registry.write_node_status(&name, &update.status, expect).await?;
     Ok(respond::envelope(StatusCode::OK, "node", &stored))
+}
+
+/// The page size a list asks for, by the one rule of `sandboxd_api::validate::page_limit`.
+pub fn page_limit(limit: Option<usize>) -> ApiResult<usize> {
+    sandboxd_api::validate::page_limit(limit).map_err(ApiError::BadRequest)
 }
 
 /// Parses an optional `resource_version` precondition.

@@ -2,7 +2,7 @@
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiQuery};
-use super::nodes::query_number;
+use super::nodes::{page_limit, query_number};
 use super::ApiState;
 use crate::objects::InProcessObjects;
 use crate::store::Kind;
@@ -82,12 +82,9 @@ pub async fn list_sandboxes(
     Path(name): Path<String>,
     ApiQuery(query): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<Value>> {
-    let limit = query_number("limit", query.limit.as_deref())?.unwrap_or(100);
+    let limit = page_limit(query_number("limit", query.limit.as_deref())?)?;
     if !query.cursor.is_empty() {
         check_names(&[("cursor", &query.cursor)])?;
-    }
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::BadRequest(format!("limit: {limit} is not in 1-1000")));
     }
     let (node, agents) = node_and_agent(&state, &name).await?;
     let page =
