@@ -4,6 +4,7 @@
 use crate::apiserver::node_settings;
 use crate::config::{Config, SchedulerPolicy};
 use sandboxd_api::{Node, Sandbox};
+use sandboxd_contracts::clock::SystemClock;
 use sandboxd_controllers::node::{NodeController, NodeSettings};
 use sandboxd_controllers::prober::Prober;
 use sandboxd_controllers::runtime::informer::Informer;
@@ -103,7 +104,7 @@ fn build(
                 })
             }
             _ => {
-                let c = TtlController::new(sandboxes.clone(), objects.clone());
+                let c = TtlController::new(sandboxes.clone(), objects.clone(), Arc::new(SystemClock));
                 Box::new(move |stop| Box::pin(c.run(stop)))
             }
         };

@@ -6,6 +6,8 @@ pub mod prober;
 pub mod runtime;
 pub mod sandbox;
 pub mod scheduler;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod ttl;
 
 // The contracts live in their own crate, below `client` too; re-exported so paths stay `crate::objects`.

@@ -1,6 +1,6 @@
 //! TTL controller: a delay queue keyed by `expire_at` that moves expired sandboxes to Terminating.
 
-use crate::clock::unix_now;
+use crate::clock::Clock;
 use crate::objects::{ObjectClient, ObjectError};
 use crate::runtime::informer::{Change, Informer};
 use crate::runtime::queue::{run_until_shutdown, Outcome, WorkQueue};
@@ -36,6 +36,7 @@ pub struct TtlController {
     sandboxes: Informer<Sandbox>,
     objects: Arc<dyn ObjectClient>,
     queue: WorkQueue<String>,
+    clock: Arc<dyn Clock>,
 }
 
 impl crate::runtime::footprint::Footprint for TtlController {
@@ -45,11 +46,15 @@ impl crate::runtime::footprint::Footprint for TtlController {
 }
 
 impl TtlController {
-    pub fn new(sandboxes: Informer<Sandbox>, objects: Arc<dyn ObjectClient>) -> Arc<TtlController> {
-        let controller = Arc::new(TtlController { sandboxes, objects, queue: WorkQueue::new() });
+    pub fn new(
+        sandboxes: Informer<Sandbox>,
+        objects: Arc<dyn ObjectClient>,
+        clock: Arc<dyn Clock>,
+    ) -> Arc<TtlController> {
+        let controller = Arc::new(TtlController { sandboxes, objects, queue: WorkQueue::new(), clock: clock.clone() });
         let queue = controller.queue.clone();
         // Rebuilt from the informer's list on every start, so expiries due while down fire at once.
-        controller.sandboxes.subscribe(move |change| schedule_expiry(&queue, change, unix_now()));
+        controller.sandboxes.subscribe(move |change| schedule_expiry(&queue, change, clock.unix_now()));
         crate::runtime::footprint::register("ttl", &controller);
         controller
     }
@@ -57,7 +62,7 @@ impl TtlController {
     /// Expires one sandbox if its time has come; an extended TTL just waits longer.
     pub async fn expire_one(&self, id: &str) -> Outcome {
         let Some(sandbox) = self.sandboxes.get(id) else { return Outcome::Done };
-        let Some(remaining) = time_to_expiry(&sandbox, unix_now()) else { return Outcome::Done };
+        let Some(remaining) = time_to_expiry(&sandbox, self.clock.unix_now()) else { return Outcome::Done };
         if !remaining.is_zero() {
             return Outcome::Requeue(remaining);
         }
@@ -107,6 +112,68 @@ mod tests {
             updated_at: String::new(),
             resource_version: "1".into(),
         }
+    }
+
+    use crate::clock::TokioClock;
+    use crate::testing::FakeObjects;
+
+    const T0: i64 = 1_780_000_000;
+
+    fn expiring(id: &str, phase: Phase, node: Option<&str>, expire_at: i64) -> Sandbox {
+        let mut s = Sandbox { id: id.into(), ..sandbox(phase, Some(&sandboxd_api::time::format_unix(expire_at))) };
+        s.status.node_name = node.map(String::from);
+        s.spec.ttl_seconds = Some(60);
+        s
+    }
+
+    /// Lets every task that is ready run, without moving paused time.
+    async fn settle() {
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sandboxes_expire_when_their_ttl_runs_out_in_every_phase_on_paused_time() {
+        let objects = Arc::new(FakeObjects::new(
+            vec![],
+            vec![
+                expiring("running", Phase::Running, Some("n"), T0 + 60),
+                expiring("never-bound", Phase::Pending, None, T0 + 30),
+                expiring("failed", Phase::Failed, Some("n"), T0 + 45),
+                // Fell due while the controllers were down: expires as soon as they are back.
+                expiring("due-while-down", Phase::Running, Some("n"), T0 - 100),
+            ],
+        ));
+        let sandboxes = Informer::new();
+        let controller = TtlController::new(sandboxes.clone(), objects.clone(), Arc::new(TokioClock::starting_at(T0)));
+        let stop = CancellationToken::new();
+        tokio::spawn(sandboxes.run(objects.clone(), stop.clone()));
+        tokio::spawn(controller.run(stop.clone()));
+        settle().await;
+        let expired = |id: &str| {
+            objects
+                .last_sandbox_status(id)
+                .is_some_and(|s| s.phase == Phase::Terminating && s.reason.as_deref() == Some("Expired"))
+        };
+        assert!(expired("due-while-down"), "{:?}", objects.writes());
+        assert!(!expired("running") && !objects.removed("never-bound"));
+
+        tokio::time::advance(Duration::from_secs(29)).await;
+        settle().await;
+        assert!(!objects.removed("never-bound"), "not before its time");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        settle().await;
+        assert!(objects.removed("never-bound"), "a never-bound sandbox is removed outright");
+
+        tokio::time::advance(Duration::from_secs(15)).await;
+        settle().await;
+        assert!(expired("failed"), "a Failed sandbox still expires: {:?}", objects.writes());
+        assert!(!expired("running"));
+        tokio::time::advance(Duration::from_secs(15)).await;
+        settle().await;
+        assert!(expired("running"), "{:?}", objects.writes());
+        stop.cancel();
     }
 
     #[tokio::test]
