@@ -96,6 +96,7 @@ fn build(
                     agents.clone(),
                     prober.clone(),
                     sandbox_settings(config),
+                    Arc::new(SystemClock),
                 );
                 Box::new(move |stop: CancellationToken| {
                     Box::pin(async move {

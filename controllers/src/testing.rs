@@ -5,6 +5,7 @@ use crate::objects::{ObjectClient, ObjectError, ObjectKind, ObjectResult, RawWat
 use async_trait::async_trait;
 use futures::StreamExt;
 use parking_lot::Mutex;
+use sandboxd_api::agent::{AgentCreateRequest, AgentLogs, AgentSandbox, AgentSandboxList, AgentStatus};
 use sandboxd_api::node::NodeStatus;
 use sandboxd_api::{Node, Sandbox, SandboxStatus};
 
@@ -88,5 +89,43 @@ impl ObjectClient for FakeObjects {
     async fn remove_sandbox(&self, id: &str, _: &str) -> ObjectResult<()> {
         self.writes.lock().push(Write::Removed { id: id.to_string() });
         Ok(())
+    }
+}
+
+/// An agent client for which every node is unreachable: the controllers act on the store alone.
+pub struct UnreachableAgents;
+
+fn unreachable<T>() -> crate::agent::AgentResult<T> {
+    Err(crate::agent::AgentError::Unreachable("test agents are unreachable".into()))
+}
+
+#[async_trait]
+impl crate::agent::AgentClient for UnreachableAgents {
+    async fn health(&self, _: &str, _: std::time::Duration) -> crate::agent::AgentResult<()> {
+        unreachable()
+    }
+    async fn status(&self, _: &str, _: std::time::Duration) -> crate::agent::AgentResult<AgentStatus> {
+        unreachable()
+    }
+    async fn create_sandbox(&self, _: &str, _: &AgentCreateRequest) -> crate::agent::AgentResult<AgentSandbox> {
+        unreachable()
+    }
+    async fn get_sandbox(&self, _: &str, _: &str) -> crate::agent::AgentResult<AgentSandbox> {
+        unreachable()
+    }
+    async fn list_sandboxes(&self, _: &str, _: &str, _: usize) -> crate::agent::AgentResult<AgentSandboxList> {
+        unreachable()
+    }
+    async fn delete_sandbox(&self, _: &str, _: &str) -> crate::agent::AgentResult<()> {
+        unreachable()
+    }
+    async fn logs(&self, _: &str, _: &str, _: Option<&str>, _: Option<usize>) -> crate::agent::AgentResult<AgentLogs> {
+        unreachable()
+    }
+    async fn reconcile(&self, _: &str) -> crate::agent::AgentResult<()> {
+        unreachable()
+    }
+    async fn probe(&self, _: &crate::agent::ProbeTarget) -> Result<(), String> {
+        Err("test agents are unreachable".into())
     }
 }

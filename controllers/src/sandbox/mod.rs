@@ -7,7 +7,7 @@ mod agent_sync;
 pub use agent_sync::needs_sync;
 
 use crate::agent::{AgentClient, AgentError};
-use crate::clock::unix_now;
+use crate::clock::Clock;
 use crate::objects::{ObjectClient, ObjectError};
 use crate::prober::Prober;
 use crate::runtime::informer::{Change, Informer};
@@ -121,9 +121,9 @@ pub fn judge_agent(observed: Result<&AgentSandbox, &AgentError>, node: &str) -> 
 
 /// How soon to look again at a sandbox the agent still reports creating: a quarter of the time it has
 /// been creating, between `base` and 5 s, so slow image pulls are not polled 20 times a second.
-pub fn creating_poll_after(status: &SandboxStatus, base: Duration) -> Duration {
-    let since = status.last_transition_at.as_deref().and_then(parse_rfc3339).unwrap_or_else(unix_now);
-    let creating_for = Duration::from_secs((unix_now() - since).max(0) as u64);
+pub fn creating_poll_after(status: &SandboxStatus, base: Duration, now_unix: i64) -> Duration {
+    let since = status.last_transition_at.as_deref().and_then(parse_rfc3339).unwrap_or(now_unix);
+    let creating_for = Duration::from_secs((now_unix - since).max(0) as u64);
     (creating_for / 4).clamp(base, Duration::from_secs(5))
 }
 
@@ -189,6 +189,7 @@ pub struct SandboxController {
     by_node: Mutex<HashMap<String, HashSet<String>>>,
     /// When this controller started, in Unix seconds; node-lost grace never counts from earlier.
     started_unix: i64,
+    clock: Arc<dyn Clock>,
 }
 
 impl crate::runtime::footprint::Footprint for SandboxController {
@@ -209,6 +210,7 @@ impl SandboxController {
         agents: Arc<dyn AgentClient>,
         prober: Arc<Prober>,
         settings: SandboxSettings,
+        clock: Arc<dyn Clock>,
     ) -> Arc<SandboxController> {
         let controller = Arc::new(SandboxController {
             nodes,
@@ -219,7 +221,8 @@ impl SandboxController {
             settings,
             queue: WorkQueue::new(),
             by_node: Mutex::new(HashMap::new()),
-            started_unix: unix_now(),
+            started_unix: clock.unix_now(),
+            clock,
         });
         controller.subscribe();
         crate::runtime::footprint::register("sandbox", &controller);
@@ -299,7 +302,8 @@ impl SandboxController {
         // Scanning every node is only worth it when this one is NotReady.
         let all_down =
             node.as_ref().is_some_and(|n| n.status.state == NodeState::NotReady) && self.every_node_not_ready();
-        match judge_node(node.as_deref(), unix_now(), self.settings.node_lost_grace, all_down, self.started_unix) {
+        let now = self.clock.unix_now();
+        match judge_node(node.as_deref(), now, self.settings.node_lost_grace, all_down, self.started_unix) {
             NodeVerdict::Lost => {
                 let why = if node.is_none() { "was deleted" } else { "is NotReady past node_lost_grace" };
                 let status = failed(&sandbox.status, "NodeLost", format!("node {node_name} {why}"));
@@ -362,9 +366,11 @@ impl SandboxController {
                 status = failed(&status, reason, message);
                 Outcome::Done
             }
-            AgentVerdict::StillCreating => {
-                Outcome::Requeue(creating_poll_after(&sandbox.status, self.settings.creating_poll))
-            }
+            AgentVerdict::StillCreating => Outcome::Requeue(creating_poll_after(
+                &sandbox.status,
+                self.settings.creating_poll,
+                self.clock.unix_now(),
+            )),
             AgentVerdict::Running => match &sandbox.spec.readiness_probe {
                 None => {
                     status.ready = true;
@@ -476,7 +482,77 @@ pub fn apply_agent_view(status: &mut SandboxStatus, view: &AgentSandbox, node: &
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::TokioClock;
     use crate::node::test_node as node;
+    use crate::testing::{FakeObjects, UnreachableAgents};
+
+    fn running_on(id: &str, node: &str) -> Sandbox {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "created_at": "", "updated_at": "", "resource_version": "1", "spec": {"containers": []},
+            "status": {"phase": "Running", "node_name": node, "ready": true}
+        }))
+        .unwrap()
+    }
+
+    /// Runs a sandbox controller (grace 60 s) on paused time over `nodes` and `sandboxes`.
+    async fn start_controller(nodes: Vec<Node>, sandboxes: Vec<Sandbox>, t0: i64) -> Arc<FakeObjects> {
+        let objects = Arc::new(FakeObjects::new(nodes, sandboxes));
+        let (node_informer, sandbox_informer) = (Informer::new(), Informer::new());
+        let agents: Arc<dyn AgentClient> = Arc::new(UnreachableAgents);
+        let prober = Prober::new(node_informer.clone(), sandbox_informer.clone(), objects.clone(), agents.clone(), 1);
+        let settings = SandboxSettings { node_lost_grace: Duration::from_secs(60), ..SandboxSettings::default() };
+        let clock = Arc::new(TokioClock::starting_at(t0));
+        let controller = SandboxController::new(
+            node_informer.clone(),
+            sandbox_informer.clone(),
+            objects.clone(),
+            agents,
+            prober,
+            settings,
+            clock,
+        );
+        let stop = CancellationToken::new();
+        tokio::spawn(node_informer.run(objects.clone(), stop.clone()));
+        tokio::spawn(sandbox_informer.run(objects.clone(), stop.clone()));
+        tokio::spawn(controller.run(stop));
+        objects
+    }
+
+    async fn settle() {
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sandbox_on_a_not_ready_node_fails_with_node_lost_only_after_the_grace() {
+        let t0 = parse_rfc3339("2026-05-15T04:30:00Z").unwrap();
+        let down = node(NodeState::NotReady, Some("2026-05-15T04:30:00Z"));
+        let up = Node { id: "m".into(), name: "m".into(), ..node(NodeState::Ready, None) };
+        let objects = start_controller(vec![down, up], vec![running_on("s", "n")], t0).await;
+        settle().await;
+        assert_eq!(objects.last_sandbox_status("s"), None, "inside the grace nothing is written");
+
+        tokio::time::advance(Duration::from_secs(59)).await;
+        settle().await;
+        assert_eq!(objects.last_sandbox_status("s"), None, "still inside the grace at 59 s");
+
+        tokio::time::advance(Duration::from_secs(2)).await;
+        settle().await;
+        let status = objects.last_sandbox_status("s").expect("written once the grace is over");
+        assert_eq!((status.phase, status.reason.as_deref()), (Phase::Failed, Some("NodeLost")));
+        assert_eq!(status.node_name.as_deref(), Some("n"), "it keeps its binding");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_fails_while_every_node_is_not_ready() {
+        let t0 = parse_rfc3339("2026-05-15T04:30:00Z").unwrap();
+        let down = node(NodeState::NotReady, Some("2026-05-15T04:30:00Z"));
+        let objects = start_controller(vec![down], vec![running_on("s", "n")], t0).await;
+        tokio::time::advance(Duration::from_secs(600)).await;
+        settle().await;
+        assert_eq!(objects.last_sandbox_status("s"), None, "we are probably the one cut off");
+    }
 
     #[test]
     fn node_verdicts_follow_state_grace_and_the_cut_off_rule() {
