@@ -11,11 +11,8 @@ use std::time::Duration;
 
 use sandboxd_controllers::runtime::lease::LeaseSettings;
 
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-#[cfg(feature = "jemalloc")]
+/// jemalloc, not glibc's malloc: under steady create/delete churn glibc's arenas fragmented and the
+/// server grew without bound (figures in docs/benchmarks.md, soak scenario).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -4,6 +4,10 @@ use clap::Parser;
 use sbxlet::cli::{run, shutdown_signal, Cli};
 use tracing::Level;
 
+/// jemalloc, as the orchestrator: an agent runs for months under create/delete churn.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() {
     let level = std::env::var("RUST_LOG").ok().and_then(|v| v.parse::<Level>().ok()).unwrap_or(Level::INFO);
