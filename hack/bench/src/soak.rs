@@ -172,9 +172,10 @@ pub async fn soak(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
     if smoke {
         // A generous bound that a map gaining a key per create, or an unbounded history, would break.
         let grown = rss_end.saturating_sub(rss_after_warmup);
-        ensure!(grown < 48 << 20, "server RSS grew {} MiB after warm-up", mib(grown));
+        // Measured: +0.1 MiB for each in a minute; an unbounded history alone adds ~20 MiB a minute.
+        ensure!(grown < 16 << 20, "server RSS grew {} MiB after warm-up", mib(grown));
         let fleet_grown = fleet_end.saturating_sub(fleet_after_warmup);
-        ensure!(fleet_grown < 16 << 20, "fleet RSS grew {} MiB after warm-up", mib(fleet_grown));
+        ensure!(fleet_grown < 8 << 20, "fleet RSS grew {} MiB after warm-up", mib(fleet_grown));
     }
 
     let mut figures = Map::new();
