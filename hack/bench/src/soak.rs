@@ -118,7 +118,7 @@ pub async fn soak(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
     let phases = phases(smoke);
     let mut spec = cluster_spec(NODES, "5s");
     // Its own addresses, so a soak can run beside another scenario (or another soak, with SOAK_BASE_IP).
-    spec.base_ip = std::env::var("SOAK_BASE_IP").map(|ip| &*ip.leak()).unwrap_or("127.4.0.1");
+    spec.base_ip = std::env::var("SOAK_BASE_IP").map(|ip| &*ip.leak()).unwrap_or("127.9.0.1");
     spec.server_args = vec!["--watch-history-bytes".into(), phases.history_bytes.into()];
     let cluster = Cluster::start(bin_dir, &spec).await?;
     cluster.wait_nodes_ready(NODES, Duration::from_secs(60)).await?;
