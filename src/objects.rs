@@ -26,14 +26,6 @@ impl InProcessObjects {
     }
 }
 
-fn store_kind(kind: ObjectKind) -> Kind {
-    match kind {
-        ObjectKind::Nodes => Kind::Nodes,
-        ObjectKind::Sandboxes => Kind::Sandboxes,
-        ObjectKind::Leases => Kind::Leases,
-    }
-}
-
 fn from_store(e: StoreError) -> ObjectError {
     from_registry(RegistryError::from(e))
 }
@@ -56,12 +48,12 @@ fn parse_revision(rv: &str) -> ObjectResult<u64> {
 #[async_trait]
 impl ObjectClient for InProcessObjects {
     async fn list(&self, kind: ObjectKind) -> ObjectResult<(Vec<Vec<u8>>, u64)> {
-        let (items, revision) = self.store().list(store_kind(kind)).await.map_err(from_store)?;
+        let (items, revision) = self.store().list(kind).await.map_err(from_store)?;
         Ok((items.into_iter().map(|v| v.data.to_vec()).collect(), revision))
     }
 
     async fn watch(&self, kind: ObjectKind, from: u64) -> ObjectResult<RawWatch> {
-        let stream = self.store().watch(store_kind(kind), from).await.map_err(from_store)?;
+        let stream = self.store().watch(kind, from).await.map_err(from_store)?;
         Ok(stream
             .map(|item| {
                 Ok(match item {

@@ -5,8 +5,8 @@ use futures::stream::BoxStream;
 use sandboxd_api::node::NodeStatus;
 use sandboxd_api::{Node, Sandbox, SandboxStatus};
 
-/// Object kinds controllers watch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The kinds of object: the one definition the store, the API and the controllers share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ObjectKind {
     Nodes,
     Sandboxes,
@@ -14,12 +14,33 @@ pub enum ObjectKind {
 }
 
 impl ObjectKind {
+    pub const ALL: [ObjectKind; 3] = [ObjectKind::Nodes, ObjectKind::Sandboxes, ObjectKind::Leases];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ObjectKind::Nodes => "nodes",
             ObjectKind::Sandboxes => "sandboxes",
             ObjectKind::Leases => "leases",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<ObjectKind> {
+        ObjectKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Singular noun used in error messages.
+    pub fn singular(self) -> &'static str {
+        match self {
+            ObjectKind::Nodes => "node",
+            ObjectKind::Sandboxes => "sandbox",
+            ObjectKind::Leases => "lease",
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -14,7 +14,6 @@ mod conformance;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,44 +30,8 @@ pub static HISTORY_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::Atom
 /// Global revision: bumped by one on every write.
 pub type Revision = u64;
 
-/// The kinds of object the store holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    Nodes,
-    Sandboxes,
-    Leases,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Nodes, Kind::Sandboxes, Kind::Leases];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Nodes => "nodes",
-            Kind::Sandboxes => "sandboxes",
-            Kind::Leases => "leases",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-
-    /// Singular noun used in error messages.
-    pub fn singular(self) -> &'static str {
-        match self {
-            Kind::Nodes => "node",
-            Kind::Sandboxes => "sandbox",
-            Kind::Leases => "lease",
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// The kinds of object the store holds (one definition, shared with the controllers).
+pub use sandboxd_contracts::ObjectKind as Kind;
 
 /// A stored object: its JSON (with `resource_version` embedded) and the revision of its last write.
 #[derive(Debug, Clone, PartialEq, Eq)]
