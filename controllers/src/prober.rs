@@ -188,8 +188,9 @@ impl Prober {
         })
     }
 
-    /// Writes `ready` and `readiness` when `ready` flips, the error changes, or a refresh is due;
-    /// Creating becomes Running once ready. Returns whether it wrote.
+    /// Writes `ready` and `readiness` when `ready` flips, the error changes, or a refresh is due.
+    /// Returns whether it wrote. The prober never writes `phase`: its write reaches the sandbox
+    /// controller through the informer, and that controller alone moves Creating to Running.
     async fn publish(&self, id: &str, state: &ProbeState, refresh_due: bool) -> Result<bool, ObjectError> {
         for _ in 0..5 {
             let Some(sandbox) = self.objects.get_sandbox(id).await? else { return Ok(false) };
@@ -198,8 +199,7 @@ impl Prober {
             }
             let previous = sandbox.status.readiness.clone().unwrap_or_default();
             let unchanged = sandbox.status.ready == state.ready && previous.last_error == state.last_error;
-            let becomes_running = state.ready && sandbox.status.phase == Phase::Creating;
-            if unchanged && !becomes_running && !refresh_due {
+            if unchanged && !refresh_due {
                 return Ok(false);
             }
             let mut status = sandbox.status.clone();
@@ -210,9 +210,6 @@ impl Prober {
                 last_probe_at: Some(rfc3339_now()),
                 last_error: state.last_error.clone(),
             });
-            if becomes_running {
-                status.phase = Phase::Running;
-            }
             match crate::sandbox::write_status(self.objects.as_ref(), &sandbox, status).await {
                 Ok(_) => return Ok(true),
                 Err(ObjectError::Conflict(_)) => continue,
