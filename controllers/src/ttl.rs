@@ -2,6 +2,7 @@
 
 use crate::clock::Clock;
 use crate::objects::{ObjectClient, ObjectError};
+use crate::runtime::error::ControllerError;
 use crate::runtime::informer::{Change, Informer};
 use crate::runtime::queue::{run_until_shutdown, Outcome, WorkQueue};
 use sandboxd_api::time::parse_rfc3339;
@@ -82,7 +83,7 @@ impl TtlController {
         };
         match result {
             Ok(()) | Err(ObjectError::NotFound(_)) => Outcome::Done,
-            Err(e) => Outcome::Err(format!("expiring {id}: {e}")),
+            Err(e) => Outcome::Err(ControllerError::from(e).context(format!("expiring {id}"))),
         }
     }
 

@@ -1,5 +1,6 @@
 //! Controller work queue: deduplicated keys, one worker per key, delayed and rate-limited re-adds.
 
+use crate::runtime::error::ControllerError;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
@@ -52,6 +53,9 @@ impl RateLimit {
     }
 }
 
+/// Conflicts in a row retried after the base delay before they back off like other failures.
+const CONFLICT_RETRIES_AT_BASE_DELAY: u32 = 3;
+
 /// What a reconcile asks the queue to do with its key next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -59,8 +63,8 @@ pub enum Outcome {
     Done,
     /// Converged for now: forget the key's failures and run again after the delay.
     Requeue(Duration),
-    /// Failed: retry with per-key backoff.
-    Err(String),
+    /// Failed: retried as the error's kind asks (see `record_outcome`).
+    Err(ControllerError),
 }
 
 /// A cheaply cloneable handle to one controller's work queue.
@@ -196,6 +200,12 @@ impl<K: QueueKey> WorkQueue<K> {
         self.add_after(key, delay);
     }
 
+    fn count_failure(&self, key: &K) {
+        let mut state = self.inner.state.lock();
+        let failures = state.failures.entry(key.clone()).or_insert(0);
+        *failures = failures.saturating_add(1);
+    }
+
     /// Resets the failure count of `key`, so its next backoff starts at the base delay.
     pub fn forget(&self, key: &K) {
         self.inner.state.lock().failures.remove(key);
@@ -290,9 +300,26 @@ impl<K: QueueKey> WorkQueue<K> {
                 self.forget(&key);
                 self.add_after(key, after);
             }
-            Outcome::Err(error) => {
+            // A stale read: the newer version is usually in the cache within milliseconds, so the
+            // first few conflicts retry after the base delay; a cache that stays stale backs off.
+            Outcome::Err(ControllerError::Conflict(error)) => {
+                tracing::debug!(?key, %error, "reconcile hit a conflict, retrying");
+                if self.failures(&key) < CONFLICT_RETRIES_AT_BASE_DELAY {
+                    self.count_failure(&key);
+                    let base = self.inner.rate_limit.base_delay;
+                    self.add_after(key, base);
+                } else {
+                    self.add_rate_limited(key);
+                }
+            }
+            Outcome::Err(ControllerError::Transient(error)) => {
                 tracing::debug!(?key, %error, failures = self.failures(&key), "reconcile failed, retrying with backoff");
                 self.add_rate_limited(key);
+            }
+            // Retrying cannot help; the next change of the object queues it again.
+            Outcome::Err(ControllerError::Invalid(error)) => {
+                tracing::warn!(?key, %error, "reconcile refused as invalid; not retried until the object changes");
+                self.forget(&key);
             }
         }
     }
@@ -573,7 +600,7 @@ where
     F: Fn(K) -> Fut,
     Fut: Future<Output = Outcome>,
 {
-    let panicked = || Outcome::Err("reconcile panicked".to_owned());
+    let panicked = || Outcome::Err(ControllerError::Transient("reconcile panicked".to_owned()));
     // Started outside the async block so the returned future does not borrow `reconcile`.
     let attempt = std::panic::catch_unwind(AssertUnwindSafe(|| reconcile(key)));
     async move {
@@ -967,7 +994,7 @@ mod tests {
                 async move {
                     runs_tx.send((Instant::now(), queue.failures(&key))).unwrap();
                     match attempts.fetch_add(1, Ordering::SeqCst) {
-                        0 | 1 | 3 => Outcome::Err("agent unreachable".to_owned()),
+                        0 | 1 | 3 => Outcome::Err(ControllerError::Transient("agent unreachable".to_owned())),
                         2 => Outcome::Requeue(Duration::from_secs(1)),
                         _ => Outcome::Done,
                     }
@@ -993,6 +1020,39 @@ mod tests {
         assert!(runs.try_recv().is_err(), "done must not requeue");
 
         stop_workers(&queue, workers).await;
+    }
+
+    /// Runs `outcomes` in order for one key and returns when each run started, relative to the first.
+    async fn timeline_of(outcomes: Vec<Outcome>) -> Vec<u128> {
+        let queue = Queue::new();
+        let (runs_tx, mut runs) = mpsc::unbounded_channel();
+        let outcomes = Arc::new(parking_lot::Mutex::new(std::collections::VecDeque::from(outcomes)));
+        let workers = tokio::spawn(run_workers(queue.clone(), 1, move |_key: &'static str| {
+            let (runs_tx, outcomes) = (runs_tx.clone(), outcomes.clone());
+            async move {
+                runs_tx.send(Instant::now()).unwrap();
+                outcomes.lock().pop_front().unwrap_or(Outcome::Done)
+            }
+        }));
+        queue.add("sandboxes/a");
+        let mut seen = Vec::new();
+        while let Ok(Some(at)) = timeout(Duration::from_secs(3600), runs.recv()).await {
+            seen.push(at);
+        }
+        stop_workers(&queue, workers).await;
+        seen.iter().map(|at| (*at - seen[0]).as_millis()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_error_kind_is_retried_its_own_way() {
+        let conflict = || Outcome::Err(ControllerError::Conflict("stale".into()));
+        let transient = || Outcome::Err(ControllerError::Transient("agent unreachable".into()));
+        // Conflicts retry at the 5 ms base delay three times, then back off like other failures.
+        assert_eq!(timeline_of(vec![conflict(), conflict(), conflict(), conflict()]).await, [0, 5, 10, 15, 55]);
+        // Transient failures back off per key: 5, 10, 20 ms.
+        assert_eq!(timeline_of(vec![transient(), transient(), transient()]).await, [0, 5, 15, 35]);
+        // An invalid object is not retried at all.
+        assert_eq!(timeline_of(vec![Outcome::Err(ControllerError::Invalid("refused".into()))]).await, [0]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,6 +10,7 @@ use crate::agent::{AgentClient, AgentError};
 use crate::clock::Clock;
 use crate::objects::{ObjectClient, ObjectError};
 use crate::prober::Prober;
+use crate::runtime::error::ControllerError;
 use crate::runtime::informer::{Change, Informer};
 use crate::runtime::queue::{run_until_shutdown, Outcome, WorkQueue};
 use parking_lot::Mutex;
@@ -284,7 +285,7 @@ impl SandboxController {
             Phase::Failed => self.clean_up_failed(&sandbox).await,
             Phase::Scheduled | Phase::Creating | Phase::Running => self.drive(&sandbox).await,
         };
-        result.unwrap_or_else(|e| Outcome::Err(format!("sandbox {id}: {e}")))
+        result.unwrap_or_else(|e| Outcome::Err(e.context(format!("sandbox {id}"))))
     }
 
     fn node_of(&self, sandbox: &Sandbox) -> Option<Arc<Node>> {
@@ -296,7 +297,7 @@ impl SandboxController {
         !nodes.is_empty() && nodes.iter().all(|n| n.status.state == NodeState::NotReady)
     }
 
-    async fn drive(&self, sandbox: &Sandbox) -> Result<Outcome, String> {
+    async fn drive(&self, sandbox: &Sandbox) -> Result<Outcome, ControllerError> {
         let Some(node_name) = sandbox.status.node_name.clone() else { return Ok(Outcome::Done) };
         let node = self.node_of(sandbox);
         // Scanning every node is only worth it when this one is NotReady.
@@ -307,7 +308,7 @@ impl SandboxController {
             NodeVerdict::Lost => {
                 let why = if node.is_none() { "was deleted" } else { "is NotReady past node_lost_grace" };
                 let status = failed(&sandbox.status, "NodeLost", format!("node {node_name} {why}"));
-                write_status(self.objects.as_ref(), sandbox, status).await.map_err(|e| e.to_string())?;
+                write_status(self.objects.as_ref(), sandbox, status).await?;
                 self.prober.forget(&sandbox.id);
                 return Ok(Outcome::Done);
             }
@@ -321,7 +322,7 @@ impl SandboxController {
         self.sync_with_agent(sandbox, &node).await
     }
 
-    async fn create_on_agent(&self, sandbox: &Sandbox, node: &Node) -> Result<Outcome, String> {
+    async fn create_on_agent(&self, sandbox: &Sandbox, node: &Node) -> Result<Outcome, ControllerError> {
         match self.agents.create_sandbox(&node.sbxlet_base_url, &agent_request(sandbox)).await {
             Ok(created) => {
                 let mut status = sandbox.status.clone();
@@ -329,12 +330,12 @@ impl SandboxController {
                 status.reason = None;
                 status.message = None;
                 apply_agent_view(&mut status, &created, node);
-                write_status(self.objects.as_ref(), sandbox, status).await.map_err(|e| e.to_string())?;
+                write_status(self.objects.as_ref(), sandbox, status).await?;
                 Ok(Outcome::Requeue(self.settings.creating_poll))
             }
             Err(e) if e.is_client_error() => {
                 let status = failed(&sandbox.status, "AgentRejected", format!("node {}: {e}", node.name));
-                write_status(self.objects.as_ref(), sandbox, status).await.map_err(|e| e.to_string())?;
+                write_status(self.objects.as_ref(), sandbox, status).await?;
                 Ok(Outcome::Done)
             }
             Err(e) => {
@@ -346,15 +347,16 @@ impl SandboxController {
                     status.message = Some(message.clone());
                     let _ = write_status(self.objects.as_ref(), sandbox, status).await;
                 }
-                Err(message)
+                Err(ControllerError::Transient(message))
             }
         }
     }
 
-    async fn sync_with_agent(&self, sandbox: &Sandbox, node: &Node) -> Result<Outcome, String> {
+    async fn sync_with_agent(&self, sandbox: &Sandbox, node: &Node) -> Result<Outcome, ControllerError> {
         let observed = self.agents.get_sandbox(&node.sbxlet_base_url, &sandbox.id).await;
         let Some(verdict) = judge_agent(observed.as_ref(), &node.name) else {
-            return Err(format!("reading from node {}: {}", node.name, observed.unwrap_err()));
+            let e = observed.unwrap_err();
+            return Err(ControllerError::from(e).context(format!("reading from node {}", node.name)));
         };
         let mut status = sandbox.status.clone();
         if let Ok(view) = &observed {
@@ -388,12 +390,12 @@ impl SandboxController {
             },
         };
         if status != sandbox.status {
-            write_status(self.objects.as_ref(), sandbox, status).await.map_err(|e| e.to_string())?;
+            write_status(self.objects.as_ref(), sandbox, status).await?;
         }
         Ok(outcome)
     }
 
-    async fn terminate(&self, sandbox: &Sandbox) -> Result<Outcome, String> {
+    async fn terminate(&self, sandbox: &Sandbox) -> Result<Outcome, ControllerError> {
         self.prober.forget(&sandbox.id);
         // A released sandbox's agent already confirmed it gone: nothing to delete there.
         let on_agent = if sandbox.status.released { None } else { self.node_of(sandbox) };
@@ -401,7 +403,7 @@ impl SandboxController {
             match self.agents.delete_sandbox(&node.sbxlet_base_url, &sandbox.id).await {
                 Ok(()) => {}
                 Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(format!("deleting on node {}: {e}", node.name)),
+                Err(e) => return Err(ControllerError::from(e).context(format!("deleting on node {}", node.name))),
             }
         }
         match self.objects.remove_sandbox(&sandbox.id, &sandbox.resource_version).await {
@@ -409,12 +411,12 @@ impl SandboxController {
                 tracing::info!(sandbox = %sandbox.id, node = sandbox.status.node_name.as_deref().unwrap_or(""), "sandbox removed");
                 Ok(Outcome::Done)
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         }
     }
 
     /// A Failed sandbox's leftovers leave its agent; only then are its ports and resources released.
-    async fn clean_up_failed(&self, sandbox: &Sandbox) -> Result<Outcome, String> {
+    async fn clean_up_failed(&self, sandbox: &Sandbox) -> Result<Outcome, ControllerError> {
         if !sandbox.status.holds_node_resources() {
             return Ok(Outcome::Done);
         }
@@ -426,15 +428,14 @@ impl SandboxController {
             Some(node) => match self.agents.delete_sandbox(&node.sbxlet_base_url, &sandbox.id).await {
                 Ok(()) => true,
                 Err(e) if e.is_not_found() => true,
-                Err(e) => return Err(format!("removing leftovers on node {}: {e}", node.name)),
+                Err(e) => {
+                    return Err(ControllerError::from(e).context(format!("removing leftovers on node {}", node.name)))
+                }
             },
         };
         if release {
             let status = SandboxStatus { released: true, ..sandbox.status.clone() };
-            self.objects
-                .put_sandbox_status(&sandbox.id, &status, &sandbox.resource_version)
-                .await
-                .map_err(|e| e.to_string())?;
+            self.objects.put_sandbox_status(&sandbox.id, &status, &sandbox.resource_version).await?;
         }
         Ok(Outcome::Done)
     }

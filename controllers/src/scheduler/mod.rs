@@ -9,6 +9,7 @@ pub use placement::*;
 pub use table::AllocationIndex;
 
 use crate::objects::ObjectClient;
+use crate::runtime::error::ControllerError;
 use crate::runtime::informer::{Change, Informer};
 use crate::runtime::queue::{run_until_shutdown, Outcome, WorkQueue};
 use parking_lot::Mutex;
@@ -223,7 +224,7 @@ impl Scheduler {
             Err(e) => {
                 // The bind did not happen: take back the assumption so the ports and room are free again.
                 self.release_assumption(&sandbox.id);
-                Outcome::Err(format!("binding {} to {}: {e}", sandbox.id, node.name))
+                Outcome::Err(ControllerError::from(e).context(format!("binding {} to {}", sandbox.id, node.name)))
             }
         }
     }
@@ -240,7 +241,9 @@ impl Scheduler {
         status.message = Some(message);
         match self.objects.put_sandbox_status(&sandbox.id, &status, &sandbox.resource_version).await {
             Ok(_) => Outcome::Done,
-            Err(e) => Outcome::Err(format!("recording why {} is unschedulable: {e}", sandbox.id)),
+            Err(e) => {
+                Outcome::Err(ControllerError::from(e).context(format!("recording why {} is unschedulable", sandbox.id)))
+            }
         }
     }
 
