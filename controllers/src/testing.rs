@@ -1,7 +1,7 @@
-//! Test doubles for controller tests: an in-memory `ObjectClient` that serves a fixed list, keeps its
-//! watches open without events, and records every write.
+//! Test doubles for controller tests: an in-memory `ObjectClient` that serves a list, plays scripted
+//! watches (then keeps them open without events), and records every call and write.
 
-use crate::objects::{ObjectClient, ObjectError, ObjectKind, ObjectResult, RawWatch};
+use crate::objects::{ObjectClient, ObjectError, ObjectKind, ObjectResult, RawEvent, RawWatch};
 use async_trait::async_trait;
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -23,11 +23,49 @@ pub struct FakeObjects {
     nodes: Mutex<Vec<Node>>,
     sandboxes: Mutex<Vec<Sandbox>>,
     writes: Mutex<Vec<Write>>,
+    /// Revision every list answers with.
+    list_revision: Mutex<u64>,
+    lists: Mutex<usize>,
+    /// Sandboxes and revision of the next lists, before falling back to `sandboxes`.
+    queued_lists: Mutex<std::collections::VecDeque<(Vec<Sandbox>, u64)>>,
+    /// The `from` of every watch opened, in order.
+    watched_from: Mutex<Vec<u64>>,
+    /// What the next watches do: fail, or deliver these events and end. Afterwards: open, silent.
+    scripted_watches: Mutex<std::collections::VecDeque<ObjectResult<Vec<ObjectResult<RawEvent>>>>>,
 }
 
 impl FakeObjects {
     pub fn new(nodes: Vec<Node>, sandboxes: Vec<Sandbox>) -> FakeObjects {
-        FakeObjects { nodes: Mutex::new(nodes), sandboxes: Mutex::new(sandboxes), writes: Mutex::default() }
+        FakeObjects {
+            nodes: Mutex::new(nodes),
+            sandboxes: Mutex::new(sandboxes),
+            list_revision: Mutex::new(1),
+            ..FakeObjects::default()
+        }
+    }
+
+    /// What lists answer from now on.
+    pub fn set_sandboxes(&self, sandboxes: Vec<Sandbox>, revision: u64) {
+        *self.sandboxes.lock() = sandboxes;
+        *self.list_revision.lock() = revision;
+    }
+
+    /// Queues what a later list of sandboxes answers (after the lists already queued).
+    pub fn queue_list(&self, sandboxes: Vec<Sandbox>, revision: u64) {
+        self.queued_lists.lock().push_back((sandboxes, revision));
+    }
+
+    /// Queues what the next watch does.
+    pub fn script_watch(&self, script: ObjectResult<Vec<ObjectResult<RawEvent>>>) {
+        self.scripted_watches.lock().push_back(script);
+    }
+
+    pub fn lists(&self) -> usize {
+        *self.lists.lock()
+    }
+
+    pub fn watched_from(&self) -> Vec<u64> {
+        self.watched_from.lock().clone()
     }
 
     pub fn writes(&self) -> Vec<Write> {
@@ -54,16 +92,27 @@ fn encode_all<T: serde::Serialize>(objects: &[T]) -> Vec<Vec<u8>> {
 #[async_trait]
 impl ObjectClient for FakeObjects {
     async fn list(&self, kind: ObjectKind) -> ObjectResult<(Vec<Vec<u8>>, u64)> {
+        if kind == ObjectKind::Sandboxes {
+            if let Some((sandboxes, revision)) = self.queued_lists.lock().pop_front() {
+                self.set_sandboxes(sandboxes, revision);
+            }
+        }
         let items = match kind {
             ObjectKind::Nodes => encode_all(&self.nodes.lock()),
             ObjectKind::Sandboxes => encode_all(&self.sandboxes.lock()),
             ObjectKind::Leases => Vec::new(),
         };
-        Ok((items, 1))
+        *self.lists.lock() += 1;
+        Ok((items, *self.list_revision.lock()))
     }
 
-    async fn watch(&self, _: ObjectKind, _: u64) -> ObjectResult<RawWatch> {
-        Ok(futures::stream::pending().boxed())
+    async fn watch(&self, _: ObjectKind, from: u64) -> ObjectResult<RawWatch> {
+        self.watched_from.lock().push(from);
+        match self.scripted_watches.lock().pop_front() {
+            Some(Err(e)) => Err(e),
+            Some(Ok(events)) => Ok(futures::stream::iter(events).boxed()),
+            None => Ok(futures::stream::pending().boxed()),
+        }
     }
 
     async fn get_node(&self, name: &str) -> ObjectResult<Option<Node>> {

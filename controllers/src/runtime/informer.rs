@@ -248,3 +248,88 @@ impl<T: Object> Informer<T> {
         revision
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::FakeObjects;
+    use sandboxd_api::Sandbox;
+
+    fn sandbox(id: &str, rv: u64) -> Sandbox {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "created_at": "", "updated_at": "", "resource_version": rv.to_string(),
+            "spec": {"containers": []}
+        }))
+        .unwrap()
+    }
+
+    fn raw(s: &Sandbox) -> Vec<u8> {
+        serde_json::to_vec(s).unwrap()
+    }
+
+    async fn settle() {
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Runs an informer over `objects`, recording every change its handlers see as `+id` or `-id`.
+    fn start(
+        objects: &Arc<FakeObjects>,
+    ) -> (Informer<Sandbox>, Arc<parking_lot::Mutex<Vec<String>>>, CancellationToken) {
+        let informer: Informer<Sandbox> = Informer::new();
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        informer.subscribe(move |change| match change {
+            Change::Upsert { new, .. } => record.lock().push(format!("+{}", new.id)),
+            Change::Delete(gone) => record.lock().push(format!("-{}", gone.id)),
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(informer.clone().run(objects.clone(), stop.clone()));
+        (informer, seen, stop)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_410_lists_again_and_the_relist_emits_deletes_for_what_vanished() {
+        let objects = Arc::new(FakeObjects::new(vec![], vec![]));
+        objects.queue_list(vec![sandbox("a", 1), sandbox("b", 1)], 5);
+        // b was deleted while the watch from 5 was too old to resume: only a relist can tell.
+        objects.script_watch(Err(ObjectError::Gone("too old".into())));
+        objects.queue_list(vec![sandbox("a", 1)], 7);
+        let (informer, seen, stop) = start(&objects);
+        settle().await;
+        assert_eq!(objects.lists(), 2, "a 410 lists again");
+        assert_eq!(objects.watched_from(), [5, 7], "and watches from the new list's revision");
+        assert!(seen.lock().contains(&"-b".to_string()), "the relist emits a delete for b: {:?}", seen.lock());
+        assert!(informer.get("b").is_none() && informer.get("a").is_some());
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bookmarks_move_the_revision_a_watch_resumes_from() {
+        let objects = Arc::new(FakeObjects::new(vec![], vec![sandbox("a", 3)]));
+        objects.set_sandboxes(vec![sandbox("a", 3)], 3);
+        let c = sandbox("c", 9);
+        objects.script_watch(Ok(vec![Ok(RawEvent::Added(raw(&c))), Ok(RawEvent::Bookmark(40))]));
+        let (informer, seen, stop) = start(&objects);
+        settle().await;
+        assert_eq!(objects.watched_from(), [3, 40], "resumed from the bookmark, not from the last event (9)");
+        assert_eq!(objects.lists(), 1, "an ended stream resumes without listing");
+        assert!(informer.get("c").is_some());
+        assert_eq!(*seen.lock(), ["+a", "+c"]);
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delete_event_removes_the_object_and_reaches_handlers() {
+        let objects = Arc::new(FakeObjects::new(vec![], vec![sandbox("a", 2)]));
+        objects.set_sandboxes(vec![sandbox("a", 2)], 2);
+        objects.script_watch(Ok(vec![Ok(RawEvent::Deleted(raw(&sandbox("a", 4))))]));
+        let (informer, seen, stop) = start(&objects);
+        settle().await;
+        assert!(informer.is_empty());
+        assert_eq!(*seen.lock(), ["+a", "-a"]);
+        assert_eq!(objects.watched_from(), [2, 4], "the delete's revision counts too");
+        stop.cancel();
+    }
+}
