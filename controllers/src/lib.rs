@@ -6,6 +6,7 @@ pub mod prober;
 pub mod runtime;
 pub mod sandbox;
 pub mod scheduler;
+pub mod status;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod ttl;

@@ -210,7 +210,7 @@ impl Prober {
                 last_probe_at: Some(rfc3339_now()),
                 last_error: state.last_error.clone(),
             });
-            match crate::sandbox::write_status(self.objects.as_ref(), &sandbox, status).await {
+            match crate::status::write_status(self.objects.as_ref(), &sandbox, status).await {
                 Ok(_) => return Ok(true),
                 Err(ObjectError::Conflict(_)) => continue,
                 Err(e) => return Err(e),

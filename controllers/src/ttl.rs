@@ -79,7 +79,7 @@ impl TtlController {
                 message: Some(format!("ttl of {ttl}s expired")),
                 ..sandbox.status.clone()
             };
-            crate::sandbox::write_status(self.objects.as_ref(), &sandbox, status).await.map(|_| ())
+            crate::status::write_status(self.objects.as_ref(), &sandbox, status).await.map(|_| ())
         };
         match result {
             Ok(()) | Err(ObjectError::NotFound(_)) => Outcome::Done,

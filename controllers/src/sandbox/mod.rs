@@ -13,6 +13,7 @@ use crate::prober::Prober;
 use crate::runtime::error::ControllerError;
 use crate::runtime::informer::{Change, Informer};
 use crate::runtime::queue::{run_until_shutdown, Outcome, WorkQueue};
+use crate::status::write_status;
 use parking_lot::Mutex;
 use sandboxd_api::agent::{AgentCreateRequest, AgentPhase, AgentPort, AgentSandbox};
 use sandboxd_api::time::parse_rfc3339;
@@ -126,26 +127,6 @@ pub fn creating_poll_after(status: &SandboxStatus, base: Duration, now_unix: i64
     let since = status.last_transition_at.as_deref().and_then(parse_rfc3339).unwrap_or(now_unix);
     let creating_for = Duration::from_secs((now_unix - since).max(0) as u64);
     (creating_for / 4).clamp(base, Duration::from_secs(5))
-}
-
-/// Writes a sandbox's new status with CAS, logging a phase change once at info level.
-pub async fn write_status(
-    objects: &dyn ObjectClient,
-    sandbox: &Sandbox,
-    status: SandboxStatus,
-) -> Result<Sandbox, ObjectError> {
-    let written = objects.put_sandbox_status(&sandbox.id, &status, &sandbox.resource_version).await?;
-    if sandbox.status.phase != status.phase {
-        tracing::info!(
-            sandbox = %sandbox.id,
-            node = status.node_name.as_deref().unwrap_or(""),
-            from = sandbox.status.phase.as_str(),
-            to = status.phase.as_str(),
-            reason = status.reason.as_deref().unwrap_or(""),
-            "sandbox phase changed"
-        );
-    }
-    Ok(written)
 }
 
 /// A Failed copy of `status` with reason and message.
