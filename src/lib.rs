@@ -5,8 +5,6 @@ pub mod agent_client;
 pub mod apiserver;
 pub mod config;
 pub mod controllers;
-#[cfg(feature = "etcd")]
-pub mod local_etcd;
 pub mod objects;
 pub mod registry;
 pub mod server;

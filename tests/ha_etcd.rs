@@ -15,7 +15,7 @@ use sandboxd_api::{Lease, NodeState, SandboxSpec};
 use sandboxd_client::objects::HttpObjects;
 use sandboxd_client::{Client, ClientError};
 use sandboxd_contracts::LeaseClient;
-use sandboxd_o::local_etcd::LocalEtcd;
+use sandboxd_testkit::LocalEtcd;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -325,7 +325,7 @@ conformance!(sqlite_backend, |options| Box::pin(async move {
 conformance!(etcd_backend, |options| Box::pin(async move {
     // One etcd per test: revisions are global to an etcd cluster, and the suite counts them.
     // The etcd process lives as long as the store and is killed when the test drops it.
-    let etcd = crate::local_etcd::LocalEtcd::start().expect("local etcd starts");
+    let etcd = sandboxd_testkit::LocalEtcd::start().expect("local etcd starts");
     let endpoints = vec![format!("http://{}", etcd.addr())];
     let store = super::etcd::open(&endpoints, super::etcd::DEFAULT_PREFIX, options).await.unwrap();
     Arc::new(WithEtcd { store, _etcd: etcd }) as Arc<dyn Store>
@@ -371,7 +371,7 @@ async fn sqlite_refuses_a_second_process_on_the_same_file() {
 /// An etcd store that owns the throwaway etcd under it.
 struct WithEtcd {
     store: super::etcd::EtcdStore,
-    _etcd: crate::local_etcd::LocalEtcd,
+    _etcd: sandboxd_testkit::LocalEtcd,
 }
 
 #[cfg(feature = "etcd")]
@@ -415,7 +415,7 @@ impl Store for WithEtcd {
 #[cfg(feature = "etcd")]
 #[tokio::test]
 async fn etcd_stores_on_one_cluster_share_objects_and_see_each_others_writes() {
-    let etcd = crate::local_etcd::LocalEtcd::start().expect("local etcd starts");
+    let etcd = sandboxd_testkit::LocalEtcd::start().expect("local etcd starts");
     let endpoints = vec![format!("http://{}", etcd.addr())];
     let prefix = super::etcd::DEFAULT_PREFIX;
     let a = super::etcd::open(&endpoints, prefix, StoreOptions::default()).await.unwrap();
@@ -470,7 +470,7 @@ async fn etcd_store_reports_an_unreachable_cluster_as_unavailable() {
 #[cfg(feature = "etcd")]
 #[tokio::test]
 async fn etcd_store_refuses_writes_while_etcd_is_down_and_resumes_its_watch_after() {
-    let mut etcd = crate::local_etcd::LocalEtcd::start().expect("local etcd starts");
+    let mut etcd = sandboxd_testkit::LocalEtcd::start().expect("local etcd starts");
     let endpoints = vec![format!("http://{}", etcd.addr())];
     let store = super::etcd::open(&endpoints, super::etcd::DEFAULT_PREFIX, StoreOptions::default()).await.unwrap();
     let before = store.create(Kind::Sandboxes, "before", json!({})).await.unwrap();

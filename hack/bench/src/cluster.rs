@@ -36,7 +36,7 @@ pub struct Cluster {
     server: Child,
     fleet: Option<Child>,
     /// Dropped after the server (fields drop in order), so the server never outlives its store.
-    _etcd: Option<sandboxd_o::local_etcd::LocalEtcd>,
+    _etcd: Option<sandboxd_testkit::LocalEtcd>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -48,7 +48,7 @@ impl Cluster {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let url = format!("http://127.0.0.1:{port}");
-        let etcd = if spec.etcd { Some(sandboxd_o::local_etcd::LocalEtcd::start()?) } else { None };
+        let etcd = if spec.etcd { Some(sandboxd_testkit::LocalEtcd::start()?) } else { None };
         let store_url = match &etcd {
             Some(etcd) => etcd.url(),
             None => format!("sqlite://{}", dir.path().join("store.db").display()),

@@ -61,7 +61,7 @@ fn lease_flags(smoke: bool) -> [&'static str; 6] {
 
 pub async fn failover(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
     let dir = tempfile::tempdir()?;
-    let etcd = sandboxd_o::local_etcd::LocalEtcd::start()?;
+    let etcd = sandboxd_testkit::LocalEtcd::start()?;
     let (port_a, port_b, agent_port) = (free_port()?, free_port()?, free_port()?);
     let (url_a, url_b) = (format!("http://127.0.0.1:{port_a}"), format!("http://127.0.0.1:{port_b}"));
     let sandboxd = bin_dir.join("sandboxd-o");
