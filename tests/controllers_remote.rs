@@ -7,7 +7,7 @@ use sandboxd_api::{NodeState, Phase};
 use sandboxd_client::objects::HttpObjects;
 use sandboxd_controllers::runtime::lease::{LeaseClient, LeaseSettings};
 use sandboxd_o::agent_client::HttpAgentClient;
-use sandboxd_o::controllers::{run_elected, Candidacy};
+use sandboxd_o::controllers::{run_elected, Candidacy, ControllersError};
 use sbxlet::Faults;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -23,7 +23,10 @@ fn fast_leases() -> LeaseSettings {
 }
 
 /// One controllers replica against `server`, as `sandboxd-o controllers` runs it.
-fn start_replica(server: &str, identity: &str) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+fn start_replica(
+    server: &str,
+    identity: &str,
+) -> (CancellationToken, tokio::task::JoinHandle<Result<(), ControllersError>>) {
     let client = sandboxd_client::Client::new(server, None).unwrap();
     let objects = Arc::new(HttpObjects::new(client));
     let agents = Arc::new(HttpAgentClient::new(Duration::from_secs(1)).loopback_only());
@@ -35,10 +38,27 @@ fn start_replica(server: &str, identity: &str) -> (CancellationToken, tokio::tas
     };
     let stop = CancellationToken::new();
     let token = stop.clone();
-    let task = tokio::spawn(async move {
-        let _ = run_elected(objects.clone(), objects, agents, &config, &candidacy, token).await;
-    });
+    let task =
+        tokio::spawn(async move { run_elected(objects.clone(), objects, agents, &config, &candidacy, token).await });
     (stop, task)
+}
+
+/// Waits until `identity` holds every controller's lease.
+async fn wait_leading(client: &sandboxd_client::Client, identity: &str) {
+    let leases = HttpObjects::new(client.clone());
+    eventually(10, &format!("{identity} holds every lease"), || {
+        let leases = &leases;
+        async move {
+            for name in ["node", "scheduler", "sandbox", "ttl"] {
+                let lease = leases.get_lease(&format!("sandboxd-controller-{name}")).await.ok()??;
+                if lease.holder != identity {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
 }
 
 async fn wait_all_running(client: &sandboxd_client::Client, ids: &[String]) {
@@ -57,7 +77,7 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     let url = format!("http://{}", server.addr);
     register(&client, "node-a", agent.addr()).await;
     let (_stop_a, task_a) = start_replica(&url, "replica-a");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_leading(&client, "replica-a").await;
     let (stop_b, task_b) = start_replica(&url, "replica-b");
     wait_node_state(&client, "node-a", NodeState::Ready).await;
 
@@ -90,7 +110,7 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     assert_eq!(agent.sandbox_ids().len(), 40, "the agent holds each sandbox once");
 
     stop_b.cancel();
-    task_b.await.unwrap();
+    task_b.await.unwrap().expect("replica-b stops without error");
     let released = leases.get_lease("sandboxd-controller-scheduler").await.unwrap().unwrap();
     assert_eq!(released.holder, "", "graceful shutdown releases the lease");
     server.stop().await.unwrap();
@@ -109,7 +129,7 @@ async fn a_prompt_handover_keeps_nodes_ready_instead_of_starting_them_over() {
 
     // A graceful stop releases the leases: the standby takes over while the last heartbeat is fresh.
     stop_a.cancel();
-    task_a.await.unwrap();
+    task_a.await.unwrap().expect("replica-a stops without error");
     let leases = HttpObjects::new(client.clone());
     let mut states = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -125,6 +145,6 @@ async fn a_prompt_handover_keeps_nodes_ready_instead_of_starting_them_over() {
     }
     assert!(states.iter().all(|s| *s == NodeState::Ready), "the node left Ready during the handover: {states:?}");
     stop_b.cancel();
-    task_b.await.unwrap();
+    task_b.await.unwrap().expect("replica-b stops without error");
     server.stop().await.unwrap();
 }

@@ -59,6 +59,13 @@ impl TestAgent {
         self.call(reqwest::Method::DELETE, path, None).await
     }
 
+    /// Creates a sandbox a test needs as setup; the test stops here if the agent refuses it.
+    async fn create_ok(&self, sandbox: &Sandbox) -> Value {
+        let (code, body) = self.create(sandbox).await;
+        assert_eq!(code, StatusCode::CREATED, "setup create failed: {body}");
+        body
+    }
+
     async fn create(&self, sandbox: &Sandbox) -> (StatusCode, Value) {
         self.post("/api/v1/sandboxes", &sandbox.0).await
     }
@@ -228,7 +235,7 @@ async fn admissions_are_recorded_only_when_asked() {
 #[tokio::test]
 async fn sandbox_stays_creating_until_the_create_delay() {
     let a = agent_with(SimConfig { create_delay: Duration::from_secs(600), ..SimConfig::default() }).await;
-    a.create(&sandbox("slow")).await;
+    a.create_ok(&sandbox("slow")).await;
     let (_, got) = a.get("/api/v1/sandboxes/slow").await;
     assert_eq!(got["sandbox"]["phase"], "creating");
     assert_eq!(got["sandbox"]["containers"][0]["state"], "waiting");
@@ -323,7 +330,7 @@ async fn list_pages_by_id_with_cursor_and_limit() {
 #[tokio::test]
 async fn logs_of_a_sandbox_and_of_one_container() {
     let a = agent().await;
-    a.create(&sandbox("s").container("db", "postgres:16")).await;
+    a.create_ok(&sandbox("s").container("db", "postgres:16")).await;
     let (code, logs) = a.get("/api/v1/sandboxes/s/logs").await;
     assert_eq!(code, StatusCode::OK);
     assert_eq!(logs["sandbox_id"], "s");
@@ -347,7 +354,7 @@ async fn logs_of_a_sandbox_and_of_one_container() {
 #[tokio::test]
 async fn reconcile_answers_ok() {
     let a = agent().await;
-    a.create(&sandbox("s")).await;
+    a.create_ok(&sandbox("s")).await;
     assert_eq!(a.post("/api/v1/reconcile", &json!({})).await, (StatusCode::OK, json!({"ok": true})));
     assert_eq!(a.get("/api/v1/sandboxes/s").await.1["sandbox"]["phase"], "running");
 }
@@ -490,7 +497,7 @@ async fn faults_are_read_and_replaced_over_http_and_by_handle() {
 async fn restart_over_http_forgets_sandboxes_and_ports() {
     let a = agent().await;
     let port = free_port();
-    a.create(&sandbox("s").port(port).cpu("1")).await;
+    a.create_ok(&sandbox("s").port(port).cpu("1")).await;
     assert_eq!(a.post("/sim/restart", &json!({})).await, (StatusCode::OK, json!({"ok": true})));
     assert_eq!(a.get("/api/v1/sandboxes/s").await.0, StatusCode::NOT_FOUND);
     assert_eq!(a.get("/api/v1/sandboxes").await.1["items"], json!([]));
@@ -502,7 +509,7 @@ async fn restart_over_http_forgets_sandboxes_and_ports() {
 async fn restart_by_handle_lets_the_same_port_be_published_again() {
     let a = agent().await;
     let port = free_port();
-    a.create(&sandbox("s").port(port)).await;
+    a.create_ok(&sandbox("s").port(port)).await;
     a.handle.restart();
     assert!(a.handle.sandbox_ids().is_empty());
     let (code, body) = a.create(&sandbox("s").port(port)).await;
@@ -513,7 +520,7 @@ async fn restart_by_handle_lets_the_same_port_be_published_again() {
 #[tokio::test]
 async fn failing_a_sandbox_shows_failed_with_the_message() {
     let a = agent().await;
-    a.create(&sandbox("s")).await;
+    a.create_ok(&sandbox("s")).await;
     let (code, body) = a.post("/sim/sandboxes/s/fail", &json!({"message": "oom killed"})).await;
     assert_eq!(code, StatusCode::OK, "{body}");
     let (_, got) = a.get("/api/v1/sandboxes/s").await;
@@ -524,7 +531,7 @@ async fn failing_a_sandbox_shows_failed_with_the_message() {
     assert_eq!(got["sandbox"]["containers"][0]["state"], "terminated");
     assert_eq!(a.post("/sim/sandboxes/nope/fail", &json!({"message": "x"})).await.0, StatusCode::NOT_FOUND);
 
-    a.create(&sandbox("t")).await;
+    a.create_ok(&sandbox("t")).await;
     assert!(a.handle.fail_sandbox("t", "crashed"));
     assert!(!a.handle.fail_sandbox("nope", "crashed"));
     assert_eq!(a.get("/api/v1/sandboxes/t").await.1["sandbox"]["message"], "crashed");
@@ -537,7 +544,7 @@ async fn failing_a_sandbox_shows_failed_with_the_message() {
 async fn shutdown_closes_the_api_and_published_ports() {
     let a = agent().await;
     let port = free_port();
-    a.create(&sandbox("s").port(port)).await;
+    a.create_ok(&sandbox("s").port(port)).await;
     let api = a.handle.addr();
     a.handle.shutdown().await;
     assert!(TcpStream::connect(api).await.is_err(), "api still listening");
