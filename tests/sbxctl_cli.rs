@@ -169,18 +169,27 @@ async fn sbxctl_wait_fails_fast_on_failed_with_the_reason() {
         agent.sandbox_ids().contains(&"doomed".to_string()).then_some(())
     })
     .await;
-    agent.fail_sandbox("doomed", "oom killed");
+    assert!(agent.fail_sandbox("doomed", "oom killed"), "the agent holds doomed");
+    eventually(10, "doomed Failed in the store", || {
+        let client = client.clone();
+        async move {
+            let s = client.get_sandbox("doomed").await.ok()?;
+            (s.status.phase == sandboxd_api::Phase::Failed).then_some(())
+        }
+    })
+    .await;
     let server_url = format!("http://{}", server.addr);
+    let started = std::time::Instant::now();
     let out = tokio::task::spawn_blocking(move || {
         Ctl { server: server_url }.run(&["wait", "sandbox/doomed", "--for", "phase=Running", "--timeout", "30s"])
     })
     .await
     .unwrap();
+    let took = started.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    // It may already be Running before the failure lands; then wait succeeds, which is also correct.
-    if !out.status.success() {
-        assert!(stderr.contains("Failed") && stderr.contains("oom killed"), "{stderr}");
-    }
+    assert!(!out.status.success(), "waiting for Running on a Failed sandbox must fail: {stderr}");
+    assert!(stderr.contains("Failed") && stderr.contains("oom killed"), "{stderr}");
+    assert!(took < std::time::Duration::from_secs(10), "wait took {took:?}: it must not sit out its 30 s timeout");
     server.stop().await.unwrap();
 }
 
