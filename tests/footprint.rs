@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use sandboxd_api::{NodeState, Phase, Probe, ProbeProtocol, SandboxSpec};
+use sandboxd_api::{NodeState, Phase};
 use std::collections::BTreeMap;
 
 /// `sandboxd_controller_entries` from `/metrics`, by `owner/structure`.
@@ -26,20 +26,6 @@ fn is_per_node(name: &str) -> bool {
     name.starts_with("node/") || name == "informer/nodes" || name == "sandbox/by_node_nodes"
 }
 
-fn with_probe(mut spec: SandboxSpec) -> SandboxSpec {
-    spec.readiness_probe = Some(Probe {
-        protocol: ProbeProtocol::Http,
-        port: 80,
-        path: None,
-        initial_delay_seconds: 0,
-        period_seconds: 1,
-        timeout_seconds: 1,
-        success_threshold: 1,
-        failure_threshold: 1,
-    });
-    spec
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_every_sandbox_empties_every_per_sandbox_structure() {
     let (server, client) = start_server(test_config(&[])).await;
@@ -58,7 +44,7 @@ async fn deleting_every_sandbox_empties_every_per_sandbox_structure() {
         let mut spec = with_port(sandbox_spec("10m"), 80);
         spec.ttl_seconds = Some(86_400);
         if i % 2 == 0 {
-            spec = with_probe(spec);
+            spec = with_http_probe(spec);
         }
         let id = format!("fp-{i}");
         client.create_sandbox(&id, &spec).await.unwrap();

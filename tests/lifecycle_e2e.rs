@@ -6,7 +6,7 @@ use common::*;
 use futures::StreamExt;
 use reqwest::Method;
 use sandboxd_api::watch::{EventType, WatchEvent};
-use sandboxd_api::{AssignedPort, NodeState, Phase, Probe, ProbeProtocol, Protocol, Sandbox, SandboxSpec};
+use sandboxd_api::{AssignedPort, NodeState, Phase, Protocol, Sandbox, SandboxSpec};
 use sandboxd_client::Client;
 use sandboxd_o::server::Running;
 use sbxlet::{AgentHandle, Faults, SimConfig};
@@ -442,21 +442,6 @@ fn with_ttl(mut spec: SandboxSpec, ttl_seconds: i64) -> SandboxSpec {
 
 fn pinned(mut spec: SandboxSpec, host_port: u16) -> SandboxSpec {
     spec.ports[0].host_port = Some(i64::from(host_port));
-    spec
-}
-
-/// An http readiness probe on port 80 that flips `ready` after a single result, every second.
-fn with_http_probe(mut spec: SandboxSpec) -> SandboxSpec {
-    spec.readiness_probe = Some(Probe {
-        protocol: ProbeProtocol::Http,
-        port: 80,
-        path: None,
-        initial_delay_seconds: 0,
-        period_seconds: 1,
-        timeout_seconds: 1,
-        success_threshold: 1,
-        failure_threshold: 1,
-    });
     spec
 }
 

@@ -62,6 +62,21 @@ pub fn with_port(mut spec: SandboxSpec, container_port: i64) -> SandboxSpec {
     spec
 }
 
+/// An http readiness probe on port 80 that flips `ready` after a single result, every second.
+pub fn with_http_probe(mut spec: SandboxSpec) -> SandboxSpec {
+    spec.readiness_probe = Some(sandboxd_api::Probe {
+        protocol: sandboxd_api::ProbeProtocol::Http,
+        port: 80,
+        path: None,
+        initial_delay_seconds: 0,
+        period_seconds: 1,
+        timeout_seconds: 1,
+        success_threshold: 1,
+        failure_threshold: 1,
+    });
+    spec
+}
+
 /// A free TCP port on 127.0.0.1 (bound then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
