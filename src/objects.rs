@@ -2,7 +2,7 @@
 //! same rules as the HTTP API.
 
 use crate::registry::{Registry, RegistryError};
-use crate::store::{EventType, Kind, StoreError, WatchItem};
+use crate::store::{ChangeType, Kind, StoreError, WatchItem};
 use async_trait::async_trait;
 use futures::StreamExt;
 use sandboxd_api::node::NodeStatus;
@@ -59,9 +59,9 @@ impl ObjectClient for InProcessObjects {
                 Ok(match item {
                     WatchItem::Bookmark(revision) => RawEvent::Bookmark(revision),
                     WatchItem::Event(e) => match e.event_type {
-                        EventType::Added => RawEvent::Added(e.object.data.to_vec()),
-                        EventType::Modified => RawEvent::Modified(e.object.data.to_vec()),
-                        EventType::Deleted => RawEvent::Deleted(e.object.data.to_vec()),
+                        ChangeType::Added => RawEvent::Added(e.object.data.to_vec()),
+                        ChangeType::Modified => RawEvent::Modified(e.object.data.to_vec()),
+                        ChangeType::Deleted => RawEvent::Deleted(e.object.data.to_vec()),
                     },
                 })
             })

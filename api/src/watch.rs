@@ -14,6 +14,19 @@ pub enum EventType {
     Error,
 }
 
+impl EventType {
+    /// The name on the wire, as serde writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Added => "ADDED",
+            EventType::Modified => "MODIFIED",
+            EventType::Deleted => "DELETED",
+            EventType::Bookmark => "BOOKMARK",
+            EventType::Error => "ERROR",
+        }
+    }
+}
+
 /// One line of a watch stream: `{"type": "ADDED", "object": {...}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -44,5 +57,13 @@ mod tests {
     fn event_type_is_upper_case_on_the_wire() {
         let e = WatchEvent { event_type: EventType::Added, object: 1 };
         assert_eq!(serde_json::to_string(&e).unwrap(), r#"{"type":"ADDED","object":1}"#);
+    }
+
+    #[test]
+    fn as_str_is_the_serde_name() {
+        use EventType::*;
+        for t in [Added, Modified, Deleted, Bookmark, Error] {
+            assert_eq!(serde_json::to_value(t).unwrap(), t.as_str());
+        }
     }
 }

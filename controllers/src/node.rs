@@ -2,9 +2,10 @@
 
 use crate::agent::{AgentClient, AgentError};
 use crate::objects::{ObjectClient, ObjectError};
+use crate::runtime::controller::Controller;
 use crate::runtime::informer::{Change, Informer};
 use crate::runtime::metrics::METRICS;
-use crate::runtime::queue::{run_until_shutdown, Outcome, WorkQueue};
+use crate::runtime::queue::{Outcome, Reconciled};
 use sandboxd_api::agent::AgentStatus;
 use sandboxd_api::node::NodeStatus;
 use sandboxd_api::{Node, NodeResources, NodeState};
@@ -264,7 +265,7 @@ pub struct NodeController {
     objects: Arc<dyn ObjectClient>,
     agents: Arc<dyn AgentClient>,
     settings: NodeSettings,
-    queue: WorkQueue<String>,
+    controller: Controller<String>,
     /// When each node's next heartbeat is due, to measure how late it starts.
     due: parking_lot::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
 }
@@ -272,7 +273,7 @@ pub struct NodeController {
 impl crate::runtime::footprint::Footprint for NodeController {
     fn footprint(&self) -> Vec<(&'static str, usize)> {
         let mut sizes = vec![("heartbeats_due", self.due.lock().len())];
-        sizes.extend(self.queue.footprint());
+        sizes.extend(self.controller.queue().footprint());
         sizes
     }
 }
@@ -285,18 +286,19 @@ impl NodeController {
         agents: Arc<dyn AgentClient>,
         settings: NodeSettings,
     ) -> Arc<NodeController> {
-        let queue = WorkQueue::new();
-        subscribe_heartbeats(&nodes, &queue);
-        let controller = Arc::new(NodeController { nodes, objects, agents, settings, queue, due: Default::default() });
+        let controller = Controller::new("node", settings.workers);
+        controller.watches(&nodes, heartbeat_now);
+        let controller =
+            Arc::new(NodeController { nodes, objects, agents, settings, controller, due: Default::default() });
         crate::runtime::footprint::register("node", &controller);
         controller
     }
 
     /// One heartbeat of one node, then the next one is scheduled an interval (±10 %) later.
-    pub async fn beat(&self, name: &str) -> Outcome {
+    pub async fn beat(&self, name: &str) -> Reconciled {
         let due = self.due.lock().remove(name);
         if self.nodes.get(name).is_none() {
-            return Outcome::Done;
+            return Ok(Outcome::Done);
         }
         if let Some(due) = due {
             METRICS.heartbeat_lag.record(tokio::time::Instant::now().saturating_duration_since(due));
@@ -305,13 +307,14 @@ impl NodeController {
         let result = heartbeat_once(self.objects.as_ref(), self.agents.as_ref(), &self.settings, name).await;
         if let Err(e) = &result {
             if matches!(e, ObjectError::NotFound(_)) {
-                return Outcome::Done;
+                return Ok(Outcome::Done);
             }
             tracing::debug!(node = %name, error = %e, "heartbeat not recorded");
         }
         let next = jittered(self.settings.heartbeat_interval);
         self.due.lock().insert(name.to_string(), tokio::time::Instant::now() + next);
-        Outcome::Requeue(next)
+        // A failed heartbeat is already recorded in the node's streaks; the next one comes on time.
+        Ok(Outcome::Requeue(next))
     }
 
     /// Starts nodes over as Unknown: a state from before this controller started says nothing now,
@@ -343,15 +346,15 @@ impl NodeController {
 
     /// Runs heartbeats until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        self.nodes.wait_synced().await;
+        self.controller.wait_synced().await;
         self.forget_stale_states().await;
-        let queue = self.queue.clone();
         let me = self.clone();
-        run_until_shutdown(queue, self.settings.workers.max(1), shutdown, move |name: String| {
-            let me = me.clone();
-            async move { me.beat(&name).await }
-        })
-        .await;
+        self.controller
+            .run(shutdown, move |name: String| {
+                let me = me.clone();
+                async move { me.beat(&name).await }
+            })
+            .await;
     }
 }
 
@@ -367,16 +370,13 @@ pub fn heartbeat_is_fresh(status: &NodeStatus, settings: &NodeSettings, unix_now
 }
 
 /// New nodes and nodes whose address changed get a heartbeat at once; status writes do not retrigger.
-fn subscribe_heartbeats(nodes: &Informer<Node>, queue: &WorkQueue<String>) {
-    let queue = queue.clone();
-    nodes.subscribe(move |change| {
-        if let Change::Upsert { old, new } = change {
-            let address_changed = old.is_none_or(|old| old.ip != new.ip || old.port != new.port);
-            if address_changed {
-                queue.add(new.name.clone());
-            }
+fn heartbeat_now(change: &Change<'_, Node>) -> Option<String> {
+    match change {
+        Change::Upsert { old, new } if old.is_none_or(|old| old.ip != new.ip || old.port != new.port) => {
+            Some(new.name.clone())
         }
-    });
+        _ => None,
+    }
 }
 
 /// A node named `n` in `state` since `since`, for tests of the controllers.

@@ -3,8 +3,9 @@
 use crate::agent::{AgentClient, ProbeTarget};
 use crate::node::rfc3339_now;
 use crate::objects::{ObjectClient, ObjectError};
+use crate::runtime::controller::Controller;
 use crate::runtime::informer::Informer;
-use crate::runtime::queue::{run_until_shutdown, Outcome, WorkQueue};
+use crate::runtime::queue::{Outcome, Reconciled};
 use parking_lot::Mutex;
 use sandboxd_api::{Node, Phase, Probe, ProbeProtocol, Readiness, Sandbox};
 use std::collections::HashMap;
@@ -74,15 +75,15 @@ pub struct Prober {
     sandboxes: Informer<Sandbox>,
     objects: Arc<dyn ObjectClient>,
     agents: Arc<dyn AgentClient>,
-    queue: WorkQueue<String>,
+    /// Keys come from `track`, not from a watch: a sandbox is probed once its agent runs it.
+    controller: Controller<String>,
     tracked: Mutex<HashMap<String, Tracked>>,
-    workers: usize,
 }
 
 impl crate::runtime::footprint::Footprint for Prober {
     fn footprint(&self) -> Vec<(&'static str, usize)> {
         let mut sizes = vec![("tracked", self.tracked.lock().len())];
-        sizes.extend(self.queue.footprint());
+        sizes.extend(self.controller.queue().footprint());
         sizes
     }
 }
@@ -100,9 +101,8 @@ impl Prober {
             sandboxes,
             objects,
             agents,
-            queue: WorkQueue::new(),
+            controller: Controller::new("prober", workers),
             tracked: Mutex::new(HashMap::new()),
-            workers,
         });
         crate::runtime::footprint::register("prober", &prober);
         prober
@@ -120,7 +120,7 @@ impl Prober {
         let state = seed_state(sandbox);
         tracked.insert(id.to_string(), Tracked { running_since: Instant::now(), state, published_at: None });
         drop(tracked);
-        self.queue.add(id.to_string());
+        self.controller.queue().add(id.to_string());
     }
 
     /// Stops probing a sandbox.
@@ -129,25 +129,25 @@ impl Prober {
     }
 
     /// One probe try of one sandbox, then its next try is scheduled.
-    pub async fn probe_once(&self, id: &str) -> Outcome {
+    pub async fn probe_once(&self, id: &str) -> Reconciled {
         let Some(sandbox) = self.sandboxes.get(id) else {
             self.forget(id);
-            return Outcome::Done;
+            return Ok(Outcome::Done);
         };
         let probing = matches!(sandbox.status.phase, Phase::Creating | Phase::Running);
         let (Some(probe), true) = (sandbox.spec.readiness_probe.clone(), probing) else {
             self.forget(id);
-            return Outcome::Done;
+            return Ok(Outcome::Done);
         };
         let Some((since, state, published_at)) =
             self.tracked.lock().get(id).map(|t| (t.running_since, t.state.clone(), t.published_at))
         else {
-            return Outcome::Done;
+            return Ok(Outcome::Done);
         };
         let start_at = since + Duration::from_secs(probe.initial_delay_seconds as u64);
         let now = Instant::now();
         if now < start_at {
-            return Outcome::Requeue(start_at - now);
+            return Ok(Outcome::Requeue(start_at - now));
         }
         let period = Duration::from_secs(probe.period_seconds as u64);
         let result = match self.target_of(&sandbox, &probe) {
@@ -157,7 +157,7 @@ impl Prober {
         let next = record_probe(&state, &result, &probe);
         match self.tracked.lock().get_mut(id) {
             Some(t) => t.state = next.clone(),
-            None => return Outcome::Done,
+            None => return Ok(Outcome::Done),
         }
         let refresh_due = published_at.is_none_or(|at| at.elapsed() >= REFRESH);
         match self.publish(id, &next, refresh_due).await {
@@ -169,7 +169,7 @@ impl Prober {
             Ok(false) => {}
             Err(e) => tracing::debug!(sandbox = id, error = %e, "readiness not written; next try will"),
         }
-        Outcome::Requeue(period)
+        Ok(Outcome::Requeue(period))
     }
 
     fn target_of(&self, sandbox: &Sandbox, probe: &Probe) -> Option<ProbeTarget> {
@@ -221,13 +221,13 @@ impl Prober {
 
     /// Probes until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let queue = self.queue.clone();
         let me = self.clone();
-        run_until_shutdown(queue, self.workers.max(1), shutdown, move |id: String| {
-            let me = me.clone();
-            async move { me.probe_once(&id).await }
-        })
-        .await;
+        self.controller
+            .run(shutdown, move |id: String| {
+                let me = me.clone();
+                async move { me.probe_once(&id).await }
+            })
+            .await;
     }
 }
 

@@ -2,9 +2,10 @@
 
 use crate::clock::Clock;
 use crate::objects::{ObjectClient, ObjectError};
+use crate::runtime::controller::Controller;
 use crate::runtime::error::ControllerError;
 use crate::runtime::informer::{Change, Informer};
-use crate::runtime::queue::{run_until_shutdown, Outcome, WorkQueue};
+use crate::runtime::queue::{Outcome, Reconciled, WorkQueue};
 use sandboxd_api::time::parse_rfc3339;
 use sandboxd_api::{Phase, Sandbox, SandboxStatus};
 use std::sync::Arc;
@@ -36,13 +37,13 @@ fn schedule_expiry(queue: &WorkQueue<String>, change: &Change<'_, Sandbox>, now_
 pub struct TtlController {
     sandboxes: Informer<Sandbox>,
     objects: Arc<dyn ObjectClient>,
-    queue: WorkQueue<String>,
+    controller: Controller<String>,
     clock: Arc<dyn Clock>,
 }
 
 impl crate::runtime::footprint::Footprint for TtlController {
     fn footprint(&self) -> Vec<(&'static str, usize)> {
-        self.queue.footprint().to_vec()
+        self.controller.queue().footprint().to_vec()
     }
 }
 
@@ -52,20 +53,21 @@ impl TtlController {
         objects: Arc<dyn ObjectClient>,
         clock: Arc<dyn Clock>,
     ) -> Arc<TtlController> {
-        let controller = Arc::new(TtlController { sandboxes, objects, queue: WorkQueue::new(), clock: clock.clone() });
-        let queue = controller.queue.clone();
+        let controller = Controller::new("ttl", 8);
         // Rebuilt from the informer's list on every start, so expiries due while down fire at once.
-        controller.sandboxes.subscribe(move |change| schedule_expiry(&queue, change, clock.unix_now()));
+        let now = clock.clone();
+        controller.watches_with(&sandboxes, move |change, queue| schedule_expiry(queue, change, now.unix_now()));
+        let controller = Arc::new(TtlController { sandboxes, objects, controller, clock });
         crate::runtime::footprint::register("ttl", &controller);
         controller
     }
 
     /// Expires one sandbox if its time has come; an extended TTL just waits longer.
-    pub async fn expire_one(&self, id: &str) -> Outcome {
-        let Some(sandbox) = self.sandboxes.get(id) else { return Outcome::Done };
-        let Some(remaining) = time_to_expiry(&sandbox, self.clock.unix_now()) else { return Outcome::Done };
+    pub async fn expire_one(&self, id: &str) -> Reconciled {
+        let Some(sandbox) = self.sandboxes.get(id) else { return Ok(Outcome::Done) };
+        let Some(remaining) = time_to_expiry(&sandbox, self.clock.unix_now()) else { return Ok(Outcome::Done) };
         if !remaining.is_zero() {
-            return Outcome::Requeue(remaining);
+            return Ok(Outcome::Requeue(remaining));
         }
         let result = if sandbox.status.node_name.is_none() {
             // Never bound: nothing to remove from an agent.
@@ -82,21 +84,20 @@ impl TtlController {
             crate::status::write_status(self.objects.as_ref(), &sandbox, status).await.map(|_| ())
         };
         match result {
-            Ok(()) | Err(ObjectError::NotFound(_)) => Outcome::Done,
-            Err(e) => Outcome::Err(ControllerError::from(e).context(format!("expiring {id}"))),
+            Ok(()) | Err(ObjectError::NotFound(_)) => Ok(Outcome::Done),
+            Err(e) => Err(ControllerError::from(e).context(format!("expiring {id}"))),
         }
     }
 
     /// Expires sandboxes until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        self.sandboxes.wait_synced().await;
-        let queue = self.queue.clone();
         let me = self.clone();
-        run_until_shutdown(queue, 8, shutdown, move |id: String| {
-            let me = me.clone();
-            async move { me.expire_one(&id).await }
-        })
-        .await;
+        self.controller
+            .run(shutdown, move |id: String| {
+                let me = me.clone();
+                async move { me.expire_one(&id).await }
+            })
+            .await;
     }
 }
 

@@ -1,12 +1,13 @@
 //! Watch streams over HTTP: newline-delimited JSON events from a revision, with bookmarks and 410 on a stale revision.
 
 use super::ApiState;
-use crate::store::{EventType, Kind, Revision, Store, StoreError, WatchItem};
+use crate::store::{Kind, Revision, Store, StoreError, WatchItem};
 use axum::body::{Body, Bytes};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
 use axum::response::Response;
 use futures::stream::{self, BoxStream, StreamExt};
+use sandboxd_api::watch::EventType;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -29,7 +30,7 @@ async fn open(store: Arc<dyn Store>, kind: Kind, from: Option<Revision>) -> BoxS
         Some(from) => (Vec::new(), from),
         None => match store.list(kind).await {
             Ok((items, revision)) => {
-                let added = items.iter().map(|v| event_line("ADDED", &v.data)).collect();
+                let added = items.iter().map(|v| event_line(EventType::Added, &v.data)).collect();
                 (added, revision)
             }
             Err(e) => return stream::iter([error_line(&e)]).boxed(),
@@ -43,25 +44,18 @@ async fn open(store: Arc<dyn Store>, kind: Kind, from: Option<Revision>) -> BoxS
 
 fn item_line(item: WatchItem) -> Bytes {
     match item {
-        WatchItem::Event(e) => {
-            let kind = match e.event_type {
-                EventType::Added => "ADDED",
-                EventType::Modified => "MODIFIED",
-                EventType::Deleted => "DELETED",
-            };
-            event_line(kind, &e.object.data)
-        }
+        WatchItem::Event(e) => event_line(e.event_type.into(), &e.object.data),
         WatchItem::Bookmark(revision) => {
             let object = format!("{{\"resource_version\":\"{revision}\"}}");
-            event_line("BOOKMARK", object.as_bytes())
+            event_line(EventType::Bookmark, object.as_bytes())
         }
     }
 }
 
-fn event_line(event_type: &str, object: &[u8]) -> Bytes {
+fn event_line(event_type: EventType, object: &[u8]) -> Bytes {
     let mut line = Vec::with_capacity(object.len() + 32);
     line.extend_from_slice(b"{\"type\":\"");
-    line.extend_from_slice(event_type.as_bytes());
+    line.extend_from_slice(event_type.as_str().as_bytes());
     line.extend_from_slice(b"\",\"object\":");
     line.extend_from_slice(object);
     line.extend_from_slice(b"}\n");
@@ -75,5 +69,5 @@ fn error_line(e: &StoreError) -> Bytes {
         _ => 500,
     };
     let object = serde_json::json!({ "code": code, "error": e.to_string() });
-    event_line("ERROR", object.to_string().as_bytes())
+    event_line(EventType::Error, object.to_string().as_bytes())
 }

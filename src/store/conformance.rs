@@ -117,8 +117,8 @@ async fn watch_replays_changes_after_revision_in_order(open: Open) {
     store.delete(Kind::Sandboxes, "a", None).await.unwrap();
     let events: Vec<Event> =
         [next_event(&mut stream).await, next_event(&mut stream).await, next_event(&mut stream).await].into();
-    let types: Vec<EventType> = events.iter().map(|e| e.event_type).collect();
-    assert_eq!(types, [EventType::Added, EventType::Modified, EventType::Deleted]);
+    let types: Vec<ChangeType> = events.iter().map(|e| e.event_type).collect();
+    assert_eq!(types, [ChangeType::Added, ChangeType::Modified, ChangeType::Deleted]);
     assert!(events.iter().all(|e| &*e.object.name == "a" && e.kind == Kind::Sandboxes));
     assert!(events.windows(2).all(|w| w[0].revision() < w[1].revision()), "revision order");
     assert_eq!(field(&events[2].object, "resource_version"), json!(events[2].revision().to_string()));
@@ -443,7 +443,7 @@ async fn etcd_stores_on_one_cluster_share_objects_and_see_each_others_writes() {
     // A watch from a revision the other server produced waits for this server's cache instead of failing.
     let mut watch_a = a.watch(Kind::Sandboxes, updated.revision).await.unwrap();
     b.delete(Kind::Sandboxes, "s", None).await.unwrap();
-    assert_eq!(next_event(&mut watch_a).await.event_type, EventType::Deleted);
+    assert_eq!(next_event(&mut watch_a).await.event_type, ChangeType::Deleted);
 
     // A restarted server loads what is already there.
     a.close().await;
@@ -485,7 +485,7 @@ async fn etcd_store_refuses_writes_while_etcd_is_down_and_resumes_its_watch_afte
     etcd.restart().expect("etcd comes back");
     let after = eventually_created(&store, "after").await;
     let event = next_event(&mut watch).await;
-    assert_eq!((event.event_type, event.object), (EventType::Added, after), "the same watch goes on");
+    assert_eq!((event.event_type, event.object), (ChangeType::Added, after), "the same watch goes on");
     assert_eq!(store.get(Kind::Sandboxes, "during").await.unwrap(), None, "the refused write left nothing");
 }
 

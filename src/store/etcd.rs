@@ -8,7 +8,7 @@
 
 use super::hub::{Change, Hub};
 use super::writer::{encode, spawn_bookmarks, stamp_encoded};
-use super::{EventType, Kind, Page, Result, Revision, Store, StoreError, StoreOptions, Versioned, WatchStream};
+use super::{ChangeType, Kind, Page, Result, Revision, Store, StoreError, StoreOptions, Versioned, WatchStream};
 use async_trait::async_trait;
 use bytes::Bytes;
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
@@ -462,7 +462,7 @@ fn to_change(prefix: &str, event: &etcd_client::Event, hub: &Hub) -> Option<Chan
     let revision = kv.mod_revision() as Revision;
     let (event_type, object) = match event.event_type() {
         etcd_client::EventType::Put => {
-            let event_type = if kv.version() == 1 { EventType::Added } else { EventType::Modified };
+            let event_type = if kv.version() == 1 { ChangeType::Added } else { ChangeType::Modified };
             (event_type, stamp(&name, kv.value(), revision))
         }
         etcd_client::EventType::Delete => {
@@ -474,7 +474,7 @@ fn to_change(prefix: &str, event: &etcd_client::Event, hub: &Hub) -> Option<Chan
                     stamp(&name, &cached.data, revision)
                 }
             };
-            (EventType::Deleted, last)
+            (ChangeType::Deleted, last)
         }
     };
     match object {

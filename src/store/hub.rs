@@ -1,6 +1,6 @@
 //! In-memory state shared by the in-process backends: objects, revision, history ring and watchers.
 
-use super::{Event, EventType, Kind, Page, Result, Revision, StoreError, Versioned, WatchItem, WatchStream};
+use super::{ChangeType, Event, Kind, Page, Result, Revision, StoreError, Versioned, WatchItem, WatchStream};
 use futures::StreamExt;
 use parking_lot::RwLock;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -52,7 +52,7 @@ struct State {
 pub(super) struct Change {
     pub kind: Kind,
     pub name: Arc<str>,
-    pub event_type: EventType,
+    pub event_type: ChangeType,
     pub object: Versioned,
 }
 
@@ -142,7 +142,7 @@ impl Hub {
         for change in changes {
             let map = state.objects.entry(change.kind).or_default();
             match change.event_type {
-                EventType::Deleted => {
+                ChangeType::Deleted => {
                     map.remove(&change.name);
                 }
                 _ => {
@@ -281,7 +281,7 @@ mod tests {
         Change {
             kind: Kind::Sandboxes,
             name: Arc::from(name),
-            event_type: EventType::Added,
+            event_type: ChangeType::Added,
             object: object(name, revision),
         }
     }
@@ -292,7 +292,7 @@ mod tests {
 
     #[tokio::test]
     async fn history_is_bounded_by_bytes_and_older_revisions_are_gone() {
-        let one = event_cost(&Event { kind: Kind::Sandboxes, event_type: EventType::Added, object: object("s-0", 1) });
+        let one = event_cost(&Event { kind: Kind::Sandboxes, event_type: ChangeType::Added, object: object("s-0", 1) });
         let limits = HistoryLimits { max_events: 1_000, max_bytes: 3 * one, max_age: Duration::from_secs(60) };
         let hub = Hub::new(vec![], 0, limits, 16);
         hub.apply((1..=10).map(|r| change(&format!("s-{}", r % 10), r)).collect());

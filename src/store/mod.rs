@@ -48,9 +48,10 @@ impl Versioned {
     }
 }
 
-/// What a watch event says happened.
+/// What a change did to an object. The wire's `sandboxd_api::watch::EventType` adds the stream's own
+/// markers (BOOKMARK, ERROR), which the store carries as `WatchItem::Bookmark` and errors instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventType {
+pub enum ChangeType {
     Added,
     Modified,
     Deleted,
@@ -60,8 +61,18 @@ pub enum EventType {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub kind: Kind,
-    pub event_type: EventType,
+    pub event_type: ChangeType,
     pub object: Versioned,
+}
+
+impl From<ChangeType> for sandboxd_api::watch::EventType {
+    fn from(change: ChangeType) -> Self {
+        match change {
+            ChangeType::Added => sandboxd_api::watch::EventType::Added,
+            ChangeType::Modified => sandboxd_api::watch::EventType::Modified,
+            ChangeType::Deleted => sandboxd_api::watch::EventType::Deleted,
+        }
+    }
 }
 
 impl Event {

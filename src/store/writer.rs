@@ -1,7 +1,7 @@
 //! The single writer: validates compare-and-swap writes, groups them into one durable commit, then publishes.
 
 use super::hub::{Change, Hub};
-use super::{EventType, Kind, Page, Result, Revision, Store, StoreError, StoreOptions, Versioned, WatchStream};
+use super::{ChangeType, Kind, Page, Result, Revision, Store, StoreError, StoreOptions, Versioned, WatchStream};
 use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -219,7 +219,7 @@ impl<P: Persist> BatchWriter<P> {
             let outcome = plan(&mut request, current, revision + 1);
             if let Ok((event_type, object)) = &outcome {
                 revision += 1;
-                let deleted = *event_type == EventType::Deleted;
+                let deleted = *event_type == ChangeType::Deleted;
                 staged.insert(key, (!deleted).then(|| object.clone()));
                 mutations.push(Mutation {
                     kind: request.kind,
@@ -256,7 +256,7 @@ impl<P: Persist> BatchWriter<P> {
 }
 
 /// Decides one write against the object's current state; `revision` is the one it would get.
-fn plan(request: &mut Request, current: Option<Versioned>, revision: Revision) -> Result<(EventType, Versioned)> {
+fn plan(request: &mut Request, current: Option<Versioned>, revision: Revision) -> Result<(ChangeType, Versioned)> {
     let (kind, name) = (request.kind, &request.name);
     let check = |current: &Option<Versioned>, expect: Option<Revision>| -> Result<()> {
         let Some(cur) = current else {
@@ -274,16 +274,16 @@ fn plan(request: &mut Request, current: Option<Versioned>, revision: Revision) -
             if current.is_some() {
                 return Err(StoreError::AlreadyExists { kind, name: name.to_string() });
             }
-            Ok((EventType::Added, encode_content(name, value, revision)?))
+            Ok((ChangeType::Added, encode_content(name, value, revision)?))
         }
         Op::Update(value, expect) => {
             check(&current, *expect)?;
-            Ok((EventType::Modified, encode_content(name, value, revision)?))
+            Ok((ChangeType::Modified, encode_content(name, value, revision)?))
         }
         Op::Delete(expect) => {
             check(&current, *expect)?;
             let last: serde_json::Value = current.expect("checked above").decode()?;
-            Ok((EventType::Deleted, encode(name, last, revision)?))
+            Ok((ChangeType::Deleted, encode(name, last, revision)?))
         }
     }
 }

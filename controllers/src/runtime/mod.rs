@@ -1,6 +1,7 @@
-//! Controller runtime: work queue, informer, backoff and metrics.
+//! Controller runtime: the controller harness, work queue, informer, lease, backoff and metrics.
 
 pub mod backoff;
+pub mod controller;
 pub mod error;
 pub mod footprint;
 pub mod informer;

@@ -56,16 +56,18 @@ impl RateLimit {
 /// Conflicts in a row retried after the base delay before they back off like other failures.
 const CONFLICT_RETRIES_AT_BASE_DELAY: u32 = 3;
 
-/// What a reconcile asks the queue to do with its key next.
+/// What a successful reconcile asks the queue to do with its key next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Converged: forget the key's failures and wait for the next change.
     Done,
     /// Converged for now: forget the key's failures and run again after the delay.
     Requeue(Duration),
-    /// Failed: retried as the error's kind asks (see `record_outcome`).
-    Err(ControllerError),
 }
+
+/// What one reconcile returns: an `Outcome`, or an error the queue retries as its kind asks
+/// (see `record_outcome`).
+pub type Reconciled = Result<Outcome, ControllerError>;
 
 /// A cheaply cloneable handle to one controller's work queue.
 pub struct WorkQueue<K: QueueKey> {
@@ -290,19 +292,19 @@ impl<K: QueueKey> WorkQueue<K> {
         }
     }
 
-    fn record_outcome(&self, key: K, outcome: Outcome)
+    fn record_outcome(&self, key: K, outcome: Reconciled)
     where
         K: fmt::Debug,
     {
         match outcome {
-            Outcome::Done => self.forget(&key),
-            Outcome::Requeue(after) => {
+            Ok(Outcome::Done) => self.forget(&key),
+            Ok(Outcome::Requeue(after)) => {
                 self.forget(&key);
                 self.add_after(key, after);
             }
             // A stale read: the newer version is usually in the cache within milliseconds, so the
             // first few conflicts retry after the base delay; a cache that stays stale backs off.
-            Outcome::Err(ControllerError::Conflict(error)) => {
+            Err(ControllerError::Conflict(error)) => {
                 tracing::debug!(?key, %error, "reconcile hit a conflict, retrying");
                 if self.failures(&key) < CONFLICT_RETRIES_AT_BASE_DELAY {
                     self.count_failure(&key);
@@ -312,12 +314,12 @@ impl<K: QueueKey> WorkQueue<K> {
                     self.add_rate_limited(key);
                 }
             }
-            Outcome::Err(ControllerError::Transient(error)) => {
+            Err(ControllerError::Transient(error)) => {
                 tracing::debug!(?key, %error, failures = self.failures(&key), "reconcile failed, retrying with backoff");
                 self.add_rate_limited(key);
             }
             // Retrying cannot help; the next change of the object queues it again.
-            Outcome::Err(ControllerError::Invalid(error)) => {
+            Err(ControllerError::Invalid(error)) => {
                 tracing::warn!(?key, %error, "reconcile refused as invalid; not retried until the object changes");
                 self.forget(&key);
             }
@@ -552,7 +554,7 @@ pub async fn run_until_shutdown<K, F, Fut>(
 ) where
     K: QueueKey + fmt::Debug,
     F: Fn(K) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Outcome> + Send + 'static,
+    Fut: Future<Output = Reconciled> + Send + 'static,
 {
     let stop = queue.clone();
     tokio::spawn(async move {
@@ -567,7 +569,7 @@ pub async fn run_workers<K, F, Fut>(queue: WorkQueue<K>, workers: usize, reconci
 where
     K: QueueKey + fmt::Debug,
     F: Fn(K) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Outcome> + Send + 'static,
+    Fut: Future<Output = Reconciled> + Send + 'static,
 {
     let mut pool = JoinSet::new();
     for _ in 0..workers {
@@ -584,7 +586,7 @@ async fn reconcile_keys<K, F, Fut>(queue: WorkQueue<K>, reconcile: F)
 where
     K: QueueKey + fmt::Debug,
     F: Fn(K) -> Fut,
-    Fut: Future<Output = Outcome>,
+    Fut: Future<Output = Reconciled>,
 {
     while let Some(item) = queue.next().await {
         let key = item.key().clone();
@@ -595,12 +597,12 @@ where
 }
 
 /// A panicking reconcile becomes a retried error instead of costing the pool a worker.
-fn reconcile_catching_panics<K, F, Fut>(reconcile: &F, key: K) -> impl Future<Output = Outcome>
+fn reconcile_catching_panics<K, F, Fut>(reconcile: &F, key: K) -> impl Future<Output = Reconciled>
 where
     F: Fn(K) -> Fut,
-    Fut: Future<Output = Outcome>,
+    Fut: Future<Output = Reconciled>,
 {
-    let panicked = || Outcome::Err(ControllerError::Transient("reconcile panicked".to_owned()));
+    let panicked = || Err(ControllerError::Transient("reconcile panicked".to_owned()));
     // Started outside the async block so the returned future does not borrow `reconcile`.
     let attempt = std::panic::catch_unwind(AssertUnwindSafe(|| reconcile(key)));
     async move {
@@ -711,7 +713,7 @@ mod tests {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     running.fetch_sub(1, Ordering::SeqCst);
                     runs.fetch_add(1, Ordering::SeqCst);
-                    Outcome::Done
+                    Ok(Outcome::Done)
                 }
             }
         }));
@@ -994,9 +996,9 @@ mod tests {
                 async move {
                     runs_tx.send((Instant::now(), queue.failures(&key))).unwrap();
                     match attempts.fetch_add(1, Ordering::SeqCst) {
-                        0 | 1 | 3 => Outcome::Err(ControllerError::Transient("agent unreachable".to_owned())),
-                        2 => Outcome::Requeue(Duration::from_secs(1)),
-                        _ => Outcome::Done,
+                        0 | 1 | 3 => Err(ControllerError::Transient("agent unreachable".to_owned())),
+                        2 => Ok(Outcome::Requeue(Duration::from_secs(1))),
+                        _ => Ok(Outcome::Done),
                     }
                 }
             }
@@ -1023,7 +1025,7 @@ mod tests {
     }
 
     /// Runs `outcomes` in order for one key and returns when each run started, relative to the first.
-    async fn timeline_of(outcomes: Vec<Outcome>) -> Vec<u128> {
+    async fn timeline_of(outcomes: Vec<Reconciled>) -> Vec<u128> {
         let queue = Queue::new();
         let (runs_tx, mut runs) = mpsc::unbounded_channel();
         let outcomes = Arc::new(parking_lot::Mutex::new(std::collections::VecDeque::from(outcomes)));
@@ -1031,7 +1033,7 @@ mod tests {
             let (runs_tx, outcomes) = (runs_tx.clone(), outcomes.clone());
             async move {
                 runs_tx.send(Instant::now()).unwrap();
-                outcomes.lock().pop_front().unwrap_or(Outcome::Done)
+                outcomes.lock().pop_front().unwrap_or(Ok(Outcome::Done))
             }
         }));
         queue.add("sandboxes/a");
@@ -1045,14 +1047,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn each_error_kind_is_retried_its_own_way() {
-        let conflict = || Outcome::Err(ControllerError::Conflict("stale".into()));
-        let transient = || Outcome::Err(ControllerError::Transient("agent unreachable".into()));
+        let conflict = || Err(ControllerError::Conflict("stale".into()));
+        let transient = || Err(ControllerError::Transient("agent unreachable".into()));
         // Conflicts retry at the 5 ms base delay three times, then back off like other failures.
         assert_eq!(timeline_of(vec![conflict(), conflict(), conflict(), conflict()]).await, [0, 5, 10, 15, 55]);
         // Transient failures back off per key: 5, 10, 20 ms.
         assert_eq!(timeline_of(vec![transient(), transient(), transient()]).await, [0, 5, 15, 35]);
         // An invalid object is not retried at all.
-        assert_eq!(timeline_of(vec![Outcome::Err(ControllerError::Invalid("refused".into()))]).await, [0]);
+        assert_eq!(timeline_of(vec![Err(ControllerError::Invalid("refused".into()))]).await, [0]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1067,7 +1069,7 @@ mod tests {
                     if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
                         panic!("reconcile blew up");
                     }
-                    Outcome::Done
+                    Ok(Outcome::Done)
                 }
             }
         }));

@@ -34,7 +34,7 @@ impl SandboxController {
             for id in bound {
                 let Some(sandbox) = self.sandboxes.get(&id) else { continue };
                 if needs_sync(&sandbox, held.get(&id), &node) {
-                    self.queue.add(id);
+                    self.controller.queue().add(id);
                 }
             }
         }
@@ -42,7 +42,7 @@ impl SandboxController {
         for sandbox in self.sandboxes.list() {
             let listed = sandbox.status.node_name.as_ref().is_some_and(|n| listed_nodes.contains(n));
             if !listed && sandbox.status.phase != Phase::Pending {
-                self.queue.add(sandbox.id.clone());
+                self.controller.queue().add(sandbox.id.clone());
             }
         }
     }

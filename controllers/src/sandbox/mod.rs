@@ -10,9 +10,10 @@ use crate::agent::{AgentClient, AgentError};
 use crate::clock::Clock;
 use crate::objects::{ObjectClient, ObjectError};
 use crate::prober::Prober;
+use crate::runtime::controller::{every, Controller};
 use crate::runtime::error::ControllerError;
 use crate::runtime::informer::{Change, Informer};
-use crate::runtime::queue::{run_until_shutdown, Outcome, WorkQueue};
+use crate::runtime::queue::{Outcome, Reconciled};
 use crate::status::write_status;
 use parking_lot::Mutex;
 use sandboxd_api::agent::{AgentCreateRequest, AgentPhase, AgentPort, AgentSandbox};
@@ -166,9 +167,9 @@ pub struct SandboxController {
     agents: Arc<dyn AgentClient>,
     prober: Arc<Prober>,
     settings: SandboxSettings,
-    queue: WorkQueue<String>,
+    controller: Controller<String>,
     /// Sandbox ids bound to each node, so a node change re-examines exactly its sandboxes.
-    by_node: Mutex<HashMap<String, HashSet<String>>>,
+    by_node: Arc<Mutex<HashMap<String, HashSet<String>>>>,
     /// When this controller started, in Unix seconds; node-lost grace never counts from earlier.
     started_unix: i64,
     clock: Arc<dyn Clock>,
@@ -179,7 +180,7 @@ impl crate::runtime::footprint::Footprint for SandboxController {
         let by_node = self.by_node.lock();
         let mut sizes =
             vec![("by_node_nodes", by_node.len()), ("by_node_sandboxes", by_node.values().map(|s| s.len()).sum())];
-        sizes.extend(self.queue.footprint());
+        sizes.extend(self.controller.queue().footprint());
         sizes
     }
 }
@@ -194,6 +195,7 @@ impl SandboxController {
         settings: SandboxSettings,
         clock: Arc<dyn Clock>,
     ) -> Arc<SandboxController> {
+        let harness = Controller::new("sandbox", settings.workers);
         let controller = Arc::new(SandboxController {
             nodes,
             sandboxes,
@@ -201,8 +203,8 @@ impl SandboxController {
             agents,
             prober,
             settings,
-            queue: WorkQueue::new(),
-            by_node: Mutex::new(HashMap::new()),
+            controller: harness,
+            by_node: Default::default(),
             started_unix: clock.unix_now(),
             clock,
         });
@@ -212,61 +214,64 @@ impl SandboxController {
     }
 
     fn subscribe(self: &Arc<Self>) {
+        // Registered first, so the node mapping below already sees a sandbox bound by the same change.
         let me = Arc::downgrade(self);
         self.sandboxes.subscribe(move |change| {
-            let Some(me) = me.upgrade() else { return };
-            match change {
-                Change::Upsert { new, .. } => {
-                    if let Some(node) = &new.status.node_name {
-                        me.by_node.lock().entry(node.clone()).or_default().insert(new.id.clone());
-                    }
-                    if new.status.phase != Phase::Pending {
-                        me.queue.add(new.id.clone());
-                    }
-                }
-                Change::Delete(gone) => {
-                    if let Some(node) = &gone.status.node_name {
-                        if let Some(ids) = me.by_node.lock().get_mut(node) {
-                            ids.remove(&gone.id);
-                        }
-                    }
-                    me.prober.forget(&gone.id);
-                }
+            if let Some(me) = me.upgrade() {
+                me.index(change);
             }
         });
-        let me = Arc::downgrade(self);
-        self.nodes.subscribe(move |change| {
-            let Some(me) = me.upgrade() else { return };
+        self.controller.watches(&self.sandboxes, |change| match change {
+            Change::Upsert { new, .. } if new.status.phase != Phase::Pending => Some(new.id.clone()),
+            _ => None,
+        });
+        let by_node = self.by_node.clone();
+        self.controller.watches(&self.nodes, move |change| {
             let (name, changed) = match change {
                 Change::Upsert { old, new } => (&new.name, old.is_none_or(|o| o.status.state != new.status.state)),
                 Change::Delete(gone) => (&gone.name, true),
             };
-            if changed {
-                me.enqueue_node(name);
-            }
+            let on_node = if changed { by_node.lock().get(name).cloned() } else { None };
+            on_node.into_iter().flatten()
         });
     }
 
-    fn enqueue_node(&self, node: &str) {
-        let ids: Vec<String> = self.by_node.lock().get(node).map(|s| s.iter().cloned().collect()).unwrap_or_default();
-        for id in ids {
-            self.queue.add(id);
+    /// Keeps `by_node` current and stops probing deleted sandboxes.
+    fn index(&self, change: &Change<'_, Sandbox>) {
+        match change {
+            Change::Upsert { new, .. } => {
+                if let Some(node) = &new.status.node_name {
+                    self.by_node.lock().entry(node.clone()).or_default().insert(new.id.clone());
+                }
+            }
+            Change::Delete(gone) => {
+                if let Some(node) = &gone.status.node_name {
+                    let mut by_node = self.by_node.lock();
+                    if let Some(ids) = by_node.get_mut(node) {
+                        ids.remove(&gone.id);
+                        if ids.is_empty() {
+                            by_node.remove(node);
+                        }
+                    }
+                }
+                self.prober.forget(&gone.id);
+            }
         }
     }
 
     /// Drives one sandbox one step toward its desired state.
-    pub async fn reconcile(&self, id: &str) -> Outcome {
+    pub async fn reconcile(&self, id: &str) -> Reconciled {
         let Some(sandbox) = self.sandboxes.get(id) else {
             self.prober.forget(id);
-            return Outcome::Done;
+            return Ok(Outcome::Done);
         };
         let result = match sandbox.status.phase {
-            Phase::Pending => return Outcome::Done,
+            Phase::Pending => return Ok(Outcome::Done),
             Phase::Terminating => self.terminate(&sandbox).await,
             Phase::Failed => self.clean_up_failed(&sandbox).await,
             Phase::Scheduled | Phase::Creating | Phase::Running => self.drive(&sandbox).await,
         };
-        result.unwrap_or_else(|e| Outcome::Err(e.context(format!("sandbox {id}"))))
+        result.map_err(|e| e.context(format!("sandbox {id}")))
     }
 
     fn node_of(&self, sandbox: &Sandbox) -> Option<Arc<Node>> {
@@ -423,29 +428,19 @@ impl SandboxController {
 
     /// Runs the controller until `shutdown`: workers, a periodic resync and the orphan sweep.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        self.nodes.wait_synced().await;
-        self.sandboxes.wait_synced().await;
-        let queue = self.queue.clone();
+        self.controller.wait_synced().await;
         let resync = self.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(resync.settings.sync_period);
-            ticker.tick().await;
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = ticker.tick() => {}
-                }
-                resync.sync_with_agents().await;
-            }
+        every(self.settings.sync_period, shutdown.clone(), move || {
+            let resync = resync.clone();
+            async move { resync.sync_with_agents().await }
         });
         let me = self.clone();
-        let workers = self.settings.workers.max(1);
-        run_until_shutdown(queue, workers, shutdown, move |id: String| {
-            let me = me.clone();
-            async move { me.reconcile(&id).await }
-        })
-        .await;
+        self.controller
+            .run(shutdown, move |id: String| {
+                let me = me.clone();
+                async move { me.reconcile(&id).await }
+            })
+            .await;
     }
 }
 

@@ -9,9 +9,10 @@ pub use placement::*;
 pub use table::AllocationIndex;
 
 use crate::objects::ObjectClient;
+use crate::runtime::controller::Controller;
 use crate::runtime::error::ControllerError;
 use crate::runtime::informer::{Change, Informer};
-use crate::runtime::queue::{run_until_shutdown, Outcome, WorkQueue};
+use crate::runtime::queue::{Outcome, Reconciled};
 use parking_lot::Mutex;
 use sandboxd_api::validate::SandboxPolicy;
 use sandboxd_api::{AssignedPort, Node, NodeState, Phase, Protocol, Sandbox};
@@ -48,7 +49,7 @@ pub struct Scheduler {
     objects: Arc<dyn ObjectClient>,
     settings: SchedulerSettings,
     index: Mutex<AllocationIndex>,
-    queue: WorkQueue<String>,
+    controller: Controller<String>,
     /// Pending sandboxes that fit nowhere; retried when nodes or capacity change, not in a loop.
     unschedulable: Mutex<HashSet<String>>,
     /// Bumped whenever room may have appeared, so a placement that failed meanwhile is retried.
@@ -59,7 +60,7 @@ impl crate::runtime::footprint::Footprint for Scheduler {
     fn footprint(&self) -> Vec<(&'static str, usize)> {
         let mut sizes =
             vec![("held", self.index.lock().held_count()), ("unschedulable", self.unschedulable.lock().len())];
-        sizes.extend(self.queue.footprint());
+        sizes.extend(self.controller.queue().footprint());
         sizes
     }
 }
@@ -71,13 +72,14 @@ impl Scheduler {
         objects: Arc<dyn ObjectClient>,
         settings: SchedulerSettings,
     ) -> Arc<Scheduler> {
+        let controller = Controller::new("scheduler", settings.workers);
         let scheduler = Arc::new(Scheduler {
             nodes,
             sandboxes,
             objects,
             settings,
             index: Mutex::new(AllocationIndex::default()),
-            queue: WorkQueue::new(),
+            controller,
             unschedulable: Mutex::new(HashSet::new()),
             releases: AtomicU64::new(0),
         });
@@ -87,14 +89,15 @@ impl Scheduler {
     }
 
     fn subscribe(self: &Arc<Self>) {
+        // The node table is updated before a key is queued, so a placement sees the change it follows.
         let me = Arc::downgrade(self);
-        self.sandboxes.subscribe(move |change| {
+        self.controller.watches_with(&self.sandboxes, move |change, _| {
             if let Some(me) = me.upgrade() {
                 me.on_sandbox_change(change);
             }
         });
         let me = Arc::downgrade(self);
-        self.nodes.subscribe(move |change| {
+        self.controller.watches_with(&self.nodes, move |change, _| {
             if let Some(me) = me.upgrade() {
                 me.on_node_change(change);
             }
@@ -115,7 +118,7 @@ impl Scheduler {
                     self.retry_unschedulable();
                 }
                 if new.status.phase == Phase::Pending && new.status.node_name.is_none() {
-                    self.queue.add(new.id.clone());
+                    self.controller.queue().add(new.id.clone());
                 }
             }
             Change::Delete(gone) => {
@@ -164,19 +167,19 @@ impl Scheduler {
         self.releases.fetch_add(1, Ordering::SeqCst);
         let waiting: Vec<String> = self.unschedulable.lock().drain().collect();
         for id in waiting {
-            self.queue.add(id);
+            self.controller.queue().add(id);
         }
     }
 
     /// Places one Pending sandbox: choose and assume under the index lock, then bind with a CAS write.
-    pub async fn schedule_one(&self, id: &str) -> Outcome {
-        let Some(sandbox) = self.sandboxes.get(id) else { return Outcome::Done };
+    pub async fn schedule_one(&self, id: &str) -> Reconciled {
+        let Some(sandbox) = self.sandboxes.get(id) else { return Ok(Outcome::Done) };
         if sandbox.status.phase != Phase::Pending || sandbox.status.node_name.is_some() {
-            return Outcome::Done;
+            return Ok(Outcome::Done);
         }
         // Held already: our bind succeeded and its event has not reached the cache yet.
         if self.index.lock().holds(id) {
-            return Outcome::Done;
+            return Ok(Outcome::Done);
         }
         let request = Request::of(&sandbox.spec, &self.settings.requests);
         let releases_before = self.releases.load(Ordering::SeqCst);
@@ -206,7 +209,7 @@ impl Scheduler {
         }
     }
 
-    async fn bind(&self, sandbox: &Sandbox, node: Arc<Node>, ports: Vec<AssignedPort>) -> Outcome {
+    async fn bind(&self, sandbox: &Sandbox, node: Arc<Node>, ports: Vec<AssignedPort>) -> Reconciled {
         let mut status = sandbox.status.clone();
         status.phase = Phase::Scheduled;
         status.node_name = Some(node.name.clone());
@@ -219,46 +222,41 @@ impl Scheduler {
                 crate::runtime::metrics::METRICS.binds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.unschedulable.lock().remove(&sandbox.id);
                 tracing::info!(sandbox = %sandbox.id, node = %node.name, from = "Pending", to = "Scheduled", "sandbox phase changed");
-                Outcome::Done
+                Ok(Outcome::Done)
             }
             Err(e) => {
                 // The bind did not happen: take back the assumption so the ports and room are free again.
                 self.release_assumption(&sandbox.id);
-                Outcome::Err(ControllerError::from(e).context(format!("binding {} to {}", sandbox.id, node.name)))
+                Err(ControllerError::from(e).context(format!("binding {} to {}", sandbox.id, node.name)))
             }
         }
     }
 
-    async fn mark_unschedulable(&self, sandbox: &Sandbox, message: String) -> Outcome {
+    async fn mark_unschedulable(&self, sandbox: &Sandbox, message: String) -> Reconciled {
         self.unschedulable.lock().insert(sandbox.id.clone());
         let unchanged = sandbox.status.reason.as_deref() == Some("Unschedulable")
             && sandbox.status.message.as_deref() == Some(message.as_str());
         if unchanged {
-            return Outcome::Done;
+            return Ok(Outcome::Done);
         }
         let mut status = sandbox.status.clone();
         status.reason = Some("Unschedulable".into());
         status.message = Some(message);
         match self.objects.put_sandbox_status(&sandbox.id, &status, &sandbox.resource_version).await {
-            Ok(_) => Outcome::Done,
-            Err(e) => {
-                Outcome::Err(ControllerError::from(e).context(format!("recording why {} is unschedulable", sandbox.id)))
-            }
+            Ok(_) => Ok(Outcome::Done),
+            Err(e) => Err(ControllerError::from(e).context(format!("recording why {} is unschedulable", sandbox.id))),
         }
     }
 
     /// Places Pending sandboxes until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        self.nodes.wait_synced().await;
-        self.sandboxes.wait_synced().await;
-        let queue = self.queue.clone();
         let me = self.clone();
-        let workers = self.settings.workers.max(1);
-        run_until_shutdown(queue, workers, shutdown, move |id: String| {
-            let me = me.clone();
-            async move { me.schedule_one(&id).await }
-        })
-        .await;
+        self.controller
+            .run(shutdown, move |id: String| {
+                let me = me.clone();
+                async move { me.schedule_one(&id).await }
+            })
+            .await;
     }
 
     /// Host ports currently held on a node (for tests and diagnostics).
