@@ -5,6 +5,7 @@ use crate::apiserver::{self, ApiState};
 use crate::config::Config;
 use crate::store::{self, Store, StoreError, StoreOptions};
 use sandboxd_api::node::NodeSpec;
+use sandboxd_controllers::node::NodeSettings;
 use sandboxd_controllers::AgentClient;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -95,6 +96,10 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
     let agents: Arc<dyn AgentClient> = Arc::new(agent_client);
     let state = ApiState::new(store.clone(), &config, auth_token).with_agents(agents.clone());
     declare_static_nodes(&state, &config).await?;
+    if !matches!(mode, Mode::ApiOnly) {
+        let keep_fresh_states = matches!(mode, Mode::AllInOneElected(_));
+        forget_stale_node_states(&state, &config, keep_fresh_states).await?;
+    }
     let addr = listener.local_addr().map_err(ServeError::Serve)?;
     let shutdown = state.shutdown.clone();
     let controllers = match mode {
@@ -174,6 +179,21 @@ async fn campaign_until_shutdown(
             _ = tokio::time::sleep(candidacy.lease.retry) => {}
         }
     }
+}
+
+/// Node states from before this start say nothing now: they are reset before the first request is
+/// answered, so no client reads a Ready that no heartbeat of this run has confirmed.
+async fn forget_stale_node_states(
+    state: &ApiState,
+    config: &Config,
+    keep_fresh_states: bool,
+) -> Result<(), ServeError> {
+    let (stored, _) = state.store.list(crate::store::Kind::Nodes).await?;
+    let nodes: Vec<sandboxd_api::Node> = stored.iter().map(|v| v.decode()).collect::<Result<_, _>>()?;
+    let settings = NodeSettings { keep_fresh_states, ..apiserver::node_settings(config) };
+    let objects = crate::objects::InProcessObjects::new(state.registry.clone());
+    sandboxd_controllers::node::forget_stale_states(&objects, nodes.iter(), &settings).await;
+    Ok(())
 }
 
 async fn declare_static_nodes(state: &ApiState, config: &Config) -> Result<(), ServeError> {

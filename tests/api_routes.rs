@@ -975,6 +975,54 @@ async fn deleting_an_unknown_sandbox_is_404() {
     assert_error(got, StatusCode::NOT_FOUND, "sbx-x");
 }
 
+// === sandboxes: POST /api/v1/sandboxes/{id}/finalize ===
+
+async fn finalize(app: &Router, id: &str, rv: &str) -> (StatusCode, Value) {
+    call(app, "POST", &format!("/api/v1/sandboxes/{id}/finalize"), Some(json!({ "resource_version": rv }))).await
+}
+
+#[tokio::test]
+async fn finalize_removes_a_terminating_sandbox_at_its_current_version_only() {
+    let app = app();
+    create_node(&app, "node-a").await;
+    create_sandbox(&app, minimal_sandbox("sbx-1")).await;
+    let bound = bind(&app, "sbx-1", "node-a").await;
+    call(&app, "DELETE", "/api/v1/sandboxes/sbx-1", None).await;
+    let terminating = get_sandbox(&app, "sbx-1").await.1["sandbox"].clone();
+    assert_eq!(terminating["status"]["phase"], "Terminating");
+
+    let stale = bound["resource_version"].as_str().unwrap();
+    assert_error(finalize(&app, "sbx-1", stale).await, StatusCode::CONFLICT, "");
+    assert_eq!(get_sandbox(&app, "sbx-1").await.0, StatusCode::OK, "a stale finalize removes nothing");
+
+    let current = terminating["resource_version"].as_str().unwrap();
+    assert_eq!(finalize(&app, "sbx-1", current).await, (StatusCode::OK, json!({ "deleted": "sbx-1" })));
+    assert_error(get_sandbox(&app, "sbx-1").await, StatusCode::NOT_FOUND, "sbx-1");
+}
+
+#[tokio::test]
+async fn finalize_refuses_a_sandbox_still_running_on_a_node() {
+    let app = app();
+    create_node(&app, "node-a").await;
+    create_sandbox(&app, minimal_sandbox("sbx-1")).await;
+    let bound = bind(&app, "sbx-1", "node-a").await;
+    let rv = bound["resource_version"].as_str().unwrap();
+    let message = assert_error(finalize(&app, "sbx-1", rv).await, StatusCode::CONFLICT, "only Terminating or unbound");
+    assert!(message.contains("Scheduled"), "{message}");
+    assert_eq!(get_sandbox(&app, "sbx-1").await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn finalize_removes_an_unbound_sandbox_and_checks_its_input() {
+    let app = app();
+    let created = create_sandbox(&app, minimal_sandbox("sbx-1")).await;
+    assert_error(finalize(&app, "sbx-x", "1").await, StatusCode::NOT_FOUND, "sbx-x");
+    assert_invalid(finalize(&app, "sbx-1", "one").await, "resource_version", "not a revision");
+    let rv = created["resource_version"].as_str().unwrap();
+    assert_eq!(finalize(&app, "sbx-1", rv).await.0, StatusCode::OK);
+    assert_error(get_sandbox(&app, "sbx-1").await, StatusCode::NOT_FOUND, "sbx-1");
+}
+
 // === sandboxes: PUT /api/v1/sandboxes/{id}/status ===
 
 #[tokio::test]

@@ -343,6 +343,118 @@ async fn node_lost_sandbox_is_released_once_its_recovered_agent_removes_it() {
     c.stop().await;
 }
 
+// === rules of release, delete and probes ===
+
+#[tokio::test]
+async fn a_port_held_by_an_unreleased_failed_sandbox_is_never_handed_out_again() {
+    // Both nodes hold the same host port: the one on node-b is Running, the one on node-a is lost.
+    let c = Cluster::start(2, &[("node_lost_grace", "1s")]).await;
+    let port = free_port();
+    for id in ["held", "other"] {
+        c.client.create_sandbox(id, &pinned(web("100m"), port)).await.unwrap();
+    }
+    let node = wait_phase(&c.client, "held", Phase::Running).await.status.node_name.unwrap();
+    wait_phase(&c.client, "other", Phase::Running).await;
+    c.agent_of(&node).set_faults(health_failing());
+    assert_eq!(wait_phase(&c.client, "held", Phase::Failed).await.status.reason.as_deref(), Some("NodeLost"));
+
+    // The node answers again but refuses every sandbox call: its leftovers cannot be removed yet.
+    c.agent_of(&node).set_faults(Faults { error_rate: 1.0, ..Faults::default() });
+    wait_node_state(&c.client, &node, NodeState::Ready).await;
+    c.client.create_sandbox("wants-port", &pinned(web("100m"), port)).await.unwrap();
+    let waiting = wait_status(&c.client, "wants-port", "judged unschedulable", |s| {
+        s.status.reason.as_deref() == Some("Unschedulable")
+    })
+    .await;
+    assert_eq!((waiting.status.phase, waiting.status.node_name), (Phase::Pending, None));
+    assert!(!c.client.get_sandbox("held").await.unwrap().status.released, "the agent never confirmed the port free");
+    assert_eq!(c.agent_of(&node).sandbox_ids(), ["held"]);
+
+    // Once the agent removes the leftovers the port is released and the waiting sandbox gets it there.
+    c.agent_of(&node).set_faults(Faults::default());
+    let placed = wait_phase(&c.client, "wants-port", Phase::Running).await;
+    assert_eq!((placed.status.node_name.as_deref(), host_port(&placed)), (Some(node.as_str()), port));
+    assert!(c.client.get_sandbox("held").await.unwrap().status.released);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_a_failed_sandbox_removes_it_from_store_and_agent() {
+    let c = Cluster::start(1, &[]).await;
+    c.client.create_sandbox("broken", &web("100m")).await.unwrap();
+    wait_phase(&c.client, "broken", Phase::Running).await;
+    assert!(c.agents[0].fail_sandbox("broken", "exit 1"));
+    let failed = wait_phase(&c.client, "broken", Phase::Failed).await;
+    assert_eq!(failed.status.reason.as_deref(), Some("AgentFailed"));
+
+    c.client.delete_sandbox("broken").await.unwrap();
+    eventually(10, "broken gone from the store", || async {
+        c.client.get_sandbox("broken").await.err().filter(|e| e.is_not_found()).map(|_| ())
+    })
+    .await;
+    assert!(c.agents[0].sandbox_ids().is_empty(), "and from its agent");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_a_sandbox_on_an_unreachable_node_waits_for_the_node_then_removes_it() {
+    let c = Cluster::start(2, &[]).await;
+    c.client.create_sandbox("stuck", &web("100m")).await.unwrap();
+    let node = wait_phase(&c.client, "stuck", Phase::Running).await.status.node_name.unwrap();
+    let down = Faults { health_failing: true, error_rate: 1.0, ..Faults::default() };
+    c.agent_of(&node).set_faults(down);
+    wait_node_state(&c.client, &node, NodeState::NotReady).await;
+
+    c.client.delete_sandbox("stuck").await.unwrap();
+    let s = c.client.get_sandbox("stuck").await.unwrap();
+    assert_eq!((s.status.phase, s.status.node_name.as_deref()), (Phase::Terminating, Some(node.as_str())));
+    assert_eq!(c.agent_of(&node).sandbox_ids(), ["stuck"], "nothing removed it from the unreachable agent");
+
+    c.agent_of(&node).set_faults(Faults::default());
+    eventually(15, "stuck removed once its node answers", || async {
+        c.client.get_sandbox("stuck").await.err().filter(|e| e.is_not_found()).map(|_| ())
+    })
+    .await;
+    assert!(c.agent_of(&node).sandbox_ids().is_empty());
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_tcp_readiness_probe_gates_running() {
+    let c = Cluster::start(1, &[]).await;
+    let mut spec = with_http_probe(web("100m"));
+    if let Some(probe) = spec.readiness_probe.as_mut() {
+        probe.protocol = sandboxd_api::ProbeProtocol::Tcp;
+    }
+    c.client.create_sandbox("tcp-probed", &spec).await.unwrap();
+    let s = wait_phase(&c.client, "tcp-probed", Phase::Running).await;
+    let readiness = s.status.readiness.clone().expect("the probe result is published");
+    assert!(s.status.ready && readiness.success_streak >= 1, "{:?}", s.status);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_host_port_is_handed_out_once_per_protocol() {
+    let c = Cluster::start(1, &[]).await;
+    let tcp = web("100m");
+    let mut udp = web("100m");
+    udp.ports[0].protocol = Protocol::Udp;
+    c.client.create_sandbox("tcp-1", &tcp).await.unwrap();
+    let tcp_port = host_port(&wait_phase(&c.client, "tcp-1", Phase::Running).await);
+    c.client.create_sandbox("udp-1", &pinned(udp.clone(), tcp_port)).await.unwrap();
+    let udp_1 = wait_phase(&c.client, "udp-1", Phase::Running).await;
+    assert_eq!(udp_1.status.assigned_ports[0].protocol, Protocol::Udp);
+    assert_eq!(host_port(&udp_1), tcp_port, "udp and tcp ports are counted apart");
+
+    c.client.create_sandbox("udp-2", &pinned(udp, tcp_port)).await.unwrap();
+    let clash = wait_status(&c.client, "udp-2", "judged unschedulable", |s| {
+        s.status.reason.as_deref() == Some("Unschedulable")
+    })
+    .await;
+    assert!(clash.status.message.as_deref().unwrap_or("").contains("port"), "{:?}", clash.status.message);
+    c.stop().await;
+}
+
 // === fixtures ===
 
 /// A server and its nodes `node-a`, `node-b`, ... on sim agents of their own, all Ready.

@@ -227,6 +227,53 @@ async fn assert_proxy_502(client: &sandboxd_client::Client, node: &str) {
 }
 
 #[tokio::test]
+async fn every_proxied_route_of_a_dead_agent_is_502_naming_the_node() {
+    let (server, client) = start_server(test_config(&[("agent_timeout", "300ms")])).await;
+    register(&client, "dead", std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))).await;
+    for (method, path, body) in [
+        (Method::GET, "/api/v1/nodes/dead/sandboxes", None),
+        (Method::POST, "/api/v1/nodes/dead/sandboxes", Some(direct_sandbox("x", 10_001))),
+        (Method::GET, "/api/v1/nodes/dead/sandboxes/x", None),
+        (Method::DELETE, "/api/v1/nodes/dead/sandboxes/x", None),
+        (Method::GET, "/api/v1/nodes/dead/sandboxes/x/logs", None),
+        (Method::GET, "/api/v1/nodes/dead/sandboxes/x/containers/web/logs", None),
+        (Method::POST, "/api/v1/nodes/dead/reconcile", None),
+    ] {
+        let (status, answer) = call(&client, method.clone(), path, body).await;
+        assert_eq!(status, 502, "{method} {path}: {answer}");
+        let message = answer["error"].as_str().unwrap_or_default();
+        assert!(message.starts_with("node dead: "), "{method} {path}: {message}");
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_agent_refusal_reaches_the_caller_with_its_status_and_message() {
+    let agent = start_agent(Faults::default()).await;
+    let (server, client) = start_server(test_config(&[])).await;
+    register(&client, "node-a", agent.addr()).await;
+    let host_port = free_port();
+    let direct = |id: &str| direct_sandbox(id, host_port);
+    let (status, _) = call(&client, Method::POST, "/api/v1/nodes/node-a/sandboxes", Some(direct("one"))).await;
+    assert_eq!(status, 201);
+
+    // What the agent itself answers to the clashing create, asked directly.
+    let agent_answer = reqwest::Client::new()
+        .post(format!("http://{}/api/v1/sandboxes", agent.addr()))
+        .json(&direct("two"))
+        .send()
+        .await
+        .unwrap();
+    let agent_status = agent_answer.status().as_u16();
+    let agent_body: Value = agent_answer.json().await.unwrap();
+    assert_eq!(agent_status, 409, "{agent_body}");
+
+    let (status, body) = call(&client, Method::POST, "/api/v1/nodes/node-a/sandboxes", Some(direct("two"))).await;
+    assert_eq!((status, &body["error"]), (agent_status, &agent_body["error"]), "passed through verbatim");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn proxy_dead_garbage_and_slow_agents_are_502() {
     let garbage = start_agent(Faults { garbage: true, ..Faults::default() }).await;
     let slow = start_agent(Faults { latency_ms: 3000, ..Faults::default() }).await;

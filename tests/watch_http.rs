@@ -65,3 +65,138 @@ async fn graceful_stop_ends_open_watches() {
     let end = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.expect("stream ends on shutdown");
     assert!(end.is_none() || end.unwrap().is_err());
 }
+
+// === a watch that falls behind the history ===
+
+/// An API server over real HTTP whose store keeps two events of history, so a watch from an older
+/// revision is answered with `ERROR 410`.
+async fn serve_short_history() -> (sandboxd_client::Client, tokio_util::sync::CancellationToken) {
+    use sandboxd_o::store::{memory, HistoryLimits, StoreOptions};
+    let options =
+        StoreOptions { history: HistoryLimits::events(2, Duration::from_secs(600)), ..StoreOptions::default() };
+    let store: std::sync::Arc<dyn sandboxd_o::store::Store> = std::sync::Arc::new(memory::open(options));
+    let config = sandboxd_o::config::Config::default();
+    let state = sandboxd_o::apiserver::ApiState::new(store, &config, None);
+    let router = sandboxd_o::apiserver::router(state, config.max_body_bytes);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, router).with_graceful_shutdown(async move { signal.cancelled().await }).await.unwrap();
+    });
+    (sandboxd_client::Client::new(&format!("http://{addr}"), None).unwrap(), stop)
+}
+
+/// `HttpObjects` whose first watch waits until the test lets it go, so changes can pile up between
+/// the informer's list and its watch.
+struct HeldFirstWatch {
+    inner: sandboxd_client::objects::HttpObjects,
+    release: tokio::sync::Semaphore,
+    lists: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl sandboxd_contracts::ObjectClient for HeldFirstWatch {
+    async fn list(&self, kind: ObjectKind) -> ObjectResult<(Vec<Vec<u8>>, u64)> {
+        self.lists.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.list(kind).await
+    }
+    async fn watch(&self, kind: ObjectKind, from: u64) -> ObjectResult<RawWatch> {
+        self.release.acquire().await.expect("semaphore open").forget();
+        self.release.add_permits(1);
+        self.inner.watch(kind, from).await
+    }
+    async fn get_node(&self, name: &str) -> ObjectResult<Option<sandboxd_api::Node>> {
+        self.inner.get_node(name).await
+    }
+    async fn get_sandbox(&self, id: &str) -> ObjectResult<Option<sandboxd_api::Sandbox>> {
+        self.inner.get_sandbox(id).await
+    }
+    async fn put_node_status(
+        &self,
+        name: &str,
+        status: &sandboxd_api::node::NodeStatus,
+        rv: &str,
+    ) -> ObjectResult<sandboxd_api::Node> {
+        self.inner.put_node_status(name, status, rv).await
+    }
+    async fn put_sandbox_status(
+        &self,
+        id: &str,
+        status: &sandboxd_api::SandboxStatus,
+        rv: &str,
+    ) -> ObjectResult<sandboxd_api::Sandbox> {
+        self.inner.put_sandbox_status(id, status, rv).await
+    }
+    async fn remove_sandbox(&self, id: &str, rv: &str) -> ObjectResult<()> {
+        self.inner.remove_sandbox(id, rv).await
+    }
+}
+
+use sandboxd_contracts::objects::{ObjectError, ObjectKind, ObjectResult, RawWatch};
+
+#[tokio::test]
+async fn the_http_client_turns_a_compacted_watch_into_gone() {
+    let (client, stop) = serve_short_history().await;
+    let objects = sandboxd_client::objects::HttpObjects::new(client.clone());
+    use sandboxd_contracts::ObjectClient;
+    let (_, start) = objects.list(ObjectKind::Sandboxes).await.unwrap();
+    for id in ["g1", "g2", "g3", "g4"] {
+        client.create_sandbox(id, &sandbox_spec("100m")).await.unwrap();
+    }
+    let mut watch = objects.watch(ObjectKind::Sandboxes, start).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.expect("an answer within 5 s");
+    assert!(matches!(first, Some(Err(ObjectError::Gone(_)))), "{first:?}");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn an_informer_over_http_relists_after_410_and_loses_nothing() {
+    use sandboxd_controllers::runtime::informer::{Change, Informer};
+    let (client, stop) = serve_short_history().await;
+    for id in ["keep", "gone"] {
+        client.create_sandbox(id, &sandbox_spec("100m")).await.unwrap();
+    }
+    let objects = std::sync::Arc::new(HeldFirstWatch {
+        inner: sandboxd_client::objects::HttpObjects::new(client.clone()),
+        release: tokio::sync::Semaphore::new(0),
+        lists: Default::default(),
+    });
+    let informer: Informer<sandboxd_api::Sandbox> = Informer::new();
+    let deleted = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    informer.subscribe({
+        let deleted = deleted.clone();
+        move |change| {
+            if let Change::Delete(gone) = change {
+                deleted.lock().push(gone.id.clone());
+            }
+        }
+    });
+    let task = tokio::spawn(informer.clone().run(objects.clone(), stop.clone()));
+    informer.wait_synced().await;
+    assert_eq!(sorted(informer.keys()), ["gone", "keep"]);
+
+    // While the informer's watch is held back, more changes than the history keeps happen.
+    client.delete_sandbox("gone").await.unwrap();
+    for id in ["new-1", "new-2", "new-3"] {
+        client.create_sandbox(id, &sandbox_spec("100m")).await.unwrap();
+    }
+    objects.release.add_permits(1);
+
+    let want = ["keep", "new-1", "new-2", "new-3"];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sorted(informer.keys()) != want {
+        assert!(tokio::time::Instant::now() < deadline, "cache never caught up: {:?}", sorted(informer.keys()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*deleted.lock(), ["gone"], "the relist told subscribers of the delete it missed");
+    assert_eq!(objects.lists.load(std::sync::atomic::Ordering::SeqCst), 2, "caught up by a relist after the 410");
+    stop.cancel();
+    task.await.unwrap();
+}
+
+fn sorted(mut keys: Vec<String>) -> Vec<String> {
+    keys.sort();
+    keys
+}

@@ -317,37 +317,10 @@ impl NodeController {
         Ok(Outcome::Requeue(next))
     }
 
-    /// Starts nodes over as Unknown: a state from before this controller started says nothing now,
-    /// unless `keep_fresh_states` and a heartbeat recorded it recently.
-    async fn forget_stale_states(&self) {
-        let now = rfc3339_now();
-        let unix_now = crate::clock::unix_now();
-        for node in self.nodes.list() {
-            let status = &node.status;
-            if status.state == NodeState::Unknown && status.success_streak == 0 && status.failure_streak == 0 {
-                continue;
-            }
-            if self.settings.keep_fresh_states && heartbeat_is_fresh(status, &self.settings, unix_now) {
-                continue;
-            }
-            let fresh = NodeStatus {
-                state: NodeState::Unknown,
-                success_streak: 0,
-                failure_streak: 0,
-                last_transition_at: Some(now.clone()),
-                ..status.clone()
-            };
-            if let Err(e) = self.objects.put_node_status(&node.name, &fresh, &node.resource_version).await {
-                // A concurrent write (an on-demand heartbeat) already judged the node afresh.
-                tracing::debug!(node = %node.name, error = %e, "node state not reset");
-            }
-        }
-    }
-
     /// Runs heartbeats until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         self.controller.wait_synced().await;
-        self.forget_stale_states().await;
+        forget_stale_states(self.objects.as_ref(), self.nodes.list(), &self.settings).await;
         let me = self.clone();
         self.controller
             .run(shutdown, move |name: String| {
@@ -355,6 +328,40 @@ impl NodeController {
                 async move { me.beat(&name).await }
             })
             .await;
+    }
+}
+
+/// The status a node starts over with when a controller starts, or `None` to keep the stored one:
+/// a state from before the start says nothing now, unless `keep_fresh_states` and a heartbeat
+/// recorded it recently.
+pub fn start_over(status: &NodeStatus, settings: &NodeSettings, unix_now: i64, now: &str) -> Option<NodeStatus> {
+    let blank = status.state == NodeState::Unknown && status.success_streak == 0 && status.failure_streak == 0;
+    if blank || (settings.keep_fresh_states && heartbeat_is_fresh(status, settings, unix_now)) {
+        return None;
+    }
+    Some(NodeStatus {
+        state: NodeState::Unknown,
+        success_streak: 0,
+        failure_streak: 0,
+        last_transition_at: Some(now.to_string()),
+        ..status.clone()
+    })
+}
+
+/// Writes `start_over` for each node. The server runs it before it answers requests, so no stale state
+/// is ever served; the node controller runs it again when it starts (a new leader, a remote replica).
+pub async fn forget_stale_states(
+    objects: &dyn ObjectClient,
+    nodes: impl IntoIterator<Item = impl std::ops::Deref<Target = Node>>,
+    settings: &NodeSettings,
+) {
+    let (now, unix_now) = (rfc3339_now(), crate::clock::unix_now());
+    for node in nodes {
+        let Some(fresh) = start_over(&node.status, settings, unix_now, &now) else { continue };
+        if let Err(e) = objects.put_node_status(&node.name, &fresh, &node.resource_version).await {
+            // A concurrent write (an on-demand heartbeat) already judged the node afresh.
+            tracing::debug!(node = %node.name, error = %e, "node state not reset");
+        }
     }
 }
 
@@ -412,6 +419,28 @@ mod tests {
         assert!(heartbeat_is_fresh(&at(1_000), &settings, 1_008));
         assert!(!heartbeat_is_fresh(&at(1_000), &settings, 1_009), "a heartbeat was missed since");
         assert!(!heartbeat_is_fresh(&NodeStatus::default(), &settings, 1_000), "never heartbeated");
+    }
+
+    #[test]
+    fn a_start_forgets_every_judged_state_unless_kept_fresh() {
+        let ready = NodeStatus {
+            state: NodeState::Ready,
+            success_streak: 7,
+            last_heartbeat: Some(sandboxd_api::time::format_unix(1_000)),
+            last_error: String::new(),
+            ..NodeStatus::default()
+        };
+        let started = start_over(&ready, &NodeSettings::default(), 1_001, "T").expect("a single server forgets");
+        assert_eq!((started.state, started.success_streak, started.failure_streak), (NodeState::Unknown, 0, 0));
+        assert_eq!(
+            (started.last_transition_at.as_deref(), started.last_heartbeat),
+            (Some("T"), ready.last_heartbeat.clone())
+        );
+
+        let elected = NodeSettings { keep_fresh_states: true, ..NodeSettings::default() };
+        assert_eq!(start_over(&ready, &elected, 1_001, "T"), None, "a fresh judgment is continued");
+        assert!(start_over(&ready, &elected, 1_060, "T").is_some(), "a stale one is not");
+        assert_eq!(start_over(&NodeStatus::default(), &NodeSettings::default(), 1_001, "T"), None, "nothing to forget");
     }
 
     use super::*;
