@@ -9,7 +9,14 @@
 # passed the old check and then failed the build on a fresh machine.
 #
 # `hack/deps.sh --check` only checks: it installs nothing and exits 1 naming each missing package.
+# `hack/deps.sh --with-stress` also installs stress-ng (Debian), which only hack/stress-suite.sh uses.
 set -euo pipefail
+
+with_stress=0
+if [ "${1:-}" = "--with-stress" ]; then
+  with_stress=1
+  shift
+fi
 
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
@@ -33,6 +40,13 @@ missing_packages() {
     echo libprotobuf-dev
   fi
   etcd_runs || echo etcd-server
+  if [ "$with_stress" = 1 ]; then
+    stress_runs || echo stress-ng
+  fi
+}
+
+stress_runs() {
+  command -v stress-ng >/dev/null 2>&1 && stress-ng --version >/dev/null 2>&1
 }
 
 # Exits non-zero with a message that names the package behind each failing check.
@@ -48,6 +62,10 @@ check_all() {
   fi
   if ! etcd_runs; then
     echo "hack/deps.sh: etcd not found or does not run: install Debian's etcd-server" >&2
+    failed=1
+  fi
+  if [ "$with_stress" = 1 ] && ! stress_runs; then
+    echo "hack/deps.sh: stress-ng not found or does not run: install Debian's stress-ng" >&2
     failed=1
   fi
   return "$failed"

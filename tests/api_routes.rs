@@ -1103,18 +1103,32 @@ async fn the_server_owns_last_transition_at_and_keeps_it_while_the_phase_holds()
     assert_eq!(timestamp(&body["sandbox"]["status"]["last_transition_at"]), at, "{body}");
 }
 
+/// A wall clock the test moves by hand.
+struct SteppedClock(std::sync::atomic::AtomicI64);
+
+impl sandboxd_contracts::clock::Clock for SteppedClock {
+    fn unix_now(&self) -> i64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 #[tokio::test]
 async fn a_phase_change_sets_last_transition_at_even_when_the_old_status_is_echoed() {
-    let app = app();
+    let clock = Arc::new(SteppedClock(std::sync::atomic::AtomicI64::new(1_780_000_000)));
+    let store: Arc<dyn Store> = Arc::new(memory::open(StoreOptions::default()));
+    let mut state = ApiState::new(store, &Config::default(), None);
+    state.registry = state.registry.with_clock(clock.clone());
+    let app = router(state, Config::default().max_body_bytes);
     let created = create_sandbox(&app, minimal_sandbox("sbx-1")).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(timestamp(&created["status"]["last_transition_at"]), 1_780_000_000);
+
+    clock.0.store(1_780_000_042, std::sync::atomic::Ordering::SeqCst);
     let mut status = created["status"].clone();
     status["phase"] = json!("Scheduled");
     status["node_name"] = json!("node-a");
     let (code, body) = call(&app, "PUT", "/api/v1/sandboxes/sbx-1/status", Some(json!({ "status": status }))).await;
     assert_eq!(code, StatusCode::OK, "{body}");
-    let at = timestamp(&body["sandbox"]["status"]["last_transition_at"]);
-    assert!(at > timestamp(&created["status"]["last_transition_at"]), "{body}");
+    assert_eq!(timestamp(&body["sandbox"]["status"]["last_transition_at"]), 1_780_000_042, "{body}");
 }
 
 #[tokio::test]

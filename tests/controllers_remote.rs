@@ -124,8 +124,8 @@ async fn a_prompt_handover_keeps_nodes_ready_instead_of_starting_them_over() {
     register(&client, "node-a", agent.addr()).await;
     let (stop_a, task_a) = start_replica(&url, "replica-a");
     wait_node_state(&client, "node-a", NodeState::Ready).await;
+    // replica-b campaigns from the moment it starts; it takes the released leases whenever it asks next.
     let (stop_b, task_b) = start_replica(&url, "replica-b");
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // A graceful stop releases the leases: the standby takes over while the last heartbeat is fresh.
     stop_a.cancel();

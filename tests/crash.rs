@@ -2,16 +2,16 @@
 
 mod common;
 
-use common::{free_port, sandbox_spec};
+use common::{exclusive_addr, sandbox_spec};
 use sandboxd_client::Client;
 use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-fn spawn_server(db: &std::path::Path, port: u16) -> Child {
+fn spawn_server(db: &std::path::Path, addr: std::net::SocketAddr) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sandboxd-o"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["serve", "--listen", &addr.to_string()])
         .arg("--store")
         .arg(format!("sqlite://{}", db.display()))
         .stdout(Stdio::null())
@@ -34,9 +34,9 @@ async fn wait_healthy(client: &Client) {
 async fn sigkill_loses_no_acknowledged_create() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("store.db");
-    let port = free_port();
-    let mut child = spawn_server(&db, port);
-    let client = Client::new(&format!("http://127.0.0.1:{port}"), None).unwrap();
+    let addr = exclusive_addr(8080);
+    let mut child = spawn_server(&db, addr);
+    let client = Client::new(&format!("http://{addr}"), None).unwrap();
     wait_healthy(&client).await;
 
     let acknowledged = Arc::new(Mutex::new(Vec::<(String, u64)>::new()));
@@ -57,8 +57,12 @@ async fn sigkill_loses_no_acknowledged_create() {
             }
         }));
     }
-    // Let the writers get going, then kill the server mid-flight.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Kill the server mid-flight, once the writers are well under way.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while acknowledged.lock().unwrap().len() <= 200 {
+        assert!(tokio::time::Instant::now() < deadline, "writers made no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     child.kill().unwrap();
     child.wait().unwrap();
     for w in writers {
@@ -68,7 +72,7 @@ async fn sigkill_loses_no_acknowledged_create() {
     assert!(acknowledged.len() > 50, "writers made progress before the kill ({})", acknowledged.len());
     let max_acknowledged_rv = acknowledged.iter().map(|(_, rv)| *rv).max().unwrap();
 
-    let mut child = spawn_server(&db, port);
+    let mut child = spawn_server(&db, addr);
     wait_healthy(&client).await;
     let stored: BTreeSet<String> = client.list_sandboxes().await.unwrap().items.into_iter().map(|s| s.id).collect();
     let missing: Vec<&String> = acknowledged.iter().map(|(id, _)| id).filter(|id| !stored.contains(*id)).collect();

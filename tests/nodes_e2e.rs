@@ -7,7 +7,6 @@ use reqwest::Method;
 use sandboxd_api::NodeState;
 use sbxlet::Faults;
 use serde_json::{json, Value};
-use std::time::Duration;
 
 async fn call(client: &sandboxd_client::Client, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
     match client.call::<Value>(method, path, body.as_ref()).await {
@@ -71,7 +70,7 @@ async fn failing_health_makes_node_not_ready_then_recovery_makes_it_ready() {
 #[tokio::test]
 async fn dead_agent_is_reported_unreachable() {
     let (server, client) = start_server(test_config(&[])).await;
-    let closed = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let closed = exclusive_addr(9);
     register(&client, "node-dead", closed).await;
     let down = wait_node_state(&client, "node-dead", NodeState::NotReady).await;
     assert!(down.status.last_error.starts_with("unreachable: "), "{}", down.status.last_error);
@@ -83,9 +82,11 @@ async fn deleted_node_is_not_resurrected_by_heartbeats() {
     let agent = start_agent(Faults::default()).await;
     let (server, client) = start_server(test_config(&[])).await;
     register(&client, "node-a", agent.addr()).await;
+    register(&client, "node-b", agent.addr()).await;
     wait_node_state(&client, "node-a", NodeState::Ready).await;
     client.delete_node("node-a").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // node-b's heartbeats witness rounds of the node controller after the delete.
+    wait_heartbeats(&client, "node-b", 4).await;
     assert!(client.get_node("node-a").await.unwrap_err().is_not_found());
     server.stop().await.unwrap();
 }
@@ -145,7 +146,7 @@ async fn proxy_endpoints_pass_through_to_a_healthy_agent() {
     let agent = start_agent(Faults::default()).await;
     let (server, client) = start_server(test_config(&[])).await;
     register(&client, "node-a", agent.addr()).await;
-    let host_port = free_port();
+    let host_port = 10_001;
 
     let (status, created) =
         call(&client, Method::POST, "/api/v1/nodes/node-a/sandboxes", Some(direct_sandbox("sbx-direct-1", host_port)))
@@ -193,7 +194,7 @@ async fn proxy_passes_agent_404_and_409_through() {
     let (status, body) = call(&client, Method::GET, "/api/v1/nodes/node-a/sandboxes/missing", None).await;
     assert_eq!(status, 404, "{body}");
 
-    let host_port = free_port();
+    let host_port = 10_001;
     call(&client, Method::POST, "/api/v1/nodes/node-a/sandboxes", Some(direct_sandbox("one", host_port))).await;
     let (status, body) =
         call(&client, Method::POST, "/api/v1/nodes/node-a/sandboxes", Some(direct_sandbox("two", host_port))).await;
@@ -229,7 +230,7 @@ async fn assert_proxy_502(client: &sandboxd_client::Client, node: &str) {
 #[tokio::test]
 async fn every_proxied_route_of_a_dead_agent_is_502_naming_the_node() {
     let (server, client) = start_server(test_config(&[("agent_timeout", "300ms")])).await;
-    register(&client, "dead", std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))).await;
+    register(&client, "dead", exclusive_addr(9)).await;
     for (method, path, body) in [
         (Method::GET, "/api/v1/nodes/dead/sandboxes", None),
         (Method::POST, "/api/v1/nodes/dead/sandboxes", Some(direct_sandbox("x", 10_001))),
@@ -252,7 +253,7 @@ async fn an_agent_refusal_reaches_the_caller_with_its_status_and_message() {
     let agent = start_agent(Faults::default()).await;
     let (server, client) = start_server(test_config(&[])).await;
     register(&client, "node-a", agent.addr()).await;
-    let host_port = free_port();
+    let host_port = 10_001;
     let direct = |id: &str| direct_sandbox(id, host_port);
     let (status, _) = call(&client, Method::POST, "/api/v1/nodes/node-a/sandboxes", Some(direct("one"))).await;
     assert_eq!(status, 201);
@@ -279,7 +280,7 @@ async fn proxy_dead_garbage_and_slow_agents_are_502() {
     let slow = start_agent(Faults { latency_ms: 3000, ..Faults::default() }).await;
     let failing = start_agent(Faults { error_rate: 1.0, ..Faults::default() }).await;
     let (server, client) = start_server(test_config(&[("agent_timeout", "300ms")])).await;
-    register(&client, "dead", std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))).await;
+    register(&client, "dead", exclusive_addr(9)).await;
     register(&client, "garbage", garbage.addr()).await;
     register(&client, "slow", slow.addr()).await;
     register(&client, "failing", failing.addr()).await;

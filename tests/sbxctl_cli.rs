@@ -195,7 +195,7 @@ async fn sbxctl_wait_fails_fast_on_failed_with_the_reason() {
 
 #[test]
 fn sbxctl_says_which_address_is_unreachable_and_how_to_start_the_server() {
-    let ctl = Ctl { server: format!("http://127.0.0.1:{}", free_port()) };
+    let ctl = Ctl { server: format!("http://{}", exclusive_addr(8080)) };
     let out = ctl.run(&["get", "nodes"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -8,6 +8,11 @@ pub use sandboxd_api::time::{rfc3339_now, unix_now};
 pub trait Clock: Send + Sync + 'static {
     /// Seconds since the Unix epoch.
     fn unix_now(&self) -> i64;
+
+    /// The same instant as the API writes timestamps (RFC 3339 UTC, whole seconds).
+    fn rfc3339_now(&self) -> String {
+        sandboxd_api::time::format_unix(self.unix_now())
+    }
 }
 
 /// The system's wall clock.

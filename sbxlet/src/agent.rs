@@ -186,6 +186,11 @@ impl AgentHandle {
         self.agent.admissions.as_ref().map(|a| a.lock().clone()).unwrap_or_default()
     }
 
+    /// Requests answered on the agent's published ports (readiness probes among them) since it started.
+    pub fn port_requests_answered(&self) -> u64 {
+        self.agent.ports.answered()
+    }
+
     /// How many sandboxes the agent holds now.
     pub fn sandbox_count(&self) -> usize {
         self.agent.sandbox_page("", usize::MAX).items.len()

@@ -5,6 +5,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -69,11 +70,18 @@ pub(crate) struct HostPorts {
     agent_stop: CancellationToken,
     /// Listeners told to stop whose tasks may not have dropped their socket yet.
     draining: Mutex<HashMap<u16, Vec<JoinHandle<()>>>>,
+    /// Requests answered on any published port, so tests can wait for probes instead of sleeping.
+    answered: Arc<AtomicU64>,
 }
 
 impl HostPorts {
     pub(crate) fn new(ip: IpAddr, faults: Arc<FaultSwitch>, agent_stop: CancellationToken) -> Self {
-        HostPorts { ip, faults, agent_stop, draining: Mutex::new(HashMap::new()) }
+        HostPorts { ip, faults, agent_stop, draining: Mutex::new(HashMap::new()), answered: Default::default() }
+    }
+
+    /// Requests answered on published ports since the agent started.
+    pub(crate) fn answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
     }
 
     /// Binds every port or none: on the first failure the already bound sockets are closed.
@@ -91,7 +99,8 @@ impl HostPorts {
 
     fn answer_on(&self, port: u16, listener: TcpListener) -> PublishedPort {
         let stop = self.agent_stop.child_token();
-        let task = tokio::spawn(answer_probes(listener, self.faults.clone(), stop.clone()));
+        let answered = self.answered.clone();
+        let task = tokio::spawn(answer_probes(listener, self.faults.clone(), answered, stop.clone()));
         PublishedPort { port, stop, task }
     }
 
@@ -148,7 +157,12 @@ fn bind_port(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Accepts connections until told to stop; each gets one answer and is closed.
-async fn answer_probes(listener: TcpListener, faults: Arc<FaultSwitch>, stop: CancellationToken) {
+async fn answer_probes(
+    listener: TcpListener,
+    faults: Arc<FaultSwitch>,
+    answered: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -156,7 +170,7 @@ async fn answer_probes(listener: TcpListener, faults: Arc<FaultSwitch>, stop: Ca
         };
         match accepted {
             Ok((stream, _)) => {
-                tokio::spawn(answer_probe(stream, faults.clone()));
+                tokio::spawn(answer_probe(stream, faults.clone(), answered.clone()));
             }
             Err(e) => {
                 // Typically out of file descriptors: back off instead of spinning.
@@ -170,13 +184,14 @@ async fn answer_probes(listener: TcpListener, faults: Arc<FaultSwitch>, stop: Ca
     }
 }
 
-async fn answer_probe(mut stream: TcpStream, faults: Arc<FaultSwitch>) {
+async fn answer_probe(mut stream: TcpStream, faults: Arc<FaultSwitch>, answered: Arc<AtomicU64>) {
     if tokio::time::timeout(REQUEST_HEAD_TIMEOUT, read_request_head(&mut stream)).await.is_err() {
         return;
     }
     let answer = if faults.probe_503() { ANSWER_503 } else { ANSWER_200 };
     let _ = stream.write_all(answer).await;
     let _ = stream.shutdown().await;
+    answered.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Reads until the blank line that ends an HTTP request head, the peer closes, or the cap is hit.

@@ -16,8 +16,10 @@ struct TestAgent {
     base: String,
 }
 
+/// An agent on a loopback address of its own, so the host ports a test picks are free there.
 async fn agent() -> TestAgent {
-    agent_with(SimConfig { external: "203.0.113.10".into(), ..SimConfig::default() }).await
+    let listen = std::net::SocketAddr::from((sandboxd_testkit::unique_loopback_ip(), 0));
+    agent_with(SimConfig { listen, external: "203.0.113.10".into(), ..SimConfig::default() }).await
 }
 
 async fn agent_with(config: SimConfig) -> TestAgent {
@@ -28,6 +30,11 @@ async fn agent_with(config: SimConfig) -> TestAgent {
 }
 
 impl TestAgent {
+    /// The address the agent and its published ports listen on.
+    fn ip(&self) -> std::net::IpAddr {
+        self.handle.addr().ip()
+    }
+
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> (StatusCode, Value) {
         let (status, text) = self.call_text(method, path, body).await;
         let value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: body {text:?} is not JSON: {e}"));
@@ -120,14 +127,9 @@ impl Sandbox {
     }
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// The HTTP status a published port answers with, or the connect error.
-async fn probe(port: u16) -> std::io::Result<u16> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+async fn probe(ip: std::net::IpAddr, port: u16) -> std::io::Result<u16> {
+    let mut stream = TcpStream::connect((ip, port)).await?;
     stream.write_all(b"GET / HTTP/1.1\r\nHost: probe\r\n\r\n").await?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer).await?;
@@ -135,8 +137,8 @@ async fn probe(port: u16) -> std::io::Result<u16> {
     Ok(code.unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}")))
 }
 
-async fn assert_port_closed(port: u16) {
-    match TcpStream::connect(("127.0.0.1", port)).await {
+async fn assert_port_closed(ip: std::net::IpAddr, port: u16) {
+    match TcpStream::connect((ip, port)).await {
         Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused),
         Ok(_) => panic!("port {port} still accepts connections"),
     }
@@ -201,7 +203,7 @@ async fn sandbox_is_created_read_counted_and_deleted() {
 /// Creates `n` sandboxes with one published port each and deletes them again.
 async fn churn(a: &TestAgent, n: usize) {
     for i in 0..n {
-        let (code, body) = a.create(&sandbox(&format!("churn-{i}")).port(free_port())).await;
+        let (code, body) = a.create(&sandbox(&format!("churn-{i}")).port(10_000 + i as u16)).await;
         assert_eq!(code, StatusCode::CREATED, "{body}");
     }
     for i in 0..n {
@@ -257,7 +259,7 @@ async fn same_spec_again_is_200_and_a_different_spec_is_409() {
 #[tokio::test]
 async fn host_port_of_another_sandbox_is_409_per_protocol() {
     let a = agent().await;
-    let port = free_port();
+    let port = 10_001;
     assert_eq!(a.create(&sandbox("a").port(port)).await.0, StatusCode::CREATED);
     let (code, body) = a.create(&sandbox("b").port(port)).await;
     assert_eq!(code, StatusCode::CONFLICT);
@@ -375,40 +377,40 @@ async fn unknown_routes_and_methods_answer_json_errors() {
 #[tokio::test]
 async fn published_port_answers_200_then_503_under_fault_and_closes_on_delete() {
     let a = agent().await;
-    let port = free_port();
+    let port = 10_001;
     assert_eq!(a.create(&sandbox("web").port(port)).await.0, StatusCode::CREATED);
-    assert_eq!(probe(port).await.unwrap(), 200);
+    assert_eq!(probe(a.ip(), port).await.unwrap(), 200);
 
     let (code, _) = a.put("/sim/faults", &json!({"probe_503": true})).await;
     assert_eq!(code, StatusCode::OK);
-    assert_eq!(probe(port).await.unwrap(), 503);
+    assert_eq!(probe(a.ip(), port).await.unwrap(), 503);
     a.handle.set_faults(Faults::default());
-    assert_eq!(probe(port).await.unwrap(), 200);
+    assert_eq!(probe(a.ip(), port).await.unwrap(), 200);
 
     assert_eq!(a.delete("/api/v1/sandboxes/web").await.0, StatusCode::OK);
-    assert_port_closed(port).await;
+    assert_port_closed(a.ip(), port).await;
 }
 
 #[tokio::test]
 async fn udp_ports_are_not_bound() {
     let a = agent().await;
-    let port = free_port();
+    let port = 10_001;
     assert_eq!(a.create(&sandbox("dns").port_with(port, "udp")).await.0, StatusCode::CREATED);
-    assert_port_closed(port).await;
+    assert_port_closed(a.ip(), port).await;
 }
 
 #[tokio::test]
 async fn port_in_use_on_the_host_is_409_and_nothing_is_kept() {
     let a = agent().await;
-    let free = free_port();
-    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let free = 10_001;
+    let squatter = std::net::TcpListener::bind((a.ip(), 0)).unwrap();
     let taken = squatter.local_addr().unwrap().port();
     let (code, body) = a.create(&sandbox("s").port(free).port(taken)).await;
     assert_eq!(code, StatusCode::CONFLICT);
     assert!(error_of(&body).contains("in use on the host"), "{body}");
     assert_eq!(a.status().await["sandboxes"], 0);
     assert_eq!(a.get("/api/v1/sandboxes/s").await.0, StatusCode::NOT_FOUND);
-    assert_port_closed(free).await;
+    assert_port_closed(a.ip(), free).await;
 
     drop(squatter);
     let (code, created) = a.create(&sandbox("s").port(free).port(taken)).await;
@@ -496,25 +498,25 @@ async fn faults_are_read_and_replaced_over_http_and_by_handle() {
 #[tokio::test]
 async fn restart_over_http_forgets_sandboxes_and_ports() {
     let a = agent().await;
-    let port = free_port();
+    let port = 10_001;
     a.create_ok(&sandbox("s").port(port).cpu("1")).await;
     assert_eq!(a.post("/sim/restart", &json!({})).await, (StatusCode::OK, json!({"ok": true})));
     assert_eq!(a.get("/api/v1/sandboxes/s").await.0, StatusCode::NOT_FOUND);
     assert_eq!(a.get("/api/v1/sandboxes").await.1["items"], json!([]));
     assert_eq!(a.status().await["used_cpu_milli"], 0);
-    assert_port_closed(port).await;
+    assert_port_closed(a.ip(), port).await;
 }
 
 #[tokio::test]
 async fn restart_by_handle_lets_the_same_port_be_published_again() {
     let a = agent().await;
-    let port = free_port();
+    let port = 10_001;
     a.create_ok(&sandbox("s").port(port)).await;
     a.handle.restart();
     assert!(a.handle.sandbox_ids().is_empty());
     let (code, body) = a.create(&sandbox("s").port(port)).await;
     assert_eq!(code, StatusCode::CREATED, "{body}");
-    assert_eq!(probe(port).await.unwrap(), 200);
+    assert_eq!(probe(a.ip(), port).await.unwrap(), 200);
 }
 
 #[tokio::test]
@@ -543,12 +545,12 @@ async fn failing_a_sandbox_shows_failed_with_the_message() {
 #[tokio::test]
 async fn shutdown_closes_the_api_and_published_ports() {
     let a = agent().await;
-    let port = free_port();
+    let port = 10_001;
     a.create_ok(&sandbox("s").port(port)).await;
     let api = a.handle.addr();
     a.handle.shutdown().await;
     assert!(TcpStream::connect(api).await.is_err(), "api still listening");
-    assert_port_closed(port).await;
+    assert_port_closed(api.ip(), port).await;
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ pub use sandboxes::{check_status_transition, mark_terminating, Created};
 use crate::config::Config;
 use crate::store::{Store, StoreError};
 use sandboxd_api::validate::SandboxPolicy;
+use sandboxd_contracts::clock::{Clock, SystemClock};
 use sandboxd_contracts::AgentClient;
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +60,8 @@ pub struct Registry {
     /// Asked once, best effort, for a new node's resources; `None` makes no agent calls.
     agents: Option<Arc<dyn AgentClient>>,
     initial_status_bound: Duration,
+    /// Where timestamps come from (`created_at`, `updated_at`, `last_transition_at`, `expire_at`).
+    clock: Arc<dyn Clock>,
 }
 
 /// How long a node create may wait for the agent's first status report.
@@ -72,7 +75,14 @@ impl Registry {
             default_max_alloc_percent: config.max_alloc_percent,
             agents: None,
             initial_status_bound: INITIAL_STATUS_BOUND.min(config.heartbeat_timeout),
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// The same rules, stamping times from `clock` (tests move it instead of sleeping).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Registry {
+        self.clock = clock;
+        self
     }
 
     /// The same rules, asking `agents` for a new node's resources.

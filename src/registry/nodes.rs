@@ -5,7 +5,6 @@ use super::{encode, Registry, RegistryError, RegistryResult};
 use crate::store::{Kind, StoreError, Versioned};
 use sandboxd_api::node::{NodeSpec, NodeStatus};
 use sandboxd_api::{Node, NodeSource};
-use sandboxd_contracts::clock::rfc3339_now as now;
 use sandboxd_controllers::node::{derive_resources, Reported};
 
 impl Registry {
@@ -40,11 +39,11 @@ impl Registry {
     }
 
     async fn create_node(&self, id: &str, spec: &NodeSpec, source: NodeSource) -> Result<Versioned, StoreError> {
-        let mut node = new_node(id, spec, source, self.default_max_alloc_percent);
+        let mut node = new_node(id, spec, source, self.default_max_alloc_percent, self.clock.rfc3339_now());
         if let Some(agents) = &self.agents {
             // Best effort and bounded, so the create answer already carries resources; not a heartbeat.
             if let Ok(report) = agents.status(&node.sbxlet_base_url, self.initial_status_bound).await {
-                let reported = Reported::from_agent(&report, &now());
+                let reported = Reported::from_agent(&report, &self.clock.rfc3339_now());
                 node.status.resources = derive_resources(&node, &reported, self.default_max_alloc_percent);
             }
         }
@@ -67,7 +66,7 @@ impl Registry {
         if node.ip != spec.ip || node.port != port {
             // Heartbeats of the old address say nothing about the new one.
             node.status = NodeStatus { resources: node.status.resources.clone(), ..NodeStatus::default() };
-            node.status.last_transition_at = Some(now());
+            node.status.last_transition_at = Some(self.clock.rfc3339_now());
         }
         node.ip = spec.ip.clone();
         node.port = port;
@@ -76,7 +75,7 @@ impl Registry {
         node.max_alloc_percent = spec.max_alloc_percent.map(|p| p as u32);
         let reported = Reported::from_resources(&node.status.resources);
         node.status.resources = derive_resources(&node, &reported, self.default_max_alloc_percent);
-        node.updated_at = now();
+        node.updated_at = self.clock.rfc3339_now();
         let json = serde_json::to_value(&node).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.store.update(Kind::Nodes, &current.name, json, Some(current.revision)).await
     }
@@ -92,7 +91,7 @@ impl Registry {
             let current = self.get_node(name).await?;
             let mut node: Node = current.decode()?;
             node.status = status.clone();
-            node.updated_at = now();
+            node.updated_at = self.clock.rfc3339_now();
             let guard = expect.or(Some(current.revision));
             match self.store.update_encoded(Kind::Nodes, name, encode(&node)?, guard).await {
                 Err(StoreError::Conflict { .. }) if expect.is_none() => continue,
@@ -113,8 +112,7 @@ impl Registry {
 }
 
 /// A freshly registered node: state Unknown, streaks zero, resources empty until the agent reports.
-fn new_node(id: &str, spec: &NodeSpec, source: NodeSource, default_max_alloc_percent: u32) -> Node {
-    let at = now();
+fn new_node(id: &str, spec: &NodeSpec, source: NodeSource, default_max_alloc_percent: u32, at: String) -> Node {
     let port = spec.port as u16;
     let mut node = Node {
         id: id.to_string(),

@@ -6,7 +6,6 @@ use crate::store::{Kind, StoreError, Versioned};
 use sandboxd_api::time::{format_unix, parse_rfc3339};
 use sandboxd_api::validate::{validate_name, validate_sandbox_spec};
 use sandboxd_api::{Phase, Sandbox, SandboxSpec, SandboxStatus};
-use sandboxd_contracts::clock::{rfc3339_now as now, unix_now};
 
 /// What a create did.
 pub enum Created {
@@ -26,7 +25,7 @@ impl Registry {
     /// Creates a sandbox in phase Pending; posting the same id with an identical spec again is a no-op.
     pub async fn create_sandbox(&self, id: &str, spec: SandboxSpec) -> RegistryResult<Created> {
         self.check_spec(Some(id), &spec)?;
-        let sandbox = new_sandbox(id, spec);
+        let sandbox = new_sandbox(id, spec, self.clock.unix_now());
         match self.store.create_encoded(Kind::Sandboxes, id, encode(&sandbox)?).await {
             Ok(stored) => Ok(Created::New(stored)),
             Err(StoreError::AlreadyExists { .. }) => self.existing_if_identical(&sandbox).await.map(Created::Existing),
@@ -75,9 +74,9 @@ impl Registry {
             check_immutable(&sandbox.spec, spec)?;
             sandbox.spec.ttl_seconds = spec.ttl_seconds;
             sandbox.spec.labels = spec.labels.clone();
-            let created = parse_rfc3339(&sandbox.created_at).unwrap_or_else(unix_now);
+            let created = parse_rfc3339(&sandbox.created_at).unwrap_or_else(|| self.clock.unix_now());
             sandbox.status.expire_at = expire_at(created, sandbox.spec.ttl_seconds);
-            sandbox.updated_at = now();
+            sandbox.updated_at = self.clock.rfc3339_now();
             match self.write(id, &sandbox, expect.or(Some(current.revision))).await {
                 Err(StoreError::Conflict { .. }) if expect.is_none() => continue,
                 result => return Ok(result?),
@@ -101,7 +100,7 @@ impl Registry {
                 Removal::AlreadyTerminating => return Ok(()),
                 Removal::Now => self.store.delete(Kind::Sandboxes, id, Some(current.revision)).await,
                 Removal::AfterNodeConfirms => {
-                    mark_terminating(&mut sandbox, "Deleted", "deletion requested");
+                    mark_terminating(&mut sandbox, "Deleted", "deletion requested", &self.clock.rfc3339_now());
                     self.write(id, &sandbox, Some(current.revision)).await
                 }
             };
@@ -157,9 +156,12 @@ impl Registry {
             check_status_transition(&sandbox.status, status)?;
             let previous = std::mem::replace(&mut sandbox.status, status.clone());
             sandbox.status.expire_at = previous.expire_at;
-            sandbox.status.last_transition_at =
-                if previous.phase != status.phase { Some(now()) } else { previous.last_transition_at };
-            sandbox.updated_at = now();
+            sandbox.status.last_transition_at = if previous.phase != status.phase {
+                Some(self.clock.rfc3339_now())
+            } else {
+                previous.last_transition_at
+            };
+            sandbox.updated_at = self.clock.rfc3339_now();
             match self.write(id, &sandbox, Some(current.revision)).await {
                 Err(StoreError::Conflict { .. }) if expect.is_none() => continue,
                 // The typed copy saves in-process callers decoding what was just encoded.
@@ -196,8 +198,7 @@ enum Removal {
 }
 
 /// A new sandbox in phase Pending, with `expire_at` from its TTL.
-fn new_sandbox(id: &str, spec: SandboxSpec) -> Sandbox {
-    let created = unix_now();
+fn new_sandbox(id: &str, spec: SandboxSpec, created: i64) -> Sandbox {
     let at = format_unix(created);
     Sandbox {
         id: id.to_string(),
@@ -246,14 +247,13 @@ fn check_immutable(current: &SandboxSpec, wanted: &SandboxSpec) -> RegistryResul
 }
 
 /// Moves a sandbox to Terminating with a reason, stamping the transition.
-pub fn mark_terminating(sandbox: &mut Sandbox, reason: &str, message: &str) {
-    let at = now();
+pub fn mark_terminating(sandbox: &mut Sandbox, reason: &str, message: &str, at: &str) {
     sandbox.status.phase = Phase::Terminating;
     sandbox.status.ready = false;
     sandbox.status.reason = Some(reason.to_string());
     sandbox.status.message = Some(message.to_string());
-    sandbox.status.last_transition_at = Some(at.clone());
-    sandbox.updated_at = at;
+    sandbox.status.last_transition_at = Some(at.to_string());
+    sandbox.updated_at = at.to_string();
 }
 
 /// Phases never move backwards, and a bound sandbox never moves to another node.

@@ -1,6 +1,9 @@
-//! Helpers that tests and benchmarks share and the production binary never links: a throwaway etcd.
+//! Helpers that tests and benchmarks share and the production binary never links: a throwaway etcd
+//! and loopback addresses of a test's own.
 #![forbid(unsafe_code)]
 
 pub mod local_etcd;
+pub mod net;
 
 pub use local_etcd::LocalEtcd;
+pub use net::{exclusive_addr, unique_loopback_ip};

@@ -77,14 +77,9 @@ pub fn with_http_probe(mut spec: SandboxSpec) -> SandboxSpec {
     spec
 }
 
-/// A free TCP port on 127.0.0.1 (bound then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Starts a simulated agent on 127.0.0.1 with a free port.
+/// Starts a simulated agent on an address of its own (port 0), so host ports it publishes never clash.
 pub async fn start_agent(faults: sbxlet::Faults) -> sbxlet::AgentHandle {
-    let config = sbxlet::SimConfig { external: "203.0.113.10".into(), faults, ..sbxlet::SimConfig::default() };
+    let config = sbxlet::SimConfig { faults, ..isolated_sim_config() };
     sbxlet::start(config).await.expect("agent starts")
 }
 
@@ -127,26 +122,8 @@ pub async fn wait_node_state(
 
 // === agents on loopback addresses of their own ===
 
-/// UDP port bound on each handed-out address to claim it for this process.
-const ADDRESS_CLAIM_PORT: u16 = 64999;
-
-/// A loopback address (127.1xx.y.z) no other agent of this or a concurrent test process uses.
-///
-/// Sim agents bind their sandboxes' host ports on their own IP, so agents sharing an IP would clash.
-pub fn unique_loopback_ip() -> std::net::Ipv4Addr {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    static CLAIMS: std::sync::Mutex<Vec<std::net::UdpSocket>> = std::sync::Mutex::new(Vec::new());
-    let second = 100 + (std::process::id() % 100) as u8;
-    loop {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed) % (250 * 250);
-        let ip = std::net::Ipv4Addr::new(127, second, (n / 250) as u8, (n % 250 + 1) as u8);
-        if let Ok(claim) = std::net::UdpSocket::bind((ip, ADDRESS_CLAIM_PORT)) {
-            CLAIMS.lock().unwrap().push(claim);
-            return ip;
-        }
-    }
-}
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use sandboxd_testkit::{exclusive_addr, unique_loopback_ip};
 
 /// A sim agent config on an address of its own, reporting external 203.0.113.10.
 pub fn isolated_sim_config() -> sbxlet::SimConfig {
@@ -194,4 +171,25 @@ pub async fn start_api_server(config: Config) -> (Running, sandboxd_client::Clie
     let running = server::start(config, Mode::ApiOnly).await.expect("server starts");
     let client = sandboxd_client::Client::new(&format!("http://{}", running.addr), None).unwrap();
     (running, client)
+}
+
+/// Waits until the wall clock reaches `at` (Unix seconds): for rules another process judges by its
+/// own wall clock, where no clock can be injected.
+pub async fn sleep_until_unix(at: i64) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let target = std::time::Duration::from_secs(at as u64);
+    if let Some(left) = target.checked_sub(now) {
+        tokio::time::sleep(left).await;
+    }
+}
+
+/// Waits until `node` has had `n` more successful heartbeats than now: a witness that the
+/// controllers ran a few more rounds, for checks that something did not happen meanwhile.
+pub async fn wait_heartbeats(client: &sandboxd_client::Client, node: &str, n: u32) {
+    let start = client.get_node(node).await.unwrap().status.success_streak;
+    eventually(10, &format!("{n} more heartbeats of {node}"), || async {
+        let streak = client.get_node(node).await.ok()?.status.success_streak;
+        (streak >= start + n).then_some(())
+    })
+    .await;
 }
