@@ -66,6 +66,9 @@ pub struct AgentContainer {
     pub restart_count: u32,
     #[serde(default)]
     pub exit_code: Option<i32>,
+    /// Why an ended container ended: `Completed` (exit 0), `Error`, or `OOMKilled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A sandbox as the agent reports it.

@@ -254,15 +254,20 @@ fn validate_probe(probe: &Probe, spec: &SandboxSpec, errors: &mut FieldErrors) {
 /// Call only on a validated spec: unparsable quantities count as the defaults.
 pub fn sandbox_requests(spec: &SandboxSpec, policy: &SandboxPolicy) -> (u64, u64) {
     spec.containers.iter().fold((0u64, 0u64), |(cpu, mem), c| {
-        let r = c.resource.as_ref();
-        let c_cpu =
-            r.and_then(|r| r.cpu.as_deref()).and_then(|q| parse_cpu_milli(q).ok()).unwrap_or(policy.default_cpu_milli);
-        let c_mem = r
-            .and_then(|r| r.memory.as_deref())
-            .and_then(|q| parse_bytes(q).ok())
-            .unwrap_or(policy.default_memory_bytes);
+        let (c_cpu, c_mem) = container_requests(c, policy);
         (cpu.saturating_add(c_cpu), mem.saturating_add(c_mem))
     })
+}
+
+/// CPU (millicores) and memory (bytes) one container requests, or the defaults (a node agent turns
+/// these into the container's cgroup limits).
+pub fn container_requests(container: &crate::sandbox::Container, policy: &SandboxPolicy) -> (u64, u64) {
+    let r = container.resource.as_ref();
+    let cpu =
+        r.and_then(|r| r.cpu.as_deref()).and_then(|q| parse_cpu_milli(q).ok()).unwrap_or(policy.default_cpu_milli);
+    let memory =
+        r.and_then(|r| r.memory.as_deref()).and_then(|q| parse_bytes(q).ok()).unwrap_or(policy.default_memory_bytes);
+    (cpu, memory)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use crate::faults::{inject_faults, FaultSwitch, Faults};
 use crate::ports::HostPorts;
 use crate::server;
 use crate::sim::ip_pool::IpPool;
-use crate::sim::{tcp_host_ports, Created, Runtime, RuntimeLimits, SimError};
+use crate::sim::{tcp_host_ports, Created, Runtime, RuntimeError, RuntimeLimits};
 use axum::ServiceExt;
 use parking_lot::Mutex;
 use sandboxd_api::agent::{AgentCreateRequest, AgentLogs, AgentSandbox, AgentSandboxList, AgentStatus};
@@ -39,7 +39,7 @@ pub(crate) struct Agent {
 
 impl Agent {
     /// Admits a sandbox, publishing its tcp host ports on the agent's IP.
-    pub(crate) async fn create_sandbox(&self, request: AgentCreateRequest) -> Result<Created, SimError> {
+    pub(crate) async fn create_sandbox(&self, request: AgentCreateRequest) -> Result<Created, RuntimeError> {
         // A restart releases listeners without waiting; a port coming back must wait for its old socket.
         self.ports.wait_released(&tcp_host_ports(&request)).await;
         let now = Instant::now();
@@ -52,13 +52,13 @@ impl Agent {
     }
 
     /// Forgets a sandbox and waits until its host ports are closed.
-    pub(crate) async fn delete_sandbox(&self, id: &str) -> Result<(), SimError> {
+    pub(crate) async fn delete_sandbox(&self, id: &str) -> Result<(), RuntimeError> {
         let listeners = self.runtime.lock().remove(id)?;
         self.ports.release(listeners).await;
         Ok(())
     }
 
-    pub(crate) fn sandbox(&self, id: &str) -> Result<AgentSandbox, SimError> {
+    pub(crate) fn sandbox(&self, id: &str) -> Result<AgentSandbox, RuntimeError> {
         self.runtime.lock().get(id, Instant::now())
     }
 
@@ -66,7 +66,12 @@ impl Agent {
         self.runtime.lock().list(cursor, limit, Instant::now())
     }
 
-    pub(crate) fn logs(&self, id: &str, container: Option<&str>, tail: Option<usize>) -> Result<AgentLogs, SimError> {
+    pub(crate) fn logs(
+        &self,
+        id: &str,
+        container: Option<&str>,
+        tail: Option<usize>,
+    ) -> Result<AgentLogs, RuntimeError> {
         self.runtime.lock().logs(id, container, tail, Instant::now())
     }
 
@@ -96,6 +101,31 @@ impl Agent {
         let listeners = self.runtime.lock().forget_all();
         self.ports.release(listeners).await;
         self.ports.wait_all_released().await;
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::backend::Backend for Agent {
+    async fn create(&self, request: AgentCreateRequest) -> Result<Created, RuntimeError> {
+        self.create_sandbox(request).await
+    }
+    async fn delete(&self, id: &str) -> Result<(), RuntimeError> {
+        self.delete_sandbox(id).await
+    }
+    async fn get(&self, id: &str) -> Result<AgentSandbox, RuntimeError> {
+        self.sandbox(id)
+    }
+    async fn list(&self, cursor: &str, limit: usize) -> AgentSandboxList {
+        self.sandbox_page(cursor, limit)
+    }
+    async fn logs(&self, id: &str, container: Option<&str>, tail: Option<usize>) -> Result<AgentLogs, RuntimeError> {
+        Agent::logs(self, id, container, tail)
+    }
+    async fn status(&self) -> AgentStatus {
+        Agent::status(self)
+    }
+    async fn reconcile(&self) {
+        Agent::reconcile(self)
     }
 }
 
@@ -136,7 +166,7 @@ pub(crate) fn serve_agent(listener: TcpListener, config: SimConfig) -> io::Resul
         external: config.external,
         admissions: config.record_admissions.then(Mutex::default),
     });
-    let app = axum::middleware::from_fn_with_state(faults, inject_faults).layer(server::router(agent.clone()));
+    let app = axum::middleware::from_fn_with_state(faults, inject_faults).layer(server::sim_router(agent.clone()));
     let shutdown = stop.clone().cancelled_owned();
     let server = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app.into_make_service()).with_graceful_shutdown(shutdown).await {

@@ -19,11 +19,13 @@ pub enum CliError {
     Fleet(#[from] FleetError),
     #[error("installing signal handlers")]
     Signals(#[source] io::Error),
+    #[error(transparent)]
+    Runtime(#[from] crate::error::RuntimeError),
 }
 
 /// `sbxlet`: one node agent, or `sbxlet fleet`: many in one process.
 #[derive(Debug, Parser)]
-#[command(name = "sbxlet", version, about = "The sandboxd-o node agent (simulated runtime)")]
+#[command(name = "sbxlet", version, about = "The sandboxd-o node agent: real sandboxes under runc, or simulated ones")]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
@@ -33,6 +35,8 @@ pub struct Cli {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub sim: SimFlags,
+    #[command(flatten)]
+    pub runc: RuncFlags,
 }
 
 /// Subcommands of `sbxlet`.
@@ -40,6 +44,76 @@ pub struct Cli {
 pub enum Command {
     /// Run many simulated agents on consecutive loopback addresses.
     Fleet(FleetFlags),
+    /// Manage the images of a real node.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+/// `sbxlet image …`
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Import the images of an OCI image-layout archive (tar), for nodes without a registry.
+    Import {
+        /// The archive (`index.json`, `oci-layout`, `blobs/sha256/…`); each image needs a
+        /// `org.opencontainers.image.ref.name` annotation.
+        file: std::path::PathBuf,
+        /// The agent's state directory.
+        #[arg(long, default_value = "/var/lib/sbxlet")]
+        state_dir: std::path::PathBuf,
+    },
+}
+
+/// Settings of the real runtime (`--runtime runc`).
+#[derive(Debug, Args)]
+pub struct RuncFlags {
+    /// Where images, sandbox records and container bundles live (survives agent restarts).
+    #[arg(long, default_value = "/var/lib/sbxlet")]
+    pub state_dir: std::path::PathBuf,
+    /// Node bridge the sandboxes attach to (created when missing).
+    #[arg(long, default_value = "sbx0")]
+    pub bridge: String,
+    /// Cgroup under which each sandbox gets its own.
+    #[arg(long, default_value = "sandboxd")]
+    pub cgroup_parent: String,
+    /// Pull Docker Hub images from this registry (host:port) instead.
+    #[arg(long)]
+    pub registry_mirror: Option<String>,
+    /// A registry (host:port) spoken to over plain http; loopback registries always are.
+    #[arg(long)]
+    pub insecure_registry: Vec<String>,
+    /// The runc binary.
+    #[arg(long, default_value = "runc")]
+    pub runc: String,
+    /// Rotate a container's log past this size.
+    #[arg(long, value_parser = byte_quantity, default_value = "10Mi")]
+    pub log_max_size: u64,
+    /// Remove images no sandbox used for this long.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    pub image_gc_after: Duration,
+}
+
+impl RuncFlags {
+    /// The real runtime's configuration; capacity, external address and IP pool come from `sim`'s
+    /// shared flags (capacity defaults to the node's own CPUs and memory).
+    pub fn into_config(self, listen: SocketAddr, shared: &SimFlags) -> crate::runc::RuncConfig {
+        crate::runc::RuncConfig {
+            listen,
+            state_dir: self.state_dir,
+            ip_pool: shared.ip_pool.clone().unwrap_or_else(|| SimConfig::default().ip_pool),
+            bridge: self.bridge,
+            cgroup_parent: self.cgroup_parent,
+            capacity_cpu_milli: shared.capacity_cpu,
+            capacity_memory_bytes: shared.capacity_memory,
+            external: shared.external.clone().unwrap_or_default(),
+            images: crate::runc::image::ImageSettings {
+                registry_mirror: self.registry_mirror,
+                insecure_registries: self.insecure_registry,
+            },
+            runc: self.runc,
+            log_max_bytes: self.log_max_size,
+            image_gc_after: self.image_gc_after,
+        }
+    }
 }
 
 /// Flags of `sbxlet fleet`.
@@ -69,6 +143,8 @@ pub struct FleetFlags {
 pub enum RuntimeKind {
     /// Simulated sandboxes with real published ports.
     Sim,
+    /// Real sandboxes: OCI containers under runc in network namespaces (needs root).
+    Runc,
 }
 
 /// Settings of each agent; unset flags keep the defaults of [`SimConfig`].
@@ -172,9 +248,30 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Runs what the command line asks for until `shutdown` completes.
 pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), CliError> {
     match cli.command {
+        None if cli.sim.runtime == RuntimeKind::Runc => {
+            let config = cli.runc.into_config(cli.listen, &cli.sim);
+            run_real_agent(config, shutdown).await
+        }
         None => run_agent(cli.sim.into_config(cli.listen), shutdown).await,
         Some(Command::Fleet(flags)) => run_fleet(flags, shutdown).await,
+        Some(Command::Image(ImageCommand::Import { file, state_dir })) => {
+            let store = crate::runc::image::ImageStore::open(&state_dir.join("images"), Default::default())
+                .map_err(CliError::Start)?;
+            for reference in store.import_archive(&file).await? {
+                println!("{reference}");
+            }
+            Ok(())
+        }
     }
+}
+
+async fn run_real_agent(config: crate::runc::RuncConfig, shutdown: impl Future<Output = ()>) -> Result<(), CliError> {
+    let agent = crate::runc::start(config).await?;
+    tracing::info!(addr = %agent.addr(), "ready (runtime runc)");
+    shutdown.await;
+    tracing::info!("shutting down; sandboxes keep running");
+    agent.shutdown().await;
+    Ok(())
 }
 
 async fn run_agent(config: SimConfig, shutdown: impl Future<Output = ()>) -> Result<(), CliError> {

@@ -1,12 +1,16 @@
-//! sbxlet: the sandboxd-o node agent, here with a simulated runtime, plus a fleet launcher for tests.
+//! sbxlet: the sandboxd-o node agent, with a real runtime (runc) and a simulated one, plus a fleet
+//! launcher for tests.
 #![forbid(unsafe_code)]
 
 mod agent;
+mod backend;
 pub mod cli;
 mod config;
+pub mod error;
 mod faults;
 mod fleet;
 mod ports;
+pub mod runc;
 mod server;
 mod sim;
 

@@ -1,8 +1,10 @@
-//! The agent's HTTP API and `/sim/*` admin endpoints, with the single mapping of errors to status codes.
+//! The agent's HTTP API over any backend, the sim's `/sim/*` admin endpoints, and the single mapping
+//! of errors to status codes.
 
 use crate::agent::Agent;
+use crate::backend::{Backend, Created};
+use crate::error::RuntimeError;
 use crate::faults::Faults;
-use crate::sim::{Created, SimError};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
@@ -18,14 +20,27 @@ use serde::Deserialize;
 use std::sync::{Arc, OnceLock};
 
 type AgentState = State<Arc<Agent>>;
+type BackendState = State<Arc<dyn Backend>>;
 
-/// The routes of one agent, sharing the process-wide route table.
-pub(crate) fn router(agent: Arc<Agent>) -> Router {
-    static ROUTES: OnceLock<Router<Arc<Agent>>> = OnceLock::new();
-    ROUTES.get_or_init(routes).clone().with_state(agent)
+/// The agent API over any backend, sharing the process-wide route table.
+pub(crate) fn router(backend: Arc<dyn Backend>) -> Router {
+    static ROUTES: OnceLock<Router<Arc<dyn Backend>>> = OnceLock::new();
+    ROUTES
+        .get_or_init(routes)
+        .clone()
+        .with_state(backend)
+        .fallback(|| async { ApiError::NoRoute })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }
 
-fn routes() -> Router<Arc<Agent>> {
+/// The agent API of the simulated runtime, plus its `/sim` admin routes (faults, restart, fail).
+pub(crate) fn sim_router(agent: Arc<Agent>) -> Router {
+    static SIM_ROUTES: OnceLock<Router<Arc<Agent>>> = OnceLock::new();
+    let admin = SIM_ROUTES.get_or_init(sim_routes).clone().with_state(agent.clone());
+    router(agent).merge(admin)
+}
+
+fn routes() -> Router<Arc<dyn Backend>> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/api/v1/status", get(status))
@@ -34,11 +49,13 @@ fn routes() -> Router<Arc<Agent>> {
         .route("/api/v1/sandboxes/{id}/logs", get(sandbox_logs))
         .route("/api/v1/sandboxes/{id}/containers/{container}/logs", get(container_logs))
         .route("/api/v1/reconcile", post(reconcile))
+}
+
+fn sim_routes() -> Router<Arc<Agent>> {
+    Router::new()
         .route("/sim/faults", get(current_faults).put(replace_faults))
         .route("/sim/restart", post(restart))
         .route("/sim/sandboxes/{id}/fail", post(fail_sandbox))
-        .fallback(|| async { ApiError::NoRoute })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }
 
 // === agent API ===
@@ -47,15 +64,15 @@ async fn healthz() -> Json<Health> {
     Json(Health { ok: true })
 }
 
-async fn status(State(agent): AgentState) -> Json<AgentStatus> {
-    Json(agent.status())
+async fn status(State(agent): BackendState) -> Json<AgentStatus> {
+    Json(agent.status().await)
 }
 
 async fn create_sandbox(
-    State(agent): AgentState,
+    State(agent): BackendState,
     ApiJson(request): ApiJson<sandboxd_api::agent::AgentCreateRequest>,
 ) -> Result<(StatusCode, Json<AgentSandboxEnvelope>), ApiError> {
-    let (code, sandbox) = match agent.create_sandbox(request).await? {
+    let (code, sandbox) = match agent.create(request).await? {
         Created::New(s) => (StatusCode::CREATED, s),
         Created::Existing(s) => (StatusCode::OK, s),
     };
@@ -70,11 +87,11 @@ struct PageParams {
 }
 
 async fn list_sandboxes(
-    State(agent): AgentState,
+    State(agent): BackendState,
     ApiQuery(params): ApiQuery<PageParams>,
 ) -> Result<Json<AgentSandboxList>, ApiError> {
     let limit = page_limit(params.limit)?;
-    Ok(Json(agent.sandbox_page(&params.cursor, limit)))
+    Ok(Json(agent.list(&params.cursor, limit).await))
 }
 
 fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
@@ -82,17 +99,17 @@ fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
 }
 
 async fn get_sandbox(
-    State(agent): AgentState,
+    State(agent): BackendState,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<AgentSandboxEnvelope>, ApiError> {
-    Ok(Json(AgentSandboxEnvelope { sandbox: agent.sandbox(&id)? }))
+    Ok(Json(AgentSandboxEnvelope { sandbox: agent.get(&id).await? }))
 }
 
 async fn delete_sandbox(
-    State(agent): AgentState,
+    State(agent): BackendState,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<AgentDeleted>, ApiError> {
-    agent.delete_sandbox(&id).await?;
+    agent.delete(&id).await?;
     Ok(Json(AgentDeleted { id, phase: AgentPhase::Deleted }))
 }
 
@@ -102,23 +119,23 @@ struct TailParams {
 }
 
 async fn sandbox_logs(
-    State(agent): AgentState,
+    State(agent): BackendState,
     ApiPath(id): ApiPath<String>,
     ApiQuery(params): ApiQuery<TailParams>,
 ) -> Result<Json<AgentLogs>, ApiError> {
-    Ok(Json(agent.logs(&id, None, params.tail)?))
+    Ok(Json(agent.logs(&id, None, params.tail).await?))
 }
 
 async fn container_logs(
-    State(agent): AgentState,
+    State(agent): BackendState,
     ApiPath((id, container)): ApiPath<(String, String)>,
     ApiQuery(params): ApiQuery<TailParams>,
 ) -> Result<Json<AgentLogs>, ApiError> {
-    Ok(Json(agent.logs(&id, Some(&container), params.tail)?))
+    Ok(Json(agent.logs(&id, Some(&container), params.tail).await?))
 }
 
-async fn reconcile(State(agent): AgentState) -> Json<Health> {
-    agent.reconcile();
+async fn reconcile(State(agent): BackendState) -> Json<Health> {
+    agent.reconcile().await;
     Json(Health { ok: true })
 }
 
@@ -153,7 +170,7 @@ async fn fail_sandbox(
     ApiJson(request): ApiJson<FailRequest>,
 ) -> Result<Json<AgentSandboxEnvelope>, ApiError> {
     if !agent.fail_sandbox(&id, &request.message) {
-        return Err(SimError::SandboxNotFound(id).into());
+        return Err(RuntimeError::SandboxNotFound(id).into());
     }
     Ok(Json(AgentSandboxEnvelope { sandbox: agent.sandbox(&id)? }))
 }
@@ -164,7 +181,7 @@ async fn fail_sandbox(
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ApiError {
     #[error(transparent)]
-    Sim(#[from] SimError),
+    Runtime(#[from] RuntimeError),
     #[error("{0}")]
     BadRequest(String),
     #[error("no such route")]
@@ -176,18 +193,18 @@ pub(crate) enum ApiError {
 impl ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ApiError::Sim(SimError::Invalid(_)) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Sim(SimError::SandboxNotFound(_) | SimError::ContainerNotFound { .. }) | ApiError::NoRoute => {
-                StatusCode::NOT_FOUND
-            }
-            ApiError::Sim(
-                SimError::SpecConflict(_)
-                | SimError::PortTaken { .. }
-                | SimError::PortUnavailable(_)
-                | SimError::InsufficientCpu { .. }
-                | SimError::InsufficientMemory { .. }
-                | SimError::PoolExhausted,
+            ApiError::Runtime(RuntimeError::Invalid(_)) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Runtime(RuntimeError::SandboxNotFound(_) | RuntimeError::ContainerNotFound { .. })
+            | ApiError::NoRoute => StatusCode::NOT_FOUND,
+            ApiError::Runtime(
+                RuntimeError::SpecConflict(_)
+                | RuntimeError::PortTaken { .. }
+                | RuntimeError::PortUnavailable(_)
+                | RuntimeError::InsufficientCpu { .. }
+                | RuntimeError::InsufficientMemory { .. }
+                | RuntimeError::PoolExhausted,
             ) => StatusCode::CONFLICT,
+            ApiError::Runtime(RuntimeError::Failed(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
@@ -254,9 +271,9 @@ mod tests {
 
     #[test]
     fn conflicts_map_to_409_and_absence_to_404() {
-        let capacity = ApiError::Sim(SimError::InsufficientMemory { requested: 2, available: 1, capacity: 1 });
+        let capacity = ApiError::Runtime(RuntimeError::InsufficientMemory { requested: 2, available: 1, capacity: 1 });
         assert_eq!(capacity.status_code(), StatusCode::CONFLICT);
-        assert_eq!(ApiError::Sim(SimError::SandboxNotFound("a".into())).status_code(), StatusCode::NOT_FOUND);
-        assert_eq!(ApiError::Sim(SimError::Invalid("x".into())).status_code(), StatusCode::BAD_REQUEST);
+        assert_eq!(ApiError::Runtime(RuntimeError::SandboxNotFound("a".into())).status_code(), StatusCode::NOT_FOUND);
+        assert_eq!(ApiError::Runtime(RuntimeError::Invalid("x".into())).status_code(), StatusCode::BAD_REQUEST);
     }
 }

@@ -56,6 +56,29 @@ impl IpPool {
         self.taken.clear();
     }
 
+    /// Takes `ip` for a sandbox found again after a restart; false when it is outside the pool or taken.
+    pub fn claim(&mut self, ip: Ipv4Addr) -> bool {
+        match u32::from(ip).checked_sub(self.network) {
+            Some(offset) if offset < self.size && self.is_assignable(offset) => self.taken.insert(offset),
+            _ => false,
+        }
+    }
+
+    /// The pool's first host address, which sandboxes route through (never handed out).
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.network + 1)
+    }
+
+    /// The prefix length of the pool's network.
+    pub fn prefix_len(&self) -> u32 {
+        32 - self.size.trailing_zeros()
+    }
+
+    /// The pool's network as `a.b.c.d/len`.
+    pub fn cidr(&self) -> String {
+        format!("{}/{}", Ipv4Addr::from(self.network), self.prefix_len())
+    }
+
     fn is_assignable(&self, offset: u32) -> bool {
         let last_octet = (self.network + offset) & 0xff;
         offset != self.size - 1 && last_octet > 1
@@ -102,6 +125,19 @@ mod tests {
         assert!(!got.contains(&Ipv4Addr::new(10, 0, 1, 1)));
         assert!(got.contains(&Ipv4Addr::new(10, 0, 0, 255)));
         assert!(!got.contains(&Ipv4Addr::new(10, 0, 1, 255)));
+    }
+
+    #[test]
+    fn gateway_prefix_and_claims() {
+        let mut pool = IpPool::parse("10.88.0.0/16").unwrap();
+        assert_eq!(
+            (pool.gateway(), pool.prefix_len(), pool.cidr()),
+            (Ipv4Addr::new(10, 88, 0, 1), 16, "10.88.0.0/16".into())
+        );
+        assert!(pool.claim(Ipv4Addr::new(10, 88, 0, 2)));
+        assert!(!pool.claim(Ipv4Addr::new(10, 88, 0, 2)), "taken already");
+        assert!(!pool.claim(Ipv4Addr::new(10, 89, 0, 2)), "outside the pool");
+        assert_eq!(pool.allocate(), Some(Ipv4Addr::new(10, 88, 0, 3)));
     }
 
     #[test]

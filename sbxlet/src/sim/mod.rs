@@ -4,6 +4,7 @@ pub mod ip_pool;
 pub mod logs;
 pub mod phase;
 
+pub use crate::error::RuntimeError;
 use crate::ports::{PortUnavailable, PublishedPort};
 use ip_pool::IpPool;
 use phase::{container_in, phase_at};
@@ -17,37 +18,9 @@ use std::net::Ipv4Addr;
 use std::ops::Bound;
 use std::time::{Duration, Instant};
 
-/// Why the runtime refused a request.
-#[derive(Debug, thiserror::Error)]
-pub enum SimError {
-    #[error("invalid sandbox: {0}")]
-    Invalid(String),
-    #[error("sandbox {0:?} already exists with a different spec")]
-    SpecConflict(String),
-    #[error("host port {port}/{} is already used by sandbox {owner:?}", protocol.as_str())]
-    PortTaken { port: u16, protocol: Protocol, owner: String },
-    #[error(transparent)]
-    PortUnavailable(#[from] PortUnavailable),
-    #[error("insufficient cpu: sandbox requests {requested}m, {available}m of {capacity}m available")]
-    InsufficientCpu { requested: u64, available: u64, capacity: u64 },
-    #[error("insufficient memory: sandbox requests {requested} bytes, {available} of {capacity} bytes available")]
-    InsufficientMemory { requested: u64, available: u64, capacity: u64 },
-    #[error("ip pool exhausted")]
-    PoolExhausted,
-    #[error("sandbox {0:?} not found")]
-    SandboxNotFound(String),
-    #[error("container {container:?} not found in sandbox {sandbox:?}")]
-    ContainerNotFound { sandbox: String, container: String },
-}
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
 
-pub type Result<T, E = SimError> = std::result::Result<T, E>;
-
-/// The outcome of a create: a new sandbox, or the one already held under that id with the same spec.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Created {
-    New(AgentSandbox),
-    Existing(AgentSandbox),
-}
+pub use crate::backend::Created;
 
 /// Capacity and timing of a runtime.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,14 +77,14 @@ impl Runtime {
         let spec = validate_request(&request)?;
         if let Some(held) = self.sandboxes.get(&request.id) {
             if held.request != request {
-                return Err(SimError::SpecConflict(request.id));
+                return Err(RuntimeError::SpecConflict(request.id));
             }
             return Ok(Created::Existing(self.view(&request.id, held, self.phase_of(held, now))));
         }
         self.check_host_ports_free(&request)?;
         let (cpu_milli, memory_bytes) = sandbox_requests(&spec, &SandboxPolicy::default());
         self.check_capacity(cpu_milli, memory_bytes)?;
-        let private_ip = self.pool.allocate().ok_or(SimError::PoolExhausted)?;
+        let private_ip = self.pool.allocate().ok_or(RuntimeError::PoolExhausted)?;
         let listeners = match publish(&tcp_host_ports(&request)) {
             Ok(listeners) => listeners,
             Err(e) => {
@@ -144,7 +117,7 @@ impl Runtime {
                 held.request.ports.iter().any(|p| p.host_port == wanted.host_port && p.protocol == wanted.protocol)
             });
             if let Some((owner, _)) = owner {
-                return Err(SimError::PortTaken {
+                return Err(RuntimeError::PortTaken {
                     port: wanted.host_port,
                     protocol: wanted.protocol,
                     owner: owner.clone(),
@@ -157,7 +130,7 @@ impl Runtime {
     fn check_capacity(&self, cpu_milli: u64, memory_bytes: u64) -> Result<()> {
         let available_cpu = self.limits.capacity_cpu_milli.saturating_sub(self.used_cpu_milli);
         if cpu_milli > available_cpu {
-            return Err(SimError::InsufficientCpu {
+            return Err(RuntimeError::InsufficientCpu {
                 requested: cpu_milli,
                 available: available_cpu,
                 capacity: self.limits.capacity_cpu_milli,
@@ -165,7 +138,7 @@ impl Runtime {
         }
         let available_memory = self.limits.capacity_memory_bytes.saturating_sub(self.used_memory_bytes);
         if memory_bytes > available_memory {
-            return Err(SimError::InsufficientMemory {
+            return Err(RuntimeError::InsufficientMemory {
                 requested: memory_bytes,
                 available: available_memory,
                 capacity: self.limits.capacity_memory_bytes,
@@ -176,7 +149,7 @@ impl Runtime {
 
     /// Forgets a sandbox and frees its address; its listeners are handed back for release.
     pub fn remove(&mut self, id: &str) -> Result<Vec<PublishedPort>> {
-        let held = self.sandboxes.remove(id).ok_or_else(|| SimError::SandboxNotFound(id.to_string()))?;
+        let held = self.sandboxes.remove(id).ok_or_else(|| RuntimeError::SandboxNotFound(id.to_string()))?;
         self.pool.release(held.private_ip);
         self.used_cpu_milli -= held.cpu_milli;
         self.used_memory_bytes -= held.memory_bytes;
@@ -243,7 +216,7 @@ impl Runtime {
             None => logs::sandbox_lines(&held.request.containers, phase, failure),
             Some(name) => {
                 let c = held.request.containers.iter().find(|c| c.name == name).ok_or_else(|| {
-                    SimError::ContainerNotFound { sandbox: id.to_string(), container: name.to_string() }
+                    RuntimeError::ContainerNotFound { sandbox: id.to_string(), container: name.to_string() }
                 })?;
                 logs::container_lines(c, phase, failure)
             }
@@ -273,7 +246,7 @@ impl Runtime {
     }
 
     fn held(&self, id: &str) -> Result<&HeldSandbox> {
-        self.sandboxes.get(id).ok_or_else(|| SimError::SandboxNotFound(id.to_string()))
+        self.sandboxes.get(id).ok_or_else(|| RuntimeError::SandboxNotFound(id.to_string()))
     }
 
     fn phase_of(&self, held: &HeldSandbox, now: Instant) -> AgentPhase {
@@ -326,7 +299,7 @@ pub fn validate_request(request: &AgentCreateRequest) -> Result<SandboxSpec> {
     if problems.is_empty() {
         return Ok(spec);
     }
-    Err(SimError::Invalid(describe(problems)))
+    Err(RuntimeError::Invalid(describe(problems)))
 }
 
 /// Joins field errors, dropping the `spec.` prefix: agent requests carry those fields at top level.
@@ -415,7 +388,7 @@ mod tests {
         let t0 = Instant::now();
         admit(&mut rt, sandbox("a"), t0).unwrap();
         assert!(matches!(admit(&mut rt, sandbox("a"), t0), Ok(Created::Existing(_))));
-        assert!(matches!(admit(&mut rt, with_cpu(sandbox("a"), "200m"), t0), Err(SimError::SpecConflict(_))));
+        assert!(matches!(admit(&mut rt, with_cpu(sandbox("a"), "200m"), t0), Err(RuntimeError::SpecConflict(_))));
         assert_eq!(rt.status("").sandboxes, 1);
     }
 
@@ -425,7 +398,7 @@ mod tests {
         let t0 = Instant::now();
         admit(&mut rt, with_port(sandbox("a"), 10000, Protocol::Tcp), t0).unwrap();
         let clash = admit(&mut rt, with_port(sandbox("b"), 10000, Protocol::Tcp), t0);
-        assert!(matches!(clash, Err(SimError::PortTaken { port: 10000, .. })), "{clash:?}");
+        assert!(matches!(clash, Err(RuntimeError::PortTaken { port: 10000, .. })), "{clash:?}");
         admit(&mut rt, with_port(sandbox("c"), 10000, Protocol::Udp), t0).unwrap();
     }
 
@@ -450,7 +423,7 @@ mod tests {
             assert_eq!(ports, [10000]);
             Err(PortUnavailable { port: 10000, source: std::io::ErrorKind::AddrInUse.into() })
         });
-        assert!(matches!(refused, Err(SimError::PortUnavailable(_))));
+        assert!(matches!(refused, Err(RuntimeError::PortUnavailable(_))));
         assert_eq!(
             rt.status(""),
             AgentStatus { capacity_cpu_milli: 1000, capacity_memory_bytes: 1 << 30, ..AgentStatus::default() }
@@ -463,7 +436,7 @@ mod tests {
     fn invalid_requests_name_the_field() {
         let mut bad = sandbox("Bad_Id");
         bad.containers[0].image.clear();
-        let Err(SimError::Invalid(msg)) = validate_request(&bad) else { panic!("accepted") };
+        let Err(RuntimeError::Invalid(msg)) = validate_request(&bad) else { panic!("accepted") };
         assert!(msg.contains("id: ") && msg.contains("containers[0].image: required"), "{msg}");
     }
 

@@ -25,7 +25,7 @@ pub fn container_in(name: &str, phase: AgentPhase) -> AgentContainer {
         AgentPhase::Failed => ("terminated", Some(1)),
         AgentPhase::Exited | AgentPhase::Deleting | AgentPhase::Deleted => ("terminated", Some(0)),
     };
-    AgentContainer { name: name.to_string(), state: state.into(), restart_count: 0, exit_code }
+    AgentContainer { name: name.to_string(), state: state.into(), restart_count: 0, exit_code, reason: None }
 }
 
 #[cfg(test)]
