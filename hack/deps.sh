@@ -4,6 +4,8 @@
 # - protoc and the well-known .proto files (Debian's protobuf-compiler + libprotobuf-dev): the etcd
 #   client's gRPC code is generated at build time and imports google/protobuf/descriptor.proto.
 # - etcd (Debian's etcd-server): the etcd tests start a throwaway single-member etcd.
+# - the real runtime (`sbxlet --runtime runc`) and its tests: runc, iptables, iproute2 (`ip`),
+#   docker-registry (a throwaway registry the tests push to) and busybox-static (the test image).
 #
 # Each check does what the build does, not only `command -v`: a protoc without its include files
 # passed the old check and then failed the build on a fresh machine.
@@ -32,6 +34,27 @@ etcd_runs() {
   command -v etcd >/dev/null 2>&1 && etcd --version >/dev/null 2>&1
 }
 
+runc_runs() {
+  command -v runc >/dev/null 2>&1 && runc --version >/dev/null 2>&1
+}
+
+iptables_runs() {
+  command -v iptables >/dev/null 2>&1 && iptables --version >/dev/null 2>&1
+}
+
+ip_runs() {
+  command -v ip >/dev/null 2>&1 && ip -V >/dev/null 2>&1
+}
+
+registry_runs() {
+  command -v docker-registry >/dev/null 2>&1 && docker-registry --version >/dev/null 2>&1
+}
+
+# The test image copies /bin/busybox into a rootfs of its own, so it must be the static build.
+busybox_is_static() {
+  [ -x /bin/busybox ] && /bin/busybox true 2>/dev/null && ! ldd /bin/busybox >/dev/null 2>&1
+}
+
 # Prints the Debian packages whose check fails.
 missing_packages() {
   if ! command -v protoc >/dev/null 2>&1; then
@@ -40,6 +63,11 @@ missing_packages() {
     echo libprotobuf-dev
   fi
   etcd_runs || echo etcd-server
+  runc_runs || echo runc
+  iptables_runs || echo iptables
+  ip_runs || echo iproute2
+  registry_runs || echo docker-registry
+  busybox_is_static || echo busybox-static
   if [ "$with_stress" = 1 ]; then
     stress_runs || echo stress-ng
   fi
@@ -64,6 +92,15 @@ check_all() {
     echo "hack/deps.sh: etcd not found or does not run: install Debian's etcd-server" >&2
     failed=1
   fi
+  local check
+  for check in "runc_runs runc" "iptables_runs iptables" "ip_runs iproute2" "registry_runs docker-registry" \
+    "busybox_is_static busybox-static"; do
+    set -- $check
+    if ! "$1"; then
+      echo "hack/deps.sh: $1 failed: install Debian's $2" >&2
+      failed=1
+    fi
+  done
   if [ "$with_stress" = 1 ] && ! stress_runs; then
     echo "hack/deps.sh: stress-ng not found or does not run: install Debian's stress-ng" >&2
     failed=1

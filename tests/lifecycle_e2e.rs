@@ -290,7 +290,7 @@ async fn managed_orphans_are_collected_and_unmanaged_ones_left_alone() {
     let unmanaged = direct_sandbox("stray", 10500, None);
     let managed = direct_sandbox("orphan", 10501, Some(json!({"sandboxd.io/managed": "true"})));
     for body in [unmanaged, managed] {
-        let (status, answer) = call(&c.client, Method::POST, "/api/v1/nodes/node-a/sandboxes", body).await;
+        let (status, answer) = call(&c.client, Method::POST, "/api/v1/nodes/node-a/sandboxes", Some(body)).await;
         assert_eq!(status, 201, "{answer}");
     }
     assert_eq!(c.agents[0].sandbox_ids(), ["orphan", "stray"]);
@@ -299,7 +299,7 @@ async fn managed_orphans_are_collected_and_unmanaged_ones_left_alone() {
         .await;
     // A second managed orphan is collected by a later sweep, which must again leave the unmanaged one.
     let later = direct_sandbox("orphan-2", 10502, Some(json!({"sandboxd.io/managed": "true"})));
-    assert_eq!(call(&c.client, Method::POST, "/api/v1/nodes/node-a/sandboxes", later).await.0, 201);
+    assert_eq!(call(&c.client, Method::POST, "/api/v1/nodes/node-a/sandboxes", Some(later)).await.0, 201);
     eventually(4, "second orphan collected", || async { (c.agents[0].sandbox_ids() == ["stray"]).then_some(()) }).await;
     assert_eq!(c.agents[0].sandbox_ids(), ["stray"], "the unmanaged one survives later sweeps");
     c.stop().await;
@@ -601,14 +601,6 @@ fn direct_sandbox(id: &str, host_port: u16, labels: Option<Value>) -> Value {
         body["labels"] = labels;
     }
     body
-}
-
-async fn call(client: &Client, method: Method, path: &str, body: Value) -> (u16, Value) {
-    match client.call::<Value>(method, path, Some(&body)).await {
-        Ok(answer) => answer,
-        Err(sandboxd_client::ClientError::Api { status, message }) => (status, json!({ "error": message })),
-        Err(e) => panic!("{e}"),
-    }
 }
 
 /// Creates every id at once, one task per create.

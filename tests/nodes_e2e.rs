@@ -8,14 +8,6 @@ use sandboxd_api::NodeState;
 use sbxlet::Faults;
 use serde_json::{json, Value};
 
-async fn call(client: &sandboxd_client::Client, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    match client.call::<Value>(method, path, body.as_ref()).await {
-        Ok((status, value)) => (status, value),
-        Err(sandboxd_client::ClientError::Api { status, message }) => (status, json!({ "error": message })),
-        Err(e) => panic!("{e}"),
-    }
-}
-
 fn direct_sandbox(id: &str, host_port: u16) -> Value {
     json!({
         "id": id,

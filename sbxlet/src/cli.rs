@@ -47,6 +47,8 @@ pub enum Command {
     /// Manage the images of a real node.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Remove every sandbox a (stopped) real agent left on this node, its bridge and cgroups; images stay.
+    Purge(RuncFlags),
 }
 
 /// `sbxlet image …`
@@ -254,6 +256,10 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), Cli
         }
         None => run_agent(cli.sim.into_config(cli.listen), shutdown).await,
         Some(Command::Fleet(flags)) => run_fleet(flags, shutdown).await,
+        Some(Command::Purge(flags)) => {
+            crate::runc::purge(&flags.into_config(cli.listen, &cli.sim)).await;
+            Ok(())
+        }
         Some(Command::Image(ImageCommand::Import { file, state_dir })) => {
             let store = crate::runc::image::ImageStore::open(&state_dir.join("images"), Default::default())
                 .map_err(CliError::Start)?;

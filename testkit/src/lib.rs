@@ -1,9 +1,12 @@
 //! Helpers that tests and benchmarks share and the production binary never links: a throwaway etcd
-//! and loopback addresses of a test's own.
+//! and OCI registry, a busybox test image, and loopback addresses of a test's own.
 #![forbid(unsafe_code)]
 
+pub mod image;
 pub mod local_etcd;
 pub mod net;
+pub mod registry;
 
 pub use local_etcd::LocalEtcd;
 pub use net::{exclusive_addr, unique_loopback_ip};
+pub use registry::LocalRegistry;

@@ -193,3 +193,17 @@ pub async fn wait_heartbeats(client: &sandboxd_client::Client, node: &str, n: u3
     })
     .await;
 }
+
+/// Calls the API with an optional JSON body; an API error comes back as its status and `{"error"}`.
+pub async fn call(
+    client: &sandboxd_client::Client,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    match client.call::<serde_json::Value>(method, path, body.as_ref()).await {
+        Ok((status, value)) => (status, value),
+        Err(sandboxd_client::ClientError::Api { status, message }) => (status, serde_json::json!({ "error": message })),
+        Err(e) => panic!("{e}"),
+    }
+}

@@ -85,8 +85,8 @@ impl Cgroups {
         }
     }
 
-    /// Every directory of a sandbox's cgroups, deepest first, in every hierarchy.
-    fn sandbox_dirs(&self, sandbox: &str) -> Vec<PathBuf> {
+    /// Every directory under `relative` (itself included), deepest first, in every hierarchy.
+    fn dirs_under(&self, relative: &Path) -> Vec<PathBuf> {
         let roots: Vec<PathBuf> = match self.version {
             CgroupVersion::V2 => vec![PathBuf::from(CGROUP_ROOT)],
             CgroupVersion::V1 => std::fs::read_dir(CGROUP_ROOT)
@@ -95,12 +95,23 @@ impl Cgroups {
         };
         let mut dirs = Vec::new();
         for root in roots {
-            let top = root.join(&self.parent).join(sandbox);
+            let top = root.join(relative);
             if top.is_dir() {
                 collect_depth_first(&top, &mut dirs);
             }
         }
         dirs
+    }
+
+    fn sandbox_dirs(&self, sandbox: &str) -> Vec<PathBuf> {
+        self.dirs_under(&Path::new(&self.parent).join(sandbox))
+    }
+
+    /// Removes the node's parent cgroup and anything left under it (see `purge`).
+    pub fn remove_parent(&self) {
+        for dir in self.dirs_under(Path::new(&self.parent)) {
+            let _ = std::fs::remove_dir(&dir);
+        }
     }
 
     /// Removes a sandbox's cgroup directories (emptied by then: its containers are gone).

@@ -126,6 +126,12 @@ pub struct RuncRuntime {
     state: Mutex<State>,
 }
 
+/// The network namespace and host-side veth names of sandbox `id` (for audits of leftovers).
+pub fn host_names_of(id: &str) -> (String, String) {
+    let tag = network::short_tag(id);
+    (format!("sbx-{tag}"), format!("sbx{tag}"))
+}
+
 /// Why the runtime cannot start on this host.
 pub fn missing_prerequisites() -> Vec<String> {
     let mut missing = Vec::new();
@@ -452,11 +458,6 @@ impl RuncRuntime {
         found
     }
 
-    /// Removes the bridge and its rules (tests with a bridge of their own; sandboxes must be gone).
-    pub async fn remove_bridge(&self) {
-        self.network.remove_bridge().await;
-    }
-
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         let busy = self
             .state
@@ -685,6 +686,40 @@ fn check_capacity(state: &State, capacity: (u64, u64), cpu_milli: u64, memory_by
         });
     }
     Ok(())
+}
+
+/// Removes everything an agent with `config` made on this node: its containers (killed), their
+/// mounts, the sandboxes' namespaces, veths and rules, the bridge, the cgroups and the state
+/// directory's sandboxes, leaving its images. For decommissioning a node, and for tests, which must
+/// leave nothing behind even when they fail. The agent must not be running.
+pub async fn purge(config: &RuncConfig) {
+    let runc = Runc { program: config.runc.clone(), root: config.state_dir.join("runc").display().to_string() };
+    let sandboxes = config.state_dir.join("sandboxes");
+    let network =
+        Network { bridge: config.bridge.clone(), gateway: Ipv4Addr::UNSPECIFIED, prefix_len: 0, cidr: String::new() };
+    let cgroups = Cgroups { version: cgroups::detect(), parent: config.cgroup_parent.clone() };
+    for entry in std::fs::read_dir(&sandboxes).into_iter().flatten().flatten() {
+        let id = entry.file_name().to_string_lossy().into_owned();
+        for container in std::fs::read_dir(entry.path().join("containers")).into_iter().flatten().flatten() {
+            let name = container.file_name().to_string_lossy().into_owned();
+            Bundle::new(format!("{id}--{name}"), container.path()).remove(&runc).await;
+        }
+        let record: Option<Record> =
+            std::fs::read(entry.path().join("record.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let tag = network::short_tag(&id);
+        let net = record.and_then(|r| r.net).unwrap_or_else(|| SandboxNet {
+            netns: format!("sbx-{tag}"),
+            host_veth: format!("sbx{tag}"),
+            ip: Ipv4Addr::UNSPECIFIED,
+            egress: false,
+        });
+        network.tear_down(&id, &net).await;
+        cgroups.remove_sandbox(&id);
+    }
+    network.remove_bridge().await;
+    cgroups.remove_parent();
+    let _ = std::fs::remove_dir_all(&sandboxes);
+    let _ = std::fs::remove_dir_all(config.state_dir.join("runc"));
 }
 
 /// A serving real agent. Stopping it leaves the sandboxes running; the next start re-adopts them.

@@ -65,9 +65,9 @@ impl Network {
         ensure_rule("filter", "FORWARD", &replies).await
     }
 
-    /// Removes the bridge and its node-wide rules (used by tests that made a bridge of their own).
+    /// Removes the bridge and every rule of it or its sandboxes.
     pub async fn remove_bridge(&self) {
-        delete_rules_with_comment(&rule_comment(&self.bridge, "-")).await;
+        delete_bridge_rules(&self.bridge).await;
         run_quietly("ip", &["link", "del", &self.bridge]).await;
     }
 
@@ -148,9 +148,19 @@ async fn ensure_rule(table: &str, chain: &str, rule: &[&str]) -> Result<(), Runt
 
 /// Deletes every rule, in the filter and nat tables, whose comment is exactly `comment`.
 pub(crate) async fn delete_rules_with_comment(comment: &str) {
+    delete_rules_where(|c| c == comment).await;
+}
+
+/// Deletes every rule of one bridge (all its sandboxes' and its own).
+pub(crate) async fn delete_bridge_rules(bridge: &str) {
+    let prefix = format!("sbxlet:{bridge}:");
+    delete_rules_where(|c| c.starts_with(&prefix)).await;
+}
+
+async fn delete_rules_where(wanted: impl Fn(&str) -> bool) {
     for table in ["filter", "nat"] {
         let Ok(rules) = run("iptables", &["-w", "-t", table, "-S"]).await else { continue };
-        for rule in rules_with_comment(&rules, comment) {
+        for rule in rules_with_comment(&rules, &wanted) {
             let mut args = vec!["-w", "-t", table];
             args.extend(rule.iter().map(String::as_str));
             run_quietly("iptables", &args).await;
@@ -158,23 +168,23 @@ pub(crate) async fn delete_rules_with_comment(comment: &str) {
     }
 }
 
-/// The `-D` forms of the rules in `iptables -S` output that carry `comment`.
-fn rules_with_comment(listing: &str, comment: &str) -> Vec<Vec<String>> {
-    let quoted = format!("--comment {comment} ");
-    let quoted_with_quotes = format!("--comment \"{comment}\" ");
+/// The `-D` forms of the rules in `iptables -S` output whose comment `wanted` accepts.
+fn rules_with_comment(listing: &str, wanted: &dyn Fn(&str) -> bool) -> Vec<Vec<String>> {
     listing
         .lines()
         .filter(|line| line.starts_with("-A "))
-        .filter(|line| {
-            let line = format!("{line} ");
-            line.contains(&quoted) || line.contains(&quoted_with_quotes)
-        })
-        .map(|line| {
-            let mut words: Vec<String> = split_rule(line);
+        .map(split_rule)
+        .filter(|words| comment_of(words).is_some_and(wanted))
+        .map(|mut words| {
             words[0] = "-D".to_string();
             words
         })
         .collect()
+}
+
+fn comment_of(words: &[String]) -> Option<&str> {
+    let at = words.iter().position(|w| w == "--comment")?;
+    words.get(at + 1).map(String::as_str)
 }
 
 /// Splits an `iptables -S` line into words, keeping double-quoted words whole (without the quotes).
@@ -218,10 +228,11 @@ mod tests {
             -A INPUT -s 10.88.0.2/32 -m conntrack ! --ctstate RELATED,ESTABLISHED -m comment --comment sbxlet:br0:web -j DROP\n\
             -A INPUT -s 10.88.0.3/32 -m comment --comment sbxlet:br0:web-2 -j DROP\n\
             -A FORWARD -i br0 -m comment --comment \"sbxlet:br0:web\" -j ACCEPT\n";
-        let rules = rules_with_comment(listing, "sbxlet:br0:web");
+        let rules = rules_with_comment(listing, &|c| c == "sbxlet:br0:web");
         assert_eq!(rules.len(), 2, "{rules:?}");
         assert_eq!(rules[0][..3], ["-D", "INPUT", "-s"]);
         assert_eq!(rules[1].last().map(String::as_str), Some("ACCEPT"));
         assert!(rules[1].contains(&"sbxlet:br0:web".to_string()), "quotes dropped: {:?}", rules[1]);
+        assert_eq!(rules_with_comment(listing, &|c| c.starts_with("sbxlet:br0:")).len(), 3);
     }
 }

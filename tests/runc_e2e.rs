@@ -1,0 +1,442 @@
+//! The real runtime end to end: the orchestrator, one `sbxlet --runtime runc` and a throwaway
+//! `docker-registry`, as root. Without root, runc, iptables, docker-registry or busybox-static the
+//! tests print why and skip; CI installs all of them (hack/deps.sh).
+
+mod common;
+
+use common::*;
+use reqwest::Method;
+use sandboxd_api::{Container, ContainerResource, NodeState, Phase, PortSpec, Probe, ProbeProtocol, Protocol};
+use sandboxd_api::{Sandbox, SandboxSpec};
+use sandboxd_client::Client;
+use sandboxd_testkit::image::{busybox_available, busybox_image, INDEX_HTML};
+use sandboxd_testkit::LocalRegistry;
+use sbxlet::runc::RuncConfig;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+// === the orchestrator with a real node ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_sandbox_is_probed_served_logged_survives_an_agent_kill_and_leaves_nothing() {
+    if skip_without_prerequisites("a_real_sandbox_is_probed_served_logged_survives_an_agent_kill_and_leaves_nothing") {
+        return;
+    }
+    let registry = LocalRegistry::start().expect("docker-registry starts");
+    let image = format!("{}/busybox:e2e", registry.addr());
+    busybox_image().unwrap().push(&registry.addr().to_string(), "busybox", "e2e").await.unwrap();
+    let mut node = RealNode::start("e2e-a");
+    let ids: Vec<String> = ["web", "hog"].map(String::from).to_vec();
+    let baseline = node.leftovers(&ids);
+    let (server, client) = start_server(test_config(&[("sync_period", "1s"), ("agent_timeout", "5s")])).await;
+    register(&client, "real", node.addr).await;
+    wait_node_state(&client, "real", NodeState::Ready).await;
+
+    // A web server with an HTTP readiness probe, and a sidecar that fetches its page over localhost.
+    let sidecar = "until wget -qO- http://localhost:80/; do sleep 0.2; done; echo side done; sleep 100000";
+    let spec = SandboxSpec {
+        containers: vec![
+            container("web", &image, &["httpd", "-f", "-p", "80", "-h", "/www"], "100m", "32Mi"),
+            container("side", &image, &["sh", "-c", sidecar], "100m", "32Mi"),
+        ],
+        ports: vec![PortSpec { container_port: 80, protocol: Protocol::Tcp, host_port: None }],
+        readiness_probe: Some(http_probe()),
+        ..SandboxSpec::default()
+    };
+    client.create_sandbox("web", &spec).await.unwrap();
+    let running = wait_running_seeing_every_state(&client, "web").await;
+    let host_port = running.status.assigned_ports[0].host_port;
+
+    let page = reqwest::get(format!("http://{}:{host_port}/", node.addr.ip())).await.unwrap().text().await.unwrap();
+    assert_eq!(page, INDEX_HTML, "the node's host port serves the container's file");
+    let logs = eventually(20, "the sidecar's output in the logs", || async {
+        let (_, body) = call(&client, Method::GET, "/api/v1/nodes/real/sandboxes/web/logs", None).await;
+        let lines: Vec<String> = serde_json::from_value(body["logs"]["lines"].clone()).ok()?;
+        lines.contains(&"[side] side done".to_string()).then_some(lines)
+    })
+    .await;
+    assert!(
+        logs.contains(&format!("[side] {}", INDEX_HTML.trim())),
+        "the sidecar reached the server over localhost: {logs:?}"
+    );
+
+    // A container that allocates past its memory limit.
+    let hog = SandboxSpec {
+        containers: vec![container(
+            "hog",
+            &image,
+            &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+            "1",
+            "16Mi",
+        )],
+        ..SandboxSpec::default()
+    };
+    client.create_sandbox("hog", &hog).await.unwrap();
+    let failed = wait_status(&client, "hog", "Failed", |s| s.status.phase == Phase::Failed).await;
+    let message = failed.status.message.clone().unwrap_or_default();
+    assert!(message.contains("OOMKilled"), "reported as OOM-killed: {message:?}");
+
+    // SIGKILL the agent and start it again: the sandbox is re-adopted and keeps running.
+    node.kill();
+    node.restart();
+    wait_node_state(&client, "real", NodeState::Ready).await;
+    wait_heartbeats(&client, "real", 3).await;
+    let after = client.get_sandbox("web").await.unwrap();
+    assert_eq!((after.status.phase, after.status.reason.as_deref()), (Phase::Running, None), "{:?}", after.status);
+    let (_, agent_view) = call(&client, Method::GET, "/api/v1/nodes/real/sandboxes/web", None).await;
+    assert_eq!(agent_view["sandbox"]["phase"], "running", "re-adopted: {agent_view}");
+    let page = reqwest::get(format!("http://{}:{host_port}/", node.addr.ip())).await.unwrap().text().await.unwrap();
+    assert_eq!(page, INDEX_HTML, "the host port is served again after the restart");
+
+    for id in ["web", "hog"] {
+        client.delete_sandbox(id).await.unwrap();
+    }
+    for id in ["web", "hog"] {
+        eventually(30, &format!("{id} removed"), || async {
+            client.get_sandbox(id).await.err().filter(|e| e.is_not_found()).map(|_| ())
+        })
+        .await;
+    }
+    assert_eq!(node.leftovers(&ids), baseline, "delete leaves nothing behind");
+    server.stop().await.unwrap();
+}
+
+// === the agent alone ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_create_delete_cycles_and_failed_creates_leave_nothing_behind() {
+    if skip_without_prerequisites("a_hundred_create_delete_cycles_and_failed_creates_leave_nothing_behind") {
+        return;
+    }
+    let mut node = RealNode::start("e2e-b");
+    let archive = node.state_dir().join("busybox.tar");
+    busybox_image().unwrap().write_oci_archive(&archive, "example.test/busybox:cycles").unwrap();
+    node.import(&archive);
+    node.restart_quiet();
+    let mut ids: Vec<String> = (0..100).map(|i| format!("cycle-{i:03}")).collect();
+    ids.extend(["no-image", "no-binary"].map(String::from));
+    let baseline = node.leftovers(&ids);
+    let agent = AgentApi::new(node.addr);
+
+    for i in 0..100 {
+        let id = format!("cycle-{i:03}");
+        let body = agent_sandbox(&id, "example.test/busybox:cycles", &["sleep", "1000"], &[(20_000 + i, 80)]);
+        let (code, answer) = agent.send(Method::POST, "/api/v1/sandboxes", Some(body)).await;
+        assert_eq!(code, 201, "{answer}");
+        let (code, answer) = agent.send(Method::DELETE, &format!("/api/v1/sandboxes/{id}"), None).await;
+        assert_eq!(code, 200, "{answer}");
+    }
+    assert_eq!(node.leftovers(&ids), baseline, "100 create/delete cycles leave nothing behind");
+
+    // Creates that fail halfway: an image no registry has, and an entrypoint the image lacks.
+    let missing_image = agent_sandbox("no-image", "127.0.0.1:1/nothing:here", &["true"], &[]);
+    let bad_entrypoint =
+        agent_sandbox("no-binary", "example.test/busybox:cycles", &["/no/such/binary"], &[(20_500, 80)]);
+    for body in [missing_image, bad_entrypoint] {
+        let id = body["id"].as_str().unwrap().to_string();
+        assert_eq!(agent.send(Method::POST, "/api/v1/sandboxes", Some(body)).await.0, 201);
+        let failed = eventually(30, &format!("{id} failed"), || async {
+            let (_, body) = agent.send(Method::GET, &format!("/api/v1/sandboxes/{id}"), None).await;
+            (body["sandbox"]["phase"] == "failed").then_some(body)
+        })
+        .await;
+        assert!(!failed["sandbox"]["message"].as_str().unwrap_or("").is_empty(), "says why: {failed}");
+        assert_eq!(agent.send(Method::DELETE, &format!("/api/v1/sandboxes/{id}"), None).await.0, 200);
+    }
+    assert_eq!(node.leftovers(&ids), baseline, "failed creates are cleaned up the same way");
+    let (_, status) = agent.send(Method::GET, "/api/v1/status", None).await;
+    assert_eq!((status["used_cpu_milli"].as_u64(), status["sandboxes"].as_u64()), (Some(0), Some(0)), "{status}");
+    let body = agent_sandbox("after", "example.test/busybox:cycles", &["sleep", "1"], &[]);
+    let (_, created) = agent.send(Method::POST, "/api/v1/sandboxes", Some(body)).await;
+    assert_eq!(
+        created["sandbox"]["private_ip"].as_str().map(|ip| ip.ends_with(".2")),
+        Some(true),
+        "leases returned: {created}"
+    );
+}
+
+// === fixtures ===
+
+/// Says why the real-runtime tests cannot run here, loudly, and whether to skip.
+fn skip_without_prerequisites(test: &str) -> bool {
+    let mut missing = sbxlet::runc::missing_prerequisites();
+    if Command::new("docker-registry").arg("--version").output().is_err() {
+        missing.push("docker-registry (Debian package docker-registry)".into());
+    }
+    if !busybox_available() {
+        missing.push("a static /bin/busybox (Debian package busybox-static)".into());
+    }
+    if missing.is_empty() {
+        return false;
+    }
+    eprintln!("SKIPPED {test}: the real runtime needs {}; run hack/deps.sh as root", missing.join(", "));
+    true
+}
+
+/// `sbxlet --runtime runc` in a process of its own, with a bridge, address pool, cgroup parent and
+/// state directory of this test's own; everything it made is purged on drop, pass or fail.
+struct RealNode {
+    child: Option<Child>,
+    addr: SocketAddr,
+    config: RuncConfig,
+    _state: tempfile::TempDir,
+}
+
+impl RealNode {
+    fn start(name: &str) -> RealNode {
+        let state = tempfile::Builder::new().prefix("sbxlet-state-").tempdir().unwrap();
+        let n = std::process::id() % 5000 + if name.ends_with('a') { 0 } else { 5000 };
+        let config = RuncConfig {
+            listen: exclusive_addr(8080),
+            state_dir: state.path().to_path_buf(),
+            ip_pool: format!("10.{}.{}.0/24", 200 + n / 250 % 50, n % 250),
+            bridge: format!("sbxe{n}"),
+            cgroup_parent: format!("sandboxd-{name}-{}", std::process::id()),
+            ..RuncConfig::default()
+        };
+        let mut node = RealNode { child: None, addr: config.listen, config, _state: state };
+        node.restart();
+        node
+    }
+
+    fn state_dir(&self) -> &Path {
+        &self.config.state_dir
+    }
+
+    fn args(&self) -> Vec<String> {
+        let c = &self.config;
+        [
+            "--runtime",
+            "runc",
+            "--listen",
+            &c.listen.to_string(),
+            "--state-dir",
+            &c.state_dir.display().to_string(),
+            "--bridge",
+            &c.bridge,
+            "--cgroup-parent",
+            &c.cgroup_parent,
+            "--ip-pool",
+            &c.ip_pool,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// Starts the agent and waits until it answers.
+    fn restart(&mut self) {
+        let log = std::fs::File::options().create(true).append(true).open(self.state_dir().join("sbxlet.log")).unwrap();
+        let child = Command::new(sbxlet_binary())
+            .args(self.args())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("sbxlet starts");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(self.addr).is_err() {
+            let log = std::fs::read_to_string(self.state_dir().join("sbxlet.log")).unwrap_or_default();
+            assert!(std::time::Instant::now() < deadline, "sbxlet did not start; its log:\n{log}");
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("sbxlet exited with {status}; its log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn restart_quiet(&mut self) {
+        self.kill();
+        self.restart();
+    }
+
+    /// SIGKILL, as a crash would.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn import(&self, archive: &Path) {
+        let out = Command::new(sbxlet_binary())
+            .args([
+                "image",
+                "import",
+                &archive.display().to_string(),
+                "--state-dir",
+                &self.state_dir().display().to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "import failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "example.test/busybox:cycles");
+    }
+
+    /// What sandboxes of this node hold on the host: namespaces, veths, iptables rules, mounts,
+    /// cgroups, sandbox directories, runc containers and shim processes.
+    fn leftovers(&self, ids: &[String]) -> Vec<(&'static str, usize)> {
+        let state = self.state_dir().display().to_string();
+        let names: Vec<(String, String)> = ids.iter().map(|id| sbxlet::runc::host_names_of(id)).collect();
+        let namespaces = host(&["ip", "netns", "list"]);
+        let netns = names.iter().filter(|(ns, _)| namespaces.lines().any(|l| l.split(' ').next() == Some(ns))).count();
+        let links = host(&["ip", "-o", "link", "show"]);
+        let veths = names.iter().filter(|(_, veth)| links.contains(&format!(": {veth}@"))).count();
+        let sandbox_rules = format!("sbxlet:{}:", self.config.bridge);
+        let node_rules = format!("sbxlet:{}:-", self.config.bridge);
+        let rules = [host(&["iptables", "-w", "-S"]), host(&["iptables", "-w", "-t", "nat", "-S"])]
+            .concat()
+            .lines()
+            .filter(|l| l.contains(&sandbox_rules) && !l.contains(&node_rules))
+            .count();
+        let mounts =
+            std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().filter(|l| l.contains(&state)).count();
+        let cgroups = cgroup_dirs_under(&self.config.cgroup_parent);
+        let sandboxes = std::fs::read_dir(self.state_dir().join("sandboxes")).map(|d| d.count()).unwrap_or(0);
+        let runc_root = format!("{state}/runc");
+        let containers = host(&["runc", "--root", &runc_root, "list", "-q"]).lines().count();
+        let shims = host(&["ps", "-eo", "args"])
+            .lines()
+            .filter(|l| l.contains(&state) && !l.contains("sbxlet --runtime"))
+            .count();
+        vec![
+            ("netns", netns),
+            ("veths", veths),
+            ("iptables rules", rules),
+            ("mounts", mounts),
+            ("cgroup dirs", cgroups),
+            ("sandbox dirs", sandboxes),
+            ("runc containers", containers),
+            ("shim processes", shims),
+        ]
+    }
+}
+
+impl Drop for RealNode {
+    fn drop(&mut self) {
+        self.kill();
+        let config = self.config.clone();
+        // Drop runs inside the test's runtime; the purge gets a runtime of its own on a plain thread.
+        let purged = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(sbxlet::runc::purge(&config));
+        })
+        .join();
+        if purged.is_err() {
+            eprintln!("purging the test node failed; check `ip netns`, `iptables -S` and mounts");
+        }
+    }
+}
+
+/// The sbxlet binary `cargo test --workspace` built next to sandboxd-o (built now if it is missing).
+fn sbxlet_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_sandboxd-o")).with_file_name("sbxlet");
+    if !path.is_file() {
+        let status =
+            Command::new(env!("CARGO")).args(["build", "-q", "-p", "sbxlet", "--bin", "sbxlet"]).status().unwrap();
+        assert!(status.success(), "building sbxlet failed");
+    }
+    path
+}
+
+fn host(args: &[&str]) -> String {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// Cgroup directories below `parent` in every hierarchy (the parent itself not counted).
+fn cgroup_dirs_under(parent: &str) -> usize {
+    fn count(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| 1 + count(&e.path())).sum())
+            .unwrap_or(0)
+    }
+    let roots: Vec<PathBuf> = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        vec![PathBuf::from("/sys/fs/cgroup")]
+    } else {
+        std::fs::read_dir("/sys/fs/cgroup").map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+    };
+    roots.iter().map(|root| count(&root.join(parent))).sum()
+}
+
+fn container(name: &str, image: &str, args: &[&str], cpu: &str, memory: &str) -> Container {
+    Container {
+        name: name.into(),
+        image: image.into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        env: vec![],
+        work_dir: String::new(),
+        resource: Some(ContainerResource {
+            cpu: Some(cpu.into()),
+            memory: Some(memory.into()),
+            ephemeral_storage: None,
+        }),
+    }
+}
+
+fn http_probe() -> Probe {
+    Probe {
+        protocol: ProbeProtocol::Http,
+        port: 80,
+        path: Some("/".into()),
+        initial_delay_seconds: 0,
+        period_seconds: 1,
+        timeout_seconds: 1,
+        success_threshold: 1,
+        failure_threshold: 3,
+    }
+}
+
+/// Waits for Running, checking every state seen on the way: Running only ever with the probe passed.
+async fn wait_running_seeing_every_state(client: &Client, id: &str) -> Sandbox {
+    eventually(60, &format!("{id} Running"), || async {
+        let s = client.get_sandbox(id).await.ok()?;
+        if s.status.phase == Phase::Running {
+            let passed = s.status.readiness.as_ref().is_some_and(|r| r.success_streak >= 1);
+            assert!(s.status.ready && passed, "Running before the probe passed: {:?}", s.status);
+        }
+        assert_ne!(s.status.phase, Phase::Failed, "{:?}", s.status);
+        (s.status.phase == Phase::Running).then_some(s)
+    })
+    .await
+}
+
+async fn wait_status(client: &Client, id: &str, what: &str, check: impl Fn(&Sandbox) -> bool) -> Sandbox {
+    eventually(60, &format!("{id} {what}"), || async { client.get_sandbox(id).await.ok().filter(|s| check(s)) }).await
+}
+
+/// The agent's own API, for the tests that drive it without an orchestrator.
+struct AgentApi {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl AgentApi {
+    fn new(addr: SocketAddr) -> AgentApi {
+        AgentApi { http: reqwest::Client::new(), base: format!("http://{addr}") }
+    }
+
+    async fn send(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.base)).timeout(Duration::from_secs(60));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+fn agent_sandbox(id: &str, image: &str, args: &[&str], ports: &[(u16, u16)]) -> Value {
+    json!({
+        "id": id,
+        "ports": ports.iter().map(|(host, container)| json!({"host_port": host, "container_port": container, "protocol": "tcp"})).collect::<Vec<_>>(),
+        "containers": [{"name": "main", "image": image, "args": args, "resource": {"cpu": "50m", "memory": "16Mi"}}]
+    })
+}
