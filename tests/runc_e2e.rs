@@ -10,12 +10,11 @@ use sandboxd_api::{Container, ContainerResource, NodeState, Phase, PortSpec, Pro
 use sandboxd_api::{Sandbox, SandboxSpec};
 use sandboxd_client::Client;
 use sandboxd_testkit::image::{busybox_available, busybox_image, INDEX_HTML};
-use sandboxd_testkit::LocalRegistry;
-use sbxlet::runc::RuncConfig;
+use sandboxd_testkit::{LocalRegistry, RealNode};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 // === the orchestrator with a real node ===
@@ -28,9 +27,9 @@ async fn a_real_sandbox_is_probed_served_logged_survives_an_agent_kill_and_leave
     let registry = LocalRegistry::start().expect("docker-registry starts");
     let image = format!("{}/busybox:e2e", registry.addr());
     busybox_image().unwrap().push(&registry.addr().to_string(), "busybox", "e2e").await.unwrap();
-    let mut node = RealNode::start("e2e-a");
+    let mut node = RealNode::start(&sbxlet_binary(), 0).expect("sbxlet starts");
     let ids: Vec<String> = ["web", "hog"].map(String::from).to_vec();
-    let baseline = node.leftovers(&ids);
+    let baseline = leftovers(&node, &ids);
     let (server, client) = start_server(test_config(&[("sync_period", "1s"), ("agent_timeout", "5s")])).await;
     register(&client, "real", node.addr).await;
     wait_node_state(&client, "real", NodeState::Ready).await;
@@ -81,7 +80,7 @@ async fn a_real_sandbox_is_probed_served_logged_survives_an_agent_kill_and_leave
 
     // SIGKILL the agent and start it again: the sandbox is re-adopted and keeps running.
     node.kill();
-    node.restart();
+    node.restart().expect("sbxlet starts again");
     wait_node_state(&client, "real", NodeState::Ready).await;
     wait_heartbeats(&client, "real", 3).await;
     let after = client.get_sandbox("web").await.unwrap();
@@ -100,7 +99,7 @@ async fn a_real_sandbox_is_probed_served_logged_survives_an_agent_kill_and_leave
         })
         .await;
     }
-    assert_eq!(node.leftovers(&ids), baseline, "delete leaves nothing behind");
+    assert_eq!(leftovers(&node, &ids), baseline, "delete leaves nothing behind");
     server.stop().await.unwrap();
 }
 
@@ -111,14 +110,13 @@ async fn a_hundred_create_delete_cycles_and_failed_creates_leave_nothing_behind(
     if skip_without_prerequisites("a_hundred_create_delete_cycles_and_failed_creates_leave_nothing_behind") {
         return;
     }
-    let mut node = RealNode::start("e2e-b");
+    let node = RealNode::start(&sbxlet_binary(), 1).expect("sbxlet starts");
     let archive = node.state_dir().join("busybox.tar");
     busybox_image().unwrap().write_oci_archive(&archive, "example.test/busybox:cycles").unwrap();
-    node.import(&archive);
-    node.restart_quiet();
+    assert_eq!(node.import(&archive).unwrap(), "example.test/busybox:cycles");
     let mut ids: Vec<String> = (0..100).map(|i| format!("cycle-{i:03}")).collect();
     ids.extend(["no-image", "no-binary"].map(String::from));
-    let baseline = node.leftovers(&ids);
+    let baseline = leftovers(&node, &ids);
     let agent = AgentApi::new(node.addr);
 
     for i in 0..100 {
@@ -129,7 +127,7 @@ async fn a_hundred_create_delete_cycles_and_failed_creates_leave_nothing_behind(
         let (code, answer) = agent.send(Method::DELETE, &format!("/api/v1/sandboxes/{id}"), None).await;
         assert_eq!(code, 200, "{answer}");
     }
-    assert_eq!(node.leftovers(&ids), baseline, "100 create/delete cycles leave nothing behind");
+    assert_eq!(leftovers(&node, &ids), baseline, "100 create/delete cycles leave nothing behind");
 
     // Creates that fail halfway: an image no registry has, and an entrypoint the image lacks.
     let missing_image = agent_sandbox("no-image", "127.0.0.1:1/nothing:here", &["true"], &[]);
@@ -146,7 +144,7 @@ async fn a_hundred_create_delete_cycles_and_failed_creates_leave_nothing_behind(
         assert!(!failed["sandbox"]["message"].as_str().unwrap_or("").is_empty(), "says why: {failed}");
         assert_eq!(agent.send(Method::DELETE, &format!("/api/v1/sandboxes/{id}"), None).await.0, 200);
     }
-    assert_eq!(node.leftovers(&ids), baseline, "failed creates are cleaned up the same way");
+    assert_eq!(leftovers(&node, &ids), baseline, "failed creates are cleaned up the same way");
     let (_, status) = agent.send(Method::GET, "/api/v1/status", None).await;
     assert_eq!((status["used_cpu_milli"].as_u64(), status["sandboxes"].as_u64()), (Some(0), Some(0)), "{status}");
     let body = agent_sandbox("after", "example.test/busybox:cycles", &["sleep", "1"], &[]);
@@ -156,6 +154,85 @@ async fn a_hundred_create_delete_cycles_and_failed_creates_leave_nothing_behind(
         Some(true),
         "leases returned: {created}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_off_reaches_nothing_outside_and_egress_on_does() {
+    if skip_without_prerequisites("egress_off_reaches_nothing_outside_and_egress_on_does") {
+        return;
+    }
+    let node = RealNode::start(&sbxlet_binary(), 2).expect("sbxlet starts");
+    let archive = node.state_dir().join("busybox.tar");
+    busybox_image().unwrap().write_oci_archive(&archive, "example.test/busybox:egress").unwrap();
+    node.import(&archive).unwrap();
+    // A server on this machine, on the bridge's own address: outside every sandbox.
+    let gateway = node.ip_pool.replace(".0/24", ".1");
+    let outside = tokio::net::TcpListener::bind((gateway.as_str(), 0)).await.unwrap();
+    let port = outside.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut conn, _)) = outside.accept().await {
+            let _ = conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 8\r\n\r\noutside\n").await;
+        }
+    });
+    let agent = AgentApi::new(node.addr);
+    // busybox's `wget -T` crashes in Debian's static build; `nc -w` bounds the connect as well.
+    let probe = format!("nc -w 2 {gateway} {port} </dev/null && echo REACHED || echo BLOCKED; sleep 1000");
+    for (id, egress) in [("egress-off", false), ("egress-on", true)] {
+        let mut body = agent_sandbox(id, "example.test/busybox:egress", &["sh", "-c", &probe], &[]);
+        body["egress"] = json!(egress);
+        assert_eq!(agent.send(Method::POST, "/api/v1/sandboxes", Some(body)).await.0, 201);
+    }
+    for (id, want) in [("egress-off", "BLOCKED"), ("egress-on", "REACHED")] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let lines = loop {
+            let (_, body) = agent.send(Method::GET, &format!("/api/v1/sandboxes/{id}/logs"), None).await;
+            let lines: Vec<String> = serde_json::from_value(body["logs"]["lines"].clone()).unwrap_or_default();
+            if lines.iter().any(|l| l.contains("REACHED") || l.contains("BLOCKED")) {
+                break lines;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let (_, sandbox) = agent.send(Method::GET, &format!("/api/v1/sandboxes/{id}"), None).await;
+                panic!("{id} never tried: logs {lines:?}, sandbox {sandbox}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(lines.iter().any(|l| l.ends_with(want)), "{id}: {lines:?}");
+        assert_eq!(agent.send(Method::DELETE, &format!("/api/v1/sandboxes/{id}"), None).await.0, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_created_together_pull_their_image_once() {
+    if skip_without_prerequisites("sandboxes_created_together_pull_their_image_once") {
+        return;
+    }
+    let registry = LocalRegistry::start().expect("docker-registry starts");
+    let image = sandboxd_testkit::image::busybox_image_with_padding(1 << 20).unwrap();
+    image.push(&registry.addr().to_string(), "padded", "once").await.unwrap();
+    let reference = format!("{}/padded:once", registry.addr());
+    let node = RealNode::start(&sbxlet_binary(), 3).expect("sbxlet starts");
+    let agent = AgentApi::new(node.addr);
+    let ids: Vec<String> = (0..3).map(|i| format!("together-{i}")).collect();
+    let creates = ids.iter().map(|id| {
+        let body = agent_sandbox(id, &reference, &["sleep", "1000"], &[]);
+        agent.send(Method::POST, "/api/v1/sandboxes", Some(body))
+    });
+    for (code, answer) in futures::future::join_all(creates).await {
+        assert_eq!(code, 201, "{answer}");
+    }
+    for id in &ids {
+        eventually(60, &format!("{id} running"), || async {
+            let (_, body) = agent.send(Method::GET, &format!("/api/v1/sandboxes/{id}"), None).await;
+            assert_ne!(body["sandbox"]["phase"], "failed", "{body}");
+            (body["sandbox"]["phase"] == "running").then_some(())
+        })
+        .await;
+    }
+    assert_eq!(registry.blob_downloads("padded", &image.layer_digest()), 1, "one pull for three sandboxes");
+    for id in &ids {
+        assert_eq!(agent.send(Method::DELETE, &format!("/api/v1/sandboxes/{id}"), None).await.0, 200);
+    }
 }
 
 // === fixtures ===
@@ -176,159 +253,40 @@ fn skip_without_prerequisites(test: &str) -> bool {
     true
 }
 
-/// `sbxlet --runtime runc` in a process of its own, with a bridge, address pool, cgroup parent and
-/// state directory of this test's own; everything it made is purged on drop, pass or fail.
-struct RealNode {
-    child: Option<Child>,
-    addr: SocketAddr,
-    config: RuncConfig,
-    _state: tempfile::TempDir,
-}
-
-impl RealNode {
-    fn start(name: &str) -> RealNode {
-        let state = tempfile::Builder::new().prefix("sbxlet-state-").tempdir().unwrap();
-        let n = std::process::id() % 5000 + if name.ends_with('a') { 0 } else { 5000 };
-        let config = RuncConfig {
-            listen: exclusive_addr(8080),
-            state_dir: state.path().to_path_buf(),
-            ip_pool: format!("10.{}.{}.0/24", 200 + n / 250 % 50, n % 250),
-            bridge: format!("sbxe{n}"),
-            cgroup_parent: format!("sandboxd-{name}-{}", std::process::id()),
-            ..RuncConfig::default()
-        };
-        let mut node = RealNode { child: None, addr: config.listen, config, _state: state };
-        node.restart();
-        node
-    }
-
-    fn state_dir(&self) -> &Path {
-        &self.config.state_dir
-    }
-
-    fn args(&self) -> Vec<String> {
-        let c = &self.config;
-        [
-            "--runtime",
-            "runc",
-            "--listen",
-            &c.listen.to_string(),
-            "--state-dir",
-            &c.state_dir.display().to_string(),
-            "--bridge",
-            &c.bridge,
-            "--cgroup-parent",
-            &c.cgroup_parent,
-            "--ip-pool",
-            &c.ip_pool,
-        ]
-        .map(String::from)
-        .to_vec()
-    }
-
-    /// Starts the agent and waits until it answers.
-    fn restart(&mut self) {
-        let log = std::fs::File::options().create(true).append(true).open(self.state_dir().join("sbxlet.log")).unwrap();
-        let child = Command::new(sbxlet_binary())
-            .args(self.args())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("sbxlet starts");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(self.addr).is_err() {
-            let log = std::fs::read_to_string(self.state_dir().join("sbxlet.log")).unwrap_or_default();
-            assert!(std::time::Instant::now() < deadline, "sbxlet did not start; its log:\n{log}");
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("sbxlet exited with {status}; its log:\n{log}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn restart_quiet(&mut self) {
-        self.kill();
-        self.restart();
-    }
-
-    /// SIGKILL, as a crash would.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn import(&self, archive: &Path) {
-        let out = Command::new(sbxlet_binary())
-            .args([
-                "image",
-                "import",
-                &archive.display().to_string(),
-                "--state-dir",
-                &self.state_dir().display().to_string(),
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "import failed: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "example.test/busybox:cycles");
-    }
-
-    /// What sandboxes of this node hold on the host: namespaces, veths, iptables rules, mounts,
-    /// cgroups, sandbox directories, runc containers and shim processes.
-    fn leftovers(&self, ids: &[String]) -> Vec<(&'static str, usize)> {
-        let state = self.state_dir().display().to_string();
-        let names: Vec<(String, String)> = ids.iter().map(|id| sbxlet::runc::host_names_of(id)).collect();
-        let namespaces = host(&["ip", "netns", "list"]);
-        let netns = names.iter().filter(|(ns, _)| namespaces.lines().any(|l| l.split(' ').next() == Some(ns))).count();
-        let links = host(&["ip", "-o", "link", "show"]);
-        let veths = names.iter().filter(|(_, veth)| links.contains(&format!(": {veth}@"))).count();
-        let sandbox_rules = format!("sbxlet:{}:", self.config.bridge);
-        let node_rules = format!("sbxlet:{}:-", self.config.bridge);
-        let rules = [host(&["iptables", "-w", "-S"]), host(&["iptables", "-w", "-t", "nat", "-S"])]
-            .concat()
-            .lines()
-            .filter(|l| l.contains(&sandbox_rules) && !l.contains(&node_rules))
-            .count();
-        let mounts =
-            std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().filter(|l| l.contains(&state)).count();
-        let cgroups = cgroup_dirs_under(&self.config.cgroup_parent);
-        let sandboxes = std::fs::read_dir(self.state_dir().join("sandboxes")).map(|d| d.count()).unwrap_or(0);
-        let runc_root = format!("{state}/runc");
-        let containers = host(&["runc", "--root", &runc_root, "list", "-q"]).lines().count();
-        let shims = host(&["ps", "-eo", "args"])
-            .lines()
-            .filter(|l| l.contains(&state) && !l.contains("sbxlet --runtime"))
-            .count();
-        vec![
-            ("netns", netns),
-            ("veths", veths),
-            ("iptables rules", rules),
-            ("mounts", mounts),
-            ("cgroup dirs", cgroups),
-            ("sandbox dirs", sandboxes),
-            ("runc containers", containers),
-            ("shim processes", shims),
-        ]
-    }
-}
-
-impl Drop for RealNode {
-    fn drop(&mut self) {
-        self.kill();
-        let config = self.config.clone();
-        // Drop runs inside the test's runtime; the purge gets a runtime of its own on a plain thread.
-        let purged = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(sbxlet::runc::purge(&config));
-        })
-        .join();
-        if purged.is_err() {
-            eprintln!("purging the test node failed; check `ip netns`, `iptables -S` and mounts");
-        }
-    }
+/// What sandboxes `ids` of `node` hold on the host: namespaces, veths, iptables rules, mounts,
+/// cgroups, sandbox directories, runc containers and shim processes.
+fn leftovers(node: &RealNode, ids: &[String]) -> Vec<(&'static str, usize)> {
+    let state = node.state_dir().display().to_string();
+    let names: Vec<(String, String)> = ids.iter().map(|id| sbxlet::runc::host_names_of(id)).collect();
+    let namespaces = host(&["ip", "netns", "list"]);
+    let netns = names.iter().filter(|(ns, _)| namespaces.lines().any(|l| l.split(' ').next() == Some(ns))).count();
+    let links = host(&["ip", "-o", "link", "show"]);
+    let veths = names.iter().filter(|(_, veth)| links.contains(&format!(": {veth}@"))).count();
+    let sandbox_rules = format!("sbxlet:{}:", node.bridge);
+    let node_rules = format!("sbxlet:{}:-", node.bridge);
+    let rules = [host(&["iptables", "-w", "-S"]), host(&["iptables", "-w", "-t", "nat", "-S"])]
+        .concat()
+        .lines()
+        .filter(|l| l.contains(&sandbox_rules) && !l.contains(&node_rules))
+        .count();
+    let mounts =
+        std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().filter(|l| l.contains(&state)).count();
+    let cgroups = cgroup_dirs_under(&node.cgroup_parent);
+    let sandboxes = std::fs::read_dir(node.state_dir().join("sandboxes")).map(|d| d.count()).unwrap_or(0);
+    let runc_root = format!("{state}/runc");
+    let containers = host(&["runc", "--root", &runc_root, "list", "-q"]).lines().count();
+    let shims =
+        host(&["ps", "-eo", "args"]).lines().filter(|l| l.contains(&state) && !l.contains("sbxlet --runtime")).count();
+    vec![
+        ("netns", netns),
+        ("veths", veths),
+        ("iptables rules", rules),
+        ("mounts", mounts),
+        ("cgroup dirs", cgroups),
+        ("sandbox dirs", sandboxes),
+        ("runc containers", containers),
+        ("shim processes", shims),
+    ]
 }
 
 /// The sbxlet binary `cargo test --workspace` built next to sandboxd-o (built now if it is missing).

@@ -30,7 +30,13 @@ pub fn busybox_available() -> bool {
 
 /// Builds the image from `/bin/busybox`.
 pub fn busybox_image() -> std::io::Result<TestImage> {
-    let raw = layer_tar()?;
+    busybox_image_with_padding(0)
+}
+
+/// The same image with `/padding`, `bytes` of random data: a layer of a size of one's choosing, and a
+/// digest no other image shares.
+pub fn busybox_image_with_padding(bytes: usize) -> std::io::Result<TestImage> {
+    let raw = layer_tar(bytes)?;
     let diff_id = format!("sha256:{:x}", Sha256::digest(&raw));
     let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
     std::io::Write::write_all(&mut gz, &raw)?;
@@ -44,7 +50,7 @@ pub fn busybox_image() -> std::io::Result<TestImage> {
     Ok(TestImage { layer, config: serde_json::to_vec(&config).expect("json") })
 }
 
-fn layer_tar() -> std::io::Result<Vec<u8>> {
+fn layer_tar(padding: usize) -> std::io::Result<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
     for dir in ["bin", "www", "tmp", "etc"] {
         let mut header = tar_header(tar::EntryType::Directory, 0o755, 0);
@@ -59,6 +65,10 @@ fn layer_tar() -> std::io::Result<Vec<u8>> {
     }
     let mut header = tar_header(tar::EntryType::Regular, 0o644, INDEX_HTML.len() as u64);
     builder.append_data(&mut header, "www/index.html", INDEX_HTML.as_bytes())?;
+    // Random bytes do not compress, so the gzipped layer grows by about `padding`.
+    let noise: Vec<u8> = (0..padding).map(|_| fastrand::u8(..)).collect();
+    let mut header = tar_header(tar::EntryType::Regular, 0o644, noise.len() as u64);
+    builder.append_data(&mut header, "padding", noise.as_slice())?;
     builder.into_inner()
 }
 
@@ -74,6 +84,11 @@ fn tar_header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
 }
 
 impl TestImage {
+    /// The layer's digest (`sha256:…`).
+    pub fn layer_digest(&self) -> String {
+        format!("sha256:{:x}", Sha256::digest(&self.layer))
+    }
+
     /// Pushes the image to `registry` (plain http) as `repository:tag`.
     pub async fn push(&self, registry: &str, repository: &str, tag: &str) -> Result<(), String> {
         use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};

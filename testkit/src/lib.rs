@@ -5,8 +5,10 @@
 pub mod image;
 pub mod local_etcd;
 pub mod net;
+pub mod real_node;
 pub mod registry;
 
 pub use local_etcd::LocalEtcd;
 pub use net::{exclusive_addr, unique_loopback_ip};
+pub use real_node::RealNode;
 pub use registry::LocalRegistry;

@@ -22,7 +22,7 @@ impl LocalRegistry {
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
                 storage.display()
             ),
         )?;
@@ -37,6 +37,13 @@ impl LocalRegistry {
         let mut registry = LocalRegistry { child, addr, _dir: dir };
         registry.wait_until_serving(Duration::from_secs(20))?;
         Ok(registry)
+    }
+
+    /// How many times a blob was served (`GET /v2/{repository}/blobs/{digest}` answered).
+    pub fn blob_downloads(&self, repository: &str, digest: &str) -> usize {
+        let log = std::fs::read_to_string(self._dir.path().join("registry.log")).unwrap_or_default();
+        let uri = format!("http.request.uri=\"/v2/{repository}/blobs/{digest}\"");
+        log.lines().filter(|l| l.contains("response completed") && l.contains(&uri) && l.contains("GET")).count()
     }
 
     /// `host:port` of the registry, as image references name it.

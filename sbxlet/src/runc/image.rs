@@ -40,6 +40,9 @@ pub struct ImageSettings {
     pub insecure_registries: Vec<String>,
 }
 
+/// Layers and blobs no image names are kept this long, for imports still writing their record.
+const ORPHAN_GRACE: Duration = Duration::from_secs(600);
+
 type Pull = Shared<BoxFuture<'static, Result<Arc<Image>, String>>>;
 
 /// Images on this node.
@@ -206,11 +209,14 @@ impl ImageStore {
         if !self.pulls.lock().is_empty() {
             return removed; // a pull in flight may be writing layers no record names yet
         }
+        // An import by `sbxlet image import`, another process, writes its layers before its record.
+        let young = SystemTime::now().checked_sub(ORPHAN_GRACE).unwrap_or(SystemTime::UNIX_EPOCH);
         for dir in ["layers", "blobs/sha256"] {
             let Ok(entries) = std::fs::read_dir(self.root.join(dir)) else { continue };
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if !needed.contains(&name) && !name.starts_with('.') && !name.contains(".partial-") {
+                let recent = entry.metadata().and_then(|m| m.modified()).map(|t| t > young).unwrap_or(true);
+                if !needed.contains(&name) && !recent && !name.starts_with('.') && !name.contains(".partial-") {
                     let path = entry.path();
                     let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
                 }
@@ -379,6 +385,44 @@ mod tests {
         assert_eq!(hub.whole(), "127.0.0.1:5000/library/busybox:1.36");
         let other = store.source_of(&parse_reference("ghcr.io/x/y:1").unwrap());
         assert_eq!(other.whole(), "ghcr.io/x/y:1");
+    }
+
+    fn age(path: &Path, by: Duration) {
+        std::fs::File::open(path).unwrap().set_modified(SystemTime::now() - by).unwrap();
+    }
+
+    #[test]
+    fn garbage_collection_keeps_used_recent_and_young_things_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path(), ImageSettings::default()).unwrap();
+        let image = |name: &str, layer: &str| Image {
+            reference: name.into(),
+            layers: vec![layer.into()],
+            entrypoint: vec![],
+            cmd: vec![],
+            env: vec![],
+            working_dir: String::new(),
+        };
+        let (old, hour) = (Duration::from_secs(7200), Duration::from_secs(3600));
+        for (name, layer) in [("unused", "l1"), ("in-use", "l2")] {
+            store.write_record(name, &image(name, layer)).unwrap();
+            age(&store.record_path(name), old);
+        }
+        for layer in ["l1", "l2", "young-orphan", "old-orphan"] {
+            std::fs::create_dir_all(store.layer_dir(layer)).unwrap();
+        }
+        for layer in ["l1", "l2", "old-orphan"] {
+            age(&store.layer_dir(layer), old);
+        }
+        let removed = store.collect_garbage(&HashSet::from(["in-use".to_string()]), hour);
+        assert_eq!(removed, 1);
+        assert!(store.read_record("unused").is_none() && store.read_record("in-use").is_some());
+        let kept = |layer: &str| store.layer_dir(layer).exists();
+        assert_eq!(
+            (kept("l1"), kept("l2"), kept("young-orphan"), kept("old-orphan")),
+            (false, true, true, false),
+            "an import may still be writing the young orphan's record"
+        );
     }
 
     #[test]
