@@ -41,7 +41,8 @@ pub fn sandbox_settings(config: &Config) -> SandboxSettings {
     SandboxSettings {
         node_lost_grace: config.node_lost_grace,
         sync_period: config.sync_period,
-        creating_poll: Duration::from_millis(50),
+        // Real containers start in tens of milliseconds; backs off after two seconds (creating_poll_after).
+        creating_poll: Duration::from_millis(25),
         ..SandboxSettings::default()
     }
 }

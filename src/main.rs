@@ -290,7 +290,11 @@ fn init_logging(format: LogFormat) {
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json()).init(),
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).init(),
+        LogFormat::Text => {
+            // Colours only on a terminal: logs redirected to a file are read by people and by tools.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi)).init()
+        }
     }
 }
 

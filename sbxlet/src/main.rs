@@ -11,7 +11,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[tokio::main]
 async fn main() {
     let level = std::env::var("RUST_LOG").ok().and_then(|v| v.parse::<Level>().ok()).unwrap_or(Level::INFO);
-    tracing_subscriber::fmt().with_max_level(level).init();
+    // Colours only on a terminal: logs redirected to a file are read by people and by tools.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    tracing_subscriber::fmt().with_max_level(level).with_ansi(ansi).init();
     let cli = Cli::parse();
     let result = match shutdown_signal() {
         Ok(signal) => run(cli, signal).await,

@@ -122,12 +122,14 @@ pub fn judge_agent(observed: Result<&AgentSandbox, &AgentError>, node: &str) -> 
     }
 }
 
-/// How soon to look again at a sandbox the agent still reports creating: a quarter of the time it has
-/// been creating, between `base` and 5 s, so slow image pulls are not polled 20 times a second.
+/// How soon to look again at a sandbox the agent still reports creating: every `base` for the first
+/// two seconds (a real container starts in tens of milliseconds, and the transition time has whole
+/// seconds, so one second tells nothing), then a quarter of the time it has been creating, up to 5 s,
+/// so slow image pulls are not polled 20 times a second.
 pub fn creating_poll_after(status: &SandboxStatus, base: Duration, now_unix: i64) -> Duration {
     let since = status.last_transition_at.as_deref().and_then(parse_rfc3339).unwrap_or(now_unix);
     let creating_for = Duration::from_secs((now_unix - since).max(0) as u64);
-    (creating_for / 4).clamp(base, Duration::from_secs(5))
+    (creating_for.saturating_sub(Duration::from_secs(2)) / 4).clamp(base, Duration::from_secs(5))
 }
 
 /// A Failed copy of `status` with reason and message.
@@ -460,6 +462,19 @@ pub fn apply_agent_view(status: &mut SandboxStatus, view: &AgentSandbox, node: &
 mod tests {
     use super::*;
     use crate::clock::TokioClock;
+
+    #[test]
+    fn a_creating_sandbox_is_polled_at_the_base_rate_first_then_less_often() {
+        let since = |secs_ago: i64| SandboxStatus {
+            last_transition_at: Some(sandboxd_api::time::format_unix(1_000 - secs_ago)),
+            ..SandboxStatus::default()
+        };
+        let base = Duration::from_millis(50);
+        assert_eq!(creating_poll_after(&since(0), base, 1_000), base);
+        assert_eq!(creating_poll_after(&since(2), base, 1_000), base, "still within the first two seconds");
+        assert_eq!(creating_poll_after(&since(10), base, 1_000), Duration::from_secs(2));
+        assert_eq!(creating_poll_after(&since(600), base, 1_000), Duration::from_secs(5));
+    }
     use crate::node::test_node as node;
     use crate::testing::{FakeObjects, UnreachableAgents};
 

@@ -4,6 +4,7 @@ mod cluster;
 mod failover;
 mod load;
 mod observe;
+mod real;
 mod scenarios;
 mod soak;
 
@@ -13,7 +14,7 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(name = "sandboxd-bench", about = "Benchmarks sandboxd-o through its public API")]
 struct Cli {
-    /// Scenarios to run: store-create, store-create-etcd, heartbeats, burst-1k, scheduling-basic, startup-latency, burst, scale, api-latency, failover, soak, or all.
+    /// Scenarios to run: store-create, store-create-etcd, heartbeats, burst-1k, scheduling-basic, startup-latency, burst, scale, api-latency, failover, soak, real-runtime, or all.
     #[arg(default_value = "all")]
     scenarios: Vec<String>,
     /// Tiny sizes that only check correctness (every sandbox Running, unique ports), for CI.

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 12] = [
     "store-create",
     "store-create-etcd",
     "heartbeats",
@@ -22,6 +22,7 @@ pub const ALL: [&str; 11] = [
     "api-latency",
     "failover",
     "soak",
+    "real-runtime",
 ];
 
 /// One scenario's figures, printed as one JSON line.
@@ -63,6 +64,7 @@ pub async fn run(name: &str, bin_dir: &Path, smoke: bool) -> anyhow::Result<Repo
         "api-latency" => api_latency(bin_dir, smoke).await,
         "failover" => crate::failover::failover(bin_dir, smoke).await,
         "soak" => crate::soak::soak(bin_dir, smoke).await,
+        "real-runtime" => crate::real::real_runtime(bin_dir, smoke).await,
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }

@@ -64,6 +64,21 @@ impl Cgroups {
         Ok(())
     }
 
+    /// Sets the CFS quota of a running container's leaf (see `Bundle::start` for why only now).
+    pub fn limit_cpu(&self, sandbox: &str, container: &str, quota_us: u64, period_us: u64) -> std::io::Result<()> {
+        let leaf = Path::new(&self.parent).join(sandbox).join(container).join("c");
+        match self.version {
+            CgroupVersion::V1 => {
+                let dir = Path::new(CGROUP_ROOT).join("cpu").join(leaf);
+                std::fs::write(dir.join("cpu.cfs_period_us"), period_us.to_string())?;
+                std::fs::write(dir.join("cpu.cfs_quota_us"), quota_us.to_string())
+            }
+            CgroupVersion::V2 => {
+                std::fs::write(Path::new(CGROUP_ROOT).join(leaf).join("cpu.max"), format!("{quota_us} {period_us}"))
+            }
+        }
+    }
+
     /// Whether the container was killed for memory: under v2, `memory.events` counts the kill in
     /// `{container}`; under v1 the kill is counted only in runc's removed leaf, so a container whose
     /// own limit (held by `{container}`) was hit, and that died of SIGKILL, counts as OOM-killed.

@@ -276,12 +276,15 @@ impl RuncRuntime {
 
     async fn try_bring_up(&self, id: &str, record: &Record) -> Result<SandboxNet, (Option<SandboxNet>, RuntimeError)> {
         let request = &record.request;
+        let started = std::time::Instant::now();
         // Images first: a pull that fails leaves nothing on the network to undo.
         let mut images = Vec::new();
         for container in &request.containers {
             images.push(self.images.ensure(&container.image).await.map_err(|e| (None, e))?);
         }
+        let images_at = started.elapsed();
         let net = self.network.set_up(id, record.ip, request.egress).await.map_err(|e| (None, e))?;
+        let network_at = started.elapsed();
         let hosts = format!("127.0.0.1\tlocalhost\n::1\tlocalhost\n{}\t{}\n", record.ip, hostname_of(id));
         std::fs::write(self.sandbox_dir(id).join("hosts"), hosts)
             .map_err(|e| (Some(net.clone()), RuntimeError::Failed(format!("writing /etc/hosts: {e}"))))?;
@@ -297,7 +300,24 @@ impl RuncRuntime {
                 (Some(net.clone()), RuntimeError::Failed(format!("memory cgroup of {}: {e}", container.name)))
             })?;
             bundle.start(&self.runc, &spec::runtime_config(&spec)).await.map_err(|e| (Some(net.clone()), e))?;
+            let quota = spec::cpu_quota_us(spec.cpu_milli);
+            if let Err(e) = self.cgroups.limit_cpu(id, &container.name, quota, spec::CPU_PERIOD_US) {
+                // A container that already ended has no cgroup left to limit.
+                if bundle.state(&self.runc).await == ContainerState::Running {
+                    return Err((
+                        Some(net.clone()),
+                        RuntimeError::Failed(format!("cpu quota of {}: {e}", container.name)),
+                    ));
+                }
+            }
         }
+        tracing::debug!(
+            sandbox = id,
+            images_ms = images_at.as_millis() as u64,
+            network_ms = (network_at - images_at).as_millis() as u64,
+            containers_ms = (started.elapsed() - network_at).as_millis() as u64,
+            "sandbox up"
+        );
         Ok(net)
     }
 

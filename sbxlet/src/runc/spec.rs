@@ -6,7 +6,12 @@ use serde_json::{json, Value};
 /// The most processes one container may run (a fork bomb stops here).
 pub(crate) const PIDS_LIMIT: i64 = 1024;
 /// The CFS period quotas are expressed in.
-const CPU_PERIOD_US: u64 = 100_000;
+pub(crate) const CPU_PERIOD_US: u64 = 100_000;
+
+/// The CFS quota for a request: `cpu_milli` thousandths of a CPU per period (the kernel's floor is 1 ms).
+pub(crate) fn cpu_quota_us(cpu_milli: u64) -> u64 {
+    (cpu_milli * CPU_PERIOD_US / 1000).max(1000)
+}
 
 /// Everything a container's `config.json` is made from.
 #[derive(Debug, Clone)]
@@ -134,11 +139,8 @@ fn base_config(spec: &ContainerSpec, capabilities: &[&str]) -> Value {
             "resources": {
                 "devices": [{"allow": false, "access": "rwm"}],
                 "memory": {"limit": spec.memory_bytes, "swap": spec.memory_bytes},
-                "cpu": {
-                    "shares": cpu_shares(spec.cpu_milli),
-                    "quota": spec.cpu_milli * CPU_PERIOD_US / 1000,
-                    "period": CPU_PERIOD_US
-                },
+                // The quota is set once the container runs (see `Bundle::start`).
+                "cpu": {"shares": cpu_shares(spec.cpu_milli)},
                 "pids": {"limit": PIDS_LIMIT}
             },
             "namespaces": [
@@ -186,10 +188,7 @@ mod tests {
         let config = runtime_config(&spec());
         let resources = &config["linux"]["resources"];
         assert_eq!(resources["memory"]["limit"], 64u64 << 20);
-        assert_eq!(
-            (resources["cpu"]["shares"].as_u64(), resources["cpu"]["quota"].as_u64()),
-            (Some(256), Some(25_000))
-        );
+        assert_eq!((resources["cpu"]["shares"].as_u64(), cpu_quota_us(250)), (Some(256), 25_000));
         assert_eq!(resources["pids"]["limit"], PIDS_LIMIT);
         assert_eq!(config["linux"]["cgroupsPath"], "/sandboxd/s/web/c");
     }
