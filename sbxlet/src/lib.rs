@@ -2,6 +2,7 @@
 //! launcher for tests.
 #![forbid(unsafe_code)]
 
+mod admission;
 mod agent;
 mod backend;
 pub mod cli;

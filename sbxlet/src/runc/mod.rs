@@ -574,8 +574,10 @@ impl Backend for Arc<RuncRuntime> {
                 drop(state);
                 return Ok(Created::Existing(self.view(&id, &record)));
             }
-            check_ports_free(&state, &request)?;
-            check_capacity(&state, self.capacity, cpu_milli, memory_bytes)?;
+            let held = state.sandboxes.iter().map(|(id, h)| (id, h.record.request.ports.as_slice()));
+            crate::admission::check_ports_free(held, &request)?;
+            let used = (state.used_cpu_milli, state.used_memory_bytes);
+            crate::admission::check_capacity(self.capacity, used, (cpu_milli, memory_bytes))?;
             let ip = state.pool.allocate().ok_or(RuntimeError::PoolExhausted)?;
             let proxies = match proxy::publish(self.node_ip, IpAddr::V4(ip), &request.ports) {
                 Ok(p) => p,
@@ -670,42 +672,6 @@ impl Backend for Arc<RuncRuntime> {
     async fn reconcile(&self) {
         self.monitor_once().await;
     }
-}
-
-fn check_ports_free(state: &State, request: &AgentCreateRequest) -> Result<(), RuntimeError> {
-    for wanted in &request.ports {
-        let owner = state.sandboxes.iter().find(|(_, held)| {
-            held.record.request.ports.iter().any(|p| p.host_port == wanted.host_port && p.protocol == wanted.protocol)
-        });
-        if let Some((owner, _)) = owner {
-            return Err(RuntimeError::PortTaken {
-                port: wanted.host_port,
-                protocol: wanted.protocol,
-                owner: owner.clone(),
-            });
-        }
-    }
-    Ok(())
-}
-
-fn check_capacity(state: &State, capacity: (u64, u64), cpu_milli: u64, memory_bytes: u64) -> Result<(), RuntimeError> {
-    let available_cpu = capacity.0.saturating_sub(state.used_cpu_milli);
-    if cpu_milli > available_cpu {
-        return Err(RuntimeError::InsufficientCpu {
-            requested: cpu_milli,
-            available: available_cpu,
-            capacity: capacity.0,
-        });
-    }
-    let available_memory = capacity.1.saturating_sub(state.used_memory_bytes);
-    if memory_bytes > available_memory {
-        return Err(RuntimeError::InsufficientMemory {
-            requested: memory_bytes,
-            available: available_memory,
-            capacity: capacity.1,
-        });
-    }
-    Ok(())
 }
 
 /// Removes everything an agent with `config` made on this node: its containers (killed), their

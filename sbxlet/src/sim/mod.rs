@@ -112,39 +112,17 @@ impl Runtime {
     }
 
     fn check_host_ports_free(&self, request: &AgentCreateRequest) -> Result<()> {
-        for wanted in &request.ports {
-            let owner = self.sandboxes.iter().find(|(_, held)| {
-                held.request.ports.iter().any(|p| p.host_port == wanted.host_port && p.protocol == wanted.protocol)
-            });
-            if let Some((owner, _)) = owner {
-                return Err(RuntimeError::PortTaken {
-                    port: wanted.host_port,
-                    protocol: wanted.protocol,
-                    owner: owner.clone(),
-                });
-            }
-        }
-        Ok(())
+        let held = self.sandboxes.iter().map(|(id, held)| (id, held.request.ports.as_slice()));
+        crate::admission::check_ports_free(held, request)
     }
 
     fn check_capacity(&self, cpu_milli: u64, memory_bytes: u64) -> Result<()> {
-        let available_cpu = self.limits.capacity_cpu_milli.saturating_sub(self.used_cpu_milli);
-        if cpu_milli > available_cpu {
-            return Err(RuntimeError::InsufficientCpu {
-                requested: cpu_milli,
-                available: available_cpu,
-                capacity: self.limits.capacity_cpu_milli,
-            });
-        }
-        let available_memory = self.limits.capacity_memory_bytes.saturating_sub(self.used_memory_bytes);
-        if memory_bytes > available_memory {
-            return Err(RuntimeError::InsufficientMemory {
-                requested: memory_bytes,
-                available: available_memory,
-                capacity: self.limits.capacity_memory_bytes,
-            });
-        }
-        Ok(())
+        let capacity = (self.limits.capacity_cpu_milli, self.limits.capacity_memory_bytes);
+        crate::admission::check_capacity(
+            capacity,
+            (self.used_cpu_milli, self.used_memory_bytes),
+            (cpu_milli, memory_bytes),
+        )
     }
 
     /// Forgets a sandbox and frees its address; its listeners are handed back for release.
