@@ -235,6 +235,47 @@ async fn sandboxes_created_together_pull_their_image_once() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_that_vanishes_without_an_exit_fails_its_sandbox_as_vanished() {
+    if skip_without_prerequisites("a_container_that_vanishes_without_an_exit_fails_its_sandbox_as_vanished") {
+        return;
+    }
+    let node = RealNode::start(&sbxlet_binary(), 4).expect("sbxlet starts");
+    let archive = node.state_dir().join("busybox.tar");
+    busybox_image().unwrap().write_oci_archive(&archive, "example.test/busybox:vanish").unwrap();
+    node.import(&archive).unwrap();
+    let agent = AgentApi::new(node.addr);
+    let body = agent_sandbox("ghost", "example.test/busybox:vanish", &["sleep", "1000"], &[]);
+    assert_eq!(agent.send(Method::POST, "/api/v1/sandboxes", Some(body)).await.0, 201);
+    eventually(30, "ghost running", || async {
+        let (_, body) = agent.send(Method::GET, "/api/v1/sandboxes/ghost", None).await;
+        (body["sandbox"]["phase"] == "running").then_some(())
+    })
+    .await;
+
+    // Kill the shim first, so nothing records an exit, then the container: it is simply gone.
+    let bundle = node.state_dir().join("sandboxes/ghost/containers/main").display().to_string();
+    let shims: Vec<String> = host(&["ps", "-eo", "pid,args"])
+        .lines()
+        .filter(|l| l.contains("sbxlet-shim") && l.contains(&bundle))
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .collect();
+    assert_eq!(shims.len(), 1, "one shim per container");
+    host(&["kill", "-9", &shims[0]]);
+    let runc_root = node.state_dir().join("runc").display().to_string();
+    host(&["runc", "--root", &runc_root, "kill", "ghost--main", "KILL"]);
+
+    let (_, _) = agent.send(Method::POST, "/api/v1/reconcile", None).await;
+    let failed = eventually(30, "ghost failed as vanished", || async {
+        let (_, body) = agent.send(Method::GET, "/api/v1/sandboxes/ghost", None).await;
+        (body["sandbox"]["phase"] == "failed").then_some(body)
+    })
+    .await;
+    assert_eq!(failed["sandbox"]["message"], "container main vanished", "{failed}");
+    assert_eq!(agent.send(Method::DELETE, "/api/v1/sandboxes/ghost", None).await.0, 200);
+    assert_eq!(leftovers(&node, &["ghost".to_string()]).iter().map(|(_, n)| n).sum::<usize>(), 0);
+}
+
 // === fixtures ===
 
 /// Says why the real-runtime tests cannot run here, loudly, and whether to skip.
