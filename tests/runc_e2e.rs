@@ -263,7 +263,7 @@ async fn a_container_that_vanishes_without_an_exit_fails_its_sandbox_as_vanished
     assert_eq!(shims.len(), 1, "one shim per container");
     host(&["kill", "-9", &shims[0]]);
     let runc_root = node.state_dir().join("runc").display().to_string();
-    host(&["runc", "--root", &runc_root, "kill", "ghost--main", "KILL"]);
+    host(&["runc", "--root", &runc_root, "kill", "ghost_main", "KILL"]);
 
     let (_, _) = agent.send(Method::POST, "/api/v1/reconcile", None).await;
     let failed = eventually(30, "ghost failed as vanished", || async {
@@ -298,7 +298,7 @@ fn skip_without_prerequisites(test: &str) -> bool {
 /// cgroups, sandbox directories, runc containers and shim processes.
 fn leftovers(node: &RealNode, ids: &[String]) -> Vec<(&'static str, usize)> {
     let state = node.state_dir().display().to_string();
-    let names: Vec<(String, String)> = ids.iter().map(|id| sbxlet::runc::host_names_of(id)).collect();
+    let names: Vec<(String, String)> = ids.iter().map(|id| sbxlet::runc::host_names_of(&node.bridge, id)).collect();
     let namespaces = host(&["ip", "netns", "list"]);
     let netns = names.iter().filter(|(ns, _)| namespaces.lines().any(|l| l.split(' ').next() == Some(ns))).count();
     let links = host(&["ip", "-o", "link", "show"]);

@@ -10,6 +10,8 @@ pub enum RuntimeError {
     Invalid(String),
     #[error("sandbox {0:?} already exists with a different spec")]
     SpecConflict(String),
+    #[error("sandbox {0:?} is being deleted; create it again once it is gone")]
+    Deleting(String),
     #[error("host port {port}/{} is already used by sandbox {owner:?}", protocol.as_str())]
     PortTaken { port: u16, protocol: Protocol, owner: String },
     #[error(transparent)]

@@ -198,6 +198,7 @@ impl ApiError {
             | ApiError::NoRoute => StatusCode::NOT_FOUND,
             ApiError::Runtime(
                 RuntimeError::SpecConflict(_)
+                | RuntimeError::Deleting(_)
                 | RuntimeError::PortTaken { .. }
                 | RuntimeError::PortUnavailable(_)
                 | RuntimeError::InsufficientCpu { .. }

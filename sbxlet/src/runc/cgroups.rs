@@ -137,11 +137,6 @@ impl Cgroups {
             }
         }
     }
-
-    /// How many cgroup directories a sandbox still has (tests count leftovers).
-    pub fn count_sandbox_dirs(&self, sandbox: &str) -> usize {
-        self.sandbox_dirs(sandbox).len()
-    }
 }
 
 /// Children before their parent, so `rmdir` can remove them in order.

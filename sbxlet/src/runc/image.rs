@@ -51,6 +51,9 @@ pub struct ImageStore {
     settings: ImageSettings,
     /// Pulls in flight by reference, so a second sandbox of the same image waits for the first pull.
     pulls: Mutex<HashMap<String, Pull>>,
+    /// Pulls hold it shared, garbage collection exclusively: a pull that finds a layer on disk must
+    /// not have it collected before its record names it.
+    collecting: tokio::sync::RwLock<()>,
 }
 
 impl ImageStore {
@@ -58,11 +61,17 @@ impl ImageStore {
         for dir in ["blobs/sha256", "layers", "refs"] {
             std::fs::create_dir_all(root.join(dir))?;
         }
-        Ok(Arc::new(ImageStore { root: root.to_path_buf(), settings, pulls: Mutex::new(HashMap::new()) }))
+        Ok(Arc::new(ImageStore {
+            root: root.to_path_buf(),
+            settings,
+            pulls: Mutex::new(HashMap::new()),
+            collecting: tokio::sync::RwLock::new(()),
+        }))
     }
 
     /// The image `reference` names, pulled unless it is already here.
     pub async fn ensure(self: &Arc<Self>, reference: &str) -> Result<Arc<Image>, RuntimeError> {
+        let _not_collecting = self.collecting.read().await;
         let parsed = parse_reference(reference)?;
         let key = parsed.whole();
         if let Some(image) = self.read_record(&key) {
@@ -96,6 +105,9 @@ impl ImageStore {
         let source = self.source_of(&reference);
         let client = oci_client::Client::new(ClientConfig {
             protocol: if self.is_insecure(source.registry()) { ClientProtocol::Http } else { ClientProtocol::Https },
+            // A registry that stops answering must not hold a sandbox's bring-up (and its delete) forever.
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(60)),
             ..ClientConfig::default()
         });
         let started = std::time::Instant::now();
@@ -193,6 +205,7 @@ impl ImageStore {
     /// Removes images no sandbox uses that were last used before `unused_for` ago, then every layer
     /// and blob no remaining image needs. Returns how many images were removed.
     pub fn collect_garbage(&self, in_use: &HashSet<String>, unused_for: Duration) -> usize {
+        let _no_pulls = self.collecting.blocking_write();
         let cutoff = SystemTime::now().checked_sub(unused_for).unwrap_or(SystemTime::UNIX_EPOCH);
         let mut removed = 0;
         let mut needed: HashSet<String> = HashSet::new();
@@ -240,8 +253,17 @@ impl ImageStore {
     fn source_of(&self, reference: &Reference) -> Reference {
         match &self.settings.registry_mirror {
             Some(mirror) if reference.registry() == "docker.io" => {
-                let tag = reference.tag().unwrap_or("latest").to_string();
-                Reference::with_tag(mirror.clone(), reference.repository().to_string(), tag)
+                let repository = reference.repository().to_string();
+                match (reference.tag(), reference.digest()) {
+                    // A pinned digest stays pinned through the mirror.
+                    (tag, Some(digest)) => Reference::with_tag_and_digest(
+                        mirror.clone(),
+                        repository,
+                        tag.unwrap_or("latest").to_string(),
+                        digest.to_string(),
+                    ),
+                    (tag, None) => Reference::with_tag(mirror.clone(), repository, tag.unwrap_or("latest").to_string()),
+                }
             }
             _ => reference.clone(),
         }
@@ -289,6 +311,11 @@ impl ImageStore {
         let hex = digest_hex(digest)?;
         std::fs::read(self.blob_path(&hex)).map_err(|e| invalid_archive(format!("blob {digest}: {e}")))
     }
+}
+
+/// The key an image is stored under (Docker's defaults filled in), or None for a malformed reference.
+pub fn normalized(reference: &str) -> Option<String> {
+    parse_reference(reference).ok().map(|r| r.whole())
 }
 
 /// A reference with Docker's defaults filled in (`busybox` → `docker.io/library/busybox:latest`).
@@ -385,6 +412,9 @@ mod tests {
         assert_eq!(hub.whole(), "127.0.0.1:5000/library/busybox:1.36");
         let other = store.source_of(&parse_reference("ghcr.io/x/y:1").unwrap());
         assert_eq!(other.whole(), "ghcr.io/x/y:1");
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let pinned = store.source_of(&parse_reference(&format!("busybox@{digest}")).unwrap());
+        assert_eq!(pinned.digest(), Some(digest.as_str()), "a pinned digest survives the mirror");
     }
 
     fn age(path: &Path, by: Duration) {

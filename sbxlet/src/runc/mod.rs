@@ -103,8 +103,11 @@ struct Held {
     memory_bytes: u64,
     /// Closed when the sandbox is removed (by drop).
     _proxies: Option<proxy::Proxies>,
-    /// Serializes bring-up, monitoring writes and removal of this sandbox.
+    /// Serializes bring-up, monitoring writes and removal of this sandbox; also tells this
+    /// incarnation of the id from a later one (`Arc::ptr_eq`).
     busy: Arc<tokio::sync::Mutex<()>>,
+    /// Being removed: the id cannot be created again until the removal ends.
+    deleting: bool,
 }
 
 struct State {
@@ -126,10 +129,9 @@ pub struct RuncRuntime {
     state: Mutex<State>,
 }
 
-/// The network namespace and host-side veth names of sandbox `id` (for audits of leftovers).
-pub fn host_names_of(id: &str) -> (String, String) {
-    let tag = network::short_tag(id);
-    (format!("sbx-{tag}"), format!("sbx{tag}"))
+/// The network namespace and host-side veth names of sandbox `id` on `bridge` (for audits of leftovers).
+pub fn host_names_of(bridge: &str, id: &str) -> (String, String) {
+    network::host_names(bridge, id)
 }
 
 /// Why the runtime cannot start on this host.
@@ -202,7 +204,7 @@ impl RuncRuntime {
     }
 
     fn bundle(&self, id: &str, container: &str) -> Bundle {
-        Bundle::new(format!("{id}--{container}"), self.sandbox_dir(id).join("containers").join(container))
+        Bundle::new(container_id(id, container), self.sandbox_dir(id).join("containers").join(container))
     }
 
     fn save(&self, id: &str, record: &Record) {
@@ -245,7 +247,8 @@ impl RuncRuntime {
             state.used_memory_bytes += memory_bytes;
             self.save(&id, &record);
             tracing::info!(sandbox = %id, "sandbox re-adopted");
-            let held = Held { record, cpu_milli, memory_bytes, _proxies: proxies, busy: Default::default() };
+            let held =
+                Held { record, cpu_milli, memory_bytes, _proxies: proxies, busy: Default::default(), deleting: false };
             state.sandboxes.insert(id, held);
         }
     }
@@ -254,10 +257,11 @@ impl RuncRuntime {
     /// sandbox, which keeps what it holds until it is deleted.
     async fn bring_up(self: Arc<Self>, id: String, busy: Arc<tokio::sync::Mutex<()>>) {
         let _busy = busy.lock().await;
-        let Some(record) = self.record(&id) else { return };
+        // A delete that got the lock first ends this incarnation; the id may be a new sandbox now.
+        let Some(record) = self.record_of(&id, &busy) else { return };
         let outcome = self.try_bring_up(&id, &record).await;
         let mut state = self.state.lock();
-        let Some(held) = state.sandboxes.get_mut(&id) else { return };
+        let Some(held) = state.sandboxes.get_mut(&id).filter(|h| Arc::ptr_eq(&h.busy, &busy)) else { return };
         match outcome {
             Ok(net) => {
                 held.record.net = Some(net);
@@ -362,6 +366,13 @@ impl RuncRuntime {
         self.state.lock().sandboxes.get(id).map(|h| h.record.clone())
     }
 
+    /// The record of this incarnation of `id` (the one `busy` belongs to), unless it is being removed.
+    fn record_of(&self, id: &str, busy: &Arc<tokio::sync::Mutex<()>>) -> Option<Record> {
+        let state = self.state.lock();
+        let held = state.sandboxes.get(id)?;
+        (Arc::ptr_eq(&held.busy, busy) && !held.deleting).then(|| held.record.clone())
+    }
+
     /// The sandbox as the API shows it, from its record and its containers' recorded ends.
     fn view(&self, id: &str, record: &Record) -> AgentSandbox {
         let containers: Vec<AgentContainer> =
@@ -377,6 +388,15 @@ impl RuncRuntime {
             created_at: record.created_at.clone(),
             labels: record.request.labels.clone(),
         }
+    }
+
+    /// `view`, showing `deleting` while a removal runs.
+    fn view_of(&self, id: &str, record: &Record, deleting: bool) -> AgentSandbox {
+        let mut view = self.view(id, record);
+        if deleting {
+            view.phase = AgentPhase::Deleting;
+        }
+        view
     }
 
     fn container_view(&self, id: &str, name: &str, started: bool) -> AgentContainer {
@@ -396,33 +416,47 @@ impl RuncRuntime {
     /// One monitoring pass: containers runc no longer knows (and that recorded no end) fail their
     /// sandbox as vanished; logs are rotated; unused images are collected.
     async fn monitor_once(&self) {
-        let sandboxes: Vec<(String, Record)> = {
+        let sandboxes: Vec<(String, Record, Arc<tokio::sync::Mutex<()>>)> = {
             let state = self.state.lock();
-            state.sandboxes.iter().map(|(id, h)| (id.clone(), h.record.clone())).collect()
+            state.sandboxes.iter().map(|(id, h)| (id.clone(), h.record.clone(), h.busy.clone())).collect()
         };
-        for (id, record) in &sandboxes {
+        for (id, record, busy) in &sandboxes {
+            for container in &record.request.containers {
+                // Failed sandboxes may still have running containers that write.
+                self.bundle(id, &container.name).rotate_log(self.config.log_max_bytes);
+            }
             if !record.started || record.failure.is_some() {
                 continue;
             }
             for container in &record.request.containers {
-                let bundle = self.bundle(id, &container.name);
-                bundle.rotate_log(self.config.log_max_bytes);
-                if bundle.state(&self.runc).await == ContainerState::Vanished {
-                    self.fail(id, format!("container {} vanished", container.name));
+                if self.vanished(&self.bundle(id, &container.name)).await {
+                    self.fail(id, busy, format!("container {} vanished", container.name));
                 }
             }
         }
-        let in_use: HashSet<String> = sandboxes.iter().flat_map(|(_, r)| r.images.clone()).collect();
+        let in_use: HashSet<String> =
+            sandboxes.iter().flat_map(|(_, r, _)| r.images.iter().filter_map(|i| image::normalized(i))).collect();
         let images = self.images.clone();
         let unused_for = self.config.image_gc_after;
         let _ = tokio::task::spawn_blocking(move || images.collect_garbage(&in_use, unused_for)).await;
     }
 
-    fn fail(&self, id: &str, message: String) {
+    /// Whether a container is gone without a recorded end. Asked twice: `runc run` removes its state
+    /// a moment before the shim records the exit code, and a normal end must not read as vanished.
+    async fn vanished(&self, bundle: &Bundle) -> bool {
+        if bundle.state(&self.runc).await != ContainerState::Vanished {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        bundle.state(&self.runc).await == ContainerState::Vanished
+    }
+
+    /// Records why this incarnation of `id` failed (a later sandbox of the same id is left alone).
+    fn fail(&self, id: &str, busy: &Arc<tokio::sync::Mutex<()>>, message: String) {
         let record = {
             let mut state = self.state.lock();
-            let Some(held) = state.sandboxes.get_mut(id) else { return };
-            if held.record.failure.is_some() {
+            let Some(held) = state.sandboxes.get_mut(id).filter(|h| Arc::ptr_eq(&h.busy, busy)) else { return };
+            if held.record.failure.is_some() || held.deleting {
                 return;
             }
             held.record.failure = Some(message);
@@ -446,38 +480,8 @@ impl RuncRuntime {
         });
     }
 
-    /// Leftovers of sandboxes on the host, for tests: namespaces, host veths, iptables rules,
-    /// cgroup directories, mounts and sandbox directories this agent made.
-    pub async fn leftovers(&self, id: &str) -> Vec<String> {
-        let tag = network::short_tag(id);
-        let mut found = Vec::new();
-        if host::run("ip", &["netns", "list"]).await.unwrap_or_default().contains(&format!("sbx-{tag}")) {
-            found.push(format!("netns sbx-{tag}"));
-        }
-        if host::run("ip", &["link", "show", &format!("sbx{tag}")]).await.is_ok() {
-            found.push(format!("veth sbx{tag}"));
-        }
-        let comment = network::rule_comment(&self.config.bridge, id);
-        for table in ["filter", "nat"] {
-            if host::run("iptables", &["-w", "-t", table, "-S"]).await.unwrap_or_default().contains(&comment) {
-                found.push(format!("iptables {table} rule {comment}"));
-            }
-        }
-        let cgroups = self.cgroups.count_sandbox_dirs(id);
-        if cgroups > 0 {
-            found.push(format!("{cgroups} cgroup directories"));
-        }
-        let dir = self.sandbox_dir(id);
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        if mounts.contains(&dir.display().to_string()) {
-            found.push("overlay mount".into());
-        }
-        if dir.exists() {
-            found.push(format!("directory {}", dir.display()));
-        }
-        found
-    }
-
+    /// Removes a sandbox and all it holds. The entry stays, marked deleting, until the removal ends,
+    /// so the id cannot be created again (on the same names) meanwhile.
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         let busy = self
             .state
@@ -487,17 +491,23 @@ impl RuncRuntime {
             .map(|h| h.busy.clone())
             .ok_or_else(|| RuntimeError::SandboxNotFound(id.to_string()))?;
         let _busy = busy.lock().await;
-        let Some(held) = self.state.lock().sandboxes.remove(id) else {
-            return Err(RuntimeError::SandboxNotFound(id.to_string()));
+        let (record, cpu_milli, memory_bytes) = {
+            let mut state = self.state.lock();
+            let Some(held) = state.sandboxes.get_mut(id).filter(|h| Arc::ptr_eq(&h.busy, &busy)) else {
+                return Err(RuntimeError::SandboxNotFound(id.to_string()));
+            };
+            held.deleting = true;
+            held._proxies = None;
+            (held.record.clone(), held.cpu_milli, held.memory_bytes)
         };
-        for container in &held.record.request.containers {
+        for container in &record.request.containers {
             self.bundle(id, &container.name).remove(&self.runc).await;
         }
-        let net = held.record.net.clone().unwrap_or_else(|| SandboxNet {
-            netns: format!("sbx-{}", network::short_tag(id)),
-            host_veth: format!("sbx{}", network::short_tag(id)),
-            ip: held.record.ip,
-            egress: held.record.request.egress,
+        let net = record.net.clone().unwrap_or_else(|| SandboxNet {
+            netns: self.network.names_of(id).0,
+            host_veth: self.network.names_of(id).1,
+            ip: record.ip,
+            egress: record.request.egress,
         });
         self.network.tear_down(id, &net).await;
         self.cgroups.remove_sandbox(id);
@@ -505,9 +515,10 @@ impl RuncRuntime {
             tracing::warn!(sandbox = id, error = %e, "sandbox directory not removed");
         }
         let mut state = self.state.lock();
-        state.pool.release(held.record.ip);
-        state.used_cpu_milli -= held.cpu_milli;
-        state.used_memory_bytes -= held.memory_bytes;
+        state.sandboxes.remove(id);
+        state.pool.release(record.ip);
+        state.used_cpu_milli -= cpu_milli;
+        state.used_memory_bytes -= memory_bytes;
         Ok(())
     }
 }
@@ -529,6 +540,12 @@ fn sandbox_phase(record: &Record, containers: &[AgentContainer]) -> (AgentPhase,
         return (AgentPhase::Exited, String::new());
     }
     (AgentPhase::Running, String::new())
+}
+
+/// The runc id of a container: `_` cannot occur in sandbox ids or container names, so no two
+/// (sandbox, container) pairs share one.
+fn container_id(id: &str, container: &str) -> String {
+    format!("{id}_{container}")
 }
 
 /// A sandbox's hostname: its id, cut to the 63 characters a hostname may have.
@@ -567,6 +584,9 @@ impl Backend for Arc<RuncRuntime> {
         let (record, busy) = {
             let mut state = self.state.lock();
             if let Some(held) = state.sandboxes.get(&id) {
+                if held.deleting {
+                    return Err(RuntimeError::Deleting(id));
+                }
                 if held.record.request != request {
                     return Err(RuntimeError::SpecConflict(id));
                 }
@@ -598,8 +618,14 @@ impl Backend for Arc<RuncRuntime> {
             let busy: Arc<tokio::sync::Mutex<()>> = Default::default();
             state.used_cpu_milli += cpu_milli;
             state.used_memory_bytes += memory_bytes;
-            let held =
-                Held { record: record.clone(), cpu_milli, memory_bytes, _proxies: Some(proxies), busy: busy.clone() };
+            let held = Held {
+                record: record.clone(),
+                cpu_milli,
+                memory_bytes,
+                _proxies: Some(proxies),
+                busy: busy.clone(),
+                deleting: false,
+            };
             state.sandboxes.insert(id.clone(), held);
             (record, busy)
         };
@@ -608,28 +634,39 @@ impl Backend for Arc<RuncRuntime> {
         Ok(Created::New(self.view(&id, &record)))
     }
 
+    /// Runs the removal on a task of its own: a caller that gives up (a timeout, a disconnect) must
+    /// not leave the sandbox half removed with its address and resources still counted.
     async fn delete(&self, id: &str) -> Result<(), RuntimeError> {
-        self.remove(id).await
+        let (me, id) = (self.clone(), id.to_string());
+        tokio::spawn(async move { me.remove(&id).await })
+            .await
+            .map_err(|e| RuntimeError::Failed(format!("removal stopped: {e}")))?
     }
 
     async fn get(&self, id: &str) -> Result<AgentSandbox, RuntimeError> {
-        let record = self.record(id).ok_or_else(|| RuntimeError::SandboxNotFound(id.to_string()))?;
-        Ok(self.view(id, &record))
+        let (record, deleting) = self
+            .state
+            .lock()
+            .sandboxes
+            .get(id)
+            .map(|h| (h.record.clone(), h.deleting))
+            .ok_or_else(|| RuntimeError::SandboxNotFound(id.to_string()))?;
+        Ok(self.view_of(id, &record, deleting))
     }
 
     async fn list(&self, cursor: &str, limit: usize) -> AgentSandboxList {
-        let page: Vec<(String, Record)> = {
+        let page: Vec<(String, Record, bool)> = {
             let state = self.state.lock();
             let after = if cursor.is_empty() { Bound::Unbounded } else { Bound::Excluded(cursor) };
             state
                 .sandboxes
                 .range::<str, _>((after, Bound::Unbounded))
                 .take(limit + 1)
-                .map(|(id, h)| (id.clone(), h.record.clone()))
+                .map(|(id, h)| (id.clone(), h.record.clone(), h.deleting))
                 .collect()
         };
         let more_remain = page.len() > limit;
-        let items: Vec<AgentSandbox> = page.iter().take(limit).map(|(id, r)| self.view(id, r)).collect();
+        let items: Vec<AgentSandbox> = page.iter().take(limit).map(|(id, r, d)| self.view_of(id, r, *d)).collect();
         let next_cursor = match items.last() {
             Some(last) if more_remain => last.id.clone(),
             _ => String::new(),
@@ -688,14 +725,14 @@ pub async fn purge(config: &RuncConfig) {
         let id = entry.file_name().to_string_lossy().into_owned();
         for container in std::fs::read_dir(entry.path().join("containers")).into_iter().flatten().flatten() {
             let name = container.file_name().to_string_lossy().into_owned();
-            Bundle::new(format!("{id}--{name}"), container.path()).remove(&runc).await;
+            Bundle::new(container_id(&id, &name), container.path()).remove(&runc).await;
         }
         let record: Option<Record> =
             std::fs::read(entry.path().join("record.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
-        let tag = network::short_tag(&id);
-        let net = record.and_then(|r| r.net).unwrap_or_else(|| SandboxNet {
-            netns: format!("sbx-{tag}"),
-            host_veth: format!("sbx{tag}"),
+        let (netns, host_veth) = network.names_of(&id);
+        let net = record.and_then(|r| r.net).unwrap_or(SandboxNet {
+            netns,
+            host_veth,
             ip: Ipv4Addr::UNSPECIFIED,
             egress: false,
         });

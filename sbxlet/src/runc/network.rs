@@ -28,12 +28,18 @@ pub(crate) struct SandboxNet {
     pub egress: bool,
 }
 
-/// A short, stable tag of a sandbox id: veth names may have at most 15 characters.
+/// A short, stable tag of a name: veth names may have at most 15 characters.
 pub(crate) fn short_tag(id: &str) -> String {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     id.hash(&mut hasher);
     format!("{:010x}", hasher.finish() & 0xff_ffff_ffff)
+}
+
+/// `Network::names_of` for a bridge named `bridge`.
+pub(crate) fn host_names(bridge: &str, id: &str) -> (String, String) {
+    let tag = short_tag(&format!("{bridge}/{id}"));
+    (format!("sbx-{tag}"), format!("sbx{tag}"))
 }
 
 /// The iptables comment that marks every rule of one sandbox (and of the bridge), for teardown and audits.
@@ -42,6 +48,12 @@ pub(crate) fn rule_comment(bridge: &str, id: &str) -> String {
 }
 
 impl Network {
+    /// The namespace and host-side veth names of sandbox `id` on this bridge. The bridge is part of
+    /// the tag, so two agents on one host (tests, or a node running two) never share a name.
+    pub fn names_of(&self, id: &str) -> (String, String) {
+        host_names(&self.bridge, id)
+    }
+
     /// Creates the bridge with the gateway address if it is missing, and the node-wide NAT rule.
     pub async fn ensure_bridge(&self) -> Result<(), RuntimeError> {
         if run("ip", &["link", "show", &self.bridge]).await.is_err() {
@@ -74,9 +86,9 @@ impl Network {
     /// Creates the sandbox's namespace, veth pair, address and routes, and its egress rule.
     /// On failure whatever was made is removed again.
     pub async fn set_up(&self, id: &str, ip: Ipv4Addr, egress: bool) -> Result<SandboxNet, RuntimeError> {
-        let tag = short_tag(id);
-        let net = SandboxNet { netns: format!("sbx-{tag}"), host_veth: format!("sbx{tag}"), ip, egress };
-        match self.try_set_up(id, &net, &tag).await {
+        let (netns, host_veth) = self.names_of(id);
+        let net = SandboxNet { netns, host_veth, ip, egress };
+        match self.try_set_up(id, &net).await {
             Ok(()) => Ok(net),
             Err(e) => {
                 self.tear_down(id, &net).await;
@@ -85,8 +97,8 @@ impl Network {
         }
     }
 
-    async fn try_set_up(&self, id: &str, net: &SandboxNet, tag: &str) -> Result<(), RuntimeError> {
-        let peer = format!("sbx{tag}p");
+    async fn try_set_up(&self, id: &str, net: &SandboxNet) -> Result<(), RuntimeError> {
+        let peer = format!("{}p", net.host_veth);
         let ns = net.netns.as_str();
         // Two `ip -batch` runs instead of nine `ip` runs: process starts are most of the cost.
         let host_side = [
@@ -131,6 +143,9 @@ impl Network {
                 "DROP",
             ];
             ensure_rule("filter", "INPUT", &refuse).await?;
+            // Containers keep CAP_NET_RAW (ping): a crafted frame must not be forwarded out either.
+            let no_forward = ["-s", &source, "-m", "comment", "--comment", &comment, "-j", "DROP"];
+            ensure_rule("filter", "FORWARD", &no_forward).await?;
         }
         Ok(())
     }
@@ -246,6 +261,7 @@ mod tests {
         assert_eq!(tag, short_tag("a-rather-long-sandbox-id-0001"));
         assert_ne!(tag, short_tag("a-rather-long-sandbox-id-0002"));
         assert!(format!("sbx{tag}p").len() <= 15);
+        assert_ne!(host_names("br0", "web"), host_names("br1", "web"), "two agents on one host");
     }
 
     #[test]

@@ -25,7 +25,15 @@ pub(crate) fn unpack_layer(blob: &Path, gzip: bool, target: &Path) -> std::io::R
             tracing::warn!(path = %path.display(), "layer entry outside the root skipped");
             continue;
         };
-        match whiteout_of(&relative) {
+        let whiteout = whiteout_of(&relative);
+        if let Some(Whiteout::Opaque(path) | Whiteout::Removed(path)) = &whiteout {
+            // A symlink an earlier entry made (`evil -> /etc`) must not carry a whiteout onto the host.
+            if crosses_symlink(target, path) {
+                tracing::warn!(path = %relative.display(), "whiteout through a symlink skipped");
+                continue;
+            }
+        }
+        match whiteout {
             Some(Whiteout::Opaque(dir)) => mark_opaque(&target.join(dir))?,
             Some(Whiteout::Removed(name)) => make_whiteout(&target.join(name))?,
             None => {
@@ -67,6 +75,19 @@ fn safe_relative(path: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
+/// Whether any directory on the way from `root` to `relative`'s parent (or `relative` itself, for an
+/// opaque directory) is a symlink.
+fn crosses_symlink(root: &Path, relative: &Path) -> bool {
+    let mut at = root.to_path_buf();
+    for component in relative.components() {
+        at.push(component);
+        if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+            return true;
+        }
+    }
+    false
+}
+
 fn mark_opaque(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     xattr::set(dir, "trusted.overlay.opaque", b"y")
@@ -102,6 +123,35 @@ mod tests {
         assert_eq!(safe_relative(Path::new("/bin/sh")), Some("bin/sh".into()));
         assert_eq!(safe_relative(Path::new("./etc/hosts")), Some("etc/hosts".into()));
         assert_eq!(safe_relative(Path::new("../../etc/shadow")), None);
+    }
+
+    #[test]
+    fn whiteouts_never_follow_a_symlink_out_of_the_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("precious"), "keep").unwrap();
+        let blob = dir.path().join("layer.tar");
+        let mut builder = tar::Builder::new(File::create(&blob).unwrap());
+        let mut link = tar::Header::new_gnu();
+        link.set_entry_type(tar::EntryType::Symlink);
+        link.set_size(0);
+        link.set_uid(0);
+        link.set_gid(0);
+        builder.append_link(&mut link, "evil", &outside).unwrap();
+        for name in ["evil/.wh.precious", "evil/.wh..wh..opq"] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(0);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mode(0o644);
+            builder.append_data(&mut header, name, std::io::empty()).unwrap();
+        }
+        builder.into_inner().unwrap();
+
+        unpack_layer(&blob, false, &dir.path().join("out")).unwrap();
+        assert_eq!(std::fs::read_to_string(outside.join("precious")).unwrap(), "keep");
+        assert!(xattr::get(&outside, "trusted.overlay.opaque").unwrap().is_none());
     }
 
     #[test]
