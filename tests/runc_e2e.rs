@@ -110,10 +110,7 @@ async fn a_hundred_create_delete_cycles_and_failed_creates_leave_nothing_behind(
     if skip_without_prerequisites("a_hundred_create_delete_cycles_and_failed_creates_leave_nothing_behind") {
         return;
     }
-    let node = RealNode::start(&sbxlet_binary(), 1).expect("sbxlet starts");
-    let archive = node.state_dir().join("busybox.tar");
-    busybox_image().unwrap().write_oci_archive(&archive, "example.test/busybox:cycles").unwrap();
-    assert_eq!(node.import(&archive).unwrap(), "example.test/busybox:cycles");
+    let node = node_with_image(1, "example.test/busybox:cycles");
     let mut ids: Vec<String> = (0..100).map(|i| format!("cycle-{i:03}")).collect();
     ids.extend(["no-image", "no-binary"].map(String::from));
     let baseline = leftovers(&node, &ids);
@@ -136,11 +133,7 @@ async fn a_hundred_create_delete_cycles_and_failed_creates_leave_nothing_behind(
     for body in [missing_image, bad_entrypoint] {
         let id = body["id"].as_str().unwrap().to_string();
         assert_eq!(agent.send(Method::POST, "/api/v1/sandboxes", Some(body)).await.0, 201);
-        let failed = eventually(30, &format!("{id} failed"), || async {
-            let (_, body) = agent.send(Method::GET, &format!("/api/v1/sandboxes/{id}"), None).await;
-            (body["sandbox"]["phase"] == "failed").then_some(body)
-        })
-        .await;
+        let failed = agent.wait_phase(&id, "failed").await;
         assert!(!failed["sandbox"]["message"].as_str().unwrap_or("").is_empty(), "says why: {failed}");
         assert_eq!(agent.send(Method::DELETE, &format!("/api/v1/sandboxes/{id}"), None).await.0, 200);
     }
@@ -161,10 +154,7 @@ async fn egress_off_reaches_nothing_outside_and_egress_on_does() {
     if skip_without_prerequisites("egress_off_reaches_nothing_outside_and_egress_on_does") {
         return;
     }
-    let node = RealNode::start(&sbxlet_binary(), 2).expect("sbxlet starts");
-    let archive = node.state_dir().join("busybox.tar");
-    busybox_image().unwrap().write_oci_archive(&archive, "example.test/busybox:egress").unwrap();
-    node.import(&archive).unwrap();
+    let node = node_with_image(2, "example.test/busybox:egress");
     // A server on this machine, on the bridge's own address: outside every sandbox.
     let gateway = node.ip_pool.replace(".0/24", ".1");
     let outside = tokio::net::TcpListener::bind((gateway.as_str(), 0)).await.unwrap();
@@ -222,12 +212,7 @@ async fn sandboxes_created_together_pull_their_image_once() {
         assert_eq!(code, 201, "{answer}");
     }
     for id in &ids {
-        eventually(60, &format!("{id} running"), || async {
-            let (_, body) = agent.send(Method::GET, &format!("/api/v1/sandboxes/{id}"), None).await;
-            assert_ne!(body["sandbox"]["phase"], "failed", "{body}");
-            (body["sandbox"]["phase"] == "running").then_some(())
-        })
-        .await;
+        agent.wait_phase(id, "running").await;
     }
     assert_eq!(registry.blob_downloads("padded", &image.layer_digest()), 1, "one pull for three sandboxes");
     for id in &ids {
@@ -240,18 +225,11 @@ async fn a_container_that_vanishes_without_an_exit_fails_its_sandbox_as_vanished
     if skip_without_prerequisites("a_container_that_vanishes_without_an_exit_fails_its_sandbox_as_vanished") {
         return;
     }
-    let node = RealNode::start(&sbxlet_binary(), 4).expect("sbxlet starts");
-    let archive = node.state_dir().join("busybox.tar");
-    busybox_image().unwrap().write_oci_archive(&archive, "example.test/busybox:vanish").unwrap();
-    node.import(&archive).unwrap();
+    let node = node_with_image(4, "example.test/busybox:vanish");
     let agent = AgentApi::new(node.addr);
     let body = agent_sandbox("ghost", "example.test/busybox:vanish", &["sleep", "1000"], &[]);
     assert_eq!(agent.send(Method::POST, "/api/v1/sandboxes", Some(body)).await.0, 201);
-    eventually(30, "ghost running", || async {
-        let (_, body) = agent.send(Method::GET, "/api/v1/sandboxes/ghost", None).await;
-        (body["sandbox"]["phase"] == "running").then_some(())
-    })
-    .await;
+    agent.wait_phase("ghost", "running").await;
 
     // Kill the shim first, so nothing records an exit, then the container: it is simply gone.
     let bundle = node.state_dir().join("sandboxes/ghost/containers/main").display().to_string();
@@ -266,11 +244,7 @@ async fn a_container_that_vanishes_without_an_exit_fails_its_sandbox_as_vanished
     host(&["runc", "--root", &runc_root, "kill", "ghost_main", "KILL"]);
 
     let (_, _) = agent.send(Method::POST, "/api/v1/reconcile", None).await;
-    let failed = eventually(30, "ghost failed as vanished", || async {
-        let (_, body) = agent.send(Method::GET, "/api/v1/sandboxes/ghost", None).await;
-        (body["sandbox"]["phase"] == "failed").then_some(body)
-    })
-    .await;
+    let failed = agent.wait_phase("ghost", "failed").await;
     assert_eq!(failed["sandbox"]["message"], "container main vanished", "{failed}");
     assert_eq!(agent.send(Method::DELETE, "/api/v1/sandboxes/ghost", None).await.0, 200);
     assert_eq!(leftovers(&node, &["ghost".to_string()]).iter().map(|(_, n)| n).sum::<usize>(), 0);
@@ -421,6 +395,19 @@ impl AgentApi {
         AgentApi { http: reqwest::Client::new(), base: format!("http://{addr}") }
     }
 
+    /// Waits (60 s at most) until the agent shows sandbox `id` in `phase`; returns its answer. Failing
+    /// on the way ends the wait at once unless `phase` is "failed".
+    async fn wait_phase(&self, id: &str, phase: &str) -> Value {
+        eventually(60, &format!("{id} {phase}"), || async {
+            let (_, body) = self.send(Method::GET, &format!("/api/v1/sandboxes/{id}"), None).await;
+            if phase != "failed" {
+                assert_ne!(body["sandbox"]["phase"], "failed", "{body}");
+            }
+            (body["sandbox"]["phase"] == phase).then_some(body)
+        })
+        .await
+    }
+
     async fn send(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
         let mut request = self.http.request(method, format!("{}{path}", self.base)).timeout(Duration::from_secs(60));
         if let Some(body) = body {
@@ -430,6 +417,16 @@ impl AgentApi {
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
+}
+
+/// A real node (`slot` keeps nodes of one test process apart) with the busybox image imported as
+/// `reference`.
+fn node_with_image(slot: u32, reference: &str) -> RealNode {
+    let node = RealNode::start(&sbxlet_binary(), slot).expect("sbxlet starts");
+    let archive = node.state_dir().join("busybox.tar");
+    busybox_image().unwrap().write_oci_archive(&archive, reference).unwrap();
+    assert_eq!(node.import(&archive).unwrap(), reference);
+    node
 }
 
 fn agent_sandbox(id: &str, image: &str, args: &[&str], ports: &[(u16, u16)]) -> Value {
