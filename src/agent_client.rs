@@ -41,6 +41,18 @@ impl HttpAgentClient {
         self
     }
 
+    /// The bound of ordinary agent calls.
+    pub fn call_timeout(&self) -> Duration {
+        self.call_timeout
+    }
+
+    /// The pooled HTTP client for data-plane calls to the agent at `base_url` (no redirects, the
+    /// connect timeout of every call; each call sets its own total bound, streams have none).
+    pub fn data_plane_http(&self, base_url: &str) -> AgentResult<&reqwest::Client> {
+        self.check_address(base_url)?;
+        Ok(&self.http)
+    }
+
     fn check_address(&self, base_url: &str) -> AgentResult<()> {
         if !self.loopback_only {
             return Ok(());
@@ -83,7 +95,8 @@ impl HttpAgentClient {
     }
 }
 
-fn describe_send_error(e: reqwest::Error) -> AgentError {
+/// An agent call's failure: unreachable (connect, timeout) or an invalid answer, with every cause.
+pub fn describe_send_error(e: reqwest::Error) -> AgentError {
     if e.is_timeout() {
         return AgentError::Unreachable("timed out".into());
     }

@@ -69,6 +69,8 @@ pub struct Config {
     pub nodes: Vec<StaticNode>,
     pub auth_token_file: Option<PathBuf>,
     pub max_body_bytes: usize,
+    /// Largest file or archive uploaded through the data plane (`…/files`, `…/files/archive`).
+    pub max_file_bytes: u64,
     pub log_format: LogFormat,
     pub watch_history_bytes: usize,
     /// Refuse agent addresses outside loopback (tests and demos); not a file key, set by code or `SANDBOXD_LOOPBACK_ONLY=1`.
@@ -101,7 +103,7 @@ const fn key(name: &'static str, default: &'static str, help: &'static str) -> K
 
 /// Every key, in the order of the table in semantics.md. This is the one declaration of each key:
 /// the file layer, the env layer, the flags and their `--help` all read it.
-pub const KEYS: [Key; 20] = [
+pub const KEYS: [Key; 21] = [
     key("listen", "0.0.0.0:8082", "Address the API listens on"),
     key(
         "store",
@@ -128,6 +130,7 @@ pub const KEYS: [Key; 20] = [
     key("nodes", "[]", "Static nodes as JSON: [{\"id\": \"n1\", \"ip\": \"127.0.1.1\", \"port\": 8080}]"),
     key("auth_token_file", "", "File holding the bearer token every API request must carry (empty: no auth)"),
     key("max_body_bytes", "1MiB", "Largest request body the API accepts"),
+    key("max_file_bytes", "100MiB", "Largest file or archive uploaded into a sandbox (over it: 413)"),
     key("log_format", "text", "Log output: text or json"),
     key(
         "watch_history_bytes",
@@ -213,6 +216,7 @@ impl Config {
                 (!v.is_empty()).then(|| PathBuf::from(v))
             },
             max_body_bytes: parse_key("max_body_bytes", &value("max_body_bytes"), parse_byte_size)?,
+            max_file_bytes: parse_key("max_file_bytes", &value("max_file_bytes"), parse_byte_size)? as u64,
             log_format: parse_key("log_format", &value("log_format"), |s| match s {
                 "text" => Ok(LogFormat::Text),
                 "json" => Ok(LogFormat::Json),

@@ -93,8 +93,9 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
     if config.loopback_only_agents {
         agent_client = agent_client.loopback_only();
     }
-    let agents: Arc<dyn AgentClient> = Arc::new(agent_client);
-    let state = ApiState::new(store.clone(), &config, auth_token).with_agents(agents.clone());
+    let agents: Arc<dyn AgentClient> = Arc::new(agent_client.clone());
+    let state =
+        ApiState::new(store.clone(), &config, auth_token).with_agents(agents.clone()).with_data_plane(agent_client);
     declare_static_nodes(&state, &config).await?;
     if !matches!(mode, Mode::ApiOnly) {
         let keep_fresh_states = matches!(mode, Mode::AllInOneElected(_));

@@ -5,9 +5,12 @@
 mod common;
 
 use common::*;
+use futures::StreamExt;
 use reqwest::Method;
+use sandboxd_api::dataplane::ExecRequest;
 use sandboxd_api::{Container, ContainerResource, NodeState, Phase, PortSpec, Probe, ProbeProtocol, Protocol};
 use sandboxd_api::{Sandbox, SandboxSpec};
+use sandboxd_client::dataplane::ExecOutput;
 use sandboxd_client::Client;
 use sandboxd_testkit::image::{busybox_available, busybox_image, INDEX_HTML};
 use sandboxd_testkit::{LocalRegistry, RealNode};
@@ -435,4 +438,213 @@ fn agent_sandbox(id: &str, image: &str, args: &[&str], ports: &[(u16, u16)]) -> 
         "ports": ports.iter().map(|(host, container)| json!({"host_port": host, "container_port": container, "protocol": "tcp"})).collect::<Vec<_>>(),
         "containers": [{"name": "main", "image": image, "args": args, "resource": {"cpu": "50m", "memory": "16Mi"}}]
     })
+}
+
+// === the data plane: exec, files and logs through the orchestrator ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_files_and_followed_logs_reach_a_real_container_and_never_the_host() {
+    if skip_without_prerequisites("exec_files_and_followed_logs_reach_a_real_container_and_never_the_host") {
+        return;
+    }
+    let reference = "example.test/busybox:dataplane";
+    let node = node_with_image(6, reference);
+    let ids: Vec<String> = vec!["dp".into()];
+    let baseline = leftovers(&node, &ids);
+    let (server, client) = start_server(test_config(&[("max_file_bytes", "11MiB")])).await;
+    register(&client, "real", node.addr).await;
+    wait_node_state(&client, "real", NodeState::Ready).await;
+
+    // A sandbox that cannot be placed stays Pending: exec is a 409, an unknown id a 404.
+    client.create_sandbox("waiting", &common::sandbox_spec("1000")).await.unwrap();
+    let pending = client.exec("waiting", &exec_request(&["true"])).await.unwrap_err();
+    assert_eq!(pending.status(), Some(409), "{pending}");
+    assert_eq!(client.exec("nobody", &exec_request(&["true"])).await.unwrap_err().status(), Some(404));
+
+    let spec = SandboxSpec {
+        containers: vec![container("main", reference, &["sh", "-c", "echo started; sleep 100000"], "200m", "32Mi")],
+        ..SandboxSpec::default()
+    };
+    client.create_sandbox("dp", &spec).await.unwrap();
+    wait_status(&client, "dp", "Running", |s| s.status.phase == Phase::Running).await;
+
+    // Buffered exec: both streams and the exit code.
+    let result = client.exec("dp", &exec_request(&["sh", "-c", "echo out; echo err >&2; exit 3"])).await.unwrap();
+    assert_eq!((result.exit_code, result.stdout.as_str(), result.stderr.as_str()), (3, "out\n", "err\n"));
+    let missing = client.exec("dp", &ExecRequest { container: Some("nope".into()), ..exec_request(&["true"]) }).await;
+    assert_eq!(missing.unwrap_err().status(), Some(404));
+
+    // A timeout kills the process inside the container.
+    let mut slow = exec_request(&["sleep", "77"]);
+    slow.timeout_seconds = Some(1);
+    let result = client.exec("dp", &slow).await.unwrap();
+    assert!(result.timed_out && result.exit_code == 137, "{result:?}");
+    assert!(result.duration_ms < 5_000, "killed at its timeout: {result:?}");
+    let ps = client.exec("dp", &exec_request(&["ps", "-o", "args"])).await.unwrap();
+    assert!(!ps.stdout.contains("sleep 77"), "the timed-out process is gone: {}", ps.stdout);
+
+    // A streamed exec fed over stdin answers while it runs.
+    let (mut input, mut outputs) = client
+        .exec_stream("dp", &exec_request(&["sh", "-c", "read line; echo got $line; read; exit 4"]))
+        .await
+        .unwrap();
+    input.stdin(b"hello\n").await.unwrap();
+    let answer = outputs.next().await.unwrap().unwrap();
+    assert_eq!(answer, ExecOutput::Stdout("got hello\n".into()));
+    input.close_stdin().await.unwrap();
+    let exit = outputs.next().await.unwrap().unwrap();
+    assert!(matches!(exit, ExecOutput::Exit { exit_code: 4, timed_out: false, .. }), "{exit:?}");
+
+    // A signal frame reaches the process (not runc): TERM ends `sleep` with 128+15.
+    let (mut input, mut outputs) = client.exec_stream("dp", &exec_request(&["sleep", "60"])).await.unwrap();
+    input.signal("TERM").await.unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(10), outputs.next()).await.unwrap().unwrap().unwrap();
+    assert!(matches!(exit, ExecOutput::Exit { exit_code: 143, .. }), "{exit:?}");
+
+    // A client that leaves mid-run gets its process killed.
+    let session = client.exec_stream("dp", &exec_request(&["sleep", "301"])).await.unwrap();
+    drop(session);
+    eventually(10, "the abandoned process killed", || async {
+        let ps = client.exec("dp", &exec_request(&["ps", "-o", "args"])).await.ok()?;
+        (!ps.stdout.contains("sleep 301")).then_some(())
+    })
+    .await;
+
+    // An interactive shell through `sbxctl exec -it`, driven from a pseudo-terminal.
+    let code = interactive_shell(client.base()).await;
+    assert_eq!(code, 5, "sbxctl exits with the shell's code");
+
+    // A 10 MiB file round trip, into the container's own /tmp (a tmpfs the host cannot see).
+    let big: Vec<u8> = (0..10u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let written = client.upload("dp", &[("path", "/tmp/up/big.bin")], false, big.clone().into()).await.unwrap();
+    assert_eq!(written.size, big.len() as u64);
+    assert_eq!(download(&client, "/tmp/up/big.bin").await, big, "the file comes back byte for byte");
+    let sum = client.exec("dp", &exec_request(&["sh", "-c", "wc -c < /tmp/up/big.bin"])).await.unwrap();
+    assert_eq!(sum.stdout.trim(), big.len().to_string(), "the container sees the file it was given");
+    let over = client.upload("dp", &[("path", "/tmp/over")], false, vec![0u8; 12 << 20].into()).await.unwrap_err();
+    assert_eq!(over.status(), Some(413), "{over}");
+
+    // A directory tree both ways with `sbxctl cp`.
+    let local = tempfile::tempdir().unwrap();
+    let tree = local.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub/deeper")).unwrap();
+    std::fs::write(tree.join("a.txt"), "alpha\n").unwrap();
+    std::fs::write(tree.join("sub/deeper/b.bin"), &big[..4096]).unwrap();
+    std::os::unix::fs::symlink("a.txt", tree.join("link")).unwrap();
+    let server_url = client.base().to_string();
+    let sbxctl = |args: &[&str]| {
+        let out = Command::new(sbxctl_binary()).args(["--server", &server_url]).args(args).output().unwrap();
+        assert!(out.status.success(), "sbxctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    sbxctl(&["cp", tree.to_str().unwrap(), "dp:/tmp/tree"]);
+    let listed = client.exec("dp", &exec_request(&["cat", "/tmp/tree/a.txt", "/tmp/tree/link"])).await.unwrap();
+    assert_eq!(listed.stdout, "alpha\nalpha\n");
+    let back = local.path().join("back");
+    sbxctl(&["cp", "dp:/tmp/tree", back.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(back.join("a.txt")).unwrap(), "alpha\n");
+    assert_eq!(std::fs::read(back.join("sub/deeper/b.bin")).unwrap(), &big[..4096]);
+    assert_eq!(std::fs::read_link(back.join("link")).unwrap(), Path::new("a.txt"));
+
+    // Escapes: `..` is refused, and a symlink to a host path resolves inside the container.
+    let secret = std::env::temp_dir().join(format!("sbx-host-secret-{}", std::process::id()));
+    std::fs::write(&secret, "host only").unwrap();
+    let dotdot = client.download("dp", &[("path", "/tmp/../../etc/hostname")], false).await.err().unwrap();
+    assert_eq!(dotdot.status(), Some(400), "{dotdot}");
+    let link = format!("ln -s /../../../..{} /tmp/escape", secret.display());
+    assert_eq!(client.exec("dp", &exec_request(&["sh", "-c", &link])).await.unwrap().exit_code, 0);
+    let through = client.download("dp", &[("path", "/tmp/escape")], false).await.err().unwrap();
+    assert_eq!(through.status(), Some(404), "the link resolves in the container, where nothing is: {through}");
+    let _ = client.upload("dp", &[("path", "/tmp/escape")], false, "overwritten".into()).await;
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host only", "the host file is untouched");
+    std::fs::remove_file(&secret).unwrap();
+    let proc_write = client.upload("dp", &[("path", "/proc/sys/kernel/core_pattern")], false, "x".into()).await;
+    assert_eq!(proc_write.unwrap_err().status(), Some(400), "kernel filesystems are refused");
+
+    // `logs -f` sees a line written after it started.
+    let mut follow = client.follow_logs("dp", None, Some(1)).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), follow.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(String::from_utf8_lossy(&first), "started\n", "the tail comes first");
+    client.exec("dp", &exec_request(&["sh", "-c", "echo late line > /proc/1/fd/1"])).await.unwrap();
+    let late = tokio::time::timeout(Duration::from_secs(10), follow.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(String::from_utf8_lossy(&late), "late line\n");
+    drop(follow);
+
+    for id in ["dp", "waiting"] {
+        client.delete_sandbox(id).await.unwrap();
+    }
+    eventually(30, "dp removed", || async { client.get_sandbox("dp").await.err().filter(|e| e.is_not_found()) }).await;
+    assert_eq!(leftovers(&node, &ids), baseline, "exec and file access leave nothing behind");
+    server.stop().await.unwrap();
+}
+
+fn exec_request(command: &[&str]) -> ExecRequest {
+    ExecRequest { command: command.iter().map(|s| s.to_string()).collect(), ..ExecRequest::default() }
+}
+
+async fn download(client: &Client, path: &str) -> Vec<u8> {
+    let mut stream = client.download("dp", &[("path", path)], false).await.unwrap();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        bytes.extend_from_slice(&chunk.unwrap());
+    }
+    bytes
+}
+
+/// Runs `sbxctl exec -it dp -- sh` on a pseudo-terminal, types a calculation and `exit 5`, and
+/// returns sbxctl's exit code.
+async fn interactive_shell(server: &str) -> i32 {
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
+    grantpt(&master).unwrap();
+    unlockpt(&master).unwrap();
+    let slave_path = ptsname(&master, Vec::new()).unwrap();
+    let slave = std::fs::OpenOptions::new().read(true).write(true).open(slave_path.to_str().unwrap()).unwrap();
+    let mut child = Command::new(sbxctl_binary())
+        .args(["--server", server, "exec", "-it", "dp", "--", "sh"])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave)
+        .spawn()
+        .unwrap();
+    let mut terminal = std::fs::File::from(master);
+    let screen = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut reader = terminal.try_clone().unwrap();
+        let reading = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut buffer = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&buffer[..n]);
+                if String::from_utf8_lossy(&seen).contains("answer=42") {
+                    break;
+                }
+            }
+            seen
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        terminal.write_all(b"echo answer=$((6*7)); tty\r").unwrap();
+        let seen = reading.join().unwrap();
+        terminal.write_all(b"exit 5\r").unwrap();
+        (seen, terminal)
+    });
+    let (seen, _terminal) =
+        tokio::time::timeout(Duration::from_secs(20), screen).await.expect("the shell answers").unwrap();
+    let code = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(String::from_utf8_lossy(&seen).contains("answer=42"), "{}", String::from_utf8_lossy(&seen));
+    code.code().unwrap_or(-1)
+}
+
+fn sbxctl_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_sandboxd-o")).with_file_name("sbxctl");
+    if !path.is_file() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "sandboxd-client", "--bin", "sbxctl"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building sbxctl failed");
+    }
+    path
 }

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod dataplane;
 pub mod lease;
 pub mod names;
 pub mod node;

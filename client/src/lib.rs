@@ -1,6 +1,7 @@
 //! Typed async HTTP client for the sandboxd-o API, used by sbxctl, remote controllers, tests and benchmarks.
 #![forbid(unsafe_code)]
 
+pub mod dataplane;
 pub mod objects;
 
 use futures::stream::{BoxStream, StreamExt};
@@ -25,6 +26,9 @@ pub enum ClientError {
     /// The request failed in flight or timed out.
     #[error("request to {server} failed: {message}")]
     Transport { server: String, message: String },
+    /// A streamed exec could not start or broke (the error frame's message).
+    #[error("exec session on {server}: {message}")]
+    Session { server: String, message: String },
     /// The answer was not the JSON expected.
     #[error("unexpected answer from {server}: {message}")]
     Decode { server: String, message: String },
@@ -313,14 +317,14 @@ fn ndjson_lines(
     .boxed()
 }
 
-fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+pub(crate) fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
     let message = serde_json::from_slice::<ErrorBody>(body)
         .map(|e| e.error)
         .unwrap_or_else(|_| String::from_utf8_lossy(body).chars().take(200).collect());
     ClientError::Api { status: status.as_u16(), message }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut message = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {

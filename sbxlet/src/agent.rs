@@ -127,6 +127,23 @@ impl crate::backend::Backend for Agent {
     async fn reconcile(&self) {
         Agent::reconcile(self)
     }
+    /// The simulator's built-in commands (`crate::exec::builtin`); nothing runs on the host.
+    async fn exec(
+        &self,
+        id: &str,
+        request: &sandboxd_api::dataplane::ExecRequest,
+    ) -> Result<crate::exec::ExecProcess, RuntimeError> {
+        let sandbox = self.sandbox(id)?;
+        if sandbox.phase != sandboxd_api::agent::AgentPhase::Running {
+            return Err(RuntimeError::NotRunning(format!("sandbox {id:?} is {}, not running", sandbox.phase.as_str())));
+        }
+        if let Some(name) = &request.container {
+            if !sandbox.containers.iter().any(|c| &c.name == name) {
+                return Err(RuntimeError::ContainerNotFound { sandbox: id.to_string(), container: name.clone() });
+            }
+        }
+        Ok(crate::exec::builtin(&request.command))
+    }
 }
 
 /// Controls a running agent; dropping it stops the agent.

@@ -92,6 +92,15 @@ pub struct RuncFlags {
     /// Remove images no sandbox used for this long.
     #[arg(long, value_parser = parse_duration, default_value = "1h")]
     pub image_gc_after: Duration,
+    /// Largest file read or written through the files API, and largest archive (over it: 413).
+    #[arg(long, value_parser = byte_quantity, default_value = "100Mi")]
+    pub max_file_size: u64,
+    /// Bytes of stdout and of stderr a buffered exec returns; the rest is dropped and flagged.
+    #[arg(long, value_parser = byte_quantity, default_value = "1Mi")]
+    pub max_exec_output: u64,
+    /// Streamed execs and log follows open at once; more get 429.
+    #[arg(long, default_value_t = 4096)]
+    pub max_sessions: usize,
 }
 
 impl RuncFlags {
@@ -114,6 +123,11 @@ impl RuncFlags {
             runc: self.runc,
             log_max_bytes: self.log_max_size,
             image_gc_after: self.image_gc_after,
+            data_plane: crate::backend::DataPlaneLimits {
+                max_file_bytes: self.max_file_size,
+                max_exec_output_bytes: self.max_exec_output as usize,
+                max_sessions: self.max_sessions.max(1),
+            },
         }
     }
 }

@@ -26,6 +26,21 @@ pub enum RuntimeError {
     SandboxNotFound(String),
     #[error("container {container:?} not found in sandbox {sandbox:?}")]
     ContainerNotFound { sandbox: String, container: String },
+    /// The sandbox exists but is not running (exec and files need a running container).
+    #[error("{0}")]
+    NotRunning(String),
+    /// This runtime does not offer the operation (the simulator has no files).
+    #[error("{0}")]
+    Unsupported(String),
+    /// A path inside a container that does not exist.
+    #[error("{0}")]
+    NoSuchPath(String),
+    /// A path that is not allowed or not of the kind asked for (a directory where a file is needed).
+    #[error("{0}")]
+    BadPath(String),
+    /// A body or file over a configured cap.
+    #[error("{0}")]
+    TooLarge(String),
     /// The node could not do what was asked (a runtime, network or image step failed).
     #[error("{0}")]
     Failed(String),

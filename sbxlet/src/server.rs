@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use sandboxd_api::agent::{
-    AgentDeleted, AgentLogs, AgentPhase, AgentSandboxEnvelope, AgentSandboxList, AgentStatus, ErrorBody, Health,
+    AgentDeleted, AgentPhase, AgentSandboxEnvelope, AgentSandboxList, AgentStatus, ErrorBody, Health,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -28,7 +28,8 @@ pub(crate) fn router(backend: Arc<dyn Backend>) -> Router {
     ROUTES
         .get_or_init(routes)
         .clone()
-        .with_state(backend)
+        .with_state(backend.clone())
+        .merge(crate::dataplane::routes(backend))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }
@@ -46,8 +47,6 @@ fn routes() -> Router<Arc<dyn Backend>> {
         .route("/api/v1/status", get(status))
         .route("/api/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
         .route("/api/v1/sandboxes/{id}", get(get_sandbox).delete(delete_sandbox))
-        .route("/api/v1/sandboxes/{id}/logs", get(sandbox_logs))
-        .route("/api/v1/sandboxes/{id}/containers/{container}/logs", get(container_logs))
         .route("/api/v1/reconcile", post(reconcile))
 }
 
@@ -113,27 +112,6 @@ async fn delete_sandbox(
     Ok(Json(AgentDeleted { id, phase: AgentPhase::Deleted }))
 }
 
-#[derive(Debug, Deserialize)]
-struct TailParams {
-    tail: Option<usize>,
-}
-
-async fn sandbox_logs(
-    State(agent): BackendState,
-    ApiPath(id): ApiPath<String>,
-    ApiQuery(params): ApiQuery<TailParams>,
-) -> Result<Json<AgentLogs>, ApiError> {
-    Ok(Json(agent.logs(&id, None, params.tail).await?))
-}
-
-async fn container_logs(
-    State(agent): BackendState,
-    ApiPath((id, container)): ApiPath<(String, String)>,
-    ApiQuery(params): ApiQuery<TailParams>,
-) -> Result<Json<AgentLogs>, ApiError> {
-    Ok(Json(agent.logs(&id, Some(&container), params.tail).await?))
-}
-
 async fn reconcile(State(agent): BackendState) -> Json<Health> {
     agent.reconcile().await;
     Json(Health { ok: true })
@@ -188,13 +166,19 @@ pub(crate) enum ApiError {
     NoRoute,
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("{0}")]
+    TooMany(String),
 }
 
 impl ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ApiError::Runtime(RuntimeError::Invalid(_)) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Runtime(RuntimeError::SandboxNotFound(_) | RuntimeError::ContainerNotFound { .. })
+            ApiError::Runtime(RuntimeError::Invalid(_) | RuntimeError::BadPath(_)) | ApiError::BadRequest(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::Runtime(
+                RuntimeError::SandboxNotFound(_) | RuntimeError::ContainerNotFound { .. } | RuntimeError::NoSuchPath(_),
+            )
             | ApiError::NoRoute => StatusCode::NOT_FOUND,
             ApiError::Runtime(
                 RuntimeError::SpecConflict(_)
@@ -203,10 +187,14 @@ impl ApiError {
                 | RuntimeError::PortUnavailable(_)
                 | RuntimeError::InsufficientCpu { .. }
                 | RuntimeError::InsufficientMemory { .. }
-                | RuntimeError::PoolExhausted,
+                | RuntimeError::PoolExhausted
+                | RuntimeError::NotRunning(_),
             ) => StatusCode::CONFLICT,
+            ApiError::Runtime(RuntimeError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Runtime(RuntimeError::Unsupported(_)) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Runtime(RuntimeError::Failed(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }
@@ -218,7 +206,7 @@ impl IntoResponse for ApiError {
 }
 
 /// A JSON body parsed whatever its content type, answering 400 `{"error"}` when malformed.
-struct ApiJson<T>(T);
+pub(crate) struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
@@ -232,7 +220,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 }
 
 /// Query parameters answering 400 `{"error"}` when malformed.
-struct ApiQuery<T>(T);
+pub(crate) struct ApiQuery<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
@@ -245,7 +233,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 }
 
 /// Path parameters answering 400 `{"error"}` when malformed.
-struct ApiPath<T>(T);
+pub(crate) struct ApiPath<T>(pub T);
 
 impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
     type Rejection = ApiError;
@@ -276,5 +264,16 @@ mod tests {
         assert_eq!(capacity.status_code(), StatusCode::CONFLICT);
         assert_eq!(ApiError::Runtime(RuntimeError::SandboxNotFound("a".into())).status_code(), StatusCode::NOT_FOUND);
         assert_eq!(ApiError::Runtime(RuntimeError::Invalid("x".into())).status_code(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn data_plane_errors_have_one_status_each() {
+        let status = |e: RuntimeError| ApiError::Runtime(e).status_code();
+        assert_eq!(status(RuntimeError::NotRunning("x".into())), StatusCode::CONFLICT);
+        assert_eq!(status(RuntimeError::NoSuchPath("x".into())), StatusCode::NOT_FOUND);
+        assert_eq!(status(RuntimeError::BadPath("x".into())), StatusCode::BAD_REQUEST);
+        assert_eq!(status(RuntimeError::TooLarge("x".into())), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(status(RuntimeError::Unsupported("x".into())), StatusCode::NOT_IMPLEMENTED);
+        assert_eq!(ApiError::TooMany("x".into()).status_code(), StatusCode::TOO_MANY_REQUESTS);
     }
 }

@@ -1,5 +1,6 @@
 //! The HTTP API: routes for nodes, sandboxes and watches over the store.
 
+mod dataplane;
 mod error;
 mod extract;
 mod leases;
@@ -42,6 +43,10 @@ pub struct ApiState {
     /// Node agent client for the node proxy, heartbeats and the status call on node create; `None` makes no agent calls.
     pub agents: Option<Arc<dyn AgentClient>>,
     pub node_settings: NodeSettings,
+    /// Agent client of the data plane (exec, files, logs); `None` answers those routes with 503.
+    pub data_plane: Option<crate::agent_client::HttpAgentClient>,
+    /// Largest upload through the data plane.
+    pub max_file_bytes: u64,
 }
 
 impl ApiState {
@@ -56,6 +61,8 @@ impl ApiState {
             shutdown: CancellationToken::new(),
             agents: None,
             node_settings: node_settings(config),
+            data_plane: None,
+            max_file_bytes: config.max_file_bytes,
         }
     }
 
@@ -63,6 +70,12 @@ impl ApiState {
     pub fn with_agents(mut self, agents: Arc<dyn AgentClient>) -> ApiState {
         self.registry = self.registry.with_agents(agents.clone());
         self.agents = Some(agents);
+        self
+    }
+
+    /// The same state, serving exec, files and logs through `client`.
+    pub fn with_data_plane(mut self, client: crate::agent_client::HttpAgentClient) -> ApiState {
+        self.data_plane = Some(client);
         self
     }
 }
@@ -95,6 +108,14 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/api/v1/sandboxes/{id}", get(sandboxes::get_one).put(sandboxes::update_spec).delete(sandboxes::delete))
         .route("/api/v1/sandboxes/{id}/status", put(sandboxes::put_status))
         .route("/api/v1/sandboxes/{id}/finalize", post(sandboxes::finalize))
+        .route("/api/v1/sandboxes/{id}/exec", post(dataplane::exec))
+        .route("/api/v1/sandboxes/{id}/exec/stream", get(dataplane::exec_stream))
+        .route(
+            "/api/v1/sandboxes/{id}/files",
+            get(dataplane::read_file).put(dataplane::write_file).delete(dataplane::delete_file),
+        )
+        .route("/api/v1/sandboxes/{id}/files/archive", get(dataplane::read_archive).put(dataplane::write_archive))
+        .route("/api/v1/sandboxes/{id}/logs", get(dataplane::logs))
         .route("/api/v1/leases", post(leases::create).get(leases::list))
         .route("/api/v1/leases/{name}", get(leases::get_one).put(leases::update).delete(leases::delete))
         .route("/openapi.json", get(openapi::document))

@@ -34,6 +34,14 @@ use utoipa::OpenApi;
         super::proxy::delete_sandbox,
         super::proxy::logs,
         super::proxy::container_logs,
+        super::dataplane::exec,
+        super::dataplane::exec_stream,
+        super::dataplane::read_file,
+        super::dataplane::write_file,
+        super::dataplane::delete_file,
+        super::dataplane::read_archive,
+        super::dataplane::write_archive,
+        super::dataplane::logs,
         document,
     ),
     components(schemas(
@@ -45,6 +53,11 @@ use utoipa::OpenApi;
         sandboxd_api::sandbox::SandboxCreateRequest,
         sandboxd_api::sandbox::SandboxUpdateRequest,
         sandboxd_api::sandbox::SandboxStatusUpdate,
+        sandboxd_api::dataplane::ExecRequest,
+        sandboxd_api::dataplane::ExecResult,
+        sandboxd_api::dataplane::DirListing,
+        sandboxd_api::dataplane::FileEntry,
+        sandboxd_api::dataplane::FileWritten,
     ))
 )]
 struct ApiDoc;

@@ -1,6 +1,7 @@
 //! sandboxd-bench: runs benchmark scenarios against a real `sandboxd-o serve` and `sbxlet fleet`, and prints figures.
 
 mod cluster;
+mod dataplane;
 mod failover;
 mod load;
 mod observe;
@@ -14,7 +15,7 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(name = "sandboxd-bench", about = "Benchmarks sandboxd-o through its public API")]
 struct Cli {
-    /// Scenarios to run: store-create, store-create-etcd, heartbeats, burst-1k, scheduling-basic, startup-latency, burst, scale, api-latency, failover, soak, real-runtime, or all.
+    /// Scenarios to run: store-create, store-create-etcd, heartbeats, burst-1k, scheduling-basic, startup-latency, burst, scale, api-latency, failover, soak, real-runtime, data-plane, or all.
     #[arg(default_value = "all")]
     scenarios: Vec<String>,
     /// Tiny sizes that only check correctness (every sandbox Running, unique ports), for CI.

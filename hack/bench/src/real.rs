@@ -87,7 +87,7 @@ pub async fn real_runtime(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report>
     Ok(report("real-runtime", smoke, figures, "p99 create->Running <= 150 ms", Some(met)))
 }
 
-fn missing_prerequisites() -> Option<String> {
+pub(crate) fn missing_prerequisites() -> Option<String> {
     let root = std::fs::read_to_string("/proc/self/status")
         .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false);
@@ -108,6 +108,11 @@ fn missing_prerequisites() -> Option<String> {
 
 /// A sandbox whose one container sleeps: the smallest real workload (10m CPU, 16Mi).
 fn sleeper(image: &str) -> SandboxSpec {
+    sleeping_sandbox(image, "10m", "16Mi")
+}
+
+/// A sandbox whose one container (`main`) sleeps, with these requests.
+pub(crate) fn sleeping_sandbox(image: &str, cpu: &str, memory: &str) -> SandboxSpec {
     SandboxSpec {
         containers: vec![Container {
             name: "main".into(),
@@ -116,8 +121,8 @@ fn sleeper(image: &str) -> SandboxSpec {
             env: vec![],
             work_dir: String::new(),
             resource: Some(ContainerResource {
-                cpu: Some("10m".into()),
-                memory: Some("16Mi".into()),
+                cpu: Some(cpu.into()),
+                memory: Some(memory.into()),
                 ephemeral_storage: None,
             }),
         }],
@@ -125,7 +130,7 @@ fn sleeper(image: &str) -> SandboxSpec {
     }
 }
 
-async fn wait_ready(cluster: &Cluster) -> anyhow::Result<()> {
+pub(crate) async fn wait_ready(cluster: &Cluster) -> anyhow::Result<()> {
     for _ in 0..600 {
         if cluster.client.get_node("real").await.is_ok_and(|n| n.status.state == NodeState::Ready) {
             return Ok(());
@@ -135,7 +140,7 @@ async fn wait_ready(cluster: &Cluster) -> anyhow::Result<()> {
     anyhow::bail!("the real node never became Ready")
 }
 
-async fn wait_phase(cluster: &Cluster, id: &str, phase: Phase, limit: Duration) -> anyhow::Result<()> {
+pub(crate) async fn wait_phase(cluster: &Cluster, id: &str, phase: Phase, limit: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     while start.elapsed() < limit {
         let s = cluster.client.get_sandbox(id).await?;
@@ -211,7 +216,7 @@ fn sandboxes_memory_bytes(cgroup_parent: &str) -> u64 {
     stat.lines().find_map(|l| l.strip_prefix(key)?.trim().parse().ok()).unwrap_or(0)
 }
 
-fn rss_bytes(pid: u32) -> u64 {
+pub(crate) fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
@@ -236,7 +241,7 @@ fn processes_rss_bytes(state_dir: &str) -> u64 {
         .sum()
 }
 
-fn ms(d: Duration) -> Value {
+pub(crate) fn ms(d: Duration) -> Value {
     json!((d.as_secs_f64() * 10_000.0).round() / 10.0)
 }
 

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 13] = [
     "store-create",
     "store-create-etcd",
     "heartbeats",
@@ -23,6 +23,7 @@ pub const ALL: [&str; 12] = [
     "failover",
     "soak",
     "real-runtime",
+    "data-plane",
 ];
 
 /// One scenario's figures, printed as one JSON line.
@@ -65,6 +66,7 @@ pub async fn run(name: &str, bin_dir: &Path, smoke: bool) -> anyhow::Result<Repo
         "failover" => crate::failover::failover(bin_dir, smoke).await,
         "soak" => crate::soak::soak(bin_dir, smoke).await,
         "real-runtime" => crate::real::real_runtime(bin_dir, smoke).await,
+        "data-plane" => crate::dataplane::data_plane(bin_dir, smoke).await,
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }

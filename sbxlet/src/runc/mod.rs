@@ -4,6 +4,7 @@
 
 mod cgroups;
 mod container;
+mod exec;
 mod host;
 pub mod image;
 mod network;
@@ -11,7 +12,7 @@ mod proxy;
 mod spec;
 mod unpack;
 
-use crate::backend::{Backend, Created};
+use crate::backend::{Backend, Created, DataPlaneLimits};
 use crate::error::RuntimeError;
 use crate::sim::ip_pool::IpPool;
 use crate::sim::{logs::keep_tail, validate_request};
@@ -23,6 +24,7 @@ use parking_lot::Mutex;
 use sandboxd_api::agent::{
     AgentContainer, AgentCreateRequest, AgentLogs, AgentPhase, AgentSandbox, AgentSandboxList, AgentStatus, LogLines,
 };
+use sandboxd_api::dataplane::ExecRequest;
 use sandboxd_api::validate::{sandbox_requests, SandboxPolicy};
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -60,6 +62,8 @@ pub struct RuncConfig {
     pub log_max_bytes: u64,
     /// Images no sandbox used for this long are removed.
     pub image_gc_after: Duration,
+    /// Caps of exec output, file transfers and streaming sessions.
+    pub data_plane: DataPlaneLimits,
 }
 
 impl Default for RuncConfig {
@@ -77,6 +81,7 @@ impl Default for RuncConfig {
             runc: "runc".into(),
             log_max_bytes: 10 << 20,
             image_gc_after: Duration::from_secs(3600),
+            data_plane: DataPlaneLimits::default(),
         }
     }
 }
@@ -362,6 +367,37 @@ impl RuncRuntime {
         }
     }
 
+    /// The sandbox as the API shows it, with its record.
+    fn current(&self, id: &str) -> Result<(Record, AgentSandbox), RuntimeError> {
+        let (record, deleting) = self
+            .state
+            .lock()
+            .sandboxes
+            .get(id)
+            .map(|h| (h.record.clone(), h.deleting))
+            .ok_or_else(|| RuntimeError::SandboxNotFound(id.to_string()))?;
+        let view = self.view_of(id, &record, deleting);
+        Ok((record, view))
+    }
+
+    /// The bundle of a running container of a running sandbox (`container`, or the first).
+    fn running_container(&self, id: &str, container: Option<&str>) -> Result<Bundle, RuntimeError> {
+        let (record, view) = self.current(id)?;
+        if view.phase != AgentPhase::Running {
+            return Err(RuntimeError::NotRunning(format!("sandbox {id:?} is {}, not running", view.phase.as_str())));
+        }
+        let name = container.unwrap_or_else(|| record.request.containers[0].name.as_str());
+        let state = view
+            .containers
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| RuntimeError::ContainerNotFound { sandbox: id.to_string(), container: name.to_string() })?;
+        if state.state != "running" {
+            return Err(RuntimeError::NotRunning(format!("container {name:?} of sandbox {id:?} is {}", state.state)));
+        }
+        Ok(self.bundle(id, name))
+    }
+
     fn record(&self, id: &str) -> Option<Record> {
         self.state.lock().sandboxes.get(id).map(|h| h.record.clone())
     }
@@ -644,14 +680,7 @@ impl Backend for Arc<RuncRuntime> {
     }
 
     async fn get(&self, id: &str) -> Result<AgentSandbox, RuntimeError> {
-        let (record, deleting) = self
-            .state
-            .lock()
-            .sandboxes
-            .get(id)
-            .map(|h| (h.record.clone(), h.deleting))
-            .ok_or_else(|| RuntimeError::SandboxNotFound(id.to_string()))?;
-        Ok(self.view_of(id, &record, deleting))
+        self.current(id).map(|(_, view)| view)
     }
 
     async fn list(&self, cursor: &str, limit: usize) -> AgentSandboxList {
@@ -704,6 +733,58 @@ impl Backend for Arc<RuncRuntime> {
             external: self.config.external.clone(),
             sandboxes: state.sandboxes.len() as u64,
         }
+    }
+
+    async fn exec(&self, id: &str, request: &ExecRequest) -> Result<crate::exec::ExecProcess, RuntimeError> {
+        let bundle = self.running_container(id, request.container.as_deref())?;
+        exec::spawn(&self.runc, &bundle, request).await
+    }
+
+    /// `/proc/<pid>/root` of the container's first process, opened and then checked to be the
+    /// container's own rootfs mount: a pid recorded before a reboot, or reused after the container
+    /// ended, could otherwise open a host process's root.
+    async fn container_root(
+        &self,
+        id: &str,
+        container: Option<&str>,
+    ) -> Result<crate::files::ContainerRoot, RuntimeError> {
+        let bundle = self.running_container(id, container)?;
+        let pid = exec::container_pid(&bundle.dir)
+            .ok_or_else(|| RuntimeError::NotRunning(format!("container {} has no process", bundle.id)))?;
+        let max = self.config.data_plane.max_file_bytes;
+        let message = format!("container {} is not running", bundle.id);
+        let not_running = move || RuntimeError::NotRunning(message.clone());
+        tokio::task::spawn_blocking(move || {
+            let root = crate::files::ContainerRoot::open(Path::new(&format!("/proc/{pid}/root")), max)
+                .map_err(|_| not_running())?;
+            if !root.is_same_directory(&bundle.rootfs()) {
+                return Err(not_running());
+            }
+            Ok(root)
+        })
+        .await
+        .map_err(|e| RuntimeError::Failed(format!("opening the container's root: {e}")))?
+    }
+
+    async fn log_files(
+        &self,
+        id: &str,
+        container: Option<&str>,
+    ) -> Result<Option<Vec<(String, PathBuf)>>, RuntimeError> {
+        let record = self.record(id).ok_or_else(|| RuntimeError::SandboxNotFound(id.to_string()))?;
+        let names: Vec<&str> = record.request.containers.iter().map(|c| c.name.as_str()).collect();
+        let chosen: Vec<&str> = match container {
+            Some(name) if !names.contains(&name) => {
+                return Err(RuntimeError::ContainerNotFound { sandbox: id.to_string(), container: name.to_string() })
+            }
+            Some(name) => vec![name],
+            None => names,
+        };
+        Ok(Some(chosen.into_iter().map(|name| (name.to_string(), self.bundle(id, name).log_path())).collect()))
+    }
+
+    fn limits(&self) -> DataPlaneLimits {
+        self.config.data_plane
     }
 
     async fn reconcile(&self) {

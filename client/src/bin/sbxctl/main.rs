@@ -14,6 +14,7 @@ pub fn print_line(args: std::fmt::Arguments<'_>) {
     }
 }
 
+mod dataplane;
 mod manifest;
 mod render;
 mod wait;
@@ -66,14 +67,37 @@ enum Command {
         #[arg(long, default_value = "60s")]
         timeout: String,
     },
-    /// Print a sandbox's logs (through the node proxy).
+    /// Print a sandbox's logs; `-f` keeps printing new lines until the sandbox ends.
     Logs {
         sandbox: String,
         #[arg(short = 'c', long)]
         container: Option<String>,
         #[arg(long)]
         tail: Option<usize>,
+        #[arg(short = 'f', long)]
+        follow: bool,
     },
+    /// Run a command in a Running sandbox: `sbxctl exec SANDBOX [-c C] [-i] [-t] -- CMD...`.
+    /// The exit code is the command's.
+    Exec {
+        sandbox: String,
+        /// The container (default: the sandbox's first).
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        /// Pass this terminal's stdin to the command.
+        #[arg(short = 'i', long)]
+        stdin: bool,
+        /// Run the command under a terminal (for interactive shells; use with -i).
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// Kill the command after this long (e.g. 30s, 5m).
+        #[arg(long)]
+        timeout: Option<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Copy files and directories: `sbxctl cp LOCAL SANDBOX:PATH` or `sbxctl cp SANDBOX:PATH LOCAL`.
+    Cp { source: String, destination: String },
     /// Wait for a condition: `wait sandbox/NAME --for phase=Running`.
     Wait {
         target: String,
@@ -138,7 +162,18 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Describe { resource, name } => render::describe(&client, resource, &name).await.map(|_| 0),
         Command::Delete { resource, name, wait, timeout } => delete(&client, resource, &name, wait, &timeout).await,
-        Command::Logs { sandbox, container, tail } => logs(&client, &sandbox, container.as_deref(), tail).await,
+        Command::Logs { sandbox, container, tail, follow: true } => {
+            dataplane::follow_logs(&client, &sandbox, container.as_deref(), tail).await
+        }
+        Command::Logs { sandbox, container, tail, follow: false } => {
+            logs(&client, &sandbox, container.as_deref(), tail).await
+        }
+        Command::Exec { sandbox, container, stdin, tty, timeout, command } => {
+            let timeout_seconds = timeout.as_deref().map(parse_duration).transpose()?.map(|d| d.as_secs().max(1));
+            let options = dataplane::ExecOptions { container, stdin, tty, timeout_seconds };
+            dataplane::exec(&client, &sandbox, command, options).await
+        }
+        Command::Cp { source, destination } => dataplane::cp(&client, &source, &destination).await,
         Command::Wait { target, condition, timeout } => wait::wait(&client, &target, &condition, &timeout).await,
         Command::Heartbeat { target } => heartbeat(&client, &target).await,
         Command::Completion { shell } => {
