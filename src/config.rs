@@ -202,7 +202,10 @@ impl Config {
             sync_period: parse_key("sync_period", &value("sync_period"), positive_duration)?,
             agent_timeout: parse_key("agent_timeout", &value("agent_timeout"), positive_duration)?,
             max_ttl_seconds: parse_key("max_ttl_seconds", &value("max_ttl_seconds"), |s| {
-                s.parse::<i64>().ok().filter(|v| *v >= 0).ok_or_else(|| format!("{s:?} is not a non-negative integer"))
+                s.parse::<i64>()
+                    .ok()
+                    .filter(|v| (0..=MAX_TTL_CEILING).contains(v))
+                    .ok_or_else(|| format!("{s:?} is not an integer in 0-{MAX_TTL_CEILING} (ten years)"))
             })?,
             default_cpu_milli: parse_key("default_cpu", &value("default_cpu"), |s| {
                 parse_cpu_milli(s).map_err(|e| e.to_string()).and_then(nonzero)
@@ -215,8 +218,12 @@ impl Config {
                 let v = value("auth_token_file");
                 (!v.is_empty()).then(|| PathBuf::from(v))
             },
-            max_body_bytes: parse_key("max_body_bytes", &value("max_body_bytes"), parse_byte_size)?,
-            max_file_bytes: parse_key("max_file_bytes", &value("max_file_bytes"), parse_byte_size)? as u64,
+            max_body_bytes: parse_key("max_body_bytes", &value("max_body_bytes"), |s| {
+                at_most(parse_byte_size(s)?, 64 << 20, "64MiB (JSON bodies are read whole)")
+            })?,
+            max_file_bytes: parse_key("max_file_bytes", &value("max_file_bytes"), |s| {
+                at_most(parse_byte_size(s)?, 64 << 30, "64GiB")
+            })? as u64,
             log_format: parse_key("log_format", &value("log_format"), |s| match s {
                 "text" => Ok(LogFormat::Text),
                 "json" => Ok(LogFormat::Json),
@@ -265,6 +272,7 @@ impl Config {
             max_ttl_seconds: self.max_ttl_seconds,
             default_cpu_milli: self.default_cpu_milli,
             default_memory_bytes: self.default_memory_bytes,
+            host_port_range: Some(self.host_port_range),
         }
     }
 }
@@ -322,6 +330,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 fn parse_byte_size(s: &str) -> Result<usize, String> {
     let quantity = s.strip_suffix("iB").map(|p| format!("{p}i")).unwrap_or_else(|| s.to_string());
     parse_bytes(&quantity).map_err(|e| e.to_string()).and_then(nonzero).map(|b| b as usize)
+}
+
+/// The largest `max_ttl_seconds`: ten years, far from any overflow of a timestamp sum.
+const MAX_TTL_CEILING: i64 = 10 * 365 * 86_400;
+
+fn at_most(value: usize, max: usize, shown: &str) -> Result<usize, String> {
+    if value > max {
+        Err(format!("{value} bytes is more than {shown}"))
+    } else {
+        Ok(value)
+    }
 }
 
 fn positive_duration(s: &str) -> Result<Duration, String> {
@@ -481,6 +500,9 @@ mod tests {
             ("log_format", "xml"),
             ("nodes", "[{\"id\": \"Bad_Name\", \"ip\": \"127.0.0.1\", \"port\": 1}]"),
             ("max_ttl_seconds", "-5"),
+            ("max_ttl_seconds", "9223372036854775807"),
+            ("max_body_bytes", "100GiB"),
+            ("max_file_bytes", "1Ti"),
             ("watch_history_bytes", "1Ki"),
             ("watch_history_bytes", "lots"),
         ];

@@ -1319,3 +1319,53 @@ async fn leases_are_created_once_and_written_only_with_a_current_resource_versio
     let (status, _) = call(&app, "GET", path, None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+// === hostile input (issue 16): every error is small JSON, pinned ports stay in range ===
+
+#[tokio::test]
+async fn rejections_axum_answers_itself_are_json_too() {
+    let app = app();
+    // A path segment that is not UTF-8 fails axum's own `Path` extraction.
+    let got = send(&app, request("GET", "/api/v1/sandboxes/%FF%FE", None, None)).await;
+    assert_eq!(got.0, StatusCode::BAD_REQUEST);
+    assert!(!error_of(&got.1).is_empty());
+}
+
+#[tokio::test]
+async fn a_huge_invalid_body_gets_a_small_error() {
+    let app = app_with(StoreOptions::default(), None, 2 << 20);
+    let labels: serde_json::Map<String, Value> =
+        (0..20_000).map(|i| (format!("bad key {i}"), Value::String("x".into()))).collect();
+    let mut body = minimal_sandbox("big-error");
+    body["spec"]["labels"] = Value::Object(labels);
+    let raw = body.to_string();
+    let response = app.clone().oneshot(request("POST", "/api/v1/sandboxes", None, Some(&body))).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    assert!(bytes.len() <= 4096, "a {} byte body got a {} byte error", raw.len(), bytes.len());
+}
+
+#[tokio::test]
+async fn pinned_host_ports_must_lie_in_the_configured_range() {
+    let mut body = minimal_sandbox("pinned");
+    body["spec"]["ports"] = json!([{"container_port": 80, "host_port": 22}]);
+    assert_invalid(post_invalid_sandbox(body).await, "spec.ports[0].host_port", "22 is not in 10000-19999");
+}
+
+#[tokio::test]
+async fn terminal_escapes_and_oversized_specs_are_refused() {
+    let mut escape = minimal_sandbox("escape");
+    escape["spec"]["containers"][0]["image"] = json!("busy\u{1b}[2Jbox");
+    assert_invalid(post_invalid_sandbox(escape).await, "spec.containers[0].image", "path components");
+    let mut label = minimal_sandbox("label");
+    label["spec"]["labels"] = json!({"tier": "x".repeat(900_000)});
+    let app = app_with(StoreOptions::default(), None, 2 << 20);
+    let got = call(&app, "POST", "/api/v1/sandboxes", Some(label)).await;
+    assert_error(got, StatusCode::BAD_REQUEST, "more than 262144");
+    let mut many = minimal_sandbox("many");
+    let containers: Vec<Value> = (0..40)
+        .map(|i| json!({"name": format!("c{i}"), "image": "busybox", "resource": {"cpu": "1m", "memory": "1Mi"}}))
+        .collect();
+    many["spec"]["containers"] = json!(containers);
+    assert_invalid(post_invalid_sandbox(many).await, "spec.containers", "40 containers is more than 32");
+}

@@ -8,6 +8,7 @@ pub mod names;
 pub mod node;
 pub mod quantity;
 pub mod sandbox;
+pub mod syntax;
 pub mod time;
 pub mod validate;
 pub mod watch;

@@ -4,6 +4,7 @@ use crate::names::name_problem;
 use crate::node::NodeSpec;
 use crate::quantity::{parse_bytes, parse_cpu_milli};
 use crate::sandbox::{Probe, Protocol, SandboxSpec};
+use crate::syntax::{image_problem, is_env_name, is_printable, label_key_problem, label_value_problem, shown};
 use std::collections::HashSet;
 use std::fmt;
 
@@ -58,13 +59,33 @@ pub struct SandboxPolicy {
     pub max_ttl_seconds: i64,
     pub default_cpu_milli: u64,
     pub default_memory_bytes: u64,
+    /// Where a pinned `host_port` must lie (the orchestrator's `host_port_range`); `None` on agents,
+    /// which take whatever port the orchestrator chose.
+    pub host_port_range: Option<(u16, u16)>,
 }
 
 impl Default for SandboxPolicy {
     fn default() -> Self {
-        SandboxPolicy { max_ttl_seconds: 86_400, default_cpu_milli: 100, default_memory_bytes: 128 << 20 }
+        SandboxPolicy {
+            max_ttl_seconds: 86_400,
+            default_cpu_milli: 100,
+            default_memory_bytes: 128 << 20,
+            host_port_range: None,
+        }
     }
 }
+
+/// Most containers in one sandbox.
+pub const MAX_CONTAINERS: usize = 32;
+/// Most ports one sandbox publishes.
+pub const MAX_PORTS: usize = 100;
+/// Most environment variables, and most arguments, of one container.
+pub const MAX_ENV: usize = 512;
+pub const MAX_ARGS: usize = 1024;
+/// Most labels on one object.
+pub const MAX_LABELS: usize = 64;
+/// Largest spec, encoded as JSON.
+pub const MAX_SPEC_BYTES: usize = 256 * 1024;
 
 /// Checks an object name (`id`) against the DNS-label rules.
 /// Page size of a list that names no `limit`.
@@ -134,8 +155,14 @@ fn is_ip_or_dns_name(s: &str) -> bool {
 /// Checks a sandbox spec against every rule of semantics.md.
 pub fn validate_sandbox_spec(spec: &SandboxSpec, policy: &SandboxPolicy) -> Result<(), FieldErrors> {
     let mut errors = FieldErrors::default();
+    let size = serde_json::to_vec(spec).map(|v| v.len()).unwrap_or(usize::MAX);
+    if size > MAX_SPEC_BYTES {
+        // Each rule below would report on a huge spec at length: the size alone is the answer.
+        errors.push("spec", format!("{size} bytes encoded is more than {MAX_SPEC_BYTES}"));
+        return errors.into_result();
+    }
     validate_containers(spec, &mut errors);
-    validate_ports(spec, &mut errors);
+    validate_ports(spec, policy, &mut errors);
     if let Some(ttl) = spec.ttl_seconds {
         if ttl < 0 {
             errors.push("spec.ttl_seconds", format!("{ttl} must not be negative"));
@@ -146,17 +173,30 @@ pub fn validate_sandbox_spec(spec: &SandboxSpec, policy: &SandboxPolicy) -> Resu
     if let Some(probe) = &spec.readiness_probe {
         validate_probe(probe, spec, &mut errors);
     }
-    for key in spec.labels.keys() {
-        if key.is_empty() || key.len() > 253 {
-            errors.push("spec.labels", format!("key {key:?} must be 1-253 characters"));
+    validate_labels("spec.labels", &spec.labels, &mut errors);
+    errors.into_result()
+}
+
+/// Label keys and values by Kubernetes' rules, at most `MAX_LABELS` of them.
+pub fn validate_labels(at: &str, labels: &std::collections::BTreeMap<String, String>, errors: &mut FieldErrors) {
+    if labels.len() > MAX_LABELS {
+        errors.push(at, format!("{} labels is more than {MAX_LABELS}", labels.len()));
+        return;
+    }
+    for (key, value) in labels {
+        if let Some(problem) = label_key_problem(key).or_else(|| label_value_problem(value)) {
+            errors.push(at, problem);
         }
     }
-    errors.into_result()
 }
 
 fn validate_containers(spec: &SandboxSpec, errors: &mut FieldErrors) {
     if spec.containers.is_empty() {
         errors.push("spec.containers", "at least one container is required");
+    }
+    if spec.containers.len() > MAX_CONTAINERS {
+        errors.push("spec.containers", format!("{} containers is more than {MAX_CONTAINERS}", spec.containers.len()));
+        return;
     }
     let mut seen = HashSet::new();
     for (i, c) in spec.containers.iter().enumerate() {
@@ -166,13 +206,28 @@ fn validate_containers(spec: &SandboxSpec, errors: &mut FieldErrors) {
         } else if !seen.insert(c.name.as_str()) {
             errors.push(format!("{at}.name"), format!("duplicate {:?}", c.name));
         }
-        if c.image.trim().is_empty() {
-            errors.push(format!("{at}.image"), "required");
+        if let Some(problem) = image_problem(&c.image) {
+            errors.push(format!("{at}.image"), problem);
         }
-        for (j, env) in c.env.iter().enumerate() {
-            if env.name.is_empty() || env.name.contains('=') {
-                errors.push(format!("{at}.env[{j}].name"), format!("{:?} is not a valid variable name", env.name));
+        if c.env.len() > MAX_ENV {
+            errors.push(format!("{at}.env"), format!("{} variables is more than {MAX_ENV}", c.env.len()));
+        }
+        for (j, env) in c.env.iter().enumerate().take(MAX_ENV) {
+            if !is_env_name(&env.name) {
+                errors.push(format!("{at}.env[{j}].name"), format!("{} is not a C identifier", shown(&env.name)));
             }
+            if !is_printable(&env.value, true) {
+                errors.push(format!("{at}.env[{j}].value"), "control characters other than tab and newline");
+            }
+        }
+        if c.args.len() > MAX_ARGS {
+            errors.push(format!("{at}.args"), format!("{} arguments is more than {MAX_ARGS}", c.args.len()));
+        }
+        if let Some(j) = c.args.iter().position(|a| !is_printable(a, true)) {
+            errors.push(format!("{at}.args[{j}]"), "control characters other than tab and newline");
+        }
+        if !c.work_dir.is_empty() && (!c.work_dir.starts_with('/') || !is_printable(&c.work_dir, false)) {
+            errors.push(format!("{at}.work_dir"), format!("{} must be an absolute path", shown(&c.work_dir)));
         }
         let Some(r) = &c.resource else { continue };
         if let Some(cpu) = &r.cpu {
@@ -195,7 +250,11 @@ fn check_positive<E: fmt::Display>(errors: &mut FieldErrors, path: String, raw: 
     }
 }
 
-fn validate_ports(spec: &SandboxSpec, errors: &mut FieldErrors) {
+fn validate_ports(spec: &SandboxSpec, policy: &SandboxPolicy, errors: &mut FieldErrors) {
+    if spec.ports.len() > MAX_PORTS {
+        errors.push("spec.ports", format!("{} ports is more than {MAX_PORTS}", spec.ports.len()));
+        return;
+    }
     let mut seen: HashSet<(Protocol, i64)> = HashSet::new();
     let mut pinned: HashSet<(Protocol, i64)> = HashSet::new();
     for (i, p) in spec.ports.iter().enumerate() {
@@ -209,8 +268,9 @@ fn validate_ports(spec: &SandboxSpec, errors: &mut FieldErrors) {
             );
         }
         if let Some(h) = p.host_port {
-            if !(1..=65535).contains(&h) {
-                errors.push(format!("{at}.host_port"), format!("{h} is not in 1-65535"));
+            let range = policy.host_port_range.map_or(1..=65535, |(low, high)| i64::from(low)..=i64::from(high));
+            if !range.contains(&h) {
+                errors.push(format!("{at}.host_port"), format!("{h} is not in {}-{}", range.start(), range.end()));
             } else if !pinned.insert((p.protocol, h)) {
                 errors.push(format!("{at}.host_port"), format!("duplicate {h}/{}", p.protocol.as_str()));
             }
@@ -229,7 +289,9 @@ fn validate_probe(probe: &Probe, spec: &SandboxSpec, errors: &mut FieldErrors) {
         errors.push(format!("{at}.path"), "only http probes take a path");
     }
     if let Some(path) = &probe.path {
-        if !path.is_empty() && !path.starts_with('/') {
+        if !is_printable(path, false) || path.contains(' ') {
+            errors.push(format!("{at}.path"), "must be a URL path without spaces or control characters");
+        } else if !path.is_empty() && !path.starts_with('/') {
             errors.push(format!("{at}.path"), format!("{path:?} must start with '/'"));
         }
     }
@@ -273,7 +335,7 @@ pub fn container_requests(container: &crate::sandbox::Container, policy: &Sandbo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::{Container, ContainerResource, PortSpec, ProbeProtocol};
+    use crate::sandbox::{Container, ContainerResource, EnvVar, PortSpec, ProbeProtocol};
 
     fn container(name: &str) -> Container {
         Container {
@@ -307,8 +369,13 @@ mod tests {
         }
     }
 
+    /// The orchestrator's policy: pinned host ports must lie in 10000-19999.
+    fn policy() -> SandboxPolicy {
+        SandboxPolicy { host_port_range: Some((10_000, 19_999)), ..SandboxPolicy::default() }
+    }
+
     fn messages(spec: &SandboxSpec) -> Vec<String> {
-        match validate_sandbox_spec(spec, &SandboxPolicy::default()) {
+        match validate_sandbox_spec(spec, &policy()) {
             Ok(()) => vec![],
             Err(e) => e.0.iter().map(ToString::to_string).collect(),
         }
@@ -331,6 +398,62 @@ mod tests {
                 "spec.containers[0].name: \"Web_1\" may contain only lowercase letters, digits, '-' and '.'",
             ),
             ("empty image", |s| s.containers[0].image = " ".into(), "spec.containers[0].image: required"),
+            (
+                "escape in image",
+                |s| s.containers[0].image = "busy\u{1b}[2Jbox".into(),
+                "spec.containers[0].image: \"busy\\u{1b}[2Jbox\": path components are lower-case letters and digits, separated by '.', '_', '__' or '-'",
+            ),
+            (
+                "env name not an identifier",
+                |s| s.containers[0].env = vec![EnvVar { name: "A-B".into(), value: String::new() }],
+                "spec.containers[0].env[0].name: \"A-B\" is not a C identifier",
+            ),
+            (
+                "escape in an argument",
+                |s| s.containers[0].args = vec!["ok".into(), "\u{1b}]0;pwned\u{7}".into()],
+                "spec.containers[0].args[1]: control characters other than tab and newline",
+            ),
+            (
+                "relative work dir",
+                |s| s.containers[0].work_dir = "srv".into(),
+                "spec.containers[0].work_dir: \"srv\" must be an absolute path",
+            ),
+            (
+                "label key with an escape",
+                |s| {
+                    s.labels.insert("a\u{1b}b".into(), "v".into());
+                },
+                "spec.labels: key \"a\\u{1b}b\": the name must be 1-63 characters, alphanumerics with '-', '_' or '.' inside",
+            ),
+            (
+                "label value too long",
+                |s| {
+                    s.labels.insert("tier".into(), "v".repeat(64));
+                },
+                "spec.labels: value \"vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv\": must be at most 63 characters, alphanumerics with '-', '_' or '.' inside",
+            ),
+            (
+                "too many containers",
+                |s| s.containers = (0..MAX_CONTAINERS + 1).map(|i| container(&format!("c{i}"))).collect(),
+                "spec.containers: 33 containers is more than 32",
+            ),
+            (
+                "too many ports",
+                |s| s.ports = (1..=MAX_PORTS as i64 + 1).map(port).collect(),
+                "spec.ports: 101 ports is more than 100",
+            ),
+            (
+                "pinned host port outside the range",
+                |s| s.ports = vec![PortSpec { host_port: Some(22), ..port(80) }],
+                "spec.ports[0].host_port: 22 is not in 10000-19999",
+            ),
+            (
+                "a huge spec",
+                |s| {
+                    s.containers[0].args = vec!["x".repeat(MAX_SPEC_BYTES)];
+                },
+                "spec: 262225 bytes encoded is more than 262144",
+            ),
             (
                 "bad cpu",
                 |s| s.containers[0].resource = Some(ContainerResource { cpu: Some("2x".into()), ..Default::default() }),
@@ -405,6 +528,15 @@ mod tests {
             mutate(&mut s);
             assert_eq!(messages(&s), vec![want.to_string()], "case {what}");
         }
+    }
+
+    #[test]
+    fn agents_take_any_pinned_port_and_the_orchestrator_only_its_range() {
+        let mut s = spec();
+        s.ports = vec![PortSpec { host_port: Some(22), ..port(80) }];
+        assert!(validate_sandbox_spec(&s, &SandboxPolicy::default()).is_ok(), "agents have no range");
+        s.ports[0].host_port = Some(10_000);
+        assert!(validate_sandbox_spec(&s, &policy()).is_ok());
     }
 
     #[test]

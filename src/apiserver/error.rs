@@ -79,8 +79,40 @@ impl IntoResponse for ApiError {
         if self.status().is_server_error() {
             tracing::warn!(status = %self.status(), error = %self, "request failed");
         }
-        (self.status(), Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+        (self.status(), Json(serde_json::json!({ "error": capped(self.to_string()) }))).into_response()
     }
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Longest error message answered: a huge invalid body or path must not come back several times
+/// larger as its own error.
+pub const MAX_ERROR_BYTES: usize = 2048;
+
+fn capped(mut message: String) -> String {
+    if message.len() <= MAX_ERROR_BYTES {
+        return message;
+    }
+    let mut cut = MAX_ERROR_BYTES;
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let dropped = message.len() - cut;
+    message.truncate(cut);
+    message.push_str(&format!("… ({dropped} more bytes)"));
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(MAX_ERROR_BYTES);
+        let cut = capped(long);
+        assert!(cut.len() < MAX_ERROR_BYTES + 40, "{}", cut.len());
+        assert!(cut.ends_with("more bytes)"));
+        assert_eq!(capped("short".into()), "short");
+    }
+}

@@ -127,7 +127,30 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn(errors_as_json))
         .with_state(state)
+}
+
+/// Largest error text kept from a rejection that is not already JSON.
+const MAX_REJECTION_TEXT: usize = 1024;
+
+/// Every error is `{"error": ...}`: rejections that axum answers itself in plain text (a path that
+/// is not UTF-8, a malformed header) are rewritten, so clients parse one shape.
+async fn errors_as_json(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let body = axum::body::to_bytes(response.into_body(), MAX_REJECTION_TEXT * 4).await.unwrap_or_default();
+    let text: String = String::from_utf8_lossy(&body).chars().take(MAX_REJECTION_TEXT).collect();
+    let text = if text.trim().is_empty() { status.canonical_reason().unwrap_or("error").to_string() } else { text };
+    (status, Json(serde_json::json!({ "error": text.trim() }))).into_response()
 }
 
 #[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The server is up")))]

@@ -64,7 +64,7 @@ fn event_line(event_type: EventType, object: &[u8]) -> Bytes {
 
 fn error_line(e: &StoreError) -> Bytes {
     let code = match e {
-        StoreError::Gone { .. } => 410,
+        StoreError::Gone { .. } | StoreError::Ahead { .. } => 410,
         StoreError::Unavailable(_) => 503,
         _ => 500,
     };

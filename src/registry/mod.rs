@@ -42,7 +42,7 @@ impl From<StoreError> for RegistryError {
         match e {
             StoreError::AlreadyExists { .. } | StoreError::Conflict { .. } => RegistryError::Conflict(message),
             StoreError::NotFound { .. } => RegistryError::NotFound(message),
-            StoreError::Gone { .. } => RegistryError::Gone(message),
+            StoreError::Gone { .. } | StoreError::Ahead { .. } => RegistryError::Gone(message),
             StoreError::Unavailable(_) => RegistryError::Unavailable(message),
             StoreError::Corrupt(_) => RegistryError::Internal(message),
         }

@@ -216,7 +216,8 @@ fn new_sandbox(id: &str, spec: SandboxSpec, created: i64) -> Sandbox {
 }
 
 fn expire_at(created_unix: i64, ttl_seconds: Option<i64>) -> Option<String> {
-    ttl_seconds.filter(|t| *t > 0).map(|t| format_unix(created_unix + t))
+    // Validation bounds the TTL far below an overflow; saturating keeps a bad config from wrapping.
+    ttl_seconds.filter(|t| *t > 0).map(|t| format_unix(created_unix.saturating_add(t)))
 }
 
 /// Only `ttl_seconds` and `labels` may change after create.

@@ -166,7 +166,9 @@ async fn watch_from_a_revision_never_reached_is_gone(open: Open) {
     let store = open(StoreOptions::default()).await;
     store.create(Kind::Sandboxes, "a", json!({})).await.unwrap();
     let ahead = store.revision().await.unwrap() + 10;
-    assert!(matches!(store.watch(Kind::Sandboxes, ahead).await, Err(StoreError::Gone { .. })));
+    let err = store.watch(Kind::Sandboxes, ahead).await.err().unwrap();
+    assert!(matches!(err, StoreError::Ahead { requested, .. } if requested == ahead), "{err:?}");
+    assert!(err.to_string().contains("ahead of this store"), "says why, not \"too old\": {err}");
 }
 
 async fn slow_watcher_is_cut_off_not_waited_for(open: Open) {

@@ -221,7 +221,7 @@ impl Hub {
         }
         // A revision this store never reached (it was reset, or the client is confused): list again.
         if from > state.revision {
-            return Err(StoreError::Gone { requested: from, oldest: state.compacted });
+            return Err(StoreError::Ahead { requested: from, current: state.revision });
         }
         let backlog: Vec<WatchItem> = state
             .ring

@@ -108,6 +108,9 @@ pub enum StoreError {
     Conflict { kind: Kind, name: String, expected: Revision, actual: Revision },
     #[error("resource_version {requested} is too old: the oldest available is {oldest}")]
     Gone { requested: Revision, oldest: Revision },
+    /// A revision the store never reached: it was reset, or the revision came from another store.
+    #[error("resource_version {requested} is ahead of this store, which is at {current}: list again")]
+    Ahead { requested: Revision, current: Revision },
     #[error("store unavailable: {0}")]
     Unavailable(String),
     #[error("stored object is corrupt: {0}")]

@@ -1,13 +1,29 @@
 //! sbxctl: a kubectl-shaped command-line client for sandboxd-o.
 
-/// Prints a line to stdout; a closed pipe (`sbxctl get ... | head`) ends the program quietly instead of panicking.
+/// Prints a line to stdout with control characters escaped (an object's strings must not drive the
+/// terminal); a closed pipe (`sbxctl get ... | head`) ends the program quietly instead of panicking.
 macro_rules! say {
-    ($($arg:tt)*) => { $crate::print_line(format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::print_line(&$crate::escape_controls(&format!($($arg)*))) };
 }
 
-pub fn print_line(args: std::fmt::Arguments<'_>) {
+/// Like `say!`, unescaped: for a container's own output (logs), which is printed as written.
+macro_rules! say_raw {
+    ($($arg:tt)*) => { $crate::print_line(&format!($($arg)*)) };
+}
+
+/// Control characters other than newline and tab, escaped as `\u{1b}`.
+pub fn escape_controls(text: &str) -> String {
+    if !text.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| if c.is_control() && c != '\n' && c != '\t' { c.escape_unicode().to_string() } else { c.to_string() })
+        .collect()
+}
+
+pub fn print_line(line: &str) {
     use std::io::Write;
-    if let Err(e) = writeln!(std::io::stdout(), "{args}") {
+    if let Err(e) = writeln!(std::io::stdout(), "{line}") {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(0);
         }
@@ -262,7 +278,7 @@ async fn logs(client: &Client, id: &str, container: Option<&str>, tail: Option<u
     }
     let (_, answer): (u16, serde_json::Value) = client.call(Method::GET, &path, None).await?;
     for line in answer["logs"]["lines"].as_array().into_iter().flatten() {
-        say!("{}", line.as_str().unwrap_or_default());
+        say_raw!("{}", line.as_str().unwrap_or_default());
     }
     Ok(0)
 }
@@ -285,4 +301,16 @@ async fn heartbeat(client: &Client, target: &str) -> anyhow::Result<i32> {
         }
     }
     Ok(if answer["heartbeat"] == "failed" { 1 } else { 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_escapes_in_objects_are_shown_not_obeyed() {
+        assert_eq!(escape_controls("plain\tline"), "plain\tline");
+        assert_eq!(escape_controls("red\u{1b}[31m"), "red\\u{1b}[31m");
+        assert_eq!(escape_controls("bell\u{7}"), "bell\\u{7}");
+    }
 }
