@@ -71,6 +71,10 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Largest file or archive uploaded through the data plane (`…/files`, `…/files/archive`).
     pub max_file_bytes: u64,
+    /// Request headers must arrive within this; idle keep-alive connections are closed after it.
+    pub header_read_timeout: Duration,
+    /// Connections open at once (lowered to fit the descriptor limit); more are answered 503.
+    pub max_connections: usize,
     pub log_format: LogFormat,
     pub watch_history_bytes: usize,
     /// Refuse agent addresses outside loopback (tests and demos); not a file key, set by code or `SANDBOXD_LOOPBACK_ONLY=1`.
@@ -103,7 +107,7 @@ const fn key(name: &'static str, default: &'static str, help: &'static str) -> K
 
 /// Every key, in the order of the table in semantics.md. This is the one declaration of each key:
 /// the file layer, the env layer, the flags and their `--help` all read it.
-pub const KEYS: [Key; 21] = [
+pub const KEYS: [Key; 23] = [
     key("listen", "0.0.0.0:8082", "Address the API listens on"),
     key(
         "store",
@@ -131,6 +135,12 @@ pub const KEYS: [Key; 21] = [
     key("auth_token_file", "", "File holding the bearer token every API request must carry (empty: no auth)"),
     key("max_body_bytes", "1MiB", "Largest request body the API accepts"),
     key("max_file_bytes", "100MiB", "Largest file or archive uploaded into a sandbox (over it: 413)"),
+    key(
+        "header_read_timeout",
+        "30s",
+        "Request headers must arrive within this; an idle keep-alive connection is closed after it",
+    ),
+    key("max_connections", "10000", "Connections open at once; more get 503 with Retry-After (GET /healthz still 200)"),
     key("log_format", "text", "Log output: text or json"),
     key(
         "watch_history_bytes",
@@ -224,6 +234,19 @@ impl Config {
             max_file_bytes: parse_key("max_file_bytes", &value("max_file_bytes"), |s| {
                 at_most(parse_byte_size(s)?, 64 << 30, "64GiB")
             })? as u64,
+            header_read_timeout: parse_key("header_read_timeout", &value("header_read_timeout"), |s| {
+                let d = positive_duration(s)?;
+                if d > Duration::from_secs(3600) {
+                    return Err(format!("{s:?} is more than 1h"));
+                }
+                Ok(d)
+            })?,
+            max_connections: parse_key("max_connections", &value("max_connections"), |s| {
+                s.parse::<usize>()
+                    .ok()
+                    .filter(|n| (16..=1_000_000).contains(n))
+                    .ok_or_else(|| format!("{s:?} is not an integer in 16-1000000"))
+            })?,
             log_format: parse_key("log_format", &value("log_format"), |s| match s {
                 "text" => Ok(LogFormat::Text),
                 "json" => Ok(LogFormat::Json),
@@ -503,6 +526,9 @@ mod tests {
             ("max_ttl_seconds", "9223372036854775807"),
             ("max_body_bytes", "100GiB"),
             ("max_file_bytes", "1Ti"),
+            ("header_read_timeout", "0s"),
+            ("header_read_timeout", "2h"),
+            ("max_connections", "3"),
             ("watch_history_bytes", "1Ki"),
             ("watch_history_bytes", "lots"),
         ];

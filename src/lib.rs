@@ -5,6 +5,7 @@ pub mod agent_client;
 pub mod apiserver;
 pub mod config;
 pub mod controllers;
+pub mod http_server;
 pub mod objects;
 pub mod registry;
 pub mod server;

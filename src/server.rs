@@ -119,26 +119,27 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
     };
     let router = apiserver::router(state, config.max_body_bytes);
     tracing::info!(%addr, store = %config.store, ?mode, "sandboxd-o serving");
-    let task = tokio::spawn(serve(listener, router, store.clone(), controllers, shutdown.clone()));
+    let limits = crate::http_server::Limits {
+        header_read_timeout: config.header_read_timeout,
+        max_connections: crate::http_server::connection_budget(config.max_connections),
+    };
+    let task = tokio::spawn(serve(listener, router, limits, store.clone(), controllers, shutdown.clone()));
     Ok(Running { addr, shutdown, store, task })
 }
 
 async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
+    limits: crate::http_server::Limits,
     store: Arc<dyn Store>,
     mut controllers: tokio::task::JoinSet<()>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let signal = shutdown.clone();
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move { signal.cancelled().await });
-    let served = tokio::spawn(async move { server.await });
+    let served = tokio::spawn(crate::http_server::serve(listener, router, limits, shutdown.clone()));
     shutdown.cancelled().await;
     // In-flight requests get a bounded time to finish; watches end at once with the token.
-    match tokio::time::timeout(Duration::from_secs(10), served).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server stopped with an error"),
-        Err(_) => tracing::warn!("requests still open after 10s; stopping anyway"),
-        _ => {}
+    if tokio::time::timeout(Duration::from_secs(10), served).await.is_err() {
+        tracing::warn!("requests still open after 10s; stopping anyway");
     }
     // Controllers finish their current reconcile and stop; their writes land before the store closes.
     if tokio::time::timeout(Duration::from_secs(5), async { while controllers.join_next().await.is_some() {} })
