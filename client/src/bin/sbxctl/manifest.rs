@@ -114,20 +114,26 @@ async fn apply_one(client: &Client, document: &Document) -> anyhow::Result<Strin
     }
 }
 
+/// Creates or updates a sandbox. An update carries the `resource_version` it read, so a change made
+/// meanwhile is never overwritten: on a conflict the sandbox is read again and the update retried.
 async fn apply_sandbox(client: &Client, name: &str, spec: &serde_json::Value) -> anyhow::Result<String> {
     let spec: SandboxSpec = serde_json::from_value(spec.clone()).with_context(|| format!("sandbox/{name}: spec"))?;
-    match client.get_sandbox(name).await {
-        Err(e) if e.is_not_found() => {
-            client.create_sandbox(name, &spec).await.with_context(|| format!("sandbox/{name}"))?;
-            Ok(format!("sandbox/{name} created"))
-        }
-        Err(e) => Err(e.into()),
-        Ok(existing) if existing.spec == spec => Ok(format!("sandbox/{name} unchanged")),
-        Ok(_) => {
-            client.update_sandbox(name, &spec, None).await.with_context(|| format!("sandbox/{name}"))?;
-            Ok(format!("sandbox/{name} configured"))
+    for _ in 0..3 {
+        match client.get_sandbox(name).await {
+            Err(e) if e.is_not_found() => {
+                client.create_sandbox(name, &spec).await.with_context(|| format!("sandbox/{name}"))?;
+                return Ok(format!("sandbox/{name} created"));
+            }
+            Err(e) => return Err(e.into()),
+            Ok(existing) if existing.spec == spec => return Ok(format!("sandbox/{name} unchanged")),
+            Ok(existing) => match client.update_sandbox(name, &spec, Some(&existing.resource_version)).await {
+                Ok(_) => return Ok(format!("sandbox/{name} configured")),
+                Err(e) if e.is_conflict() && e.to_string().contains("resource_version") => continue,
+                Err(e) => return Err(anyhow::Error::from(e).context(format!("sandbox/{name}"))),
+            },
         }
     }
+    bail!("sandbox/{name}: changed by someone else three times while applying; try again")
 }
 
 async fn apply_node(client: &Client, name: &str, spec: &serde_json::Value) -> anyhow::Result<String> {
