@@ -21,6 +21,18 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 ";
 
+/// Free bytes under which a failed open is blamed on a full disk.
+const NEARLY_FULL: u64 = 1 << 20;
+
+/// "the disk holding DIR is full (N bytes free)" when the store's filesystem has (almost) no room:
+/// SQLite reports that as a bare "disk I/O error" while it creates its journal.
+fn disk_full(path: &Path) -> Option<String> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let stats = rustix::fs::statvfs(dir).ok()?;
+    let free = stats.f_bavail.saturating_mul(stats.f_frsize);
+    (free < NEARLY_FULL).then(|| format!("the disk holding {} is full ({free} bytes free)", dir.display()))
+}
+
 /// Opens (creating if needed) the database at `path` and loads every object into memory.
 pub async fn open(path: &Path, options: StoreOptions) -> Result<LocalStore> {
     let path = path.to_path_buf();
@@ -31,6 +43,9 @@ pub async fn open(path: &Path, options: StoreOptions) -> Result<LocalStore> {
 
 fn open_blocking(path: &Path, options: StoreOptions) -> Result<LocalStore> {
     let unavailable = |e: rusqlite::Error| {
+        if let Some(full) = disk_full(path) {
+            return StoreError::Unavailable(format!("sqlite {}: {full} ({e})", path.display()));
+        }
         let held = if e.to_string().contains("locked") { " (in use by another process?)" } else { "" };
         StoreError::Unavailable(format!("sqlite {}: {e}{held}", path.display()))
     };
@@ -165,5 +180,43 @@ impl SqlitePersist {
 impl Persist for SqlitePersist {
     fn commit(&mut self, batch: &[Mutation], revision: Revision) -> std::result::Result<(), String> {
         self.commit_batch(batch, revision).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny tmpfs, unmounted on drop even when the test fails.
+    struct TinyDisk(tempfile::TempDir);
+
+    impl TinyDisk {
+        fn mount() -> Option<TinyDisk> {
+            let dir = tempfile::tempdir().ok()?;
+            let mounted = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .is_ok_and(|s| s.success());
+            mounted.then_some(TinyDisk(dir))
+        }
+    }
+
+    impl Drop for TinyDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_at_start_is_named_as_such() {
+        let Some(disk) = TinyDisk::mount() else {
+            eprintln!("SKIPPED a_full_disk_at_start_is_named_as_such: mounting a tmpfs needs root");
+            return;
+        };
+        let filler = vec![7u8; 256 << 10];
+        let _ = std::fs::write(disk.0.path().join("filler"), &filler);
+        let error = open(&disk.0.path().join("store.db"), StoreOptions::default()).await.err().expect("open fails");
+        assert!(error.to_string().contains("the disk holding"), "{error}");
     }
 }
