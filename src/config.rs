@@ -75,6 +75,10 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// Connections open at once (lowered to fit the descriptor limit); more are answered 503.
     pub max_connections: usize,
+    /// Requests in flight per priority class; more get 429 with `Retry-After`.
+    pub max_inflight_system: usize,
+    pub max_inflight_workload: usize,
+    pub max_inflight_long_running: usize,
     pub log_format: LogFormat,
     pub watch_history_bytes: usize,
     /// Refuse agent addresses outside loopback (tests and demos); not a file key, set by code or `SANDBOXD_LOOPBACK_ONLY=1`.
@@ -107,7 +111,7 @@ const fn key(name: &'static str, default: &'static str, help: &'static str) -> K
 
 /// Every key, in the order of the table in semantics.md. This is the one declaration of each key:
 /// the file layer, the env layer, the flags and their `--help` all read it.
-pub const KEYS: [Key; 23] = [
+pub const KEYS: [Key; 26] = [
     key("listen", "0.0.0.0:8082", "Address the API listens on"),
     key(
         "store",
@@ -141,6 +145,17 @@ pub const KEYS: [Key; 23] = [
         "Request headers must arrive within this; an idle keep-alive connection is closed after it",
     ),
     key("max_connections", "10000", "Connections open at once; more get 503 with Retry-After (GET /healthz still 200)"),
+    key(
+        "max_inflight_system",
+        "200",
+        "Requests in flight from controllers and nodes (status, heartbeats, leases, metrics); more get 429",
+    ),
+    key("max_inflight_workload", "400", "Requests in flight from users (everything else); more get 429"),
+    key(
+        "max_inflight_long_running",
+        "2000",
+        "Streams open at once (watches, followed logs, exec, file transfers); more get 429",
+    ),
     key("log_format", "text", "Log output: text or json"),
     key(
         "watch_history_bytes",
@@ -241,6 +256,13 @@ impl Config {
                 }
                 Ok(d)
             })?,
+            max_inflight_system: parse_key("max_inflight_system", &value("max_inflight_system"), in_flight)?,
+            max_inflight_workload: parse_key("max_inflight_workload", &value("max_inflight_workload"), in_flight)?,
+            max_inflight_long_running: parse_key(
+                "max_inflight_long_running",
+                &value("max_inflight_long_running"),
+                in_flight,
+            )?,
             max_connections: parse_key("max_connections", &value("max_connections"), |s| {
                 s.parse::<usize>()
                     .ok()
@@ -357,6 +379,13 @@ fn parse_byte_size(s: &str) -> Result<usize, String> {
 
 /// The largest `max_ttl_seconds`: ten years, far from any overflow of a timestamp sum.
 const MAX_TTL_CEILING: i64 = 10 * 365 * 86_400;
+
+fn in_flight(s: &str) -> Result<usize, String> {
+    s.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=100_000).contains(n))
+        .ok_or_else(|| format!("{s:?} is not an integer in 1-100000"))
+}
 
 fn at_most(value: usize, max: usize, shown: &str) -> Result<usize, String> {
     if value > max {
@@ -529,6 +558,7 @@ mod tests {
             ("header_read_timeout", "0s"),
             ("header_read_timeout", "2h"),
             ("max_connections", "3"),
+            ("max_inflight_workload", "0"),
             ("watch_history_bytes", "1Ki"),
             ("watch_history_bytes", "lots"),
         ];

@@ -88,3 +88,66 @@ async fn connections_over_the_bound_get_503_and_healthz_still_answers() {
     assert!(served.items.is_empty());
     server.stop().await.unwrap();
 }
+
+/// Status line and headers of a raw request's answer.
+async fn answer_of(addr: SocketAddr, request: &str) -> String {
+    let mut stream = connect(addr).await;
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buffer[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_class_gets_429_with_retry_after_while_the_others_are_served() {
+    let config = test_config(&[("max_inflight_workload", "1"), ("max_inflight_long_running", "2")]);
+    let (server, _client) = start_server(config).await;
+
+    // Two watches fill the long-running class; a third is shed at once.
+    let mut watches = Vec::new();
+    for _ in 0..2 {
+        let mut watch = connect(server.addr).await;
+        watch.write_all(b"GET /api/v1/sandboxes?watch=true HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut head = [0u8; 12];
+        watch.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        watches.push(watch);
+    }
+    let third = answer_of(server.addr, "GET /api/v1/nodes?watch=true HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(third.starts_with("HTTP/1.1 429"), "{third}");
+    assert!(third.to_ascii_lowercase().contains("retry-after: 1"), "{third}");
+
+    // A user request whose body never finishes holds the one workload slot.
+    let mut slow = connect(server.addr).await;
+    slow.write_all(
+        b"POST /api/v1/sandboxes HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let user = answer_of(server.addr, "GET /api/v1/sandboxes HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(user.starts_with("HTTP/1.1 429"), "{user}");
+
+    // Controllers' class and the liveness check are untouched by the user flood.
+    let system = answer_of(server.addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(system.starts_with("HTTP/1.1 200"), "{system}");
+    let health = answer_of(server.addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+
+    // The slot comes back when the slow request ends.
+    drop(slow);
+    let freed = eventually(5, "a user request served again", || async {
+        let answer = answer_of(server.addr, "GET /api/v1/sandboxes HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        answer.starts_with("HTTP/1.1 200").then_some(())
+    })
+    .await;
+    let () = freed;
+    drop(watches);
+    server.stop().await.unwrap();
+}

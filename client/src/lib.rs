@@ -132,25 +132,35 @@ impl Client {
     }
 
     /// Sends a request and decodes a JSON answer, mapping error statuses to `ClientError::Api`.
+    /// A 429 (the server shedding load) is retried after its `Retry-After`, up to three times.
     pub async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<(u16, T)> {
-        let mut builder = self.request(method, path).timeout(Duration::from_secs(30));
-        if let Some(body) = body {
-            builder = builder.json(body);
+        let mut attempt = 0;
+        loop {
+            let mut builder = self.request(method.clone(), path).timeout(Duration::from_secs(30));
+            if let Some(body) = body {
+                builder = builder.json(body);
+            }
+            let response = builder.send().await.map_err(|e| self.transport_error(e))?;
+            let status = response.status();
+            let retry_after = retry_after(&response);
+            let bytes = response.bytes().await.map_err(|e| self.transport_error(e))?;
+            if status == StatusCode::TOO_MANY_REQUESTS && attempt < MAX_SHED_RETRIES {
+                attempt += 1;
+                tokio::time::sleep(retry_after).await;
+                continue;
+            }
+            if !status.is_success() {
+                return Err(api_error(status, &bytes));
+            }
+            let value = serde_json::from_slice(&bytes)
+                .map_err(|e| ClientError::Decode { server: self.base.clone(), message: e.to_string() })?;
+            return Ok((status.as_u16(), value));
         }
-        let response = builder.send().await.map_err(|e| self.transport_error(e))?;
-        let status = response.status();
-        let bytes = response.bytes().await.map_err(|e| self.transport_error(e))?;
-        if !status.is_success() {
-            return Err(api_error(status, &bytes));
-        }
-        let value = serde_json::from_slice(&bytes)
-            .map_err(|e| ClientError::Decode { server: self.base.clone(), message: e.to_string() })?;
-        Ok((status.as_u16(), value))
     }
 
     pub async fn healthz(&self) -> Result<()> {
@@ -315,6 +325,20 @@ fn ndjson_lines(
         }
     })
     .boxed()
+}
+
+/// Retries of a request the server shed (429) before the 429 is returned.
+const MAX_SHED_RETRIES: u32 = 3;
+
+/// The delay a 429 asks for (`Retry-After` in seconds), at most 5 s; 1 s when absent.
+fn retry_after(response: &reqwest::Response) -> Duration {
+    let seconds = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1);
+    Duration::from_secs(seconds.min(5))
 }
 
 pub(crate) fn api_error(status: StatusCode, body: &[u8]) -> ClientError {

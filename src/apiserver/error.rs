@@ -2,6 +2,7 @@
 
 use crate::registry::RegistryError;
 use crate::store::StoreError;
+use axum::http::header::RETRY_AFTER;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -25,6 +26,9 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The request's priority class is full (load shedding): retry after `Retry-After`.
+    #[error("{0}")]
+    TooManyRequests(String),
     /// An agent's own 4xx, passed through with its status.
     #[error("{message}")]
     Upstream { status: u16, message: String },
@@ -47,6 +51,7 @@ impl ApiError {
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Upstream { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -79,7 +84,8 @@ impl IntoResponse for ApiError {
         if self.status().is_server_error() {
             tracing::warn!(status = %self.status(), error = %self, "request failed");
         }
-        (self.status(), Json(serde_json::json!({ "error": capped(self.to_string()) }))).into_response()
+        let retry_after = matches!(self, ApiError::TooManyRequests(_)).then_some([(RETRY_AFTER, "1")]);
+        (self.status(), retry_after, Json(serde_json::json!({ "error": capped(self.to_string()) }))).into_response()
     }
 }
 

@@ -9,6 +9,7 @@ mod openapi;
 mod proxy;
 mod respond;
 mod sandboxes;
+pub mod shedding;
 mod watch;
 
 pub use error::{ApiError, ApiResult};
@@ -47,6 +48,8 @@ pub struct ApiState {
     pub data_plane: Option<crate::agent_client::HttpAgentClient>,
     /// Largest upload through the data plane.
     pub max_file_bytes: u64,
+    /// Requests in flight per priority class.
+    pub shedder: shedding::Shedder,
 }
 
 impl ApiState {
@@ -63,6 +66,11 @@ impl ApiState {
             node_settings: node_settings(config),
             data_plane: None,
             max_file_bytes: config.max_file_bytes,
+            shedder: shedding::Shedder::new(shedding::InflightLimits {
+                system: config.max_inflight_system,
+                workload: config.max_inflight_workload,
+                long_running: config.max_inflight_long_running,
+            }),
         }
     }
 
@@ -120,6 +128,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/api/v1/leases/{name}", get(leases::get_one).put(leases::update).delete(leases::delete))
         .route("/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(state.shedder.clone(), shedding::shed))
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
