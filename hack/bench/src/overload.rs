@@ -1,0 +1,168 @@
+//! Overload: a user flood against one server, bounded in time and requests, while a controller-class
+//! client and a liveness check keep measuring. The flood is a POST storm (64 clients, no retries),
+//! 32 unpaginated lists in a loop, and idle and slow connections held open throughout.
+
+use crate::cluster::Cluster;
+use crate::load::{ms, quantile};
+use crate::scenarios::{report, Report};
+use anyhow::ensure;
+use sandboxd_api::SandboxSpec;
+use serde_json::json;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+
+const TARGET: &str = "system-class and /healthz p99 <= 50 ms under the flood; users get 429, not timeouts";
+
+#[derive(Default)]
+struct Tally {
+    created: AtomicU64,
+    shed: AtomicU64,
+    other: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Runs the flood twice: with the default class bounds, and with the workload class bounded to 16
+/// requests in flight (a 2-core server saturates its CPU far below the default of 400).
+pub async fn overload(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
+    let mut figures = serde_json::Map::new();
+    let mut met = true;
+    for (label, args) in
+        [("default", vec![]), ("workload_16", vec!["--max-inflight-workload".to_string(), "16".into()])]
+    {
+        let (run, run_met) = flood_once(bin_dir, smoke, args).await?;
+        met &= run_met;
+        for (key, value) in run {
+            figures.insert(format!("{label}_{key}"), value);
+        }
+    }
+    Ok(report("overload", smoke, serde_json::Value::Object(figures), TARGET, Some(met)))
+}
+
+async fn flood_once(
+    bin_dir: &Path,
+    smoke: bool,
+    server_args: Vec<String>,
+) -> anyhow::Result<(serde_json::Map<String, serde_json::Value>, bool)> {
+    let (flood_for, held_connections, max_posts) =
+        if smoke { (Duration::from_secs(2), 50, 20_000) } else { (Duration::from_secs(15), 2_000, 400_000) };
+    let mut spec = crate::scenarios::cluster_spec(0, "2s");
+    spec.server_args = server_args;
+    let cluster = Cluster::start(bin_dir, &spec).await?;
+    let host = cluster.url.trim_start_matches("http://").to_string();
+    let rss_before = cluster.server_rss_bytes();
+
+    let held = hold_connections(&host, held_connections).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let posts = Arc::new(AtomicU64::new(0));
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(256).build()?;
+    let mut flood = tokio::task::JoinSet::new();
+    for client in 0..64 {
+        let (http, url, stop, tally, posts) =
+            (http.clone(), cluster.url.clone(), stop.clone(), tally.clone(), posts.clone());
+        flood.spawn(async move {
+            let body = tiny_sandbox();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && posts.fetch_add(1, Ordering::Relaxed) < max_posts {
+                let id = format!("flood-{client:02}-{n:07}");
+                n += 1;
+                let request = json!({"id": id, "spec": body});
+                match http.post(format!("{url}/api/v1/sandboxes")).json(&request).send().await {
+                    Ok(r) if r.status().as_u16() == 201 => tally.created.fetch_add(1, Ordering::Relaxed),
+                    Ok(r) if r.status().as_u16() == 429 => tally.shed.fetch_add(1, Ordering::Relaxed),
+                    Ok(_) => tally.other.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => tally.failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        });
+    }
+    for _ in 0..32 {
+        let (http, url, stop, tally) = (http.clone(), cluster.url.clone(), stop.clone(), tally.clone());
+        flood.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match http.get(format!("{url}/api/v1/sandboxes")).send().await {
+                    Ok(r) if r.status().as_u16() == 429 => {
+                        tally.shed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => {
+                        let _ = r.bytes().await;
+                    }
+                    Err(_) => {
+                        tally.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+    }
+
+    // The measured side: a controller-class request (GET /metrics is in the system class) and
+    // /healthz, each on its own client, 20 times a second.
+    let probe = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let mut system = Vec::new();
+    let mut health = Vec::new();
+    let mut probe_failures = 0;
+    let started = Instant::now();
+    let mut peak_rss = rss_before;
+    while started.elapsed() < flood_for {
+        for (path, into) in [("/metrics", &mut system), ("/healthz", &mut health)] {
+            let sent = Instant::now();
+            match probe.get(format!("{}{path}", cluster.url)).send().await {
+                Ok(r) if r.status().is_success() => {
+                    let _ = r.bytes().await;
+                    into.push(sent.elapsed());
+                }
+                _ => probe_failures += 1,
+            }
+        }
+        peak_rss = peak_rss.max(cluster.server_rss_bytes());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    while flood.join_next().await.is_some() {}
+    drop(held);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = cluster.server_rss_bytes();
+    ensure!(!system.is_empty() && !health.is_empty(), "no probe succeeded ({probe_failures} failed)");
+
+    let (system_p99, health_p99) = (quantile(&mut system, 0.99), quantile(&mut health, 0.99));
+    let shed = tally.shed.load(Ordering::Relaxed);
+    let figures = json!({
+        "flood_s": flood_for.as_secs(),
+        "connections_held": held_connections,
+        "creates_201": tally.created.load(Ordering::Relaxed),
+        "shed_429": shed,
+        "other_status": tally.other.load(Ordering::Relaxed),
+        "client_errors_or_timeouts": tally.failed.load(Ordering::Relaxed),
+        "system_p50_ms": ms(quantile(&mut system, 0.5)),
+        "system_p99_ms": ms(system_p99),
+        "healthz_p99_ms": ms(health_p99),
+        "probe_failures": probe_failures,
+        "server_rss_before_mib": rss_before >> 20,
+        "server_rss_peak_mib": peak_rss >> 20,
+        "server_rss_after_mib": rss_after >> 20,
+    });
+    let met = system_p99 <= Duration::from_millis(50) && health_p99 <= Duration::from_millis(50) && probe_failures == 0;
+    let serde_json::Value::Object(figures) = figures else { unreachable!("an object") };
+    Ok((figures, met))
+}
+
+/// A small valid sandbox (it stays Pending: the scenario has no nodes).
+fn tiny_sandbox() -> SandboxSpec {
+    crate::real::sleeping_sandbox("busybox", "10m", "16Mi")
+}
+
+/// Opens `n` connections: half idle, half stuck in the middle of their headers.
+async fn hold_connections(host: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        let Ok(mut stream) = tokio::net::TcpStream::connect(host).await else { break };
+        if i % 2 == 1 {
+            let _ = stream.write_all(b"GET /api/v1/sandboxes HTTP/1.1\r\nHost: x\r\n").await;
+        }
+        held.push(stream);
+    }
+    held
+}
