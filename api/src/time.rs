@@ -1,6 +1,5 @@
 //! RFC 3339 UTC timestamps with second precision, and the wall clock they are read from.
 
-/// Formats seconds since the Unix epoch as `2026-05-15T04:30:00Z`.
 /// Seconds since the Unix epoch, by the wall clock.
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
@@ -11,6 +10,7 @@ pub fn rfc3339_now() -> String {
     format_unix(unix_now())
 }
 
+/// Formats seconds since the Unix epoch as `2026-05-15T04:30:00Z`.
 pub fn format_unix(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
