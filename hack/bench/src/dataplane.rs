@@ -4,7 +4,7 @@
 
 use crate::cluster::Cluster;
 use crate::load::quantile;
-use crate::real::{missing_prerequisites, ms, rss_bytes, sleeping_sandbox, wait_phase, wait_ready};
+use crate::real::{missing_prerequisites, ms, rss_bytes, rss_of_processes, sleeping_sandbox, wait_phase, wait_ready};
 use crate::scenarios::{report, Report};
 use anyhow::{ensure, Context};
 use futures::StreamExt;
@@ -158,15 +158,5 @@ async fn hold_sessions(cluster: &Cluster, n: usize) -> anyhow::Result<Held> {
 
 /// RSS of every `runc … exec` process on the host (one per streaming session).
 fn runc_rss_bytes() -> u64 {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            args.first().is_some_and(|a| a.ends_with(b"runc")) && args.contains(&&b"exec"[..])
-        })
-        .map(rss_bytes)
-        .sum()
+    rss_of_processes(|args| args.first().is_some_and(|a| a.ends_with("runc")) && args.iter().any(|a| a == "exec"))
 }

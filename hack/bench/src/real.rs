@@ -228,14 +228,26 @@ pub(crate) fn rss_bytes(pid: u32) -> u64 {
 /// RSS of the processes that keep containers running (the shims and the runc that waits on each
 /// container), found by the state directory in their command lines; the agent itself excluded.
 fn processes_rss_bytes(state_dir: &str) -> u64 {
+    rss_of_processes(|args| {
+        let cmdline = args.join(" ");
+        cmdline.contains(state_dir) && !cmdline.contains("--runtime")
+    })
+}
+
+/// Summed RSS of the host's processes whose arguments (`/proc/PID/cmdline`) match.
+pub(crate) fn rss_of_processes(matches: impl Fn(&[String]) -> bool) -> u64 {
     let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            cmdline.contains(state_dir) && !cmdline.contains("--runtime")
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            matches(&args)
         })
         .map(rss_bytes)
         .sum()
