@@ -81,6 +81,12 @@ pub struct Config {
     pub max_inflight_long_running: usize,
     pub log_format: LogFormat,
     pub watch_history_bytes: usize,
+    /// HTTP watches open at once; more get 429.
+    pub max_watches: usize,
+    /// Events queued for one HTTP watcher that does not read; one more cuts it off.
+    pub watch_buffer: usize,
+    /// Most history events one HTTP watch may replay; from further back it gets 410 and lists.
+    pub watch_max_replay: usize,
     /// Refuse agent addresses outside loopback (tests and demos); not a file key, set by code or `SANDBOXD_LOOPBACK_ONLY=1`.
     pub loopback_only_agents: bool,
 }
@@ -111,7 +117,7 @@ const fn key(name: &'static str, default: &'static str, help: &'static str) -> K
 
 /// Every key, in the order of the table in semantics.md. This is the one declaration of each key:
 /// the file layer, the env layer, the flags and their `--help` all read it.
-pub const KEYS: [Key; 26] = [
+pub const KEYS: [Key; 29] = [
     key("listen", "0.0.0.0:8082", "Address the API listens on"),
     key(
         "store",
@@ -161,6 +167,17 @@ pub const KEYS: [Key; 26] = [
         "watch_history_bytes",
         "64MiB",
         "Bytes of recent changes kept for watches to resume from (older: 410, list again)",
+    ),
+    key("max_watches", "1000", "HTTP watches open at once; more get 429 with Retry-After"),
+    key(
+        "watch_buffer",
+        "1000",
+        "Events queued for one HTTP watcher that stops reading; one more ends its stream with an ERROR event (429)",
+    ),
+    key(
+        "watch_max_replay",
+        "10000",
+        "Most past events one watch may replay; a watch from further back gets 410 and lists again",
     ),
 ];
 
@@ -283,6 +300,11 @@ impl Config {
                     }
                 })
             })?,
+            max_watches: parse_key("max_watches", &value("max_watches"), |s| count_in(s, 1, 1_000_000))?,
+            watch_buffer: parse_key("watch_buffer", &value("watch_buffer"), |s| count_in(s, 16, 1_000_000))?,
+            watch_max_replay: parse_key("watch_max_replay", &value("watch_max_replay"), |s| {
+                count_in(s, 1, 10_000_000)
+            })?,
             loopback_only_agents: false,
         };
         config.check_relations()?;
@@ -320,6 +342,14 @@ impl Config {
             host_port_range: Some(self.host_port_range),
         }
     }
+}
+
+/// An integer within `min..=max`, for counts of things the server holds.
+fn count_in(s: &str, min: usize, max: usize) -> Result<usize, String> {
+    s.parse::<usize>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| format!("{s:?} is not an integer in {min}-{max}"))
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
@@ -561,6 +591,9 @@ mod tests {
             ("max_inflight_workload", "0"),
             ("watch_history_bytes", "1Ki"),
             ("watch_history_bytes", "lots"),
+            ("max_watches", "0"),
+            ("watch_buffer", "8"),
+            ("watch_max_replay", "many"),
         ];
         for (key, value) in cases {
             let err = Config::load(None, &HashMap::new(), &map(&[(key, value)])).unwrap_err();

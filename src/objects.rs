@@ -63,6 +63,10 @@ impl ObjectClient for InProcessObjects {
                         ChangeType::Modified => RawEvent::Modified(e.object.data.to_vec()),
                         ChangeType::Deleted => RawEvent::Deleted(e.object.data.to_vec()),
                     },
+                    // Not Gone: the events already sent stand, so the informer resumes from its revision.
+                    WatchItem::Lagged { buffer } => {
+                        return Err(ObjectError::Unavailable(format!("watch fell more than {buffer} events behind")))
+                    }
                 })
             })
             .boxed())

@@ -200,3 +200,100 @@ fn sorted(mut keys: Vec<String>) -> Vec<String> {
     keys.sort();
     keys
 }
+
+// === bounds on watches (issue 16) ===
+
+/// Reads a watch to its end, returning every event (bookmarks left out); fails after 20 s.
+async fn drain(
+    mut stream: futures::stream::BoxStream<'static, sandboxd_client::Result<WatchEvent<serde_json::Value>>>,
+) -> Vec<WatchEvent<serde_json::Value>> {
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while let Ok(Some(item)) = tokio::time::timeout_at(deadline, stream.next()).await {
+        match item {
+            Ok(e) if e.event_type == EventType::Bookmark => {}
+            Ok(e) => events.push(e),
+            Err(_) => break,
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn watches_over_max_watches_get_429_and_a_closed_watch_gives_its_slot_back() {
+    let (server, client) = start_api_server(test_config(&[("max_watches", "2")])).await;
+    let first = client.watch("sandboxes", None).await.unwrap();
+    let _second = client.watch("nodes", None).await.unwrap();
+    let refused = client.watch("sandboxes", None).await.err().expect("a third watch is refused");
+    assert_eq!(refused.status(), Some(429), "{refused}");
+    assert!(refused.to_string().contains("max_watches"), "{refused}");
+
+    drop(first);
+    // The server learns of the closed connection when it next writes to it.
+    client.create_sandbox("nudge", &sandbox_spec("100m")).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match client.watch("sandboxes", None).await {
+            Ok(_) => break,
+            Err(e) if e.status() == Some(429) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("the slot never came back: {e}"),
+        }
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_watch_replaying_more_than_watch_max_replay_gets_410_and_a_closer_one_replays() {
+    let (server, client) = start_api_server(test_config(&[("watch_max_replay", "3")])).await;
+    let start = client.list_sandboxes().await.unwrap().resource_version;
+    let mut revisions = Vec::new();
+    for i in 0..5 {
+        let created = client.create_sandbox(&format!("r{i}"), &sandbox_spec("100m")).await.unwrap();
+        revisions.push(created.object.resource_version);
+    }
+    let too_far = drain(client.watch("sandboxes", Some(&start)).await.unwrap()).await;
+    assert_eq!(too_far.len(), 1, "{too_far:?}");
+    assert_eq!(too_far[0].event_type, EventType::Error);
+    assert_eq!(too_far[0].object["code"], 410);
+
+    let mut near = client.watch("sandboxes", Some(&revisions[1])).await.unwrap();
+    let ids = [next(&mut near).await, next(&mut near).await, next(&mut near).await]
+        .map(|e| e.object["id"].as_str().unwrap().to_string());
+    assert_eq!(ids, ["r2", "r3", "r4"]);
+    server.stop().await.unwrap();
+}
+
+/// A sandbox spec of about `bytes` bytes (one long argument), so a few events fill socket buffers.
+fn bulky_spec(bytes: usize) -> sandboxd_api::sandbox::SandboxSpec {
+    let mut spec = sandbox_spec("1m");
+    spec.containers[0].args = vec!["x".repeat(bytes)];
+    spec
+}
+
+#[tokio::test]
+async fn a_watcher_that_stops_reading_is_closed_with_a_429_error_event_after_what_it_was_sent() {
+    let (server, client) = start_api_server(test_config(&[("watch_buffer", "16")])).await;
+    let start = client.list_sandboxes().await.unwrap().resource_version;
+    let slow = client.watch("sandboxes", Some(&start)).await.unwrap();
+    let mut reader = client.watch("sandboxes", Some(&start)).await.unwrap();
+    // ~40 MB of events: far more than the socket buffers between the server and an idle reader.
+    let total = 200;
+    for i in 0..total {
+        client.create_sandbox(&format!("b{i}"), &bulky_spec(200_000)).await.unwrap();
+        let seen = next(&mut reader).await;
+        assert_eq!(seen.object["id"], format!("b{i}"), "a reading watcher keeps up");
+    }
+    let events = drain(slow).await;
+    let last = events.last().expect("some events");
+    assert_eq!(last.event_type, EventType::Error, "ends with an ERROR event");
+    assert_eq!(last.object["code"], 429, "{}", last.object);
+    assert!(last.object["error"].as_str().unwrap().contains("watch_buffer"), "{}", last.object);
+    let added = &events[..events.len() - 1];
+    assert!(added.len() < total, "it was cut off before the end: {}", added.len());
+    for (i, event) in added.iter().enumerate() {
+        assert_eq!(event.object["id"], format!("b{i}"), "what it was sent is a gap-free prefix");
+    }
+    server.stop().await.unwrap();
+}

@@ -50,6 +50,10 @@ pub struct ApiState {
     pub max_file_bytes: u64,
     /// Requests in flight per priority class.
     pub shedder: shedding::Shedder,
+    /// Open HTTP watches, bounded by `max_watches`.
+    pub watch_slots: watch::WatchSlots,
+    /// How far one HTTP watcher may fall behind, live and in replay.
+    pub watch_limits: crate::store::WatchLimits,
 }
 
 impl ApiState {
@@ -71,6 +75,11 @@ impl ApiState {
                 workload: config.max_inflight_workload,
                 long_running: config.max_inflight_long_running,
             }),
+            watch_slots: watch::WatchSlots::new(config.max_watches),
+            watch_limits: crate::store::WatchLimits {
+                buffer: config.watch_buffer,
+                max_replay: config.watch_max_replay,
+            },
         }
     }
 
@@ -169,7 +178,7 @@ async fn healthz() -> Json<serde_json::Value> {
 
 /// Prometheus text exposition of the process's counters and heartbeat lag.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text: heartbeat lag, heartbeats, binds, store commits and writes, watch history size")))]
-async fn metrics() -> String {
+async fn metrics(State(state): State<ApiState>) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let m = &sandboxd_controllers::runtime::metrics::METRICS;
     let mut out = String::new();
@@ -191,6 +200,7 @@ async fn metrics() -> String {
     let gauges = [
         ("sandboxd_watch_history_events", crate::store::HISTORY_EVENTS.load(Relaxed)),
         ("sandboxd_watch_history_bytes", crate::store::HISTORY_BYTES.load(Relaxed)),
+        ("sandboxd_watches_open", state.watch_slots.open() as u64),
     ];
     for (name, value) in gauges {
         out.push_str(&format!("# TYPE {name} gauge\n{name} {value}\n"));

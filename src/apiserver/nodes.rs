@@ -85,17 +85,17 @@ pub async fn list_kind(state: &ApiState, kind: Kind, query: ListQuery) -> ApiRes
         })
         .transpose()?;
     if query_bool("watch", query.watch.as_deref())? {
-        return Ok(watch::stream(state, kind, from));
+        return watch::stream(state, kind, from);
     }
     match query_number("limit", query.limit.as_deref())? {
         None if query.cursor.is_none() => {
             let (items, revision) = state.store.list(kind).await?;
-            Ok(respond::list(&items, revision, None))
+            Ok(respond::list(items, revision, None))
         }
         limit => {
             let limit = page_limit(limit)?;
             let page = state.store.list_page(kind, query.cursor.as_deref().unwrap_or(""), limit).await?;
-            Ok(respond::list(&page.items, page.revision, Some(&page.next_cursor)))
+            Ok(respond::list(page.items, page.revision, Some(&page.next_cursor)))
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Watch streams over HTTP: newline-delimited JSON events from a revision, with bookmarks and 410 on a stale revision.
 
+use super::error::{ApiError, ApiResult};
 use super::ApiState;
-use crate::store::{Kind, Revision, Store, StoreError, WatchItem};
+use crate::store::{Kind, Revision, Store, StoreError, Versioned, WatchItem, WatchLimits};
 use axum::body::{Body, Bytes};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
@@ -9,36 +10,88 @@ use axum::response::Response;
 use futures::stream::{self, BoxStream, StreamExt};
 use sandboxd_api::watch::EventType;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+/// The server-wide bound on open watches: a slot is taken when a watch opens and given back when
+/// its stream is dropped, however it ends.
+#[derive(Clone)]
+pub struct WatchSlots {
+    open: Arc<AtomicUsize>,
+    max: usize,
+}
+
+/// One open watch's slot.
+struct WatchSlot(Arc<AtomicUsize>);
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl WatchSlots {
+    pub fn new(max: usize) -> WatchSlots {
+        WatchSlots { open: Arc::new(AtomicUsize::new(0)), max }
+    }
+
+    /// Watches open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    fn take(&self) -> ApiResult<WatchSlot> {
+        let taken = self.open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1));
+        match taken {
+            Ok(_) => Ok(WatchSlot(self.open.clone())),
+            Err(_) => Err(ApiError::TooManyRequests(format!(
+                "{} watches are open, the most this server allows (max_watches); retry later",
+                self.max
+            ))),
+        }
+    }
+}
+
 /// Streams changes of `kind` after `from`; without `from`, ADDED for every current object first.
-pub fn stream(state: &ApiState, kind: Kind, from: Option<Revision>) -> Response {
-    let store = state.store.clone();
-    let lines = stream::once(open(store, kind, from))
+///
+/// A full server is an HTTP 429 before the stream; a revision the store cannot serve is one ERROR
+/// event in the stream, as Kubernetes answers it.
+pub fn stream(state: &ApiState, kind: Kind, from: Option<Revision>) -> ApiResult<Response> {
+    let slot = state.watch_slots.take()?;
+    let lines = stream::once(open(state.store.clone(), kind, from, state.watch_limits))
         .flatten()
         .take_until(state.shutdown.clone().cancelled_owned())
-        .map(Ok::<Bytes, Infallible>);
-    Response::builder()
+        .map(move |line| {
+            // The slot goes back when the stream is dropped, however it ends.
+            let _held = &slot;
+            Ok::<Bytes, Infallible>(line)
+        });
+    Ok(Response::builder()
         .status(StatusCode::OK)
         .header(CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(lines))
-        .expect("static headers are valid")
+        .expect("static headers are valid"))
 }
 
-async fn open(store: Arc<dyn Store>, kind: Kind, from: Option<Revision>) -> BoxStream<'static, Bytes> {
+/// The encoded lines of a watch: ADDED for `initial` (encoded as the client reads, not all at
+/// once), then the live stream.
+async fn open(
+    store: Arc<dyn Store>,
+    kind: Kind,
+    from: Option<Revision>,
+    limits: WatchLimits,
+) -> BoxStream<'static, Bytes> {
     let (initial, from) = match from {
         Some(from) => (Vec::new(), from),
         None => match store.list(kind).await {
-            Ok((items, revision)) => {
-                let added = items.iter().map(|v| event_line(EventType::Added, &v.data)).collect();
-                (added, revision)
-            }
+            Ok(listed) => listed,
             Err(e) => return stream::iter([error_line(&e)]).boxed(),
         },
     };
-    match store.watch(kind, from).await {
-        Ok(live) => stream::iter(initial).chain(live.map(item_line)).boxed(),
-        Err(e) => stream::iter(initial).chain(stream::iter([error_line(&e)])).boxed(),
+    let added = stream::iter(initial).map(|v: Versioned| event_line(EventType::Added, &v.data));
+    match store.watch_limited(kind, from, limits).await {
+        Ok(live) => added.chain(live.map(item_line)).boxed(),
+        Err(e) => added.chain(stream::iter([error_line(&e)])).boxed(),
     }
 }
 
@@ -48,6 +101,14 @@ fn item_line(item: WatchItem) -> Bytes {
         WatchItem::Bookmark(revision) => {
             let object = format!("{{\"resource_version\":\"{revision}\"}}");
             event_line(EventType::Bookmark, object.as_bytes())
+        }
+        WatchItem::Lagged { buffer } => {
+            let message = format!(
+                "this watch fell more than {buffer} events behind and was closed (watch_buffer); \
+                 every event sent before stands: watch again from the last resource_version you saw"
+            );
+            let object = serde_json::json!({ "code": 429, "reason": "TooSlow", "error": message });
+            event_line(EventType::Error, object.to_string().as_bytes())
         }
     }
 }

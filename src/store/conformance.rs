@@ -203,6 +203,7 @@ async fn bookmarks_carry_the_revision_after_sent_events(open: Open) {
                 assert_eq!(e.object, created);
                 break;
             }
+            lagged @ WatchItem::Lagged { .. } => panic!("unexpected {lagged:?}"),
         }
     }
     loop {
@@ -212,7 +213,7 @@ async fn bookmarks_carry_the_revision_after_sent_events(open: Open) {
                 assert_eq!(rev, created.revision + 1, "bookmarks name the global revision");
                 break;
             }
-            WatchItem::Event(e) => panic!("unexpected {e:?}"),
+            other => panic!("unexpected {other:?}"),
         }
     }
 }

@@ -8,7 +8,9 @@
 
 use super::hub::{Change, Hub};
 use super::writer::{encode, spawn_bookmarks, stamp_encoded};
-use super::{ChangeType, Kind, Page, Result, Revision, Store, StoreError, StoreOptions, Versioned, WatchStream};
+use super::{
+    ChangeType, Kind, Page, Result, Revision, Store, StoreError, StoreOptions, Versioned, WatchLimits, WatchStream,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
@@ -324,6 +326,10 @@ impl Store for EtcdStore {
     }
 
     async fn watch(&self, kind: Kind, from: Revision) -> Result<WatchStream> {
+        self.watch_limited(kind, from, self.hub.default_watch_limits()).await
+    }
+
+    async fn watch_limited(&self, kind: Kind, from: Revision, limits: WatchLimits) -> Result<WatchStream> {
         self.check_open()?;
         if from > self.hub.revision() {
             // The client saw a newer revision (a GET through etcd, or another server); wait for the
@@ -334,7 +340,7 @@ impl Store for EtcdStore {
                 self.hub.wait_for(from, CACHE_WAIT).await;
             }
         }
-        self.hub.watch(kind, from)
+        self.hub.watch_limited(kind, from, limits)
     }
 
     async fn revision(&self) -> Result<Revision> {

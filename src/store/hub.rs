@@ -1,10 +1,13 @@
 //! In-memory state shared by the in-process backends: objects, revision, history ring and watchers.
 
-use super::{ChangeType, Event, Kind, Page, Result, Revision, StoreError, Versioned, WatchItem, WatchStream};
+use super::{
+    ChangeType, Event, Kind, Page, Result, Revision, StoreError, Versioned, WatchItem, WatchLimits, WatchStream,
+};
 use futures::StreamExt;
 use parking_lot::RwLock;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -34,6 +37,22 @@ fn event_cost(event: &Event) -> usize {
 struct Watcher {
     kind: Kind,
     tx: mpsc::Sender<WatchItem>,
+    /// Set when the watcher is cut off for a full buffer, so its stream ends with `Lagged`.
+    lagged: Arc<AtomicBool>,
+}
+
+impl Watcher {
+    /// Queues `item`; false when the watcher is gone or, with its buffer full, cut off.
+    fn offer(&self, item: WatchItem) -> bool {
+        match self.tx.try_send(item) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.lagged.store(true, Ordering::Release);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
 }
 
 struct State {
@@ -152,7 +171,7 @@ impl Hub {
             state.revision = change.object.revision;
             let event = Event { kind: change.kind, event_type: change.event_type, object: change.object };
             // A watcher that cannot take the event now is cut off: it will re-watch from its last revision.
-            state.watchers.retain(|w| w.kind != event.kind || w.tx.try_send(WatchItem::Event(event.clone())).is_ok());
+            state.watchers.retain(|w| w.kind != event.kind || w.offer(WatchItem::Event(event.clone())));
             state.ring_bytes += event_cost(&event);
             state.ring.push_back((now, event));
         }
@@ -210,8 +229,18 @@ impl Hub {
         publish_history_size(state);
     }
 
+    /// The limits of `watch`: the store's buffer, and replay bounded only by the history ring.
+    pub fn default_watch_limits(&self) -> WatchLimits {
+        WatchLimits { buffer: self.watcher_buffer, max_replay: usize::MAX }
+    }
+
     /// Registers a watcher atomically with the backlog it must replay, so no event falls between.
     pub fn watch(&self, kind: Kind, from: Revision) -> Result<WatchStream> {
+        self.watch_limited(kind, from, self.default_watch_limits())
+    }
+
+    /// `watch` with its own buffer, and `Gone` when more than `max_replay` events lie after `from`.
+    pub fn watch_limited(&self, kind: Kind, from: Revision, limits: WatchLimits) -> Result<WatchStream> {
         let mut state = self.state.write();
         if state.closed {
             return Err(StoreError::Unavailable("store is closed".into()));
@@ -223,16 +252,34 @@ impl Hub {
         if from > state.revision {
             return Err(StoreError::Ahead { requested: from, current: state.revision });
         }
-        let backlog: Vec<WatchItem> = state
+        let backlog: Vec<&Event> = state
             .ring
             .iter()
+            .rev()
             .map(|(_, e)| e)
-            .filter(|e| e.kind == kind && e.revision() > from)
-            .map(|e| WatchItem::Event(e.clone()))
+            .take_while(|e| e.revision() > from)
+            .filter(|e| e.kind == kind)
             .collect();
-        let (tx, rx) = mpsc::channel(self.watcher_buffer);
-        state.watchers.push(Watcher { kind, tx });
-        let live = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
+        if backlog.len() > limits.max_replay {
+            // Watching from the revision just before the oldest event that still fits replays exactly `max_replay`.
+            let oldest = backlog[limits.max_replay].revision();
+            return Err(StoreError::Gone { requested: from, oldest });
+        }
+        let backlog: Vec<WatchItem> = backlog.into_iter().rev().map(|e| WatchItem::Event(e.clone())).collect();
+        let (tx, rx) = mpsc::channel(limits.buffer.max(1));
+        let lagged = Arc::new(AtomicBool::new(false));
+        state.watchers.push(Watcher { kind, tx, lagged: lagged.clone() });
+        let live = futures::stream::unfold(Some(rx), move |rx| {
+            let lagged = lagged.clone();
+            async move {
+                let mut rx = rx?;
+                match rx.recv().await {
+                    Some(item) => Some((item, Some(rx))),
+                    None if lagged.load(Ordering::Acquire) => Some((WatchItem::Lagged { buffer: limits.buffer }, None)),
+                    None => None,
+                }
+            }
+        });
         Ok(futures::stream::iter(backlog).chain(live).boxed())
     }
 
@@ -240,7 +287,7 @@ impl Hub {
     pub fn bookmark(&self) {
         let mut state = self.state.write();
         let revision = state.revision;
-        state.watchers.retain(|w| w.tx.try_send(WatchItem::Bookmark(revision)).is_ok());
+        state.watchers.retain(|w| w.offer(WatchItem::Bookmark(revision)));
     }
 
     /// Ends every watch and refuses new ones.
@@ -301,6 +348,61 @@ mod tests {
         assert_eq!(ring_bytes(&hub), 3 * one);
         assert!(matches!(hub.watch(Kind::Sandboxes, 6), Err(StoreError::Gone { .. })));
         assert!(hub.watch(Kind::Sandboxes, 7).is_ok(), "the three newest events are still replayed");
+    }
+
+    #[tokio::test]
+    async fn a_watcher_over_its_buffer_is_cut_off_and_told_so_after_what_it_was_sent() {
+        let hub = Hub::new(vec![], 0, HistoryLimits::events(100, Duration::from_secs(60)), 16);
+        let limits = WatchLimits { buffer: 2, max_replay: usize::MAX };
+        let mut slow = hub.watch_limited(Kind::Sandboxes, 0, limits).unwrap();
+        let mut reading = hub.watch_limited(Kind::Sandboxes, 0, limits).unwrap();
+        hub.apply(vec![change("a", 1), change("b", 2)]);
+        assert!(matches!(reading.next().await, Some(WatchItem::Event(_))));
+        assert!(matches!(reading.next().await, Some(WatchItem::Event(_))));
+        hub.apply(vec![change("c", 3)]);
+
+        let mut seen = Vec::new();
+        while let Some(item) = slow.next().await {
+            seen.push(item);
+        }
+        assert_eq!(seen.len(), 3, "both queued events, then the marker: {seen:?}");
+        assert!(matches!(seen[..2], [WatchItem::Event(_), WatchItem::Event(_)]));
+        assert_eq!(seen[2], WatchItem::Lagged { buffer: 2 });
+        assert!(matches!(reading.next().await, Some(WatchItem::Event(e)) if e.revision() == 3), "readers go on");
+        assert_eq!(hub.state.read().watchers.len(), 1, "the slow watcher's slot is gone");
+    }
+
+    #[tokio::test]
+    async fn a_closed_hub_ends_watches_without_a_lag_marker() {
+        let hub = Hub::new(vec![], 0, HistoryLimits::events(100, Duration::from_secs(60)), 16);
+        let mut watch = hub.watch(Kind::Sandboxes, 0).unwrap();
+        hub.close();
+        assert_eq!(watch.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn replay_beyond_max_replay_is_gone_naming_the_oldest_revision_that_fits() {
+        let hub = Hub::new(vec![], 0, HistoryLimits::events(100, Duration::from_secs(60)), 16);
+        let mut changes: Vec<Change> = (1..=10).map(|r| change(&format!("s{r}"), r)).collect();
+        changes[4].kind = Kind::Nodes; // revision 5 is another kind: it does not count
+        hub.apply(changes);
+        let limits = WatchLimits { buffer: 16, max_replay: 3 };
+
+        let gone = hub.watch_limited(Kind::Sandboxes, 0, limits).err();
+        assert_eq!(gone, Some(StoreError::Gone { requested: 0, oldest: 7 }));
+        let replayed: Vec<Revision> = hub
+            .watch_limited(Kind::Sandboxes, 7, limits)
+            .unwrap()
+            .take(3)
+            .map(|i| match i {
+                WatchItem::Event(e) => e.revision(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+            .await;
+        assert_eq!(replayed, [8, 9, 10]);
+        assert!(hub.watch_limited(Kind::Sandboxes, 3, limits).is_err(), "revisions 4, 6..=10: five sandboxes");
+        assert!(hub.watch(Kind::Sandboxes, 0).is_ok(), "the store's own watch replays the whole ring");
     }
 
     #[tokio::test]

@@ -86,6 +86,21 @@ impl Event {
 pub enum WatchItem {
     Event(Event),
     Bookmark(Revision),
+    /// The last item: the watcher fell more than its buffer behind and was cut off. Every event it
+    /// was sent is still valid; it resumes by watching again from the last revision it saw.
+    Lagged {
+        buffer: usize,
+    },
+}
+
+/// How far one watcher may fall behind: live events queued for it, and history replayed to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchLimits {
+    /// Events queued for a watcher that does not read; one more cuts it off with `Lagged`.
+    pub buffer: usize,
+    /// Most history events a watch may replay; a watch from further back is `Gone`, so the client
+    /// lists instead of streaming the whole history.
+    pub max_replay: usize,
 }
 
 /// One page of a list, ordered by name.
@@ -162,6 +177,11 @@ pub trait Store: Send + Sync + 'static {
     async fn delete(&self, kind: Kind, name: &str, expect: Option<Revision>) -> Result<Versioned>;
     /// Changes after revision `from`, then live; `Gone` if `from` is older than the history kept.
     async fn watch(&self, kind: Kind, from: Revision) -> Result<WatchStream>;
+    /// `watch` with a smaller buffer and replay than the store's own, for watchers outside the process.
+    async fn watch_limited(&self, kind: Kind, from: Revision, limits: WatchLimits) -> Result<WatchStream> {
+        let _ = limits;
+        self.watch(kind, from).await
+    }
     /// The latest revision.
     async fn revision(&self) -> Result<Revision>;
     /// Flushes and stops accepting writes; open watches end.

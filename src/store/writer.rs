@@ -1,7 +1,9 @@
 //! The single writer: validates compare-and-swap writes, groups them into one durable commit, then publishes.
 
 use super::hub::{Change, Hub};
-use super::{ChangeType, Kind, Page, Result, Revision, Store, StoreError, StoreOptions, Versioned, WatchStream};
+use super::{
+    ChangeType, Kind, Page, Result, Revision, Store, StoreError, StoreOptions, Versioned, WatchLimits, WatchStream,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -137,6 +139,10 @@ impl Store for LocalStore {
 
     async fn watch(&self, kind: Kind, from: Revision) -> Result<WatchStream> {
         self.hub.watch(kind, from)
+    }
+
+    async fn watch_limited(&self, kind: Kind, from: Revision, limits: WatchLimits) -> Result<WatchStream> {
+        self.hub.watch_limited(kind, from, limits)
     }
 
     async fn revision(&self) -> Result<Revision> {
