@@ -7,6 +7,9 @@
 # - the real runtime (`sbxlet --runtime runc`) and its tests: runc, iptables, iproute2 (`ip`),
 #   docker-registry (a throwaway registry the tests push to) and busybox-static (the test image).
 #
+# - Schemathesis (PyPI, pinned, in the venv .venv-schemathesis): hack/schemathesis/run.sh fuzzes a
+#   live server with it; Debian's python3-venv provides the venv module.
+#
 # Each check does what the build does, not only `command -v`: a protoc without its include files
 # passed the old check and then failed the build on a fresh machine.
 #
@@ -68,6 +71,7 @@ missing_packages() {
   ip_runs || echo iproute2
   registry_runs || echo docker-registry
   busybox_is_static || echo busybox-static
+  venv_module_works || echo python3-venv
   if [ "$with_stress" = 1 ]; then
     stress_runs || echo stress-ng
   fi
@@ -108,9 +112,36 @@ check_all() {
   return "$failed"
 }
 
+SCHEMATHESIS_VERSION="4.32.5"
+venv_dir="$(cd "$(dirname "$0")/.." && pwd)/.venv-schemathesis"
+
+schemathesis_runs() {
+  [ -x "$venv_dir/bin/st" ] && "$venv_dir/bin/st" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"
+}
+
+venv_module_works() {
+  python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' >/dev/null 2>&1
+}
+
+install_schemathesis() {
+  schemathesis_runs && return 0
+  rm -rf "$venv_dir"
+  python3 -m venv "$venv_dir"
+  "$venv_dir/bin/pip" install -q "schemathesis==$SCHEMATHESIS_VERSION"
+  if ! schemathesis_runs; then
+    echo "hack/deps.sh: schemathesis $SCHEMATHESIS_VERSION did not install into $venv_dir" >&2
+    return 1
+  fi
+}
+
 if [ "${1:-}" = "--check" ]; then
-  check_all
-  exit
+  status=0
+  check_all || status=1
+  if ! schemathesis_runs; then
+    echo "hack/deps.sh: schemathesis $SCHEMATHESIS_VERSION missing from $venv_dir: run hack/deps.sh" >&2
+    status=1
+  fi
+  exit "$status"
 fi
 
 read -r -a missing <<<"$(missing_packages | tr '\n' ' ')"
@@ -125,3 +156,4 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 check_all
+install_schemathesis

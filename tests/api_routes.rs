@@ -290,6 +290,81 @@ async fn openapi_lists_every_route_path() {
     assert!(paths["/api/v1/sandboxes/{id}"].get("put").is_some(), "PUT /api/v1/sandboxes/{{id}} is documented");
 }
 
+#[tokio::test]
+async fn openapi_states_what_validation_enforces() {
+    let (_, doc) = call(&app(), "GET", "/openapi.json", None).await;
+    let schemas = &doc["components"]["schemas"];
+    let policy = Config::default().sandbox_policy();
+    let (low, high) = policy.host_port_range.unwrap();
+    let host_port = &schemas["PortSpec"]["properties"]["host_port"]["oneOf"];
+    let bounds = host_port.as_array().and_then(|b| b.iter().find(|b| b.get("minimum").is_some()));
+    let host_port = bounds.unwrap_or(&schemas["PortSpec"]["properties"]["host_port"]);
+    assert_eq!((host_port["minimum"].as_u64(), host_port["maximum"].as_u64()), (Some(low.into()), Some(high.into())));
+    assert_eq!(schemas["SandboxSpec"]["properties"]["containers"]["maxItems"], 32);
+    assert_eq!(schemas["SandboxSpec"]["additionalProperties"], false);
+    assert_eq!(schemas["Container"]["properties"]["name"]["pattern"], sandboxd_api::schema_rules::NAME);
+    assert_eq!(schemas["Lease"]["properties"]["lease_duration_seconds"]["maximum"], 3600);
+    let required: Vec<&str> =
+        schemas["SandboxCreateRequest"]["required"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert!(required.contains(&"spec"), "{required:?}");
+    assert_eq!(schemas["SandboxCreateRequest"]["oneOf"], json!([{ "required": ["id"] }, { "required": ["name"] }]));
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let responses = operation["responses"].as_object().unwrap();
+            if path != "/healthz" {
+                for status in ["400", "401", "429", "503"] {
+                    assert!(responses.contains_key(status), "{method} {path} does not document {status}");
+                }
+            }
+            if operation.get("requestBody").is_some() {
+                assert!(responses.contains_key("413") && responses.contains_key("415"), "{method} {path}");
+            }
+            for parameter in operation["parameters"].as_array().into_iter().flatten() {
+                if parameter["in"] == "path" {
+                    assert_eq!(parameter["schema"]["pattern"], sandboxd_api::schema_rules::NAME, "{method} {path}");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn structs_given_as_arrays_are_400_and_whole_floats_are_integers() {
+    let app = app();
+    let mut body = minimal_sandbox("shapes");
+    body["spec"]["containers"][0]["resource"] = json!([null, null, null]);
+    assert_error(
+        call(&app, "POST", "/api/v1/sandboxes", Some(body)).await,
+        StatusCode::BAD_REQUEST,
+        "expected an object",
+    );
+    let mut body = minimal_sandbox("floats");
+    body["spec"]["ports"] = json!([{ "container_port": 80.0 }]);
+    body["spec"]["ttl_seconds"] = json!(60.0);
+    let created = create_sandbox(&app, body).await;
+    assert_eq!(created["spec"]["ports"][0]["container_port"], 80);
+    let mut body = minimal_sandbox("fraction");
+    body["spec"]["ports"] = json!([{ "container_port": 80.5 }]);
+    assert_error(call(&app, "POST", "/api/v1/sandboxes", Some(body)).await, StatusCode::BAD_REQUEST, "container_port");
+}
+
+#[tokio::test]
+async fn lease_bounds_and_list_cursors_are_checked() {
+    let app = app();
+    let lease = |duration: u64, transitions: u64| json!({ "name": "ctl", "holder": "a", "lease_duration_seconds": duration, "transitions": transitions });
+    let hijack = call(&app, "POST", "/api/v1/leases", Some(lease(u64::MAX, 0))).await;
+    assert_error(hijack, StatusCode::BAD_REQUEST, "lease_duration_seconds");
+    let wrapped = call(&app, "POST", "/api/v1/leases", Some(lease(15, 1 << 63))).await;
+    assert_error(wrapped, StatusCode::BAD_REQUEST, "transitions");
+    assert_eq!(call(&app, "POST", "/api/v1/leases", Some(lease(3600, 0))).await.0, StatusCode::CREATED);
+    assert_error(
+        call(&app, "GET", "/api/v1/sandboxes?cursor=Not_A_Name", None).await,
+        StatusCode::BAD_REQUEST,
+        "cursor",
+    );
+    assert_eq!(call(&app, "GET", "/api/v1/sandboxes?cursor=&limit=5", None).await.0, StatusCode::OK);
+}
+
 // === request bodies: content type, size, JSON ===
 
 #[tokio::test]

@@ -50,6 +50,7 @@ impl AgentPhase {
 
 /// A host-to-container port mapping on an agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentPort {
     pub host_port: u16,
     pub container_port: u16,
@@ -92,6 +93,7 @@ pub struct AgentSandbox {
 
 /// `POST /api/v1/sandboxes` body on an agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentCreateRequest {
     pub id: String,
     #[serde(default)]

@@ -24,7 +24,7 @@ pub struct ExecRequest {
     /// The program and its arguments, run without a shell.
     pub command: Vec<String>,
     /// Added to the container's own environment.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "crate::objects_only::list")]
     pub env: Vec<EnvVar>,
     /// Absolute working directory; the container's own when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,11 +51,15 @@ impl ExecRequest {
         if bytes > MAX_COMMAND_BYTES {
             return Some(format!("command: {bytes} bytes is more than {MAX_COMMAND_BYTES}"));
         }
-        if self.command.iter().chain(self.env.iter().map(|e| &e.value)).any(|a| a.contains('\0')) {
-            return Some("command and env values must not contain NUL".into());
+        if self.command.iter().any(|a| a.contains('\0')) {
+            return Some("command: must not contain NUL".into());
         }
-        if let Some(bad) = self.env.iter().find(|e| !env_name_ok(&e.name)) {
-            return Some(format!("env: {:?} is not a valid variable name", bad.name));
+        if let Some(bad) = self.env.iter().find(|e| !crate::syntax::is_env_name(&e.name)) {
+            return Some(format!("env: {} is not a valid variable name", crate::syntax::shown(&bad.name)));
+        }
+        // The same rule as a container's env in a sandbox spec, which shares the schema.
+        if self.env.iter().any(|e| !crate::syntax::is_printable(&e.value, true)) {
+            return Some("env: values must not contain control characters other than tab and newline".into());
         }
         if let Some(dir) = &self.work_dir {
             if !dir.starts_with('/') || dir.contains('\0') {
@@ -70,12 +74,6 @@ impl ExecRequest {
             _ => None,
         }
     }
-}
-
-fn env_name_ok(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// The answer of a buffered exec.

@@ -2,6 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The longest lease a holder may claim: a standby takes over at most this long after a leader dies.
+pub const MAX_LEASE_SECONDS: u64 = 3600;
+
 /// A leader lease, written only with compare-and-swap on `resource_version`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -47,7 +47,7 @@ pub struct NodeSpec {
 pub struct NodeCreateRequest {
     #[serde(alias = "name", default)]
     pub id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::objects_only::one")]
     pub spec: NodeSpec,
 }
 

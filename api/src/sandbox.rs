@@ -115,11 +115,11 @@ pub struct Container {
     pub image: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "crate::objects_only::list")]
     pub env: Vec<EnvVar>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub work_dir: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::objects_only::optional")]
     pub resource: Option<ContainerResource>,
 }
 
@@ -133,11 +133,11 @@ pub struct SandboxSpec {
     /// Seconds after creation at which the sandbox expires; 0 or absent: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_seconds: Option<i64>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "crate::objects_only::list")]
     pub ports: Vec<PortSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::objects_only::optional")]
     pub readiness_probe: Option<Probe>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::objects_only::list")]
     pub containers: Vec<Container>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
@@ -263,6 +263,7 @@ pub struct Sandbox {
 pub struct SandboxCreateRequest {
     #[serde(alias = "name", default)]
     pub id: String,
+    #[serde(deserialize_with = "crate::objects_only::one")]
     pub spec: SandboxSpec,
 }
 
@@ -272,6 +273,7 @@ pub struct SandboxCreateRequest {
 pub struct SandboxUpdateRequest {
     #[serde(default)]
     pub resource_version: Option<String>,
+    #[serde(deserialize_with = "crate::objects_only::one")]
     pub spec: SandboxSpec,
 }
 

@@ -42,22 +42,51 @@ fn require_json_content_type(req: &Request) -> Result<(), ApiError> {
 }
 
 /// Parses JSON, naming the field path of the first problem (`spec.containers[0].resource.cpu: invalid type ...`).
+///
+/// A number written with a zero fraction (`80.0`) is the integer it equals, as JSON Schema counts
+/// it: when the strict parse fails on a float, the body is parsed again with such numbers made
+/// integers. The common body never pays for that second parse.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::BadRequest("request body is empty: expected a JSON object".into()));
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." || path.is_empty() {
-            ApiError::BadRequest(format!("invalid JSON body: {inner}"))
-        } else {
-            ApiError::BadRequest(format!("{path}: {inner}"))
+    match serde_path_to_error::deserialize(&mut de) {
+        Ok(value) => {
+            de.end().map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+            Ok(value)
         }
-    })?;
-    de.end().map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
-    Ok(value)
+        Err(e) if e.inner().to_string().contains("floating point") => {
+            let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| field_error(".", e))?;
+            integers_for_whole_floats(&mut value);
+            serde_path_to_error::deserialize(value).map_err(|e| field_error(&e.path().to_string(), e.into_inner()))
+        }
+        Err(e) => Err(field_error(&e.path().to_string(), e.into_inner())),
+    }
+}
+
+fn field_error(path: &str, inner: serde_json::Error) -> ApiError {
+    if path == "." || path.is_empty() {
+        ApiError::BadRequest(format!("invalid JSON body: {inner}"))
+    } else {
+        ApiError::BadRequest(format!("{path}: {inner}"))
+    }
+}
+
+/// Replaces every float with a zero fraction that fits an `i64` or `u64` by that integer.
+fn integers_for_whole_floats(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // Beyond 2^53 a float no longer names one integer, so those stay floats (and fail).
+            if f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0 {
+                *value = serde_json::Value::from(f as i64);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integers_for_whole_floats),
+        serde_json::Value::Object(map) => map.values_mut().for_each(integers_for_whole_floats),
+        _ => {}
+    }
 }
 
 /// Query parameters with a 400 `{"error": ...}` on bad values.

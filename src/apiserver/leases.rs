@@ -19,8 +19,15 @@ pub struct DeleteQuery {
 
 fn check_lease(lease: &Lease) -> ApiResult<()> {
     validate_name("name", &lease.name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    if lease.lease_duration_seconds == 0 {
-        return Err(ApiError::BadRequest("lease_duration_seconds: must be at least 1".into()));
+    if lease.transitions > i64::MAX as u64 {
+        return Err(ApiError::BadRequest(format!("transitions: {} is more than {}", lease.transitions, i64::MAX)));
+    }
+    let max = sandboxd_api::lease::MAX_LEASE_SECONDS;
+    if !(1..=max).contains(&lease.lease_duration_seconds) {
+        return Err(ApiError::BadRequest(format!(
+            "lease_duration_seconds: {} is not in 1-{max}",
+            lease.lease_duration_seconds
+        )));
     }
     Ok(())
 }

@@ -84,6 +84,11 @@ pub async fn list_kind(state: &ApiState, kind: Kind, query: ListQuery) -> ApiRes
             s.parse::<u64>().map_err(|_| ApiError::BadRequest(format!("resource_version: {s:?} is not a revision")))
         })
         .transpose()?;
+    // A cursor is the name a page ended at, so it is a name (or empty, the first page).
+    if let Some(problem) = query.cursor.as_deref().filter(|c| !c.is_empty()).and_then(sandboxd_api::names::name_problem)
+    {
+        return Err(ApiError::BadRequest(format!("cursor: {problem}")));
+    }
     if query_bool("watch", query.watch.as_deref())? {
         return watch::stream(state, kind, from);
     }

@@ -106,6 +106,7 @@ pub async fn get_sandbox(
 }
 
 #[utoipa::path(post, path = "/api/v1/nodes/{name}/sandboxes", params(("name" = String, Path)),
+    request_body = sandboxd_api::agent::AgentCreateRequest,
     responses((status = 201, description = "Created on the agent"), (status = 404, description = "Unknown node"),
               (status = 409, description = "Port clash or no capacity on the agent"), (status = 502, description = "Agent failed")))]
 pub async fn create_sandbox(

@@ -47,9 +47,11 @@ async fn flood_once(
     server_args: Vec<String>,
 ) -> anyhow::Result<(serde_json::Map<String, serde_json::Value>, bool)> {
     let (flood_for, held_connections, max_posts) =
-        if smoke { (Duration::from_secs(2), 50, 20_000) } else { (Duration::from_secs(15), 2_000, 400_000) };
+        if smoke { (Duration::from_secs(2), 50, 20_000) } else { (Duration::from_secs(15), 10_000, 400_000) };
     let mut spec = crate::scenarios::cluster_spec(0, "2s");
-    spec.server_args = server_args;
+    // 10,000 held connections would fill the default max_connections (10,000) by themselves: the
+    // bound is raised so the flood and the probes still connect, and the held ones are what is tested.
+    spec.server_args = [vec!["--max-connections".to_string(), "16000".into()], server_args].concat();
     let cluster = Cluster::start(bin_dir, &spec).await?;
     let host = cluster.url.trim_start_matches("http://").to_string();
     let rss_before = cluster.server_rss_bytes();

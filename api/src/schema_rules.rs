@@ -1,0 +1,262 @@
+//! The validation rules in JSON Schema form: the patterns and bounds the OpenAPI document publishes,
+//! kept beside the validators and tested against them so the two cannot drift apart.
+//!
+//! JSON Schema cannot say everything the validators check: names unique among containers, ports
+//! unique per protocol, a probe on a tcp port of the spec, and the 256 KiB size of a whole spec.
+//! Those stay 400s that a schema-valid request can still get; `hack/schemathesis-hooks.py` keeps
+//! its generated requests inside them.
+
+use crate::validate::{SandboxPolicy, MAX_ARGS, MAX_CONTAINERS, MAX_ENV, MAX_LABELS, MAX_PORTS};
+use serde_json::{json, Value};
+
+/// An object name (`names::name_problem`): a DNS-1123 label of 1–63 characters, dots allowed.
+pub const NAME: &str = r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$";
+
+/// A label key (`syntax::label_key_problem`): an optional DNS-subdomain prefix and `/`, then a name.
+pub const LABEL_KEY: &str = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*/)?[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$";
+
+/// A label value (`syntax::label_value_problem`): empty, or a label key's name part.
+pub const LABEL_VALUE: &str = r"^([A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?$";
+
+/// An environment variable name (`syntax::is_env_name`).
+pub const ENV_NAME: &str = r"^[A-Za-z_][A-Za-z0-9_]*$";
+
+/// Text without control characters but tab and newline (`syntax::is_printable(_, true)`).
+pub const MULTILINE_TEXT: &str = r"^[^\u0000-\u0008\u000b-\u001f\u007f-\u009f]*$";
+
+/// An absolute path without control characters, or nothing (`work_dir`).
+pub const OPTIONAL_ABSOLUTE_PATH: &str = r"^(/[^\u0000-\u001f\u007f-\u009f]*)?$";
+
+/// An image reference (`syntax::image_problem`): `[registry/]path[/path…][:tag][@algorithm:hex]`.
+/// A first component with a `.` or `:`, or `localhost`, is a registry, so a path's first component
+/// has neither when more components follow.
+pub const IMAGE: &str = concat!(
+    r"^(",
+    // registry: host labels (or an IPv4 address) and an optional port, then more path components
+    r"(([A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+(:[0-9]{1,5})?",
+    r"|[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?:[0-9]{1,5}|localhost)",
+    r"(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)+",
+    // no registry: one component (dots allowed), or several whose first has no dot
+    r"|[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*",
+    r"|[a-z0-9]+((_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)+",
+    r")(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@[a-z0-9+._-]+:[0-9A-Fa-f]{32,})?$"
+);
+
+/// A CPU quantity (`quantity::parse_cpu_milli`): cores or millicores, more than zero.
+/// (Leading zeros are bounded too: the parser refuses more than 30 digits before the point.)
+pub const CPU: &str = r"^0{0,8}[1-9][0-9]{0,8}(\.[0-9]{1,9})?m?$|^0{0,8}\.(0{0,5}[1-9][0-9]{0,3})$";
+
+/// A byte quantity (`quantity::parse_bytes`): a number and an optional suffix, more than zero.
+/// (Six digits keep every suffix below 2^64 bytes: 999,999 Ti is about 1.1 × 10^18.)
+pub const BYTES: &str = r"^0{0,8}[1-9][0-9]{0,5}(\.[0-9]{1,3})?(Ki|Mi|Gi|Ti|k|M|G|T)?$";
+
+/// Constraints per component schema: `(schema, property, JSON Schema keywords to merge)`.
+pub fn component_constraints(policy: &SandboxPolicy) -> Vec<(&'static str, &'static str, Value)> {
+    let (port_low, port_high) = policy.host_port_range.unwrap_or((1, 65535));
+    let labels = json!({
+        "type": "object", "maxProperties": MAX_LABELS,
+        "propertyNames": { "pattern": LABEL_KEY },
+        "additionalProperties": { "type": "string", "pattern": LABEL_VALUE },
+    });
+    let probe_bound = |min: i64| json!({ "minimum": min, "maximum": 86_400 });
+    vec![
+        ("SandboxCreateRequest", "id", json!({ "pattern": NAME })),
+        ("SandboxSpec", "containers", json!({ "minItems": 1, "maxItems": MAX_CONTAINERS })),
+        ("SandboxSpec", "ports", json!({ "maxItems": MAX_PORTS })),
+        ("SandboxSpec", "ttl_seconds", json!({ "minimum": 0, "maximum": policy.max_ttl_seconds })),
+        ("SandboxSpec", "labels", labels.clone()),
+        ("Container", "name", json!({ "pattern": NAME })),
+        ("Container", "image", json!({ "pattern": IMAGE, "maxLength": 512 })),
+        (
+            "Container",
+            "args",
+            json!({ "maxItems": MAX_ARGS, "items": { "type": "string", "pattern": MULTILINE_TEXT } }),
+        ),
+        ("Container", "env", json!({ "maxItems": MAX_ENV })),
+        ("Container", "work_dir", json!({ "pattern": OPTIONAL_ABSOLUTE_PATH })),
+        ("EnvVar", "name", json!({ "pattern": ENV_NAME })),
+        ("EnvVar", "value", json!({ "pattern": MULTILINE_TEXT })),
+        ("ContainerResource", "cpu", json!({ "pattern": CPU })),
+        ("ContainerResource", "memory", json!({ "pattern": BYTES })),
+        ("ContainerResource", "ephemeral_storage", json!({ "pattern": BYTES })),
+        ("PortSpec", "container_port", json!({ "minimum": 1, "maximum": 65535 })),
+        ("PortSpec", "host_port", json!({ "minimum": port_low, "maximum": port_high })),
+        ("Probe", "initial_delay_seconds", probe_bound(0)),
+        ("Probe", "period_seconds", probe_bound(1)),
+        ("Probe", "timeout_seconds", probe_bound(1)),
+        ("Probe", "success_threshold", probe_bound(1)),
+        ("Probe", "failure_threshold", probe_bound(1)),
+        ("Probe", "port", json!({ "minimum": 1, "maximum": 65535 })),
+        ("Probe", "path", json!({ "pattern": r"^(/[^\u0000-\u0020\u007f-\u009f]*)?$" })),
+        ("AgentCreateRequest", "id", json!({ "pattern": NAME })),
+        ("AgentCreateRequest", "containers", json!({ "minItems": 1, "maxItems": MAX_CONTAINERS })),
+        ("AgentCreateRequest", "ports", json!({ "maxItems": MAX_PORTS })),
+        ("NodeCreateRequest", "id", json!({ "pattern": NAME })),
+        ("NodeSpec", "port", json!({ "minimum": 1, "maximum": 65535 })),
+        (
+            "NodeSpec",
+            "ip",
+            json!({ "anyOf": [{ "format": "ipv4" }, { "format": "ipv6" }, { "pattern": DNS_NAME, "maxLength": 253 }] }),
+        ),
+        (
+            "NodeSpec",
+            "external",
+            json!({ "anyOf": [{ "maxLength": 0 }, { "format": "ipv4" }, { "format": "ipv6" }, { "pattern": DNS_NAME, "maxLength": 253 }] }),
+        ),
+        ("AgentPort", "host_port", json!({ "minimum": 1, "maximum": 65535 })),
+        ("AgentPort", "container_port", json!({ "minimum": 1, "maximum": 65535 })),
+        ("ExecRequest", "tty", json!({ "enum": [false] })),
+        ("NodeSpec", "max_alloc_percent", json!({ "minimum": 1, "maximum": 100 })),
+        ("Lease", "name", json!({ "pattern": NAME })),
+        ("AgentCreateRequest", "labels", labels),
+        ("Lease", "transitions", json!({ "maximum": i64::MAX })),
+        ("FinalizeRequest", "resource_version", json!({ "pattern": "^[0-9]{1,19}$" })),
+        ("SandboxUpdateRequest", "resource_version", json!({ "pattern": "^[0-9]{0,19}$" })),
+        (
+            "ExecRequest",
+            "command",
+            json!({ "minItems": 1, "prefixItems": [{ "type": "string", "minLength": 1, "pattern": "^[^\\u0000]*$" }],
+                    "items": { "type": "string", "pattern": "^[^\\u0000]*$" } }),
+        ),
+        ("ExecRequest", "container", json!({ "pattern": NAME })),
+        ("ExecRequest", "work_dir", json!({ "pattern": "^/[^\\u0000]*$" })),
+        (
+            "ExecRequest",
+            "timeout_seconds",
+            json!({ "minimum": 1, "maximum": crate::dataplane::MAX_EXEC_TIMEOUT_SECONDS }),
+        ),
+        ("Lease", "lease_duration_seconds", json!({ "minimum": 1, "maximum": crate::lease::MAX_LEASE_SECONDS })),
+    ]
+}
+
+/// Schemas whose types refuse unknown fields (`deny_unknown_fields`): `additionalProperties: false`.
+pub const CLOSED: [&str; 8] =
+    ["ExecRequest", "NodeSpec", "PortSpec", "Probe", "EnvVar", "ContainerResource", "Container", "SandboxSpec"];
+
+/// A node address (`validate::is_ip_or_dns_name`): an IP address, or a DNS name with a letter in a label.
+/// (The label with a letter is held to 63 characters by splitting them 31 + 1 + 31: a regex cannot
+/// count a label's length around a character it must contain.)
+pub const DNS_NAME: &str = r"^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[0-9]{0,31}[A-Za-z]([A-Za-z0-9-]{0,29}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$";
+
+/// Create requests that take `name` as another spelling of `id`: exactly one of the two is required.
+pub const ID_ALIASED: [&str; 2] = ["SandboxCreateRequest", "NodeCreateRequest"];
+
+/// Fields a request must carry although the type gives them a default, per component schema.
+pub fn required_fields() -> [(&'static str, &'static [&'static str]); 9] {
+    [
+        ("SandboxCreateRequest", &["spec"]),
+        ("SandboxUpdateRequest", &["spec"]),
+        ("SandboxSpec", &["containers"]),
+        ("Container", &["name", "image"]),
+        ("AgentCreateRequest", &["id", "containers"]),
+        ("NodeCreateRequest", &["spec"]),
+        ("NodeSpec", &["ip", "port"]),
+        ("Lease", &["name", "lease_duration_seconds"]),
+        ("ExecRequest", &["command"]),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::names::name_problem;
+    use crate::quantity::{parse_bytes, parse_cpu_milli};
+    use crate::syntax::{image_problem, is_env_name, is_printable, label_key_problem, label_value_problem};
+
+    fn agree(pattern: &str, accepts: impl Fn(&str) -> bool, cases: &[&str]) {
+        let re = regex::Regex::new(pattern).expect("a valid pattern");
+        for case in cases {
+            assert_eq!(re.is_match(case), accepts(case), "pattern and validator disagree on {case:?}");
+        }
+    }
+
+    #[test]
+    fn names_labels_and_env_names_match_their_validators() {
+        let names = ["a", "a-b", "a.b", "-a", "a-", "A", "ab_c", "", &"a".repeat(63), &"a".repeat(64), "a\n"];
+        agree(NAME, |s| name_problem(s).is_none(), &names);
+        let keys = ["app", "example.com/app", "a/b/c", "/app", "App_1.x", "-x", "EXAMPLE.com/x", "a.b-c.d/e", "x."];
+        agree(LABEL_KEY, |s| label_key_problem(s).is_none(), &keys);
+        let values = ["", "v", "v-1", "-v", "v_", &"v".repeat(63), &"v".repeat(64), "a b"];
+        agree(LABEL_VALUE, |s| label_value_problem(s).is_none(), &values);
+        agree(ENV_NAME, is_env_name, &["PATH", "_x", "1A", "A-B", "", "a1_"]);
+        agree(MULTILINE_TEXT, |s| is_printable(s, true), &["a\tb\nc", "bell\u{7}", "esc\u{1b}[", "ok é", "\u{85}"]);
+    }
+
+    #[test]
+    fn image_references_match_the_validator() {
+        let cases = [
+            "nginx",
+            "nginx:latest",
+            "library/nginx:1.25",
+            "registry.example.com/team/app:v1",
+            "localhost:5000/app",
+            "localhost/app",
+            "127.0.0.1:5000/busybox@sha256:0123456789abcdef0123456789abcdef",
+            "a__b/c",
+            "a___b",
+            "a..b",
+            "Nginx",
+            "a.b",
+            "a.b/c",
+            "a__b.c/d",
+            "host:99999/x",
+            "host:123456/x",
+            "x:-tag",
+            "x:.tag",
+            "x@sha256:short",
+            "docker.io/library/busybox:1.36",
+            "a-b--c/d",
+            "",
+        ];
+        agree(IMAGE, |s| image_problem(s).is_none(), &cases);
+    }
+
+    #[test]
+    fn quantities_matching_the_patterns_parse_to_more_than_zero() {
+        let cpu = [
+            "100m",
+            "1",
+            "0.5",
+            ".5",
+            "2.25",
+            "0",
+            "0m",
+            "1.5m",
+            "007",
+            "1.",
+            "m",
+            "1e3",
+            "0.0001",
+            "00.1",
+            &format!("{}1", "0".repeat(40)),
+        ];
+        let cpu_ok = |s: &str| parse_cpu_milli(s).is_ok_and(|v| v > 0);
+        let re = regex::Regex::new(CPU).unwrap();
+        for case in cpu {
+            if re.is_match(case) {
+                assert!(cpu_ok(case), "the pattern admits {case:?}, which the validator refuses");
+            }
+        }
+        assert!(cpu.iter().filter(|c| re.is_match(c)).count() >= 6, "the pattern is not empty");
+        let bytes = [
+            "128Mi",
+            "1Gi",
+            "1",
+            "0",
+            "1.5Gi",
+            "1e3",
+            "Mi",
+            "1.Mi",
+            "500k",
+            "999999Ti",
+            "00000000999999.999T",
+            "000000000000000000000000000000001",
+        ];
+        let re = regex::Regex::new(BYTES).unwrap();
+        for case in bytes {
+            if re.is_match(case) {
+                assert!(parse_bytes(case).is_ok_and(|v| v > 0), "the pattern admits {case:?}");
+            }
+        }
+    }
+}
