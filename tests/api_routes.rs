@@ -329,6 +329,14 @@ async fn openapi_states_what_validation_enforces() {
 }
 
 #[tokio::test]
+async fn an_overlong_request_target_is_a_json_414() {
+    let long = format!("/api/v1/sandboxes/{}", "a".repeat(sandboxd_o::apiserver::MAX_URI_BYTES));
+    assert_error(call(&app(), "GET", &long, None).await, StatusCode::URI_TOO_LONG, "more than 16384");
+    let query = format!("/api/v1/sandboxes?cursor={}", "a".repeat(sandboxd_o::apiserver::MAX_URI_BYTES));
+    assert_error(call(&app(), "GET", &query, None).await, StatusCode::URI_TOO_LONG, "request target");
+}
+
+#[tokio::test]
 async fn structs_given_as_arrays_are_400_and_whole_floats_are_integers() {
     let app = app();
     let mut body = minimal_sandbox("shapes");

@@ -145,8 +145,22 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn(reject_long_uri))
         .layer(axum::middleware::from_fn(errors_as_json))
         .with_state(state)
+}
+
+/// Longest request target (path and query) the API reads. Longer ones get a JSON 414 here; beyond
+/// 64 KiB hyper answers 414 itself, with an empty body, before any of this code runs.
+pub const MAX_URI_BYTES: usize = 16 * 1024;
+
+async fn reject_long_uri(request: Request, next: Next) -> Response {
+    let length = request.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if length > MAX_URI_BYTES {
+        return ApiError::UriTooLong(format!("request target is {length} bytes, more than {MAX_URI_BYTES}"))
+            .into_response();
+    }
+    next.run(request).await
 }
 
 /// Largest error text kept from a rejection that is not already JSON.

@@ -218,7 +218,7 @@ fn require_resource_version(operation: &mut Value) {
 }
 
 /// Every status a route can answer besides its own: 400 for a bad parameter or body, 401 without
-/// the token, 404 for an unknown object, 413/415 for bodies, 429 when its class is full, and 503
+/// the token, 414 for an overlong target, 404 for an unknown object, 413/415 for bodies, 429 when its class is full, and 503
 /// when the store is unavailable.
 fn document_error_statuses(path: &str, operation: &mut Value) {
     let has_body = operation.get("requestBody").is_some();
@@ -229,6 +229,7 @@ fn document_error_statuses(path: &str, operation: &mut Value) {
     let mut statuses = vec![
         ("400", "Invalid parameter or body: {\"error\": \"<field>: <why>\"}"),
         ("401", "Missing or wrong bearer token (when the server has one)"),
+        ("414", "Request target longer than 16 KiB"),
         ("429", "Too many requests of this class in flight; retry after Retry-After"),
         ("503", "Store unavailable"),
     ];
