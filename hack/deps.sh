@@ -137,6 +137,10 @@ install_schemathesis() {
 if [ "${1:-}" = "--check" ]; then
   status=0
   check_all || status=1
+  if ! venv_module_works; then
+    echo "hack/deps.sh: python3 cannot make a venv: install Debian's python3-venv" >&2
+    status=1
+  fi
   if ! schemathesis_runs; then
     echo "hack/deps.sh: schemathesis $SCHEMATHESIS_VERSION missing from $venv_dir: run hack/deps.sh" >&2
     status=1

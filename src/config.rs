@@ -58,6 +58,8 @@ pub struct Config {
     pub node_ready_threshold: u32,
     pub node_failure_threshold: u32,
     pub node_lost_grace: Duration,
+    /// A sandbox Scheduled or Creating longer than this fails with `CreateTimeout`.
+    pub creating_timeout: Duration,
     pub max_alloc_percent: u32,
     pub host_port_range: (u16, u16),
     pub scheduler_policy: SchedulerPolicy,
@@ -117,7 +119,7 @@ const fn key(name: &'static str, default: &'static str, help: &'static str) -> K
 
 /// Every key, in the order of the table in semantics.md. This is the one declaration of each key:
 /// the file layer, the env layer, the flags and their `--help` all read it.
-pub const KEYS: [Key; 29] = [
+pub const KEYS: [Key; 30] = [
     key("listen", "0.0.0.0:8082", "Address the API listens on"),
     key(
         "store",
@@ -129,6 +131,11 @@ pub const KEYS: [Key; 29] = [
     key("node_ready_threshold", "2", "Successful heartbeats in a row that make a node Ready"),
     key("node_failure_threshold", "3", "Failed heartbeats in a row that make a node NotReady"),
     key("node_lost_grace", "60s", "How long a node may stay NotReady before its sandboxes fail with NodeLost"),
+    key(
+        "creating_timeout",
+        "5m",
+        "How long a sandbox may wait for its agent (Scheduled or Creating) before it fails with CreateTimeout",
+    ),
     key(
         "max_alloc_percent",
         "90",
@@ -238,6 +245,7 @@ impl Config {
                 at_least_one,
             )?,
             node_lost_grace: parse_key("node_lost_grace", &value("node_lost_grace"), parse_duration)?,
+            creating_timeout: parse_key("creating_timeout", &value("creating_timeout"), positive_duration)?,
             max_alloc_percent: parse_key("max_alloc_percent", &value("max_alloc_percent"), percent)?,
             host_port_range: parse_key("host_port_range", &value("host_port_range"), parse_port_range)?,
             scheduler_policy: parse_key("scheduler_policy", &value("scheduler_policy"), parse_policy)?,
@@ -486,6 +494,8 @@ fn parse_nodes(s: &str) -> Result<Vec<StaticNode>, String> {
             port: i64::from(node.port),
             external: node.external.clone(),
             max_alloc_percent: node.max_alloc_percent.map(i64::from),
+            // A restart declares config nodes again; it must not uncordon them.
+            unschedulable: None,
         };
         if let Err(e) = sandboxd_api::validate::validate_node_spec(&spec) {
             return Err(format!("[{i}]: {e}"));
@@ -592,6 +602,7 @@ mod tests {
             ("watch_history_bytes", "1Ki"),
             ("watch_history_bytes", "lots"),
             ("max_watches", "0"),
+            ("creating_timeout", "0s"),
             ("watch_buffer", "8"),
             ("watch_max_replay", "many"),
         ];

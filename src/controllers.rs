@@ -43,6 +43,7 @@ pub fn sandbox_settings(config: &Config) -> SandboxSettings {
         sync_period: config.sync_period,
         // Real containers start in tens of milliseconds; backs off after two seconds (creating_poll_after).
         creating_poll: Duration::from_millis(25),
+        creating_timeout: config.creating_timeout,
         ..SandboxSettings::default()
     }
 }

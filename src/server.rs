@@ -205,6 +205,8 @@ async fn declare_static_nodes(state: &ApiState, config: &Config) -> Result<(), S
             port: i64::from(node.port),
             external: node.external.clone(),
             max_alloc_percent: node.max_alloc_percent.map(i64::from),
+            // A restart declares config nodes again; it must not uncordon them.
+            unschedulable: None,
         };
         apiserver::register_static_node(state, &node.id, &spec)
             .await

@@ -111,6 +111,30 @@ async fn unschedulable_sandbox_waits_pending_and_lands_on_a_bigger_node_when_one
     c.stop().await;
 }
 
+#[tokio::test]
+async fn a_cordoned_node_keeps_its_sandboxes_takes_no_new_ones_and_survives_re_registration() {
+    let c = Cluster::start(1, &[]).await;
+    c.client.create_sandbox("before", &sandbox_spec("100m")).await.unwrap();
+    wait_phase(&c.client, "before", Phase::Running).await;
+
+    let cordoned = c.client.set_unschedulable("node-a", true).await.unwrap();
+    assert!(cordoned.unschedulable);
+    // Registering the node again without the field (a restart of a config node does this) keeps the cordon.
+    let spec = sandboxd_api::node::NodeSpec { unschedulable: None, ..cordoned.spec() };
+    assert!(c.client.apply_node("node-a", &spec).await.unwrap().object.unschedulable);
+
+    c.client.create_sandbox("during", &sandbox_spec("100m")).await.unwrap();
+    let s = wait_status(&c.client, "during", "Unschedulable", |s| s.status.reason.as_deref() == Some("Unschedulable"))
+        .await;
+    assert_eq!(s.status.message.as_deref(), Some("0/1 nodes available: 1 unschedulable (cordoned)"));
+    assert_eq!(c.client.get_sandbox("before").await.unwrap().status.phase, Phase::Running, "running ones stay");
+
+    c.client.set_unschedulable("node-a", false).await.unwrap();
+    let s = wait_phase(&c.client, "during", Phase::Running).await;
+    assert_eq!(s.status.node_name.as_deref(), Some("node-a"), "placed once uncordoned, without a new create");
+    c.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_creates_fill_allocatable_cpu_exactly() {
     // 4000m at 90 % is 3600m allocatable: room for 18 sandboxes of 200m, not 19.
@@ -302,6 +326,22 @@ async fn managed_orphans_are_collected_and_unmanaged_ones_left_alone() {
     assert_eq!(call(&c.client, Method::POST, "/api/v1/nodes/node-a/sandboxes", Some(later)).await.0, 201);
     eventually(4, "second orphan collected", || async { (c.agents[0].sandbox_ids() == ["stray"]).then_some(()) }).await;
     assert_eq!(c.agents[0].sandbox_ids(), ["stray"], "the unmanaged one survives later sweeps");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_sandbox_whose_agent_never_finishes_creating_fails_with_create_timeout_and_is_removed() {
+    let slow = SimConfig { create_delay: Duration::from_secs(3600), ..isolated_sim_config() };
+    let c = Cluster::start_with(&[slow], &[("creating_timeout", "2s")]).await;
+    c.client.create_sandbox("stuck", &sandbox_spec("100m")).await.unwrap();
+    let s = wait_status(&c.client, "stuck", "CreateTimeout", |s| s.status.phase == Phase::Failed).await;
+    assert_eq!(s.status.reason.as_deref(), Some("CreateTimeout"), "{:?}", s.status);
+    let message = s.status.message.unwrap_or_default();
+    assert!(message.contains("still creating on node node-a") && message.contains("creating_timeout 2s"), "{message}");
+    eventually(10, "the agent's copy is removed", || async {
+        (!c.agents[0].sandbox_ids().contains(&"stuck".to_string())).then_some(())
+    })
+    .await;
     c.stop().await;
 }
 

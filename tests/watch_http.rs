@@ -71,11 +71,19 @@ async fn graceful_stop_ends_open_watches() {
 /// An API server over real HTTP whose store keeps two events of history, so a watch from an older
 /// revision is answered with `ERROR 410`.
 async fn serve_short_history() -> (sandboxd_client::Client, tokio_util::sync::CancellationToken) {
-    use sandboxd_o::store::{memory, HistoryLimits, StoreOptions};
+    use sandboxd_o::store::{HistoryLimits, StoreOptions};
     let options =
         StoreOptions { history: HistoryLimits::events(2, Duration::from_secs(600)), ..StoreOptions::default() };
-    let store: std::sync::Arc<dyn sandboxd_o::store::Store> = std::sync::Arc::new(memory::open(options));
-    let config = sandboxd_o::config::Config::default();
+    serve_store(options, sandboxd_o::config::Config::default()).await
+}
+
+/// An API server over real HTTP on a memory store with `options`.
+async fn serve_store(
+    options: sandboxd_o::store::StoreOptions,
+    config: sandboxd_o::config::Config,
+) -> (sandboxd_client::Client, tokio_util::sync::CancellationToken) {
+    let store: std::sync::Arc<dyn sandboxd_o::store::Store> =
+        std::sync::Arc::new(sandboxd_o::store::memory::open(options));
     let state = sandboxd_o::apiserver::ApiState::new(store, &config, None);
     let router = sandboxd_o::apiserver::router(state, config.max_body_bytes);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -274,7 +282,9 @@ fn bulky_spec(bytes: usize) -> sandboxd_api::sandbox::SandboxSpec {
 
 #[tokio::test]
 async fn a_watcher_that_stops_reading_is_closed_with_a_429_error_event_after_what_it_was_sent() {
-    let (server, client) = start_api_server(test_config(&[("watch_buffer", "16")])).await;
+    // Write batches of at most 16, so the slow watcher's queue holds 16 + 16 events.
+    let options = sandboxd_o::store::StoreOptions { max_batch: 16, ..Default::default() };
+    let (client, stop) = serve_store(options, test_config(&[("watch_buffer", "16")])).await;
     let start = client.list_sandboxes().await.unwrap().resource_version;
     let slow = client.watch("sandboxes", Some(&start)).await.unwrap();
     let mut reader = client.watch("sandboxes", Some(&start)).await.unwrap();
@@ -295,5 +305,5 @@ async fn a_watcher_that_stops_reading_is_closed_with_a_429_error_event_after_wha
     for (i, event) in added.iter().enumerate() {
         assert_eq!(event.object["id"], format!("b{i}"), "what it was sent is a gap-free prefix");
     }
-    server.stop().await.unwrap();
+    stop.cancel();
 }

@@ -39,6 +39,10 @@ pub struct NodeSpec {
     /// Share of capacity that may be allocated on this node (1–100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_alloc_percent: Option<i64>,
+    /// Cordon (`true`) or uncordon (`false`): a cordoned node takes no new sandboxes and keeps its
+    /// running ones. Absent leaves the node as it is, so re-registering never uncordons it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unschedulable: Option<bool>,
 }
 
 /// Body of `POST /api/v1/nodes`.
@@ -140,6 +144,9 @@ pub struct Node {
     pub max_alloc_percent: Option<u32>,
     #[serde(default)]
     pub source: NodeSource,
+    /// Cordoned: the scheduler places nothing new here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unschedulable: bool,
     #[serde(flatten)]
     pub status: NodeStatus,
     pub created_at: String,
@@ -166,6 +173,7 @@ impl Node {
             port: i64::from(self.port),
             external: self.external.clone(),
             max_alloc_percent: self.max_alloc_percent.map(i64::from),
+            unschedulable: self.unschedulable.then_some(true),
         }
     }
 

@@ -3,7 +3,7 @@
 //!
 //! JSON Schema cannot say everything the validators check: names unique among containers, ports
 //! unique per protocol, a probe on a tcp port of the spec, and the 256 KiB size of a whole spec.
-//! Those stay 400s that a schema-valid request can still get; `hack/schemathesis-hooks.py` keeps
+//! Those stay 400s that a schema-valid request can still get; `hack/schemathesis/hooks.py` keeps
 //! its generated requests inside them.
 
 use crate::validate::{SandboxPolicy, MAX_ARGS, MAX_CONTAINERS, MAX_ENV, MAX_LABELS, MAX_PORTS};
@@ -55,7 +55,7 @@ pub fn component_constraints(policy: &SandboxPolicy) -> Vec<(&'static str, &'sta
     let (port_low, port_high) = policy.host_port_range.unwrap_or((1, 65535));
     let labels = json!({
         "type": "object", "maxProperties": MAX_LABELS,
-        "propertyNames": { "pattern": LABEL_KEY },
+        "propertyNames": { "pattern": LABEL_KEY, "not": { "pattern": LONG_LABEL_PREFIX } },
         "additionalProperties": { "type": "string", "pattern": LABEL_VALUE },
     });
     let probe_bound = |min: i64| json!({ "minimum": min, "maximum": 86_400 });
@@ -93,17 +93,11 @@ pub fn component_constraints(policy: &SandboxPolicy) -> Vec<(&'static str, &'sta
         ("AgentCreateRequest", "ports", json!({ "maxItems": MAX_PORTS })),
         ("NodeCreateRequest", "id", json!({ "pattern": NAME })),
         ("NodeSpec", "port", json!({ "minimum": 1, "maximum": 65535 })),
-        (
-            "NodeSpec",
-            "ip",
-            json!({ "anyOf": [{ "format": "ipv4" }, { "format": "ipv6" }, { "pattern": DNS_NAME, "maxLength": 253 }] }),
-        ),
-        (
-            "NodeSpec",
-            "external",
-            json!({ "anyOf": [{ "maxLength": 0 }, { "format": "ipv4" }, { "format": "ipv6" }, { "pattern": DNS_NAME, "maxLength": 253 }] }),
-        ),
+        ("NodeSpec", "ip", node_address(false)),
+        ("NodeSpec", "external", node_address(true)),
         ("AgentPort", "host_port", json!({ "minimum": 1, "maximum": 65535 })),
+        ("AssignedPort", "host_port", json!({ "maximum": 65535 })),
+        ("AssignedPort", "container_port", json!({ "maximum": 65535 })),
         ("AgentPort", "container_port", json!({ "minimum": 1, "maximum": 65535 })),
         ("ExecRequest", "tty", json!({ "enum": [false] })),
         ("NodeSpec", "max_alloc_percent", json!({ "minimum": 1, "maximum": 100 })),
@@ -133,10 +127,24 @@ pub fn component_constraints(policy: &SandboxPolicy) -> Vec<(&'static str, &'sta
 pub const CLOSED: [&str; 8] =
     ["ExecRequest", "NodeSpec", "PortSpec", "Probe", "EnvVar", "ContainerResource", "Container", "SandboxSpec"];
 
-/// A node address (`validate::is_ip_or_dns_name`): an IP address, or a DNS name with a letter in a label.
-/// (The label with a letter is held to 63 characters by splitting them 31 + 1 + 31: a regex cannot
-/// count a label's length around a character it must contain.)
-pub const DNS_NAME: &str = r"^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[0-9]{0,31}[A-Za-z]([A-Za-z0-9-]{0,29}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$";
+/// A DNS name (`validate::is_ip_or_dns_name`): dot-separated labels of 1–63 alphanumerics and
+/// inner hyphens, at most 253 characters, and not all digits (that is a mistyped IP address).
+pub const DNS_LABELS: &str =
+    r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$";
+/// What a DNS name must not be: digits and dots only.
+pub const ALL_DIGITS: &str = r"^[0-9]+(\.[0-9]+)*$";
+/// A label key whose prefix is longer than 253 characters (what `LABEL_KEY` must not also be).
+pub const LONG_LABEL_PREFIX: &str = r"^[^/]{254,}/";
+
+/// A node address: an IPv4 or IPv6 address, or a DNS name.
+fn node_address(empty_allowed: bool) -> Value {
+    let dns = json!({ "maxLength": 253, "allOf": [{ "pattern": DNS_LABELS }, { "not": { "pattern": ALL_DIGITS } }] });
+    let mut forms = vec![json!({ "format": "ipv4" }), json!({ "format": "ipv6" }), dns];
+    if empty_allowed {
+        forms.insert(0, json!({ "maxLength": 0 }));
+    }
+    json!({ "anyOf": forms })
+}
 
 /// Create requests that take `name` as another spelling of `id`: exactly one of the two is required.
 pub const ID_ALIASED: [&str; 2] = ["SandboxCreateRequest", "NodeCreateRequest"];
@@ -174,12 +182,59 @@ mod tests {
     fn names_labels_and_env_names_match_their_validators() {
         let names = ["a", "a-b", "a.b", "-a", "a-", "A", "ab_c", "", &"a".repeat(63), &"a".repeat(64), "a\n"];
         agree(NAME, |s| name_problem(s).is_none(), &names);
-        let keys = ["app", "example.com/app", "a/b/c", "/app", "App_1.x", "-x", "EXAMPLE.com/x", "a.b-c.d/e", "x."];
-        agree(LABEL_KEY, |s| label_key_problem(s).is_none(), &keys);
+        let long_prefix = format!("{}a/x", format!("{}.", "a".repeat(63)).repeat(4));
+        let keys = [
+            "app",
+            "example.com/app",
+            "a/b/c",
+            "/app",
+            "App_1.x",
+            "-x",
+            "EXAMPLE.com/x",
+            "a.b-c.d/e",
+            "x.",
+            &long_prefix,
+        ];
+        let (key, long) = (regex::Regex::new(LABEL_KEY).unwrap(), regex::Regex::new(LONG_LABEL_PREFIX).unwrap());
+        for case in keys {
+            let schema_valid = key.is_match(case) && !long.is_match(case);
+            assert_eq!(schema_valid, label_key_problem(case).is_none(), "label key {case:?}");
+        }
         let values = ["", "v", "v-1", "-v", "v_", &"v".repeat(63), &"v".repeat(64), "a b"];
         agree(LABEL_VALUE, |s| label_value_problem(s).is_none(), &values);
         agree(ENV_NAME, is_env_name, &["PATH", "_x", "1A", "A-B", "", "a1_"]);
         agree(MULTILINE_TEXT, |s| is_printable(s, true), &["a\tb\nc", "bell\u{7}", "esc\u{1b}[", "ok é", "\u{85}"]);
+    }
+
+    #[test]
+    fn node_addresses_match_the_validator() {
+        let (labels, digits) = (regex::Regex::new(DNS_LABELS).unwrap(), regex::Regex::new(ALL_DIGITS).unwrap());
+        let long_label = "a".repeat(32);
+        let named = format!("node-{}", "x".repeat(40));
+        let too_long = format!("{}.com", "a.".repeat(126));
+        let cases = [
+            "localhost",
+            "node-1.example.com",
+            "1-a",
+            "1-2",
+            "a1",
+            &long_label,
+            &named,
+            "1.2.3",
+            "123",
+            "-a",
+            "a-",
+            "a..b",
+            &"a".repeat(64),
+            &too_long,
+            "a_b",
+            "",
+        ];
+        for case in cases {
+            let dns = case.len() <= 253 && labels.is_match(case) && !digits.is_match(case);
+            let ip = case.parse::<std::net::IpAddr>().is_ok();
+            assert_eq!(dns || ip, crate::validate::is_ip_or_dns_name(case), "address {case:?}");
+        }
     }
 
     #[test]
@@ -206,6 +261,10 @@ mod tests {
             "x@sha256:short",
             "docker.io/library/busybox:1.36",
             "a-b--c/d",
+            "a._b",
+            "a-.b",
+            "a_-b",
+            "a.-b/c",
             "",
         ];
         agree(IMAGE, |s| image_problem(s).is_none(), &cases);

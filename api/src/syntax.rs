@@ -150,10 +150,11 @@ fn is_path_component(component: &str) -> bool {
             b'-' => true,
             _ => false,
         };
-        if !allowed {
+        i += run;
+        // A separator is followed by a letter or digit, never by another kind of separator (`a._b`).
+        if !allowed || !b.get(i).is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
             return false;
         }
-        i += run;
     }
     true
 }

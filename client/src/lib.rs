@@ -176,6 +176,13 @@ impl Client {
         Ok(Written { status, object: env.node })
     }
 
+    /// Cordons (`true`) or uncordons (`false`) a node: its spec is posted back with `unschedulable`.
+    pub async fn set_unschedulable(&self, name: &str, unschedulable: bool) -> Result<Node> {
+        let node = self.get_node(name).await?;
+        let spec = NodeSpec { unschedulable: Some(unschedulable), ..node.spec() };
+        Ok(self.apply_node(name, &spec).await?.object)
+    }
+
     pub async fn get_node(&self, name: &str) -> Result<Node> {
         let (_, env): (u16, NodeEnvelope) = self.call(Method::GET, &format!("/api/v1/nodes/{name}"), None).await?;
         Ok(env.node)

@@ -397,6 +397,7 @@ pub(crate) fn test_node(state: NodeState, since: Option<&str>) -> Node {
         external: None,
         max_alloc_percent: None,
         source: Default::default(),
+        unschedulable: false,
         status: NodeStatus { state, last_transition_at: since.map(String::from), ..NodeStatus::default() },
         created_at: String::new(),
         updated_at: String::new(),

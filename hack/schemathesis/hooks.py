@@ -49,12 +49,20 @@ def _unique_container_names(containers):
             seen.add(name)
 
 
+def _protocol(entry):
+    """The entry's protocol, or None when generated data made it something else than a string."""
+    protocol = entry.get("protocol", "tcp")
+    return protocol if isinstance(protocol, str) else None
+
+
 def _unique_container_ports(ports):
     seen = set()
     for entry in ports:
         if not isinstance(entry, dict) or not _is_port(entry.get("container_port")):
             continue
-        protocol = entry.get("protocol", "tcp")
+        protocol = _protocol(entry)
+        if protocol is None:
+            continue
         if (protocol, int(entry["container_port"])) in seen:
             entry["container_port"] = next(p for p in range(1, 65536) if (protocol, p) not in seen)
         seen.add((protocol, int(entry["container_port"])))
@@ -68,7 +76,9 @@ def _unique_host_ports(ports, may_unpin):
     for entry in ports:
         if not isinstance(entry, dict) or not _is_port(entry.get("host_port")):
             continue
-        protocol = entry.get("protocol", "tcp")
+        protocol = _protocol(entry)
+        if protocol is None:
+            continue
         if (protocol, int(entry["host_port"])) in seen:
             if may_unpin:
                 entry["host_port"] = None

@@ -21,7 +21,13 @@ fi
 workdir="$(mktemp -d)"
 server_pid=""
 cleanup() {
-  if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+  if [ -n "$server_pid" ]; then
+    kill "$server_pid" 2>/dev/null || true
+    # A server that does not stop within 10 s is killed, so a hang cannot hold CI.
+    for _ in $(seq 1 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+  fi
   rm -rf "$workdir"
 }
 trap cleanup EXIT
@@ -46,5 +52,9 @@ if ! kill -0 "$server_pid" 2>/dev/null; then
   echo "hack/schemathesis/run.sh: the server died during the run:" >&2
   tail -50 "$workdir/server.log" >&2
   exit 1
+fi
+if [ "$status" -ne 0 ]; then
+  echo "hack/schemathesis/run.sh: failures above; the server's last log lines:" >&2
+  tail -30 "$workdir/server.log" >&2
 fi
 exit "$status"

@@ -79,7 +79,7 @@ fn integers_for_whole_floats(value: &mut serde_json::Value) {
         serde_json::Value::Number(n) if n.is_f64() => {
             let f = n.as_f64().unwrap_or(f64::NAN);
             // Beyond 2^53 a float no longer names one integer, so those stay floats (and fail).
-            if f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0 {
+            if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
                 *value = serde_json::Value::from(f as i64);
             }
         }

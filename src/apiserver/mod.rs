@@ -191,7 +191,7 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 /// Prometheus text exposition of the process's counters and heartbeat lag.
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text: heartbeat lag, heartbeats, binds, store commits and writes, watch history size")))]
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text: heartbeat lag, heartbeats, binds, store commits and writes, watch history size, open watches")))]
 async fn metrics(State(state): State<ApiState>) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let m = &sandboxd_controllers::runtime::metrics::METRICS;

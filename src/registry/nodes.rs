@@ -73,6 +73,9 @@ impl Registry {
         node.sbxlet_base_url = Node::base_url(&node.ip, node.port);
         node.external = spec.external.clone().filter(|e| !e.is_empty());
         node.max_alloc_percent = spec.max_alloc_percent.map(|p| p as u32);
+        if let Some(unschedulable) = spec.unschedulable {
+            node.unschedulable = unschedulable;
+        }
         let reported = Reported::from_resources(&node.status.resources);
         node.status.resources = derive_resources(&node, &reported, self.default_max_alloc_percent);
         node.updated_at = self.clock.rfc3339_now();
@@ -122,6 +125,7 @@ fn new_node(id: &str, spec: &NodeSpec, source: NodeSource, default_max_alloc_per
         external: spec.external.clone().filter(|e| !e.is_empty()),
         max_alloc_percent: spec.max_alloc_percent.map(|p| p as u32),
         source,
+        unschedulable: spec.unschedulable.unwrap_or(false),
         status: NodeStatus::default(),
         created_at: at.clone(),
         updated_at: at,

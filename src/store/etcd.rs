@@ -55,7 +55,9 @@ pub async fn open(endpoints: &[String], prefix: &str, options: StoreOptions) -> 
     let client = within(etcd_client::Client::connect(endpoints, Some(connect))).await.map_err(at)?;
     let prefix: Arc<str> = Arc::from(prefix);
     let (objects, revision) = load(&client, &prefix).await.map_err(at)?;
-    let hub = Arc::new(Hub::new(objects, revision, options.history, options.watcher_buffer));
+    let hub = Arc::new(
+        Hub::new(objects, revision, options.history, options.watcher_buffer).with_batch_headroom(options.max_batch),
+    );
     spawn_bookmarks(&hub, options.bookmark_interval);
     let feeder = tokio::spawn(feed(client.clone(), prefix.clone(), Arc::downgrade(&hub), revision));
     Ok(EtcdStore { client, prefix, hub, closed: AtomicBool::new(false), feeder })

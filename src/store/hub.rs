@@ -87,6 +87,9 @@ pub(super) struct Hub {
     state: RwLock<State>,
     limits: HistoryLimits,
     watcher_buffer: usize,
+    /// Events one `apply` may carry (the writer's batch): every watcher's queue has this much room
+    /// beyond its buffer, since a batch is handed out whole before any reader can take from it.
+    batch_headroom: usize,
     /// The revision applied so far, for writers that must wait until the hub has seen their write.
     applied: tokio::sync::watch::Sender<Revision>,
     /// Set by `close`, so waiters stop waiting.
@@ -112,9 +115,16 @@ impl Hub {
             }),
             limits,
             watcher_buffer: watcher_buffer.max(1),
+            batch_headroom: 0,
             applied: tokio::sync::watch::Sender::new(revision),
             shut: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The same hub, with queue room for batches of up to `events` changes.
+    pub fn with_batch_headroom(mut self, events: usize) -> Hub {
+        self.batch_headroom = events;
+        self
     }
 
     pub fn get(&self, kind: Kind, name: &str) -> Option<Versioned> {
@@ -266,7 +276,7 @@ impl Hub {
             return Err(StoreError::Gone { requested: from, oldest });
         }
         let backlog: Vec<WatchItem> = backlog.into_iter().rev().map(|e| WatchItem::Event(e.clone())).collect();
-        let (tx, rx) = mpsc::channel(limits.buffer.max(1));
+        let (tx, rx) = mpsc::channel(limits.buffer.max(1) + self.batch_headroom);
         let lagged = Arc::new(AtomicBool::new(false));
         state.watchers.push(Watcher { kind, tx, lagged: lagged.clone() });
         let live = futures::stream::unfold(Some(rx), move |rx| {
@@ -352,8 +362,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_watcher_over_its_buffer_is_cut_off_and_told_so_after_what_it_was_sent() {
-        let hub = Hub::new(vec![], 0, HistoryLimits::events(100, Duration::from_secs(60)), 16);
-        let limits = WatchLimits { buffer: 2, max_replay: usize::MAX };
+        let hub = Hub::new(vec![], 0, HistoryLimits::events(100, Duration::from_secs(60)), 16).with_batch_headroom(1);
+        let limits = WatchLimits { buffer: 1, max_replay: usize::MAX };
         let mut slow = hub.watch_limited(Kind::Sandboxes, 0, limits).unwrap();
         let mut reading = hub.watch_limited(Kind::Sandboxes, 0, limits).unwrap();
         hub.apply(vec![change("a", 1), change("b", 2)]);
@@ -367,9 +377,22 @@ mod tests {
         }
         assert_eq!(seen.len(), 3, "both queued events, then the marker: {seen:?}");
         assert!(matches!(seen[..2], [WatchItem::Event(_), WatchItem::Event(_)]));
-        assert_eq!(seen[2], WatchItem::Lagged { buffer: 2 });
+        assert_eq!(seen[2], WatchItem::Lagged { buffer: 1 });
         assert!(matches!(reading.next().await, Some(WatchItem::Event(e)) if e.revision() == 3), "readers go on");
         assert_eq!(hub.state.read().watchers.len(), 1, "the slow watcher's slot is gone");
+    }
+
+    #[tokio::test]
+    async fn a_batch_larger_than_the_buffer_never_cuts_off_a_reader_that_keeps_up() {
+        let hub = Hub::new(vec![], 0, HistoryLimits::events(1000, Duration::from_secs(60)), 16).with_batch_headroom(64);
+        let mut reader =
+            hub.watch_limited(Kind::Sandboxes, 0, WatchLimits { buffer: 4, max_replay: usize::MAX }).unwrap();
+        hub.apply((1..=64).map(|r| change(&format!("s{r}"), r)).collect());
+        for r in 1..=64 {
+            assert!(matches!(reader.next().await, Some(WatchItem::Event(e)) if e.revision() == r), "event {r}");
+        }
+        hub.apply(vec![change("next", 65)]);
+        assert!(matches!(reader.next().await, Some(WatchItem::Event(e)) if e.revision() == 65), "still watching");
     }
 
     #[tokio::test]

@@ -178,10 +178,7 @@ pub trait Store: Send + Sync + 'static {
     /// Changes after revision `from`, then live; `Gone` if `from` is older than the history kept.
     async fn watch(&self, kind: Kind, from: Revision) -> Result<WatchStream>;
     /// `watch` with a smaller buffer and replay than the store's own, for watchers outside the process.
-    async fn watch_limited(&self, kind: Kind, from: Revision, limits: WatchLimits) -> Result<WatchStream> {
-        let _ = limits;
-        self.watch(kind, from).await
-    }
+    async fn watch_limited(&self, kind: Kind, from: Revision, limits: WatchLimits) -> Result<WatchStream>;
     /// The latest revision.
     async fn revision(&self) -> Result<Revision>;
     /// Flushes and stops accepting writes; open watches end.

@@ -68,7 +68,9 @@ impl LocalStore {
         persist: impl Persist,
         options: StoreOptions,
     ) -> LocalStore {
-        let hub = Arc::new(Hub::new(objects, revision, options.history, options.watcher_buffer));
+        let hub = Arc::new(
+            Hub::new(objects, revision, options.history, options.watcher_buffer).with_batch_headroom(options.max_batch),
+        );
         spawn_bookmarks(&hub, options.bookmark_interval);
         let (tx, rx) = mpsc::channel(options.max_batch.max(1) * 4);
         let writer = BatchWriter { hub: hub.clone(), persist, max_batch: options.max_batch.max(1) };

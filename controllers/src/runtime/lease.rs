@@ -35,6 +35,10 @@ impl Default for LeaseSettings {
 impl LeaseSettings {
     /// `duration > renew_deadline > 1.2 × retry`, so a leader always steps down before anyone may take over.
     pub fn validate(&self) -> Result<(), String> {
+        let max = sandboxd_api::lease::MAX_LEASE_SECONDS;
+        if self.duration > std::time::Duration::from_secs(max) {
+            return Err(format!("lease duration {:?} is more than the server allows ({max} s)", self.duration));
+        }
         if self.duration <= self.renew_deadline {
             return Err(format!(
                 "lease duration {:?} must exceed the renew deadline {:?}",

@@ -33,6 +33,8 @@ pub struct SandboxSettings {
     pub workers: usize,
     /// How soon a sandbox the agent still reports `creating` is looked at again.
     pub creating_poll: Duration,
+    /// How long a sandbox may stay Scheduled or Creating before it fails with `CreateTimeout`.
+    pub creating_timeout: Duration,
 }
 
 impl Default for SandboxSettings {
@@ -42,6 +44,7 @@ impl Default for SandboxSettings {
             sync_period: Duration::from_secs(30),
             workers: 64,
             creating_poll: Duration::from_millis(100),
+            creating_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -130,6 +133,29 @@ pub fn creating_poll_after(status: &SandboxStatus, base: Duration, now_unix: i64
     let since = status.last_transition_at.as_deref().and_then(parse_rfc3339).unwrap_or(now_unix);
     let creating_for = Duration::from_secs((now_unix - since).max(0) as u64);
     (creating_for.saturating_sub(Duration::from_secs(2)) / 4).clamp(base, Duration::from_secs(5))
+}
+
+/// Why a Scheduled or Creating sandbox has waited too long for its agent (pure), or `None`.
+///
+/// The clock starts at the last phase change: the bind for Scheduled, the agent's acceptance for
+/// Creating. The last agent error, when there is one, is in the message, so a sandbox whose agent
+/// kept refusing it ends with what the agent said.
+pub fn creation_overdue(status: &SandboxStatus, timeout: Duration, now_unix: i64) -> Option<String> {
+    if !matches!(status.phase, Phase::Scheduled | Phase::Creating) {
+        return None;
+    }
+    let since = status.last_transition_at.as_deref().and_then(parse_rfc3339)?;
+    let waited = now_unix.saturating_sub(since);
+    if waited < 0 || Duration::from_secs(waited as u64) <= timeout {
+        return None;
+    }
+    let node = status.node_name.as_deref().unwrap_or("?");
+    let what = if status.phase == Phase::Scheduled { "not accepted by" } else { "still creating on" };
+    let mut message = format!("{what} node {node} after {waited}s (creating_timeout {}s)", timeout.as_secs());
+    if let Some(last) = status.message.as_deref().filter(|m| !m.is_empty()) {
+        message.push_str(&format!("; last: {last}"));
+    }
+    Some(message)
 }
 
 /// A Failed copy of `status` with reason and message.
@@ -304,6 +330,12 @@ impl SandboxController {
             NodeVerdict::Usable => {}
         }
         let node = node.expect("usable nodes exist");
+        if let Some(why) = creation_overdue(&sandbox.status, self.settings.creating_timeout, now) {
+            // Failed keeps the binding, so the Failed clean-up removes whatever the agent made.
+            write_status(self.objects.as_ref(), sandbox, failed(&sandbox.status, "CreateTimeout", why)).await?;
+            self.prober.forget(&sandbox.id);
+            return Ok(Outcome::Done);
+        }
         if sandbox.status.phase == Phase::Scheduled {
             return self.create_on_agent(sandbox, &node).await;
         }
@@ -600,6 +632,39 @@ mod tests {
             judge_agent(Ok(&agent_sandbox(AgentPhase::Failed, "oom")), "n"),
             Some(AgentVerdict::Failed { reason: "AgentFailed", message: "oom".into() })
         );
+    }
+
+    #[test]
+    fn creation_is_overdue_only_in_scheduled_or_creating_past_the_timeout() {
+        let at = |phase: Phase, since: &str, message: Option<&str>| SandboxStatus {
+            phase,
+            node_name: Some("n".into()),
+            last_transition_at: Some(since.into()),
+            message: message.map(String::from),
+            ..SandboxStatus::default()
+        };
+        let t0 = parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
+        let timeout = Duration::from_secs(300);
+        let creating = at(Phase::Creating, "2026-01-01T00:00:00Z", None);
+        assert_eq!(creation_overdue(&creating, timeout, t0 + 300), None, "at the timeout: not yet");
+        assert_eq!(
+            creation_overdue(&creating, timeout, t0 + 301).as_deref(),
+            Some("still creating on node n after 301s (creating_timeout 300s)")
+        );
+        let refused = at(Phase::Scheduled, "2026-01-01T00:00:00Z", Some("creating on node n: 503 (retrying)"));
+        assert_eq!(
+            creation_overdue(&refused, timeout, t0 + 400).as_deref(),
+            Some("not accepted by node n after 400s (creating_timeout 300s); last: creating on node n: 503 (retrying)")
+        );
+        for phase in [Phase::Pending, Phase::Running, Phase::Terminating, Phase::Failed] {
+            assert_eq!(
+                creation_overdue(&at(phase, "2026-01-01T00:00:00Z", None), timeout, t0 + 9999),
+                None,
+                "{phase:?}"
+            );
+        }
+        let no_time = SandboxStatus { last_transition_at: None, ..creating };
+        assert_eq!(creation_overdue(&no_time, timeout, t0 + 9999), None);
     }
 
     #[test]

@@ -150,8 +150,9 @@ impl Scheduler {
                     || n.allocatable_memory_bytes != o.allocatable_memory_bytes
             }
         };
-        // A state change either way makes the recorded reasons ("1 not ready") stale, so retry then too.
-        let state_changed = old.is_some_and(|o| o.status.state != new.status.state);
+        // A state or cordon change either way makes the recorded reasons ("1 not ready") stale, so retry then too.
+        let state_changed =
+            old.is_some_and(|o| o.status.state != new.status.state || o.unschedulable != new.unschedulable);
         if state_changed || (more_room && new.status.state == NodeState::Ready) {
             self.retry_unschedulable();
         }

@@ -36,6 +36,7 @@ impl Request {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Rejection {
     NotReady,
+    Unschedulable,
     InsufficientCpu,
     InsufficientMemory,
     HostPortInUse,
@@ -46,6 +47,7 @@ impl Rejection {
     fn describe(self) -> &'static str {
         match self {
             Rejection::NotReady => "not ready",
+            Rejection::Unschedulable => "unschedulable (cordoned)",
             Rejection::InsufficientCpu => "insufficient cpu",
             Rejection::InsufficientMemory => "insufficient memory",
             Rejection::HostPortInUse => "host port in use",
@@ -59,19 +61,27 @@ impl Rejection {
 pub struct NodeView<'a> {
     pub name: &'a str,
     pub ready: bool,
+    /// Cordoned by an operator.
+    pub unschedulable: bool,
     pub available_cpu_milli: u64,
     pub available_memory_bytes: u64,
     pub allocatable_cpu_milli: u64,
     pub allocatable_memory_bytes: u64,
     pub bound_cpu_milli: u64,
     pub bound_memory_bytes: u64,
+    /// Sandboxes bound (or assumed) to the node: the first tie-break between equal scores.
+    pub sandboxes: usize,
     pub used_ports: &'a BTreeSet<(Protocol, u16)>,
 }
 
-/// Checks whether a node fits a request: Ready, room by both reported and bound figures, pinned ports free.
+/// Checks whether a node fits a request: Ready, not cordoned, room by both reported and bound
+/// figures, pinned ports free.
 pub fn filter(node: &NodeView<'_>, request: &Request, range: (u16, u16)) -> Result<(), Rejection> {
     if !node.ready {
         return Err(Rejection::NotReady);
+    }
+    if node.unschedulable {
+        return Err(Rejection::Unschedulable);
     }
     let free_cpu = node.allocatable_cpu_milli.saturating_sub(node.bound_cpu_milli);
     if request.cpu_milli > node.available_cpu_milli || request.cpu_milli > free_cpu {
@@ -90,6 +100,10 @@ pub fn filter(node: &NodeView<'_>, request: &Request, range: (u16, u16)) -> Resu
     Ok(())
 }
 
+/// The scale of a score: a node's free share in billionths, fine enough that one millicore of a
+/// 1,000-core node still counts.
+const SCORE_SCALE: u128 = 1_000_000_000;
+
 /// Scores a fitting node; higher is better. Spread prefers the most free share, binpack the least.
 pub fn score(node: &NodeView<'_>, request: &Request, policy: Policy) -> u64 {
     let free_share = |allocatable: u64, bound: u64, asked: u64| -> u64 {
@@ -97,15 +111,35 @@ pub fn score(node: &NodeView<'_>, request: &Request, policy: Policy) -> u64 {
             return 0;
         }
         let free = allocatable.saturating_sub(bound).saturating_sub(asked);
-        (u128::from(free) * 10_000 / u128::from(allocatable)) as u64
+        (u128::from(free) * SCORE_SCALE / u128::from(allocatable)) as u64
     };
     let cpu = free_share(node.allocatable_cpu_milli, node.bound_cpu_milli, request.cpu_milli);
     let memory = free_share(node.allocatable_memory_bytes, node.bound_memory_bytes, request.memory_bytes);
     let free = (cpu + memory) / 2;
     match policy {
         Policy::Spread => free,
-        Policy::Binpack => 10_000 - free.min(10_000),
+        Policy::Binpack => (SCORE_SCALE as u64).saturating_sub(free),
     }
+}
+
+/// The last tie-break between nodes of equal score and equal sandbox count: a hash of the sandbox
+/// and the node, so equal nodes are picked evenly across sandboxes (kube-scheduler picks at random
+/// among equal scores) while one sandbox's placement stays reproducible.
+pub fn tie_break(seed: u64, node: &str) -> u64 {
+    // FNV-1a over the seed and the name, then a final mix so close names spread apart.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for b in node.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}
+
+/// The seed of `tie_break` for a sandbox id.
+pub fn tie_seed(sandbox: &str) -> u64 {
+    tie_break(0, sandbox)
 }
 
 /// Host ports for every requested port: the pinned one, else the lowest free in `range` per protocol.
@@ -154,15 +188,20 @@ pub fn feasible_nodes_to_score(nodes: usize) -> usize {
     (nodes * percent / 100).max(100)
 }
 
+/// How a feasible node ranks: score, then fewer sandboxes, then the tie-break hash; higher wins.
+type Rank = (u64, std::cmp::Reverse<usize>, u64);
+
 /// Picks the best of the first `sample` feasible nodes and its host ports, or explains why none fits.
+/// Between equal scores the node with fewer sandboxes wins, then `tie_break` with `seed`.
 pub fn choose<'a>(
     nodes: impl IntoIterator<Item = NodeView<'a>>,
     request: &Request,
     policy: Policy,
     range: (u16, u16),
     sample: usize,
+    seed: u64,
 ) -> Result<(String, Vec<AssignedPort>), String> {
-    let mut best: Option<(u64, NodeView<'a>)> = None;
+    let mut best: Option<(Rank, NodeView<'a>)> = None;
     let mut rejections: HashMap<Rejection, usize> = HashMap::new();
     let mut total = 0;
     let mut feasible = 0;
@@ -175,14 +214,10 @@ pub fn choose<'a>(
             Err(why) => *rejections.entry(why).or_default() += 1,
             Ok(()) => {
                 feasible += 1;
-                let s = score(&node, request, policy);
-                // Ties go to the lowest name so placement is deterministic.
-                let better = match &best {
-                    None => true,
-                    Some((bs, bn)) => s > *bs || (s == *bs && node.name < bn.name),
-                };
-                if better {
-                    best = Some((s, node));
+                let rank =
+                    (score(&node, request, policy), std::cmp::Reverse(node.sandboxes), tie_break(seed, node.name));
+                if best.as_ref().is_none_or(|(best_rank, _)| rank > *best_rank) {
+                    best = Some((rank, node));
                 }
             }
         }
@@ -215,12 +250,14 @@ mod tests {
         NodeView {
             name,
             ready: true,
+            unschedulable: false,
             available_cpu_milli: 3600,
             available_memory_bytes: 8 << 30,
             allocatable_cpu_milli: 3600,
             allocatable_memory_bytes: 8 << 30,
             bound_cpu_milli: 0,
             bound_memory_bytes: 0,
+            sandboxes: 0,
             used_ports: ports,
         }
     }
@@ -295,22 +332,39 @@ mod tests {
         let idle = view("idle", &none);
         let busy = NodeView { bound_cpu_milli: 3000, bound_memory_bytes: 6 << 30, ..view("busy", &none) };
         let req = request(100, &[]);
-        let pick = |policy| choose([idle.clone(), busy.clone()], &req, policy, (10000, 19999), 100).unwrap().0;
+        let pick = |policy| choose([idle.clone(), busy.clone()], &req, policy, (10000, 19999), 100, 0).unwrap().0;
         assert_eq!(pick(Policy::Spread), "idle");
         assert_eq!(pick(Policy::Binpack), "busy");
     }
 
     #[test]
-    fn ties_go_to_the_lowest_name() {
+    fn equal_scores_go_to_the_node_with_fewer_sandboxes() {
         let none = BTreeSet::new();
-        let got = choose(
-            [view("b", &none), view("a", &none), view("c", &none)],
-            &request(1, &[]),
-            Policy::Spread,
-            (1, 2),
-            100,
-        );
-        assert_eq!(got.unwrap().0, "a");
+        let nodes = [
+            NodeView { sandboxes: 4, ..view("a", &none) },
+            NodeView { sandboxes: 1, ..view("b", &none) },
+            NodeView { sandboxes: 2, ..view("c", &none) },
+        ];
+        for seed in 0..20 {
+            let got = choose(nodes.clone(), &request(1, &[]), Policy::Spread, (1, 2), 100, seed);
+            assert_eq!(got.unwrap().0, "b", "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn fully_equal_nodes_are_picked_evenly_across_sandboxes_and_reproducibly() {
+        let none = BTreeSet::new();
+        let nodes = [view("a", &none), view("b", &none), view("c", &none)];
+        let mut picks: HashMap<String, usize> = HashMap::new();
+        for i in 0..300 {
+            let seed = tie_seed(&format!("sbx-{i}"));
+            let pick = choose(nodes.clone(), &request(1, &[]), Policy::Spread, (1, 2), 100, seed).unwrap().0;
+            let again = choose(nodes.clone(), &request(1, &[]), Policy::Spread, (1, 2), 100, seed).unwrap().0;
+            assert_eq!(pick, again, "one sandbox's placement is reproducible");
+            *picks.entry(pick).or_default() += 1;
+        }
+        assert_eq!(picks.len(), 3, "{picks:?}");
+        assert!(picks.values().all(|n| *n >= 60), "no node starves: {picks:?}");
     }
 
     #[test]
@@ -320,9 +374,10 @@ mod tests {
             NodeView { ready: false, ..view("a", &none) },
             NodeView { bound_cpu_milli: 3600, ..view("b", &none) },
             NodeView { bound_cpu_milli: 3600, ..view("c", &none) },
+            NodeView { unschedulable: true, ..view("d", &none) },
         ];
-        let err = choose(nodes, &request(200, &[]), Policy::Spread, (1, 2), 100).unwrap_err();
-        assert_eq!(err, "0/3 nodes available: 1 not ready, 2 insufficient cpu");
+        let err = choose(nodes, &request(200, &[]), Policy::Spread, (1, 2), 100, 0).unwrap_err();
+        assert_eq!(err, "0/4 nodes available: 1 not ready, 1 unschedulable (cordoned), 2 insufficient cpu");
         assert_eq!(unschedulable_message(0, &HashMap::new()), "0/0 nodes available: no nodes registered");
     }
 

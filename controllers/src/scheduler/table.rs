@@ -1,7 +1,7 @@
 //! The scheduler's node table: each node's room, what bound sandboxes hold (assumed on bind, before
 //! the informer shows the bind), and the host ports in use.
 
-use super::placement::{choose, feasible_nodes_to_score, NodeView, Policy, Request};
+use super::placement::{choose, feasible_nodes_to_score, tie_seed, NodeView, Policy, Request};
 use sandboxd_api::{AssignedPort, Node, NodeState, Protocol};
 use std::collections::{BTreeSet, HashMap};
 
@@ -21,12 +21,15 @@ struct Slot {
     /// Still registered (a deleted node keeps its slot until its sandboxes are released).
     present: bool,
     ready: bool,
+    unschedulable: bool,
     available_cpu_milli: u64,
     available_memory_bytes: u64,
     allocatable_cpu_milli: u64,
     allocatable_memory_bytes: u64,
     bound_cpu_milli: u64,
     bound_memory_bytes: u64,
+    /// Sandboxes held here.
+    sandboxes: usize,
     ports: BTreeSet<(Protocol, u16)>,
 }
 
@@ -35,12 +38,14 @@ impl Slot {
         NodeView {
             name: &self.name,
             ready: self.present && self.ready,
+            unschedulable: self.unschedulable,
             available_cpu_milli: self.available_cpu_milli,
             available_memory_bytes: self.available_memory_bytes,
             allocatable_cpu_milli: self.allocatable_cpu_milli,
             allocatable_memory_bytes: self.allocatable_memory_bytes,
             bound_cpu_milli: self.bound_cpu_milli,
             bound_memory_bytes: self.bound_memory_bytes,
+            sandboxes: self.sandboxes,
             used_ports: &self.ports,
         }
     }
@@ -80,6 +85,7 @@ impl AllocationIndex {
         let slot = &mut self.slots[i];
         slot.present = true;
         slot.ready = node.status.state == NodeState::Ready;
+        slot.unschedulable = node.unschedulable;
         slot.available_cpu_milli = r.available_cpu_milli;
         slot.available_memory_bytes = r.available_memory_bytes;
         slot.allocatable_cpu_milli = r.allocatable_cpu_milli;
@@ -105,6 +111,7 @@ impl AllocationIndex {
         let s = &mut self.slots[slot];
         s.bound_cpu_milli += cpu_milli;
         s.bound_memory_bytes += memory_bytes;
+        s.sandboxes += 1;
         s.ports.extend(ports.iter().copied());
         self.held.insert(sandbox.to_string(), Held { slot, cpu_milli, memory_bytes, ports });
     }
@@ -120,6 +127,7 @@ impl AllocationIndex {
         let s = &mut self.slots[held.slot];
         s.bound_cpu_milli = s.bound_cpu_milli.saturating_sub(held.cpu_milli);
         s.bound_memory_bytes = s.bound_memory_bytes.saturating_sub(held.memory_bytes);
+        s.sandboxes = s.sandboxes.saturating_sub(1);
         for port in &held.ports {
             s.ports.remove(port);
         }
@@ -138,7 +146,7 @@ impl AllocationIndex {
         let start = if n == 0 { 0 } else { self.next_start % n };
         let sample = feasible_nodes_to_score(self.slots.iter().filter(|s| s.present).count());
         let order = self.slots[start..].iter().chain(self.slots[..start].iter()).filter(|s| s.present);
-        let (name, ports) = choose(order.map(Slot::view), request, policy, range, sample)?;
+        let (name, ports) = choose(order.map(Slot::view), request, policy, range, sample, tie_seed(sandbox))?;
         self.next_start = start + 1;
         let held_ports = ports.iter().map(|p| (p.protocol, p.host_port)).collect();
         self.hold(sandbox, &name, request.cpu_milli, request.memory_bytes, held_ports);
@@ -219,6 +227,41 @@ mod tests {
             index.place("s300", &req, Policy::Spread, (10000, 10099)).is_err(),
             "300 ports of 3 nodes are all used"
         );
+    }
+
+    /// The case of issue 18: 300 sandboxes of 1m on five idle 1000-core nodes used to land
+    /// 90/90/90/30/0 in node-name order, because every node scored the same at 1/10,000.
+    #[test]
+    fn tiny_requests_spread_evenly_over_idle_nodes() {
+        let mut index = AllocationIndex::default();
+        for name in ["n1", "n2", "n3", "n4", "n5"] {
+            index.upsert_node(&ready_node(name, 1_000_000));
+        }
+        let req = Request { cpu_milli: 1, memory_bytes: 1 << 20, ports: vec![] };
+        let mut per_node: HashMap<String, usize> = HashMap::new();
+        for i in 0..300 {
+            let (node, _) = index.place(&format!("s{i}"), &req, Policy::Spread, (10000, 19999)).unwrap();
+            *per_node.entry(node).or_default() += 1;
+        }
+        let mut counts: Vec<usize> = per_node.values().copied().collect();
+        counts.sort();
+        assert_eq!(counts, [60, 60, 60, 60, 60], "{per_node:?}");
+    }
+
+    #[test]
+    fn a_cordoned_node_takes_nothing_new_and_uncordoned_takes_again() {
+        let mut index = AllocationIndex::default();
+        let mut node = ready_node("a", 3600);
+        index.upsert_node(&node);
+        index.place("before", &request(10, &[]), Policy::Spread, (1, 2)).unwrap();
+        node.unschedulable = true;
+        index.upsert_node(&node);
+        let refused = index.place("during", &request(10, &[]), Policy::Spread, (1, 2)).unwrap_err();
+        assert_eq!(refused, "0/1 nodes available: 1 unschedulable (cordoned)");
+        assert!(index.holds("before"), "what runs there stays");
+        node.unschedulable = false;
+        index.upsert_node(&node);
+        assert!(index.place("after", &request(10, &[]), Policy::Spread, (1, 2)).is_ok());
     }
 
     #[test]

@@ -124,6 +124,10 @@ enum Command {
     },
     /// Run one heartbeat against a node now: `heartbeat node/NAME`.
     Heartbeat { target: String },
+    /// Mark a node unschedulable: nothing new is placed there, running sandboxes stay.
+    Cordon { node: String },
+    /// Make a cordoned node schedulable again.
+    Uncordon { node: String },
     /// Print a shell completion script.
     Completion { shell: clap_complete::Shell },
 }
@@ -192,6 +196,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Cp { source, destination } => dataplane::cp(&client, &source, &destination).await,
         Command::Wait { target, condition, timeout } => wait::wait(&client, &target, &condition, &timeout).await,
         Command::Heartbeat { target } => heartbeat(&client, &target).await,
+        Command::Cordon { node } => cordon(&client, &node, true).await,
+        Command::Uncordon { node } => cordon(&client, &node, false).await,
         Command::Completion { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "sbxctl", &mut script);
@@ -199,6 +205,20 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `cordon` and `uncordon`: NODE or node/NODE, as kubectl takes it.
+async fn cordon(client: &Client, node: &str, unschedulable: bool) -> anyhow::Result<i32> {
+    let name = if node.contains('/') { split_target(node, "node")? } else { node };
+    let before = client.get_node(name).await?;
+    let verb = if unschedulable { "cordoned" } else { "uncordoned" };
+    if before.unschedulable == unschedulable {
+        say!("node/{name} already {verb}");
+        return Ok(0);
+    }
+    client.set_unschedulable(name, unschedulable).await?;
+    say!("node/{name} {verb}");
+    Ok(0)
 }
 
 /// Parses `500ms`, `5s`, `2m`, `1h`.

@@ -88,7 +88,12 @@ fn node_row(n: &Node, wide: bool) -> Vec<String> {
     let r = &n.status.resources;
     let mut row = vec![
         n.name.clone(),
-        format!("{:?}", n.status.state),
+        // kubectl's way of showing a cordon: in the status column.
+        if n.unschedulable {
+            format!("{:?},SchedulingDisabled", n.status.state)
+        } else {
+            format!("{:?}", n.status.state)
+        },
         format!("{:?}", n.source).to_lowercase(),
         format!("{}:{}", n.ip, n.port),
         format!("{}m/{}m", r.available_cpu_milli, r.allocatable_cpu_milli),
