@@ -46,6 +46,9 @@ pub struct StaticNode {
     pub external: Option<String>,
     #[serde(default)]
     pub max_alloc_percent: Option<u32>,
+    /// The node's labels; absent leaves what the API set.
+    #[serde(default)]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Every setting of the orchestrator, with the defaults of semantics.md.
@@ -496,6 +499,7 @@ fn parse_nodes(s: &str) -> Result<Vec<StaticNode>, String> {
             max_alloc_percent: node.max_alloc_percent.map(i64::from),
             // A restart declares config nodes again; it must not uncordon them.
             unschedulable: None,
+            labels: node.labels.clone(),
         };
         if let Err(e) = sandboxd_api::validate::validate_node_spec(&spec) {
             return Err(format!("[{i}]: {e}"));

@@ -221,6 +221,7 @@ async fn start_demo_agents(demo: &DemoAgents, config: &mut Config) -> anyhow::Re
             // Published ports listen on the agent's own address, so that is where clients reach them.
             external: Some(agent.addr().ip().to_string()),
             max_alloc_percent: None,
+            labels: None,
         });
         tracing::info!(node = %fleet.node_name(i), addr = %agent.addr(), "demo agent started");
     }

@@ -207,6 +207,7 @@ async fn declare_static_nodes(state: &ApiState, config: &Config) -> Result<(), S
             max_alloc_percent: node.max_alloc_percent.map(i64::from),
             // A restart declares config nodes again; it must not uncordon them.
             unschedulable: None,
+            labels: node.labels.clone(),
         };
         apiserver::register_static_node(state, &node.id, &spec)
             .await

@@ -112,6 +112,63 @@ async fn unschedulable_sandbox_waits_pending_and_lands_on_a_bigger_node_when_one
 }
 
 #[tokio::test]
+async fn node_selectors_place_by_labels_and_wait_for_a_matching_node() {
+    let c = Cluster::start(2, &[]).await;
+    let label = |node: &str, pairs: &[(&str, &str)]| {
+        let labels = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let client = c.client.clone();
+        let node = node.to_string();
+        async move {
+            let spec =
+                sandboxd_api::node::NodeSpec { labels: Some(labels), ..client.get_node(&node).await.unwrap().spec() };
+            client.apply_node(&node, &spec).await.unwrap().object
+        }
+    };
+    assert_eq!(label("node-b", &[("zone", "eu")]).await.labels.get("zone").map(String::as_str), Some("eu"));
+
+    let mut eu = sandbox_spec("100m");
+    eu.node_selector = [("zone".to_string(), "eu".to_string())].into();
+    for i in 0..4 {
+        c.client.create_sandbox(&format!("eu-{i}"), &eu).await.unwrap();
+    }
+    for i in 0..4 {
+        let s = wait_phase(&c.client, &format!("eu-{i}"), Phase::Running).await;
+        assert_eq!(s.status.node_name.as_deref(), Some("node-b"), "only node-b is in zone eu");
+    }
+
+    let mut us = sandbox_spec("100m");
+    us.node_selector = [("zone".to_string(), "us".to_string())].into();
+    c.client.create_sandbox("us-1", &us).await.unwrap();
+    let s =
+        wait_status(&c.client, "us-1", "Unschedulable", |s| s.status.reason.as_deref() == Some("Unschedulable")).await;
+    assert_eq!(s.status.message.as_deref(), Some("0/2 nodes available: 2 node selector mismatch"));
+    label("node-a", &[("zone", "us")]).await;
+    let s = wait_phase(&c.client, "us-1", Phase::Running).await;
+    assert_eq!(s.status.node_name.as_deref(), Some("node-a"), "placed when a node gains the label");
+
+    // Well-known labels come from the agents: both run the simulator, neither runc.
+    let runtime_is = |runtime: &str| {
+        let mut spec = sandbox_spec("100m");
+        spec.affinity = Some(sandboxd_api::affinity::Affinity {
+            required: vec![sandboxd_api::affinity::Expression {
+                key: "sandboxd.io/runtime".into(),
+                operator: sandboxd_api::affinity::Operator::In,
+                values: vec![runtime.into()],
+            }],
+            preferred: vec![],
+        });
+        spec
+    };
+    c.client.create_sandbox("on-sim", &runtime_is("sim")).await.unwrap();
+    wait_phase(&c.client, "on-sim", Phase::Running).await;
+    c.client.create_sandbox("on-runc", &runtime_is("runc")).await.unwrap();
+    let s = wait_status(&c.client, "on-runc", "Unschedulable", |s| s.status.reason.as_deref() == Some("Unschedulable"))
+        .await;
+    assert_eq!(s.status.message.as_deref(), Some("0/2 nodes available: 2 affinity mismatch"));
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn a_cordoned_node_keeps_its_sandboxes_takes_no_new_ones_and_survives_re_registration() {
     let c = Cluster::start(1, &[]).await;
     c.client.create_sandbox("before", &sandbox_spec("100m")).await.unwrap();

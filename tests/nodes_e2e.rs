@@ -36,6 +36,10 @@ async fn node_becomes_ready_after_threshold_heartbeats_with_resources() {
     );
     assert_eq!(ready.status.resources.allocatable_cpu_milli, 3600);
     assert_eq!(ready.status.resources.external, "203.0.113.10");
+    let labels = ready.effective_labels();
+    assert_eq!(labels.get("sandboxd.io/runtime").map(String::as_str), Some("sim"), "{labels:?}");
+    assert_eq!(labels.get("sandboxd.io/arch").map(String::as_str), Some(std::env::consts::ARCH));
+    assert!(labels.contains_key("sandboxd.io/hostname"), "{labels:?}");
     assert!(ready.status.last_heartbeat.is_some());
     assert_eq!(ready.status.last_error, "");
     server.stop().await.unwrap();

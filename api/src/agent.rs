@@ -21,6 +21,15 @@ pub struct AgentStatus {
     pub external: String,
     #[serde(default)]
     pub sandboxes: u64,
+    /// The machine's host name (simulated agents on one machine share it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hostname: String,
+    /// The machine's architecture, as Rust names it (`x86_64`, `aarch64`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub arch: String,
+    /// The runtime behind the agent: `sim` or `runc`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub runtime: String,
 }
 
 /// The agent's own lower-case view of a sandbox's lifecycle.

@@ -1,6 +1,7 @@
 //! Wire types of the sandboxd-o API and the sbxlet agent API, quantity parsing and validation.
 #![forbid(unsafe_code)]
 
+pub mod affinity;
 pub mod agent;
 pub mod dataplane;
 pub mod lease;

@@ -1,6 +1,7 @@
 //! The Node object: a worker running one sbxlet, with its heartbeat state and resources.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Readiness of a node as judged by heartbeats (with hysteresis).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -43,6 +44,10 @@ pub struct NodeSpec {
     /// running ones. Absent leaves the node as it is, so re-registering never uncordons it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unschedulable: Option<bool>,
+    /// The node's labels, matched by sandboxes' `node_selector` and `affinity`. Present replaces
+    /// them all; absent leaves them as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
 }
 
 /// Body of `POST /api/v1/nodes`.
@@ -117,6 +122,38 @@ pub struct NodeStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_transition_at: Option<String>,
     pub resources: NodeResources,
+    /// What the agent says about its machine; the source of the well-known labels.
+    #[serde(skip_serializing_if = "NodeInfo::is_empty")]
+    pub node_info: NodeInfo,
+}
+
+/// The machine behind a node's agent, from its last status report.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(default)]
+pub struct NodeInfo {
+    pub hostname: String,
+    pub arch: String,
+    pub runtime: String,
+}
+
+/// Well-known node labels, filled in from `NodeInfo`; they win over user labels of the same key.
+pub const HOSTNAME_LABEL: &str = "sandboxd.io/hostname";
+pub const ARCH_LABEL: &str = "sandboxd.io/arch";
+pub const RUNTIME_LABEL: &str = "sandboxd.io/runtime";
+
+impl NodeInfo {
+    pub fn is_empty(&self) -> bool {
+        self.hostname.is_empty() && self.arch.is_empty() && self.runtime.is_empty()
+    }
+
+    /// The well-known labels of the reported fields that are not empty.
+    pub fn labels(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [(HOSTNAME_LABEL, &self.hostname), (ARCH_LABEL, &self.arch), (RUNTIME_LABEL, &self.runtime)]
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (k, v.as_str()))
+    }
 }
 
 /// Body of `PUT /api/v1/nodes/{id}/status`.
@@ -147,6 +184,8 @@ pub struct Node {
     /// Cordoned: the scheduler places nothing new here.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unschedulable: bool,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     #[serde(flatten)]
     pub status: NodeStatus,
     pub created_at: String,
@@ -174,7 +213,17 @@ impl Node {
             external: self.external.clone(),
             max_alloc_percent: self.max_alloc_percent.map(i64::from),
             unschedulable: self.unschedulable.then_some(true),
+            labels: (!self.labels.is_empty()).then(|| self.labels.clone()),
         }
+    }
+
+    /// The labels selectors and affinity match: the user's, with the well-known ones on top.
+    pub fn effective_labels(&self) -> BTreeMap<String, String> {
+        let mut labels = self.labels.clone();
+        for (key, value) in self.status.node_info.labels() {
+            labels.insert(key.to_string(), value.to_string());
+        }
+        labels
     }
 
     /// The address clients outside the cluster use to reach this node.

@@ -141,6 +141,12 @@ pub struct SandboxSpec {
     pub containers: Vec<Container>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Node labels the sandbox's node must carry, each with exactly this value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Required and preferred expressions on node labels.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::objects_only::optional")]
+    pub affinity: Option<crate::affinity::Affinity>,
 }
 
 /// Lifecycle phase of a sandbox as the orchestrator sees it.

@@ -54,7 +54,7 @@ pub const BYTES: &str = r"^0{0,8}[1-9][0-9]{0,5}(\.[0-9]{1,3})?(Ki|Mi|Gi|Ti|k|M|
 pub fn component_constraints(policy: &SandboxPolicy) -> Vec<(&'static str, &'static str, Value)> {
     let (port_low, port_high) = policy.host_port_range.unwrap_or((1, 65535));
     let labels = json!({
-        "type": "object", "maxProperties": MAX_LABELS,
+        "maxProperties": MAX_LABELS,
         "propertyNames": { "pattern": LABEL_KEY, "not": { "pattern": LONG_LABEL_PREFIX } },
         "additionalProperties": { "type": "string", "pattern": LABEL_VALUE },
     });
@@ -65,6 +65,17 @@ pub fn component_constraints(policy: &SandboxPolicy) -> Vec<(&'static str, &'sta
         ("SandboxSpec", "ports", json!({ "maxItems": MAX_PORTS })),
         ("SandboxSpec", "ttl_seconds", json!({ "minimum": 0, "maximum": policy.max_ttl_seconds })),
         ("SandboxSpec", "labels", labels.clone()),
+        ("SandboxSpec", "node_selector", labels.clone()),
+        ("NodeSpec", "labels", labels.clone()),
+        ("Affinity", "required", json!({ "maxItems": crate::affinity::MAX_EXPRESSIONS })),
+        ("Affinity", "preferred", json!({ "maxItems": crate::affinity::MAX_EXPRESSIONS })),
+        ("Preference", "weight", json!({ "minimum": 1, "maximum": 100 })),
+        ("Expression", "key", json!({ "pattern": LABEL_KEY, "not": { "pattern": LONG_LABEL_PREFIX } })),
+        (
+            "Expression",
+            "values",
+            json!({ "maxItems": crate::affinity::MAX_VALUES, "items": { "type": "string", "pattern": LABEL_VALUE } }),
+        ),
         ("Container", "name", json!({ "pattern": NAME })),
         ("Container", "image", json!({ "pattern": IMAGE, "maxLength": 512 })),
         (
@@ -124,8 +135,19 @@ pub fn component_constraints(policy: &SandboxPolicy) -> Vec<(&'static str, &'sta
 }
 
 /// Schemas whose types refuse unknown fields (`deny_unknown_fields`): `additionalProperties: false`.
-pub const CLOSED: [&str; 8] =
-    ["ExecRequest", "NodeSpec", "PortSpec", "Probe", "EnvVar", "ContainerResource", "Container", "SandboxSpec"];
+pub const CLOSED: [&str; 11] = [
+    "ExecRequest",
+    "NodeSpec",
+    "PortSpec",
+    "Probe",
+    "EnvVar",
+    "ContainerResource",
+    "Container",
+    "SandboxSpec",
+    "Affinity",
+    "Preference",
+    "Expression",
+];
 
 /// A DNS name (`validate::is_ip_or_dns_name`): dot-separated labels of 1–63 alphanumerics and
 /// inner hyphens, at most 253 characters, and not all digits (that is a mistyped IP address).
@@ -148,6 +170,19 @@ fn node_address(empty_allowed: bool) -> Value {
 
 /// Create requests that take `name` as another spelling of `id`: exactly one of the two is required.
 pub const ID_ALIASED: [&str; 2] = ["SandboxCreateRequest", "NodeCreateRequest"];
+
+/// Keywords for a whole component schema: an expression's `values` are required and non-empty for
+/// `In` and `NotIn`, and empty for `Exists`.
+pub fn schema_keywords() -> Vec<(&'static str, Value)> {
+    vec![(
+        "Expression",
+        json!({
+            "if": { "properties": { "operator": { "const": "Exists" } } },
+            "then": { "properties": { "values": { "maxItems": 0 } } },
+            "else": { "required": ["values"], "properties": { "values": { "minItems": 1 } } }
+        }),
+    )]
+}
 
 /// Fields a request must carry although the type gives them a default, per component schema.
 pub fn required_fields() -> [(&'static str, &'static [&'static str]); 9] {

@@ -131,6 +131,9 @@ pub fn validate_node_spec(spec: &NodeSpec) -> Result<(), FieldErrors> {
             errors.push("spec.external", format!("{e:?} is not an IP address or DNS name"));
         }
     }
+    if let Some(labels) = &spec.labels {
+        validate_labels("spec.labels", labels, &mut errors);
+    }
     errors.into_result()
 }
 
@@ -174,7 +177,54 @@ pub fn validate_sandbox_spec(spec: &SandboxSpec, policy: &SandboxPolicy) -> Resu
         validate_probe(probe, spec, &mut errors);
     }
     validate_labels("spec.labels", &spec.labels, &mut errors);
+    validate_labels("spec.node_selector", &spec.node_selector, &mut errors);
+    if let Some(affinity) = &spec.affinity {
+        validate_affinity(affinity, &mut errors);
+    }
     errors.into_result()
+}
+
+/// Affinity expressions: label-syntax keys and values, values only where the operator compares
+/// them, weights 1–100, and bounded counts.
+fn validate_affinity(affinity: &crate::affinity::Affinity, errors: &mut FieldErrors) {
+    use crate::affinity::MAX_EXPRESSIONS;
+    let at = "spec.affinity";
+    for (list, len) in [("required", affinity.required.len()), ("preferred", affinity.preferred.len())] {
+        if len > MAX_EXPRESSIONS {
+            errors.push(format!("{at}.{list}"), format!("{len} expressions is more than {MAX_EXPRESSIONS}"));
+            return;
+        }
+    }
+    let required = affinity.required.iter().enumerate().map(|(i, e)| (format!("{at}.required[{i}]"), e));
+    let preferred =
+        affinity.preferred.iter().enumerate().map(|(i, p)| (format!("{at}.preferred[{i}].expression"), &p.expression));
+    for (path, expression) in required.chain(preferred) {
+        validate_expression(&path, expression, errors);
+    }
+    for (i, p) in affinity.preferred.iter().enumerate() {
+        if !(1..=100).contains(&p.weight) {
+            errors.push(format!("{at}.preferred[{i}].weight"), format!("{} is not in 1-100", p.weight));
+        }
+    }
+}
+
+fn validate_expression(path: &str, e: &crate::affinity::Expression, errors: &mut FieldErrors) {
+    use crate::affinity::{Operator, MAX_VALUES};
+    if let Some(problem) = label_key_problem(&e.key) {
+        errors.push(format!("{path}.key"), problem);
+    }
+    match e.operator {
+        Operator::Exists if !e.values.is_empty() => errors.push(format!("{path}.values"), "must be empty for Exists"),
+        Operator::In | Operator::NotIn if e.values.is_empty() => {
+            errors.push(format!("{path}.values"), "at least one value is required for In and NotIn")
+        }
+        _ => {}
+    }
+    if e.values.len() > MAX_VALUES {
+        errors.push(format!("{path}.values"), format!("{} values is more than {MAX_VALUES}", e.values.len()));
+    } else if let Some(problem) = e.values.iter().find_map(|v| label_value_problem(v)) {
+        errors.push(format!("{path}.values"), problem);
+    }
 }
 
 /// Label keys and values by Kubernetes' rules, at most `MAX_LABELS` of them.
@@ -335,6 +385,7 @@ pub fn container_requests(container: &crate::sandbox::Container, policy: &Sandbo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::affinity::{Affinity, Expression, Operator, Preference};
     use crate::sandbox::{Container, ContainerResource, EnvVar, PortSpec, ProbeProtocol};
 
     fn container(name: &str) -> Container {
@@ -386,11 +437,45 @@ mod tests {
         assert_eq!(messages(&spec()), Vec::<String>::new());
     }
 
+    fn affinity_with(operator: Operator, values: &[&str]) -> Affinity {
+        let expression =
+            Expression { key: "zone".into(), operator, values: values.iter().map(|v| v.to_string()).collect() };
+        Affinity { required: vec![expression], preferred: vec![] }
+    }
+
     #[test]
     fn every_violated_rule_is_reported_with_its_path() {
         type Case = (&'static str, fn(&mut SandboxSpec), &'static str);
         let cases: Vec<Case> = vec![
             ("no containers", |s| s.containers.clear(), "spec.containers: at least one container is required"),
+            (
+                "selector key not a label key",
+                |s| s.node_selector = [("-zone".to_string(), "eu".to_string())].into(),
+                "spec.node_selector: key \"-zone\": the name must be 1-63 characters, alphanumerics with '-', '_' or '.' inside",
+            ),
+            (
+                "In without values",
+                |s| s.affinity = Some(affinity_with(Operator::In, &[])),
+                "spec.affinity.required[0].values: at least one value is required for In and NotIn",
+            ),
+            (
+                "Exists with values",
+                |s| s.affinity = Some(affinity_with(Operator::Exists, &["x"])),
+                "spec.affinity.required[0].values: must be empty for Exists",
+            ),
+            (
+                "value not a label value",
+                |s| s.affinity = Some(affinity_with(Operator::NotIn, &["a b"])),
+                "spec.affinity.required[0].values: value \"a b\": must be at most 63 characters, alphanumerics with '-', '_' or '.' inside",
+            ),
+            (
+                "preference weight out of range",
+                |s| {
+                    let expression = affinity_with(Operator::Exists, &[]).required.remove(0);
+                    s.affinity = Some(Affinity { required: vec![], preferred: vec![Preference { weight: 0, expression }] });
+                },
+                "spec.affinity.preferred[0].weight: 0 is not in 1-100",
+            ),
             ("duplicate name", |s| s.containers.push(container("web")), "spec.containers[1].name: duplicate \"web\""),
             (
                 "bad name",

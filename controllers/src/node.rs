@@ -7,7 +7,7 @@ use crate::runtime::informer::{Change, Informer};
 use crate::runtime::metrics::METRICS;
 use crate::runtime::queue::{Outcome, Reconciled};
 use sandboxd_api::agent::AgentStatus;
-use sandboxd_api::node::NodeStatus;
+use sandboxd_api::node::{NodeInfo, NodeStatus};
 use sandboxd_api::{Node, NodeResources, NodeState};
 use std::sync::Arc;
 use std::time::Duration;
@@ -142,6 +142,11 @@ pub fn apply_probe(node: &Node, probe: &Probe, settings: &NodeSettings, now: &st
             status.last_error.clear();
             status.resources =
                 derive_resources(node, &Reported::from_agent(report, now), settings.default_max_alloc_percent);
+            status.node_info = NodeInfo {
+                hostname: report.hostname.clone(),
+                arch: report.arch.clone(),
+                runtime: report.runtime.clone(),
+            };
         }
     }
     (status, verdict)
@@ -398,6 +403,7 @@ pub(crate) fn test_node(state: NodeState, since: Option<&str>) -> Node {
         max_alloc_percent: None,
         source: Default::default(),
         unschedulable: false,
+        labels: Default::default(),
         status: NodeStatus { state, last_transition_at: since.map(String::from), ..NodeStatus::default() },
         created_at: String::new(),
         updated_at: String::new(),
@@ -488,6 +494,7 @@ mod tests {
             used_memory_bytes: 134_217_728,
             external: "203.0.113.10".into(),
             sandboxes: 1,
+            ..AgentStatus::default()
         }
     }
 

@@ -64,7 +64,17 @@ async fn healthz() -> Json<Health> {
 }
 
 async fn status(State(agent): BackendState) -> Json<AgentStatus> {
-    Json(agent.status().await)
+    let mut status = agent.status().await;
+    if status.hostname.is_empty() {
+        status.hostname = machine_hostname();
+    }
+    status.arch = std::env::consts::ARCH.to_string();
+    Json(status)
+}
+
+/// The kernel's host name, or empty where it cannot be read.
+fn machine_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 async fn create_sandbox(

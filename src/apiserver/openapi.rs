@@ -59,6 +59,10 @@ use utoipa::OpenApi;
         sandboxd_api::sandbox::SandboxUpdateRequest,
         sandboxd_api::sandbox::SandboxStatusUpdate,
         sandboxd_api::agent::AgentCreateRequest,
+        sandboxd_api::affinity::Affinity,
+        sandboxd_api::affinity::Preference,
+        sandboxd_api::affinity::Expression,
+        sandboxd_api::affinity::Operator,
         sandboxd_api::agent::AgentPort,
         sandboxd_api::dataplane::ExecRequest,
         sandboxd_api::dataplane::ExecResult,
@@ -96,6 +100,11 @@ fn constrain(doc: &mut Value, policy: &SandboxPolicy) {
             if let Some(target) =
                 schemas.get_mut(schema).and_then(|s| s.pointer_mut(&format!("/properties/{property}")))
             {
+                merge(target, keywords);
+            }
+        }
+        for (schema, keywords) in schema_rules::schema_keywords() {
+            if let Some(target) = schemas.get_mut(schema) {
                 merge(target, keywords);
             }
         }

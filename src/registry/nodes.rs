@@ -45,6 +45,11 @@ impl Registry {
             if let Ok(report) = agents.status(&node.sbxlet_base_url, self.initial_status_bound).await {
                 let reported = Reported::from_agent(&report, &self.clock.rfc3339_now());
                 node.status.resources = derive_resources(&node, &reported, self.default_max_alloc_percent);
+                node.status.node_info = sandboxd_api::node::NodeInfo {
+                    hostname: report.hostname.clone(),
+                    arch: report.arch.clone(),
+                    runtime: report.runtime.clone(),
+                };
             }
         }
         let json = serde_json::to_value(&node).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -75,6 +80,9 @@ impl Registry {
         node.max_alloc_percent = spec.max_alloc_percent.map(|p| p as u32);
         if let Some(unschedulable) = spec.unschedulable {
             node.unschedulable = unschedulable;
+        }
+        if let Some(labels) = &spec.labels {
+            node.labels = labels.clone();
         }
         let reported = Reported::from_resources(&node.status.resources);
         node.status.resources = derive_resources(&node, &reported, self.default_max_alloc_percent);
@@ -126,6 +134,7 @@ fn new_node(id: &str, spec: &NodeSpec, source: NodeSource, default_max_alloc_per
         max_alloc_percent: spec.max_alloc_percent.map(|p| p as u32),
         source,
         unschedulable: spec.unschedulable.unwrap_or(false),
+        labels: spec.labels.clone().unwrap_or_default(),
         status: NodeStatus::default(),
         created_at: at.clone(),
         updated_at: at,

@@ -235,6 +235,12 @@ fn check_immutable(current: &SandboxSpec, wanted: &SandboxSpec) -> RegistryResul
     if current.egress != wanted.egress {
         changed.push("spec.egress");
     }
+    if current.node_selector != wanted.node_selector {
+        changed.push("spec.node_selector");
+    }
+    if current.affinity != wanted.affinity {
+        changed.push("spec.affinity");
+    }
     if changed.is_empty() {
         return Ok(());
     }

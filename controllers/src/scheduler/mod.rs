@@ -151,8 +151,12 @@ impl Scheduler {
             }
         };
         // A state or cordon change either way makes the recorded reasons ("1 not ready") stale, so retry then too.
-        let state_changed =
-            old.is_some_and(|o| o.status.state != new.status.state || o.unschedulable != new.unschedulable);
+        let state_changed = old.is_some_and(|o| {
+            o.status.state != new.status.state
+                || o.unschedulable != new.unschedulable
+                || o.labels != new.labels
+                || o.status.node_info != new.status.node_info
+        });
         if state_changed || (more_room && new.status.state == NodeState::Ready) {
             self.retry_unschedulable();
         }

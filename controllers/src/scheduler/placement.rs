@@ -1,8 +1,9 @@
 //! Placement, pure: whether a node fits a sandbox, how nodes score, and which host ports it gets.
 
+use sandboxd_api::affinity::{selector_matches, Affinity};
 use sandboxd_api::validate::{sandbox_requests, SandboxPolicy};
 use sandboxd_api::{AssignedPort, Protocol, SandboxSpec};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// How nodes are scored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,12 +15,15 @@ pub enum Policy {
 }
 
 /// What a sandbox asks of a node.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Request {
     pub cpu_milli: u64,
     pub memory_bytes: u64,
     /// (protocol, container port, pinned host port)
     pub ports: Vec<(Protocol, u16, Option<u16>)>,
+    /// Labels the node must carry with exactly these values.
+    pub node_selector: BTreeMap<String, String>,
+    pub affinity: Option<Affinity>,
 }
 
 impl Request {
@@ -28,7 +32,18 @@ impl Request {
         let (cpu_milli, memory_bytes) = sandbox_requests(spec, defaults);
         let ports =
             spec.ports.iter().map(|p| (p.protocol, p.container_port as u16, p.host_port.map(|h| h as u16))).collect();
-        Request { cpu_milli, memory_bytes, ports }
+        Request {
+            cpu_milli,
+            memory_bytes,
+            ports,
+            node_selector: spec.node_selector.clone(),
+            affinity: spec.affinity.clone(),
+        }
+    }
+
+    /// The summed weight of the preferred affinity expressions `labels` satisfy.
+    fn preference(&self, labels: &BTreeMap<String, String>) -> u64 {
+        self.affinity.as_ref().map_or(0, |a| a.preference_weight(labels))
     }
 }
 
@@ -37,6 +52,8 @@ impl Request {
 pub enum Rejection {
     NotReady,
     Unschedulable,
+    NodeSelectorMismatch,
+    AffinityMismatch,
     InsufficientCpu,
     InsufficientMemory,
     HostPortInUse,
@@ -48,6 +65,8 @@ impl Rejection {
         match self {
             Rejection::NotReady => "not ready",
             Rejection::Unschedulable => "unschedulable (cordoned)",
+            Rejection::NodeSelectorMismatch => "node selector mismatch",
+            Rejection::AffinityMismatch => "affinity mismatch",
             Rejection::InsufficientCpu => "insufficient cpu",
             Rejection::InsufficientMemory => "insufficient memory",
             Rejection::HostPortInUse => "host port in use",
@@ -63,6 +82,7 @@ pub struct NodeView<'a> {
     pub ready: bool,
     /// Cordoned by an operator.
     pub unschedulable: bool,
+    pub labels: &'a BTreeMap<String, String>,
     pub available_cpu_milli: u64,
     pub available_memory_bytes: u64,
     pub allocatable_cpu_milli: u64,
@@ -82,6 +102,12 @@ pub fn filter(node: &NodeView<'_>, request: &Request, range: (u16, u16)) -> Resu
     }
     if node.unschedulable {
         return Err(Rejection::Unschedulable);
+    }
+    if !selector_matches(&request.node_selector, node.labels) {
+        return Err(Rejection::NodeSelectorMismatch);
+    }
+    if request.affinity.as_ref().is_some_and(|a| !a.required_match(node.labels)) {
+        return Err(Rejection::AffinityMismatch);
     }
     let free_cpu = node.allocatable_cpu_milli.saturating_sub(node.bound_cpu_milli);
     if request.cpu_milli > node.available_cpu_milli || request.cpu_milli > free_cpu {
@@ -188,8 +214,9 @@ pub fn feasible_nodes_to_score(nodes: usize) -> usize {
     (nodes * percent / 100).max(100)
 }
 
-/// How a feasible node ranks: score, then fewer sandboxes, then the tie-break hash; higher wins.
-type Rank = (u64, std::cmp::Reverse<usize>, u64);
+/// How a feasible node ranks: preferred affinity weight, then score, then fewer sandboxes, then the
+/// tie-break hash; higher wins.
+type Rank = (u64, u64, std::cmp::Reverse<usize>, u64);
 
 /// Picks the best of the first `sample` feasible nodes and its host ports, or explains why none fits.
 /// Between equal scores the node with fewer sandboxes wins, then `tie_break` with `seed`.
@@ -214,8 +241,12 @@ pub fn choose<'a>(
             Err(why) => *rejections.entry(why).or_default() += 1,
             Ok(()) => {
                 feasible += 1;
-                let rank =
-                    (score(&node, request, policy), std::cmp::Reverse(node.sandboxes), tie_break(seed, node.name));
+                let rank = (
+                    request.preference(node.labels),
+                    score(&node, request, policy),
+                    std::cmp::Reverse(node.sandboxes),
+                    tie_break(seed, node.name),
+                );
                 if best.as_ref().is_none_or(|(best_rank, _)| rank > *best_rank) {
                     best = Some((rank, node));
                 }
@@ -238,6 +269,7 @@ pub(crate) fn test_request(cpu: u64, ports: &[(u16, Option<u16>)]) -> Request {
         cpu_milli: cpu,
         memory_bytes: 64 << 20,
         ports: ports.iter().map(|(c, h)| (Protocol::Tcp, *c, *h)).collect(),
+        ..Request::default()
     }
 }
 
@@ -245,12 +277,16 @@ pub(crate) fn test_request(cpu: u64, ports: &[(u16, Option<u16>)]) -> Request {
 mod tests {
     use super::test_request as request;
     use super::*;
+    use sandboxd_api::affinity::{Expression, Operator, Preference};
+
+    static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
     fn view<'a>(name: &'a str, ports: &'a BTreeSet<(Protocol, u16)>) -> NodeView<'a> {
         NodeView {
             name,
             ready: true,
             unschedulable: false,
+            labels: &NO_LABELS,
             available_cpu_milli: 3600,
             available_memory_bytes: 8 << 30,
             allocatable_cpu_milli: 3600,
@@ -311,6 +347,7 @@ mod tests {
                 (Protocol::Udp, 53, None),
                 (Protocol::Tcp, 82, Some(10001)),
             ],
+            ..Request::default()
         };
         let got = pick_ports(&used, &req, (10000, 19999)).unwrap();
         let host: Vec<(Protocol, u16, u16)> = got.iter().map(|p| (p.protocol, p.container_port, p.host_port)).collect();
@@ -365,6 +402,68 @@ mod tests {
         }
         assert_eq!(picks.len(), 3, "{picks:?}");
         assert!(picks.values().all(|n| *n >= 60), "no node starves: {picks:?}");
+    }
+
+    fn labeled<'a>(
+        name: &'a str,
+        labels: &'a BTreeMap<String, String>,
+        none: &'a BTreeSet<(Protocol, u16)>,
+    ) -> NodeView<'a> {
+        NodeView { labels, ..view(name, none) }
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn selectors_and_required_affinity_filter_and_are_counted() {
+        let none = BTreeSet::new();
+        let (gpu, cpu_eu, cpu_us) =
+            (labels(&[("gpu", "a100"), ("zone", "eu")]), labels(&[("zone", "eu")]), labels(&[("zone", "us")]));
+        let nodes = [labeled("gpu", &gpu, &none), labeled("eu", &cpu_eu, &none), labeled("us", &cpu_us, &none)];
+        let pick = |req: &Request| choose(nodes.clone(), req, Policy::Spread, (1, 2), 100, 0);
+
+        let selector = Request { node_selector: labels(&[("gpu", "a100")]), ..request(1, &[]) };
+        assert_eq!(pick(&selector).unwrap().0, "gpu");
+        let nowhere = Request { node_selector: labels(&[("gpu", "h100")]), ..request(1, &[]) };
+        assert_eq!(pick(&nowhere).unwrap_err(), "0/3 nodes available: 3 node selector mismatch");
+
+        let expression = |key: &str, operator, values: &[&str]| Expression {
+            key: key.into(),
+            operator,
+            values: values.iter().map(|v| v.to_string()).collect(),
+        };
+        let not_eu_no_gpu =
+            Affinity { required: vec![expression("zone", Operator::NotIn, &["eu"])], preferred: vec![] };
+        assert_eq!(pick(&Request { affinity: Some(not_eu_no_gpu), ..request(1, &[]) }).unwrap().0, "us");
+        let gpu_in_us = Affinity {
+            required: vec![expression("gpu", Operator::Exists, &[]), expression("zone", Operator::In, &["us"])],
+            preferred: vec![],
+        };
+        let both = Request { affinity: Some(gpu_in_us), node_selector: labels(&[("zone", "eu")]), ..request(1, &[]) };
+        assert_eq!(pick(&both).unwrap_err(), "0/3 nodes available: 1 node selector mismatch, 2 affinity mismatch");
+    }
+
+    #[test]
+    fn preferred_affinity_outweighs_free_room_but_never_overrides_a_filter() {
+        let none = BTreeSet::new();
+        let (ssd, plain) = (labels(&[("disk", "ssd")]), labels(&[]));
+        let busy_ssd = NodeView { bound_cpu_milli: 3000, ..labeled("busy-ssd", &ssd, &none) };
+        let idle = labeled("idle", &plain, &none);
+        let prefer_ssd = Affinity {
+            required: vec![],
+            preferred: vec![Preference {
+                weight: 10,
+                expression: Expression { key: "disk".into(), operator: Operator::In, values: vec!["ssd".into()] },
+            }],
+        };
+        let req = Request { affinity: Some(prefer_ssd), ..request(100, &[]) };
+        let got = choose([idle.clone(), busy_ssd.clone()], &req, Policy::Spread, (1, 2), 100, 0).unwrap().0;
+        assert_eq!(got, "busy-ssd", "the preference wins over the spread score");
+        let full_ssd = NodeView { bound_cpu_milli: 3600, ..busy_ssd };
+        let got = choose([idle, full_ssd], &req, Policy::Spread, (1, 2), 100, 0).unwrap().0;
+        assert_eq!(got, "idle", "a preferred node that does not fit is not chosen");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use super::placement::{choose, feasible_nodes_to_score, tie_seed, NodeView, Policy, Request};
 use sandboxd_api::{AssignedPort, Node, NodeState, Protocol};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// What one sandbox holds on its node.
 #[derive(Debug, Clone)]
@@ -22,6 +22,7 @@ struct Slot {
     present: bool,
     ready: bool,
     unschedulable: bool,
+    labels: BTreeMap<String, String>,
     available_cpu_milli: u64,
     available_memory_bytes: u64,
     allocatable_cpu_milli: u64,
@@ -39,6 +40,7 @@ impl Slot {
             name: &self.name,
             ready: self.present && self.ready,
             unschedulable: self.unschedulable,
+            labels: &self.labels,
             available_cpu_milli: self.available_cpu_milli,
             available_memory_bytes: self.available_memory_bytes,
             allocatable_cpu_milli: self.allocatable_cpu_milli,
@@ -86,6 +88,10 @@ impl AllocationIndex {
         slot.present = true;
         slot.ready = node.status.state == NodeState::Ready;
         slot.unschedulable = node.unschedulable;
+        let labels = node.effective_labels();
+        if slot.labels != labels {
+            slot.labels = labels;
+        }
         slot.available_cpu_milli = r.available_cpu_milli;
         slot.available_memory_bytes = r.available_memory_bytes;
         slot.allocatable_cpu_milli = r.allocatable_cpu_milli;
@@ -237,7 +243,7 @@ mod tests {
         for name in ["n1", "n2", "n3", "n4", "n5"] {
             index.upsert_node(&ready_node(name, 1_000_000));
         }
-        let req = Request { cpu_milli: 1, memory_bytes: 1 << 20, ports: vec![] };
+        let req = Request { cpu_milli: 1, memory_bytes: 1 << 20, ..Request::default() };
         let mut per_node: HashMap<String, usize> = HashMap::new();
         for i in 0..300 {
             let (node, _) = index.place(&format!("s{i}"), &req, Policy::Spread, (10000, 19999)).unwrap();

@@ -732,6 +732,8 @@ impl Backend for Arc<RuncRuntime> {
             used_memory_bytes: state.used_memory_bytes,
             external: self.config.external.clone(),
             sandboxes: state.sandboxes.len() as u64,
+            runtime: "runc".into(),
+            ..AgentStatus::default()
         }
     }
 

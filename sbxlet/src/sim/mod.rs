@@ -215,6 +215,8 @@ impl Runtime {
             used_memory_bytes: self.used_memory_bytes,
             external: external.to_string(),
             sandboxes: self.sandboxes.len() as u64,
+            runtime: "sim".into(),
+            ..AgentStatus::default()
         }
     }
 
@@ -404,7 +406,12 @@ mod tests {
         assert!(matches!(refused, Err(RuntimeError::PortUnavailable(_))));
         assert_eq!(
             rt.status(""),
-            AgentStatus { capacity_cpu_milli: 1000, capacity_memory_bytes: 1 << 30, ..AgentStatus::default() }
+            AgentStatus {
+                capacity_cpu_milli: 1000,
+                capacity_memory_bytes: 1 << 30,
+                runtime: "sim".into(),
+                ..AgentStatus::default()
+            }
         );
         let Created::New(s) = admit(&mut rt, sandbox("b"), t0).unwrap() else { panic!("not new") };
         assert_eq!(s.private_ip, "10.88.0.2", "address was not returned to the pool");

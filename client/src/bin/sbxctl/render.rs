@@ -378,8 +378,30 @@ fn describe_sandbox(s: &Sandbox) {
             .to_lowercase(),
         );
     }
-    let labels: Vec<String> = s.spec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    field("Labels", if labels.is_empty() { "-".into() } else { labels.join(",") });
+    field("Labels", joined_labels(&s.spec.labels));
+    if !s.spec.node_selector.is_empty() {
+        field("Node selector", joined_labels(&s.spec.node_selector));
+    }
+    if let Some(affinity) = &s.spec.affinity {
+        let shown =
+            |e: &sandboxd_api::affinity::Expression| format!("{} {:?} [{}]", e.key, e.operator, e.values.join(","));
+        for e in &affinity.required {
+            field("Requires", shown(e));
+        }
+        for p in &affinity.preferred {
+            field("Prefers", format!("{} (weight {})", shown(&p.expression), p.weight));
+        }
+    }
+}
+
+/// `k=v,k2=v2`, or `-` when there are none.
+fn joined_labels(labels: &std::collections::BTreeMap<String, String>) -> String {
+    let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if pairs.is_empty() {
+        "-".into()
+    } else {
+        pairs.join(",")
+    }
 }
 
 fn describe_node(n: &Node, bound: &[String]) {
@@ -389,6 +411,10 @@ fn describe_node(n: &Node, bound: &[String]) {
     let since = st.last_transition_at.as_deref().map(|t| format!(" (since {t})")).unwrap_or_default();
     field("State", format!("{:?}{since}", st.state));
     field("Source", format!("{:?}", n.source).to_lowercase());
+    field("Labels", joined_labels(&n.effective_labels()));
+    if n.unschedulable {
+        field("Scheduling", "disabled (cordoned)");
+    }
     field("Agent", &n.sbxlet_base_url);
     field("External", dash(Some(n.effective_external())));
     field("Last heartbeat", dash(st.last_heartbeat.as_deref()));
