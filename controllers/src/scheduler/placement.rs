@@ -45,6 +45,25 @@ impl Request {
     fn preference(&self, labels: &BTreeMap<String, String>) -> u64 {
         self.affinity.as_ref().map_or(0, |a| a.preference_weight(labels))
     }
+
+    /// Whether the request has any rule on node labels.
+    pub fn has_label_rules(&self) -> bool {
+        !self.node_selector.is_empty() || self.affinity.is_some()
+    }
+}
+
+/// How a node's labels fit a request's selector and affinity: the preferred weight, or why not.
+pub type LabelFit = Result<u64, Rejection>;
+
+/// Judges a node's labels against a request's selector and affinity (pure).
+pub fn label_fit(request: &Request, labels: &BTreeMap<String, String>) -> LabelFit {
+    if !selector_matches(&request.node_selector, labels) {
+        return Err(Rejection::NodeSelectorMismatch);
+    }
+    if request.affinity.as_ref().is_some_and(|a| !a.required_match(labels)) {
+        return Err(Rejection::AffinityMismatch);
+    }
+    Ok(request.preference(labels))
 }
 
 /// Why a node does not fit a sandbox; the order is the order of the checks.
@@ -83,6 +102,8 @@ pub struct NodeView<'a> {
     /// Cordoned by an operator.
     pub unschedulable: bool,
     pub labels: &'a BTreeMap<String, String>,
+    /// `label_fit` of these labels for the request at hand, when the caller already knows it.
+    pub label_fit: Option<LabelFit>,
     pub available_cpu_milli: u64,
     pub available_memory_bytes: u64,
     pub allocatable_cpu_milli: u64,
@@ -103,12 +124,7 @@ pub fn filter(node: &NodeView<'_>, request: &Request, range: (u16, u16)) -> Resu
     if node.unschedulable {
         return Err(Rejection::Unschedulable);
     }
-    if !selector_matches(&request.node_selector, node.labels) {
-        return Err(Rejection::NodeSelectorMismatch);
-    }
-    if request.affinity.as_ref().is_some_and(|a| !a.required_match(node.labels)) {
-        return Err(Rejection::AffinityMismatch);
-    }
+    node.label_fit.unwrap_or_else(|| label_fit(request, node.labels))?;
     let free_cpu = node.allocatable_cpu_milli.saturating_sub(node.bound_cpu_milli);
     if request.cpu_milli > node.available_cpu_milli || request.cpu_milli > free_cpu {
         return Err(Rejection::InsufficientCpu);
@@ -241,8 +257,12 @@ pub fn choose<'a>(
             Err(why) => *rejections.entry(why).or_default() += 1,
             Ok(()) => {
                 feasible += 1;
+                let preference = match &node.label_fit {
+                    Some(fit) => fit.unwrap_or(0),
+                    None => request.preference(node.labels),
+                };
                 let rank = (
-                    request.preference(node.labels),
+                    preference,
                     score(&node, request, policy),
                     std::cmp::Reverse(node.sandboxes),
                     tie_break(seed, node.name),
@@ -287,6 +307,7 @@ mod tests {
             ready: true,
             unschedulable: false,
             labels: &NO_LABELS,
+            label_fit: None,
             available_cpu_milli: 3600,
             available_memory_bytes: 8 << 30,
             allocatable_cpu_milli: 3600,

@@ -1,7 +1,8 @@
 //! The scheduler's node table: each node's room, what bound sandboxes hold (assumed on bind, before
 //! the informer shows the bind), and the host ports in use.
 
-use super::placement::{choose, feasible_nodes_to_score, tie_seed, NodeView, Policy, Request};
+use super::placement::{choose, feasible_nodes_to_score, label_fit, tie_seed, LabelFit, NodeView, Policy, Request};
+use sandboxd_api::affinity::Affinity;
 use sandboxd_api::{AssignedPort, Node, NodeState, Protocol};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -41,6 +42,7 @@ impl Slot {
             ready: self.present && self.ready,
             unschedulable: self.unschedulable,
             labels: &self.labels,
+            label_fit: None,
             available_cpu_milli: self.available_cpu_milli,
             available_memory_bytes: self.available_memory_bytes,
             allocatable_cpu_milli: self.allocatable_cpu_milli,
@@ -63,6 +65,42 @@ pub struct AllocationIndex {
     held: HashMap<String, Held>,
     /// Where the next placement starts scanning, so sampled placements rotate over all nodes.
     next_start: usize,
+    /// Bumped whenever a node's labels change or a node is added, so cached label fits expire.
+    labels_generation: u64,
+    fit_cache: LabelFitCache,
+}
+
+/// Which nodes fit the last label rules placed, filled in as nodes are scanned. Most sandboxes of
+/// a workload share their selector and affinity, so a node's labels are judged once per rules and
+/// label change instead of at every placement (a profile put label matching at 15 % of the server's
+/// CPU in scheduling-selectors).
+#[derive(Debug, Default)]
+struct LabelFitCache {
+    generation: u64,
+    node_selector: BTreeMap<String, String>,
+    affinity: Option<Affinity>,
+    /// By slot; `None` until that node is scanned for these rules.
+    fits: Vec<Option<LabelFit>>,
+}
+
+impl LabelFitCache {
+    /// Keeps what is known when the rules and labels are the same as last time; starts over otherwise.
+    fn prepare(&mut self, generation: u64, request: &Request, slots: usize) {
+        let same = self.generation == generation
+            && self.node_selector == request.node_selector
+            && self.affinity == request.affinity;
+        if !same {
+            self.generation = generation;
+            self.node_selector = request.node_selector.clone();
+            self.affinity = request.affinity.clone();
+            self.fits.clear();
+        }
+        self.fits.resize(slots, None);
+    }
+
+    fn fit(&mut self, slot: usize, request: &Request, labels: &BTreeMap<String, String>) -> LabelFit {
+        *self.fits[slot].get_or_insert_with(|| label_fit(request, labels))
+    }
 }
 
 impl AllocationIndex {
@@ -76,6 +114,7 @@ impl AllocationIndex {
             return *i;
         }
         self.slots.push(Slot { name: node.to_string(), ..Slot::default() });
+        self.labels_generation += 1;
         self.by_name.insert(node.to_string(), self.slots.len() - 1);
         self.slots.len() - 1
     }
@@ -91,6 +130,7 @@ impl AllocationIndex {
         let labels = node.effective_labels();
         if slot.labels != labels {
             slot.labels = labels;
+            self.labels_generation += 1;
         }
         slot.available_cpu_milli = r.available_cpu_milli;
         slot.available_memory_bytes = r.available_memory_bytes;
@@ -151,8 +191,19 @@ impl AllocationIndex {
         let n = self.slots.len();
         let start = if n == 0 { 0 } else { self.next_start % n };
         let sample = feasible_nodes_to_score(self.slots.iter().filter(|s| s.present).count());
-        let order = self.slots[start..].iter().chain(self.slots[..start].iter()).filter(|s| s.present);
-        let (name, ports) = choose(order.map(Slot::view), request, policy, range, sample, tie_seed(sandbox))?;
+        let rules = request.has_label_rules();
+        if rules {
+            self.fit_cache.prepare(self.labels_generation, request, n);
+        }
+        let (slots, cache) = (&self.slots, &mut self.fit_cache);
+        let order = (start..n).chain(0..start).filter(|i| slots[*i].present).map(|i| {
+            let mut view = slots[i].view();
+            if rules {
+                view.label_fit = Some(cache.fit(i, request, &slots[i].labels));
+            }
+            view
+        });
+        let (name, ports) = choose(order, request, policy, range, sample, tie_seed(sandbox))?;
         self.next_start = start + 1;
         let held_ports = ports.iter().map(|p| (p.protocol, p.host_port)).collect();
         self.hold(sandbox, &name, request.cpu_milli, request.memory_bytes, held_ports);
@@ -268,6 +319,24 @@ mod tests {
         node.unschedulable = false;
         index.upsert_node(&node);
         assert!(index.place("after", &request(10, &[]), Policy::Spread, (1, 2)).is_ok());
+    }
+
+    #[test]
+    fn label_fits_are_judged_again_after_a_label_change() {
+        let mut index = AllocationIndex::default();
+        let mut node = ready_node("a", 3600);
+        index.upsert_node(&node);
+        let wants_gpu = Request { node_selector: [("gpu".to_string(), "yes".to_string())].into(), ..request(10, &[]) };
+        let refused = index.place("s0", &wants_gpu, Policy::Spread, (1, 2)).unwrap_err();
+        assert_eq!(refused, "0/1 nodes available: 1 node selector mismatch");
+        node.labels = [("gpu".to_string(), "yes".to_string())].into();
+        index.upsert_node(&node);
+        assert!(index.place("s1", &wants_gpu, Policy::Spread, (1, 2)).is_ok(), "the cached mismatch expired");
+        index.upsert_node(&ready_node("b", 3600));
+        node.labels.clear();
+        index.upsert_node(&node);
+        let refused = index.place("s2", &wants_gpu, Policy::Spread, (1, 2)).unwrap_err();
+        assert_eq!(refused, "0/2 nodes available: 2 node selector mismatch");
     }
 
     #[test]
