@@ -291,12 +291,7 @@ impl Config {
                 &value("max_inflight_long_running"),
                 in_flight,
             )?,
-            max_connections: parse_key("max_connections", &value("max_connections"), |s| {
-                s.parse::<usize>()
-                    .ok()
-                    .filter(|n| (16..=1_000_000).contains(n))
-                    .ok_or_else(|| format!("{s:?} is not an integer in 16-1000000"))
-            })?,
+            max_connections: parse_key("max_connections", &value("max_connections"), |s| count_in(s, 16, 1_000_000))?,
             log_format: parse_key("log_format", &value("log_format"), |s| match s {
                 "text" => Ok(LogFormat::Text),
                 "json" => Ok(LogFormat::Json),
@@ -422,10 +417,7 @@ fn parse_byte_size(s: &str) -> Result<usize, String> {
 const MAX_TTL_CEILING: i64 = 10 * 365 * 86_400;
 
 fn in_flight(s: &str) -> Result<usize, String> {
-    s.parse::<usize>()
-        .ok()
-        .filter(|n| (1..=100_000).contains(n))
-        .ok_or_else(|| format!("{s:?} is not an integer in 1-100000"))
+    count_in(s, 1, 100_000)
 }
 
 fn at_most(value: usize, max: usize, shown: &str) -> Result<usize, String> {

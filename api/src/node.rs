@@ -143,6 +143,11 @@ pub const ARCH_LABEL: &str = "sandboxd.io/arch";
 pub const RUNTIME_LABEL: &str = "sandboxd.io/runtime";
 
 impl NodeInfo {
+    /// What an agent's status report says about its machine.
+    pub fn reported(report: &crate::agent::AgentStatus) -> NodeInfo {
+        NodeInfo { hostname: report.hostname.clone(), arch: report.arch.clone(), runtime: report.runtime.clone() }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.hostname.is_empty() && self.arch.is_empty() && self.runtime.is_empty()
     }

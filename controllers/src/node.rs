@@ -142,11 +142,7 @@ pub fn apply_probe(node: &Node, probe: &Probe, settings: &NodeSettings, now: &st
             status.last_error.clear();
             status.resources =
                 derive_resources(node, &Reported::from_agent(report, now), settings.default_max_alloc_percent);
-            status.node_info = NodeInfo {
-                hostname: report.hostname.clone(),
-                arch: report.arch.clone(),
-                runtime: report.runtime.clone(),
-            };
+            status.node_info = NodeInfo::reported(report);
         }
     }
     (status, verdict)

@@ -45,11 +45,7 @@ impl Registry {
             if let Ok(report) = agents.status(&node.sbxlet_base_url, self.initial_status_bound).await {
                 let reported = Reported::from_agent(&report, &self.clock.rfc3339_now());
                 node.status.resources = derive_resources(&node, &reported, self.default_max_alloc_percent);
-                node.status.node_info = sandboxd_api::node::NodeInfo {
-                    hostname: report.hostname.clone(),
-                    arch: report.arch.clone(),
-                    runtime: report.runtime.clone(),
-                };
+                node.status.node_info = sandboxd_api::node::NodeInfo::reported(&report);
             }
         }
         let json = serde_json::to_value(&node).map_err(|e| StoreError::Corrupt(e.to_string()))?;
