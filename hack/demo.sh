@@ -11,12 +11,14 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 port=$(free_port)
 agent_port=$(free_port)
 work=$(mktemp -d)
-export SANDBOXD_SERVER="http://127.0.0.1:$port" SANDBOXD_LOOPBACK_ONLY=1
+# Secure by default, as a newcomer runs it: HTTPS, tokens, and the client config sbxctl reads.
+export SANDBOXD_CONFIG="$work/data/client.json" SANDBOXD_LOOPBACK_ONLY=1
+unset SANDBOXD_SERVER SANDBOXD_TOKEN
 sbxctl() { "$bin/sbxctl" "$@"; }
 step() { printf '\n== %s\n' "$*"; }
 fail() { echo "DEMO FAILED: $*" >&2; echo "--- server log ---" >&2; tail -n 40 "$work/server.log" >&2; exit 1; }
 
-"$bin/sandboxd-o" serve --listen "127.0.0.1:$port" --store "sqlite://$work/store.db" \
+"$bin/sandboxd-o" serve --listen "127.0.0.1:$port" --data-dir "$work/data" --store "sqlite://$work/store.db" \
   --demo-agents 3 --demo-agent-port "$agent_port" --heartbeat-interval 500ms --heartbeat-timeout 400ms >"$work/server.log" 2>&1 &
 server=$!
 cleanup() { kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$work"; }
@@ -25,6 +27,12 @@ trap cleanup EXIT
 step "wait for the server"
 for _ in $(seq 1 100); do sbxctl get nodes >/dev/null 2>&1 && break; sleep 0.1; done
 sbxctl get nodes >/dev/null || fail "server did not answer"
+
+step "HTTPS only, and nothing without the token"
+[ "$(curl -s -o /dev/null -w '%{http_code}' --cacert "$work/data/pki/ca.crt" "https://127.0.0.1:$port/api/v1/nodes")" = 401 ] \
+  || fail "a request without a token was not refused"
+curl -s --max-time 2 "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && fail "plain HTTP answered"
+sbxctl auth whoami | grep -q "^admin (role admin" || fail "whoami is not the bootstrap admin"
 
 step "three demo nodes become Ready"
 for _ in $(seq 1 100); do

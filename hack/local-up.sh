@@ -21,4 +21,4 @@ sandboxd-o on http://$listen with $agents simulated agents (127.0.2.1 ... ). Try
   sbxctl logs sbx-demo-1 --tail 5
 
 TXT
-exec env SANDBOXD_LOOPBACK_ONLY=1 target/release/sandboxd-o serve --listen "$listen" --store "$store" --demo-agents "$agents"
+exec env SANDBOXD_LOOPBACK_ONLY=1 target/release/sandboxd-o serve --insecure-listen "$listen" --store "$store" --demo-agents "$agents"

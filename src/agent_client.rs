@@ -1,16 +1,23 @@
-//! The reqwest `AgentClient`: pooled connections, per-call timeouts, no redirects, answers checked against the wire types.
+//! The reqwest `AgentClient`: pooled connections, per-call timeouts, no redirects, agent addresses
+//! held to the `AddressPolicy`, answers checked against the wire types.
 
+use crate::address_policy::AddressPolicy;
 use async_trait::async_trait;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::{Method, StatusCode};
 use sandboxd_api::agent::{
     AgentCreateRequest, AgentDeleted, AgentLogs, AgentSandbox, AgentSandboxEnvelope, AgentSandboxList, AgentStatus,
-    ErrorBody, Health,
+    Health,
 };
 use sandboxd_api::Node;
 use sandboxd_contracts::agent::{AgentClient, AgentError, AgentResult, ProbeTarget};
 use serde::de::DeserializeOwned;
-use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// The most characters of an agent's `{"error": ...}` message passed on.
+const MAX_REASON_CHARS: usize = 200;
 
 /// Talks HTTP to sbxlet agents.
 #[derive(Clone)]
@@ -18,27 +25,59 @@ pub struct HttpAgentClient {
     http: reqwest::Client,
     /// Bound of create, delete, list, get, logs and reconcile calls.
     call_timeout: Duration,
-    /// Refuse any agent address outside 127.0.0.0/8 and ::1 (tests and demos on a closed network).
-    loopback_only: bool,
+    /// Which agent addresses may be called: literal ones are checked before each call, and `http`
+    /// checks what each host name resolves to when it connects.
+    policy: AddressPolicy,
+    /// Sent as `Authorization: Bearer` on every call to an agent (never to a sandbox's probe port).
+    token: Option<Arc<str>>,
 }
 
 impl HttpAgentClient {
+    /// A client under the default policy (every address but the always-refused ones).
     pub fn new(call_timeout: Duration) -> HttpAgentClient {
+        HttpAgentClient::with(call_timeout, AddressPolicy::default())
+    }
+
+    /// The same client, calling only addresses `policy` allows.
+    pub fn with_policy(self, policy: AddressPolicy) -> HttpAgentClient {
+        HttpAgentClient { token: self.token, ..HttpAgentClient::with(self.call_timeout, policy) }
+    }
+
+    /// The same client, presenting `token` to every agent.
+    pub fn with_token(mut self, token: &str) -> HttpAgentClient {
+        self.token = Some(Arc::from(token));
+        self
+    }
+
+    /// The agent token, for calls built outside this client (data plane, exec WebSockets).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// The same client, calling only loopback addresses (tests and demos on a closed network).
+    pub fn loopback_only(self) -> HttpAgentClient {
+        self.with_policy(AddressPolicy::loopback_only())
+    }
+
+    fn with(call_timeout: Duration, policy: AddressPolicy) -> HttpAgentClient {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            // Only host names reach the resolver; `check_address` covers literal addresses.
+            .dns_resolver(Arc::new(PolicyResolver { policy: policy.clone() }))
+            // An HTTP_PROXY from the environment would resolve agent names itself, past the policy.
+            .no_proxy()
             .connect_timeout(call_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(32)
             .tcp_nodelay(true)
             .build()
             .expect("reqwest client with static settings");
-        HttpAgentClient { http, call_timeout, loopback_only: false }
+        HttpAgentClient { http, call_timeout, policy, token: None }
     }
 
-    /// Refuses every agent address that is not loopback.
-    pub fn loopback_only(mut self) -> HttpAgentClient {
-        self.loopback_only = true;
-        self
+    /// The address policy this client calls agents under.
+    pub fn policy(&self) -> &AddressPolicy {
+        &self.policy
     }
 
     /// The bound of ordinary agent calls.
@@ -53,21 +92,20 @@ impl HttpAgentClient {
         Ok(&self.http)
     }
 
+    /// A TCP connection to the agent at `base_url`, at an address the policy allows (a host name is
+    /// resolved and checked now): for what reqwest does not carry, such as TCP probes and WebSockets.
+    pub async fn connect_tcp(&self, base_url: &str) -> AgentResult<TcpStream> {
+        self.check_address(base_url)?;
+        let url = reqwest::Url::parse(base_url).map_err(|e| AgentError::Unreachable(format!("{base_url:?}: {e}")))?;
+        let host = url.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+        let port = url.port_or_known_default().unwrap_or(80);
+        let addrs = self.policy.resolve(host, port).await.map_err(|e| AgentError::Unreachable(e.to_string()))?;
+        TcpStream::connect(&addrs[..]).await.map_err(|e| AgentError::Unreachable(format!("tcp connect: {e}")))
+    }
+
+    /// Refuses a literal agent address outside the policy before anything is sent.
     fn check_address(&self, base_url: &str) -> AgentResult<()> {
-        if !self.loopback_only {
-            return Ok(());
-        }
-        let host = base_url
-            .trim_start_matches("http://")
-            .rsplit_once(':')
-            .map(|(h, _)| h.trim_matches(['[', ']']))
-            .unwrap_or("");
-        let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        if loopback {
-            Ok(())
-        } else {
-            Err(AgentError::Unreachable(format!("{host} is not a loopback address and this client is loopback-only")))
-        }
+        self.policy.check_url(base_url).map_err(|refusal| AgentError::Unreachable(refusal.to_string()))
     }
 
     async fn call<T: DeserializeOwned>(
@@ -80,6 +118,9 @@ impl HttpAgentClient {
     ) -> AgentResult<(StatusCode, T)> {
         self.check_address(base_url)?;
         let mut request = self.http.request(method, url).timeout(timeout);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
         if let Some(body) = body {
             request = request.json(body);
         }
@@ -87,11 +128,26 @@ impl HttpAgentClient {
         let status = response.status();
         let bytes = response.bytes().await.map_err(describe_send_error)?;
         if !status.is_success() {
-            return Err(status_error(status, &bytes));
+            return Err(AgentError::Status { status: status.as_u16(), message: error_reason(&bytes) });
         }
-        let value =
-            serde_json::from_slice(&bytes).map_err(|e| AgentError::Invalid(format!("{e} in {}", snippet(&bytes))))?;
+        let value = serde_json::from_slice(&bytes).map_err(|e| AgentError::Invalid(undecodable(status, &bytes, &e)))?;
         Ok((status, value))
+    }
+}
+
+/// Resolves agent host names when a connection is made, keeping only the addresses the policy allows.
+struct PolicyResolver {
+    policy: AddressPolicy,
+}
+
+impl Resolve for PolicyResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let policy = self.policy.clone();
+        Box::pin(async move {
+            // Port 0: reqwest puts in the URL's port.
+            let addrs = policy.resolve(name.as_str(), 0).await?;
+            Ok(Box::new(addrs.into_iter()) as Addrs)
+        })
     }
 }
 
@@ -113,18 +169,52 @@ pub fn describe_send_error(e: reqwest::Error) -> AgentError {
     }
 }
 
-fn status_error(status: StatusCode, body: &[u8]) -> AgentError {
-    let message = match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(e) => e.error,
-        Err(_) if status.is_client_error() => snippet(body),
-        Err(_) => format!("{} (not JSON)", snippet(body)),
-    };
-    AgentError::Status { status: status.as_u16(), message }
+/// What an agent's error answer says, echoing none of its other bytes: the `error` of a JSON body,
+/// without control characters and cut to 200 characters, or else only what kind of body it was.
+pub fn error_reason(body: &[u8]) -> String {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(value) => match value.get("error").and_then(serde_json::Value::as_str) {
+            Some(error) => sanitise(error),
+            None => format!("a JSON body without an error message ({} bytes)", body.len()),
+        },
+        Err(_) if body.is_empty() => "an empty body".into(),
+        Err(_) => format!("a body that is not JSON ({} bytes)", body.len()),
+    }
 }
 
-fn snippet(body: &[u8]) -> String {
-    let text: String = String::from_utf8_lossy(body).chars().take(120).collect();
-    format!("{text:?}")
+/// Why a success answer did not decode, without the agent's bytes: serde's "invalid type: string
+/// \"…\"" would quote them, so only a missing field (a name of our own types) is named.
+fn undecodable(status: StatusCode, body: &[u8], error: &serde_json::Error) -> String {
+    let (status, size) = (status.as_u16(), body.len());
+    if !error.is_data() {
+        return format!("agent answered {status} with a body that is not JSON ({size} bytes)");
+    }
+    let message = error.to_string();
+    let mismatch = match message.strip_prefix("missing field ") {
+        Some(rest) => format!("missing field {}", rest.split(" at line ").next().unwrap_or(rest)),
+        None => format!("unexpected value at line {} column {}", error.line(), error.column()),
+    };
+    format!("agent answered {status} with JSON of another shape ({mismatch}; {size} bytes)")
+}
+
+/// `text` with control and bidirectional-formatting characters dropped (line breaks and tabs become
+/// spaces), cut to `MAX_REASON_CHARS`.
+fn sanitise(text: &str) -> String {
+    let clean: String = text
+        .chars()
+        .filter_map(|c| match c {
+            '\n' | '\r' | '\t' => Some(' '),
+            '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => None,
+            c if c.is_control() => None,
+            c => Some(c),
+        })
+        .collect();
+    if clean.chars().count() <= MAX_REASON_CHARS {
+        return clean;
+    }
+    let mut cut: String = clean.chars().take(MAX_REASON_CHARS - 1).collect();
+    cut.push('…');
+    cut
 }
 
 #[async_trait]
@@ -204,16 +294,14 @@ impl AgentClient for HttpAgentClient {
 impl HttpAgentClient {
     async fn probe_target(&self, target: &ProbeTarget) -> Result<(), String> {
         let base = Node::base_url(&target.host, target.port);
-        self.check_address(&base).map_err(|e| e.to_string())?;
+        self.policy.check_url(&base).map_err(|refusal| refusal.to_string())?;
         match &target.http_path {
-            None => {
-                let connect = tokio::net::TcpStream::connect((target.host.as_str(), target.port));
-                match tokio::time::timeout(target.timeout, connect).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(format!("tcp connect: {e}")),
-                    Err(_) => Err("tcp connect timed out".into()),
-                }
-            }
+            None => match tokio::time::timeout(target.timeout, self.connect_tcp(&base)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(AgentError::Unreachable(why))) => Err(why),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("tcp connect timed out".into()),
+            },
             Some(path) => {
                 let response = self.http.get(format!("{base}{path}")).timeout(target.timeout).send().await;
                 match response {
@@ -231,14 +319,182 @@ impl HttpAgentClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::address_policy::{AddressPolicy, Cidr};
+    use std::net::SocketAddr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn allowing(network: &str) -> AddressPolicy {
+        AddressPolicy::allowing(vec![network.parse::<Cidr>().unwrap()])
+    }
+
+    /// A listener on 127.0.0.1 that is never accepted from: `assert_never_reached` checks its backlog.
+    fn untouched_listener() -> (std::net::TcpListener, u16) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        (listener, port)
+    }
+
+    fn assert_never_reached(listener: &std::net::TcpListener) {
+        match listener.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("the refused address was connected to: {other:?}"),
+        }
+    }
+
+    /// An agent on 127.0.0.1 answering every request with `status` and `body`.
+    async fn agent_answering(status: &'static str, body: Vec<u8>) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = vec![0u8; 8192];
+                let _ = stream.read(&mut request).await;
+                let head = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(&body).await;
+            }
+        });
+        addr
+    }
+
+    fn client(policy: AddressPolicy) -> HttpAgentClient {
+        HttpAgentClient::new(Duration::from_secs(2)).with_policy(policy)
+    }
 
     #[test]
-    fn loopback_only_refuses_other_addresses() {
-        let client = HttpAgentClient::new(Duration::from_secs(1)).loopback_only();
-        assert!(client.check_address("http://127.0.1.5:8080").is_ok());
-        assert!(client.check_address("http://[::1]:8080").is_ok());
-        assert!(client.check_address("http://localhost:8080").is_ok());
-        assert!(client.check_address("http://192.168.0.3:8080").is_err());
-        assert!(client.check_address("http://example.com:8080").is_err());
+    fn literal_agent_addresses_are_checked_as_reqwest_reads_them() {
+        let default = client(AddressPolicy::default());
+        for refused in [
+            "http://169.254.169.254:80",
+            "http://[::ffff:169.254.169.254]:80",
+            "http://0xa9fea9fe:80",
+            "http://0.0.0.0:8080",
+            "http://[::]:8080",
+            "http://255.255.255.255:8080",
+            "http://224.0.0.1:8080",
+            "http://[fe80::1]:8080",
+        ] {
+            let err = default.check_address(refused).expect_err(refused);
+            assert!(err.to_string().ends_with("agent addresses must not be"), "{refused}: {err}");
+        }
+        for allowed in
+            ["http://127.0.2.1:8080", "http://10.0.0.1:8080", "http://[::1]:8080", "http://worker-1.example:1"]
+        {
+            assert!(default.check_address(allowed).is_ok(), "{allowed}");
+        }
+
+        let loopback = HttpAgentClient::new(Duration::from_secs(1)).loopback_only();
+        assert!(loopback.check_address("http://127.0.1.5:8080").is_ok());
+        assert!(loopback.check_address("http://[::1]:8080").is_ok());
+        assert!(loopback.check_address("http://localhost:8080").is_ok(), "names are checked when resolved");
+        let err = loopback.check_address("http://192.168.0.3:8080").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unreachable: 192.168.0.3 is outside agent_allowed_networks (127.0.0.0/8, ::1/128)"
+        );
+    }
+
+    #[tokio::test]
+    async fn unspecified_address_is_refused_before_connecting() {
+        // Connecting to 0.0.0.0 reaches this host: the refusal must come first.
+        let (listener, port) = untouched_listener();
+        let agents = client(AddressPolicy::default());
+        let err = agents.health(&format!("http://0.0.0.0:{port}"), Duration::from_secs(1)).await.unwrap_err();
+        assert_eq!(err.to_string(), "unreachable: 0.0.0.0 is unspecified; agent addresses must not be");
+        let probe = ProbeTarget { host: "0.0.0.0".into(), port, http_path: None, timeout: Duration::from_secs(1) };
+        assert_eq!(agents.probe(&probe).await.unwrap_err(), "0.0.0.0 is unspecified; agent addresses must not be");
+        assert_never_reached(&listener);
+    }
+
+    #[tokio::test]
+    async fn host_name_resolving_outside_agent_allowed_networks_is_never_connected() {
+        let (listener, port) = untouched_listener();
+        let agents = client(allowing("10.0.0.0/8"));
+        let base = format!("http://localhost:{port}");
+        let want = "is outside agent_allowed_networks (10.0.0.0/8)";
+
+        let err = agents.health(&base, Duration::from_secs(1)).await.unwrap_err();
+        assert!(matches!(err, AgentError::Unreachable(_)), "{err}");
+        assert!(err.to_string().contains("localhost resolves to no allowed address: "), "{err}");
+        assert!(err.to_string().contains(want), "{err}");
+        let err = agents.list_sandboxes(&base, "", 10).await.unwrap_err();
+        assert!(err.to_string().contains(want), "{err}");
+        let err = agents.connect_tcp(&base).await.unwrap_err();
+        assert!(err.to_string().contains(want), "{err}");
+        for http_path in [None, Some("/".to_string())] {
+            let probe = ProbeTarget { host: "localhost".into(), port, http_path, timeout: Duration::from_secs(1) };
+            let err = agents.probe(&probe).await.unwrap_err();
+            assert!(err.contains(want), "{err}");
+        }
+        assert_never_reached(&listener);
+    }
+
+    #[tokio::test]
+    async fn host_name_resolving_inside_the_policy_is_called() {
+        let addr = agent_answering("200 OK", br#"{"ok": true}"#.to_vec()).await;
+        let agents = HttpAgentClient::new(Duration::from_secs(2)).loopback_only();
+        agents.health(&format!("http://localhost:{}", addr.port()), Duration::from_secs(2)).await.unwrap();
+        let probe = ProbeTarget {
+            host: "localhost".into(),
+            port: addr.port(),
+            http_path: None,
+            timeout: Duration::from_secs(2),
+        };
+        agents.probe(&probe).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn error_answers_carry_no_agent_bytes_beyond_a_sanitised_reason() {
+        let agents = client(AddressPolicy::default());
+        let secret = b"<html>aws_secret_access_key=wJalrXUtnFEMI</html>".to_vec();
+        let addr = agent_answering("500 Internal Server Error", secret.clone()).await;
+        let err = agents.health(&format!("http://{addr}"), Duration::from_secs(2)).await.unwrap_err();
+        let want = format!("agent answered 500: a body that is not JSON ({} bytes)", secret.len());
+        assert_eq!(err.to_string(), want);
+
+        let addr = agent_answering("404 Not Found", secret.clone()).await;
+        let err = agents.get_sandbox(&format!("http://{addr}"), "s1").await.unwrap_err();
+        assert_eq!(err.to_string(), format!("agent answered 404: a body that is not JSON ({} bytes)", secret.len()));
+
+        // A success answer of the wrong shape: serde would quote the value, the reason must not.
+        let addr = agent_answering("200 OK", br#""aws_secret_access_key=wJalrXUtnFEMI""#.to_vec()).await;
+        let err = agents.health(&format!("http://{addr}"), Duration::from_secs(2)).await.unwrap_err();
+        assert!(matches!(err, AgentError::Invalid(_)), "{err}");
+        assert!(!err.to_string().contains("wJalr"), "{err}");
+        assert!(err.to_string().contains("agent answered 200 with JSON of another shape (unexpected value"), "{err}");
+
+        let addr = agent_answering("200 OK", b"{}".to_vec()).await;
+        let err = agents.health(&format!("http://{addr}"), Duration::from_secs(2)).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid answer: agent answered 200 with JSON of another shape (missing field `ok`; 2 bytes)"
+        );
+
+        let addr = agent_answering("200 OK", secret.clone()).await;
+        let err = agents.status(&format!("http://{addr}"), Duration::from_secs(2)).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("invalid answer: agent answered 200 with a body that is not JSON ({} bytes)", secret.len())
+        );
+    }
+
+    #[test]
+    fn json_error_messages_are_kept_clean_and_short() {
+        assert_eq!(error_reason(br#"{"error": "sandbox \"s1\" not found"}"#), "sandbox \"s1\" not found");
+        assert_eq!(
+            error_reason(br#"{"error": "line one\nline two\u001b[31m red\u202e"}"#),
+            "line one line two[31m red"
+        );
+        let long = format!(r#"{{"error": "{}"}}"#, "x".repeat(1000));
+        let reason = error_reason(long.as_bytes());
+        assert_eq!(reason.chars().count(), MAX_REASON_CHARS);
+        assert!(reason.ends_with('…'));
+        assert_eq!(error_reason(br#"{"message": "secret"}"#), "a JSON body without an error message (21 bytes)");
+        assert_eq!(error_reason(b""), "an empty body");
+        assert_eq!(error_reason(b"\x1b]0;owned\x07"), "a body that is not JSON (10 bytes)");
     }
 }

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::address_policy::AddressPolicy;
 use sandboxd_api::quantity::{parse_bytes, parse_cpu_milli};
 
 /// A configuration value that failed to parse or validate, naming its key.
@@ -68,11 +69,20 @@ pub struct Config {
     pub scheduler_policy: SchedulerPolicy,
     pub sync_period: Duration,
     pub agent_timeout: Duration,
+    /// Which agent addresses may be called: `agent_allowed_networks`, replaced by loopback only when
+    /// `SANDBOXD_LOOPBACK_ONLY=1` (tests and demos on a closed network).
+    pub agent_policy: AddressPolicy,
     pub max_ttl_seconds: i64,
     pub default_cpu_milli: u64,
     pub default_memory_bytes: u64,
     pub nodes: Vec<StaticNode>,
     pub auth_token_file: Option<PathBuf>,
+    /// Plain HTTP, no authentication, on this loopback address; `None`: HTTPS with tokens on `listen`.
+    pub insecure_listen: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub agent_token_file: Option<PathBuf>,
     pub max_body_bytes: usize,
     /// Largest file or archive uploaded through the data plane (`…/files`, `…/files/archive`).
     pub max_file_bytes: u64,
@@ -92,8 +102,6 @@ pub struct Config {
     pub watch_buffer: usize,
     /// Most history events one HTTP watch may replay; from further back it gets 410 and lists.
     pub watch_max_replay: usize,
-    /// Refuse agent addresses outside loopback (tests and demos); not a file key, set by code or `SANDBOXD_LOOPBACK_ONLY=1`.
-    pub loopback_only_agents: bool,
 }
 
 /// One configuration key: its file key (also `--flag-name` and `SANDBOXD_KEY`), default and help text.
@@ -122,7 +130,7 @@ const fn key(name: &'static str, default: &'static str, help: &'static str) -> K
 
 /// Every key, in the order of the table in semantics.md. This is the one declaration of each key:
 /// the file layer, the env layer, the flags and their `--help` all read it.
-pub const KEYS: [Key; 30] = [
+pub const KEYS: [Key; 36] = [
     key("listen", "0.0.0.0:8082", "Address the API listens on"),
     key(
         "store",
@@ -148,11 +156,38 @@ pub const KEYS: [Key; 30] = [
     key("scheduler_policy", "spread", "Node scoring: spread (least allocated first) or binpack (most allocated first)"),
     key("sync_period", "30s", "How often controllers resync every object they cache against the agents"),
     key("agent_timeout", "5s", "Bound on each call to an agent other than heartbeats"),
+    key(
+        "agent_allowed_networks",
+        "",
+        "Networks (CIDRs, comma-separated) agent addresses must be in; empty: any address but unspecified, \
+         broadcast, multicast, link-local and cloud metadata ones, which are always refused",
+    ),
     key("max_ttl_seconds", "86400", "Largest ttl_seconds a sandbox may ask for"),
     key("default_cpu", "100m", "CPU request of a container without a resource block"),
     key("default_memory", "128Mi", "Memory request of a container without a resource block"),
     key("nodes", "[]", "Static nodes as JSON: [{\"id\": \"n1\", \"ip\": \"127.0.1.1\", \"port\": 8080}]"),
-    key("auth_token_file", "", "File holding the bearer token every API request must carry (empty: no auth)"),
+    key(
+        "insecure_listen",
+        "",
+        "Serve plain HTTP without authentication on this loopback address instead of HTTPS on listen (local development only)",
+    ),
+    key(
+        "data_dir",
+        "./sandboxd-data",
+        "Directory of the generated credentials (CA, serving certificate, admin token, agent token, client.json), mode 0700",
+    ),
+    key("tls_cert_file", "", "PEM serving certificate (chain) to use instead of the generated one"),
+    key("tls_key_file", "", "PEM private key of tls_cert_file"),
+    key(
+        "auth_token_file",
+        "",
+        "File holding the admin bearer token (empty: <data_dir>/admin.token, generated on first start)",
+    ),
+    key(
+        "agent_token_file",
+        "",
+        "File holding the bearer token sent to every sbxlet (empty: <data_dir>/agent.token, generated on first start)",
+    ),
     key("max_body_bytes", "1MiB", "Largest request body the API accepts"),
     key("max_file_bytes", "100MiB", "Largest file or archive uploaded into a sandbox (over it: 413)"),
     key(
@@ -195,18 +230,36 @@ fn known_keys() -> impl Iterator<Item = &'static str> {
     KEYS.iter().map(|k| k.name)
 }
 
+fn optional_path(value: &str) -> Option<PathBuf> {
+    (!value.is_empty()).then(|| PathBuf::from(value))
+}
+
+/// `insecure_listen`: empty, or a loopback address: plain HTTP without authentication must not
+/// be reachable from another machine.
+fn parse_insecure_listen(s: &str) -> Result<Option<SocketAddr>, String> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let addr = s.parse::<SocketAddr>().map_err(|e| e.to_string())?;
+    if !addr.ip().is_loopback() {
+        return Err(format!("{addr} is not a loopback address; without TLS and tokens only loopback is allowed"));
+    }
+    Ok(Some(addr))
+}
+
 fn default_of(name: &str) -> &'static str {
     KEYS.iter().find(|k| k.name == name).map(|k| k.default).unwrap_or_default()
 }
 
-/// Whether `SANDBOXD_LOOPBACK_ONLY` asks to refuse agent addresses outside loopback.
+/// Whether `SANDBOXD_LOOPBACK_ONLY` asks to refuse agent addresses outside loopback (it beats
+/// `agent_allowed_networks`).
 fn loopback_only_from_env(env: &HashMap<String, String>) -> bool {
     env.get("SANDBOXD_LOOPBACK_ONLY").is_some_and(|v| v == "1" || v == "true")
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config::from_layers(&HashMap::new()).expect("defaults are valid")
+        Config::from_layers(&HashMap::new(), false).expect("defaults are valid")
     }
 }
 
@@ -229,13 +282,14 @@ impl Config {
         for (k, v) in flags {
             raw.insert(k.clone(), v.clone());
         }
-        let mut config = Config::from_layers(&raw)?;
-        config.loopback_only_agents = loopback_only_from_env(env);
-        Ok(config)
+        Config::from_layers(&raw, loopback_only_from_env(env))
     }
 
-    fn from_layers(raw: &HashMap<String, String>) -> Result<Config, ConfigError> {
+    fn from_layers(raw: &HashMap<String, String>, loopback_only: bool) -> Result<Config, ConfigError> {
         let value = |key: &str| -> String { raw.get(key).cloned().unwrap_or_else(|| default_of(key).to_string()) };
+        let allowed_networks = parse_key("agent_allowed_networks", &value("agent_allowed_networks"), |s| {
+            AddressPolicy::parse_networks(s).map_err(|e| e.to_string())
+        })?;
         let config = Config {
             listen: parse_key("listen", &value("listen"), |s| s.parse::<SocketAddr>().map_err(|e| e.to_string()))?,
             store: parse_key("store", &value("store"), parse_store_url)?,
@@ -254,6 +308,11 @@ impl Config {
             scheduler_policy: parse_key("scheduler_policy", &value("scheduler_policy"), parse_policy)?,
             sync_period: parse_key("sync_period", &value("sync_period"), positive_duration)?,
             agent_timeout: parse_key("agent_timeout", &value("agent_timeout"), positive_duration)?,
+            agent_policy: if loopback_only {
+                AddressPolicy::loopback_only()
+            } else {
+                AddressPolicy::allowing(allowed_networks)
+            },
             max_ttl_seconds: parse_key("max_ttl_seconds", &value("max_ttl_seconds"), |s| {
                 s.parse::<i64>()
                     .ok()
@@ -267,10 +326,12 @@ impl Config {
                 parse_bytes(s).map_err(|e| e.to_string()).and_then(nonzero)
             })?,
             nodes: parse_key("nodes", &value("nodes"), parse_nodes)?,
-            auth_token_file: {
-                let v = value("auth_token_file");
-                (!v.is_empty()).then(|| PathBuf::from(v))
-            },
+            auth_token_file: optional_path(&value("auth_token_file")),
+            insecure_listen: parse_key("insecure_listen", &value("insecure_listen"), parse_insecure_listen)?,
+            data_dir: PathBuf::from(value("data_dir")),
+            tls_cert_file: optional_path(&value("tls_cert_file")),
+            tls_key_file: optional_path(&value("tls_key_file")),
+            agent_token_file: optional_path(&value("agent_token_file")),
             max_body_bytes: parse_key("max_body_bytes", &value("max_body_bytes"), |s| {
                 at_most(parse_byte_size(s)?, 64 << 20, "64MiB (JSON bodies are read whole)")
             })?,
@@ -311,32 +372,43 @@ impl Config {
             watch_max_replay: parse_key("watch_max_replay", &value("watch_max_replay"), |s| {
                 count_in(s, 1, 10_000_000)
             })?,
-            loopback_only_agents: false,
         };
         config.check_relations()?;
         Ok(config)
     }
 
     fn check_relations(&self) -> Result<(), ConfigError> {
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(invalid("tls_cert_file", "tls_cert_file and tls_key_file go together".to_string()));
+        }
         if self.heartbeat_timeout > self.heartbeat_interval {
             return Err(invalid(
                 "heartbeat_timeout",
                 format!("{:?} is longer than heartbeat_interval {:?}", self.heartbeat_timeout, self.heartbeat_interval),
             ));
         }
+        for (i, node) in self.nodes.iter().enumerate() {
+            if let Err(refusal) = self.agent_policy.check_host(&node.ip) {
+                return Err(invalid("nodes", format!("[{i}].ip: {refusal}")));
+            }
+        }
         Ok(())
+    }
+
+    /// Reads a token file: one line, not empty.
+    pub fn read_token(key: &str, path: &Path) -> Result<String, ConfigError> {
+        let token =
+            std::fs::read_to_string(path).map_err(|e| invalid(key, format!("reading {}: {e}", path.display())))?;
+        let token = token.trim().to_string();
+        if token.is_empty() {
+            return Err(invalid(key, format!("{} is empty", path.display())));
+        }
+        Ok(token)
     }
 
     /// Reads the bearer token named by `auth_token_file`, if any.
     pub fn auth_token(&self) -> Result<Option<String>, ConfigError> {
-        let Some(path) = &self.auth_token_file else { return Ok(None) };
-        let token = std::fs::read_to_string(path)
-            .map_err(|e| invalid("auth_token_file", format!("reading {}: {e}", path.display())))?;
-        let token = token.trim().to_string();
-        if token.is_empty() {
-            return Err(invalid("auth_token_file", format!("{} is empty", path.display())));
-        }
-        Ok(Some(token))
+        self.auth_token_file.as_deref().map(|path| Config::read_token("auth_token_file", path)).transpose()
     }
 
     /// Validation limits and request defaults for sandboxes.
@@ -522,6 +594,8 @@ mod tests {
         assert_eq!(c.scheduler_policy, SchedulerPolicy::Spread);
         assert_eq!(c.sync_period, Duration::from_secs(30));
         assert_eq!(c.agent_timeout, Duration::from_secs(5));
+        assert_eq!(c.agent_policy, AddressPolicy::default());
+        assert!(c.agent_policy.allowed_networks().is_empty());
         assert_eq!(c.max_ttl_seconds, 86_400);
         assert_eq!((c.default_cpu_milli, c.default_memory_bytes), (100, 128 << 20));
         assert!(c.nodes.is_empty());
@@ -601,6 +675,9 @@ mod tests {
             ("creating_timeout", "0s"),
             ("watch_buffer", "8"),
             ("watch_max_replay", "many"),
+            ("agent_allowed_networks", "10.0.0.0/33"),
+            ("agent_allowed_networks", "10.0.0.0/8,example.com"),
+            ("nodes", "[{\"id\": \"n1\", \"ip\": \"169.254.169.254\", \"port\": 80}]"),
         ];
         for (key, value) in cases {
             let err = Config::load(None, &HashMap::new(), &map(&[(key, value)])).unwrap_err();
@@ -634,6 +711,60 @@ mod tests {
         for bad in ["", "5", "s", "5 s", "1.5s", "-1s", "5d"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn agent_allowed_networks_come_from_flags_env_and_file_lists() {
+        let want: Vec<crate::address_policy::Cidr> =
+            ["127.0.0.0/8", "::1/128", "10.20.0.0/16"].map(|n| n.parse().unwrap()).to_vec();
+        let flags = map(&[("agent_allowed_networks", "127.0.0.0/8, ::1/128,10.20.0.0/16")]);
+        let c = Config::load(None, &HashMap::new(), &flags).unwrap();
+        assert_eq!(c.agent_policy.allowed_networks(), want);
+
+        let env = map(&[("SANDBOXD_AGENT_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128,10.20.0.0/16")]);
+        assert_eq!(Config::load(None, &env, &HashMap::new()).unwrap().agent_policy.allowed_networks(), want);
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "agent_allowed_networks = [\"127.0.0.0/8\", \"::1/128\", \"10.20.0.0/16\"]\n").unwrap();
+        let c = Config::load(Some(&file), &HashMap::new(), &HashMap::new()).unwrap();
+        assert_eq!(c.agent_policy.allowed_networks(), want);
+    }
+
+    #[test]
+    fn a_bad_allowed_network_names_the_key_and_the_problem() {
+        let flags = map(&[("agent_allowed_networks", "10.0.0.0/8,10.20.0.1/16")]);
+        let err = Config::load(None, &HashMap::new(), &flags).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "agent_allowed_networks: \"10.20.0.1/16\" is not a network like 10.0.0.0/8 or fd00::/8: \
+             host bits are set; the network is 10.20.0.0/16"
+        );
+    }
+
+    #[test]
+    fn loopback_only_env_replaces_the_allowed_networks() {
+        let env = map(&[("SANDBOXD_LOOPBACK_ONLY", "1"), ("SANDBOXD_AGENT_ALLOWED_NETWORKS", "10.0.0.0/8")]);
+        let c = Config::load(None, &env, &HashMap::new()).unwrap();
+        assert_eq!(c.agent_policy, AddressPolicy::loopback_only());
+        let c = Config::load(None, &map(&[("SANDBOXD_LOOPBACK_ONLY", "0")]), &HashMap::new()).unwrap();
+        assert_eq!(c.agent_policy, AddressPolicy::default());
+    }
+
+    #[test]
+    fn config_nodes_outside_the_policy_are_refused_at_load() {
+        let nodes =
+            |ip: &str| map(&[("nodes", format!("[{{\"id\": \"n1\", \"ip\": \"{ip}\", \"port\": 8080}}]").as_str())]);
+        let err = Config::load(None, &HashMap::new(), &nodes("::ffff:169.254.169.254")).unwrap_err().to_string();
+        assert!(err.starts_with("nodes: [0].ip: ::ffff:169.254.169.254 embeds 169.254.169.254"), "{err}");
+
+        let mut flags = nodes("192.168.0.3");
+        flags.insert("agent_allowed_networks".into(), "10.0.0.0/8".into());
+        let err = Config::load(None, &HashMap::new(), &flags).unwrap_err().to_string();
+        assert_eq!(err, "nodes: [0].ip: 192.168.0.3 is outside agent_allowed_networks (10.0.0.0/8)");
+
+        let c = Config::load(None, &HashMap::new(), &nodes("worker-1.example")).unwrap();
+        assert_eq!(c.nodes[0].ip, "worker-1.example", "host names are checked when they are resolved");
     }
 
     #[test]

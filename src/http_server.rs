@@ -23,11 +23,13 @@ const MAX_REFUSALS: usize = 256;
 const REFUSAL_READ: Duration = Duration::from_secs(1);
 
 /// Connection limits from configuration.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// Request headers must arrive within this; an idle keep-alive connection is closed after it.
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    /// Serve HTTPS with this configuration; `None`: plain HTTP (`insecure_listen`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Raises the soft descriptor limit to the hard one and returns how many connections fit with
@@ -71,6 +73,10 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
             _ = shutdown.cancelled() => break,
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
+            // Over TLS a refusal would need a handshake first: the connection is just closed.
+            if limits.tls.is_some() {
+                continue;
+            }
             if let Ok(refusal) = refusals.clone().try_acquire_owned() {
                 tokio::spawn(async move {
                     refuse(stream).await;
@@ -81,16 +87,19 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
-        let connection = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
+        let http = http.clone();
         let shutdown = shutdown.clone();
+        let acceptor = limits.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+        let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
+            match acceptor {
+                None => serve_connection(&http, stream, service, &shutdown).await,
+                // The handshake is bounded like the headers: a client that stalls in it is closed.
+                Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => serve_connection(&http, tls, service, &shutdown).await,
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                },
             }
             drop(permit);
         });
@@ -98,6 +107,26 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
     drop(listener);
     // Every permit back means every connection closed.
     let _ = connections.acquire_many(limits.max_connections as u32).await;
+}
+
+/// Serves one connection until it closes, or finishes its current request once `shutdown` comes.
+async fn serve_connection<S>(
+    http: &hyper::server::conn::http1::Builder,
+    stream: S,
+    service: TowerToHyperService<Router>,
+    shutdown: &CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let connection = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
 }
 
 /// Answers a connection over the bound: 200 to `GET /healthz` (a liveness check must not fail

@@ -1,6 +1,7 @@
 //! sandboxd-o: the store, the HTTP API, the agent client and the wiring of the controllers.
 #![forbid(unsafe_code)]
 
+pub mod address_policy;
 pub mod agent_client;
 pub mod apiserver;
 pub mod config;
@@ -10,3 +11,4 @@ pub mod objects;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod tls;

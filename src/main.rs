@@ -35,13 +35,18 @@ enum Command {
 
 #[derive(Args)]
 struct ControllersArgs {
-    /// API server URL.
-    #[arg(long)]
-    server: String,
+    /// API server URL (default: the client config's).
+    #[arg(long, required_unless_present = "client_config")]
+    server: Option<String>,
+    /// Client config with the server URL, its CA and a token, as `serve` writes to
+    /// <data_dir>/client.json; --server and --token win over it.
+    #[arg(long, env = "SANDBOXD_CONFIG")]
+    client_config: Option<PathBuf>,
     /// Controllers to run (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "node,scheduler,sandbox,ttl")]
     only: Vec<String>,
-    /// Name this replica writes into the leases it holds (default: controllers-<host>-<pid>).
+    /// Name this replica writes into the leases it holds (default: <token identity>/<host>-<pid>,
+    /// or controllers-<host>-<pid> on a server without authentication).
     #[arg(long)]
     identity: Option<String>,
     /// Bearer token for the API server.
@@ -204,11 +209,13 @@ async fn start_demo_agents(demo: &DemoAgents, config: &mut Config) -> anyhow::Re
     if demo.count == 0 {
         return Ok(None);
     }
+    // The demo agents take the orchestrator's agent token, like real ones, and no fault routes.
+    let token = server::agent_token(config)?;
     let fleet = sbxlet::start_fleet(sbxlet::FleetConfig {
         nodes: demo.count,
         base_ip: std::net::Ipv4Addr::new(127, 0, 2, 1),
         port: demo.port,
-        template: sbxlet::SimConfig::default(),
+        template: sbxlet::SimConfig { token, fault_injection: false, ..sbxlet::SimConfig::default() },
         name_prefix: "demo".into(),
     })
     .await
@@ -229,6 +236,8 @@ async fn start_demo_agents(demo: &DemoAgents, config: &mut Config) -> anyhow::Re
 }
 
 async fn run(mut config: Config, mode: Mode, demo: DemoAgents) -> anyhow::Result<()> {
+    // Keys, tokens and the store are the owner's alone (the store files were 0644).
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let fleet = start_demo_agents(&demo, &mut config).await?;
     let running = server::start(config, mode).await?;
     let shutdown = running.shutdown.clone();
@@ -248,14 +257,30 @@ fn run_controllers(args: ControllersArgs) -> anyhow::Result<()> {
     let env: HashMap<String, String> = std::env::vars().collect();
     let config = Config::load(args.config.as_deref(), &env, &args.flags.into_map()).context("invalid configuration")?;
     init_logging(config.log_format);
-    let identity = args.identity.unwrap_or_else(|| default_identity("controllers"));
+    let mut client_config = match &args.client_config {
+        Some(path) => sandboxd_client::ClientConfig::load(path).map_err(|e| anyhow::anyhow!("client config {e}"))?,
+        None => sandboxd_client::ClientConfig::default(),
+    };
+    if let Some(server) = &args.server {
+        client_config.server = server.clone();
+    }
+    if args.token.is_some() {
+        client_config.token = args.token.clone();
+    }
+    let agent_token =
+        config.agent_token_file.as_deref().map(|p| Config::read_token("agent_token_file", p)).transpose()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let client = sandboxd_client::Client::new(&args.server, args.token.clone())?;
+        let client = sandboxd_client::Client::from_config(&client_config)?;
+        let identity = match args.identity {
+            Some(identity) => identity,
+            None => replica_identity(&client).await?,
+        };
         let objects = Arc::new(sandboxd_client::objects::HttpObjects::new(client));
-        let mut agents = sandboxd_o::agent_client::HttpAgentClient::new(config.agent_timeout);
-        if config.loopback_only_agents {
-            agents = agents.loopback_only();
+        let mut agents = sandboxd_o::agent_client::HttpAgentClient::new(config.agent_timeout)
+            .with_policy(config.agent_policy.clone());
+        if let Some(token) = &agent_token {
+            agents = agents.with_token(token);
         }
         let shutdown = tokio_util::sync::CancellationToken::new();
         let stop = shutdown.clone();
@@ -264,12 +289,24 @@ fn run_controllers(args: ControllersArgs) -> anyhow::Result<()> {
             tracing::info!("shutting down: releasing leases");
             stop.cancel();
         });
-        tracing::info!(server = %args.server, identity = %identity, only = ?args.only, "controllers starting");
+        tracing::info!(server = %client_config.server, identity = %identity, only = ?args.only, "controllers starting");
         let candidacy =
             sandboxd_o::controllers::Candidacy { identity, only: args.only.clone(), lease: args.leases.settings() };
         sandboxd_o::controllers::run_elected(objects.clone(), objects, Arc::new(agents), &config, &candidacy, shutdown)
             .await?;
         anyhow::Ok(())
+    })
+}
+
+/// The lease holder of this replica: `<identity>/<host>-<pid>` under the token's identity, which
+/// the server requires of a controller's leases; `controllers-<host>-<pid>` on an open server.
+async fn replica_identity(client: &sandboxd_client::Client) -> anyhow::Result<String> {
+    let (_, me): (u16, serde_json::Value) =
+        client.call(reqwest::Method::GET, "/api/v1/whoami", None).await.context("asking the server who we are")?;
+    let replica = default_identity("controllers");
+    Ok(match me["identity"].as_str() {
+        Some(name) if me["source"] != "anonymous" => format!("{name}/{}", replica.trim_start_matches("controllers-")),
+        _ => replica,
     })
 }
 

@@ -4,6 +4,7 @@ use crate::agent_client::HttpAgentClient;
 use crate::apiserver::{self, ApiState};
 use crate::config::Config;
 use crate::store::{self, Store, StoreError, StoreOptions};
+use crate::tls;
 use sandboxd_api::node::NodeSpec;
 use sandboxd_controllers::node::NodeSettings;
 use sandboxd_controllers::AgentClient;
@@ -28,6 +29,8 @@ pub enum ServeError {
     Lease(String),
     #[error("serving: {0}")]
     Serve(std::io::Error),
+    #[error("credentials: {0}")]
+    Credentials(#[from] crate::tls::TlsError),
 }
 
 impl From<StoreError> for ServeError {
@@ -81,21 +84,23 @@ fn store_options(config: &Config) -> StoreOptions {
 
 pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
     // Bind first: a second server started by mistake must fail before it touches the store.
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|error| ServeError::Bind { addr: config.listen, error })?;
+    let wanted = config.insecure_listen.unwrap_or(config.listen);
+    let listener =
+        tokio::net::TcpListener::bind(wanted).await.map_err(|error| ServeError::Bind { addr: wanted, error })?;
     if let Mode::AllInOneElected(candidacy) = &mode {
         candidacy.lease.validate().map_err(ServeError::Lease)?;
     }
+    let local = listener.local_addr().map_err(ServeError::Serve)?;
+    let security = security(&config, local)?;
     let store = store::open(&config.store, store_options(&config)).await?;
-    let auth_token = config.auth_token()?;
-    let mut agent_client = HttpAgentClient::new(config.agent_timeout);
-    if config.loopback_only_agents {
-        agent_client = agent_client.loopback_only();
+    let auth = authenticator(&security, store.clone());
+    let mut agent_client = HttpAgentClient::new(config.agent_timeout).with_policy(config.agent_policy.clone());
+    if let Some(token) = &security.agent_token {
+        agent_client = agent_client.with_token(token);
     }
     let agents: Arc<dyn AgentClient> = Arc::new(agent_client.clone());
     let state =
-        ApiState::new(store.clone(), &config, auth_token).with_agents(agents.clone()).with_data_plane(agent_client);
+        ApiState::new(store.clone(), &config).with_auth(auth).with_agents(agents.clone()).with_data_plane(agent_client);
     declare_static_nodes(&state, &config).await?;
     if !matches!(mode, Mode::ApiOnly) {
         let keep_fresh_states = matches!(mode, Mode::AllInOneElected(_));
@@ -122,6 +127,7 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
     let limits = crate::http_server::Limits {
         header_read_timeout: config.header_read_timeout,
         max_connections: crate::http_server::connection_budget(config.max_connections),
+        tls: security.tls.clone(),
     };
     let task = tokio::spawn(serve(listener, router, limits, store.clone(), controllers, shutdown.clone()));
     Ok(Running { addr, shutdown, store, task })
@@ -181,6 +187,70 @@ async fn campaign_until_shutdown(
             _ = tokio::time::sleep(candidacy.lease.retry) => {}
         }
     }
+}
+
+/// Tokens required when there is an admin token; none only under `insecure_listen` without one.
+fn authenticator(security: &Security, store: Arc<dyn Store>) -> apiserver::auth::Authenticator {
+    use apiserver::auth::{Authenticator, Identity};
+    match &security.admin_token {
+        Some(token) => Authenticator::required(store, vec![(token.clone(), Identity::bootstrap_admin())]),
+        None => Authenticator::open(store),
+    }
+}
+
+/// How the server is reached and how it reaches agents.
+pub struct Security {
+    /// `None`: plain HTTP (`insecure_listen`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The bootstrap admin's token; `None`: no authentication.
+    pub admin_token: Option<String>,
+    /// Sent to every sbxlet as its bearer token.
+    pub agent_token: Option<String>,
+}
+
+/// Secure by default: HTTPS and tokens, made under `data_dir` on first start, with a client config
+/// for `sbxctl`. `insecure_listen` opts out (loopback only), keeping token files that are named.
+pub fn security(config: &Config, local: SocketAddr) -> Result<Security, ServeError> {
+    let agent_token = agent_token(config)?;
+    if config.insecure_listen.is_some() {
+        tracing::warn!(addr = %local, "insecure_listen: plain HTTP, and no authentication unless auth_token_file is set; for local development only");
+        return Ok(Security { tls: None, admin_token: config.auth_token()?, agent_token });
+    }
+    let dir = &config.data_dir;
+    tls::private_dir(dir)?;
+    let admin_token = match config.auth_token()? {
+        Some(token) => token,
+        None => tls::read_or_create(&dir.join(tls::ADMIN_TOKEN), || format!("sbx_admin_{}", tls::random_secret()))?
+            .trim()
+            .to_string(),
+    };
+    let (cert, key, ca_pem) = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => (cert.clone(), key.clone(), None),
+        _ => {
+            let ca = tls::ensure_pki(dir, &tls::serving_names(local))?;
+            (dir.join(tls::SERVER_CERT), dir.join(tls::SERVER_KEY), Some(ca))
+        }
+    };
+    let server_tls = tls::server_config(&cert, &key)?;
+    let client = tls::ClientConfig { server: tls::client_url(local, true), ca_pem, token: Some(admin_token.clone()) };
+    let client_path = dir.join(tls::CLIENT_CONFIG);
+    tls::write_client_config(&client_path, &client)?;
+    tracing::info!(url = %client.server, client_config = %client_path.display(), "serving HTTPS; sbxctl reads the client config");
+    Ok(Security { tls: Some(server_tls), admin_token: Some(admin_token), agent_token })
+}
+
+/// The token sent to every sbxlet: `agent_token_file`'s, else (unless `insecure_listen`)
+/// `<data_dir>/agent.token`, made on first start.
+pub fn agent_token(config: &Config) -> Result<Option<String>, ServeError> {
+    if let Some(path) = &config.agent_token_file {
+        return Ok(Some(Config::read_token("agent_token_file", path)?));
+    }
+    if config.insecure_listen.is_some() {
+        return Ok(None);
+    }
+    tls::private_dir(&config.data_dir)?;
+    let token = tls::read_or_create(&config.data_dir.join(tls::AGENT_TOKEN), tls::random_secret)?;
+    Ok(Some(token.trim().to_string()))
 }
 
 /// Node states from before this start say nothing now: they are reset before the first request is

@@ -10,6 +10,7 @@ use axum::http::{Request, StatusCode};
 use axum::Router;
 use futures::StreamExt;
 use sandboxd_api::time::parse_rfc3339;
+use sandboxd_o::apiserver::auth::{Authenticator, Identity};
 use sandboxd_o::apiserver::{router, ApiState};
 use sandboxd_o::config::Config;
 use sandboxd_o::store::{memory, HistoryLimits, Store, StoreOptions};
@@ -31,7 +32,10 @@ fn app() -> Router {
 
 fn app_with(options: StoreOptions, token: Option<&str>, max_body_bytes: usize) -> Router {
     let store: Arc<dyn Store> = Arc::new(memory::open(options));
-    let state = ApiState::new(store, &Config::default(), token.map(String::from));
+    let mut state = ApiState::new(store.clone(), &Config::default());
+    if let Some(token) = token {
+        state = state.with_auth(Authenticator::required(store, vec![(token.to_string(), Identity::bootstrap_admin())]));
+    }
     router(state, max_body_bytes)
 }
 
@@ -580,7 +584,7 @@ async fn changing_the_ip_resets_the_state_to_unknown() {
 #[tokio::test]
 async fn a_config_node_posted_through_the_api_keeps_source_config() {
     let store: Arc<dyn Store> = Arc::new(memory::open(StoreOptions::default()));
-    let state = ApiState::new(store, &Config::default(), None);
+    let state = ApiState::new(store, &Config::default());
     let spec = sandboxd_api::node::NodeSpec { ip: "192.168.0.3".into(), port: 8080, ..Default::default() };
     sandboxd_o::apiserver::register_static_node(&state, "node-c", &spec).await.unwrap();
     let app = router(state, 1 << 20);
@@ -1199,7 +1203,7 @@ impl sandboxd_contracts::clock::Clock for SteppedClock {
 async fn a_phase_change_sets_last_transition_at_even_when_the_old_status_is_echoed() {
     let clock = Arc::new(SteppedClock(std::sync::atomic::AtomicI64::new(1_780_000_000)));
     let store: Arc<dyn Store> = Arc::new(memory::open(StoreOptions::default()));
-    let mut state = ApiState::new(store, &Config::default(), None);
+    let mut state = ApiState::new(store, &Config::default());
     state.registry = state.registry.with_clock(clock.clone());
     let app = router(state, Config::default().max_body_bytes);
     let created = create_sandbox(&app, minimal_sandbox("sbx-1")).await;

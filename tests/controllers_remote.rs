@@ -27,7 +27,15 @@ fn start_replica(
     server: &str,
     identity: &str,
 ) -> (CancellationToken, tokio::task::JoinHandle<Result<(), ControllersError>>) {
-    let client = sandboxd_client::Client::new(server, None).unwrap();
+    start_replica_with(server, identity, None)
+}
+
+fn start_replica_with(
+    server: &str,
+    identity: &str,
+    token: Option<String>,
+) -> (CancellationToken, tokio::task::JoinHandle<Result<(), ControllersError>>) {
+    let client = sandboxd_client::Client::new(server, token).unwrap();
     let objects = Arc::new(HttpObjects::new(client));
     let agents = Arc::new(HttpAgentClient::new(Duration::from_secs(1)).loopback_only());
     let config = test_config(&[]);
@@ -151,5 +159,33 @@ async fn a_prompt_handover_keeps_nodes_ready_instead_of_starting_them_over() {
     assert!(states.iter().all(|s| *s == NodeState::Ready), "the node left Ready during the handover: {states:?}");
     stop_b.cancel();
     task_b.await.unwrap().expect("replica-b stops without error");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_token_leads_only_under_its_own_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin_token = dir.path().join("admin.token");
+    std::fs::write(&admin_token, "bootstrap-admin\n").unwrap();
+    let config = test_config(&[("auth_token_file", admin_token.to_str().unwrap())]);
+    let (server, _) = start_api_server(config).await;
+    let url = format!("http://{}", server.addr);
+    let admin = sandboxd_client::Client::new(&url, Some("bootstrap-admin".into())).unwrap();
+    let body = serde_json::json!({ "identity": "ctrl", "role": "controller" });
+    let (_, issued): (u16, serde_json::Value) =
+        admin.call(reqwest::Method::POST, "/api/v1/tokens", Some(&body)).await.unwrap();
+    let token = issued["token"].as_str().unwrap().to_string();
+
+    // A replica that names another holder is refused every lease write (403) and never leads.
+    let (impostor, _) = start_replica_with(&url, "someone-else", Some(token.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let leases = HttpObjects::new(admin.clone());
+    assert!(leases.get_lease("sandboxd-controller-scheduler").await.unwrap().is_none());
+    impostor.cancel();
+
+    let (stop, task) = start_replica_with(&url, "ctrl/replica-1", Some(token));
+    wait_leading(&admin, "ctrl/replica-1").await;
+    stop.cancel();
+    let _ = task.await;
     server.stop().await.unwrap();
 }

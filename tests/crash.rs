@@ -11,7 +11,7 @@ use std::time::Duration;
 
 fn spawn_server(db: &std::path::Path, addr: std::net::SocketAddr) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sandboxd-o"))
-        .args(["serve", "--listen", &addr.to_string()])
+        .args(["serve", "--insecure-listen", &addr.to_string()])
         .arg("--store")
         .arg(format!("sqlite://{}", db.display()))
         .stdout(Stdio::null())

@@ -158,7 +158,7 @@ impl Orchestrator {
     fn restart(&mut self) {
         let log = OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_sandboxd-o"))
-            .args(["serve", "--listen", &self.addr.to_string()])
+            .args(["serve", "--insecure-listen", &self.addr.to_string()])
             .arg("--store")
             .arg(format!("sqlite://{}", self.dir.path().join("store.db").display()))
             .args(["--nodes", &self.nodes])

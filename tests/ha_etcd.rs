@@ -86,7 +86,7 @@ async fn ha_layout_survives_the_leading_controllers_and_one_api_server_dying() {
 
 fn apiserver_args(addr: SocketAddr, etcd: &LocalEtcd, nodes: &str) -> Vec<String> {
     let listen = addr.to_string();
-    ["apiserver", "--listen", &listen, "--store", &etcd.url(), "--nodes", nodes].map(String::from).to_vec()
+    ["apiserver", "--insecure-listen", &listen, "--store", &etcd.url(), "--nodes", nodes].map(String::from).to_vec()
 }
 
 fn controllers_args(addr: SocketAddr, identity: &str) -> Vec<String> {

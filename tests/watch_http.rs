@@ -84,7 +84,7 @@ async fn serve_store(
 ) -> (sandboxd_client::Client, tokio_util::sync::CancellationToken) {
     let store: std::sync::Arc<dyn sandboxd_o::store::Store> =
         std::sync::Arc::new(sandboxd_o::store::memory::open(options));
-    let state = sandboxd_o::apiserver::ApiState::new(store, &config, None);
+    let state = sandboxd_o::apiserver::ApiState::new(store, &config);
     let router = sandboxd_o::apiserver::router(state, config.max_body_bytes);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

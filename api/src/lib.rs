@@ -3,6 +3,7 @@
 
 pub mod affinity;
 pub mod agent;
+pub mod auth;
 pub mod dataplane;
 pub mod lease;
 pub mod names;

@@ -115,6 +115,10 @@ pub fn component_constraints(policy: &SandboxPolicy) -> Vec<(&'static str, &'sta
         ("Lease", "name", json!({ "pattern": NAME })),
         ("AgentCreateRequest", "labels", labels),
         ("Lease", "transitions", json!({ "maximum": i64::MAX })),
+        ("Lease", "acquired_at", json!({ "format": "date-time" })),
+        ("Lease", "renewed_at", json!({ "format": "date-time" })),
+        ("TokenRequest", "identity", json!({ "pattern": NAME })),
+        ("TokenRequest", "role", json!({ "pattern": ROLE })),
         ("FinalizeRequest", "resource_version", json!({ "pattern": "^[0-9]{1,19}$" })),
         ("SandboxUpdateRequest", "resource_version", json!({ "pattern": "^[0-9]{0,19}$" })),
         (
@@ -134,9 +138,13 @@ pub fn component_constraints(policy: &SandboxPolicy) -> Vec<(&'static str, &'sta
     ]
 }
 
+/// A role: `admin`, `user`, `controller` or `node:<name>`.
+pub const ROLE: &str = r"^(admin|user|controller|node:[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?)$";
+
 /// Schemas whose types refuse unknown fields (`deny_unknown_fields`): `additionalProperties: false`.
-pub const CLOSED: [&str; 11] = [
+pub const CLOSED: [&str; 12] = [
     "ExecRequest",
+    "TokenRequest",
     "NodeSpec",
     "PortSpec",
     "Probe",
@@ -185,7 +193,7 @@ pub fn schema_keywords() -> Vec<(&'static str, Value)> {
 }
 
 /// Fields a request must carry although the type gives them a default, per component schema.
-pub fn required_fields() -> [(&'static str, &'static [&'static str]); 9] {
+pub fn required_fields() -> [(&'static str, &'static [&'static str]); 10] {
     [
         ("SandboxCreateRequest", &["spec"]),
         ("SandboxUpdateRequest", &["spec"]),
@@ -196,6 +204,7 @@ pub fn required_fields() -> [(&'static str, &'static [&'static str]); 9] {
         ("NodeSpec", &["ip", "port"]),
         ("Lease", &["name", "lease_duration_seconds"]),
         ("ExecRequest", &["command"]),
+        ("TokenRequest", &["identity", "role"]),
     ]
 }
 
@@ -217,6 +226,8 @@ mod tests {
     fn names_labels_and_env_names_match_their_validators() {
         let names = ["a", "a-b", "a.b", "-a", "a-", "A", "ab_c", "", &"a".repeat(63), &"a".repeat(64), "a\n"];
         agree(NAME, |s| name_problem(s).is_none(), &names);
+        let roles = ["admin", "user", "controller", "node:n-1", "node:", "node:Bad", "Admin", "root", "node:a/b"];
+        agree(ROLE, |s| crate::auth::Role::parse(s).is_ok(), &roles);
         let long_prefix = format!("{}a/x", format!("{}.", "a".repeat(63)).repeat(4));
         let keys = [
             "app",

@@ -135,7 +135,8 @@ impl Client {
             })?;
             handshake.headers_mut().insert("authorization", value);
         }
-        let connect = tokio_tungstenite::connect_async(handshake);
+        let connector = self.tls.clone().map(tokio_tungstenite::Connector::Rustls);
+        let connect = tokio_tungstenite::connect_async_tls_with_config(handshake, None, false, connector);
         let (mut socket, _) = tokio::time::timeout(Duration::from_secs(30), connect)
             .await
             .map_err(|_| ClientError::Transport { server: self.base.clone(), message: "handshake timed out".into() })?

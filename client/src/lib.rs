@@ -14,6 +14,45 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+/// What `sbxctl` and remote controllers read to reach a server, as `sandboxd-o serve` writes it
+/// to `<data_dir>/client.json`: like a kubeconfig with one context.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientConfig {
+    pub server: String,
+    /// PEM of the CA that signed the server's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl ClientConfig {
+    pub fn load(path: &std::path::Path) -> std::result::Result<ClientConfig, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+/// A rustls client configuration that trusts the certificates of `ca_pem` and nothing else.
+fn tls_trusting(ca_pem: &str) -> std::result::Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| format!("ca_pem: {e}"))?;
+        roots.add(cert).map_err(|e| format!("ca_pem: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("ca_pem: no certificate".into());
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
+}
+
 /// What went wrong talking to the server.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
@@ -96,18 +135,35 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     token: Option<String>,
+    /// TLS trusting only the configured CA, shared with the exec WebSocket; `None` for `http://`
+    /// or when no CA is configured (then reqwest's own roots).
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Client {
     /// A client for `base` (e.g. `http://127.0.0.1:8082`), with a per-request timeout.
     pub fn new(base: &str, token: Option<String>) -> Result<Client> {
-        let http = reqwest::Client::builder()
+        Client::with_ca(base, token, None)
+    }
+
+    /// A client that trusts only the CA in `ca_pem` for `https://` servers.
+    pub fn with_ca(base: &str, token: Option<String>, ca_pem: Option<&str>) -> Result<Client> {
+        let invalid = |message: String| ClientError::Transport { server: base.to_string(), message };
+        let tls = ca_pem.map(|pem| tls_trusting(pem).map(std::sync::Arc::new)).transpose().map_err(invalid)?;
+        let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5))
-            .pool_max_idle_per_host(64)
-            .build()
-            .map_err(|e| ClientError::Transport { server: base.to_string(), message: e.to_string() })?;
-        Ok(Client { http, base: base.trim_end_matches('/').to_string(), token })
+            .pool_max_idle_per_host(64);
+        if let Some(tls) = &tls {
+            builder = builder.use_preconfigured_tls((**tls).clone());
+        }
+        let http = builder.build().map_err(|e| invalid(e.to_string()))?;
+        Ok(Client { http, base: base.trim_end_matches('/').to_string(), token, tls })
+    }
+
+    /// A client as a client config file says (`server`, `ca_pem`, `token`).
+    pub fn from_config(config: &ClientConfig) -> Result<Client> {
+        Client::with_ca(&config.server, config.token.clone(), config.ca_pem.as_deref())
     }
 
     pub fn base(&self) -> &str {

@@ -11,16 +11,19 @@ pub enum ObjectKind {
     Nodes,
     Sandboxes,
     Leases,
+    /// Issued API tokens (their hashes): the one kind no watch or list route serves.
+    Tokens,
 }
 
 impl ObjectKind {
-    pub const ALL: [ObjectKind; 3] = [ObjectKind::Nodes, ObjectKind::Sandboxes, ObjectKind::Leases];
+    pub const ALL: [ObjectKind; 4] = [ObjectKind::Nodes, ObjectKind::Sandboxes, ObjectKind::Leases, ObjectKind::Tokens];
 
     pub fn as_str(self) -> &'static str {
         match self {
             ObjectKind::Nodes => "nodes",
             ObjectKind::Sandboxes => "sandboxes",
             ObjectKind::Leases => "leases",
+            ObjectKind::Tokens => "tokens",
         }
     }
 
@@ -34,6 +37,7 @@ impl ObjectKind {
             ObjectKind::Nodes => "node",
             ObjectKind::Sandboxes => "sandbox",
             ObjectKind::Leases => "lease",
+            ObjectKind::Tokens => "token",
         }
     }
 }

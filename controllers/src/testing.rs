@@ -100,7 +100,7 @@ impl ObjectClient for FakeObjects {
         let items = match kind {
             ObjectKind::Nodes => encode_all(&self.nodes.lock()),
             ObjectKind::Sandboxes => encode_all(&self.sandboxes.lock()),
-            ObjectKind::Leases => Vec::new(),
+            ObjectKind::Leases | ObjectKind::Tokens => Vec::new(),
         };
         *self.lists.lock() += 1;
         Ok((items, *self.list_revision.lock()))

@@ -183,7 +183,13 @@ pub(crate) fn serve_agent(listener: TcpListener, config: SimConfig) -> io::Resul
         external: config.external,
         admissions: config.record_admissions.then(Mutex::default),
     });
-    let app = axum::middleware::from_fn_with_state(faults, inject_faults).layer(server::sim_router(agent.clone()));
+    let routes = if config.fault_injection { server::sim_router(agent.clone()) } else { server::router(agent.clone()) };
+    let app = axum::middleware::from_fn_with_state(faults, inject_faults).layer(routes.layer(
+        axum::middleware::from_fn_with_state(
+            crate::auth::AgentToken::new(config.token.as_deref()),
+            crate::auth::require_token,
+        ),
+    ));
     let shutdown = stop.clone().cancelled_owned();
     let server = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app.into_make_service()).with_graceful_shutdown(shutdown).await {

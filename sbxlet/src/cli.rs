@@ -21,6 +21,8 @@ pub enum CliError {
     Signals(#[source] io::Error),
     #[error(transparent)]
     Runtime(#[from] crate::error::RuntimeError),
+    #[error("{0}")]
+    Access(String),
 }
 
 /// `sbxlet`: one node agent, or `sbxlet fleet`: many in one process.
@@ -33,6 +35,8 @@ pub struct Cli {
     /// Address the agent API listens on; published ports bind on the same IP.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub access: AccessFlags,
     #[command(flatten)]
     pub sim: SimFlags,
     #[command(flatten)]
@@ -128,7 +132,40 @@ impl RuncFlags {
                 max_exec_output_bytes: self.max_exec_output as usize,
                 max_sessions: self.max_sessions.max(1),
             },
+            token: None,
         }
+    }
+}
+
+/// Who may call the agent.
+#[derive(Debug, Args)]
+pub struct AccessFlags {
+    /// File holding the bearer token every call but /healthz must carry (the orchestrator's
+    /// agent_token_file). Without it the agent listens on loopback only.
+    #[arg(long, env = "SBXLET_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// Serve /sim/faults, /sim/restart and /sim/sandboxes/{id}/fail (simulator, loopback only).
+    #[arg(long)]
+    pub enable_fault_injection: bool,
+}
+
+impl AccessFlags {
+    /// The token, read from its file; refuses an agent without one, or with fault injection,
+    /// that would listen beyond loopback.
+    pub fn token_for(&self, listen: std::net::IpAddr) -> Result<Option<String>, CliError> {
+        if self.enable_fault_injection && !listen.is_loopback() {
+            return Err(CliError::Access(format!("--enable-fault-injection needs a loopback address, not {listen}")));
+        }
+        let Some(path) = &self.token_file else {
+            if !listen.is_loopback() {
+                return Err(CliError::Access(format!(
+                    "listening on {listen} without a credential: set --token-file (the orchestrator's agent token)"
+                )));
+            }
+            tracing::warn!("no --token-file: any local process may call this agent");
+            return Ok(None);
+        };
+        crate::auth::read_token_file(path).map(Some).map_err(|e| CliError::Access(format!("{}: {e}", path.display())))
     }
 }
 
@@ -224,6 +261,8 @@ impl SimFlags {
                 probe_503: self.fault_probe_503,
             },
             record_admissions: false,
+            token: None,
+            fault_injection: false,
         }
     }
 }
@@ -265,11 +304,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), CliError> {
     match cli.command {
         None if cli.sim.runtime == RuntimeKind::Runc => {
-            let config = cli.runc.into_config(cli.listen, &cli.sim);
+            let token = cli.access.token_for(cli.listen.ip())?;
+            let config = crate::runc::RuncConfig { token, ..cli.runc.into_config(cli.listen, &cli.sim) };
             run_real_agent(config, shutdown).await
         }
-        None => run_agent(cli.sim.into_config(cli.listen), shutdown).await,
-        Some(Command::Fleet(flags)) => run_fleet(flags, shutdown).await,
+        None => {
+            let token = cli.access.token_for(cli.listen.ip())?;
+            let fault_injection = cli.access.enable_fault_injection;
+            run_agent(SimConfig { token, fault_injection, ..cli.sim.into_config(cli.listen) }, shutdown).await
+        }
+        Some(Command::Fleet(flags)) => {
+            let token = cli.access.token_for(std::net::IpAddr::V4(flags.base_ip))?;
+            run_fleet(flags, token, cli.access.enable_fault_injection, shutdown).await
+        }
         Some(Command::Purge(flags)) => {
             crate::runc::purge(&flags.into_config(cli.listen, &cli.sim)).await;
             Ok(())
@@ -303,13 +350,19 @@ async fn run_agent(config: SimConfig, shutdown: impl Future<Output = ()>) -> Res
     Ok(())
 }
 
-async fn run_fleet(flags: FleetFlags, shutdown: impl Future<Output = ()>) -> Result<(), CliError> {
+async fn run_fleet(
+    flags: FleetFlags,
+    token: Option<String>,
+    fault_injection: bool,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CliError> {
     let started = Instant::now();
+    let template = flags.sim.into_config(SocketAddr::from((flags.base_ip, flags.port)));
     let config = FleetConfig {
         nodes: flags.nodes,
         base_ip: flags.base_ip,
         port: flags.port,
-        template: flags.sim.into_config(SocketAddr::from((flags.base_ip, flags.port))),
+        template: SimConfig { token, fault_injection, ..template },
         name_prefix: flags.name_prefix,
     };
     let fleet = start_fleet(config).await.map_err(CliError::Start)?;
@@ -390,7 +443,25 @@ mod tests {
     fn unset_flags_keep_the_config_defaults() {
         let cli = Cli::parse_from(["sbxlet"]);
         let config = cli.sim.into_config(cli.listen);
-        assert_eq!(config, SimConfig { listen: "127.0.0.1:8080".parse().unwrap(), ..SimConfig::default() });
+        let listen = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(config, SimConfig { listen, fault_injection: false, ..SimConfig::default() });
+    }
+
+    #[test]
+    fn an_agent_without_a_token_or_with_faults_stays_on_loopback() {
+        let cli = Cli::parse_from(["sbxlet", "--listen", "10.0.0.5:8080"]);
+        assert!(cli.access.token_for(cli.listen.ip()).is_err(), "no token beyond loopback");
+        let cli = Cli::parse_from(["sbxlet"]);
+        assert_eq!(cli.access.token_for(cli.listen.ip()).unwrap(), None);
+        assert!(!cli.access.enable_fault_injection, "fault routes are off unless asked for");
+        let cli = Cli::parse_from(["sbxlet", "--listen", "10.0.0.5:8080", "--enable-fault-injection"]);
+        assert!(cli.access.token_for(cli.listen.ip()).is_err());
+        let dir = std::env::temp_dir().join(format!("sbxlet-token-{}", std::process::id()));
+        std::fs::write(&dir, "s3cret\n").unwrap();
+        let file = dir.to_str().unwrap();
+        let cli = Cli::parse_from(["sbxlet", "--listen", "10.0.0.5:8080", "--token-file", file]);
+        assert_eq!(cli.access.token_for(cli.listen.ip()).unwrap().as_deref(), Some("s3cret"));
+        std::fs::remove_file(&dir).unwrap();
     }
 
     #[test]

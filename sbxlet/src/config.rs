@@ -22,6 +22,11 @@ pub struct SimConfig {
     /// Count every admission per id for `AgentHandle::admissions` (tests). It keeps one entry per id
     /// ever admitted, so it is off for real agents, which run for months.
     pub record_admissions: bool,
+    /// Every route but `/healthz` needs this bearer token; `None`: none is asked for.
+    pub token: Option<String>,
+    /// Serve the `/sim/*` routes (faults, restart, fail). The binary turns them on only with
+    /// `--enable-fault-injection` on a loopback address; the library, for tests, has them on.
+    pub fault_injection: bool,
 }
 
 impl Default for SimConfig {
@@ -35,6 +40,8 @@ impl Default for SimConfig {
             ip_pool: "10.88.0.0/16".into(),
             faults: Faults::default(),
             record_admissions: false,
+            token: None,
+            fault_injection: true,
         }
     }
 }

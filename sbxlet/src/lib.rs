@@ -4,6 +4,7 @@
 
 mod admission;
 mod agent;
+pub mod auth;
 mod backend;
 pub mod cli;
 mod config;

@@ -93,6 +93,9 @@ impl Placement {
     ) -> ApiResult<Response> {
         let client = self.agents.data_plane_http(&self.base_url).map_err(|e| self.bad_gateway(e))?;
         let mut request = client.request(method, url);
+        if let Some(token) = self.agents.token() {
+            request = request.bearer_auth(token);
+        }
         for (name, value) in headers {
             request = request.header(name, value);
         }
@@ -107,11 +110,8 @@ impl Placement {
         // 501: the node's runtime does not offer the operation (the simulator has no files); that
         // is the node's answer, not a failure of it.
         if status.is_server_error() && status != reqwest::StatusCode::NOT_IMPLEMENTED {
-            let text = answer.text().await.unwrap_or_default();
-            let message = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or_else(|| text.chars().take(120).collect());
+            let bytes = answer.bytes().await.unwrap_or_default();
+            let message = crate::agent_client::error_reason(&bytes);
             return Err(ApiError::BadGateway(format!(
                 "node {}: agent answered {}: {message}",
                 self.node,
@@ -175,15 +175,36 @@ pub async fn exec_stream(
     }))
 }
 
+/// The WebSocket handshake to the agent, with its token.
+fn agent_handshake(url: &str, token: Option<&str>) -> Result<tungstenite::handshake::client::Request, String> {
+    use tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+    if let Some(token) = token {
+        let value =
+            format!("Bearer {token}").parse().map_err(|_| "the agent token is not a header value".to_string())?;
+        request.headers_mut().insert(header::AUTHORIZATION, value);
+    }
+    Ok(request)
+}
+
 async fn relay_session(client: WebSocket, placement: Placement, url: String) {
     if let Err(e) = placement.agents.data_plane_http(&placement.base_url) {
         return refuse(client, placement.bad_gateway(e).to_string()).await;
     }
     let config = tungstenite::protocol::WebSocketConfig::default().max_message_size(Some(MAX_FRAME));
-    let connect = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true);
+    let handshake = match agent_handshake(&url, placement.agents.token()) {
+        Ok(handshake) => handshake,
+        Err(e) => return refuse(client, format!("node {}: {e}", placement.node)).await,
+    };
+    // The TCP connection comes from the agent client, so a host name is resolved and checked
+    // against the address policy as for every other agent call.
+    let connect = async {
+        let stream = placement.agents.connect_tcp(&placement.base_url).await.map_err(|e| e.to_string())?;
+        tokio_tungstenite::client_async_with_config(handshake, stream, Some(config)).await.map_err(describe_ws_error)
+    };
     let agent = match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok((agent, _))) => agent,
-        Ok(Err(e)) => return refuse(client, format!("node {}: {}", placement.node, describe_ws_error(e))).await,
+        Ok(Err(e)) => return refuse(client, format!("node {}: {e}", placement.node)).await,
         Err(_) => return refuse(client, format!("node {}: the agent did not answer in time", placement.node)).await,
     };
     let (mut agent_tx, mut agent_rx) = agent.split();
@@ -215,11 +236,7 @@ async fn relay_session(client: WebSocket, placement: Placement, url: String) {
 fn describe_ws_error(error: tungstenite::Error) -> String {
     match error {
         tungstenite::Error::Http(response) => {
-            let body = response.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
-            let message = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or_else(|| body.chars().take(120).collect());
+            let message = crate::agent_client::error_reason(response.body().as_deref().unwrap_or_default());
             format!("agent answered {}: {message}", response.status().as_u16())
         }
         other => format!("unreachable: {other}"),

@@ -2,7 +2,7 @@
 
 use crate::registry::RegistryError;
 use crate::store::StoreError;
-use axum::http::header::RETRY_AFTER;
+use axum::http::header::{RETRY_AFTER, WWW_AUTHENTICATE};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -14,6 +14,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// Authenticated, but the identity's role does not allow this.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     #[error("method not allowed")]
@@ -47,6 +50,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -88,7 +92,9 @@ impl IntoResponse for ApiError {
             tracing::warn!(status = %self.status(), error = %self, "request failed");
         }
         let retry_after = matches!(self, ApiError::TooManyRequests(_)).then_some([(RETRY_AFTER, "1")]);
-        (self.status(), retry_after, Json(serde_json::json!({ "error": capped(self.to_string()) }))).into_response()
+        let challenge = matches!(self, ApiError::Unauthorized).then_some([(WWW_AUTHENTICATE, "Bearer")]);
+        (self.status(), retry_after, challenge, Json(serde_json::json!({ "error": capped(self.to_string()) })))
+            .into_response()
     }
 }
 

@@ -1,5 +1,6 @@
 //! Lease routes: leader leases for controller replicas, every write a compare-and-swap.
 
+use super::auth::Identity;
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiQuery};
 use super::nodes::{list_kind, parse_expected, ListQuery};
@@ -8,6 +9,7 @@ use crate::store::Kind;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
+use axum::Extension;
 use sandboxd_api::validate::validate_name;
 use sandboxd_api::Lease;
 
@@ -22,6 +24,9 @@ fn check_lease(lease: &Lease) -> ApiResult<()> {
     if lease.transitions > i64::MAX as u64 {
         return Err(ApiError::BadRequest(format!("transitions: {} is more than {}", lease.transitions, i64::MAX)));
     }
+    for (field, value) in [("acquired_at", &lease.acquired_at), ("renewed_at", &lease.renewed_at)] {
+        check_lease_time(field, value.as_deref())?;
+    }
     let max = sandboxd_api::lease::MAX_LEASE_SECONDS;
     if !(1..=max).contains(&lease.lease_duration_seconds) {
         return Err(ApiError::BadRequest(format!(
@@ -32,10 +37,85 @@ fn check_lease(lease: &Lease) -> ApiResult<()> {
     Ok(())
 }
 
+/// How far ahead of the server's clock a lease timestamp may be: a renewal stamped in the future
+/// would keep a dead holder's lease from ever expiring.
+const MAX_CLOCK_SKEW_SECONDS: i64 = 60;
+
+fn check_lease_time(field: &str, value: Option<&str>) -> ApiResult<()> {
+    // Empty is absent, as the elector writes it before a lease is first held.
+    let Some(value) = value.filter(|v| !v.is_empty()) else { return Ok(()) };
+    sandboxd_api::time::parse_rfc3339(value)
+        .ok_or_else(|| ApiError::BadRequest(format!("{field}: {value:?} is not an RFC 3339 time")))?;
+    Ok(())
+}
+
+/// A non-admin's lease times may not lie ahead of the server's clock by more than the skew.
+fn check_not_ahead(field: &str, value: Option<&str>) -> ApiResult<()> {
+    let Some(at) = value.and_then(sandboxd_api::time::parse_rfc3339) else { return Ok(()) };
+    if at > sandboxd_api::time::unix_now() + MAX_CLOCK_SKEW_SECONDS {
+        let value = value.unwrap_or_default();
+        return Err(ApiError::BadRequest(format!(
+            "{field}: {value} is more than {MAX_CLOCK_SKEW_SECONDS}s ahead of the server's clock"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `holder` names `caller`: its identity, or `<identity>/<replica>` for replicas sharing one.
+fn owns(caller: &Identity, holder: &str) -> bool {
+    holder == caller.name || holder.strip_prefix(caller.name.as_str()).is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Whether a stored lease has run out by the server's clock (a lease with no time has).
+fn lapsed(lease: &Lease) -> bool {
+    let last = lease.renewed_at.as_deref().or(lease.acquired_at.as_deref()).and_then(sandboxd_api::time::parse_rfc3339);
+    last.is_none_or(|at| at.saturating_add(lease.lease_duration_seconds as i64) < sandboxd_api::time::unix_now())
+}
+
+/// What a non-admin caller may write: leases it holds, and leases another holder let lapse.
+fn check_caller(caller: &Identity, new: Option<&Lease>, stored: Option<&Lease>) -> ApiResult<()> {
+    if caller.role == sandboxd_api::auth::Role::Admin {
+        return Ok(());
+    }
+    if let Some(new) = new {
+        check_not_ahead("acquired_at", new.acquired_at.as_deref())?;
+        check_not_ahead("renewed_at", new.renewed_at.as_deref())?;
+    }
+    if let Some(holder) = new.map(|l| l.holder.as_str()).filter(|h| !h.is_empty()) {
+        if !owns(caller, holder) {
+            return Err(ApiError::Forbidden(format!(
+                "holder: {holder:?} is not {0:?} or {0:?}/<replica>, the caller's identity",
+                caller.name
+            )));
+        }
+    }
+    if let Some(stored) = stored.filter(|l| !l.holder.is_empty() && !owns(caller, &l.holder)) {
+        if !lapsed(stored) {
+            return Err(ApiError::Conflict(format!(
+                "lease {:?} is held by {:?} and has not expired",
+                stored.name, stored.holder
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn stored_lease(state: &ApiState, name: &str) -> ApiResult<Option<Lease>> {
+    match state.store.get(Kind::Leases, name).await? {
+        Some(stored) => Ok(Some(stored.decode().map_err(|e| ApiError::Internal(e.to_string()))?)),
+        None => Ok(None),
+    }
+}
+
 #[utoipa::path(post, path = "/api/v1/leases", request_body = Lease,
     responses((status = 201, description = "Lease created"), (status = 409, description = "Lease exists")))]
-pub async fn create(State(state): State<ApiState>, ApiJson(lease): ApiJson<Lease>) -> ApiResult<Response> {
+pub async fn create(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Identity>,
+    ApiJson(lease): ApiJson<Lease>,
+) -> ApiResult<Response> {
     check_lease(&lease)?;
+    check_caller(&caller, Some(&lease), None)?;
     let stored = state.store.create(Kind::Leases, &lease.name, lease.to_stored_json()).await?;
     Ok(respond::envelope(StatusCode::CREATED, "lease", &stored))
 }
@@ -61,6 +141,7 @@ pub async fn get_one(State(state): State<ApiState>, Path(name): Path<String>) ->
               (status = 404, description = "Unknown lease"), (status = 409, description = "resource_version is stale")))]
 pub async fn update(
     State(state): State<ApiState>,
+    Extension(caller): Extension<Identity>,
     Path(name): Path<String>,
     ApiJson(mut lease): ApiJson<Lease>,
 ) -> ApiResult<Response> {
@@ -69,6 +150,7 @@ pub async fn update(
     // A lease write without a precondition could depose a leader unseen: CAS is mandatory here.
     let expect = parse_expected(Some(&lease.resource_version))?
         .ok_or_else(|| ApiError::BadRequest("resource_version: required for lease updates".into()))?;
+    check_caller(&caller, Some(&lease), stored_lease(&state, &name).await?.as_ref())?;
     let stored = state.store.update(Kind::Leases, &name, lease.to_stored_json(), Some(expect)).await?;
     Ok(respond::envelope(StatusCode::OK, "lease", &stored))
 }
@@ -79,10 +161,71 @@ pub async fn update(
               (status = 409, description = "resource_version is stale")))]
 pub async fn delete(
     State(state): State<ApiState>,
+    Extension(caller): Extension<Identity>,
     Path(name): Path<String>,
     ApiQuery(query): ApiQuery<DeleteQuery>,
 ) -> ApiResult<Response> {
     let expect = parse_expected(query.resource_version.as_deref())?;
+    check_caller(&caller, None, stored_lease(&state, &name).await?.as_ref())?;
     state.store.delete(Kind::Leases, &name, expect).await?;
     Ok(respond::deleted(&name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sandboxd_api::auth::Role;
+
+    fn controller(name: &str) -> Identity {
+        Identity { name: name.into(), role: Role::Controller, source: "token" }
+    }
+
+    fn held_by(holder: &str, renewed_secs_ago: i64) -> Lease {
+        Lease {
+            name: "scheduler".into(),
+            holder: holder.into(),
+            lease_duration_seconds: 15,
+            renewed_at: Some(sandboxd_api::time::format_unix(sandboxd_api::time::unix_now() - renewed_secs_ago)),
+            ..Lease::default()
+        }
+    }
+
+    fn new_lease(holder: &str) -> Lease {
+        held_by(holder, 0)
+    }
+
+    #[test]
+    fn a_controller_holds_leases_only_in_its_own_name() {
+        let me = controller("ctrl");
+        assert!(check_caller(&me, Some(&new_lease("ctrl")), None).is_ok());
+        assert!(check_caller(&me, Some(&new_lease("ctrl/host-7")), None).is_ok());
+        assert!(matches!(check_caller(&me, Some(&new_lease("ctrl2")), None), Err(ApiError::Forbidden(_))));
+        assert!(matches!(check_caller(&me, Some(&new_lease("other")), None), Err(ApiError::Forbidden(_))));
+    }
+
+    #[test]
+    fn a_live_lease_of_another_holder_cannot_be_taken_or_released() {
+        let me = controller("ctrl");
+        let live = held_by("other", 1);
+        let take = new_lease("ctrl");
+        let release = new_lease("");
+        assert!(matches!(check_caller(&me, Some(&take), Some(&live)), Err(ApiError::Conflict(_))));
+        assert!(matches!(check_caller(&me, Some(&release), Some(&live)), Err(ApiError::Conflict(_))));
+        assert!(matches!(check_caller(&me, None, Some(&live)), Err(ApiError::Conflict(_))), "delete");
+        assert!(check_caller(&me, Some(&take), Some(&held_by("other", 60))).is_ok(), "lapsed");
+        assert!(check_caller(&me, Some(&release), Some(&held_by("ctrl/a", 1))).is_ok(), "its own release");
+        let admin = Identity::bootstrap_admin();
+        assert!(check_caller(&admin, Some(&new_lease("anyone")), Some(&live)).is_ok());
+    }
+
+    #[test]
+    fn lease_times_must_parse_and_not_lie_ahead() {
+        assert!(check_lease_time("renewed_at", Some("yesterday")).is_err());
+        let far = sandboxd_api::time::format_unix(sandboxd_api::time::unix_now() + 3600);
+        assert!(check_lease_time("renewed_at", Some(&far)).is_ok(), "parses");
+        let pinned = Lease { renewed_at: Some(far), ..new_lease("ctrl") };
+        assert!(check_caller(&controller("ctrl"), Some(&pinned), None).is_err(), "but may not lie ahead");
+        assert!(check_lease_time("renewed_at", Some(&sandboxd_api::time::rfc3339_now())).is_ok());
+        assert!(check_lease_time("renewed_at", None).is_ok());
+    }
 }

@@ -1,5 +1,6 @@
 //! The HTTP API: routes for nodes, sandboxes and watches over the store.
 
+pub mod auth;
 mod dataplane;
 mod error;
 mod extract;
@@ -10,6 +11,7 @@ mod proxy;
 mod respond;
 mod sandboxes;
 pub mod shedding;
+mod tokens;
 mod watch;
 
 pub use error::{ApiError, ApiResult};
@@ -19,7 +21,6 @@ use crate::config::Config;
 use crate::registry::Registry;
 use crate::store::Store;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -38,7 +39,8 @@ pub struct ApiState {
     pub registry: Registry,
     pub policy: SandboxPolicy,
     pub default_max_alloc_percent: u32,
-    pub auth_token: Option<Arc<str>>,
+    /// Who callers are; open (everyone is the anonymous admin) unless `with_auth` sets one.
+    pub auth: auth::Authenticator,
     /// Cancelled on shutdown so open watch streams end and let the server drain.
     pub shutdown: CancellationToken,
     /// Node agent client for the node proxy, heartbeats and the status call on node create; `None` makes no agent calls.
@@ -58,13 +60,13 @@ pub struct ApiState {
 
 impl ApiState {
     /// State for a store with the settings of `config`.
-    pub fn new(store: Arc<dyn Store>, config: &Config, auth_token: Option<String>) -> ApiState {
+    pub fn new(store: Arc<dyn Store>, config: &Config) -> ApiState {
         ApiState {
+            auth: auth::Authenticator::open(store.clone()),
             registry: Registry::new(store.clone(), config),
             store,
             policy: config.sandbox_policy(),
             default_max_alloc_percent: config.max_alloc_percent,
-            auth_token: auth_token.map(Arc::from),
             shutdown: CancellationToken::new(),
             agents: None,
             node_settings: node_settings(config),
@@ -81,6 +83,12 @@ impl ApiState {
                 max_replay: config.watch_max_replay,
             },
         }
+    }
+
+    /// The same state, authenticating callers with `auth`.
+    pub fn with_auth(mut self, auth: auth::Authenticator) -> ApiState {
+        self.auth = auth;
+        self
     }
 
     /// The same state, calling node agents through `agents`.
@@ -135,10 +143,13 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/api/v1/sandboxes/{id}/logs", get(dataplane::logs))
         .route("/api/v1/leases", post(leases::create).get(leases::list))
         .route("/api/v1/leases/{name}", get(leases::get_one).put(leases::update).delete(leases::delete))
+        .route("/api/v1/tokens", post(tokens::issue).get(tokens::list))
+        .route("/api/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
+        .route("/api/v1/whoami", get(tokens::whoami))
         .route("/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics))
-        .layer(axum::middleware::from_fn_with_state(state.shedder.clone(), shedding::shed))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(axum::middleware::from_fn_with_state(state.auth.clone(), auth::guard))
+        .layer(axum::middleware::from_fn_with_state(state.shedder.clone(), shedding::shed));
     Router::new()
         .route("/healthz", get(healthz))
         .merge(api)
@@ -235,17 +246,6 @@ async fn not_found(request: Request) -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
-}
-
-async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
-    if let Some(token) = &state.auth_token {
-        let presented =
-            request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        if presented != Some(&**token) {
-            return ApiError::Unauthorized.into_response();
-        }
-    }
-    next.run(request).await
 }
 
 pub use sandboxd_contracts::clock::{rfc3339_now as now, unix_now};

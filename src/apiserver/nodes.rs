@@ -1,6 +1,7 @@
 //! Node routes: register or update, list, get, delete, and status writes by the node controller.
 //! The rules live in `registry`; these handlers parse, call it, and answer (lists and watches read the store).
 
+use super::auth::Identity;
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiQuery};
 use super::{respond, watch, ApiState};
@@ -8,6 +9,9 @@ use crate::store::Kind;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
+use axum::Extension;
+use sandboxd_api::auth::Role;
+use sandboxd_api::node::NodeStatus;
 use sandboxd_api::node::{NodeCreateRequest, NodeStatusUpdate};
 use sandboxd_api::validate::{validate_name, validate_node_spec};
 use sandboxd_api::NodeSource;
@@ -124,12 +128,30 @@ pub async fn delete(State(state): State<ApiState>, Path(name): Path<String>) -> 
               (status = 409, description = "resource_version is stale")))]
 pub async fn put_status(
     State(state): State<ApiState>,
+    Extension(caller): Extension<Identity>,
     Path(name): Path<String>,
     ApiJson(update): ApiJson<NodeStatusUpdate>,
 ) -> ApiResult<Response> {
     let expect = parse_expected(update.resource_version.as_deref())?;
-    let (stored, _) = state.registry.write_node_status(&name, &update.status, expect).await?;
+    let status = match caller.role {
+        Role::Node(_) => {
+            let current: sandboxd_api::Node =
+                state.registry.get_node(&name).await?.decode().map_err(|e| ApiError::Internal(e.to_string()))?;
+            agent_reportable(current.status, update.status)
+        }
+        _ => update.status,
+    };
+    let (stored, _) = state.registry.write_node_status(&name, &status, expect).await?;
     Ok(respond::envelope(StatusCode::OK, "node", &stored))
+}
+
+/// What a node identity may set in its own status: what its agent reports about the machine
+/// (capacity, hostname, arch, runtime). Its state, streaks and allocations stay the controllers'.
+fn agent_reportable(mut current: NodeStatus, reported: NodeStatus) -> NodeStatus {
+    current.resources.capacity_cpu_milli = reported.resources.capacity_cpu_milli;
+    current.resources.capacity_memory_bytes = reported.resources.capacity_memory_bytes;
+    current.node_info = reported.node_info;
+    current
 }
 
 /// The page size a list asks for, by the one rule of `sandboxd_api::validate::page_limit`.

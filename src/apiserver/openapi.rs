@@ -31,6 +31,10 @@ use utoipa::OpenApi;
         super::leases::get_one,
         super::leases::update,
         super::leases::delete,
+        super::tokens::issue,
+        super::tokens::list,
+        super::tokens::revoke,
+        super::tokens::whoami,
         super::proxy::heartbeat,
         super::proxy::reconcile,
         super::proxy::list_sandboxes,
@@ -53,6 +57,10 @@ use utoipa::OpenApi;
         sandboxd_api::Node,
         sandboxd_api::Sandbox,
         sandboxd_api::Lease,
+        sandboxd_api::auth::TokenRequest,
+        sandboxd_api::auth::TokenInfo,
+        sandboxd_api::auth::IssuedToken,
+        sandboxd_api::auth::WhoAmI,
         sandboxd_api::node::NodeCreateRequest,
         sandboxd_api::node::NodeStatusUpdate,
         sandboxd_api::sandbox::SandboxCreateRequest,
@@ -95,6 +103,7 @@ pub async fn document(State(state): State<ApiState>) -> Json<Value> {
 /// Adds what validation enforces and utoipa cannot derive: component bounds from
 /// `sandboxd_api::schema_rules`, parameter schemas, and the error statuses every route can answer.
 fn constrain(doc: &mut Value, policy: &SandboxPolicy) {
+    document_bearer_auth(doc);
     if let Some(schemas) = doc.pointer_mut("/components/schemas").and_then(Value::as_object_mut) {
         for (schema, property, keywords) in schema_rules::component_constraints(policy) {
             if let Some(target) =
@@ -226,6 +235,17 @@ fn require_resource_version(operation: &mut Value) {
     }
 }
 
+/// Every route but `/healthz` takes `Authorization: Bearer <token>`.
+fn document_bearer_auth(doc: &mut Value) {
+    if let Some(components) = doc.get_mut("components").and_then(Value::as_object_mut) {
+        components.insert("securitySchemes".into(), json!({ "bearer": { "type": "http", "scheme": "bearer" } }));
+    }
+    doc["security"] = json!([{ "bearer": [] }]);
+    if let Some(healthz) = doc.pointer_mut("/paths/~1healthz/get").and_then(Value::as_object_mut) {
+        healthz.insert("security".into(), json!([]));
+    }
+}
+
 /// Every status a route can answer besides its own: 400 for a bad parameter or body, 401 without
 /// the token, 414 for an overlong target, 404 for an unknown object, 413/415 for bodies, 429 when its class is full, and 503
 /// when the store is unavailable.
@@ -237,7 +257,8 @@ fn document_error_statuses(path: &str, operation: &mut Value) {
     }
     let mut statuses = vec![
         ("400", "Invalid parameter or body: {\"error\": \"<field>: <why>\"}"),
-        ("401", "Missing or wrong bearer token (when the server has one)"),
+        ("401", "Missing or wrong bearer token"),
+        ("403", "The caller's role may not call this route"),
         ("414", "Request target longer than 16 KiB"),
         ("429", "Too many requests of this class in flight; retry after Retry-After"),
         ("503", "Store unavailable"),

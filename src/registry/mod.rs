@@ -9,6 +9,7 @@ mod sandboxes;
 
 pub use sandboxes::{check_status_transition, mark_terminating, Created};
 
+use crate::address_policy::AddressPolicy;
 use crate::config::Config;
 use crate::store::{Store, StoreError};
 use sandboxd_api::validate::SandboxPolicy;
@@ -57,6 +58,8 @@ pub struct Registry {
     store: Arc<dyn Store>,
     policy: SandboxPolicy,
     default_max_alloc_percent: u32,
+    /// Which node addresses may be registered: a literal `spec.ip` the agent client would refuse is a 400.
+    agent_policy: AddressPolicy,
     /// Asked once, best effort, for a new node's resources; `None` makes no agent calls.
     agents: Option<Arc<dyn AgentClient>>,
     initial_status_bound: Duration,
@@ -73,6 +76,7 @@ impl Registry {
             store,
             policy: config.sandbox_policy(),
             default_max_alloc_percent: config.max_alloc_percent,
+            agent_policy: config.agent_policy.clone(),
             agents: None,
             initial_status_bound: INITIAL_STATUS_BOUND.min(config.heartbeat_timeout),
             clock: Arc::new(SystemClock),

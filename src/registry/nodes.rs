@@ -16,12 +16,17 @@ impl Registry {
     }
 
     /// Creates the node (`true`) or updates its spec (`false`), retrying when another write intervenes.
+    /// A literal `spec.ip` the agent address policy refuses is `Invalid`, with the reason.
     pub async fn register_node(
         &self,
         id: &str,
         spec: &NodeSpec,
         source: NodeSource,
     ) -> RegistryResult<(bool, Versioned)> {
+        // A host name passes here; the agent client checks what it resolves to at every call.
+        self.agent_policy
+            .check_host(&spec.ip)
+            .map_err(|refusal| RegistryError::Invalid(format!("spec.ip: {refusal}")))?;
         loop {
             let result = match self.store.get(Kind::Nodes, id).await? {
                 Some(current) => self.update_node_spec(current, spec, source).await.map(|v| (false, v)),

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 /// A config for tests: memory store, a free port on 127.0.0.1, fast timers.
 pub fn test_config(overrides: &[(&str, &str)]) -> Config {
     let mut flags: HashMap<String, String> = [
-        ("listen", "127.0.0.1:0"),
+        ("insecure_listen", "127.0.0.1:0"),
         ("store", "memory://"),
         ("heartbeat_interval", "200ms"),
         ("heartbeat_timeout", "200ms"),
@@ -26,7 +26,7 @@ pub fn test_config(overrides: &[(&str, &str)]) -> Config {
         flags.insert(k.to_string(), v.to_string());
     }
     let mut config = Config::load(None, &HashMap::new(), &flags).expect("valid test config");
-    config.loopback_only_agents = true;
+    config.agent_policy = sandboxd_o::address_policy::AddressPolicy::loopback_only();
     config
 }
 

@@ -190,7 +190,7 @@ fn spawn_server(
 ) -> anyhow::Result<Child> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("server.log"))?;
     Command::new(bin_dir.join("sandboxd-o"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["serve", "--insecure-listen", &format!("127.0.0.1:{port}")])
         .args(["--store", store])
         .args(["--heartbeat-interval", heartbeat_interval])
         .args(["--max-body-bytes", "1MiB"])

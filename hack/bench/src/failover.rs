@@ -68,7 +68,7 @@ pub async fn failover(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
     let mut procs = Vec::new();
     for (port, name) in [(port_a, "api-a"), (port_b, "api-b")] {
         let listen = format!("127.0.0.1:{port}");
-        let args = ["apiserver", "--listen", &listen, "--store", &etcd.url()];
+        let args = ["apiserver", "--insecure-listen", &listen, "--store", &etcd.url()];
         procs.push(Proc::spawn(sandboxd.clone(), &args, &dir.path().join(format!("{name}.log")))?);
     }
     let client = Client::new(&url_b, None)?;

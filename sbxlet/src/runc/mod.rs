@@ -64,6 +64,8 @@ pub struct RuncConfig {
     pub image_gc_after: Duration,
     /// Caps of exec output, file transfers and streaming sessions.
     pub data_plane: DataPlaneLimits,
+    /// Every route but `/healthz` needs this bearer token; `None`: none is asked for.
+    pub token: Option<String>,
 }
 
 impl Default for RuncConfig {
@@ -82,6 +84,7 @@ impl Default for RuncConfig {
             log_max_bytes: 10 << 20,
             image_gc_after: Duration::from_secs(3600),
             data_plane: DataPlaneLimits::default(),
+            token: None,
         }
     }
 }
@@ -861,10 +864,13 @@ pub async fn start(config: RuncConfig) -> Result<RuncAgent, RuntimeError> {
         .await
         .map_err(|e| RuntimeError::Failed(format!("binding {}: {e}", config.listen)))?;
     let addr = listener.local_addr().map_err(|e| RuntimeError::Failed(e.to_string()))?;
+    let config_token = config.token.clone();
     let runtime = RuncRuntime::open(RuncConfig { listen: addr, ..config }).await?;
     let stop = CancellationToken::new();
     runtime.spawn_monitor(stop.clone());
-    let app = crate::server::router(Arc::new(runtime.clone()));
+    let token = crate::auth::AgentToken::new(config_token.as_deref());
+    let app = crate::server::router(Arc::new(runtime.clone()))
+        .layer(axum::middleware::from_fn_with_state(token, crate::auth::require_token));
     let shutdown = stop.clone().cancelled_owned();
     let server = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {

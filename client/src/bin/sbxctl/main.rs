@@ -38,18 +38,22 @@ mod wait;
 use anyhow::{anyhow, bail, Context};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use reqwest::Method;
-use sandboxd_client::{Client, ClientError};
+use sandboxd_client::{Client, ClientConfig, ClientError};
 use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "sbxctl", version, about = "Command-line client for sandboxd-o")]
 struct Cli {
-    /// API server URL.
-    #[arg(long, env = "SANDBOXD_SERVER", default_value = "http://127.0.0.1:8082", global = true)]
-    server: String,
-    /// Bearer token, when the server requires one.
+    /// API server URL [default: the client config's, else http://127.0.0.1:8082].
+    #[arg(long, env = "SANDBOXD_SERVER", global = true)]
+    server: Option<String>,
+    /// Bearer token [default: the client config's].
     #[arg(long, env = "SANDBOXD_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+    /// Client config (server URL, CA, token) that `sandboxd-o serve` writes [default:
+    /// ./sandboxd-data/client.json, else ~/.config/sandboxd/client.json].
+    #[arg(long, env = "SANDBOXD_CONFIG", global = true)]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -130,6 +134,30 @@ enum Command {
     Uncordon { node: String },
     /// Print a shell completion script.
     Completion { shell: clap_complete::Shell },
+    /// API tokens: issue one for a role, list, revoke, and show who you are.
+    #[command(subcommand)]
+    Auth(AuthCommand),
+}
+
+#[derive(Subcommand)]
+enum AuthCommand {
+    /// Issue a token for IDENTITY with a role (admin, user, controller or node:NAME); it is printed once.
+    Issue {
+        identity: String,
+        #[arg(long)]
+        role: String,
+        /// The token stops working after this long (e.g. 24h); default: until revoked.
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List issued tokens (never their secrets).
+    List,
+    /// Revoke a token by its id (the part after `sbx_`).
+    Revoke { id: String },
+    /// Show the identity and role of the token in use.
+    Whoami,
 }
 
 /// The kinds sbxctl knows, with kubectl-style short names.
@@ -173,8 +201,41 @@ fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}").replace('\n', " ")
 }
 
+/// Where sbxctl looks for a client config when none is named.
+fn default_config_paths() -> Vec<std::path::PathBuf> {
+    let mut paths = vec![std::path::PathBuf::from("sandboxd-data/client.json")];
+    if let Some(home) = std::env::var_os("HOME") {
+        paths.push(std::path::Path::new(&home).join(".config/sandboxd/client.json"));
+    }
+    paths
+}
+
+/// The client config in effect: the named one, else the first default one found, which is used
+/// only when no other server was named or it is for that server. Flags and env vars win over it.
+fn client_config(cli: &Cli) -> anyhow::Result<ClientConfig> {
+    let mut config = match &cli.config {
+        Some(path) => ClientConfig::load(path).map_err(|e| anyhow!("client config {e}"))?,
+        None => default_config_paths()
+            .iter()
+            .filter(|p| p.exists())
+            .find_map(|p| ClientConfig::load(p).ok())
+            .filter(|c| cli.server.as_deref().is_none_or(|s| s.trim_end_matches('/') == c.server))
+            .unwrap_or_default(),
+    };
+    if let Some(server) = &cli.server {
+        config.server = server.clone();
+    }
+    if config.server.is_empty() {
+        config.server = "http://127.0.0.1:8082".into();
+    }
+    if cli.token.is_some() {
+        config.token = cli.token.clone();
+    }
+    Ok(config)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<i32> {
-    let client = Client::new(&cli.server, cli.token.clone())?;
+    let client = Client::from_config(&client_config(&cli)?)?;
     match cli.command {
         Command::Apply { files } => manifest::apply(&client, &files).await,
         Command::Get { resource, name, output, watch } => {
@@ -198,6 +259,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Heartbeat { target } => heartbeat(&client, &target).await,
         Command::Cordon { node } => cordon(&client, &node, true).await,
         Command::Uncordon { node } => cordon(&client, &node, false).await,
+        Command::Auth(command) => auth(&client, command).await,
         Command::Completion { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "sbxctl", &mut script);
@@ -205,6 +267,59 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+async fn auth(client: &Client, command: AuthCommand) -> anyhow::Result<i32> {
+    match command {
+        AuthCommand::Issue { identity, role, ttl, description } => {
+            let ttl_seconds = ttl.as_deref().map(parse_duration).transpose()?.map(|d| d.as_secs().max(1));
+            let mut body = serde_json::json!({ "identity": identity, "role": role, "description": description });
+            if let Some(ttl) = ttl_seconds {
+                body["ttl_seconds"] = ttl.into();
+            }
+            let (_, answer): (u16, serde_json::Value) =
+                client.call(Method::POST, "/api/v1/tokens", Some(&body)).await?;
+            let token = &answer;
+            eprintln!(
+                "token {} for {} ({}); it is shown once, store it now:",
+                token["info"]["id"].as_str().unwrap_or("?"),
+                token["info"]["identity"].as_str().unwrap_or("?"),
+                token["info"]["role"].as_str().unwrap_or("?")
+            );
+            say!("{}", token["token"].as_str().unwrap_or_default());
+        }
+        AuthCommand::List => {
+            let (_, answer): (u16, serde_json::Value) = client.call(Method::GET, "/api/v1/tokens", None).await?;
+            say!("{:<18} {:<24} {:<20} {:<22} EXPIRES", "ID", "IDENTITY", "ROLE", "CREATED");
+            for token in answer["items"].as_array().into_iter().flatten() {
+                let field = |k: &str| token[k].as_str().unwrap_or("-").to_string();
+                say!(
+                    "{:<18} {:<24} {:<20} {:<22} {}",
+                    field("id"),
+                    field("identity"),
+                    field("role"),
+                    field("created_at"),
+                    field("expires_at")
+                );
+            }
+        }
+        AuthCommand::Revoke { id } => {
+            let id = id.strip_prefix("sbx_").map(|rest| rest.split('_').next().unwrap_or(rest)).unwrap_or(&id);
+            let _: (u16, serde_json::Value) =
+                client.call(Method::DELETE, &format!("/api/v1/tokens/{id}"), None).await?;
+            say!("token/{id} revoked");
+        }
+        AuthCommand::Whoami => {
+            let (_, me): (u16, serde_json::Value) = client.call(Method::GET, "/api/v1/whoami", None).await?;
+            say!(
+                "{} (role {}, from {})",
+                me["identity"].as_str().unwrap_or("?"),
+                me["role"].as_str().unwrap_or("?"),
+                me["source"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    Ok(0)
 }
 
 /// `cordon` and `uncordon`: NODE or node/NODE, as kubectl takes it.

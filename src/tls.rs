@@ -1,0 +1,201 @@
+//! Secure by default: the data directory's credentials (a CA, a serving certificate, the admin
+//! token, the agents' secret), the listener's rustls configuration, and the client config that
+//! `sbxctl` reads.
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Why the credentials could not be made or read.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("generating certificates: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |error| TlsError::Io { path: path.to_path_buf(), error }
+}
+
+/// Files under the data directory.
+pub const CA_CERT: &str = "pki/ca.crt";
+pub const CA_KEY: &str = "pki/ca.key";
+pub const SERVER_CERT: &str = "pki/server.crt";
+pub const SERVER_KEY: &str = "pki/server.key";
+pub const ADMIN_TOKEN: &str = "admin.token";
+pub const AGENT_TOKEN: &str = "agent.token";
+pub const CLIENT_CONFIG: &str = "client.json";
+
+/// Creates `dir` (and parents) readable by the owner only.
+pub fn private_dir(dir: &Path) -> Result<(), TlsError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))
+}
+
+/// Writes `contents` to `path` with mode 0600, through a temporary file so that a crash never
+/// leaves half a key.
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
+    let tmp = path.with_extension("tmp");
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
+    file.write_all(contents).and_then(|_| file.sync_all()).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// The contents of `path`, or `make()` written there (mode 0600) when it does not exist yet.
+pub fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> Result<String, TlsError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let text = make();
+            write_private(path, text.as_bytes())?;
+            Ok(text)
+        }
+        Err(e) => Err(TlsError::Io { path: path.to_path_buf(), error: e }),
+    }
+}
+
+fn ca_params() -> Result<CertificateParams, TlsError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, "sandboxd-o CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.not_after = rcgen::date_time_ymd(current_year() + 10, 1, 1);
+    Ok(params)
+}
+
+fn current_year() -> i32 {
+    let days = sandboxd_api::time::unix_now() / 86_400;
+    1970 + (days as f64 / 365.2425) as i32
+}
+
+/// The names a serving certificate covers: loopback, the host's name, and the listen address.
+pub fn serving_names(listen: SocketAddr) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    if let Ok(host) = std::fs::read_to_string("/etc/hostname") {
+        let host = host.trim();
+        if !host.is_empty() {
+            names.push(host.to_string());
+        }
+    }
+    if !listen.ip().is_unspecified() {
+        names.push(listen.ip().to_string());
+    }
+    names.dedup();
+    names
+}
+
+/// The CA (made once, kept) and a serving certificate for `names` signed by it (made again at
+/// every start, so it always covers the current listen address). Returns the CA's PEM.
+pub fn ensure_pki(data_dir: &Path, names: &[String]) -> Result<String, TlsError> {
+    private_dir(&data_dir.join("pki"))?;
+    let ca_key_pem =
+        read_or_create(&data_dir.join(CA_KEY), || KeyPair::generate().map(|k| k.serialize_pem()).unwrap_or_default())?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem)
+        .map_err(|e| TlsError::Invalid { path: data_dir.join(CA_KEY), message: e.to_string() })?;
+    // The same name and key sign as the stored CA certificate does, so a re-made issuer object is
+    // as good as the original for signing.
+    let ca = ca_params()?.self_signed(&ca_key)?;
+    let ca_pem = read_or_create(&data_dir.join(CA_CERT), || ca.pem())?;
+    let mut params = CertificateParams::new(names.to_vec())?;
+    params.distinguished_name.push(DnType::CommonName, "sandboxd-o");
+    params.not_after = rcgen::date_time_ymd(current_year() + 1, 1, 1);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &ca, &ca_key)?;
+    write_private(&data_dir.join(SERVER_KEY), key.serialize_pem().as_bytes())?;
+    write_private(&data_dir.join(SERVER_CERT), cert.pem().as_bytes())?;
+    Ok(ca_pem)
+}
+
+/// The rustls configuration of the listener, from PEM files.
+pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let invalid = |path: &Path, message: String| TlsError::Invalid { path: path.to_path_buf(), message };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
+        .map_err(|e| invalid(cert_path, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| invalid(cert_path, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(invalid(cert_path, "no certificate in the file".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| invalid(key_path, e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(cert_path, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| invalid(key_path, e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// What `sbxctl` reads to reach the server: its URL, the CA to trust and a token.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClientConfig {
+    pub server: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// The URL clients use for a listen address: a wildcard listen is reached on loopback.
+pub fn client_url(listen: SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_string(),
+        IpAddr::V6(ip) if ip.is_unspecified() => "[::1]".to_string(),
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("[{ip}]"),
+    };
+    format!("{scheme}://{ip}:{}", listen.port())
+}
+
+pub fn write_client_config(path: &Path, config: &ClientConfig) -> Result<(), TlsError> {
+    let json = serde_json::to_string_pretty(config).expect("client config serializes");
+    write_private(path, format!("{json}\n").as_bytes())
+}
+
+/// A new random secret as hex: 32 bytes from the operating system's generator.
+pub fn random_secret() -> String {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the operating system's random generator");
+    crate::apiserver::auth::to_hex(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_generated_ca_signs_a_certificate_rustls_serves_and_keeps_across_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = serving_names("127.0.0.1:8082".parse().unwrap());
+        let first = ensure_pki(dir.path(), &names).unwrap();
+        let second = ensure_pki(dir.path(), &names).unwrap();
+        assert_eq!(first, second, "the CA is made once");
+        server_config(&dir.path().join(SERVER_CERT), &dir.path().join(SERVER_KEY)).unwrap();
+        for file in [CA_KEY, SERVER_KEY, CA_CERT] {
+            let mode = std::fs::metadata(dir.path().join(file)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{file}");
+        }
+        let mode = std::fs::metadata(dir.path().join("pki")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_wildcard_listen_is_reached_on_loopback() {
+        assert_eq!(client_url("0.0.0.0:8082".parse().unwrap(), true), "https://127.0.0.1:8082");
+        assert_eq!(client_url("127.0.0.5:1".parse().unwrap(), false), "http://127.0.0.5:1");
+        assert_eq!(client_url("[::]:9".parse().unwrap(), true), "https://[::1]:9");
+    }
+}
