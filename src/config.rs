@@ -83,6 +83,8 @@ pub struct Config {
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
     pub agent_token_file: Option<PathBuf>,
+    pub audit_log: Option<PathBuf>,
+    pub audit_log_max_bytes: u64,
     pub max_body_bytes: usize,
     /// Largest file or archive uploaded through the data plane (`…/files`, `…/files/archive`).
     pub max_file_bytes: u64,
@@ -130,7 +132,7 @@ const fn key(name: &'static str, default: &'static str, help: &'static str) -> K
 
 /// Every key, in the order of the table in semantics.md. This is the one declaration of each key:
 /// the file layer, the env layer, the flags and their `--help` all read it.
-pub const KEYS: [Key; 36] = [
+pub const KEYS: [Key; 38] = [
     key("listen", "0.0.0.0:8082", "Address the API listens on"),
     key(
         "store",
@@ -183,6 +185,8 @@ pub const KEYS: [Key; 36] = [
         "",
         "File holding the admin bearer token (empty: <data_dir>/admin.token, generated on first start)",
     ),
+    key("audit_log", "", "File of the audit log: one JSON line per mutating request (empty: off)"),
+    key("audit_log_max_bytes", "100MiB", "Size past which the audit log rotates (three older files are kept)"),
     key(
         "agent_token_file",
         "",
@@ -332,6 +336,14 @@ impl Config {
             tls_cert_file: optional_path(&value("tls_cert_file")),
             tls_key_file: optional_path(&value("tls_key_file")),
             agent_token_file: optional_path(&value("agent_token_file")),
+            audit_log: optional_path(&value("audit_log")),
+            audit_log_max_bytes: parse_key("audit_log_max_bytes", &value("audit_log_max_bytes"), |s| {
+                let bytes = parse_byte_size(s)?;
+                if bytes < 4096 {
+                    return Err(format!("{s:?} is below 4KiB"));
+                }
+                Ok(bytes as u64)
+            })?,
             max_body_bytes: parse_key("max_body_bytes", &value("max_body_bytes"), |s| {
                 at_most(parse_byte_size(s)?, 64 << 20, "64MiB (JSON bodies are read whole)")
             })?,

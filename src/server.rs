@@ -29,6 +29,8 @@ pub enum ServeError {
     Lease(String),
     #[error("serving: {0}")]
     Serve(std::io::Error),
+    #[error("audit log {}: {error}", path.display())]
+    Audit { path: std::path::PathBuf, error: std::io::Error },
     #[error("credentials: {0}")]
     Credentials(#[from] crate::tls::TlsError),
 }
@@ -99,8 +101,13 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
         agent_client = agent_client.with_token(token);
     }
     let agents: Arc<dyn AgentClient> = Arc::new(agent_client.clone());
-    let state =
+    let mut state =
         ApiState::new(store.clone(), &config).with_auth(auth).with_agents(agents.clone()).with_data_plane(agent_client);
+    if let Some(path) = &config.audit_log {
+        let audit = apiserver::audit::AuditLog::start(path.clone(), config.audit_log_max_bytes)
+            .map_err(|error| ServeError::Audit { path: path.clone(), error })?;
+        state = state.with_audit(audit);
+    }
     declare_static_nodes(&state, &config).await?;
     if !matches!(mode, Mode::ApiOnly) {
         let keep_fresh_states = matches!(mode, Mode::AllInOneElected(_));

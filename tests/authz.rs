@@ -257,7 +257,8 @@ async fn tokens_are_listed_without_secrets_and_stop_working_when_revoked() {
     assert_eq!(code, StatusCode::UNAUTHORIZED);
     // The secret part must match, not only the id.
     let controller = &cluster.tokens[2].1;
-    let tampered = format!("{}0", &controller[..controller.len() - 1]);
+    let last = if controller.ends_with('0') { '1' } else { '0' };
+    let tampered = format!("{}{last}", &controller[..controller.len() - 1]);
     let (code, _) = send(&cluster.app, "GET", "/api/v1/whoami", Some(&tampered), None).await;
     assert_eq!(code, StatusCode::UNAUTHORIZED);
 }
@@ -275,4 +276,42 @@ async fn issuing_a_token_validates_role_identity_and_lifetime() {
         let (code, answer) = send(&app, "POST", "/api/v1/tokens", Some(ADMIN_TOKEN), Some(&body)).await;
         assert_eq!(code, StatusCode::BAD_REQUEST, "{body}: {answer}");
     }
+}
+
+#[tokio::test]
+async fn every_mutating_request_is_audited_with_who_what_and_the_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let store: Arc<dyn Store> = Arc::new(memory::open(StoreOptions::default()));
+    let auth = Authenticator::required(store.clone(), vec![(ADMIN_TOKEN.into(), Identity::bootstrap_admin())]);
+    let audit = sandboxd_o::apiserver::audit::AuditLog::start(path.clone(), 1 << 20).unwrap();
+    let app = router(ApiState::new(store, &Config::default()).with_auth(auth).with_audit(audit), 1 << 20);
+    let user = issue(&app, "alice", "user").await;
+    let sandbox = json!({ "id": "s1", "spec": { "containers": [{ "name": "c", "image": "busybox" }] } });
+    assert_eq!(send(&app, "POST", "/api/v1/sandboxes", Some(&user), Some(&sandbox)).await.0, StatusCode::CREATED);
+    assert_eq!(send(&app, "GET", "/api/v1/sandboxes/s1", Some(&user), None).await.0, StatusCode::OK);
+    assert_eq!(send(&app, "DELETE", "/api/v1/nodes/n1", Some(&user), None).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(send(&app, "DELETE", "/api/v1/nodes/n1", None, None).await.0, StatusCode::UNAUTHORIZED);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let lines: Vec<Value> = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        if lines.len() >= 4 || std::time::Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(lines.len(), 4, "token issue, create, two refused deletes; the GET is not audited: {lines:?}");
+    assert_eq!((lines[0]["identity"].as_str(), lines[0]["route"].as_str()), (Some("admin"), Some("/api/v1/tokens")));
+    let created = &lines[1];
+    assert_eq!(created["identity"], "alice");
+    assert_eq!(created["role"], "user");
+    assert_eq!(created["verb"], "POST");
+    assert_eq!(created["code"], 201);
+    let refused = &lines[2];
+    assert_eq!((refused["object"].as_str(), refused["code"].as_u64()), (Some("node/n1"), Some(403)));
+    assert!(!refused["request_id"].as_str().unwrap().is_empty());
+    assert_eq!((lines[3]["identity"].as_str(), lines[3]["code"].as_u64()), (Some("unauthenticated"), Some(401)));
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
 }

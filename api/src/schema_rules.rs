@@ -115,10 +115,15 @@ pub fn component_constraints(policy: &SandboxPolicy) -> Vec<(&'static str, &'sta
         ("Lease", "name", json!({ "pattern": NAME })),
         ("AgentCreateRequest", "labels", labels),
         ("Lease", "transitions", json!({ "maximum": i64::MAX })),
-        ("Lease", "acquired_at", json!({ "format": "date-time" })),
-        ("Lease", "renewed_at", json!({ "format": "date-time" })),
+        ("Lease", "acquired_at", json!({ "anyOf": [{ "maxLength": 0 }, { "format": "date-time" }] })),
+        ("Lease", "renewed_at", json!({ "anyOf": [{ "maxLength": 0 }, { "format": "date-time" }] })),
         ("TokenRequest", "identity", json!({ "pattern": NAME })),
         ("TokenRequest", "role", json!({ "pattern": ROLE })),
+        (
+            "TokenRequest",
+            "description",
+            json!({ "pattern": SINGLE_LINE_TEXT, "maxLength": crate::auth::MAX_TOKEN_DESCRIPTION }),
+        ),
         ("FinalizeRequest", "resource_version", json!({ "pattern": "^[0-9]{1,19}$" })),
         ("SandboxUpdateRequest", "resource_version", json!({ "pattern": "^[0-9]{0,19}$" })),
         (
@@ -137,6 +142,9 @@ pub fn component_constraints(policy: &SandboxPolicy) -> Vec<(&'static str, &'sta
         ("Lease", "lease_duration_seconds", json!({ "minimum": 1, "maximum": crate::lease::MAX_LEASE_SECONDS })),
     ]
 }
+
+/// Text on one line: no control characters at all (`char::is_control`).
+pub const SINGLE_LINE_TEXT: &str = r"^[^\u0000-\u001f\u007f-\u009f]*$";
 
 /// A role: `admin`, `user`, `controller` or `node:<name>`.
 pub const ROLE: &str = r"^(admin|user|controller|node:[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?)$";
@@ -250,6 +258,8 @@ mod tests {
         agree(LABEL_VALUE, |s| label_value_problem(s).is_none(), &values);
         agree(ENV_NAME, is_env_name, &["PATH", "_x", "1A", "A-B", "", "a1_"]);
         agree(MULTILINE_TEXT, |s| is_printable(s, true), &["a\tb\nc", "bell\u{7}", "esc\u{1b}[", "ok é", "\u{85}"]);
+        let single = ["a\tb", "a\nb", "ok é", "\u{85}", "\u{7f}", "plain text"];
+        agree(SINGLE_LINE_TEXT, |s| !s.chars().any(char::is_control), &single);
     }
 
     #[test]

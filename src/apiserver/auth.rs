@@ -232,22 +232,62 @@ pub fn authorize(identity: &Identity, method: &Method, route: &str, node: Option
 /// Authenticates every request of a matched route, checks its role against `RULES`, and hands
 /// the `Identity` to the handler.
 pub async fn guard(
-    State(auth): State<Authenticator>,
+    State(state): State<super::ApiState>,
     route: MatchedPath,
     params: RawPathParams,
     mut request: Request,
     next: Next,
 ) -> Response {
-    let identity = match auth.authenticate(request.headers()).await {
-        Ok(identity) => identity,
-        Err(e) => return e.into_response(),
-    };
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let request_id = request_id(request.headers());
+    let authenticated = state.auth.authenticate(request.headers()).await;
     let node = params.iter().find(|(key, _)| *key == "name").map(|(_, value)| value);
-    if let Err(reason) = authorize(&identity, request.method(), route.as_str(), node) {
-        return ApiError::Forbidden(reason).into_response();
+    let (identity, mut response) = match authenticated {
+        // Refused callers are audited too, as `unauthenticated`: their attempts are what an audit is for.
+        Err(e) => (Identity { name: "unauthenticated".into(), role: Role::User, source: "none" }, e.into_response()),
+        Ok(identity) => match authorize(&identity, &method, route.as_str(), node) {
+            Ok(()) => {
+                request.extensions_mut().insert(identity.clone());
+                (identity, next.run(request).await)
+            }
+            Err(reason) => (identity, ApiError::Forbidden(reason).into_response()),
+        },
+    };
+    if state.audit.is_on() && super::audit::audited(&method, route.as_str()) {
+        let params: Vec<(&str, &str)> = params.iter().collect();
+        state.audit.record(super::audit::Record {
+            time: sandboxd_api::time::rfc3339_now(),
+            request_id: request_id.clone(),
+            identity: identity.name,
+            role: if identity.source == "none" { String::new() } else { identity.role.as_wire() },
+            verb: method.to_string(),
+            route: route.as_str().to_string(),
+            object: super::audit::object_of(route.as_str(), &params),
+            code: response.status().as_u16(),
+            duration_ms: started.elapsed().as_millis() as u64,
+        });
     }
-    request.extensions_mut().insert(identity);
-    next.run(request).await
+    if let Ok(value) = axum::http::HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
+}
+
+/// The header a request id travels in, both ways.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// The caller's `X-Request-Id` when it is short and printable, else a new one.
+fn request_id(headers: &HeaderMap) -> String {
+    let given = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok());
+    match given.filter(|id| !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_graphic())) {
+        Some(id) => id.to_string(),
+        None => {
+            let mut bytes = [0u8; 8];
+            getrandom::fill(&mut bytes).expect("the operating system's random generator");
+            to_hex(&bytes)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! The HTTP API: routes for nodes, sandboxes and watches over the store.
 
+pub mod audit;
 pub mod auth;
 mod dataplane;
 mod error;
@@ -41,6 +42,8 @@ pub struct ApiState {
     pub default_max_alloc_percent: u32,
     /// Who callers are; open (everyone is the anonymous admin) unless `with_auth` sets one.
     pub auth: auth::Authenticator,
+    /// One line per mutating request, when `audit_log` is set.
+    pub audit: audit::AuditLog,
     /// Cancelled on shutdown so open watch streams end and let the server drain.
     pub shutdown: CancellationToken,
     /// Node agent client for the node proxy, heartbeats and the status call on node create; `None` makes no agent calls.
@@ -63,6 +66,7 @@ impl ApiState {
     pub fn new(store: Arc<dyn Store>, config: &Config) -> ApiState {
         ApiState {
             auth: auth::Authenticator::open(store.clone()),
+            audit: audit::AuditLog::default(),
             registry: Registry::new(store.clone(), config),
             store,
             policy: config.sandbox_policy(),
@@ -88,6 +92,12 @@ impl ApiState {
     /// The same state, authenticating callers with `auth`.
     pub fn with_auth(mut self, auth: auth::Authenticator) -> ApiState {
         self.auth = auth;
+        self
+    }
+
+    /// The same state, writing the audit log to `audit`.
+    pub fn with_audit(mut self, audit: audit::AuditLog) -> ApiState {
+        self.audit = audit;
         self
     }
 
@@ -148,7 +158,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/api/v1/whoami", get(tokens::whoami))
         .route("/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics))
-        .route_layer(axum::middleware::from_fn_with_state(state.auth.clone(), auth::guard))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::guard))
         .layer(axum::middleware::from_fn_with_state(state.shedder.clone(), shedding::shed));
     Router::new()
         .route("/healthz", get(healthz))
