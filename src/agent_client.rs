@@ -10,7 +10,7 @@ use sandboxd_api::agent::{
     Health,
 };
 use sandboxd_api::Node;
-use sandboxd_contracts::agent::{AgentClient, AgentError, AgentResult, ProbeTarget};
+use sandboxd_contracts::agent::{AgentAddr, AgentClient, AgentError, AgentResult, ProbeTarget};
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,8 +28,9 @@ pub struct HttpAgentClient {
     /// Which agent addresses may be called: literal ones are checked before each call, and `http`
     /// checks what each host name resolves to when it connects.
     policy: AddressPolicy,
-    /// Sent as `Authorization: Bearer` on every call to an agent (never to a sandbox's probe port).
-    token: Option<Arc<str>>,
+    /// The secret each node's agent token is derived from (`crate::tls::agent_token`); sent as
+    /// `Authorization: Bearer` on every call to an agent, never to a sandbox's probe port.
+    secret: Option<Arc<str>>,
 }
 
 impl HttpAgentClient {
@@ -40,23 +41,24 @@ impl HttpAgentClient {
 
     /// The same client, calling only addresses `policy` allows.
     pub fn with_policy(self, policy: AddressPolicy) -> HttpAgentClient {
-        HttpAgentClient { token: self.token, ..HttpAgentClient::with(self.call_timeout, policy) }
-    }
-
-    /// The same client, presenting `token` to every agent.
-    pub fn with_token(mut self, token: &str) -> HttpAgentClient {
-        self.token = Some(Arc::from(token));
-        self
-    }
-
-    /// The agent token, for calls built outside this client (data plane, exec WebSockets).
-    pub fn token(&self) -> Option<&str> {
-        self.token.as_deref()
+        HttpAgentClient { secret: self.secret, ..HttpAgentClient::with(self.call_timeout, policy) }
     }
 
     /// The same client, calling only loopback addresses (tests and demos on a closed network).
     pub fn loopback_only(self) -> HttpAgentClient {
         self.with_policy(AddressPolicy::loopback_only())
+    }
+
+    /// The same client, presenting to each node's agent the token derived from `secret` and the
+    /// node's name: an agent holding another node's token refuses it.
+    pub fn with_agent_secret(mut self, secret: &str) -> HttpAgentClient {
+        self.secret = Some(Arc::from(secret));
+        self
+    }
+
+    /// The token for `node`'s agent, for calls built outside this client (data plane, exec).
+    pub fn token_for(&self, node: &str) -> Option<String> {
+        self.secret.as_deref().map(|secret| crate::tls::agent_token(secret, node))
     }
 
     fn with(call_timeout: Duration, policy: AddressPolicy) -> HttpAgentClient {
@@ -72,7 +74,7 @@ impl HttpAgentClient {
             .tcp_nodelay(true)
             .build()
             .expect("reqwest client with static settings");
-        HttpAgentClient { http, call_timeout, policy, token: None }
+        HttpAgentClient { http, call_timeout, policy, secret: None }
     }
 
     /// The address policy this client calls agents under.
@@ -114,11 +116,11 @@ impl HttpAgentClient {
         url: String,
         body: Option<&AgentCreateRequest>,
         timeout: Duration,
-        base_url: &str,
+        agent: AgentAddr<'_>,
     ) -> AgentResult<(StatusCode, T)> {
-        self.check_address(base_url)?;
+        self.check_address(agent.base_url)?;
         let mut request = self.http.request(method, url).timeout(timeout);
-        if let Some(token) = &self.token {
+        if let Some(token) = self.token_for(agent.node) {
             request = request.bearer_auth(token);
         }
         if let Some(body) = body {
@@ -126,13 +128,40 @@ impl HttpAgentClient {
         }
         let response = request.send().await.map_err(describe_send_error)?;
         let status = response.status();
-        let bytes = response.bytes().await.map_err(describe_send_error)?;
         if !status.is_success() {
-            return Err(AgentError::Status { status: status.as_u16(), message: error_reason(&bytes) });
+            let message = match read_capped(response, MAX_ERROR_BYTES).await? {
+                Some(bytes) => error_reason(&bytes),
+                None => format!("a body over {MAX_ERROR_BYTES} bytes"),
+            };
+            return Err(AgentError::Status { status: status.as_u16(), message });
         }
+        let bytes = read_capped(response, MAX_ANSWER_BYTES)
+            .await?
+            .ok_or_else(|| AgentError::Invalid(format!("an answer over {MAX_ANSWER_BYTES} bytes")))?;
         let value = serde_json::from_slice(&bytes).map_err(|e| AgentError::Invalid(undecodable(status, &bytes, &e)))?;
         Ok((status, value))
     }
+}
+
+/// Largest answer read from an agent's control API (a page of 1,000 sandboxes, a log tail): a
+/// rogue agent streaming gigabytes must not fill the orchestrator's memory.
+pub const MAX_ANSWER_BYTES: usize = 16 << 20;
+/// Largest error body read; only a short reason of it is kept anyway.
+pub const MAX_ERROR_BYTES: usize = 64 << 10;
+
+/// The body of `response` if it is at most `cap` bytes; `None` (and the rest unread) past it.
+pub async fn read_capped(mut response: reqwest::Response, cap: usize) -> AgentResult<Option<Vec<u8>>> {
+    if response.content_length().is_some_and(|length| length > cap as u64) {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(describe_send_error)? {
+        if body.len() + chunk.len() > cap {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
 }
 
 /// Resolves agent host names when a connection is made, keeping only the addresses the policy allows.
@@ -219,9 +248,9 @@ fn sanitise(text: &str) -> String {
 
 #[async_trait]
 impl AgentClient for HttpAgentClient {
-    async fn health(&self, base_url: &str, timeout: Duration) -> AgentResult<()> {
+    async fn health(&self, agent: AgentAddr<'_>, timeout: Duration) -> AgentResult<()> {
         let (_, health): (_, Health) =
-            self.call(Method::GET, format!("{base_url}/healthz"), None, timeout, base_url).await?;
+            self.call(Method::GET, format!("{}/healthz", agent.base_url), None, timeout, agent).await?;
         if health.ok {
             Ok(())
         } else {
@@ -229,56 +258,56 @@ impl AgentClient for HttpAgentClient {
         }
     }
 
-    async fn status(&self, base_url: &str, timeout: Duration) -> AgentResult<AgentStatus> {
-        let url = format!("{base_url}/api/v1/status");
-        self.call(Method::GET, url, None, timeout, base_url).await.map(|(_, s)| s)
+    async fn status(&self, agent: AgentAddr<'_>, timeout: Duration) -> AgentResult<AgentStatus> {
+        let url = format!("{}/api/v1/status", agent.base_url);
+        self.call(Method::GET, url, None, timeout, agent).await.map(|(_, s)| s)
     }
 
-    async fn create_sandbox(&self, base_url: &str, request: &AgentCreateRequest) -> AgentResult<AgentSandbox> {
-        let url = format!("{base_url}/api/v1/sandboxes");
+    async fn create_sandbox(&self, agent: AgentAddr<'_>, request: &AgentCreateRequest) -> AgentResult<AgentSandbox> {
+        let url = format!("{}/api/v1/sandboxes", agent.base_url);
         let (_, envelope): (_, AgentSandboxEnvelope) =
-            self.call(Method::POST, url, Some(request), self.call_timeout, base_url).await?;
+            self.call(Method::POST, url, Some(request), self.call_timeout, agent).await?;
         Ok(envelope.sandbox)
     }
 
-    async fn get_sandbox(&self, base_url: &str, id: &str) -> AgentResult<AgentSandbox> {
-        let url = format!("{base_url}/api/v1/sandboxes/{id}");
+    async fn get_sandbox(&self, agent: AgentAddr<'_>, id: &str) -> AgentResult<AgentSandbox> {
+        let url = format!("{}/api/v1/sandboxes/{id}", agent.base_url);
         let (_, envelope): (_, AgentSandboxEnvelope) =
-            self.call(Method::GET, url, None, self.call_timeout, base_url).await?;
+            self.call(Method::GET, url, None, self.call_timeout, agent).await?;
         Ok(envelope.sandbox)
     }
 
-    async fn list_sandboxes(&self, base_url: &str, cursor: &str, limit: usize) -> AgentResult<AgentSandboxList> {
-        let url = format!("{base_url}/api/v1/sandboxes?cursor={cursor}&limit={limit}");
-        self.call(Method::GET, url, None, self.call_timeout, base_url).await.map(|(_, l)| l)
+    async fn list_sandboxes(&self, agent: AgentAddr<'_>, cursor: &str, limit: usize) -> AgentResult<AgentSandboxList> {
+        let url = format!("{}/api/v1/sandboxes?cursor={cursor}&limit={limit}", agent.base_url);
+        self.call(Method::GET, url, None, self.call_timeout, agent).await.map(|(_, l)| l)
     }
 
-    async fn delete_sandbox(&self, base_url: &str, id: &str) -> AgentResult<()> {
-        let url = format!("{base_url}/api/v1/sandboxes/{id}");
-        let _: (_, AgentDeleted) = self.call(Method::DELETE, url, None, self.call_timeout, base_url).await?;
+    async fn delete_sandbox(&self, agent: AgentAddr<'_>, id: &str) -> AgentResult<()> {
+        let url = format!("{}/api/v1/sandboxes/{id}", agent.base_url);
+        let _: (_, AgentDeleted) = self.call(Method::DELETE, url, None, self.call_timeout, agent).await?;
         Ok(())
     }
 
     async fn logs(
         &self,
-        base_url: &str,
+        agent: AgentAddr<'_>,
         id: &str,
         container: Option<&str>,
         tail: Option<usize>,
     ) -> AgentResult<AgentLogs> {
         let mut url = match container {
-            Some(c) => format!("{base_url}/api/v1/sandboxes/{id}/containers/{c}/logs"),
-            None => format!("{base_url}/api/v1/sandboxes/{id}/logs"),
+            Some(c) => format!("{}/api/v1/sandboxes/{id}/containers/{c}/logs", agent.base_url),
+            None => format!("{}/api/v1/sandboxes/{id}/logs", agent.base_url),
         };
         if let Some(tail) = tail {
             url.push_str(&format!("?tail={tail}"));
         }
-        self.call(Method::GET, url, None, self.call_timeout, base_url).await.map(|(_, l)| l)
+        self.call(Method::GET, url, None, self.call_timeout, agent).await.map(|(_, l)| l)
     }
 
-    async fn reconcile(&self, base_url: &str) -> AgentResult<()> {
-        let url = format!("{base_url}/api/v1/reconcile");
-        let (_, ok): (_, Health) = self.call(Method::POST, url, None, self.call_timeout, base_url).await?;
+    async fn reconcile(&self, agent: AgentAddr<'_>) -> AgentResult<()> {
+        let url = format!("{}/api/v1/reconcile", agent.base_url);
+        let (_, ok): (_, Health) = self.call(Method::POST, url, None, self.call_timeout, agent).await?;
         if ok.ok {
             Ok(())
         } else {
@@ -319,6 +348,10 @@ impl HttpAgentClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn at(base_url: &str) -> AgentAddr<'_> {
+        AgentAddr { node: "n1", base_url }
+    }
     use crate::address_policy::{AddressPolicy, Cidr};
     use std::net::SocketAddr;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -403,7 +436,7 @@ mod tests {
         // Connecting to 0.0.0.0 reaches this host: the refusal must come first.
         let (listener, port) = untouched_listener();
         let agents = client(AddressPolicy::default());
-        let err = agents.health(&format!("http://0.0.0.0:{port}"), Duration::from_secs(1)).await.unwrap_err();
+        let err = agents.health(at(&format!("http://0.0.0.0:{port}")), Duration::from_secs(1)).await.unwrap_err();
         assert_eq!(err.to_string(), "unreachable: 0.0.0.0 is unspecified; agent addresses must not be");
         let probe = ProbeTarget { host: "0.0.0.0".into(), port, http_path: None, timeout: Duration::from_secs(1) };
         assert_eq!(agents.probe(&probe).await.unwrap_err(), "0.0.0.0 is unspecified; agent addresses must not be");
@@ -417,11 +450,11 @@ mod tests {
         let base = format!("http://localhost:{port}");
         let want = "is outside agent_allowed_networks (10.0.0.0/8)";
 
-        let err = agents.health(&base, Duration::from_secs(1)).await.unwrap_err();
+        let err = agents.health(at(&base), Duration::from_secs(1)).await.unwrap_err();
         assert!(matches!(err, AgentError::Unreachable(_)), "{err}");
         assert!(err.to_string().contains("localhost resolves to no allowed address: "), "{err}");
         assert!(err.to_string().contains(want), "{err}");
-        let err = agents.list_sandboxes(&base, "", 10).await.unwrap_err();
+        let err = agents.list_sandboxes(at(&base), "", 10).await.unwrap_err();
         assert!(err.to_string().contains(want), "{err}");
         let err = agents.connect_tcp(&base).await.unwrap_err();
         assert!(err.to_string().contains(want), "{err}");
@@ -437,7 +470,7 @@ mod tests {
     async fn host_name_resolving_inside_the_policy_is_called() {
         let addr = agent_answering("200 OK", br#"{"ok": true}"#.to_vec()).await;
         let agents = HttpAgentClient::new(Duration::from_secs(2)).loopback_only();
-        agents.health(&format!("http://localhost:{}", addr.port()), Duration::from_secs(2)).await.unwrap();
+        agents.health(at(&format!("http://localhost:{}", addr.port())), Duration::from_secs(2)).await.unwrap();
         let probe = ProbeTarget {
             host: "localhost".into(),
             port: addr.port(),
@@ -448,34 +481,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn oversized_answers_are_not_read_into_memory() {
+        let agents = client(AddressPolicy::default());
+        let addr = agent_answering("500 Internal Server Error", vec![b'x'; MAX_ERROR_BYTES + 1]).await;
+        let err = agents.health(at(&format!("http://{addr}")), Duration::from_secs(2)).await.unwrap_err();
+        assert_eq!(err.to_string(), format!("agent answered 500: a body over {MAX_ERROR_BYTES} bytes"));
+        let addr = agent_answering("200 OK", vec![b' '; MAX_ANSWER_BYTES + 1]).await;
+        let err = agents.status(at(&format!("http://{addr}")), Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!(err, AgentError::Invalid(format!("an answer over {MAX_ANSWER_BYTES} bytes")));
+    }
+
+    #[tokio::test]
+    async fn each_node_is_sent_its_own_token() {
+        let agents = client(AddressPolicy::default()).with_agent_secret("fleet-secret");
+        assert_eq!(agents.token_for("n1"), Some(crate::tls::agent_token("fleet-secret", "n1")));
+        assert_ne!(agents.token_for("n1"), agents.token_for("n2"));
+        assert_eq!(client(AddressPolicy::default()).token_for("n1"), None, "no secret, no token");
+    }
+
+    #[tokio::test]
     async fn error_answers_carry_no_agent_bytes_beyond_a_sanitised_reason() {
         let agents = client(AddressPolicy::default());
         let secret = b"<html>aws_secret_access_key=wJalrXUtnFEMI</html>".to_vec();
         let addr = agent_answering("500 Internal Server Error", secret.clone()).await;
-        let err = agents.health(&format!("http://{addr}"), Duration::from_secs(2)).await.unwrap_err();
+        let err = agents.health(at(&format!("http://{addr}")), Duration::from_secs(2)).await.unwrap_err();
         let want = format!("agent answered 500: a body that is not JSON ({} bytes)", secret.len());
         assert_eq!(err.to_string(), want);
 
         let addr = agent_answering("404 Not Found", secret.clone()).await;
-        let err = agents.get_sandbox(&format!("http://{addr}"), "s1").await.unwrap_err();
+        let err = agents.get_sandbox(at(&format!("http://{addr}")), "s1").await.unwrap_err();
         assert_eq!(err.to_string(), format!("agent answered 404: a body that is not JSON ({} bytes)", secret.len()));
 
         // A success answer of the wrong shape: serde would quote the value, the reason must not.
         let addr = agent_answering("200 OK", br#""aws_secret_access_key=wJalrXUtnFEMI""#.to_vec()).await;
-        let err = agents.health(&format!("http://{addr}"), Duration::from_secs(2)).await.unwrap_err();
+        let err = agents.health(at(&format!("http://{addr}")), Duration::from_secs(2)).await.unwrap_err();
         assert!(matches!(err, AgentError::Invalid(_)), "{err}");
         assert!(!err.to_string().contains("wJalr"), "{err}");
         assert!(err.to_string().contains("agent answered 200 with JSON of another shape (unexpected value"), "{err}");
 
         let addr = agent_answering("200 OK", b"{}".to_vec()).await;
-        let err = agents.health(&format!("http://{addr}"), Duration::from_secs(2)).await.unwrap_err();
+        let err = agents.health(at(&format!("http://{addr}")), Duration::from_secs(2)).await.unwrap_err();
         assert_eq!(
             err.to_string(),
             "invalid answer: agent answered 200 with JSON of another shape (missing field `ok`; 2 bytes)"
         );
 
         let addr = agent_answering("200 OK", secret.clone()).await;
-        let err = agents.status(&format!("http://{addr}"), Duration::from_secs(2)).await.unwrap_err();
+        let err = agents.status(at(&format!("http://{addr}")), Duration::from_secs(2)).await.unwrap_err();
         assert_eq!(
             err.to_string(),
             format!("invalid answer: agent answered 200 with a body that is not JSON ({} bytes)", secret.len())

@@ -82,7 +82,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
-    pub agent_token_file: Option<PathBuf>,
+    pub agent_secret_file: Option<PathBuf>,
     pub audit_log: Option<PathBuf>,
     pub audit_log_max_bytes: u64,
     pub max_body_bytes: usize,
@@ -188,9 +188,9 @@ pub const KEYS: [Key; 38] = [
     key("audit_log", "", "File of the audit log: one JSON line per mutating request (empty: off)"),
     key("audit_log_max_bytes", "100MiB", "Size past which the audit log rotates (three older files are kept)"),
     key(
-        "agent_token_file",
+        "agent_secret_file",
         "",
-        "File holding the bearer token sent to every sbxlet (empty: <data_dir>/agent.token, generated on first start)",
+        "File holding the secret each node's agent token is derived from (empty: <data_dir>/agent.secret, generated on first start)",
     ),
     key("max_body_bytes", "1MiB", "Largest request body the API accepts"),
     key("max_file_bytes", "100MiB", "Largest file or archive uploaded into a sandbox (over it: 413)"),
@@ -335,7 +335,7 @@ impl Config {
             data_dir: PathBuf::from(value("data_dir")),
             tls_cert_file: optional_path(&value("tls_cert_file")),
             tls_key_file: optional_path(&value("tls_key_file")),
-            agent_token_file: optional_path(&value("agent_token_file")),
+            agent_secret_file: optional_path(&value("agent_secret_file")),
             audit_log: optional_path(&value("audit_log")),
             audit_log_max_bytes: parse_key("audit_log_max_bytes", &value("audit_log_max_bytes"), |s| {
                 let bytes = parse_byte_size(s)?;

@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 pub const FD_RESERVE: u64 = 1024;
 /// Refusals answered at once; past it, an excess connection is closed without an answer.
 const MAX_REFUSALS: usize = 256;
+/// Longest TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a refused connection may take to send its request line.
 const REFUSAL_READ: Duration = Duration::from_secs(1);
 
@@ -90,7 +92,9 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
         let http = http.clone();
         let shutdown = shutdown.clone();
         let acceptor = limits.tls.clone().map(tokio_rustls::TlsAcceptor::from);
-        let handshake_timeout = limits.header_read_timeout;
+        // A TLS handshake is a few round trips: a client that stalls in it holds a connection slot
+        // for at most this, however long header_read_timeout is.
+        let handshake_timeout = limits.header_read_timeout.min(TLS_HANDSHAKE_TIMEOUT);
         tokio::spawn(async move {
             match acceptor {
                 None => serve_connection(&http, stream, service, &shutdown).await,

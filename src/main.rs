@@ -31,6 +31,19 @@ enum Command {
     Apiserver(ServeArgs),
     /// Run controllers in their own process against a remote API server, each behind a leader lease.
     Controllers(ControllersArgs),
+    /// Print the token NODE's agent must hold (`sbxlet --token-file`), from the agent secret.
+    AgentToken(AgentTokenArgs),
+}
+
+#[derive(Args)]
+struct AgentTokenArgs {
+    /// The node's name, as registered.
+    node: String,
+    /// TOML configuration file (its data_dir or agent_secret_file name the secret).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    flags: ConfigFlags,
 }
 
 #[derive(Args)]
@@ -189,6 +202,7 @@ fn run_cli() -> anyhow::Result<()> {
         }
         Command::Apiserver(args) => (args, Mode::ApiOnly),
         Command::Controllers(args) => return run_controllers(args),
+        Command::AgentToken(args) => return print_agent_token(args),
     };
     let env: HashMap<String, String> = std::env::vars().collect();
     let config = Config::load(args.config.as_deref(), &env, &args.flags.into_map()).context("invalid configuration")?;
@@ -209,14 +223,19 @@ async fn start_demo_agents(demo: &DemoAgents, config: &mut Config) -> anyhow::Re
     if demo.count == 0 {
         return Ok(None);
     }
-    // The demo agents take the orchestrator's agent token, like real ones, and no fault routes.
-    let token = server::agent_token(config)?;
+    // Each demo agent holds its own node's token, as a real one would, and has no fault routes.
+    let names: Vec<String> = (1..=demo.count).map(|i| format!("demo-{i}")).collect();
+    let tokens = match server::agent_secret(config)? {
+        Some(secret) => names.iter().map(|name| sandboxd_o::tls::agent_token(&secret, name)).collect(),
+        None => Vec::new(),
+    };
     let fleet = sbxlet::start_fleet(sbxlet::FleetConfig {
         nodes: demo.count,
         base_ip: std::net::Ipv4Addr::new(127, 0, 2, 1),
         port: demo.port,
-        template: sbxlet::SimConfig { token, fault_injection: false, ..sbxlet::SimConfig::default() },
+        template: sbxlet::SimConfig { fault_injection: false, ..sbxlet::SimConfig::default() },
         name_prefix: "demo".into(),
+        tokens,
     })
     .await
     .context("starting demo agents (is the port in use? set --demo-agent-port)")?;
@@ -253,6 +272,16 @@ async fn run(mut config: Config, mode: Mode, demo: DemoAgents) -> anyhow::Result
     Ok(())
 }
 
+fn print_agent_token(args: AgentTokenArgs) -> anyhow::Result<()> {
+    sandboxd_api::validate::validate_name("node", &args.node).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let config = Config::load(args.config.as_deref(), &env, &args.flags.into_map()).context("invalid configuration")?;
+    let secret = server::agent_secret(&config)?
+        .ok_or_else(|| anyhow::anyhow!("no agent secret: insecure_listen is set and agent_secret_file is not"))?;
+    println!("{}", sandboxd_o::tls::agent_token(&secret, &args.node));
+    Ok(())
+}
+
 fn run_controllers(args: ControllersArgs) -> anyhow::Result<()> {
     let env: HashMap<String, String> = std::env::vars().collect();
     let config = Config::load(args.config.as_deref(), &env, &args.flags.into_map()).context("invalid configuration")?;
@@ -267,8 +296,8 @@ fn run_controllers(args: ControllersArgs) -> anyhow::Result<()> {
     if args.token.is_some() {
         client_config.token = args.token.clone();
     }
-    let agent_token =
-        config.agent_token_file.as_deref().map(|p| Config::read_token("agent_token_file", p)).transpose()?;
+    let agent_secret =
+        config.agent_secret_file.as_deref().map(|p| Config::read_token("agent_secret_file", p)).transpose()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let client = sandboxd_client::Client::from_config(&client_config)?;
@@ -279,8 +308,8 @@ fn run_controllers(args: ControllersArgs) -> anyhow::Result<()> {
         let objects = Arc::new(sandboxd_client::objects::HttpObjects::new(client));
         let mut agents = sandboxd_o::agent_client::HttpAgentClient::new(config.agent_timeout)
             .with_policy(config.agent_policy.clone());
-        if let Some(token) = &agent_token {
-            agents = agents.with_token(token);
+        if let Some(secret) = &agent_secret {
+            agents = agents.with_agent_secret(secret);
         }
         let shutdown = tokio_util::sync::CancellationToken::new();
         let stop = shutdown.clone();

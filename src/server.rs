@@ -97,8 +97,8 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
     let store = store::open(&config.store, store_options(&config)).await?;
     let auth = authenticator(&security, store.clone());
     let mut agent_client = HttpAgentClient::new(config.agent_timeout).with_policy(config.agent_policy.clone());
-    if let Some(token) = &security.agent_token {
-        agent_client = agent_client.with_token(token);
+    if let Some(secret) = &security.agent_secret {
+        agent_client = agent_client.with_agent_secret(secret);
     }
     let agents: Arc<dyn AgentClient> = Arc::new(agent_client.clone());
     let mut state =
@@ -211,17 +211,17 @@ pub struct Security {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The bootstrap admin's token; `None`: no authentication.
     pub admin_token: Option<String>,
-    /// Sent to every sbxlet as its bearer token.
-    pub agent_token: Option<String>,
+    /// What each node's agent token is derived from (`tls::agent_token`).
+    pub agent_secret: Option<String>,
 }
 
 /// Secure by default: HTTPS and tokens, made under `data_dir` on first start, with a client config
 /// for `sbxctl`. `insecure_listen` opts out (loopback only), keeping token files that are named.
 pub fn security(config: &Config, local: SocketAddr) -> Result<Security, ServeError> {
-    let agent_token = agent_token(config)?;
+    let agent_secret = agent_secret(config)?;
     if config.insecure_listen.is_some() {
         tracing::warn!(addr = %local, "insecure_listen: plain HTTP, and no authentication unless auth_token_file is set; for local development only");
-        return Ok(Security { tls: None, admin_token: config.auth_token()?, agent_token });
+        return Ok(Security { tls: None, admin_token: config.auth_token()?, agent_secret });
     }
     let dir = &config.data_dir;
     tls::private_dir(dir)?;
@@ -243,21 +243,21 @@ pub fn security(config: &Config, local: SocketAddr) -> Result<Security, ServeErr
     let client_path = dir.join(tls::CLIENT_CONFIG);
     tls::write_client_config(&client_path, &client)?;
     tracing::info!(url = %client.server, client_config = %client_path.display(), "serving HTTPS; sbxctl reads the client config");
-    Ok(Security { tls: Some(server_tls), admin_token: Some(admin_token), agent_token })
+    Ok(Security { tls: Some(server_tls), admin_token: Some(admin_token), agent_secret })
 }
 
-/// The token sent to every sbxlet: `agent_token_file`'s, else (unless `insecure_listen`)
-/// `<data_dir>/agent.token`, made on first start.
-pub fn agent_token(config: &Config) -> Result<Option<String>, ServeError> {
-    if let Some(path) = &config.agent_token_file {
-        return Ok(Some(Config::read_token("agent_token_file", path)?));
+/// The secret every node's agent token is derived from: `agent_secret_file`'s, else (unless
+/// `insecure_listen`) `<data_dir>/agent.secret`, made on first start.
+pub fn agent_secret(config: &Config) -> Result<Option<String>, ServeError> {
+    if let Some(path) = &config.agent_secret_file {
+        return Ok(Some(Config::read_token("agent_secret_file", path)?));
     }
     if config.insecure_listen.is_some() {
         return Ok(None);
     }
     tls::private_dir(&config.data_dir)?;
-    let token = tls::read_or_create(&config.data_dir.join(tls::AGENT_TOKEN), tls::random_secret)?;
-    Ok(Some(token.trim().to_string()))
+    let secret = tls::read_or_create(&config.data_dir.join(tls::AGENT_SECRET), tls::random_secret)?;
+    Ok(Some(secret.trim().to_string()))
 }
 
 /// Node states from before this start say nothing now: they are reset before the first request is

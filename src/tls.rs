@@ -1,6 +1,6 @@
 //! Secure by default: the data directory's credentials (a CA, a serving certificate, the admin
-//! token, the agents' secret), the listener's rustls configuration, and the client config that
-//! `sbxctl` reads.
+//! token, the secret of the per-node agent tokens), the listener's rustls configuration, and the
+//! client config that `sbxctl` reads.
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use std::io::Write;
@@ -30,7 +30,7 @@ pub const CA_KEY: &str = "pki/ca.key";
 pub const SERVER_CERT: &str = "pki/server.crt";
 pub const SERVER_KEY: &str = "pki/server.key";
 pub const ADMIN_TOKEN: &str = "admin.token";
-pub const AGENT_TOKEN: &str = "agent.token";
+pub const AGENT_SECRET: &str = "agent.secret";
 pub const CLIENT_CONFIG: &str = "client.json";
 
 /// Creates `dir` (and parents) readable by the owner only.
@@ -67,13 +67,18 @@ fn ca_params() -> Result<CertificateParams, TlsError> {
     params.distinguished_name.push(DnType::CommonName, "sandboxd-o CA");
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    params.not_after = rcgen::date_time_ymd(current_year() + 10, 1, 1);
+    (params.not_before, params.not_after) = valid_for(CA_DAYS);
     Ok(params)
 }
 
-fn current_year() -> i32 {
-    let days = sandboxd_api::time::unix_now() / 86_400;
-    1970 + (days as f64 / 365.2425) as i32
+/// The CA lasts ten years; the serving certificate a year, and is made again at every start.
+const CA_DAYS: i64 = 3650;
+const SERVING_DAYS: i64 = 365;
+
+/// From an hour ago (clocks differ a little) to `days` from now.
+fn valid_for(days: i64) -> (time::OffsetDateTime, time::OffsetDateTime) {
+    let now = time::OffsetDateTime::now_utc();
+    (now - time::Duration::hours(1), now + time::Duration::days(days))
 }
 
 /// The names a serving certificate covers: loopback, the host's name, and the listen address.
@@ -106,7 +111,7 @@ pub fn ensure_pki(data_dir: &Path, names: &[String]) -> Result<String, TlsError>
     let ca_pem = read_or_create(&data_dir.join(CA_CERT), || ca.pem())?;
     let mut params = CertificateParams::new(names.to_vec())?;
     params.distinguished_name.push(DnType::CommonName, "sandboxd-o");
-    params.not_after = rcgen::date_time_ymd(current_year() + 1, 1, 1);
+    (params.not_before, params.not_after) = valid_for(SERVING_DAYS);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &ca, &ca_key)?;
     write_private(&data_dir.join(SERVER_KEY), key.serialize_pem().as_bytes())?;
@@ -165,6 +170,17 @@ pub fn write_client_config(path: &Path, config: &ClientConfig) -> Result<(), Tls
     write_private(path, format!("{json}\n").as_bytes())
 }
 
+/// The bearer token of `node`'s agent: HMAC-SHA256 of the node's name under the agent secret, as
+/// hex. Each node's agent holds only its own, so a registration that points at another node's
+/// address is refused there (401), and one stolen agent token opens one agent.
+pub fn agent_token(secret: &str, node: &str) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(b"sbxlet-agent-token:");
+    mac.update(node.as_bytes());
+    crate::apiserver::auth::to_hex(&mac.finalize().into_bytes())
+}
+
 /// A new random secret as hex: 32 bytes from the operating system's generator.
 pub fn random_secret() -> String {
     let mut bytes = [0u8; 32];
@@ -190,6 +206,23 @@ mod tests {
         }
         let mode = std::fs::metadata(dir.path().join("pki")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn certificates_are_valid_from_now_for_their_whole_term() {
+        let (from, to) = valid_for(SERVING_DAYS);
+        let now = time::OffsetDateTime::now_utc();
+        assert!(from < now && now < to);
+        assert!(to - now > time::Duration::days(364), "a year from now, whatever the date");
+    }
+
+    #[test]
+    fn agent_tokens_are_per_node_and_per_secret() {
+        let a1 = agent_token("secret", "n1");
+        assert_eq!(a1.len(), 64);
+        assert_eq!(a1, agent_token("secret", "n1"));
+        assert_ne!(a1, agent_token("secret", "n2"));
+        assert_ne!(a1, agent_token("other", "n1"));
     }
 
     #[test]

@@ -106,10 +106,32 @@ async fn the_first_readme_command_serves_https_with_tokens_and_authenticated_age
     assert_eq!(bare.status(), 401);
     let faults = agent.get(format!("{AGENT}/sim/faults")).send().await.unwrap();
     assert!(faults.status() == 401 || faults.status() == 404, "fault routes are closed: {}", faults.status());
-    let token = std::fs::read_to_string(data.join("agent.token")).unwrap();
-    let authed = agent.get(format!("{AGENT}/api/v1/sandboxes")).bearer_auth(token.trim()).send().await.unwrap();
+    let token_of = |node: &str| {
+        let out = clean(Path::new(env!("CARGO_BIN_EXE_sandboxd-o")), dir.path()).args(["agent-token", node]).output();
+        let out = out.expect("sandboxd-o agent-token runs");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let token = token_of("demo-1");
+    let other_nodes = agent.get(format!("{AGENT}/api/v1/sandboxes")).bearer_auth(token_of("demo-2")).send();
+    assert_eq!(other_nodes.await.unwrap().status(), 401, "demo-2's token does not open demo-1's agent");
+    let authed = agent.get(format!("{AGENT}/api/v1/sandboxes")).bearer_auth(&token).send().await.unwrap();
     assert_eq!(authed.status(), 200);
-    let faults = agent.get(format!("{AGENT}/sim/faults")).bearer_auth(token.trim()).send().await.unwrap();
+    // A registration that points at demo-1's address under another name cannot act as it: the
+    // orchestrator presents the impostor's token there, which demo-1 refuses.
+    let impostor = dir.path().join("impostor.json");
+    let node = serde_json::json!({ "kind": "Node", "id": "impostor", "spec": { "ip": "127.0.2.1", "port": 8080 } });
+    std::fs::write(&impostor, node.to_string()).unwrap();
+    assert!(sbxctl(dir.path(), &["apply", "-f", impostor.to_str().unwrap()]).status.success());
+    let beat = sbxctl(dir.path(), &["heartbeat", "node/impostor"]);
+    let text = String::from_utf8_lossy(&beat.stdout).to_string();
+    assert!(
+        !beat.status.success() && text.contains("heartbeat failed"),
+        "{text} {}",
+        String::from_utf8_lossy(&beat.stderr)
+    );
+    assert!(text.contains("401"), "{text}");
+    let faults = agent.get(format!("{AGENT}/sim/faults")).bearer_auth(&token).send().await.unwrap();
     assert_eq!(faults.status(), 404, "no fault injection without --enable-fault-injection");
     assert_eq!(agent.get(format!("{AGENT}/healthz")).send().await.unwrap().status(), 200);
 
@@ -124,7 +146,7 @@ async fn the_first_readme_command_serves_https_with_tokens_and_authenticated_age
     assert!(waited.status.success(), "{waited:?}");
 
     assert_eq!(mode(&data), 0o700);
-    for file in ["admin.token", "agent.token", "client.json", "pki/ca.key", "pki/server.key", "store.db"] {
+    for file in ["admin.token", "agent.secret", "client.json", "pki/ca.key", "pki/server.key", "store.db"] {
         assert_eq!(mode(&data.join(file)), 0o600, "{file}");
     }
 }

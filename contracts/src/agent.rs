@@ -32,31 +32,46 @@ impl AgentError {
 
 pub type AgentResult<T> = Result<T, AgentError>;
 
-/// Calls to the sbxlet API of one node, addressed by its base URL (`http://ip:port`).
+/// One node's agent: where it listens, and the node's name, which its credential is bound to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentAddr<'a> {
+    pub node: &'a str,
+    /// `http://ip:port`.
+    pub base_url: &'a str,
+}
+
+impl<'a> AgentAddr<'a> {
+    /// The agent of a registered node.
+    pub fn of(node: &'a sandboxd_api::Node) -> AgentAddr<'a> {
+        AgentAddr { node: &node.name, base_url: &node.sbxlet_base_url }
+    }
+}
+
+/// Calls to the sbxlet API of one node, addressed by its name and base URL.
 #[async_trait]
 pub trait AgentClient: Send + Sync + 'static {
     /// `GET /healthz`: Ok only for 2xx with `{"ok": true}`.
-    async fn health(&self, base_url: &str, timeout: Duration) -> AgentResult<()>;
+    async fn health(&self, agent: AgentAddr<'_>, timeout: Duration) -> AgentResult<()>;
     /// `GET /api/v1/status`.
-    async fn status(&self, base_url: &str, timeout: Duration) -> AgentResult<AgentStatus>;
+    async fn status(&self, agent: AgentAddr<'_>, timeout: Duration) -> AgentResult<AgentStatus>;
     /// `POST /api/v1/sandboxes` (idempotent on the agent).
-    async fn create_sandbox(&self, base_url: &str, request: &AgentCreateRequest) -> AgentResult<AgentSandbox>;
+    async fn create_sandbox(&self, agent: AgentAddr<'_>, request: &AgentCreateRequest) -> AgentResult<AgentSandbox>;
     /// `GET /api/v1/sandboxes/{id}`.
-    async fn get_sandbox(&self, base_url: &str, id: &str) -> AgentResult<AgentSandbox>;
+    async fn get_sandbox(&self, agent: AgentAddr<'_>, id: &str) -> AgentResult<AgentSandbox>;
     /// `GET /api/v1/sandboxes?cursor=&limit=`.
-    async fn list_sandboxes(&self, base_url: &str, cursor: &str, limit: usize) -> AgentResult<AgentSandboxList>;
+    async fn list_sandboxes(&self, agent: AgentAddr<'_>, cursor: &str, limit: usize) -> AgentResult<AgentSandboxList>;
     /// `DELETE /api/v1/sandboxes/{id}`; a 404 is returned as an error for the caller to judge.
-    async fn delete_sandbox(&self, base_url: &str, id: &str) -> AgentResult<()>;
+    async fn delete_sandbox(&self, agent: AgentAddr<'_>, id: &str) -> AgentResult<()>;
     /// `GET .../logs`, of one container when `container` is set.
     async fn logs(
         &self,
-        base_url: &str,
+        agent: AgentAddr<'_>,
         id: &str,
         container: Option<&str>,
         tail: Option<usize>,
     ) -> AgentResult<AgentLogs>;
     /// `POST /api/v1/reconcile`.
-    async fn reconcile(&self, base_url: &str) -> AgentResult<()>;
+    async fn reconcile(&self, agent: AgentAddr<'_>) -> AgentResult<()>;
     /// One readiness probe try against a sandbox's published port; `Err` says why it failed.
     async fn probe(&self, target: &ProbeTarget) -> Result<(), String>;
 }
@@ -72,11 +87,11 @@ pub struct ProbeTarget {
 }
 
 /// Lists every sandbox an agent holds, following `next_cursor`.
-pub async fn list_all_sandboxes(agents: &dyn AgentClient, base_url: &str) -> AgentResult<Vec<AgentSandbox>> {
+pub async fn list_all_sandboxes(agents: &dyn AgentClient, agent: AgentAddr<'_>) -> AgentResult<Vec<AgentSandbox>> {
     let mut all = Vec::new();
     let mut cursor = String::new();
     loop {
-        let page = agents.list_sandboxes(base_url, &cursor, 1000).await?;
+        let page = agents.list_sandboxes(agent, &cursor, 1000).await?;
         all.extend(page.items);
         if page.next_cursor.is_empty() || page.next_cursor == cursor {
             return Ok(all);

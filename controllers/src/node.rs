@@ -1,6 +1,6 @@
 //! Node controller: heartbeats on a shared timer, streaks with hysteresis, and resources from agent reports.
 
-use crate::agent::{AgentClient, AgentError};
+use crate::agent::{AgentAddr, AgentClient, AgentError};
 use crate::objects::{ObjectClient, ObjectError};
 use crate::runtime::controller::Controller;
 use crate::runtime::informer::{Change, Informer};
@@ -108,11 +108,19 @@ pub fn describe_failure(error: &AgentError) -> String {
     }
 }
 
+/// Whether the agent answered that the caller's credential is missing or wrong.
+fn refuses_credential(error: &AgentError) -> bool {
+    matches!(error, AgentError::Status { status: 401 | 403, .. })
+}
+
 /// Applies one heartbeat's probe to a node's status (pure; `now` is the RFC 3339 time of the probe).
 pub fn apply_probe(node: &Node, probe: &Probe, settings: &NodeSettings, now: &str) -> (NodeStatus, Verdict) {
     let mut status = node.status.clone();
     let verdict = match (&probe.health, &probe.status) {
         (Err(_), _) => Verdict::Failed,
+        // `/healthz` is open, so only the status call shows that the agent refuses this node's
+        // credential: whatever answers is not this node's agent, and must not count as it.
+        (Ok(()), Err(e)) if refuses_credential(e) => Verdict::Failed,
         (Ok(()), Err(_)) => Verdict::Degraded,
         (Ok(()), Ok(_)) => Verdict::Ok,
     };
@@ -133,6 +141,9 @@ pub fn apply_probe(node: &Node, probe: &Probe, settings: &NodeSettings, now: &st
     status.failure_streak = failures;
     match (&probe.health, &probe.status) {
         (Err(e), _) => status.last_error = describe_failure(e),
+        (Ok(()), Err(e)) if refuses_credential(e) => {
+            status.last_error = format!("unauthorized: the agent refuses this node's token: {}", describe_failure(e))
+        }
         (Ok(()), Err(e)) => {
             status.last_heartbeat = Some(now.to_string());
             status.last_error = format!("degraded: status call failed: {}", describe_failure(e));
@@ -207,8 +218,8 @@ pub fn derive_resources(node: &Node, reported: &Reported, default_max_alloc_perc
 }
 
 /// Calls the agent's health and status endpoints concurrently, each bounded by `timeout`.
-pub async fn probe_agent(agents: &dyn AgentClient, base_url: &str, timeout: Duration) -> Probe {
-    let (health, status) = tokio::join!(agents.health(base_url, timeout), agents.status(base_url, timeout));
+pub async fn probe_agent(agents: &dyn AgentClient, agent: AgentAddr<'_>, timeout: Duration) -> Probe {
+    let (health, status) = tokio::join!(agents.health(agent, timeout), agents.status(agent, timeout));
     Probe { health, status }
 }
 
@@ -222,7 +233,7 @@ pub async fn heartbeat_once(
     name: &str,
 ) -> Result<HeartbeatReport, ObjectError> {
     let mut node = objects.get_node(name).await?.ok_or_else(|| ObjectError::NotFound(format!("node {name:?}")))?;
-    let probe = probe_agent(agents, &node.sbxlet_base_url, settings.heartbeat_timeout).await;
+    let probe = probe_agent(agents, AgentAddr::of(&node), settings.heartbeat_timeout).await;
     let now = rfc3339_now();
     loop {
         let (status, verdict) = apply_probe(&node, &probe, settings, &now);
@@ -528,6 +539,17 @@ mod tests {
         assert_eq!(status.success_streak, 1);
         assert_eq!(status.resources.capacity_cpu_milli, 1234);
         assert!(status.last_error.contains("boom"));
+    }
+
+    #[test]
+    fn an_agent_refusing_the_nodes_token_is_a_failed_heartbeat() {
+        let n = node();
+        let refused = AgentError::Status { status: 401, message: "missing or invalid bearer token".into() };
+        let probe = Probe { health: Ok(()), status: Err(refused) };
+        let (status, verdict) = apply_probe(&n, &probe, &NodeSettings::default(), "t");
+        assert_eq!(verdict, Verdict::Failed);
+        assert_eq!((status.success_streak, status.failure_streak), (0, 1));
+        assert!(status.last_error.starts_with("unauthorized:"), "{}", status.last_error);
     }
 
     #[test]

@@ -150,28 +150,47 @@ fn unreachable<T>() -> crate::agent::AgentResult<T> {
 
 #[async_trait]
 impl crate::agent::AgentClient for UnreachableAgents {
-    async fn health(&self, _: &str, _: std::time::Duration) -> crate::agent::AgentResult<()> {
+    async fn health(&self, _: crate::agent::AgentAddr<'_>, _: std::time::Duration) -> crate::agent::AgentResult<()> {
         unreachable()
     }
-    async fn status(&self, _: &str, _: std::time::Duration) -> crate::agent::AgentResult<AgentStatus> {
+    async fn status(
+        &self,
+        _: crate::agent::AgentAddr<'_>,
+        _: std::time::Duration,
+    ) -> crate::agent::AgentResult<AgentStatus> {
         unreachable()
     }
-    async fn create_sandbox(&self, _: &str, _: &AgentCreateRequest) -> crate::agent::AgentResult<AgentSandbox> {
+    async fn create_sandbox(
+        &self,
+        _: crate::agent::AgentAddr<'_>,
+        _: &AgentCreateRequest,
+    ) -> crate::agent::AgentResult<AgentSandbox> {
         unreachable()
     }
-    async fn get_sandbox(&self, _: &str, _: &str) -> crate::agent::AgentResult<AgentSandbox> {
+    async fn get_sandbox(&self, _: crate::agent::AgentAddr<'_>, _: &str) -> crate::agent::AgentResult<AgentSandbox> {
         unreachable()
     }
-    async fn list_sandboxes(&self, _: &str, _: &str, _: usize) -> crate::agent::AgentResult<AgentSandboxList> {
+    async fn list_sandboxes(
+        &self,
+        _: crate::agent::AgentAddr<'_>,
+        _: &str,
+        _: usize,
+    ) -> crate::agent::AgentResult<AgentSandboxList> {
         unreachable()
     }
-    async fn delete_sandbox(&self, _: &str, _: &str) -> crate::agent::AgentResult<()> {
+    async fn delete_sandbox(&self, _: crate::agent::AgentAddr<'_>, _: &str) -> crate::agent::AgentResult<()> {
         unreachable()
     }
-    async fn logs(&self, _: &str, _: &str, _: Option<&str>, _: Option<usize>) -> crate::agent::AgentResult<AgentLogs> {
+    async fn logs(
+        &self,
+        _: crate::agent::AgentAddr<'_>,
+        _: &str,
+        _: Option<&str>,
+        _: Option<usize>,
+    ) -> crate::agent::AgentResult<AgentLogs> {
         unreachable()
     }
-    async fn reconcile(&self, _: &str) -> crate::agent::AgentResult<()> {
+    async fn reconcile(&self, _: crate::agent::AgentAddr<'_>) -> crate::agent::AgentResult<()> {
         unreachable()
     }
     async fn probe(&self, _: &crate::agent::ProbeTarget) -> Result<(), String> {

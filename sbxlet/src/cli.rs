@@ -141,7 +141,7 @@ impl RuncFlags {
 #[derive(Debug, Args)]
 pub struct AccessFlags {
     /// File holding the bearer token every call but /healthz must carry (the orchestrator's
-    /// agent_token_file). Without it the agent listens on loopback only.
+    /// agent_secret_file). Without it the agent listens on loopback only.
     #[arg(long, env = "SBXLET_TOKEN_FILE")]
     pub token_file: Option<std::path::PathBuf>,
     /// Serve /sim/faults, /sim/restart and /sim/sandboxes/{id}/fail (simulator, loopback only).
@@ -363,6 +363,7 @@ async fn run_fleet(
         base_ip: flags.base_ip,
         port: flags.port,
         template: SimConfig { token, fault_injection, ..template },
+        tokens: Vec::new(),
         name_prefix: flags.name_prefix,
     };
     let fleet = start_fleet(config).await.map_err(CliError::Start)?;

@@ -24,8 +24,8 @@ pub struct SimConfig {
     pub record_admissions: bool,
     /// Every route but `/healthz` needs this bearer token; `None`: none is asked for.
     pub token: Option<String>,
-    /// Serve the `/sim/*` routes (faults, restart, fail). The binary turns them on only with
-    /// `--enable-fault-injection` on a loopback address; the library, for tests, has them on.
+    /// Serve the `/sim/*` routes (faults, restart, fail): off unless asked for (the binary's
+    /// `--enable-fault-injection`, on a loopback address).
     pub fault_injection: bool,
 }
 
@@ -41,7 +41,7 @@ impl Default for SimConfig {
             faults: Faults::default(),
             record_admissions: false,
             token: None,
-            fault_injection: true,
+            fault_injection: false,
         }
     }
 }

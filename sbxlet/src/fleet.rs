@@ -46,6 +46,8 @@ pub struct FleetConfig {
     pub template: SimConfig,
     /// Node names are `{name_prefix}-{i+1}`.
     pub name_prefix: String,
+    /// Agent `i` asks for `tokens[i]` (each node's own credential); past the list, the template's.
+    pub tokens: Vec<String>,
 }
 
 impl Default for FleetConfig {
@@ -56,6 +58,7 @@ impl Default for FleetConfig {
             port: 8080,
             template: SimConfig::default(),
             name_prefix: "sim".into(),
+            tokens: Vec::new(),
         }
     }
 }
@@ -86,9 +89,10 @@ pub async fn start_fleet(config: FleetConfig) -> io::Result<Fleet> {
     let addresses =
         fleet_addresses(config.base_ip, config.nodes).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut agents = Vec::with_capacity(addresses.len());
-    for ip in addresses {
+    for (i, ip) in addresses.into_iter().enumerate() {
         let listen = SocketAddr::new(IpAddr::V4(ip), config.port);
-        let agent = start(SimConfig { listen, ..config.template.clone() })
+        let token = config.tokens.get(i).cloned().or_else(|| config.template.token.clone());
+        let agent = start(SimConfig { listen, token, ..config.template.clone() })
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("agent on {listen}: {e}")))?;
         agents.push(agent);

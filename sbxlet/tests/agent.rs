@@ -23,7 +23,8 @@ async fn agent() -> TestAgent {
 }
 
 async fn agent_with(config: SimConfig) -> TestAgent {
-    let handle = start(config).await.expect("agent starts");
+    // These tests drive the simulator through its /sim routes.
+    let handle = start(SimConfig { fault_injection: true, ..config }).await.expect("agent starts");
     let base = format!("http://{}", handle.addr());
     let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(5)).build().unwrap();
     TestAgent { handle, http, base }

@@ -28,6 +28,7 @@ async fn fleet_of(nodes: usize, base_ip: Ipv4Addr) -> Fleet {
         port: free_port_on(base_ip),
         template: SimConfig { external: "203.0.113.10".into(), ..SimConfig::default() },
         name_prefix: "sim".into(),
+        tokens: Vec::new(),
     };
     start_fleet(config).await.expect("fleet starts")
 }
@@ -119,6 +120,7 @@ async fn register_reports_nodes_the_server_refuses() {
         port: 0,
         template: SimConfig::default(),
         name_prefix: "bad".into(),
+        tokens: Vec::new(),
     };
     let fleet = start_fleet(config).await.unwrap();
     match fleet.register(&server).await {

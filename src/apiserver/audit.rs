@@ -92,7 +92,13 @@ struct Rotating {
 impl Rotating {
     fn write(&mut self, line: &[u8]) -> std::io::Result<()> {
         if self.written > 0 && self.written + line.len() as u64 > self.max_bytes {
-            self.rotate()?;
+            if let Err(e) = self.rotate() {
+                // The live file was moved or removed under us: start it again rather than lose
+                // every later line.
+                tracing::warn!(error = %e, path = %self.path.display(), "audit log rotation failed; reopening");
+                self.file = open_append(&self.path)?;
+                self.written = 0;
+            }
         }
         self.file.write_all(line)?;
         self.written += line.len() as u64;

@@ -78,18 +78,22 @@ impl Authenticator {
         if let Some(identity) = found {
             return Ok(identity);
         }
-        self.issued(token, &hash).await.ok_or(ApiError::Unauthorized)
+        self.issued(token, &hash).await?.ok_or(ApiError::Unauthorized)
     }
 
-    async fn issued(&self, token: &str, hash: &[u8; 32]) -> Option<Identity> {
-        let id = token_id(token)?;
-        let stored = self.store.get(Kind::Tokens, id).await.ok()??;
-        let info: TokenInfo = stored.decode().ok()?;
-        let known = from_hex(&info.sha256)?;
+    /// The identity of an issued token; `None` when it is not one (or revoked, or expired). Only
+    /// a well-formed id costs a store read.
+    async fn issued(&self, token: &str, hash: &[u8; 32]) -> Result<Option<Identity>, ApiError> {
+        let Some(id) = token_id(token).filter(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())) else {
+            return Ok(None);
+        };
+        let Some(stored) = self.store.get(Kind::Tokens, id).await? else { return Ok(None) };
+        let Ok(info) = stored.decode::<TokenInfo>() else { return Ok(None) };
+        let Some(known) = from_hex(&info.sha256) else { return Ok(None) };
         if !bool::from(known.ct_eq(hash)) || expired(&info) {
-            return None;
+            return Ok(None);
         }
-        Some(Identity { name: info.identity, role: info.role, source: "token" })
+        Ok(Some(Identity { name: info.identity, role: info.role, source: "token" }))
     }
 }
 

@@ -93,7 +93,7 @@ impl Placement {
     ) -> ApiResult<Response> {
         let client = self.agents.data_plane_http(&self.base_url).map_err(|e| self.bad_gateway(e))?;
         let mut request = client.request(method, url);
-        if let Some(token) = self.agents.token() {
+        if let Some(token) = self.agents.token_for(&self.node) {
             request = request.bearer_auth(token);
         }
         for (name, value) in headers {
@@ -110,8 +110,12 @@ impl Placement {
         // 501: the node's runtime does not offer the operation (the simulator has no files); that
         // is the node's answer, not a failure of it.
         if status.is_server_error() && status != reqwest::StatusCode::NOT_IMPLEMENTED {
-            let bytes = answer.bytes().await.unwrap_or_default();
-            let message = crate::agent_client::error_reason(&bytes);
+            let capped = crate::agent_client::read_capped(answer, crate::agent_client::MAX_ERROR_BYTES).await;
+            let message = match capped {
+                Ok(Some(bytes)) => crate::agent_client::error_reason(&bytes),
+                Ok(None) => format!("a body over {} bytes", crate::agent_client::MAX_ERROR_BYTES),
+                Err(e) => e.to_string(),
+            };
             return Err(ApiError::BadGateway(format!(
                 "node {}: agent answered {}: {message}",
                 self.node,
@@ -192,7 +196,7 @@ async fn relay_session(client: WebSocket, placement: Placement, url: String) {
         return refuse(client, placement.bad_gateway(e).to_string()).await;
     }
     let config = tungstenite::protocol::WebSocketConfig::default().max_message_size(Some(MAX_FRAME));
-    let handshake = match agent_handshake(&url, placement.agents.token()) {
+    let handshake = match agent_handshake(&url, placement.agents.token_for(&placement.node).as_deref()) {
         Ok(handshake) => handshake,
         Err(e) => return refuse(client, format!("node {}: {e}", placement.node)).await,
     };

@@ -100,10 +100,25 @@ fn check_caller(caller: &Identity, new: Option<&Lease>, stored: Option<&Lease>) 
     Ok(())
 }
 
-async fn stored_lease(state: &ApiState, name: &str) -> ApiResult<Option<Lease>> {
+/// The stored lease and its revision: writes that were checked against it are made conditional on
+/// that revision, so a takeover between the check and the write fails (409) instead of being undone.
+async fn stored_lease(state: &ApiState, name: &str) -> ApiResult<Option<(Lease, u64)>> {
     match state.store.get(Kind::Leases, name).await? {
-        Some(stored) => Ok(Some(stored.decode().map_err(|e| ApiError::Internal(e.to_string()))?)),
+        Some(stored) => {
+            let lease = stored.decode().map_err(|e| ApiError::Internal(e.to_string()))?;
+            Ok(Some((lease, stored.revision)))
+        }
         None => Ok(None),
+    }
+}
+
+/// The precondition of a checked write: the caller's, which must be the revision checked.
+fn checked_revision(expect: Option<u64>, checked: Option<u64>, name: &str) -> ApiResult<Option<u64>> {
+    match (expect, checked) {
+        (Some(expect), Some(checked)) if expect != checked => {
+            Err(ApiError::Conflict(format!("conflict: lease {name:?} is at resource_version {checked}, not {expect}")))
+        }
+        (expect, checked) => Ok(expect.or(checked)),
     }
 }
 
@@ -150,7 +165,9 @@ pub async fn update(
     // A lease write without a precondition could depose a leader unseen: CAS is mandatory here.
     let expect = parse_expected(Some(&lease.resource_version))?
         .ok_or_else(|| ApiError::BadRequest("resource_version: required for lease updates".into()))?;
-    check_caller(&caller, Some(&lease), stored_lease(&state, &name).await?.as_ref())?;
+    let stored = stored_lease(&state, &name).await?;
+    check_caller(&caller, Some(&lease), stored.as_ref().map(|(l, _)| l))?;
+    let expect = checked_revision(Some(expect), stored.map(|(_, r)| r), &name)?.unwrap_or(expect);
     let stored = state.store.update(Kind::Leases, &name, lease.to_stored_json(), Some(expect)).await?;
     Ok(respond::envelope(StatusCode::OK, "lease", &stored))
 }
@@ -166,7 +183,9 @@ pub async fn delete(
     ApiQuery(query): ApiQuery<DeleteQuery>,
 ) -> ApiResult<Response> {
     let expect = parse_expected(query.resource_version.as_deref())?;
-    check_caller(&caller, None, stored_lease(&state, &name).await?.as_ref())?;
+    let stored = stored_lease(&state, &name).await?;
+    check_caller(&caller, None, stored.as_ref().map(|(l, _)| l))?;
+    let expect = checked_revision(expect, stored.map(|(_, r)| r), &name)?;
     state.store.delete(Kind::Leases, &name, expect).await?;
     Ok(respond::deleted(&name))
 }
@@ -216,6 +235,14 @@ mod tests {
         assert!(check_caller(&me, Some(&release), Some(&held_by("ctrl/a", 1))).is_ok(), "its own release");
         let admin = Identity::bootstrap_admin();
         assert!(check_caller(&admin, Some(&new_lease("anyone")), Some(&live)).is_ok());
+    }
+
+    #[test]
+    fn a_checked_write_is_conditional_on_the_revision_checked() {
+        assert_eq!(checked_revision(None, Some(7), "l").unwrap(), Some(7), "a delete without one gets it");
+        assert_eq!(checked_revision(Some(7), Some(7), "l").unwrap(), Some(7));
+        assert!(matches!(checked_revision(Some(6), Some(7), "l"), Err(ApiError::Conflict(_))));
+        assert_eq!(checked_revision(Some(3), None, "l").unwrap(), Some(3), "no stored lease: the store answers");
     }
 
     #[test]

@@ -133,25 +133,37 @@ pub async fn put_status(
     ApiJson(update): ApiJson<NodeStatusUpdate>,
 ) -> ApiResult<Response> {
     let expect = parse_expected(update.resource_version.as_deref())?;
-    let status = match caller.role {
-        Role::Node(_) => {
-            let current: sandboxd_api::Node =
-                state.registry.get_node(&name).await?.decode().map_err(|e| ApiError::Internal(e.to_string()))?;
-            agent_reportable(current.status, update.status)
-        }
-        _ => update.status,
-    };
+    if let Role::Node(_) = caller.role {
+        return write_reported_status(&state, &name, update.status).await;
+    }
+    let status = update.status;
     let (stored, _) = state.registry.write_node_status(&name, &status, expect).await?;
     Ok(respond::envelope(StatusCode::OK, "node", &stored))
 }
 
-/// What a node identity may set in its own status: what its agent reports about the machine
-/// (capacity, hostname, arch, runtime). Its state, streaks and allocations stay the controllers'.
+/// What a node identity may set in its own status: the facts of its machine (hostname, arch,
+/// runtime). State, streaks, capacity and allocations stay the controllers', which take capacity
+/// from heartbeats: a node that could write its capacity could draw every sandbox to itself.
 fn agent_reportable(mut current: NodeStatus, reported: NodeStatus) -> NodeStatus {
-    current.resources.capacity_cpu_milli = reported.resources.capacity_cpu_milli;
-    current.resources.capacity_memory_bytes = reported.resources.capacity_memory_bytes;
     current.node_info = reported.node_info;
     current
+}
+
+/// A node's write of its own status: merged into the stored status and written with
+/// compare-and-swap on the revision merged into, so it never rolls back a controller's write.
+async fn write_reported_status(state: &ApiState, name: &str, reported: NodeStatus) -> ApiResult<Response> {
+    const ATTEMPTS: usize = 5;
+    for attempt in 1..=ATTEMPTS {
+        let stored = state.registry.get_node(name).await?;
+        let current: sandboxd_api::Node = stored.decode().map_err(|e| ApiError::Internal(e.to_string()))?;
+        let status = agent_reportable(current.status, reported.clone());
+        match state.registry.write_node_status(name, &status, Some(stored.revision)).await {
+            Ok((written, _)) => return Ok(respond::envelope(StatusCode::OK, "node", &written)),
+            Err(crate::registry::RegistryError::Conflict(_)) if attempt < ATTEMPTS => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    unreachable!("the last attempt returns")
 }
 
 /// The page size a list asks for, by the one rule of `sandboxd_api::validate::page_limit`.

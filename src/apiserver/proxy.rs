@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use sandboxd_api::agent::AgentCreateRequest;
 use sandboxd_api::Node;
-use sandboxd_contracts::agent::{AgentClient, AgentError};
+use sandboxd_contracts::agent::{AgentAddr, AgentClient, AgentError};
 use sandboxd_controllers::node::heartbeat_once;
 use sandboxd_controllers::ObjectError;
 use serde::Deserialize;
@@ -88,7 +88,7 @@ pub async fn list_sandboxes(
     }
     let (node, agents) = node_and_agent(&state, &name).await?;
     let page =
-        agents.list_sandboxes(&node.sbxlet_base_url, &query.cursor, limit).await.map_err(|e| upstream(&name, e))?;
+        agents.list_sandboxes(AgentAddr::of(&node), &query.cursor, limit).await.map_err(|e| upstream(&name, e))?;
     Ok(with_external(json!({ "items": page.items, "next_cursor": page.next_cursor }), &node))
 }
 
@@ -101,7 +101,7 @@ pub async fn get_sandbox(
 ) -> ApiResult<Json<Value>> {
     check_names(&[("id", &id)])?;
     let (node, agents) = node_and_agent(&state, &name).await?;
-    let sandbox = agents.get_sandbox(&node.sbxlet_base_url, &id).await.map_err(|e| upstream(&name, e))?;
+    let sandbox = agents.get_sandbox(AgentAddr::of(&node), &id).await.map_err(|e| upstream(&name, e))?;
     Ok(with_external(json!({ "sandbox": sandbox }), &node))
 }
 
@@ -116,7 +116,7 @@ pub async fn create_sandbox(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     check_names(&[("id", &request.id)])?;
     let (node, agents) = node_and_agent(&state, &name).await?;
-    let sandbox = agents.create_sandbox(&node.sbxlet_base_url, &request).await.map_err(|e| upstream(&name, e))?;
+    let sandbox = agents.create_sandbox(AgentAddr::of(&node), &request).await.map_err(|e| upstream(&name, e))?;
     Ok((StatusCode::CREATED, Json(json!({ "sandbox": sandbox }))))
 }
 
@@ -129,7 +129,7 @@ pub async fn delete_sandbox(
 ) -> ApiResult<Json<Value>> {
     check_names(&[("id", &id)])?;
     let (node, agents) = node_and_agent(&state, &name).await?;
-    agents.delete_sandbox(&node.sbxlet_base_url, &id).await.map_err(|e| upstream(&name, e))?;
+    agents.delete_sandbox(AgentAddr::of(&node), &id).await.map_err(|e| upstream(&name, e))?;
     Ok(Json(json!({ "id": id, "phase": "deleted" })))
 }
 
@@ -146,7 +146,7 @@ pub async fn logs(
     let (node, agents) = node_and_agent(&state, &name).await?;
     let container = query.container.as_deref();
     let tail = query_number("tail", query.tail.as_deref())?;
-    let answer = agents.logs(&node.sbxlet_base_url, &id, container, tail).await.map_err(|e| upstream(&name, e))?;
+    let answer = agents.logs(AgentAddr::of(&node), &id, container, tail).await.map_err(|e| upstream(&name, e))?;
     Ok(Json(json!({ "sandbox_id": answer.sandbox_id, "logs": answer.logs })))
 }
 
@@ -163,7 +163,7 @@ pub async fn container_logs(
     let tail = query_number("tail", query.tail.as_deref())?;
     let (node, agents) = node_and_agent(&state, &name).await?;
     let answer =
-        agents.logs(&node.sbxlet_base_url, &id, Some(&container), tail).await.map_err(|e| upstream(&name, e))?;
+        agents.logs(AgentAddr::of(&node), &id, Some(&container), tail).await.map_err(|e| upstream(&name, e))?;
     Ok(Json(serde_json::to_value(answer).map_err(|e| ApiError::Internal(e.to_string()))?))
 }
 
@@ -172,7 +172,7 @@ pub async fn container_logs(
               (status = 502, description = "Agent failed")))]
 pub async fn reconcile(State(state): State<ApiState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
     let (node, agents) = node_and_agent(&state, &name).await?;
-    agents.reconcile(&node.sbxlet_base_url).await.map_err(|e| upstream(&name, e))?;
+    agents.reconcile(AgentAddr::of(&node)).await.map_err(|e| upstream(&name, e))?;
     Ok(Json(json!({ "ok": true })))
 }
 

@@ -5,6 +5,7 @@ use super::{encode, Registry, RegistryError, RegistryResult};
 use crate::store::{Kind, StoreError, Versioned};
 use sandboxd_api::node::{NodeSpec, NodeStatus};
 use sandboxd_api::{Node, NodeSource};
+use sandboxd_contracts::agent::AgentAddr;
 use sandboxd_controllers::node::{derive_resources, Reported};
 
 impl Registry {
@@ -47,7 +48,7 @@ impl Registry {
         let mut node = new_node(id, spec, source, self.default_max_alloc_percent, self.clock.rfc3339_now());
         if let Some(agents) = &self.agents {
             // Best effort and bounded, so the create answer already carries resources; not a heartbeat.
-            if let Ok(report) = agents.status(&node.sbxlet_base_url, self.initial_status_bound).await {
+            if let Ok(report) = agents.status(AgentAddr::of(&node), self.initial_status_bound).await {
                 let reported = Reported::from_agent(&report, &self.clock.rfc3339_now());
                 node.status.resources = derive_resources(&node, &reported, self.default_max_alloc_percent);
                 node.status.node_info = sandboxd_api::node::NodeInfo::reported(&report);

@@ -2,7 +2,7 @@
 //! agent view differs and removing managed orphans.
 
 use super::{apply_agent_view, SandboxController};
-use crate::agent::list_all_sandboxes;
+use crate::agent::{list_all_sandboxes, AgentAddr};
 use sandboxd_api::agent::{AgentPhase, AgentSandbox};
 use sandboxd_api::{Node, NodeState, Phase, Sandbox, MANAGED_LABEL};
 use std::collections::{HashMap, HashSet};
@@ -19,7 +19,7 @@ impl SandboxController {
         let ready: Vec<Arc<Node>> =
             self.nodes.list().into_iter().filter(|n| n.status.state == NodeState::Ready).collect();
         for node in ready {
-            let held = match list_all_sandboxes(self.agents.as_ref(), &node.sbxlet_base_url).await {
+            let held = match list_all_sandboxes(self.agents.as_ref(), AgentAddr::of(&node)).await {
                 Ok(held) => held,
                 Err(e) => {
                     tracing::debug!(node = %node.name, error = %e, "agent sync skipped");
@@ -66,7 +66,7 @@ impl SandboxController {
                 .get(&agent_sandbox.id)
                 .is_some_and(|s| s.status.node_name.as_deref() == Some(node.name.as_str()) && !s.status.released);
             if managed && !known && self.confirmed_orphan(&agent_sandbox.id, &node.name).await {
-                match self.agents.delete_sandbox(&node.sbxlet_base_url, &agent_sandbox.id).await {
+                match self.agents.delete_sandbox(AgentAddr::of(node), &agent_sandbox.id).await {
                     Ok(()) => tracing::info!(node = %node.name, sandbox = %agent_sandbox.id, "removed managed orphan"),
                     Err(e) => {
                         tracing::debug!(node = %node.name, sandbox = %agent_sandbox.id, error = %e, "orphan removal failed")

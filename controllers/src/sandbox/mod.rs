@@ -6,7 +6,7 @@ mod agent_sync;
 
 pub use agent_sync::needs_sync;
 
-use crate::agent::{AgentClient, AgentError};
+use crate::agent::{AgentAddr, AgentClient, AgentError};
 use crate::clock::Clock;
 use crate::objects::{ObjectClient, ObjectError};
 use crate::prober::Prober;
@@ -343,7 +343,7 @@ impl SandboxController {
     }
 
     async fn create_on_agent(&self, sandbox: &Sandbox, node: &Node) -> Result<Outcome, ControllerError> {
-        match self.agents.create_sandbox(&node.sbxlet_base_url, &agent_request(sandbox)).await {
+        match self.agents.create_sandbox(AgentAddr::of(node), &agent_request(sandbox)).await {
             Ok(created) => {
                 let mut status = sandbox.status.clone();
                 status.phase = Phase::Creating;
@@ -373,7 +373,7 @@ impl SandboxController {
     }
 
     async fn sync_with_agent(&self, sandbox: &Sandbox, node: &Node) -> Result<Outcome, ControllerError> {
-        let observed = self.agents.get_sandbox(&node.sbxlet_base_url, &sandbox.id).await;
+        let observed = self.agents.get_sandbox(AgentAddr::of(node), &sandbox.id).await;
         let Some(verdict) = judge_agent(observed.as_ref(), &node.name) else {
             let e = observed.unwrap_err();
             return Err(ControllerError::from(e).context(format!("reading from node {}", node.name)));
@@ -420,7 +420,7 @@ impl SandboxController {
         // A released sandbox's agent already confirmed it gone: nothing to delete there.
         let on_agent = if sandbox.status.released { None } else { self.node_of(sandbox) };
         if let Some(node) = on_agent {
-            match self.agents.delete_sandbox(&node.sbxlet_base_url, &sandbox.id).await {
+            match self.agents.delete_sandbox(AgentAddr::of(&node), &sandbox.id).await {
                 Ok(()) => {}
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(ControllerError::from(e).context(format!("deleting on node {}", node.name))),
@@ -445,7 +445,7 @@ impl SandboxController {
             Some(node) if node.status.state != NodeState::Ready => {
                 return Ok(Outcome::Requeue(self.settings.sync_period));
             }
-            Some(node) => match self.agents.delete_sandbox(&node.sbxlet_base_url, &sandbox.id).await {
+            Some(node) => match self.agents.delete_sandbox(AgentAddr::of(&node), &sandbox.id).await {
                 Ok(()) => true,
                 Err(e) if e.is_not_found() => true,
                 Err(e) => {

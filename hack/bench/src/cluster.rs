@@ -21,6 +21,8 @@ pub struct ClusterSpec {
     pub etcd: bool,
     /// More `serve` flags, e.g. `["--watch-history-bytes", "1MiB"]`.
     pub server_args: Vec<String>,
+    /// Serve as `serve` does by default, HTTPS with tokens, instead of `--insecure-listen`.
+    pub tls: bool,
 }
 
 /// A running server (and fleet); both are killed on drop.
@@ -35,6 +37,8 @@ pub struct Cluster {
     server_args: Vec<String>,
     server: Child,
     fleet: Option<Child>,
+    /// The client config the server wrote (HTTPS clusters), for raw HTTP clients.
+    pub client_config: Option<sandboxd_client::ClientConfig>,
     /// Dropped after the server (fields drop in order), so the server never outlives its store.
     _etcd: Option<sandboxd_testkit::LocalEtcd>,
 }
@@ -53,17 +57,28 @@ impl Cluster {
             Some(etcd) => etcd.url(),
             None => format!("sqlite://{}", dir.path().join("store.db").display()),
         };
-        let server = spawn_server(bin_dir, dir.path(), port, spec.heartbeat_interval, &store_url, &spec.server_args)?;
-        let client = Client::new(&url, None)?;
+        let mut server_args = spec.server_args.clone();
+        let data_dir = dir.path().join("data");
+        if spec.tls {
+            server_args.extend(["--data-dir".to_string(), data_dir.display().to_string()]);
+        }
+        let server = spawn_server(bin_dir, dir.path(), port, spec.heartbeat_interval, &store_url, &server_args)?;
+        let (client, url, client_config) = if spec.tls {
+            let config = read_client_config(&data_dir.join("client.json"), Duration::from_secs(60)).await?;
+            (Client::from_config(&config)?, config.server.clone(), Some(config))
+        } else {
+            (Client::new(&url, None)?, url, None)
+        };
         let mut cluster = Cluster {
             client,
+            client_config,
             url,
             bin_dir: bin_dir.to_path_buf(),
             dir,
             port,
             heartbeat_interval: spec.heartbeat_interval,
             store_url,
-            server_args: spec.server_args.clone(),
+            server_args,
             server,
             fleet: None,
             _etcd: etcd,
@@ -84,6 +99,24 @@ impl Cluster {
             cluster.fleet = Some(fleet);
         }
         Ok(cluster)
+    }
+
+    /// A plain reqwest client for this server: its CA and token when it serves HTTPS.
+    pub fn raw_http(&self) -> anyhow::Result<reqwest::Client> {
+        let mut builder = reqwest::Client::builder();
+        if let Some(config) = &self.client_config {
+            if let Some(ca) = &config.ca_pem {
+                builder = builder
+                    .tls_built_in_root_certs(false)
+                    .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?);
+            }
+            if let Some(token) = &config.token {
+                let mut headers = reqwest::header::HeaderMap::new();
+                headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
+                builder = builder.default_headers(headers);
+            }
+        }
+        Ok(builder.build()?)
     }
 
     /// Waits until `/healthz` answers; returns how long that took.
@@ -180,6 +213,20 @@ fn proc_status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Waits for the client config an HTTPS server writes before it serves.
+async fn read_client_config(path: &Path, limit: Duration) -> anyhow::Result<sandboxd_client::ClientConfig> {
+    let start = Instant::now();
+    loop {
+        if let Ok(config) = sandboxd_client::ClientConfig::load(path) {
+            return Ok(config);
+        }
+        if start.elapsed() > limit {
+            bail!("{} did not appear within {limit:?}", path.display());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn spawn_server(
     bin_dir: &Path,
     dir: &Path,
@@ -189,8 +236,10 @@ fn spawn_server(
     extra_args: &[String],
 ) -> anyhow::Result<Child> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("server.log"))?;
+    let tls = extra_args.iter().any(|a| a == "--data-dir");
+    let listen = if tls { "--listen" } else { "--insecure-listen" };
     Command::new(bin_dir.join("sandboxd-o"))
-        .args(["serve", "--insecure-listen", &format!("127.0.0.1:{port}")])
+        .args(["serve", listen, &format!("127.0.0.1:{port}")])
         .args(["--store", store])
         .args(["--heartbeat-interval", heartbeat_interval])
         .args(["--max-body-bytes", "1MiB"])

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 16] = [
     "store-create",
     "store-create-etcd",
     "heartbeats",
@@ -21,6 +21,7 @@ pub const ALL: [&str; 15] = [
     "burst",
     "scale",
     "api-latency",
+    "api-tls",
     "failover",
     "soak",
     "real-runtime",
@@ -66,6 +67,7 @@ pub async fn run(name: &str, bin_dir: &Path, smoke: bool) -> anyhow::Result<Repo
         "heartbeats" => heartbeats(bin_dir, smoke).await,
         "scale" => scale(bin_dir, smoke).await,
         "api-latency" => api_latency(bin_dir, smoke).await,
+        "api-tls" => api_tls(bin_dir, smoke).await,
         "failover" => crate::failover::failover(bin_dir, smoke).await,
         "soak" => crate::soak::soak(bin_dir, smoke).await,
         "real-runtime" => crate::real::real_runtime(bin_dir, smoke).await,
@@ -88,6 +90,7 @@ pub(crate) fn cluster_spec(nodes: usize, heartbeat_interval: &'static str) -> Cl
         base_ip: "127.3.0.1",
         etcd: false,
         server_args: Vec::new(),
+        tls: false,
     }
 }
 
@@ -424,6 +427,55 @@ async fn api_latency(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
     figures.insert("get_vs_floor_percent".into(), json!((ratio * 100.0).round()));
     let met = ratio >= 0.5 && get_p99 <= Duration::from_millis(5) && post_p99 <= Duration::from_millis(5);
     Ok(report("api-latency", smoke, Value::Object(figures), ">= 50 % of floor, p99 <= 5 ms", Some(met)))
+}
+
+// === api-tls: the same API calls over plain HTTP and over HTTPS with a token, in one run ===
+
+async fn api_tls(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
+    let (n, window, fresh) =
+        if smoke { (100, Duration::from_secs(1), 20) } else { (10_000, Duration::from_secs(10), 500) };
+    let mut figures = Map::new();
+    let mut get_rates = Vec::new();
+    for (label, tls) in [("http", false), ("https", true)] {
+        let cluster = Cluster::start(bin_dir, &ClusterSpec { tls, ..cluster_spec(0, "5s") }).await?;
+        load_sandboxes(&cluster, n, "a").await?;
+        let stored = std::sync::Arc::new(ids("a", n));
+        let get_one = {
+            let (http, url, stored) = (cluster.raw_http()?, cluster.url.clone(), stored.clone());
+            move |i: usize| {
+                let (http, url, id) = (http.clone(), url.clone(), stored[(i * 7919) % stored.len()].clone());
+                async move {
+                    let r = http.get(format!("{url}/api/v1/sandboxes/{id}")).send().await;
+                    r.map(|r| r.status().is_success()).unwrap_or(false)
+                }
+            }
+        };
+        let (_, get_latencies) = closed_loop(1, window, 5_000, get_one.clone()).await;
+        // A new connection for every call: the handshake's cost, which pooled clients pay once.
+        let mut fresh_latencies = Vec::with_capacity(fresh);
+        for i in 0..fresh {
+            let started = Instant::now();
+            let http = cluster.raw_http()?;
+            let ok = http.get(format!("{}/api/v1/sandboxes/{}", cluster.url, stored[i % n])).send().await?;
+            anyhow::ensure!(ok.status().is_success(), "fresh GET answered {}", ok.status());
+            fresh_latencies.push(started.elapsed());
+        }
+        let post_ids = ids("p", (window.as_secs().max(1) * 200) as usize);
+        let posts = create_paced(&cluster.client, &post_ids, &spec("10m", 0), 200.0).await?;
+        let (get_rate, _) = closed_loop(32, window, 2_000_000, get_one).await;
+        figures.extend(latency_figures(&format!("{label}_get_one"), get_latencies));
+        figures.extend(latency_figures(&format!("{label}_get_new_connection"), fresh_latencies));
+        figures.extend(latency_figures(
+            &format!("{label}_post_200_per_s"),
+            posts.into_iter().map(|s| s.latency).collect(),
+        ));
+        figures.insert(format!("{label}_get_per_s_32_clients"), json!(get_rate.round()));
+        get_rates.push(get_rate);
+    }
+    let ratio = get_rates[1] / get_rates[0].max(1.0);
+    figures.insert("stored".into(), json!(n));
+    figures.insert("https_get_vs_http_percent".into(), json!((ratio * 100.0).round()));
+    Ok(report("api-tls", smoke, Value::Object(figures), "figures only: HTTPS next to HTTP", None))
 }
 
 /// A human table of every report.

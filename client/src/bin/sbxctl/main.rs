@@ -201,6 +201,13 @@ fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}").replace('\n', " ")
 }
 
+/// Whether `path` is a file of this user that nobody else may write.
+fn owned_and_private(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else { return false };
+    meta.is_file() && meta.uid() == rustix::process::geteuid().as_raw() && meta.mode() & 0o022 == 0
+}
+
 /// Where sbxctl looks for a client config when none is named.
 fn default_config_paths() -> Vec<std::path::PathBuf> {
     let mut paths = vec![std::path::PathBuf::from("sandboxd-data/client.json")];
@@ -210,14 +217,17 @@ fn default_config_paths() -> Vec<std::path::PathBuf> {
     paths
 }
 
-/// The client config in effect: the named one, else the first default one found, which is used
-/// only when no other server was named or it is for that server. Flags and env vars win over it.
+/// The client config in effect: the named one, else the first default one found. A default one
+/// is used only when it is the user's own file (not writable by others), and never to carry a
+/// token given by flag or env var to a server it names: a config planted in a directory must not
+/// receive the user's token. Flags and env vars win over it.
 fn client_config(cli: &Cli) -> anyhow::Result<ClientConfig> {
     let mut config = match &cli.config {
         Some(path) => ClientConfig::load(path).map_err(|e| anyhow!("client config {e}"))?,
+        None if cli.token.is_some() && cli.server.is_none() => ClientConfig::default(),
         None => default_config_paths()
             .iter()
-            .filter(|p| p.exists())
+            .filter(|p| owned_and_private(p))
             .find_map(|p| ClientConfig::load(p).ok())
             .filter(|c| cli.server.as_deref().is_none_or(|s| s.trim_end_matches('/') == c.server))
             .unwrap_or_default(),
