@@ -100,6 +100,9 @@ pub struct Config {
     pub watch_history_bytes: usize,
     /// HTTP watches open at once; more get 429.
     pub max_watches: usize,
+    pub max_watches_per_identity: usize,
+    /// Percent of a class one identity may hold.
+    pub max_inflight_share: u32,
     /// Events queued for one HTTP watcher that does not read; one more cuts it off.
     pub watch_buffer: usize,
     /// Most history events one HTTP watch may replay; from further back it gets 410 and lists.
@@ -132,7 +135,7 @@ const fn key(name: &'static str, default: &'static str, help: &'static str) -> K
 
 /// Every key, in the order of the table in semantics.md. This is the one declaration of each key:
 /// the file layer, the env layer, the flags and their `--help` all read it.
-pub const KEYS: [Key; 38] = [
+pub const KEYS: [Key; 40] = [
     key("listen", "0.0.0.0:8082", "Address the API listens on"),
     key(
         "store",
@@ -217,7 +220,13 @@ pub const KEYS: [Key; 38] = [
         "64MiB",
         "Bytes of recent changes kept for watches to resume from (older: 410, list again)",
     ),
+    key(
+        "max_inflight_share",
+        "50",
+        "Percent of each class's in-flight requests one identity may hold (1-100); more get 429",
+    ),
     key("max_watches", "1000", "HTTP watches open at once; more get 429 with Retry-After"),
+    key("max_watches_per_identity", "100", "HTTP watches one identity may hold open; more get 429"),
     key(
         "watch_buffer",
         "1000",
@@ -380,6 +389,12 @@ impl Config {
                 })
             })?,
             max_watches: parse_key("max_watches", &value("max_watches"), |s| count_in(s, 1, 1_000_000))?,
+            max_watches_per_identity: parse_key("max_watches_per_identity", &value("max_watches_per_identity"), |s| {
+                count_in(s, 1, 1_000_000)
+            })?,
+            max_inflight_share: parse_key("max_inflight_share", &value("max_inflight_share"), |s| {
+                count_in(s, 1, 100).map(|v| v as u32)
+            })?,
             watch_buffer: parse_key("watch_buffer", &value("watch_buffer"), |s| count_in(s, 16, 1_000_000))?,
             watch_max_replay: parse_key("watch_max_replay", &value("watch_max_replay"), |s| {
                 count_in(s, 1, 10_000_000)

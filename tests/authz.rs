@@ -315,3 +315,55 @@ async fn every_mutating_request_is_audited_with_who_what_and_the_result() {
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
 }
+
+fn app_with(flags: &[(&str, &str)]) -> Router {
+    let flags = flags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let config = Config::load(None, &Default::default(), &flags).unwrap();
+    let store: Arc<dyn Store> = Arc::new(memory::open(StoreOptions::default()));
+    let auth = Authenticator::required(store.clone(), vec![(ADMIN_TOKEN.into(), Identity::bootstrap_admin())]);
+    router(ApiState::new(store, &config).with_auth(auth), 1 << 20)
+}
+
+/// Opens a watch and keeps its response (and so its slot) alive; returns its status.
+async fn open_watch(app: &Router, token: &str, held: &mut Vec<axum::response::Response>) -> StatusCode {
+    let request = Request::builder()
+        .uri("/api/v1/sandboxes?watch=true")
+        .header(AUTHORIZATION, format!("Bearer {token}"))
+        .body(Body::empty())
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    held.push(response);
+    status
+}
+
+#[tokio::test]
+async fn one_identity_cannot_take_a_whole_class_or_every_watch() {
+    let app = app_with(&[("max_inflight_long_running", "4"), ("max_inflight_share", "50")]);
+    let (alice, bob) = (issue(&app, "alice", "user").await, issue(&app, "bob", "user").await);
+    let mut held = Vec::new();
+    assert_eq!(open_watch(&app, &alice, &mut held).await, StatusCode::OK);
+    assert_eq!(open_watch(&app, &alice, &mut held).await, StatusCode::OK);
+    let third = open_watch(&app, &alice, &mut held).await;
+    assert_eq!(third, StatusCode::TOO_MANY_REQUESTS, "alice holds half the long-running class");
+    assert_eq!(open_watch(&app, &bob, &mut held).await, StatusCode::OK, "bob still gets in");
+    held.clear();
+    assert_eq!(open_watch(&app, &alice, &mut held).await, StatusCode::OK, "slots come back with the streams");
+
+    let app = app_with(&[("max_watches_per_identity", "1")]);
+    let (alice, bob) = (issue(&app, "alice", "user").await, issue(&app, "bob", "user").await);
+    let mut held = Vec::new();
+    assert_eq!(open_watch(&app, &alice, &mut held).await, StatusCode::OK);
+    assert_eq!(open_watch(&app, &alice, &mut held).await, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(open_watch(&app, &bob, &mut held).await, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn refused_callers_take_no_slot() {
+    let app = app_with(&[("max_inflight_long_running", "1")]);
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        assert_eq!(open_watch(&app, "sbx_0123456789abcdef_nope", &mut held).await, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(open_watch(&app, ADMIN_TOKEN, &mut held).await, StatusCode::OK, "401s held nothing");
+}

@@ -239,7 +239,7 @@ pub async fn guard(
     State(state): State<super::ApiState>,
     route: MatchedPath,
     params: RawPathParams,
-    mut request: Request,
+    request: Request,
     next: Next,
 ) -> Response {
     let started = std::time::Instant::now();
@@ -252,8 +252,8 @@ pub async fn guard(
         Err(e) => (Identity { name: "unauthenticated".into(), role: Role::User, source: "none" }, e.into_response()),
         Ok(identity) => match authorize(&identity, &method, route.as_str(), node) {
             Ok(()) => {
-                request.extensions_mut().insert(identity.clone());
-                (identity, next.run(request).await)
+                let response = admit_and_run(&state, &identity, request, next).await;
+                (identity, response)
             }
             Err(reason) => (identity, ApiError::Forbidden(reason).into_response()),
         },
@@ -276,6 +276,23 @@ pub async fn guard(
         response.headers_mut().insert(REQUEST_ID, value);
     }
     response
+}
+
+/// Admits an authorised request into its priority class (within its identity's share), runs it,
+/// and keeps the slot until a streamed answer ends; a full class or share is a 429.
+async fn admit_and_run(state: &super::ApiState, identity: &Identity, mut request: Request, next: Next) -> Response {
+    use super::shedding;
+    let uri = request.uri();
+    let class = shedding::classify_for(&identity.role, request.method(), uri.path(), uri.query().unwrap_or(""));
+    // The anonymous caller of a server without authentication is everyone: no share to keep.
+    let share_key = (identity.source != "anonymous").then_some(identity.name.as_str());
+    let admission = match state.shedder.admit(class, share_key) {
+        Ok(admission) => admission,
+        Err(refusal) => return refusal.into_response(),
+    };
+    request.extensions_mut().insert(identity.clone());
+    let response = next.run(request).await;
+    shedding::hold_until_streamed(class, admission, response)
 }
 
 /// The header a request id travels in, both ways.

@@ -136,8 +136,12 @@ pub async fn create(
 }
 
 #[utoipa::path(get, path = "/api/v1/leases", responses((status = 200, description = "Leases, or a watch stream")))]
-pub async fn list(State(state): State<ApiState>, ApiQuery(query): ApiQuery<ListQuery>) -> ApiResult<Response> {
-    list_kind(&state, Kind::Leases, query).await
+pub async fn list(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Identity>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> ApiResult<Response> {
+    list_kind(&state, Kind::Leases, query, &caller).await
 }
 
 #[utoipa::path(get, path = "/api/v1/leases/{name}", params(("name" = String, Path)),

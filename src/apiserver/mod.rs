@@ -76,12 +76,15 @@ impl ApiState {
             node_settings: node_settings(config),
             data_plane: None,
             max_file_bytes: config.max_file_bytes,
-            shedder: shedding::Shedder::new(shedding::InflightLimits {
-                system: config.max_inflight_system,
-                workload: config.max_inflight_workload,
-                long_running: config.max_inflight_long_running,
-            }),
-            watch_slots: watch::WatchSlots::new(config.max_watches),
+            shedder: shedding::Shedder::with_share(
+                shedding::InflightLimits {
+                    system: config.max_inflight_system,
+                    workload: config.max_inflight_workload,
+                    long_running: config.max_inflight_long_running,
+                },
+                config.max_inflight_share,
+            ),
+            watch_slots: watch::WatchSlots::new(config.max_watches, config.max_watches_per_identity),
             watch_limits: crate::store::WatchLimits {
                 buffer: config.watch_buffer,
                 max_replay: config.watch_max_replay,
@@ -158,8 +161,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/api/v1/whoami", get(tokens::whoami))
         .route("/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::guard))
-        .layer(axum::middleware::from_fn_with_state(state.shedder.clone(), shedding::shed));
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::guard));
     Router::new()
         .route("/healthz", get(healthz))
         .merge(api)
@@ -236,6 +238,8 @@ async fn metrics(State(state): State<ApiState>) -> String {
         ("sandboxd_watch_history_events", crate::store::HISTORY_EVENTS.load(Relaxed)),
         ("sandboxd_watch_history_bytes", crate::store::HISTORY_BYTES.load(Relaxed)),
         ("sandboxd_watches_open", state.watch_slots.open() as u64),
+        ("sandboxd_watch_identities", state.watch_slots.identities() as u64),
+        ("sandboxd_inflight_identities", state.shedder.identities_holding() as u64),
     ];
     for (name, value) in gauges {
         out.push_str(&format!("# TYPE {name} gauge\n{name} {value}\n"));

@@ -74,12 +74,16 @@ fn check_node_request(request: &NodeCreateRequest) -> ApiResult<()> {
            ("limit" = Option<usize>, Query, description = "Page size"),
            ("cursor" = Option<String>, Query, description = "Exclusive start name")),
     responses((status = 200, description = "Nodes, or a watch stream")))]
-pub async fn list(State(state): State<ApiState>, ApiQuery(query): ApiQuery<ListQuery>) -> ApiResult<Response> {
-    list_kind(&state, Kind::Nodes, query).await
+pub async fn list(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Identity>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> ApiResult<Response> {
+    list_kind(&state, Kind::Nodes, query, &caller).await
 }
 
 /// Lists or watches a kind, as the query asks.
-pub async fn list_kind(state: &ApiState, kind: Kind, query: ListQuery) -> ApiResult<Response> {
+pub async fn list_kind(state: &ApiState, kind: Kind, query: ListQuery, caller: &Identity) -> ApiResult<Response> {
     let from = query
         .resource_version
         .as_deref()
@@ -94,7 +98,7 @@ pub async fn list_kind(state: &ApiState, kind: Kind, query: ListQuery) -> ApiRes
         return Err(ApiError::BadRequest(format!("cursor: {problem}")));
     }
     if query_bool("watch", query.watch.as_deref())? {
-        return watch::stream(state, kind, from);
+        return watch::stream(state, kind, from, caller);
     }
     match query_number("limit", query.limit.as_deref())? {
         None if query.cursor.is_none() => {

@@ -10,6 +10,7 @@ use crate::store::Kind;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
+use axum::Extension;
 use sandboxd_api::sandbox::{SandboxCreateRequest, SandboxStatusUpdate, SandboxUpdateRequest};
 
 #[utoipa::path(post, path = "/api/v1/sandboxes", request_body = SandboxCreateRequest,
@@ -32,8 +33,12 @@ pub async fn create(
            ("limit" = Option<usize>, Query, description = "Page size"),
            ("cursor" = Option<String>, Query, description = "Exclusive start id")),
     responses((status = 200, description = "Sandboxes, or a watch stream")))]
-pub async fn list(State(state): State<ApiState>, ApiQuery(query): ApiQuery<ListQuery>) -> ApiResult<Response> {
-    list_kind(&state, Kind::Sandboxes, query).await
+pub async fn list(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<super::auth::Identity>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> ApiResult<Response> {
+    list_kind(&state, Kind::Sandboxes, query, &caller).await
 }
 
 #[utoipa::path(get, path = "/api/v1/sandboxes/{id}", params(("id" = String, Path)),

@@ -4,21 +4,20 @@
 //!
 //! A user flood fills only `workload`, so controllers' status writes, heartbeats, leases and
 //! `/metrics` (`system`) keep their share; watches, followed logs, exec and file transfers
-//! (`long-running`) hold their slot until their response ends. Fair queueing per identity waits
-//! for identities (issue 15).
+//! (`long-running`) hold their slot until their response ends. Within a class no one identity may
+//! hold more than its share of the slots (`max_inflight_share`), so one user's flood leaves room
+//! for the others; requests are admitted after authentication, so refused callers take no slot.
 
 use super::error::ApiError;
 use axum::body::Body;
-use axum::extract::{Request, State};
 use axum::http::Method;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use futures::StreamExt;
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// A request's priority class.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Class {
     /// Controllers and nodes: status writes, finalize, heartbeats, node registration, leases, metrics.
     System,
@@ -46,37 +45,117 @@ pub struct InflightLimits {
     pub long_running: usize,
 }
 
-/// The permits of each class.
+/// The permits of each class, and what each identity holds of them.
 #[derive(Clone)]
 pub struct Shedder {
     system: Arc<Semaphore>,
     workload: Arc<Semaphore>,
     long_running: Arc<Semaphore>,
     limits: InflightLimits,
+    /// Percent of a class one identity may hold (100: no per-identity bound).
+    share_percent: u32,
+    /// Slots held per (class, identity); an entry goes when its count returns to zero.
+    held: Arc<dashmap::DashMap<(Class, Arc<str>), usize>>,
+}
+
+/// A request's place in its class: its slot, and its identity's count, both given back on drop.
+pub struct Admission {
+    _permit: OwnedSemaphorePermit,
+    _share: Option<ShareGuard>,
+}
+
+struct ShareGuard {
+    held: Arc<dashmap::DashMap<(Class, Arc<str>), usize>>,
+    key: (Class, Arc<str>),
+}
+
+impl Drop for ShareGuard {
+    fn drop(&mut self) {
+        self.held.remove_if_mut(&self.key, |_, count| {
+            *count -= 1;
+            *count == 0
+        });
+    }
 }
 
 impl Shedder {
     pub fn new(limits: InflightLimits) -> Shedder {
+        Shedder::with_share(limits, 100)
+    }
+
+    /// Classes bounded by `limits`, one identity holding at most `share_percent` of each.
+    pub fn with_share(limits: InflightLimits, share_percent: u32) -> Shedder {
         Shedder {
             system: Arc::new(Semaphore::new(limits.system)),
             workload: Arc::new(Semaphore::new(limits.workload)),
             long_running: Arc::new(Semaphore::new(limits.long_running)),
             limits,
+            share_percent: share_percent.clamp(1, 100),
+            held: Arc::default(),
         }
     }
 
-    fn admit(&self, class: Class) -> Result<OwnedSemaphorePermit, ApiError> {
-        let (permits, limit) = match class {
-            Class::System => (&self.system, self.limits.system),
-            Class::Workload => (&self.workload, self.limits.workload),
-            Class::LongRunning => (&self.long_running, self.limits.long_running),
+    fn limit(&self, class: Class) -> usize {
+        match class {
+            Class::System => self.limits.system,
+            Class::Workload => self.limits.workload,
+            Class::LongRunning => self.limits.long_running,
+        }
+    }
+
+    /// Most slots of `class` one identity may hold.
+    pub fn identity_cap(&self, class: Class) -> usize {
+        (self.limit(class) * self.share_percent as usize / 100).max(1)
+    }
+
+    /// Identities holding slots now (a gauge for /metrics, and the bound on `held`).
+    pub fn identities_holding(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Admits a request of `identity` (`None`: not bounded per identity) into `class`, or 429.
+    pub fn admit(&self, class: Class, identity: Option<&str>) -> Result<Admission, ApiError> {
+        let share = match identity.filter(|_| self.share_percent < 100) {
+            Some(identity) => Some(self.take_share(class, identity)?),
+            None => None,
         };
-        permits.clone().try_acquire_owned().map_err(|_| {
+        let permits = match class {
+            Class::System => &self.system,
+            Class::Workload => &self.workload,
+            Class::LongRunning => &self.long_running,
+        };
+        let permit = permits.clone().try_acquire_owned().map_err(|_| {
             ApiError::TooManyRequests(format!(
-                "the server is at its limit of {limit} {} requests in flight; retry after the Retry-After delay",
+                "the server is at its limit of {} {} requests in flight; retry after the Retry-After delay",
+                self.limit(class),
                 class.as_str()
             ))
-        })
+        })?;
+        Ok(Admission { _permit: permit, _share: share })
+    }
+
+    fn take_share(&self, class: Class, identity: &str) -> Result<ShareGuard, ApiError> {
+        let cap = self.identity_cap(class);
+        let key = (class, Arc::<str>::from(identity));
+        let mut count = self.held.entry(key.clone()).or_insert(0);
+        if *count >= cap {
+            return Err(ApiError::TooManyRequests(format!(
+                "{identity} holds {cap} {} requests in flight, its share of the server (max_inflight_share); retry after the Retry-After delay",
+                class.as_str()
+            )));
+        }
+        *count += 1;
+        Ok(ShareGuard { held: self.held.clone(), key })
+    }
+}
+
+/// The class of a request of `identity`: streams are long-running; controllers and nodes are
+/// system, whatever they call; others by route (`classify`).
+pub fn classify_for(role: &sandboxd_api::auth::Role, method: &Method, path: &str, query: &str) -> Class {
+    use sandboxd_api::auth::Role;
+    match classify(method, path, query) {
+        Class::Workload if matches!(role, Role::Controller | Role::Node(_)) => Class::System,
+        class => class,
     }
 }
 
@@ -102,22 +181,15 @@ pub fn classify(method: &Method, path: &str, query: &str) -> Class {
     }
 }
 
-/// Admits a request into its class or answers 429; a long-running request keeps its slot until its
-/// response body ends.
-pub async fn shed(State(shedder): State<Shedder>, request: Request, next: Next) -> Response {
-    let class = classify(request.method(), request.uri().path(), request.uri().query().unwrap_or(""));
-    let permit = match shedder.admit(class) {
-        Ok(permit) => permit,
-        Err(refusal) => return refusal.into_response(),
-    };
-    let response = next.run(request).await;
+/// Holds `admission` until the body of `response` ends (long-running requests), or returns.
+pub fn hold_until_streamed(class: Class, admission: Admission, response: Response) -> Response {
     if class != Class::LongRunning {
         return response;
     }
     // The explicit content-length header (if any) stays; only the body is wrapped.
     let (parts, body) = response.into_parts();
     let body = body.into_data_stream().map(move |chunk| {
-        let _held = &permit;
+        let _held = &admission;
         chunk
     });
     Response::from_parts(parts, Body::from_stream(body))
@@ -148,10 +220,35 @@ mod tests {
     #[test]
     fn a_full_class_refuses_only_itself() {
         let shedder = Shedder::new(InflightLimits { system: 1, workload: 1, long_running: 1 });
-        let held = shedder.admit(Class::Workload).unwrap();
-        assert!(matches!(shedder.admit(Class::Workload), Err(ApiError::TooManyRequests(_))));
-        assert!(shedder.admit(Class::System).is_ok(), "a user flood leaves the system class free");
+        let held = shedder.admit(Class::Workload, None).unwrap();
+        assert!(matches!(shedder.admit(Class::Workload, None), Err(ApiError::TooManyRequests(_))));
+        assert!(shedder.admit(Class::System, None).is_ok(), "a user flood leaves the system class free");
         drop(held);
-        assert!(shedder.admit(Class::Workload).is_ok());
+        assert!(shedder.admit(Class::Workload, None).is_ok());
+    }
+
+    #[test]
+    fn one_identity_holds_at_most_its_share_and_leaves_the_rest_to_others() {
+        let shedder = Shedder::with_share(InflightLimits { system: 4, workload: 4, long_running: 4 }, 50);
+        assert_eq!(shedder.identity_cap(Class::Workload), 2);
+        let a1 = shedder.admit(Class::Workload, Some("alice")).unwrap();
+        let a2 = shedder.admit(Class::Workload, Some("alice")).unwrap();
+        let refused = shedder.admit(Class::Workload, Some("alice")).err().unwrap();
+        assert!(refused.to_string().contains("alice holds 2 workload requests"), "{refused}");
+        let b1 = shedder.admit(Class::Workload, Some("bob")).unwrap();
+        assert!(shedder.admit(Class::System, Some("alice")).is_ok(), "shares are per class");
+        drop((a1, a2, b1));
+        assert_eq!(shedder.identities_holding(), 0, "no entry outlives its requests");
+        assert!(shedder.admit(Class::Workload, Some("alice")).is_ok());
+    }
+
+    #[test]
+    fn controllers_and_nodes_are_system_whatever_they_read() {
+        use sandboxd_api::auth::Role;
+        let get = Method::GET;
+        assert_eq!(classify_for(&Role::Controller, &get, "/api/v1/nodes", ""), Class::System);
+        assert_eq!(classify_for(&Role::Node("n".into()), &get, "/api/v1/nodes/n", ""), Class::System);
+        assert_eq!(classify_for(&Role::User, &get, "/api/v1/nodes", ""), Class::Workload);
+        assert_eq!(classify_for(&Role::Controller, &get, "/api/v1/nodes", "watch=true"), Class::LongRunning);
     }
 }

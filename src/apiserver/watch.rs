@@ -1,5 +1,6 @@
 //! Watch streams over HTTP: newline-delimited JSON events from a revision, with bookmarks and 410 on a stale revision.
 
+use super::auth::Identity;
 use super::error::{ApiError, ApiResult};
 use super::ApiState;
 use crate::store::{Kind, Revision, Store, StoreError, Versioned, WatchItem, WatchLimits};
@@ -13,26 +14,41 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// The server-wide bound on open watches: a slot is taken when a watch opens and given back when
-/// its stream is dropped, however it ends.
+/// The bounds on open watches, server-wide and per identity: a slot is taken when a watch opens
+/// and given back when its stream is dropped, however it ends.
 #[derive(Clone)]
 pub struct WatchSlots {
     open: Arc<AtomicUsize>,
     max: usize,
+    per_identity: usize,
+    /// Watches open per identity; an entry goes when its count returns to zero.
+    by_identity: Counts,
 }
 
+/// Watches open per identity.
+type Counts = Arc<dashmap::DashMap<Arc<str>, usize>>;
+
 /// One open watch's slot.
-struct WatchSlot(Arc<AtomicUsize>);
+struct WatchSlot {
+    open: Arc<AtomicUsize>,
+    identity: Option<(Counts, Arc<str>)>,
+}
 
 impl Drop for WatchSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        if let Some((by_identity, name)) = &self.identity {
+            by_identity.remove_if_mut(name, |_, count| {
+                *count -= 1;
+                *count == 0
+            });
+        }
     }
 }
 
 impl WatchSlots {
-    pub fn new(max: usize) -> WatchSlots {
-        WatchSlots { open: Arc::new(AtomicUsize::new(0)), max }
+    pub fn new(max: usize, per_identity: usize) -> WatchSlots {
+        WatchSlots { open: Arc::new(AtomicUsize::new(0)), max, per_identity, by_identity: Arc::default() }
     }
 
     /// Watches open now.
@@ -40,15 +56,39 @@ impl WatchSlots {
         self.open.load(Ordering::Acquire)
     }
 
-    fn take(&self) -> ApiResult<WatchSlot> {
+    /// Identities with a watch open now.
+    pub fn identities(&self) -> usize {
+        self.by_identity.len()
+    }
+
+    /// A slot for a watch of `identity` (`None`: bounded by the server-wide cap alone).
+    fn take(&self, identity: Option<&str>) -> ApiResult<WatchSlot> {
         let taken = self.open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1));
-        match taken {
-            Ok(_) => Ok(WatchSlot(self.open.clone())),
-            Err(_) => Err(ApiError::TooManyRequests(format!(
+        if taken.is_err() {
+            return Err(ApiError::TooManyRequests(format!(
                 "{} watches are open, the most this server allows (max_watches); retry later",
                 self.max
-            ))),
+            )));
         }
+        // Dropped on the identity's refusal below, which gives the server-wide slot back.
+        let mut slot = WatchSlot { open: self.open.clone(), identity: None };
+        if let Some(name) = identity {
+            slot.identity = Some(self.take_for(name)?);
+        }
+        Ok(slot)
+    }
+
+    fn take_for(&self, name: &str) -> ApiResult<(Counts, Arc<str>)> {
+        let key: Arc<str> = Arc::from(name);
+        let mut count = self.by_identity.entry(key.clone()).or_insert(0);
+        if *count >= self.per_identity {
+            return Err(ApiError::TooManyRequests(format!(
+                "{name} has {} watches open, the most one identity may (max_watches_per_identity); retry later",
+                self.per_identity
+            )));
+        }
+        *count += 1;
+        Ok((self.by_identity.clone(), key))
     }
 }
 
@@ -56,8 +96,9 @@ impl WatchSlots {
 ///
 /// A full server is an HTTP 429 before the stream; a revision the store cannot serve is one ERROR
 /// event in the stream, as Kubernetes answers it.
-pub fn stream(state: &ApiState, kind: Kind, from: Option<Revision>) -> ApiResult<Response> {
-    let slot = state.watch_slots.take()?;
+pub fn stream(state: &ApiState, kind: Kind, from: Option<Revision>, caller: &Identity) -> ApiResult<Response> {
+    // The anonymous caller of a server without authentication is everyone: only the server cap.
+    let slot = state.watch_slots.take((caller.source != "anonymous").then_some(caller.name.as_str()))?;
     let lines = stream::once(open(state.store.clone(), kind, from, state.watch_limits))
         .flatten()
         .take_until(state.shutdown.clone().cancelled_owned())
@@ -131,4 +172,23 @@ fn error_line(e: &StoreError) -> Bytes {
     };
     let object = serde_json::json!({ "code": code, "error": e.to_string() });
     event_line(EventType::Error, object.to_string().as_bytes())
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::*;
+
+    #[test]
+    fn watches_are_capped_per_identity_and_every_slot_comes_back() {
+        let slots = WatchSlots::new(3, 2);
+        let a1 = slots.take(Some("alice")).unwrap();
+        let a2 = slots.take(Some("alice")).unwrap();
+        let refused = slots.take(Some("alice")).err().unwrap();
+        assert!(refused.to_string().contains("max_watches_per_identity"), "{refused}");
+        assert_eq!(slots.open(), 2, "a refused identity gives the server-wide slot back");
+        let b1 = slots.take(Some("bob")).unwrap();
+        assert!(slots.take(None).is_err(), "the server-wide cap still holds");
+        drop((a1, a2, b1));
+        assert_eq!((slots.open(), slots.identities()), (0, 0), "no entry outlives its watches");
+    }
 }
