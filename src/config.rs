@@ -82,6 +82,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    /// Names and addresses the generated serving certificate covers besides loopback and the host's.
+    pub tls_san: Vec<String>,
     pub agent_secret_file: Option<PathBuf>,
     pub audit_log: Option<PathBuf>,
     pub audit_log_max_bytes: u64,
@@ -135,7 +137,7 @@ const fn key(name: &'static str, default: &'static str, help: &'static str) -> K
 
 /// Every key, in the order of the table in semantics.md. This is the one declaration of each key:
 /// the file layer, the env layer, the flags and their `--help` all read it.
-pub const KEYS: [Key; 40] = [
+pub const KEYS: [Key; 41] = [
     key("listen", "0.0.0.0:8082", "Address the API listens on"),
     key(
         "store",
@@ -183,6 +185,11 @@ pub const KEYS: [Key; 40] = [
     ),
     key("tls_cert_file", "", "PEM serving certificate (chain) to use instead of the generated one"),
     key("tls_key_file", "", "PEM private key of tls_cert_file"),
+    key(
+        "tls_san",
+        "",
+        "More names and addresses (comma-separated) the generated serving certificate covers, for clients that reach the server by them",
+    ),
     key(
         "auth_token_file",
         "",
@@ -241,6 +248,22 @@ pub const KEYS: [Key; 40] = [
 
 fn known_keys() -> impl Iterator<Item = &'static str> {
     KEYS.iter().map(|k| k.name)
+}
+
+/// `tls_san`: comma-separated DNS names or IP addresses.
+fn parse_sans(s: &str) -> Result<Vec<String>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| {
+            let ip = name.parse::<std::net::IpAddr>().is_ok();
+            if ip || sandboxd_api::validate::is_ip_or_dns_name(name) {
+                Ok(name.to_string())
+            } else {
+                Err(format!("{name:?} is neither an IP address nor a DNS name"))
+            }
+        })
+        .collect()
 }
 
 fn optional_path(value: &str) -> Option<PathBuf> {
@@ -344,6 +367,7 @@ impl Config {
             data_dir: PathBuf::from(value("data_dir")),
             tls_cert_file: optional_path(&value("tls_cert_file")),
             tls_key_file: optional_path(&value("tls_key_file")),
+            tls_san: parse_key("tls_san", &value("tls_san"), parse_sans)?,
             agent_secret_file: optional_path(&value("agent_secret_file")),
             audit_log: optional_path(&value("audit_log")),
             audit_log_max_bytes: parse_key("audit_log_max_bytes", &value("audit_log_max_bytes"), |s| {
@@ -682,6 +706,11 @@ mod tests {
             ("host_port_range", "0-10"),
             ("scheduler_policy", "random"),
             ("listen", "nowhere"),
+            ("insecure_listen", "0.0.0.0:8082"),
+            ("tls_san", "a b,example.org"),
+            ("max_inflight_share", "0"),
+            ("max_watches_per_identity", "0"),
+            ("audit_log_max_bytes", "1KiB"),
             ("store", "postgres://x"),
             ("default_cpu", "2x"),
             ("default_memory", "0"),

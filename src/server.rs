@@ -225,6 +225,9 @@ pub fn security(config: &Config, local: SocketAddr) -> Result<Security, ServeErr
     }
     let dir = &config.data_dir;
     tls::private_dir(dir)?;
+    for path in credential_files(config) {
+        tls::tighten(&path)?;
+    }
     let admin_token = match config.auth_token()? {
         Some(token) => token,
         None => tls::read_or_create(&dir.join(tls::ADMIN_TOKEN), || format!("sbx_admin_{}", tls::random_secret()))?
@@ -234,7 +237,7 @@ pub fn security(config: &Config, local: SocketAddr) -> Result<Security, ServeErr
     let (cert, key, ca_pem) = match (&config.tls_cert_file, &config.tls_key_file) {
         (Some(cert), Some(key)) => (cert.clone(), key.clone(), None),
         _ => {
-            let ca = tls::ensure_pki(dir, &tls::serving_names(local))?;
+            let ca = tls::ensure_pki(dir, &tls::serving_names(local, &config.tls_san))?;
             (dir.join(tls::SERVER_CERT), dir.join(tls::SERVER_KEY), Some(ca))
         }
     };
@@ -244,6 +247,23 @@ pub fn security(config: &Config, local: SocketAddr) -> Result<Security, ServeErr
     tls::write_client_config(&client_path, &client)?;
     tracing::info!(url = %client.server, client_config = %client_path.display(), "serving HTTPS; sbxctl reads the client config");
     Ok(Security { tls: Some(server_tls), admin_token: Some(admin_token), agent_secret })
+}
+
+/// Every file holding a credential or the store, so that none is left readable by others.
+fn credential_files(config: &Config) -> Vec<std::path::PathBuf> {
+    let dir = &config.data_dir;
+    let mut files: Vec<std::path::PathBuf> =
+        [tls::CA_KEY, tls::SERVER_KEY, tls::ADMIN_TOKEN, tls::AGENT_SECRET, tls::CLIENT_CONFIG]
+            .iter()
+            .map(|f| dir.join(f))
+            .collect();
+    files.extend(
+        [&config.auth_token_file, &config.agent_secret_file, &config.tls_key_file].into_iter().flatten().cloned(),
+    );
+    if let Some(db) = config.store.strip_prefix("sqlite://") {
+        files.extend(["", "-wal", "-shm"].iter().map(|suffix| std::path::PathBuf::from(format!("{db}{suffix}"))));
+    }
+    files
 }
 
 /// The secret every node's agent token is derived from: `agent_secret_file`'s, else (unless

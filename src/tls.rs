@@ -82,8 +82,9 @@ fn valid_for(days: i64) -> (time::OffsetDateTime, time::OffsetDateTime) {
 }
 
 /// The names a serving certificate covers: loopback, the host's name, and the listen address.
-pub fn serving_names(listen: SocketAddr) -> Vec<String> {
+pub fn serving_names(listen: SocketAddr, extra: &[String]) -> Vec<String> {
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    names.extend(extra.iter().cloned());
     if let Ok(host) = std::fs::read_to_string("/etc/hostname") {
         let host = host.trim();
         if !host.is_empty() {
@@ -93,8 +94,21 @@ pub fn serving_names(listen: SocketAddr) -> Vec<String> {
     if !listen.ip().is_unspecified() {
         names.push(listen.ip().to_string());
     }
-    names.dedup();
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|name| seen.insert(name.clone()));
     names
+}
+
+/// Credential files must be the owner's alone: a looser one (from before this version, or copied
+/// in by hand) is tightened to 0600, and the server says so.
+pub fn tighten(path: &Path) -> Result<(), TlsError> {
+    let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
+    let mode = meta.permissions().mode() & 0o777;
+    if meta.is_file() && mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700)).map_err(io(path))?;
+        tracing::warn!(path = %path.display(), was = format!("{mode:o}"), "a credential or store file was readable by others; now 0600");
+    }
+    Ok(())
 }
 
 /// The CA (made once, kept) and a serving certificate for `names` signed by it (made again at
@@ -195,7 +209,8 @@ mod tests {
     #[test]
     fn the_generated_ca_signs_a_certificate_rustls_serves_and_keeps_across_starts() {
         let dir = tempfile::tempdir().unwrap();
-        let names = serving_names("127.0.0.1:8082".parse().unwrap());
+        let names = serving_names("127.0.0.1:8082".parse().unwrap(), &["sbx.example.org".to_string()]);
+        assert!(names.contains(&"sbx.example.org".to_string()));
         let first = ensure_pki(dir.path(), &names).unwrap();
         let second = ensure_pki(dir.path(), &names).unwrap();
         assert_eq!(first, second, "the CA is made once");
@@ -223,6 +238,17 @@ mod tests {
         assert_eq!(a1, agent_token("secret", "n1"));
         assert_ne!(a1, agent_token("secret", "n2"));
         assert_ne!(a1, agent_token("other", "n1"));
+    }
+
+    #[test]
+    fn loose_credential_files_are_tightened() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("admin.token");
+        std::fs::write(&file, "t").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        tighten(&file).unwrap();
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+        tighten(&dir.path().join("absent")).unwrap();
     }
 
     #[test]

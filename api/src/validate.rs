@@ -137,7 +137,7 @@ pub fn validate_node_spec(spec: &NodeSpec) -> Result<(), FieldErrors> {
     errors.into_result()
 }
 
-pub(crate) fn is_ip_or_dns_name(s: &str) -> bool {
+pub fn is_ip_or_dns_name(s: &str) -> bool {
     if s.parse::<std::net::IpAddr>().is_ok() {
         return true;
     }
