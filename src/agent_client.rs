@@ -31,6 +31,9 @@ pub struct HttpAgentClient {
     /// The secret each node's agent token is derived from (`crate::tls::agent_token`); sent as
     /// `Authorization: Bearer` on every call to an agent, never to a sandbox's probe port.
     secret: Option<Arc<str>>,
+    /// The secret before the last rotation: a call refused (401) with the current token is tried
+    /// once more with the previous one, so agents can be given their new tokens one by one.
+    previous: Option<Arc<str>>,
 }
 
 impl HttpAgentClient {
@@ -41,7 +44,11 @@ impl HttpAgentClient {
 
     /// The same client, calling only addresses `policy` allows.
     pub fn with_policy(self, policy: AddressPolicy) -> HttpAgentClient {
-        HttpAgentClient { secret: self.secret, ..HttpAgentClient::with(self.call_timeout, policy) }
+        HttpAgentClient {
+            secret: self.secret,
+            previous: self.previous,
+            ..HttpAgentClient::with(self.call_timeout, policy)
+        }
     }
 
     /// The same client, calling only loopback addresses (tests and demos on a closed network).
@@ -51,8 +58,12 @@ impl HttpAgentClient {
 
     /// The same client, presenting to each node's agent the token derived from `secret` and the
     /// node's name: an agent holding another node's token refuses it.
-    pub fn with_agent_secret(mut self, secret: &str) -> HttpAgentClient {
-        self.secret = Some(Arc::from(secret));
+    /// `secrets` is the agent secret file's text: the current secret on its first line and,
+    /// while agents are being moved to new tokens, the previous one on the second.
+    pub fn with_agent_secret(mut self, secrets: &str) -> HttpAgentClient {
+        let mut lines = secrets.lines().map(str::trim).filter(|l| !l.is_empty());
+        self.secret = lines.next().map(Arc::from);
+        self.previous = lines.next().map(Arc::from);
         self
     }
 
@@ -74,7 +85,7 @@ impl HttpAgentClient {
             .tcp_nodelay(true)
             .build()
             .expect("reqwest client with static settings");
-        HttpAgentClient { http, call_timeout, policy, secret: None }
+        HttpAgentClient { http, call_timeout, policy, secret: None, previous: None }
     }
 
     /// The address policy this client calls agents under.
@@ -119,14 +130,23 @@ impl HttpAgentClient {
         agent: AgentAddr<'_>,
     ) -> AgentResult<(StatusCode, T)> {
         self.check_address(agent.base_url)?;
-        let mut request = self.http.request(method, url).timeout(timeout);
-        if let Some(token) = self.token_for(agent.node) {
-            request = request.bearer_auth(token);
+        let send = |token: Option<String>| {
+            let mut request = self.http.request(method.clone(), url.as_str()).timeout(timeout);
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            request.send()
+        };
+        let mut response = send(self.token_for(agent.node)).await.map_err(describe_send_error)?;
+        if response.status() == StatusCode::UNAUTHORIZED {
+            if let Some(previous) = &self.previous {
+                response =
+                    send(Some(crate::tls::agent_token(previous, agent.node))).await.map_err(describe_send_error)?;
+            }
         }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let response = request.send().await.map_err(describe_send_error)?;
         let status = response.status();
         if !status.is_success() {
             let message = match read_capped(response, MAX_ERROR_BYTES).await? {
@@ -493,7 +513,8 @@ mod tests {
 
     #[tokio::test]
     async fn each_node_is_sent_its_own_token() {
-        let agents = client(AddressPolicy::default()).with_agent_secret("fleet-secret");
+        let agents = client(AddressPolicy::default()).with_agent_secret("fleet-secret\nold-secret\n");
+        assert_eq!(agents.previous.as_deref(), Some("old-secret"), "the second line is the previous secret");
         assert_eq!(agents.token_for("n1"), Some(crate::tls::agent_token("fleet-secret", "n1")));
         assert_ne!(agents.token_for("n1"), agents.token_for("n2"));
         assert_eq!(client(AddressPolicy::default()).token_for("n1"), None, "no secret, no token");

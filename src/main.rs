@@ -226,7 +226,10 @@ async fn start_demo_agents(demo: &DemoAgents, config: &mut Config) -> anyhow::Re
     // Each demo agent holds its own node's token, as a real one would, and has no fault routes.
     let names: Vec<String> = (1..=demo.count).map(|i| format!("demo-{i}")).collect();
     let tokens = match server::agent_secret(config)? {
-        Some(secret) => names.iter().map(|name| sandboxd_o::tls::agent_token(&secret, name)).collect(),
+        Some(secret) => {
+            let current = secret.lines().next().unwrap_or_default().trim().to_string();
+            names.iter().map(|name| sandboxd_o::tls::agent_token(&current, name)).collect()
+        }
         None => Vec::new(),
     };
     let fleet = sbxlet::start_fleet(sbxlet::FleetConfig {
@@ -276,9 +279,14 @@ fn print_agent_token(args: AgentTokenArgs) -> anyhow::Result<()> {
     sandboxd_api::validate::validate_name("node", &args.node).map_err(|e| anyhow::anyhow!("{e}"))?;
     let env: HashMap<String, String> = std::env::vars().collect();
     let config = Config::load(args.config.as_deref(), &env, &args.flags.into_map()).context("invalid configuration")?;
-    let secret = server::agent_secret(&config)?
-        .ok_or_else(|| anyhow::anyhow!("no agent secret: insecure_listen is set and agent_secret_file is not"))?;
-    println!("{}", sandboxd_o::tls::agent_token(&secret, &args.node));
+    let secret = server::existing_agent_secret(&config)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no agent secret in {}: run this where the server's data_dir is (or set agent_secret_file)",
+            config.data_dir.display()
+        )
+    })?;
+    let current = secret.lines().next().unwrap_or_default().trim();
+    println!("{}", sandboxd_o::tls::agent_token(current, &args.node));
     Ok(())
 }
 
@@ -296,8 +304,13 @@ fn run_controllers(args: ControllersArgs) -> anyhow::Result<()> {
     if args.token.is_some() {
         client_config.token = args.token.clone();
     }
-    let agent_secret =
-        config.agent_secret_file.as_deref().map(|p| Config::read_token("agent_secret_file", p)).transpose()?;
+    let agent_secret = server::existing_agent_secret(&config)?;
+    if agent_secret.is_none() && client_config.server.starts_with("https://") {
+        tracing::warn!(
+            data_dir = %config.data_dir.display(),
+            "no agent secret (agent_secret_file, or <data_dir>/agent.secret): agents that ask for their token will refuse these controllers, and their nodes will go NotReady"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let client = sandboxd_client::Client::from_config(&client_config)?;

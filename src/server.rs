@@ -225,8 +225,11 @@ pub fn security(config: &Config, local: SocketAddr) -> Result<Security, ServeErr
     }
     let dir = &config.data_dir;
     tls::private_dir(dir)?;
-    for path in credential_files(config) {
+    for path in generated_files(config) {
         tls::tighten(&path)?;
+    }
+    for path in [&config.auth_token_file, &config.agent_secret_file, &config.tls_key_file].into_iter().flatten() {
+        tls::warn_if_loose(path);
     }
     let admin_token = match config.auth_token()? {
         Some(token) => token,
@@ -249,21 +252,34 @@ pub fn security(config: &Config, local: SocketAddr) -> Result<Security, ServeErr
     Ok(Security { tls: Some(server_tls), admin_token: Some(admin_token), agent_secret })
 }
 
-/// Every file holding a credential or the store, so that none is left readable by others.
-fn credential_files(config: &Config) -> Vec<std::path::PathBuf> {
+/// The files the server makes under `data_dir`, and a SQLite store inside it: tightened to 0600
+/// at start. Files the operator names elsewhere are only warned about: they may be shared on
+/// purpose (a group-readable key) or on a read-only mount.
+fn generated_files(config: &Config) -> Vec<std::path::PathBuf> {
     let dir = &config.data_dir;
     let mut files: Vec<std::path::PathBuf> =
         [tls::CA_KEY, tls::SERVER_KEY, tls::ADMIN_TOKEN, tls::AGENT_SECRET, tls::CLIENT_CONFIG]
             .iter()
             .map(|f| dir.join(f))
             .collect();
-    files.extend(
-        [&config.auth_token_file, &config.agent_secret_file, &config.tls_key_file].into_iter().flatten().cloned(),
-    );
-    if let Some(db) = config.store.strip_prefix("sqlite://") {
+    if let Some(db) = config.store.strip_prefix("sqlite://").filter(|db| std::path::Path::new(db).starts_with(dir)) {
         files.extend(["", "-wal", "-shm"].iter().map(|suffix| std::path::PathBuf::from(format!("{db}{suffix}"))));
     }
     files
+}
+
+/// The agent secret when there is one already, made by nobody: `agent_secret_file`'s, else
+/// `<data_dir>/agent.secret` if it exists (for `agent-token` and remote controllers, which must
+/// use the orchestrator's secret and never make one of their own).
+pub fn existing_agent_secret(config: &Config) -> Result<Option<String>, ServeError> {
+    if let Some(path) = &config.agent_secret_file {
+        return Ok(Some(Config::read_token("agent_secret_file", path)?));
+    }
+    let path = config.data_dir.join(tls::AGENT_SECRET);
+    match path.exists() {
+        true => Ok(Some(Config::read_token("data_dir", &path)?)),
+        false => Ok(None),
+    }
 }
 
 /// The secret every node's agent token is derived from: `agent_secret_file`'s, else (unless

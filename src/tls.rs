@@ -99,10 +99,11 @@ pub fn serving_names(listen: SocketAddr, extra: &[String]) -> Vec<String> {
     names
 }
 
-/// Credential files must be the owner's alone: a looser one (from before this version, or copied
-/// in by hand) is tightened to 0600, and the server says so.
+/// Files the server made must be the owner's alone: a looser one (from before this version, or
+/// copied in by hand) is tightened to 0600, and the server says so.
 pub fn tighten(path: &Path) -> Result<(), TlsError> {
-    let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
+    // A link is left alone: its target may belong to other software.
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
     let mode = meta.permissions().mode() & 0o777;
     if meta.is_file() && mode & 0o077 != 0 {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700)).map_err(io(path))?;
@@ -165,6 +166,16 @@ pub struct ClientConfig {
     pub ca_pem: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+}
+
+/// Says so when a file the operator named is readable by others (never changes it).
+pub fn warn_if_loose(path: &Path) {
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o007 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "a credential file is readable by every user");
+        }
+    }
 }
 
 /// The URL clients use for a listen address: a wildcard listen is reached on loopback.

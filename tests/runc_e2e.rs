@@ -250,7 +250,15 @@ async fn a_container_that_vanishes_without_an_exit_fails_its_sandbox_as_vanished
     let failed = agent.wait_phase("ghost", "failed").await;
     assert_eq!(failed["sandbox"]["message"], "container main vanished", "{failed}");
     assert_eq!(agent.send(Method::DELETE, "/api/v1/sandboxes/ghost", None).await.0, 200);
-    assert_eq!(leftovers(&node, &["ghost".to_string()]).iter().map(|(_, n)| n).sum::<usize>(), 0);
+    // The killed container's processes may still be exiting when the delete answers (seen once in a
+    // loaded CI run: one leftover); everything must be gone within a few seconds all the same.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut left = leftovers(&node, &["ghost".to_string()]);
+    while left.iter().any(|(_, n)| *n > 0) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        left = leftovers(&node, &["ghost".to_string()]);
+    }
+    assert!(left.iter().all(|(_, n)| *n == 0), "left behind: {left:?}");
 }
 
 // === fixtures ===

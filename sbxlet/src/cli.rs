@@ -140,8 +140,9 @@ impl RuncFlags {
 /// Who may call the agent.
 #[derive(Debug, Args)]
 pub struct AccessFlags {
-    /// File holding the bearer token every call but /healthz must carry (the orchestrator's
-    /// agent_secret_file). Without it the agent listens on loopback only.
+    /// File holding this node's token, which every call but /healthz must carry: what
+    /// `sandboxd-o agent-token NODE` prints on the orchestrator. Without it the agent listens on
+    /// loopback only.
     #[arg(long, env = "SBXLET_TOKEN_FILE")]
     pub token_file: Option<std::path::PathBuf>,
     /// Serve /sim/faults, /sim/restart and /sim/sandboxes/{id}/fail (simulator, loopback only).
@@ -159,7 +160,7 @@ impl AccessFlags {
         let Some(path) = &self.token_file else {
             if !listen.is_loopback() {
                 return Err(CliError::Access(format!(
-                    "listening on {listen} without a credential: set --token-file (the orchestrator's agent token)"
+                    "listening on {listen} without a credential: set --token-file (`sandboxd-o agent-token NODE` prints it)"
                 )));
             }
             tracing::warn!("no --token-file: any local process may call this agent");

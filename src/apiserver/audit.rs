@@ -92,12 +92,16 @@ struct Rotating {
 impl Rotating {
     fn write(&mut self, line: &[u8]) -> std::io::Result<()> {
         if self.written > 0 && self.written + line.len() as u64 > self.max_bytes {
-            if let Err(e) = self.rotate() {
+            match self.rotate() {
+                Ok(()) => {}
                 // The live file was moved or removed under us: start it again rather than lose
                 // every later line.
-                tracing::warn!(error = %e, path = %self.path.display(), "audit log rotation failed; reopening");
-                self.file = open_append(&self.path)?;
-                self.written = 0;
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::warn!(path = %self.path.display(), "audit log vanished before rotation; reopening");
+                    self.file = open_append(&self.path)?;
+                    self.written = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+                }
+                Err(e) => return Err(e),
             }
         }
         self.file.write_all(line)?;

@@ -284,8 +284,10 @@ async fn admit_and_run(state: &super::ApiState, identity: &Identity, mut request
     use super::shedding;
     let uri = request.uri();
     let class = shedding::classify_for(&identity.role, request.method(), uri.path(), uri.query().unwrap_or(""));
-    // The anonymous caller of a server without authentication is everyone: no share to keep.
-    let share_key = (identity.source != "anonymous").then_some(identity.name.as_str());
+    // No share for the anonymous caller of a server without authentication (it is everyone), nor
+    // for controllers: their replicas share one identity and their work is the system's own.
+    let unshared = identity.source == "anonymous" || identity.role == Role::Controller;
+    let share_key = (!unshared).then_some(identity.name.as_str());
     let admission = match state.shedder.admit(class, share_key) {
         Ok(admission) => admission,
         Err(refusal) => return refusal.into_response(),

@@ -217,14 +217,13 @@ fn default_config_paths() -> Vec<std::path::PathBuf> {
     paths
 }
 
-/// The client config in effect: the named one, else the first default one found. A default one
-/// is used only when it is the user's own file (not writable by others), and never to carry a
-/// token given by flag or env var to a server it names: a config planted in a directory must not
-/// receive the user's token. Flags and env vars win over it.
+/// The client config in effect: the named one, else the first default one found that is the
+/// user's own file (nobody else may write it, so no planted config is read). Flags and env vars
+/// win over it. A token given by flag or env var goes only to a server named, or to the one of
+/// such a config over its TLS: never by default to plain HTTP.
 fn client_config(cli: &Cli) -> anyhow::Result<ClientConfig> {
     let mut config = match &cli.config {
         Some(path) => ClientConfig::load(path).map_err(|e| anyhow!("client config {e}"))?,
-        None if cli.token.is_some() && cli.server.is_none() => ClientConfig::default(),
         None => default_config_paths()
             .iter()
             .filter(|p| owned_and_private(p))
@@ -236,6 +235,11 @@ fn client_config(cli: &Cli) -> anyhow::Result<ClientConfig> {
         config.server = server.clone();
     }
     if config.server.is_empty() {
+        if cli.token.is_some() {
+            bail!(
+                "a token is given but no server: name one with --server (or SANDBOXD_SERVER), or use a client config"
+            );
+        }
         config.server = "http://127.0.0.1:8082".into();
     }
     if cli.token.is_some() {
@@ -451,6 +455,20 @@ async fn heartbeat(client: &Client, target: &str) -> anyhow::Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_never_goes_to_a_server_nobody_named() {
+        if default_config_paths().iter().any(|p| p.exists()) {
+            return; // a real client config here names a server; the rule is about having none
+        }
+        let cli = Cli::parse_from(["sbxctl", "--token", "secret", "get", "nodes"]);
+        let err = client_config(&cli).unwrap_err().to_string();
+        assert!(err.contains("no server"), "{err}");
+        let cli = Cli::parse_from(["sbxctl", "--token", "secret", "--server", "https://x:1", "get", "nodes"]);
+        assert_eq!(client_config(&cli).unwrap().server, "https://x:1");
+        let cli = Cli::parse_from(["sbxctl", "get", "nodes"]);
+        assert_eq!(client_config(&cli).unwrap().server, "http://127.0.0.1:8082", "no token: the local default");
+    }
 
     #[test]
     fn terminal_escapes_in_objects_are_shown_not_obeyed() {
