@@ -93,3 +93,30 @@ async fn an_agent_that_is_gone_is_a_502_and_followed_logs_end_with_the_sandbox()
     assert!(unreachable.to_string().contains("node sim"), "names the node: {unreachable}");
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_exec_session_holds_its_long_running_slot_until_it_ends() {
+    let agent = start_agent(sbxlet::Faults::default()).await;
+    let (server, client) = start_server(test_config(&[("max_inflight_long_running", "1")])).await;
+    register(&client, "sim", agent.addr()).await;
+    running_sandbox(&client, "sbx").await;
+
+    let (mut input, mut outputs) = client.exec_stream("sbx", &request(&["cat"])).await.unwrap();
+    // The session is the one long-running slot: a second stream is refused while it lasts.
+    let second = client.exec_stream("sbx", &request(&["cat"])).await.err().unwrap();
+    assert_eq!(second.status(), Some(429), "{second}");
+    input.close_stdin().await.unwrap();
+    while let Some(Ok(output)) = outputs.next().await {
+        if matches!(output, ExecOutput::Exit { .. }) {
+            break;
+        }
+    }
+    drop((input, outputs));
+    eventually(10, "the slot back after the session", || async {
+        let (input, outputs) = client.exec_stream("sbx", &request(&["true"])).await.ok()?;
+        drop((input, outputs));
+        Some(())
+    })
+    .await;
+    server.stop().await.unwrap();
+}

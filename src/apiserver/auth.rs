@@ -292,9 +292,15 @@ async fn admit_and_run(state: &super::ApiState, identity: &Identity, mut request
         Ok(admission) => admission,
         Err(refusal) => return refusal.into_response(),
     };
+    let cell = shedding::AdmissionCell::new(admission);
     request.extensions_mut().insert(identity.clone());
+    request.extensions_mut().insert(cell.clone());
     let response = next.run(request).await;
-    shedding::hold_until_streamed(class, admission, response)
+    match cell.take() {
+        Some(admission) => shedding::hold_until_streamed(class, admission, response),
+        // The handler keeps it (a WebSocket session).
+        None => response,
+    }
 }
 
 /// The header a request id travels in, both ways.

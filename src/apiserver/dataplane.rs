@@ -166,12 +166,16 @@ pub async fn exec(
 pub async fn exec_stream(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    admission: Option<axum::Extension<super::shedding::AdmissionCell>>,
     upgrade: WebSocketUpgrade,
 ) -> ApiResult<Response> {
     let placement = placement(&state, &id, Need::Running).await?;
     let url = placement.url(&id, "/exec/stream", None).replacen("http://", "ws://", 1);
     let shutdown = state.shutdown.clone();
+    // The session holds its long-running slot until it ends, not just until the 101 answer.
+    let held = admission.and_then(|cell| cell.take());
     Ok(upgrade.max_message_size(MAX_FRAME).on_upgrade(move |client| async move {
+        let _held = held;
         tokio::select! {
             _ = relay_session(client, placement, url) => {}
             _ = shutdown.cancelled() => {}

@@ -239,7 +239,7 @@ async fn metrics(State(state): State<ApiState>) -> String {
         ("sandboxd_watch_history_bytes", crate::store::HISTORY_BYTES.load(Relaxed)),
         ("sandboxd_watches_open", state.watch_slots.open() as u64),
         ("sandboxd_watch_identities", state.watch_slots.identities() as u64),
-        ("sandboxd_inflight_identities", state.shedder.identities_holding() as u64),
+        ("sandboxd_inflight_identity_shares", state.shedder.identities_holding() as u64),
     ];
     for (name, value) in gauges {
         out.push_str(&format!("# TYPE {name} gauge\n{name} {value}\n"));

@@ -161,7 +161,11 @@ pub fn classify_for(role: &sandboxd_api::auth::Role, method: &Method, path: &str
 
 /// The class of a request, by method, path and query.
 pub fn classify(method: &Method, path: &str, query: &str) -> Class {
-    let streams = query.split('&').any(|p| p == "watch=true" || p == "follow=true");
+    // As the handlers read them: `watch`, `watch=`, `watch=true` and `watch=1` all stream.
+    let streams = query.split('&').any(|p| {
+        let (key, value) = p.split_once('=').unwrap_or((p, ""));
+        matches!(key, "watch" | "follow") && matches!(value, "" | "true" | "1")
+    });
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let data_plane = matches!(segments.as_slice(), ["api", "v1", "sandboxes", _, "exec" | "files", ..]);
     if streams || data_plane {
@@ -178,6 +182,22 @@ pub fn classify(method: &Method, path: &str, query: &str) -> Class {
         Class::System
     } else {
         Class::Workload
+    }
+}
+
+/// A request's admission, for a handler that must keep it past its response: a WebSocket session
+/// runs after the 101 answer, whose empty body would give the slot back at once.
+#[derive(Clone)]
+pub struct AdmissionCell(Arc<parking_lot::Mutex<Option<Admission>>>);
+
+impl AdmissionCell {
+    pub fn new(admission: Admission) -> AdmissionCell {
+        AdmissionCell(Arc::new(parking_lot::Mutex::new(Some(admission))))
+    }
+
+    /// The admission, once: whoever takes it holds the slot until dropping it.
+    pub fn take(&self) -> Option<Admission> {
+        self.0.lock().take()
     }
 }
 
@@ -211,6 +231,9 @@ mod tests {
         assert_eq!(class(Method::POST, "/api/v1/sandboxes", ""), Class::Workload);
         assert_eq!(class(Method::GET, "/api/v1/sandboxes", "limit=5"), Class::Workload);
         assert_eq!(class(Method::GET, "/api/v1/sandboxes", "watch=true"), Class::LongRunning);
+        assert_eq!(class(Method::GET, "/api/v1/sandboxes", "limit=5&watch=1"), Class::LongRunning);
+        assert_eq!(class(Method::GET, "/api/v1/sandboxes", "watch"), Class::LongRunning);
+        assert_eq!(class(Method::GET, "/api/v1/sandboxes", "watch=false"), Class::Workload);
         assert_eq!(class(Method::GET, "/api/v1/sandboxes/a/logs", "follow=true&tail=1"), Class::LongRunning);
         assert_eq!(class(Method::GET, "/api/v1/sandboxes/a/logs", ""), Class::Workload);
         assert_eq!(class(Method::POST, "/api/v1/sandboxes/a/exec", ""), Class::LongRunning);
