@@ -245,7 +245,11 @@ pub fn security(config: &Config, local: SocketAddr) -> Result<Security, ServeErr
         }
     };
     let server_tls = tls::server_config(&cert, &key)?;
-    let client = tls::ClientConfig { server: tls::client_url(local, true), ca_pem, token: Some(admin_token.clone()) };
+    let client = sandboxd_client::ClientConfig {
+        server: tls::client_url(local, true),
+        ca_pem,
+        token: Some(admin_token.clone()),
+    };
     let client_path = dir.join(tls::CLIENT_CONFIG);
     tls::write_client_config(&client_path, &client)?;
     tracing::info!(url = %client.server, client_config = %client_path.display(), "serving HTTPS; sbxctl reads the client config");

@@ -158,16 +158,6 @@ pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<rustls::Se
     Ok(Arc::new(config))
 }
 
-/// What `sbxctl` reads to reach the server: its URL, the CA to trust and a token.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ClientConfig {
-    pub server: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_pem: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
-}
-
 /// Says so when a file the operator named is readable by others (never changes it).
 pub fn warn_if_loose(path: &Path) {
     if let Ok(meta) = std::fs::metadata(path) {
@@ -190,7 +180,8 @@ pub fn client_url(listen: SocketAddr, tls: bool) -> String {
     format!("{scheme}://{ip}:{}", listen.port())
 }
 
-pub fn write_client_config(path: &Path, config: &ClientConfig) -> Result<(), TlsError> {
+/// Writes the client config `sbxctl` reads (the client crate's type, so both read one shape).
+pub fn write_client_config(path: &Path, config: &sandboxd_client::ClientConfig) -> Result<(), TlsError> {
     let json = serde_json::to_string_pretty(config).expect("client config serializes");
     write_private(path, format!("{json}\n").as_bytes())
 }
