@@ -6,6 +6,9 @@
 # - etcd (Debian's etcd-server): the etcd tests start a throwaway single-member etcd.
 # - the real runtime (`sbxlet --runtime runc`) and its tests: runc, iptables, iproute2 (`ip`),
 #   docker-registry (a throwaway registry the tests push to) and busybox-static (the test image).
+# - gVisor's runsc (Debian's runsc): the `gvisor` runtime class and its tests. As root the check also
+#   boots a sandbox (`runsc do true`), as sbxlet's own probe does; where that fails (no ptrace, say)
+#   it warns, and the gvisor tests skip loudly.
 #
 # - Schemathesis (PyPI, pinned, in the venv .venv-schemathesis): hack/schemathesis/run.sh fuzzes a
 #   live server with it; Debian's python3-venv provides the venv module.
@@ -49,6 +52,16 @@ ip_runs() {
   command -v ip >/dev/null 2>&1 && ip -V >/dev/null 2>&1
 }
 
+runsc_runs() {
+  command -v runsc >/dev/null 2>&1 && runsc --version >/dev/null 2>&1
+}
+
+# sbxlet's own probe: a sandbox boots on this machine's platform. Needs root.
+runsc_boots() {
+  local root="$scratch/runsc-root"
+  runsc --root "$root" --network=none do true >"$scratch/runsc.err" 2>&1
+}
+
 registry_runs() {
   command -v docker-registry >/dev/null 2>&1 && docker-registry --version >/dev/null 2>&1
 }
@@ -70,6 +83,7 @@ missing_packages() {
   iptables_runs || echo iptables
   ip_runs || echo iproute2
   registry_runs || echo docker-registry
+  runsc_runs || echo runsc
   busybox_is_static || echo busybox-static
   venv_module_works || echo python3-venv
   if [ "$with_stress" = 1 ]; then
@@ -98,13 +112,17 @@ check_all() {
   fi
   local check
   for check in "runc_runs runc" "iptables_runs iptables" "ip_runs iproute2" "registry_runs docker-registry" \
-    "busybox_is_static busybox-static"; do
+    "busybox_is_static busybox-static" "runsc_runs runsc"; do
     set -- $check
     if ! "$1"; then
       echo "hack/deps.sh: $1 failed: install Debian's $2" >&2
       failed=1
     fi
   done
+  if runsc_runs && [ "$(id -u)" -eq 0 ] && ! runsc_boots; then
+    echo "hack/deps.sh: WARNING: runsc is installed but cannot boot a sandbox here; the gvisor tests will skip:" >&2
+    sed 's/^/  runsc: /' "$scratch/runsc.err" >&2 || true
+  fi
   if [ "$with_stress" = 1 ] && ! stress_runs; then
     echo "hack/deps.sh: stress-ng not found or does not run: install Debian's stress-ng" >&2
     failed=1

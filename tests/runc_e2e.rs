@@ -8,7 +8,9 @@ use common::*;
 use futures::StreamExt;
 use reqwest::Method;
 use sandboxd_api::dataplane::ExecRequest;
-use sandboxd_api::{Container, ContainerResource, NodeState, Phase, PortSpec, Probe, ProbeProtocol, Protocol};
+use sandboxd_api::{
+    Container, ContainerResource, NodeState, Phase, PortSpec, Probe, ProbeProtocol, Protocol, RuntimeClass,
+};
 use sandboxd_api::{Sandbox, SandboxSpec};
 use sandboxd_client::dataplane::ExecOutput;
 use sandboxd_client::Client;
@@ -27,34 +29,74 @@ async fn a_real_sandbox_is_probed_served_logged_survives_an_agent_kill_and_leave
     if skip_without_prerequisites("a_real_sandbox_is_probed_served_logged_survives_an_agent_kill_and_leaves_nothing") {
         return;
     }
+    real_sandbox_lifecycle(RuntimeClass::Runc, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_gvisor_a_real_sandbox_is_probed_served_logged_survives_an_agent_kill_and_leaves_nothing() {
+    if skip_without_gvisor(
+        "under_gvisor_a_real_sandbox_is_probed_served_logged_survives_an_agent_kill_and_leaves_nothing",
+    ) {
+        return;
+    }
+    real_sandbox_lifecycle(RuntimeClass::Gvisor, 5).await;
+}
+
+/// One sandbox of `class` through its whole life on a real node (`slot`): probe, host port, logs,
+/// a sidecar over localhost, an OOM kill, an agent SIGKILL and re-adoption, and a clean delete.
+async fn real_sandbox_lifecycle(class: RuntimeClass, slot: u32) {
     let registry = LocalRegistry::start().expect("docker-registry starts");
     let image = format!("{}/busybox:e2e", registry.addr());
     busybox_image().unwrap().push(&registry.addr().to_string(), "busybox", "e2e").await.unwrap();
-    let mut node = RealNode::start(&sbxlet_binary(), 0).expect("sbxlet starts");
+    let mut node = RealNode::start(&sbxlet_binary(), slot).expect("sbxlet starts");
     let ids: Vec<String> = ["web", "hog"].map(String::from).to_vec();
     let baseline = leftovers(&node, &ids);
     let (server, client) = start_server(test_config(&[("sync_period", "1s"), ("agent_timeout", "5s")])).await;
     register(&client, "real", node.addr).await;
     wait_node_state(&client, "real", NodeState::Ready).await;
+    let classes = eventually(20, "the node's runtime classes", || async {
+        let node = client.get_node("real").await.ok()?;
+        Some(node.status.node_info.runtime_classes).filter(|c| !c.is_empty())
+    })
+    .await;
+    assert!(classes.contains(&class.to_string()), "the node offers {class}: {classes:?}");
 
+    // gVisor's own kernel counts against a container's memory limit.
+    let memory = match class {
+        RuntimeClass::Runc => "32Mi",
+        RuntimeClass::Gvisor => "96Mi",
+    };
     // A web server with an HTTP readiness probe, and a sidecar that fetches its page over localhost.
-    let sidecar = "until wget -qO- http://localhost:80/; do sleep 0.2; done; echo side done; sleep 100000";
+    // nc, not wget: under gVisor's host networking (runsc 20221219), busybox wget's reads fail with
+    // EAGAIN (see docs/security.md).
+    let fetch = r#"printf 'GET / HTTP/1.0\r\n\r\n' | nc localhost 80"#;
+    let sidecar = format!(
+        "until page=$({fetch}) && echo \"$page\" | grep -q busybox; do sleep 0.2; done; \
+         echo \"$page\" | tail -1; echo side done; sleep 100000"
+    );
     let spec = SandboxSpec {
         containers: vec![
-            container("web", &image, &["httpd", "-f", "-p", "80", "-h", "/www"], "100m", "32Mi"),
-            container("side", &image, &["sh", "-c", sidecar], "100m", "32Mi"),
+            container("web", &image, &["httpd", "-f", "-p", "80", "-h", "/www"], "100m", memory),
+            container("side", &image, &["sh", "-c", &sidecar], "100m", memory),
         ],
         ports: vec![PortSpec { container_port: 80, protocol: Protocol::Tcp, host_port: None }],
         readiness_probe: Some(http_probe()),
+        runtime_class: class,
         ..SandboxSpec::default()
     };
     client.create_sandbox("web", &spec).await.unwrap();
     let running = wait_running_seeing_every_state(&client, "web").await;
     let host_port = running.status.assigned_ports[0].host_port;
+    assert_kernel(&client, "web", class).await;
 
-    let page = reqwest::get(format!("http://{}:{host_port}/", node.addr.ip())).await.unwrap().text().await.unwrap();
-    assert_eq!(page, INDEX_HTML, "the node's host port serves the container's file");
-    let logs = eventually(20, "the sidecar's output in the logs", || async {
+    // Retried: busybox httpd under gVisor's host networking (runsc 20221219) sometimes drops a
+    // request with EAGAIN (docs/security.md); it must still serve.
+    eventually(20, "the node's host port serving the container's file", || async {
+        let page = reqwest::get(format!("http://{}:{host_port}/", node.addr.ip())).await.ok()?.text().await.ok()?;
+        (page == INDEX_HTML).then_some(())
+    })
+    .await;
+    let logs = eventually(60, "the sidecar's output in the logs", || async {
         let (_, body) = call(&client, Method::GET, "/api/v1/nodes/real/sandboxes/web/logs", None).await;
         let lines: Vec<String> = serde_json::from_value(body["logs"]["lines"].clone()).ok()?;
         lines.contains(&"[side] side done".to_string()).then_some(lines)
@@ -66,20 +108,29 @@ async fn a_real_sandbox_is_probed_served_logged_survives_an_agent_kill_and_leave
     );
 
     // A container that allocates past its memory limit.
+    // It says so first, so that a container killed while starting (gVisor's kernel over the limit)
+    // does not pass for one killed by its own allocation.
+    let (limit, allocation) = match class {
+        RuntimeClass::Runc => ("16Mi", "bs=64M"),
+        RuntimeClass::Gvisor => ("96Mi", "bs=256M"),
+    };
+    let allocate = format!("echo allocating; dd if=/dev/zero of=/dev/null {allocation} count=1");
     let hog = SandboxSpec {
-        containers: vec![container(
-            "hog",
-            &image,
-            &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
-            "1",
-            "16Mi",
-        )],
+        containers: vec![container("hog", &image, &["sh", "-c", &allocate], "1", limit)],
+        runtime_class: class,
         ..SandboxSpec::default()
     };
     client.create_sandbox("hog", &hog).await.unwrap();
     let failed = wait_status(&client, "hog", "Failed", |s| s.status.phase == Phase::Failed).await;
     let message = failed.status.message.clone().unwrap_or_default();
     assert!(message.contains("OOMKilled"), "reported as OOM-killed: {message:?}");
+    let (_, body) = call(&client, Method::GET, "/api/v1/nodes/real/sandboxes/hog/logs", None).await;
+    let lines = body["logs"]["lines"].as_array().cloned().unwrap_or_default();
+    // Under runc the line is missing from the logs of a loaded run (not understood yet: see the
+    // closing note of issue 20), so only gVisor, whose kernel could be killed first, is held to it.
+    if class == RuntimeClass::Gvisor {
+        assert!(lines.contains(&json!("[hog] allocating")), "killed by its allocation, not before: {body}");
+    }
 
     // SIGKILL the agent and start it again: the sandbox is re-adopted and keeps running.
     node.kill();
@@ -103,6 +154,43 @@ async fn a_real_sandbox_is_probed_served_logged_survives_an_agent_kill_and_leave
         .await;
     }
     assert_eq!(leftovers(&node, &ids), baseline, "delete leaves nothing behind");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gvisor_sandbox_stays_pending_on_a_node_without_runsc() {
+    if skip_without_prerequisites("a_gvisor_sandbox_stays_pending_on_a_node_without_runsc") {
+        return;
+    }
+    let node = RealNode::start_with(&sbxlet_binary(), 8, &["--runsc", "/nonexistent/runsc"]).expect("sbxlet starts");
+    let (server, client) = start_server(test_config(&[("sync_period", "1s")])).await;
+    register(&client, "plain", node.addr).await;
+    wait_node_state(&client, "plain", NodeState::Ready).await;
+    let classes = eventually(20, "the node's runtime classes", || async {
+        let node = client.get_node("plain").await.ok()?;
+        Some(node.status.node_info.runtime_classes).filter(|c| !c.is_empty())
+    })
+    .await;
+    assert_eq!(classes, ["runc"], "without runsc the node offers runc only");
+
+    let spec = SandboxSpec { runtime_class: RuntimeClass::Gvisor, ..common::sandbox_spec("100m") };
+    client.create_sandbox("isolated", &spec).await.unwrap();
+    let pending =
+        wait_status(&client, "isolated", "Unschedulable", |s| s.status.reason.as_deref() == Some("Unschedulable"))
+            .await;
+    assert_eq!(pending.status.phase, Phase::Pending);
+    let message = pending.status.message.unwrap_or_default();
+    assert_eq!(message, "0/1 nodes available: 1 without the runtime class gvisor");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(client.get_sandbox("isolated").await.unwrap().status.phase, Phase::Pending, "it stays Pending");
+
+    // The agent itself refuses the class too, should anything ask it directly.
+    let agent = AgentApi::new(node.addr);
+    let body = json!({"id": "direct", "runtime_class": "gvisor", "containers": [{"name": "main", "image": "busybox"}]});
+    let (status, answer) = agent.send(Method::POST, "/api/v1/sandboxes", Some(body)).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"].as_str().unwrap_or_default().contains("runtime class gvisor is not offered"), "{answer}");
+    client.delete_sandbox("isolated").await.unwrap();
     server.stop().await.unwrap();
 }
 
@@ -279,6 +367,40 @@ fn skip_without_prerequisites(test: &str) -> bool {
     true
 }
 
+/// Like `skip_without_prerequisites`, and a runsc that boots a sandbox here (Debian package runsc),
+/// as sbxlet's own probe asks.
+fn skip_without_gvisor(test: &str) -> bool {
+    if skip_without_prerequisites(test) {
+        return true;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let boots = Command::new("runsc")
+        .args(["--root", &root.path().display().to_string(), "--network=none", "do", "true"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !boots {
+        eprintln!("SKIPPED {test}: the gvisor runtime class needs a runsc that boots (Debian package runsc)");
+    }
+    !boots
+}
+
+/// Proves which kernel the sandbox's first container runs on: the node's own under runc, gVisor's
+/// (another release, and its own `/proc/version`) under gvisor.
+async fn assert_kernel(client: &Client, id: &str, class: RuntimeClass) {
+    let inside = client.exec(id, &exec_request(&["uname", "-r"])).await.unwrap();
+    assert_eq!(inside.exit_code, 0, "{inside:?}");
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    match class {
+        RuntimeClass::Runc => assert_eq!(inside.stdout.trim(), host.trim(), "runc shares the node's kernel"),
+        RuntimeClass::Gvisor => {
+            assert_ne!(inside.stdout.trim(), host.trim(), "gVisor's kernel answers, not the node's");
+            let version = client.exec(id, &exec_request(&["cat", "/proc/version"])).await.unwrap();
+            let host_version = std::fs::read_to_string("/proc/version").unwrap();
+            assert_ne!(version.stdout.trim(), host_version.trim(), "{version:?}");
+        }
+    }
+}
+
 /// What sandboxes `ids` of `node` hold on the host: namespaces, veths, iptables rules, mounts,
 /// cgroups, sandbox directories, runc containers and shim processes.
 fn leftovers(node: &RealNode, ids: &[String]) -> Vec<(&'static str, usize)> {
@@ -300,7 +422,9 @@ fn leftovers(node: &RealNode, ids: &[String]) -> Vec<(&'static str, usize)> {
     let cgroups = cgroup_dirs_under(&node.cgroup_parent);
     let sandboxes = std::fs::read_dir(node.state_dir().join("sandboxes")).map(|d| d.count()).unwrap_or(0);
     let runc_root = format!("{state}/runc");
-    let containers = host(&["runc", "--root", &runc_root, "list", "-q"]).lines().count();
+    let runsc_root = format!("{state}/runsc");
+    let containers = host(&["runc", "--root", &runc_root, "list", "-q"]).lines().count()
+        + host(&["runsc", "--root", &runsc_root, "list", "-q"]).lines().count();
     let shims =
         host(&["ps", "-eo", "args"]).lines().filter(|l| l.contains(&state) && !l.contains("sbxlet --runtime")).count();
     vec![
@@ -455,8 +579,22 @@ async fn exec_files_and_followed_logs_reach_a_real_container_and_never_the_host(
     if skip_without_prerequisites("exec_files_and_followed_logs_reach_a_real_container_and_never_the_host") {
         return;
     }
+    data_plane_end_to_end(RuntimeClass::Runc, 6).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_gvisor_exec_files_and_followed_logs_reach_a_real_container_and_never_the_host() {
+    if skip_without_gvisor("under_gvisor_exec_files_and_followed_logs_reach_a_real_container_and_never_the_host") {
+        return;
+    }
+    data_plane_end_to_end(RuntimeClass::Gvisor, 7).await;
+}
+
+/// Exec (buffered, streamed, signals, timeouts, a terminal), files and followed logs of a `class`
+/// sandbox on a real node (`slot`).
+async fn data_plane_end_to_end(class: RuntimeClass, slot: u32) {
     let reference = "example.test/busybox:dataplane";
-    let node = node_with_image(6, reference);
+    let node = node_with_image(slot, reference);
     let ids: Vec<String> = vec!["dp".into()];
     let baseline = leftovers(&node, &ids);
     let (server, client) = start_server(test_config(&[("max_file_bytes", "11MiB")])).await;
@@ -470,11 +608,13 @@ async fn exec_files_and_followed_logs_reach_a_real_container_and_never_the_host(
     assert_eq!(client.exec("nobody", &exec_request(&["true"])).await.unwrap_err().status(), Some(404));
 
     let spec = SandboxSpec {
-        containers: vec![container("main", reference, &["sh", "-c", "echo started; sleep 100000"], "200m", "32Mi")],
+        containers: vec![container("main", reference, &["sh", "-c", "echo started; sleep 100000"], "200m", "64Mi")],
+        runtime_class: class,
         ..SandboxSpec::default()
     };
     client.create_sandbox("dp", &spec).await.unwrap();
     wait_status(&client, "dp", "Running", |s| s.status.phase == Phase::Running).await;
+    assert_kernel(&client, "dp", class).await;
 
     // Buffered exec: both streams and the exit code.
     let result = client.exec("dp", &exec_request(&["sh", "-c", "echo out; echo err >&2; exit 3"])).await.unwrap();
@@ -489,6 +629,7 @@ async fn exec_files_and_followed_logs_reach_a_real_container_and_never_the_host(
     assert!(result.timed_out && result.exit_code == 137, "{result:?}");
     assert!(result.duration_ms < 5_000, "killed at its timeout: {result:?}");
     let ps = client.exec("dp", &exec_request(&["ps", "-o", "args"])).await.unwrap();
+    assert!(ps.exit_code == 0 && ps.stdout.contains("sleep 100000"), "ps lists the container's processes: {ps:?}");
     assert!(!ps.stdout.contains("sleep 77"), "the timed-out process is gone: {}", ps.stdout);
 
     // A streamed exec fed over stdin answers while it runs.
@@ -514,7 +655,7 @@ async fn exec_files_and_followed_logs_reach_a_real_container_and_never_the_host(
     drop(session);
     eventually(10, "the abandoned process killed", || async {
         let ps = client.exec("dp", &exec_request(&["ps", "-o", "args"])).await.ok()?;
-        (!ps.stdout.contains("sleep 301")).then_some(())
+        (ps.exit_code == 0 && !ps.stdout.contains("sleep 301")).then_some(())
     })
     .await;
 
@@ -528,7 +669,7 @@ async fn exec_files_and_followed_logs_reach_a_real_container_and_never_the_host(
     assert_eq!(written.size, big.len() as u64);
     assert_eq!(download(&client, "/tmp/up/big.bin").await, big, "the file comes back byte for byte");
     let sum = client.exec("dp", &exec_request(&["sh", "-c", "wc -c < /tmp/up/big.bin"])).await.unwrap();
-    assert_eq!(sum.stdout.trim(), big.len().to_string(), "the container sees the file it was given");
+    assert_eq!(sum.stdout.trim(), big.len().to_string(), "the container sees the file it was given: {sum:?}");
     let over = client.upload("dp", &[("path", "/tmp/over")], false, vec![0u8; 12 << 20].into()).await.unwrap_err();
     assert_eq!(over.status(), Some(413), "{over}");
 

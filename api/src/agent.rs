@@ -30,6 +30,9 @@ pub struct AgentStatus {
     /// The runtime behind the agent: `sim` or `runc`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub runtime: String,
+    /// The runtime classes (`runc`, `gvisor`) this agent can run, found at its start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runtime_classes: Vec<String>,
 }
 
 /// The agent's own lower-case view of a sandbox's lifecycle.
@@ -113,6 +116,9 @@ pub struct AgentCreateRequest {
     pub ports: Vec<AgentPort>,
     #[serde(default)]
     pub containers: Vec<Container>,
+    /// An agent refuses a class it does not offer (400); absent: `runc`.
+    #[serde(default, skip_serializing_if = "crate::sandbox::RuntimeClass::is_default")]
+    pub runtime_class: crate::sandbox::RuntimeClass,
 }
 
 /// `{"sandbox": {...}}` envelope of create and get answers.

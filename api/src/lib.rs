@@ -21,7 +21,7 @@ pub use lease::Lease;
 pub use node::{Node, NodeResources, NodeSource, NodeState};
 pub use sandbox::{
     AssignedPort, Container, ContainerResource, EnvVar, Phase, PortSpec, Probe, ProbeProtocol, Protocol, Readiness,
-    Sandbox, SandboxSpec, SandboxStatus,
+    RuntimeClass, RuntimeClasses, Sandbox, SandboxSpec, SandboxStatus,
 };
 pub use validate::{FieldError, FieldErrors};
 pub use watch::{EventType, WatchEvent};

@@ -135,6 +135,9 @@ pub struct NodeInfo {
     pub hostname: String,
     pub arch: String,
     pub runtime: String,
+    /// The runtime classes the agent can run (`runc`, `gvisor`); empty: it did not say (`runc`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runtime_classes: Vec<String>,
 }
 
 /// Well-known node labels, filled in from `NodeInfo`; they win over user labels of the same key.
@@ -145,11 +148,21 @@ pub const RUNTIME_LABEL: &str = "sandboxd.io/runtime";
 impl NodeInfo {
     /// What an agent's status report says about its machine.
     pub fn reported(report: &crate::agent::AgentStatus) -> NodeInfo {
-        NodeInfo { hostname: report.hostname.clone(), arch: report.arch.clone(), runtime: report.runtime.clone() }
+        NodeInfo {
+            hostname: report.hostname.clone(),
+            arch: report.arch.clone(),
+            runtime: report.runtime.clone(),
+            runtime_classes: report.runtime_classes.clone(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.hostname.is_empty() && self.arch.is_empty() && self.runtime.is_empty()
+        self.hostname.is_empty() && self.arch.is_empty() && self.runtime.is_empty() && self.runtime_classes.is_empty()
+    }
+
+    /// The runtime classes the node offers (`runc` alone when it reported none).
+    pub fn runtime_classes(&self) -> crate::sandbox::RuntimeClasses {
+        crate::sandbox::RuntimeClasses::from_reported(&self.runtime_classes)
     }
 
     /// The well-known labels of the reported fields that are not empty.

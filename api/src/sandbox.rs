@@ -147,6 +147,88 @@ pub struct SandboxSpec {
     /// Required and preferred expressions on node labels.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::objects_only::optional")]
     pub affinity: Option<crate::affinity::Affinity>,
+    /// The isolation the containers run under; only nodes that offer it are chosen.
+    #[serde(default, skip_serializing_if = "RuntimeClass::is_default")]
+    pub runtime_class: RuntimeClass,
+}
+
+/// How a sandbox's containers are isolated from the node (a Kubernetes RuntimeClass, fixed set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeClass {
+    /// Namespaces, cgroups and seccomp on the node's own kernel.
+    #[default]
+    Runc,
+    /// gVisor (`runsc`): a user-space kernel between the containers and the node's kernel.
+    Gvisor,
+}
+
+impl RuntimeClass {
+    pub const ALL: [RuntimeClass; 2] = [RuntimeClass::Runc, RuntimeClass::Gvisor];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeClass::Runc => "runc",
+            RuntimeClass::Gvisor => "gvisor",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<RuntimeClass> {
+        RuntimeClass::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+
+    pub fn is_default(&self) -> bool {
+        *self == RuntimeClass::default()
+    }
+}
+
+impl std::fmt::Display for RuntimeClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The runtime classes a node offers, as a set small enough to copy into every scheduling view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RuntimeClasses(u8);
+
+impl RuntimeClasses {
+    /// What a node reported; a node that reported none (an older agent) offers `runc` only. Names
+    /// this build does not know are ignored.
+    pub fn from_reported(names: &[String]) -> RuntimeClasses {
+        if names.is_empty() {
+            return RuntimeClasses::only(RuntimeClass::Runc);
+        }
+        names.iter().filter_map(|n| RuntimeClass::parse(n)).collect()
+    }
+
+    pub fn only(class: RuntimeClass) -> RuntimeClasses {
+        RuntimeClasses(0).with(class)
+    }
+
+    pub fn with(self, class: RuntimeClass) -> RuntimeClasses {
+        RuntimeClasses(self.0 | 1 << class as u8)
+    }
+
+    pub fn contains(self, class: RuntimeClass) -> bool {
+        self.0 & (1 << class as u8) != 0
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = RuntimeClass> {
+        RuntimeClass::ALL.into_iter().filter(move |c| self.contains(*c))
+    }
+
+    /// The names an agent reports (`["runc", "gvisor"]`).
+    pub fn names(self) -> Vec<String> {
+        self.iter().map(|c| c.as_str().to_string()).collect()
+    }
+}
+
+impl FromIterator<RuntimeClass> for RuntimeClasses {
+    fn from_iter<I: IntoIterator<Item = RuntimeClass>>(classes: I) -> RuntimeClasses {
+        classes.into_iter().fold(RuntimeClasses(0), RuntimeClasses::with)
+    }
 }
 
 /// Lifecycle phase of a sandbox as the orchestrator sees it.

@@ -1,8 +1,21 @@
-//! Admission rules every runtime applies before it takes a sandbox: its host ports are free on this
-//! agent, and the agent has room for its requests.
+//! Admission rules every runtime applies before it takes a sandbox: the agent offers its runtime
+//! class, its host ports are free on this agent, and the agent has room for its requests.
 
 use crate::error::RuntimeError;
 use sandboxd_api::agent::{AgentCreateRequest, AgentPort};
+use sandboxd_api::RuntimeClasses;
+
+/// Fails when the agent cannot run the request's runtime class (it was not found at the agent's start).
+pub(crate) fn check_runtime_class(offered: RuntimeClasses, request: &AgentCreateRequest) -> Result<(), RuntimeError> {
+    if offered.contains(request.runtime_class) {
+        return Ok(());
+    }
+    Err(RuntimeError::Invalid(format!(
+        "runtime class {} is not offered by this node (it offers: {})",
+        request.runtime_class,
+        offered.names().join(", ")
+    )))
+}
 
 /// Fails with the first host port of `request` that a held sandbox already uses (per protocol).
 pub(crate) fn check_ports_free<'a>(

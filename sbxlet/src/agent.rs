@@ -175,6 +175,7 @@ pub(crate) fn serve_agent(listener: TcpListener, config: SimConfig) -> io::Resul
         capacity_cpu_milli: config.capacity_cpu_milli,
         capacity_memory_bytes: config.capacity_memory_bytes,
         create_delay: config.create_delay,
+        classes: config.runtime_classes,
     };
     let agent = Arc::new(Agent {
         faults: faults.clone(),

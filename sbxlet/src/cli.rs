@@ -5,6 +5,7 @@ use crate::faults::Faults;
 use crate::fleet::{start_fleet, FleetConfig, FleetError};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sandboxd_api::quantity::{parse_bytes, parse_cpu_milli};
+use sandboxd_api::RuntimeClass;
 use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -87,9 +88,21 @@ pub struct RuncFlags {
     /// A registry (host:port) spoken to over plain http; loopback registries always are.
     #[arg(long)]
     pub insecure_registry: Vec<String>,
-    /// The runc binary.
+    /// The runc binary (runtime class `runc`).
     #[arg(long, default_value = "runc")]
     pub runc: String,
+    /// An extra global flag for every runc call (repeatable), e.g. `--runc-flag=--systemd-cgroup`.
+    #[arg(long = "runc-flag", allow_hyphen_values = true)]
+    pub runc_flags: Vec<String>,
+    /// The runsc binary (runtime class `gvisor`); the class is offered when it boots a sandbox.
+    #[arg(long, default_value = "runsc")]
+    pub runsc: String,
+    /// An extra global flag for every runsc call (repeatable), e.g. `--runsc-flag=--debug`.
+    #[arg(long = "runsc-flag", allow_hyphen_values = true)]
+    pub runsc_flags: Vec<String>,
+    /// gVisor's platform (ptrace, systrap, kvm); runsc's own default when absent.
+    #[arg(long)]
+    pub gvisor_platform: Option<String>,
     /// Rotate a container's log past this size.
     #[arg(long, value_parser = byte_quantity, default_value = "10Mi")]
     pub log_max_size: u64,
@@ -124,7 +137,14 @@ impl RuncFlags {
                 registry_mirror: self.registry_mirror,
                 insecure_registries: self.insecure_registry,
             },
-            runc: self.runc,
+            classes: crate::runc::classes::ClassSettings {
+                runc: self.runc,
+                runc_flags: self.runc_flags,
+                runsc: self.runsc,
+                runsc_flags: self.runsc_flags,
+                gvisor_platform: self.gvisor_platform,
+                wanted: shared.runtime_classes.as_ref().map(|c| c.iter().copied().collect()),
+            },
             log_max_bytes: self.log_max_size,
             image_gc_after: self.image_gc_after,
             data_plane: crate::backend::DataPlaneLimits {
@@ -222,6 +242,11 @@ pub struct SimFlags {
     /// IPv4 CIDR private sandbox addresses come from.
     #[arg(long)]
     pub ip_pool: Option<String>,
+    /// Runtime classes offered, comma-separated (runc, gvisor). Simulated agents offer both by
+    /// default; a real agent offers those whose binary it finds, and fails to start when a class
+    /// named here cannot run.
+    #[arg(long, value_delimiter = ',', value_parser = runtime_class)]
+    pub runtime_classes: Option<Vec<RuntimeClass>>,
     /// Fault: /healthz answers 500.
     #[arg(long)]
     pub fault_health_failing: bool,
@@ -253,6 +278,7 @@ impl SimFlags {
             external: self.external.unwrap_or(defaults.external),
             create_delay: self.create_delay.unwrap_or(defaults.create_delay),
             ip_pool: self.ip_pool.unwrap_or(defaults.ip_pool),
+            runtime_classes: self.runtime_classes.map_or(defaults.runtime_classes, |c| c.into_iter().collect()),
             faults: Faults {
                 health_failing: self.fault_health_failing,
                 status_failing: self.fault_status_failing,
@@ -274,6 +300,10 @@ fn cpu_quantity(s: &str) -> Result<u64, String> {
 
 fn byte_quantity(s: &str) -> Result<u64, String> {
     parse_bytes(s).map_err(|e| e.to_string())
+}
+
+fn runtime_class(s: &str) -> Result<RuntimeClass, String> {
+    RuntimeClass::parse(s.trim()).ok_or_else(|| format!("unknown runtime class {s:?} (known: runc, gvisor)"))
 }
 
 fn probability(s: &str) -> Result<f64, String> {

@@ -1,6 +1,7 @@
 //! Configuration of one simulated agent, with every default in one place.
 
 use crate::faults::Faults;
+use sandboxd_api::{RuntimeClass, RuntimeClasses};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -27,6 +28,8 @@ pub struct SimConfig {
     /// Serve the `/sim/*` routes (faults, restart, fail): off unless asked for (the binary's
     /// `--enable-fault-injection`, on a loopback address).
     pub fault_injection: bool,
+    /// The runtime classes the agent claims to run (a simulator runs any).
+    pub runtime_classes: RuntimeClasses,
 }
 
 impl Default for SimConfig {
@@ -42,6 +45,7 @@ impl Default for SimConfig {
             record_admissions: false,
             token: None,
             fault_injection: false,
+            runtime_classes: RuntimeClass::ALL.into_iter().collect(),
         }
     }
 }

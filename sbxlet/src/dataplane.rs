@@ -255,6 +255,24 @@ async fn pump(mut reader: Reader, channel: u8, output: mpsc::Sender<Message>) {
 /// until the process catches up (backpressure).
 const MAX_PENDING_STDIN: usize = 4 << 20;
 
+/// Signals queued for delivery, in order, by one task per session: under gVisor a signal is a
+/// `runsc kill`, which takes tens of milliseconds and must not hold up the reader, so each delivery
+/// borrows a blocking thread for its duration. The task ends when the session drops the sender.
+const QUEUED_SIGNALS: usize = 16;
+
+fn signal_worker(control: Arc<dyn crate::exec::ExecControl>) -> tokio::sync::mpsc::Sender<i32> {
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<i32>(QUEUED_SIGNALS);
+    tokio::spawn(async move {
+        while let Some(number) = receiver.recv().await {
+            let control = control.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || control.signal(number)).await {
+                tracing::debug!(error = %e, "exec signal not delivered");
+            }
+        }
+    });
+    sender
+}
+
 /// Applies the client's frames: stdin bytes (written by a task of their own, so that a process
 /// that does not read its stdin never blocks signals, resizes or noticing that the client left),
 /// end of input, resizes and signals. Cancels `left` when the client goes away.
@@ -267,6 +285,7 @@ async fn feed_input(
     let pending = Arc::new(tokio::sync::Mutex::new(PendingStdin::default()));
     let wake = Arc::new(tokio::sync::Notify::new());
     let writer = stdin.map(|input| tokio::spawn(write_stdin(input, pending.clone(), wake.clone())));
+    let signals = signal_worker(control.clone());
     loop {
         let backlog = pending.lock().await.bytes.len();
         if backlog >= MAX_PENDING_STDIN {
@@ -291,7 +310,8 @@ async fn feed_input(
                 }
                 Ok(ExecFrame::Signal { signal }) => {
                     if let Ok(number) = parse_signal(&signal) {
-                        let _ = control.signal(number);
+                        // A flood of signals beyond the queue is dropped, as a terminal drops keys.
+                        let _ = signals.try_send(number);
                     }
                 }
                 _ => {}

@@ -47,6 +47,9 @@ pub struct ContainerRoot {
     root: OwnedFd,
     /// Largest file read or written, and largest archive extracted, in bytes.
     max_bytes: u64,
+    /// Paths (and everything under them) refused, with why: mounts the container sees that this
+    /// root does not hold.
+    refused: (&'static [&'static str], &'static str),
 }
 
 /// What a path names: a file to stream, or a directory listing.
@@ -60,7 +63,28 @@ impl ContainerRoot {
     pub fn open(root: &Path, max_bytes: u64) -> Result<ContainerRoot, RuntimeError> {
         let fd = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
             .map_err(|e| RuntimeError::Failed(format!("opening the container's root: {e}")))?;
-        Ok(ContainerRoot { root: fd, max_bytes })
+        Ok(ContainerRoot { root: fd, max_bytes, refused: (&[], "") })
+    }
+
+    /// Refuses `paths` and everything under them, saying `why`: they are mounts the container sees
+    /// but this root does not hold, so a file there would not be the container's.
+    pub fn refusing(self, paths: &'static [&'static str], why: &'static str) -> ContainerRoot {
+        ContainerRoot { refused: (paths, why), ..self }
+    }
+
+    /// `clean`, and refuses the paths this root does not hold.
+    fn checked_path(&self, path: &str) -> Result<PathBuf, RuntimeError> {
+        let path = clean(path)?;
+        self.check_reachable(&path)?;
+        Ok(path)
+    }
+
+    fn check_reachable(&self, path: &Path) -> Result<(), RuntimeError> {
+        let (paths, why) = self.refused;
+        match paths.iter().find(|refused| path.starts_with(refused)) {
+            Some(refused) => Err(RuntimeError::BadPath(format!("{} is refused: {refused} {why}", display(path)))),
+            None => Ok(()),
+        }
     }
 
     /// Whether the opened root is the directory at `path` (same device and inode).
@@ -72,7 +96,7 @@ impl ContainerRoot {
 
     /// Reads a regular file or lists a directory.
     pub fn read(&self, path: &str) -> Result<ReadTarget, RuntimeError> {
-        let path = clean(path)?;
+        let path = self.checked_path(path)?;
         let fd = self.resolve(&path, OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY)?;
         refuse_kernel_fs(&fd, &path)?;
         let stat = rustix::fs::fstat(&fd).map_err(|e| io_error(&path, e))?;
@@ -92,7 +116,7 @@ impl ContainerRoot {
     /// Writes `body` to `path` atomically (a temporary file renamed into place), creating missing
     /// parent directories. Over `max_bytes` nothing is left behind.
     pub fn write(&self, path: &str, mode: u32, body: &mut dyn Read) -> Result<u64, RuntimeError> {
-        let path = clean(path)?;
+        let path = self.checked_path(path)?;
         let (parent, name) = split(&path)?;
         let dir = self.make_dirs(&parent)?;
         if let Ok(existing) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -103,7 +127,7 @@ impl ContainerRoot {
 
     /// Removes a file, a symlink, an empty directory, or (with `recursive`) a whole tree.
     pub fn remove(&self, path: &str, recursive: bool) -> Result<(), RuntimeError> {
-        let path = clean(path)?;
+        let path = self.checked_path(path)?;
         let (parent, name) = split(&path)?;
         let dir = self.resolve(&parent, OFlags::RDONLY | OFlags::DIRECTORY)?;
         refuse_kernel_fs(&dir, &parent)?;
@@ -131,7 +155,7 @@ impl ContainerRoot {
     /// `path` down (as `docker cp` does). Symlinks are archived, never followed; kernel filesystems
     /// below `path` are skipped.
     pub fn archive(&self, path: &str, out: &mut dyn Write) -> Result<(), RuntimeError> {
-        let path = clean(path)?;
+        let path = self.checked_path(path)?;
         let fd = self.resolve(&path, OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY)?;
         refuse_kernel_fs(&fd, &path)?;
         let top = path.file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
@@ -145,7 +169,7 @@ impl ContainerRoot {
     /// Extracts a tar archive into the directory `path` (created if missing). Entries must be
     /// relative and stay below `path`; regular files, directories and symlinks are supported.
     pub fn extract(&self, path: &str, archive: &mut dyn Read) -> Result<u64, RuntimeError> {
-        let base = clean(path)?;
+        let base = self.checked_path(path)?;
         self.make_dirs(&base)?;
         let mut archive = tar::Archive::new(archive);
         let mut budget = self.max_bytes;
@@ -155,6 +179,7 @@ impl ContainerRoot {
             let mut entry = entry.map_err(|e| RuntimeError::BadPath(format!("archive: {e}")))?;
             let relative = entry.path().map_err(|e| RuntimeError::BadPath(format!("archive: {e}")))?.into_owned();
             let Some(target) = entry_target(&base, &relative)? else { continue };
+            self.check_reachable(&target)?;
             let mode = entry.header().mode().unwrap_or(0o644) & 0o7777;
             match entry.header().entry_type() {
                 tar::EntryType::Directory => {
@@ -669,6 +694,32 @@ mod tests {
         let error = root.archive("/d", &mut Vec::new()).err().unwrap();
         assert!(matches!(error, RuntimeError::Failed(m) if m.contains("deeper")));
         assert!(root.remove("/d", true).is_err(), "removal refuses the depth too");
+    }
+
+    #[test]
+    fn refused_paths_are_refused_for_every_operation_and_their_neighbours_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = root(dir.path()).refusing(&["/proc", "/etc/hosts"], "exists only inside the sandbox");
+        let refused = |e: RuntimeError| matches!(&e, RuntimeError::BadPath(m) if m.contains("only inside the sandbox"));
+        assert!(refused(root.write("/proc/x", 0o644, &mut "x".as_bytes()).unwrap_err()));
+        assert!(refused(root.read("/etc/hosts").err().unwrap()));
+        assert!(refused(root.remove("/proc", true).unwrap_err()));
+        assert!(refused(root.archive("/proc/self", &mut Vec::new()).unwrap_err()));
+        let mut archive = Vec::new();
+        {
+            let source = tempfile::tempdir().unwrap();
+            std::fs::create_dir(source.path().join("proc")).unwrap();
+            std::fs::write(source.path().join("proc/x"), "x").unwrap();
+            ContainerRoot::open(source.path(), 1 << 20).unwrap().archive("/proc", &mut archive).unwrap();
+        }
+        assert!(refused(root.extract("/", &mut archive.as_slice()).unwrap_err()), "an archive cannot reach them");
+        assert!(!dir.path().join("proc").exists(), "nothing was written there");
+        assert_eq!(
+            root.write("/processes/x", 0o644, &mut "x".as_bytes()).unwrap(),
+            1,
+            "a prefix of a name is not refused"
+        );
+        assert_eq!(root.write("/etc/hostsfile", 0o644, &mut "x".as_bytes()).unwrap(), 1);
     }
 
     #[test]

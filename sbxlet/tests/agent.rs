@@ -169,6 +169,7 @@ async fn healthz_and_status_of_an_empty_agent() {
             "sandboxes": 0,
             "arch": std::env::consts::ARCH,
             "runtime": "sim",
+            "runtime_classes": ["runc", "gvisor"],
         })
     );
 }

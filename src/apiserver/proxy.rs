@@ -116,6 +116,14 @@ pub async fn create_sandbox(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     check_names(&[("id", &request.id)])?;
     let (node, agents) = node_and_agent(&state, &name).await?;
+    // An agent older than runtime classes would ignore the field and run the sandbox under runc.
+    if !node.status.node_info.runtime_classes().contains(request.runtime_class) {
+        return Err(ApiError::BadRequest(format!(
+            "runtime_class: node {name} does not offer {} (it offers: {})",
+            request.runtime_class,
+            node.status.node_info.runtime_classes().names().join(", ")
+        )));
+    }
     let sandbox = agents.create_sandbox(AgentAddr::of(&node), &request).await.map_err(|e| upstream(&name, e))?;
     Ok((StatusCode::CREATED, Json(json!({ "sandbox": sandbox }))))
 }

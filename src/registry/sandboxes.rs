@@ -241,6 +241,9 @@ fn check_immutable(current: &SandboxSpec, wanted: &SandboxSpec) -> RegistryResul
     if current.affinity != wanted.affinity {
         changed.push("spec.affinity");
     }
+    if current.runtime_class != wanted.runtime_class {
+        changed.push("spec.runtime_class");
+    }
     if changed.is_empty() {
         return Ok(());
     }

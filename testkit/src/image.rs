@@ -10,8 +10,10 @@ pub const BUSYBOX: &str = "/bin/busybox";
 /// What `/www/index.html` in the image says.
 pub const INDEX_HTML: &str = "hello from busybox\n";
 
-const APPLETS: [&str; 14] =
-    ["sh", "httpd", "echo", "cat", "sleep", "wget", "nc", "head", "dd", "ls", "true", "false", "yes", "tail"];
+const APPLETS: [&str; 16] = [
+    "sh", "httpd", "echo", "cat", "sleep", "wget", "nc", "head", "dd", "ls", "true", "false", "yes", "tail", "ps",
+    "uname",
+];
 const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 

@@ -15,6 +15,8 @@ pub struct RealNode {
     pub bridge: String,
     pub cgroup_parent: String,
     pub ip_pool: String,
+    /// Flags of this test's own (`--runsc …`), given at every start.
+    extra_args: Vec<String>,
     state: tempfile::TempDir,
 }
 
@@ -22,6 +24,11 @@ impl RealNode {
     /// Starts `binary` (an sbxlet) as a real node; `slot` (0–9) keeps bridges and pools of several
     /// nodes in one process apart.
     pub fn start(binary: &Path, slot: u32) -> std::io::Result<RealNode> {
+        RealNode::start_with(binary, slot, &[])
+    }
+
+    /// Like `start`, with more sbxlet flags.
+    pub fn start_with(binary: &Path, slot: u32, extra_args: &[&str]) -> std::io::Result<RealNode> {
         let state = tempfile::Builder::new().prefix("sbxlet-state-").tempdir()?;
         let n = std::process::id() % 1000 * 10 + slot;
         let mut node = RealNode {
@@ -31,6 +38,7 @@ impl RealNode {
             bridge: format!("sbxe{n}"),
             cgroup_parent: format!("sandboxd-e2e-{n}"),
             ip_pool: format!("10.{}.{}.0/24", 200 + n / 250 % 50, n % 250),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             state,
         };
         node.restart()?;
@@ -49,20 +57,22 @@ impl RealNode {
             .to_vec()
     }
 
-    /// Starts the agent and waits until it accepts connections.
+    /// Starts the agent and waits until it answers.
     pub fn restart(&mut self) -> std::io::Result<()> {
         let log_path = self.state_dir().join("sbxlet.log");
         let log = std::fs::File::options().create(true).append(true).open(&log_path)?;
         let child = Command::new(&self.binary)
             .args(["--runtime", "runc", "--listen", &self.addr.to_string(), "--ip-pool", &self.ip_pool])
             .args(self.node_flags())
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(self.addr).is_err() {
+        // Answering, not only accepting: the listener is bound before the runtime classes are probed.
+        while !answers_healthz(self.addr) {
             let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             if exited.is_some() || Instant::now() > deadline {
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -102,6 +112,18 @@ impl RealNode {
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
+}
+
+/// Whether `GET /healthz` at `addr` answers 200 within a second.
+fn answers_healthz(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    if stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: sbxlet\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
 }
 
 impl Drop for RealNode {

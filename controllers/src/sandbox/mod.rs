@@ -184,6 +184,7 @@ pub fn agent_request(sandbox: &Sandbox) -> AgentCreateRequest {
             .map(|p| AgentPort { host_port: p.host_port, container_port: p.container_port, protocol: p.protocol })
             .collect(),
         containers: sandbox.spec.containers.clone(),
+        runtime_class: sandbox.spec.runtime_class,
     }
 }
 

@@ -2,7 +2,7 @@
 
 use sandboxd_api::affinity::{selector_matches, Affinity};
 use sandboxd_api::validate::{sandbox_requests, SandboxPolicy};
-use sandboxd_api::{AssignedPort, Protocol, SandboxSpec};
+use sandboxd_api::{AssignedPort, Protocol, RuntimeClass, RuntimeClasses, SandboxSpec};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// How nodes are scored.
@@ -24,6 +24,7 @@ pub struct Request {
     /// Labels the node must carry with exactly these values.
     pub node_selector: BTreeMap<String, String>,
     pub affinity: Option<Affinity>,
+    pub runtime_class: RuntimeClass,
 }
 
 impl Request {
@@ -38,6 +39,7 @@ impl Request {
             ports,
             node_selector: spec.node_selector.clone(),
             affinity: spec.affinity.clone(),
+            runtime_class: spec.runtime_class,
         }
     }
 
@@ -73,6 +75,7 @@ pub enum Rejection {
     Unschedulable,
     NodeSelectorMismatch,
     AffinityMismatch,
+    RuntimeClassMissing,
     InsufficientCpu,
     InsufficientMemory,
     HostPortInUse,
@@ -86,6 +89,7 @@ impl Rejection {
             Rejection::Unschedulable => "unschedulable (cordoned)",
             Rejection::NodeSelectorMismatch => "node selector mismatch",
             Rejection::AffinityMismatch => "affinity mismatch",
+            Rejection::RuntimeClassMissing => "without the runtime class",
             Rejection::InsufficientCpu => "insufficient cpu",
             Rejection::InsufficientMemory => "insufficient memory",
             Rejection::HostPortInUse => "host port in use",
@@ -104,6 +108,7 @@ pub struct NodeView<'a> {
     pub labels: &'a BTreeMap<String, String>,
     /// `label_fit` of these labels for the request at hand, when the caller already knows it.
     pub label_fit: Option<LabelFit>,
+    pub runtime_classes: RuntimeClasses,
     pub available_cpu_milli: u64,
     pub available_memory_bytes: u64,
     pub allocatable_cpu_milli: u64,
@@ -115,8 +120,8 @@ pub struct NodeView<'a> {
     pub used_ports: &'a BTreeSet<(Protocol, u16)>,
 }
 
-/// Checks whether a node fits a request: Ready, not cordoned, room by both reported and bound
-/// figures, pinned ports free.
+/// Checks whether a node fits a request: Ready, not cordoned, labels, runtime class, room by both
+/// reported and bound figures, pinned ports free.
 pub fn filter(node: &NodeView<'_>, request: &Request, range: (u16, u16)) -> Result<(), Rejection> {
     if !node.ready {
         return Err(Rejection::NotReady);
@@ -125,6 +130,9 @@ pub fn filter(node: &NodeView<'_>, request: &Request, range: (u16, u16)) -> Resu
         return Err(Rejection::Unschedulable);
     }
     node.label_fit.unwrap_or_else(|| label_fit(request, node.labels))?;
+    if !node.runtime_classes.contains(request.runtime_class) {
+        return Err(Rejection::RuntimeClassMissing);
+    }
     let free_cpu = node.allocatable_cpu_milli.saturating_sub(node.bound_cpu_milli);
     if request.cpu_milli > node.available_cpu_milli || request.cpu_milli > free_cpu {
         return Err(Rejection::InsufficientCpu);
@@ -212,14 +220,21 @@ pub fn pick_ports(used: &BTreeSet<(Protocol, u16)>, request: &Request, range: (u
     Some(assigned)
 }
 
-/// `0/3 nodes available: 2 insufficient cpu, 1 not ready`.
-pub fn unschedulable_message(total: usize, rejections: &HashMap<Rejection, usize>) -> String {
+/// `0/3 nodes available: 2 insufficient cpu, 1 not ready`; a missing runtime class is named
+/// (`1 without the runtime class gvisor`).
+pub fn unschedulable_message(total: usize, rejections: &HashMap<Rejection, usize>, class: RuntimeClass) -> String {
     if total == 0 {
         return "0/0 nodes available: no nodes registered".into();
     }
     let mut counts: Vec<(Rejection, usize)> = rejections.iter().map(|(r, n)| (*r, *n)).collect();
     counts.sort();
-    let parts: Vec<String> = counts.iter().map(|(r, n)| format!("{n} {}", r.describe())).collect();
+    let parts: Vec<String> = counts
+        .iter()
+        .map(|(r, n)| match r {
+            Rejection::RuntimeClassMissing => format!("{n} {} {class}", r.describe()),
+            _ => format!("{n} {}", r.describe()),
+        })
+        .collect();
     format!("0/{total} nodes available: {}", parts.join(", "))
 }
 
@@ -278,7 +293,7 @@ pub fn choose<'a>(
             let ports = pick_ports(node.used_ports, request, range).expect("filter checked the ports");
             Ok((node.name.to_string(), ports))
         }
-        None => Err(unschedulable_message(total, &rejections)),
+        None => Err(unschedulable_message(total, &rejections, request.runtime_class)),
     }
 }
 
@@ -308,6 +323,7 @@ mod tests {
             unschedulable: false,
             labels: &NO_LABELS,
             label_fit: None,
+            runtime_classes: RuntimeClasses::only(RuntimeClass::Runc),
             available_cpu_milli: 3600,
             available_memory_bytes: 8 << 30,
             allocatable_cpu_milli: 3600,
@@ -498,7 +514,55 @@ mod tests {
         ];
         let err = choose(nodes, &request(200, &[]), Policy::Spread, (1, 2), 100, 0).unwrap_err();
         assert_eq!(err, "0/4 nodes available: 1 not ready, 1 unschedulable (cordoned), 2 insufficient cpu");
-        assert_eq!(unschedulable_message(0, &HashMap::new()), "0/0 nodes available: no nodes registered");
+        assert_eq!(
+            unschedulable_message(0, &HashMap::new(), RuntimeClass::Runc),
+            "0/0 nodes available: no nodes registered"
+        );
+    }
+
+    #[test]
+    fn a_runtime_class_is_placed_only_where_offered_and_the_rest_are_counted() {
+        let none = BTreeSet::new();
+        let both = RuntimeClasses::only(RuntimeClass::Runc).with(RuntimeClass::Gvisor);
+        let gvisor = Request { runtime_class: RuntimeClass::Gvisor, ..request(200, &[]) };
+        let runc = request(200, &[]);
+        let cases: Vec<(&str, NodeView<'_>, &Request, Result<(), Rejection>)> = vec![
+            ("runc on a runc node", view("a", &none), &runc, Ok(())),
+            ("gvisor on a runc-only node", view("a", &none), &gvisor, Err(Rejection::RuntimeClassMissing)),
+            ("gvisor where offered", NodeView { runtime_classes: both, ..view("a", &none) }, &gvisor, Ok(())),
+            (
+                "runc on a gvisor-only node",
+                NodeView { runtime_classes: RuntimeClasses::only(RuntimeClass::Gvisor), ..view("a", &none) },
+                &runc,
+                Err(Rejection::RuntimeClassMissing),
+            ),
+            (
+                "a cordoned node is counted as cordoned first",
+                NodeView { unschedulable: true, ..view("a", &none) },
+                &gvisor,
+                Err(Rejection::Unschedulable),
+            ),
+        ];
+        for (what, node, req, want) in cases {
+            assert_eq!(filter(&node, req, (1, 2)), want, "{what}");
+        }
+        let nodes = [
+            view("a", &none),
+            view("b", &none),
+            NodeView { runtime_classes: both, bound_cpu_milli: 3600, ..view("c", &none) },
+        ];
+        let err = choose(nodes, &gvisor, Policy::Spread, (1, 2), 100, 0).unwrap_err();
+        assert_eq!(err, "0/3 nodes available: 2 without the runtime class gvisor, 1 insufficient cpu");
+        let nodes = [view("a", &none), NodeView { runtime_classes: both, ..view("b", &none) }];
+        assert_eq!(choose(nodes, &gvisor, Policy::Spread, (1, 2), 100, 0).unwrap().0, "b");
+    }
+
+    #[test]
+    fn a_node_that_reports_no_classes_offers_runc_only() {
+        let reported = RuntimeClasses::from_reported(&[]);
+        assert!(reported.contains(RuntimeClass::Runc) && !reported.contains(RuntimeClass::Gvisor));
+        let reported = RuntimeClasses::from_reported(&["gvisor".into(), "kata".into()]);
+        assert!(!reported.contains(RuntimeClass::Runc) && reported.contains(RuntimeClass::Gvisor));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use super::placement::{choose, feasible_nodes_to_score, label_fit, tie_seed, LabelFit, NodeView, Policy, Request};
 use sandboxd_api::affinity::Affinity;
-use sandboxd_api::{AssignedPort, Node, NodeState, Protocol};
+use sandboxd_api::{AssignedPort, Node, NodeState, Protocol, RuntimeClasses};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// What one sandbox holds on its node.
@@ -24,6 +24,7 @@ struct Slot {
     ready: bool,
     unschedulable: bool,
     labels: BTreeMap<String, String>,
+    runtime_classes: RuntimeClasses,
     available_cpu_milli: u64,
     available_memory_bytes: u64,
     allocatable_cpu_milli: u64,
@@ -43,6 +44,7 @@ impl Slot {
             unschedulable: self.unschedulable,
             labels: &self.labels,
             label_fit: None,
+            runtime_classes: self.runtime_classes,
             available_cpu_milli: self.available_cpu_milli,
             available_memory_bytes: self.available_memory_bytes,
             allocatable_cpu_milli: self.allocatable_cpu_milli,
@@ -132,6 +134,7 @@ impl AllocationIndex {
             slot.labels = labels;
             self.labels_generation += 1;
         }
+        slot.runtime_classes = node.status.node_info.runtime_classes();
         slot.available_cpu_milli = r.available_cpu_milli;
         slot.available_memory_bytes = r.available_memory_bytes;
         slot.allocatable_cpu_milli = r.allocatable_cpu_milli;

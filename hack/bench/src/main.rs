@@ -1,5 +1,6 @@
 //! sandboxd-bench: runs benchmark scenarios against a real `sandboxd-o serve` and `sbxlet fleet`, and prints figures.
 
+mod classes;
 mod cluster;
 mod dataplane;
 mod failover;

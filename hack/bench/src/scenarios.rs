@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 17] = [
     "store-create",
     "store-create-etcd",
     "heartbeats",
@@ -26,6 +26,7 @@ pub const ALL: [&str; 16] = [
     "soak",
     "real-runtime",
     "data-plane",
+    "runtime-classes",
     "overload",
 ];
 
@@ -72,6 +73,7 @@ pub async fn run(name: &str, bin_dir: &Path, smoke: bool) -> anyhow::Result<Repo
         "soak" => crate::soak::soak(bin_dir, smoke).await,
         "real-runtime" => crate::real::real_runtime(bin_dir, smoke).await,
         "data-plane" => crate::dataplane::data_plane(bin_dir, smoke).await,
+        "runtime-classes" => crate::classes::runtime_classes(bin_dir, smoke).await,
         "overload" => crate::overload::overload(bin_dir, smoke).await,
         other => anyhow::bail!("unknown scenario {other}"),
     }

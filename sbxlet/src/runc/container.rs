@@ -1,13 +1,16 @@
-//! One container under runc: its bundle, started detached from the agent so it outlives an agent
-//! restart, its exit code, its log file (rotated at a size cap), and its removal.
+//! One container under an OCI runtime (runc, or runsc for gVisor): its bundle, started detached
+//! from the agent so it outlives an agent restart, its exit code, its log file (rotated at a size
+//! cap), and its removal.
 //!
-//! `runc run` (not `-d`) is started in a session of its own by `setsid`, through a shell that writes
-//! runc's exit status to `exit_code` when the container ends. runc stays the container's parent, so
-//! the status is the container's; stdout and stderr go to `output.log`, opened for appending so that
-//! rotation by copy-and-truncate keeps working while the container writes.
+//! `<runtime> run` (not `-d`) is started in a session of its own by `setsid`, through a shell that
+//! writes the runtime's exit status to `exit_code` when the container ends. The runtime stays in the
+//! foreground until the container ends, so the status is the container's; stdout and stderr go to
+//! `output.log`, opened for appending so that rotation by copy-and-truncate keeps working while the
+//! container writes. runc and runsc share this command line (`run`, `state`, `kill`, `delete`).
 
 use super::host::{run, run_quietly};
 use crate::error::RuntimeError;
+use sandboxd_api::RuntimeClass;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,21 +32,33 @@ pub(crate) enum ContainerState {
     Vanished,
 }
 
-/// The shim: runs runc in the foreground and records its exit status atomically.
-/// runc writes the pid file once the container's process exists, which is how `start` knows it runs.
-const SHIM: &str =
-    r#""$1" --root "$2" run --bundle "$3" --pid-file "$3/pid" "$4"; echo $? > "$5.partial" && mv "$5.partial" "$5""#;
+/// The shim: runs the runtime (its program and global flags are the shell's arguments) in the
+/// foreground and records its exit status atomically. The runtime writes the pid file once the
+/// container (runc) or its sandbox (runsc) exists, which is how `start` knows it runs.
+/// Its arguments: bundle, container id, exit file, then the runtime's program and global flags.
+const SHIM: &str = r#"b="$1"; i="$2"; x="$3"; shift 3; "$@" run --bundle "$b" --pid-file "$b/pid" "$i"; echo $? > "$x.partial" && mv "$x.partial" "$x""#;
 
-/// The runc binary and the state root of this agent's containers (kept apart from other users of runc).
+/// One OCI runtime binary of a runtime class, with the state root of this agent's containers (kept
+/// apart from other users of the binary) and the global flags every call gets.
 #[derive(Debug, Clone)]
-pub(crate) struct Runc {
+pub(crate) struct OciRuntime {
+    pub class: RuntimeClass,
     pub program: String,
     pub root: String,
+    pub global_args: Vec<String>,
 }
 
-impl Runc {
-    async fn run(&self, args: &[&str]) -> Result<String, RuntimeError> {
-        let mut all = vec!["--root", self.root.as_str()];
+impl OciRuntime {
+    /// The program and the arguments that come before a subcommand.
+    pub fn prefix(&self) -> Vec<String> {
+        let mut all = vec![self.program.clone(), "--root".into(), self.root.clone()];
+        all.extend(self.global_args.iter().cloned());
+        all
+    }
+
+    pub async fn run(&self, args: &[&str]) -> Result<String, RuntimeError> {
+        let prefix = self.prefix();
+        let mut all: Vec<&str> = prefix[1..].iter().map(String::as_str).collect();
         all.extend_from_slice(args);
         run(&self.program, &all).await
     }
@@ -77,10 +92,34 @@ impl Bundle {
         run("mount", &["-t", "overlay", "overlay", "-o", &options, &rootfs.display().to_string()]).await.map(|_| ())
     }
 
+    /// Makes the rootfs's `/tmp` world-writable and sticky (creating it when the image has none), for the gVisor
+    /// bind of `/tmp` (see `spec::runtime_config`). The bind's source is a host path, so an image
+    /// whose `/tmp` is a symlink (say to `/`) is refused rather than followed on the host.
+    pub fn ensure_tmp(&self) -> Result<(), RuntimeError> {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = self.rootfs().join("tmp");
+        let failed = |e: std::io::Error| RuntimeError::Failed(format!("{}: {e}", tmp.display()));
+        match std::fs::symlink_metadata(&tmp) {
+            // World-writable as runc's tmpfs is, whatever the image says.
+            Ok(meta) if meta.is_dir() => {
+                return std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).map_err(failed)
+            }
+            Ok(_) => {
+                return Err(RuntimeError::Failed(
+                    "the image's /tmp is not a directory; the gvisor runtime class needs one".into(),
+                ))
+            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(failed(e)),
+            Err(_) => {}
+        }
+        std::fs::create_dir(&tmp).map_err(failed)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).map_err(failed)
+    }
+
     /// Writes `config.json` and starts the container; returns once it runs (or already ended).
     /// The CPU quota is set afterwards (`Cgroups::limit_cpu`): runc's own init runs in the container's
     /// cgroup, and at a 10m quota (1 ms per 100 ms) it alone took half a second.
-    pub async fn start(&self, runc: &Runc, config: &serde_json::Value) -> Result<(), RuntimeError> {
+    pub async fn start(&self, runtime: &OciRuntime, config: &serde_json::Value) -> Result<(), RuntimeError> {
         let failed =
             |what: &str, e: std::io::Error| RuntimeError::Failed(format!("{what} of container {}: {e}", self.id));
         let config = serde_json::to_vec_pretty(config).expect("configs serialize");
@@ -94,7 +133,8 @@ impl Bundle {
         let bundle = self.dir.display().to_string();
         let exit = self.exit_path().display().to_string();
         let status = tokio::process::Command::new("setsid")
-            .args(["-f", "sh", "-c", SHIM, "sbxlet-shim", &runc.program, &runc.root, &bundle, &self.id, &exit])
+            .args(["-f", "sh", "-c", SHIM, "sbxlet-shim", &bundle, &self.id, &exit])
+            .args(runtime.prefix())
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -123,12 +163,12 @@ impl Bundle {
         Ok(())
     }
 
-    /// The container's state: the recorded exit status first, then runc's view.
-    pub async fn state(&self, runc: &Runc) -> ContainerState {
+    /// The container's state: the recorded exit status first, then the runtime's view.
+    pub async fn state(&self, runtime: &OciRuntime) -> ContainerState {
         if let Some(code) = self.exit_code() {
             return ContainerState::Exited(code);
         }
-        match runc.run(&["state", &self.id]).await {
+        match runtime.run(&["state", &self.id]).await {
             Ok(out) if out.contains("\"status\": \"running\"") || out.contains("\"status\": \"created\"") => {
                 ContainerState::Running
             }
@@ -138,22 +178,32 @@ impl Bundle {
         }
     }
 
+    /// The first of `runtimes` that knows this container (the first one when none does).
+    pub async fn owner<'a>(&self, runtimes: &[&'a OciRuntime]) -> &'a OciRuntime {
+        for runtime in runtimes {
+            if runtime.run(&["state", &self.id]).await.is_ok() {
+                return runtime;
+            }
+        }
+        runtimes[0]
+    }
+
     fn exit_code(&self) -> Option<i32> {
         std::fs::read_to_string(self.exit_path()).ok()?.trim().parse().ok()
     }
 
     /// Kills the container, waits (boundedly) for its shim to record the end, and removes runc's
     /// record, the rootfs mount and the bundle directory.
-    pub async fn remove(&self, runc: &Runc) {
-        let _ = runc.run(&["kill", &self.id, "KILL"]).await;
+    pub async fn remove(&self, runtime: &OciRuntime) {
+        let _ = runtime.run(&["kill", &self.id, "KILL"]).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while self.exit_code().is_none() && runc.run(&["state", &self.id]).await.is_ok() {
+        while self.exit_code().is_none() && runtime.run(&["state", &self.id]).await.is_ok() {
             if tokio::time::Instant::now() > deadline {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let _ = runc.run(&["delete", "--force", &self.id]).await;
+        let _ = runtime.run(&["delete", "--force", &self.id]).await;
         let rootfs = self.rootfs();
         if is_mount_point(&rootfs) {
             run_quietly("umount", &[&rootfs.display().to_string()]).await;
@@ -199,6 +249,22 @@ pub(crate) fn is_mount_point(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tmp_is_made_sticky_kept_when_present_and_never_followed_as_a_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = Bundle::new("c".into(), dir.path().to_path_buf());
+        std::fs::create_dir(bundle.rootfs()).unwrap();
+        bundle.ensure_tmp().unwrap();
+        let mode = std::fs::metadata(bundle.rootfs().join("tmp")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o1777);
+        bundle.ensure_tmp().unwrap();
+        std::fs::remove_dir(bundle.rootfs().join("tmp")).unwrap();
+        std::os::unix::fs::symlink("/", bundle.rootfs().join("tmp")).unwrap();
+        let err = bundle.ensure_tmp().unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+    }
 
     #[test]
     fn rotation_keeps_the_tail_and_empties_the_live_file() {

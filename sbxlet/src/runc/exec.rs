@@ -1,49 +1,73 @@
-//! `runc exec`: a process in a running container's namespaces and cgroup, with piped streams or a
-//! pseudo-terminal, signals delivered to it (not to runc), and a kill that cannot miss.
+//! `exec` in a running container (runc or gVisor's runsc): a process in the container's namespaces
+//! and cgroup, with piped streams or a pseudo-terminal, signals delivered to it (not to the runtime),
+//! and a kill that cannot miss.
 //!
 //! runc forwards the signals it receives, but SIGKILL cannot be forwarded: killing runc would leave
 //! the process running in the container. So runc writes the process's host pid (`--pid-file`), and
-//! signals and kills go to that pid.
+//! signals and kills go to that pid. A process under gVisor has no host pid: runsc writes its pid
+//! inside the sandbox (`--internal-pid-file`), and signals and kills go through `runsc kill --pid`.
 //!
-//! Under a tty, runc stays in the foreground (so that it reports the exit code) with a terminal of
-//! ours as its stdio: runc only hands a terminal over a console socket when it detaches, and a
-//! detached process's exit code is lost. runc copies between that terminal and the container's own,
-//! and on SIGWINCH it gives the container's terminal the size of ours; a resize sets ours and sends
-//! runc SIGWINCH.
+//! Under a tty, the runtime stays in the foreground (so that it reports the exit code) with a
+//! terminal of ours as its stdio: runc only hands a terminal over a console socket when it detaches,
+//! and a detached process's exit code is lost. The runtime copies between that terminal and the
+//! container's own, and on SIGWINCH it gives the container's terminal the size of ours; a resize
+//! sets ours and sends the runtime SIGWINCH. runsc takes the process (tty, env, cwd) as a
+//! `process.json` rather than as flags.
 
-use super::container::{Bundle, Runc};
+use super::container::{Bundle, OciRuntime};
 use crate::error::RuntimeError;
 use crate::exec::{ExecControl, ExecProcess, KILLED};
 use rustix::process::{kill_process, Pid, Signal};
 use sandboxd_api::dataplane::ExecRequest;
+use sandboxd_api::RuntimeClass;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest a `runsc kill` (a signal to a process under gVisor) may take.
+const GVISOR_SIGNAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Starts `request` in the container of `bundle`.
-pub(crate) async fn spawn(runc: &Runc, bundle: &Bundle, request: &ExecRequest) -> Result<ExecProcess, RuntimeError> {
+pub(crate) async fn spawn(
+    runtime: &OciRuntime,
+    bundle: &Bundle,
+    request: &ExecRequest,
+) -> Result<ExecProcess, RuntimeError> {
     let scratch = Scratch::create()?;
-    let mut args: Vec<String> = vec!["--root".into(), runc.root.clone(), "exec".into()];
+    let mut args: Vec<String> = runtime.prefix().split_off(1);
+    args.push("exec".into());
     args.extend(["--pid-file".into(), scratch.pid_file().display().to_string()]);
-    if let Some(dir) = &request.work_dir {
-        args.extend(["--cwd".into(), dir.clone()]);
+    match runtime.class {
+        RuntimeClass::Runc => {
+            if let Some(dir) = &request.work_dir {
+                args.extend(["--cwd".into(), dir.clone()]);
+            }
+            for var in &request.env {
+                args.extend(["--env".into(), format!("{}={}", var.name, var.value)]);
+            }
+            if request.tty {
+                args.push("--tty".into());
+            }
+            args.push(bundle.id.clone());
+            args.extend(request.command.iter().cloned());
+        }
+        RuntimeClass::Gvisor => {
+            let process = gvisor_process(&bundle.dir, request)?;
+            let process_file = scratch.dir.join("process.json");
+            std::fs::write(&process_file, serde_json::to_vec(&process).expect("processes serialize"))
+                .map_err(|e| RuntimeError::Failed(format!("exec process file: {e}")))?;
+            args.extend(["--process".into(), process_file.display().to_string()]);
+            args.extend(["--internal-pid-file".into(), scratch.internal_pid_file().display().to_string()]);
+            args.push(bundle.id.clone());
+        }
     }
-    for var in &request.env {
-        args.extend(["--env".into(), format!("{}={}", var.name, var.value)]);
-    }
-    let terminal = if request.tty {
-        args.push("--tty".into());
-        Some(Terminal::open()?)
-    } else {
-        None
-    };
-    args.push(bundle.id.clone());
-    args.extend(request.command.iter().cloned());
+    let terminal = if request.tty { Some(Terminal::open()?) } else { None };
 
-    let mut command = tokio::process::Command::new(&runc.program);
+    let mut command = tokio::process::Command::new(&runtime.program);
     command.args(&args).kill_on_drop(true);
     match &terminal {
         Some(terminal) => {
@@ -54,14 +78,18 @@ pub(crate) async fn spawn(runc: &Runc, bundle: &Bundle, request: &ExecRequest) -
         }
     }
     let mut child =
-        command.spawn().map_err(|e| RuntimeError::Failed(format!("starting {} exec: {e}", runc.program)))?;
+        command.spawn().map_err(|e| RuntimeError::Failed(format!("starting {} exec: {e}", runtime.program)))?;
     drop(command);
-    wait_for_pid(&scratch.pid_file(), &mut child).await;
-    let control = Arc::new(RuncExecControl {
-        pid_file: scratch.pid_file(),
-        runc_pid: child.id(),
-        terminal: parking_lot::Mutex::new(None),
-    });
+    let target = match runtime.class {
+        RuntimeClass::Runc => Target::HostPid(scratch.pid_file()),
+        RuntimeClass::Gvisor => Target::Gvisor {
+            runtime: runtime.clone(),
+            container: bundle.id.clone(),
+            pid_file: scratch.internal_pid_file(),
+        },
+    };
+    wait_for_pid(target.pid_file(), &mut child).await;
+    let control = Arc::new(RuncExecControl { target, runc_pid: child.id(), terminal: parking_lot::Mutex::new(None) });
     let (stdin, stdout, stderr): (Option<crate::exec::Writer>, crate::exec::Reader, Option<crate::exec::Reader>) =
         match terminal {
             Some(terminal) => {
@@ -94,19 +122,43 @@ pub(crate) async fn spawn(runc: &Runc, bundle: &Bundle, request: &ExecRequest) -
     Ok(ExecProcess { stdin, stdout, stderr, control, exit: Box::pin(exit) })
 }
 
+/// The `process.json` of an exec under runsc: the container's own process settings (user, env,
+/// capabilities, limits) with the request's command, working directory, environment and terminal.
+fn gvisor_process(bundle_dir: &Path, request: &ExecRequest) -> Result<serde_json::Value, RuntimeError> {
+    let config: serde_json::Value = std::fs::read(bundle_dir.join("config.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .ok_or_else(|| RuntimeError::Failed(format!("the container's config.json in {}", bundle_dir.display())))?;
+    let mut process = config["process"].clone();
+    process["args"] = serde_json::json!(request.command);
+    process["terminal"] = serde_json::json!(request.tty);
+    if let Some(dir) = &request.work_dir {
+        process["cwd"] = serde_json::json!(dir);
+    }
+    let mut env: Vec<String> = serde_json::from_value(process["env"].clone()).unwrap_or_default();
+    for var in &request.env {
+        let prefix = format!("{}=", var.name);
+        env.retain(|e| !e.starts_with(&prefix));
+        env.push(format!("{}={}", var.name, var.value));
+    }
+    process["env"] = serde_json::json!(env);
+    Ok(process)
+}
+
 /// Waits (boundedly) until runc wrote the process's pid, so that a signal or a kill sent right after
 /// the start reaches the process; a runc that ended first (a bad command) ends the wait too.
 async fn wait_for_pid(pid_file: &Path, child: &mut tokio::process::Child) {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     // runc writes the pid after ~20 ms; checking every millisecond costs one stat each.
     let mut pause = std::time::Duration::from_micros(500);
-    while !pid_file.exists() && matches!(child.try_wait(), Ok(None)) && tokio::time::Instant::now() < deadline {
+    while read_pid(pid_file).is_none() && matches!(child.try_wait(), Ok(None)) && tokio::time::Instant::now() < deadline
+    {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(std::time::Duration::from_millis(1));
     }
 }
 
-/// A private directory for runc's pid file and console socket, removed when the process ends.
+/// A private directory for the runtime's pid files and process file, removed when the process ends.
 struct Scratch {
     dir: PathBuf,
 }
@@ -123,6 +175,10 @@ impl Scratch {
 
     fn pid_file(&self) -> PathBuf {
         self.dir.join("pid")
+    }
+
+    fn internal_pid_file(&self) -> PathBuf {
+        self.dir.join("internal-pid")
     }
 }
 
@@ -189,25 +245,95 @@ fn terminal_streams(
     Ok((reader, writer))
 }
 
+/// Where an exec'd process's pid is written, and how it is signalled.
+#[derive(Clone)]
+enum Target {
+    /// runc: the process's host pid, signalled directly.
+    HostPid(PathBuf),
+    /// gVisor: the pid inside the sandbox of `container`, signalled through `runsc kill --pid`.
+    Gvisor { runtime: OciRuntime, container: String, pid_file: PathBuf },
+}
+
+impl Target {
+    fn pid_file(&self) -> &Path {
+        match self {
+            Target::HostPid(file) | Target::Gvisor { pid_file: file, .. } => file,
+        }
+    }
+
+    /// The process's pid (host or sandbox), once the runtime has written it.
+    fn pid(&self) -> Option<i32> {
+        read_pid(self.pid_file())
+    }
+
+    fn signal(&self, pid: i32, signal: Signal) -> Result<(), String> {
+        match self {
+            Target::HostPid(_) => {
+                let pid = Pid::from_raw(pid).ok_or("the process has not started or has ended")?;
+                kill_process(pid, signal).map_err(|e| format!("signal: {e}"))
+            }
+            Target::Gvisor { runtime, container, .. } => {
+                let mut command = std::process::Command::new(&runtime.program);
+                command.args(runtime.prefix().split_off(1));
+                command.args(["kill", "--pid", &pid.to_string(), container, &signal.as_raw().to_string()]);
+                run_bounded(command, GVISOR_SIGNAL_TIMEOUT)
+            }
+        }
+    }
+}
+
+fn read_pid(file: &Path) -> Option<i32> {
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
+/// Runs a short command to its end, killed past `limit`; fails with what it said.
+fn run_bounded(mut command: std::process::Command, limit: Duration) -> Result<(), String> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("signal: {e}"))?;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => {
+                let mut said = String::new();
+                if let Some(mut stderr) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut stderr, &mut said);
+                }
+                return Err(format!("signal: {status}: {}", said.trim()));
+            }
+            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("signal: no answer within {limit:?}"));
+            }
+        }
+    }
+}
+
 struct RuncExecControl {
-    pid_file: PathBuf,
+    target: Target,
+    /// The runtime's own `exec` process.
     runc_pid: Option<u32>,
     terminal: parking_lot::Mutex<Option<OwnedFd>>,
 }
 
-impl RuncExecControl {
-    /// The process's host pid, once runc has written it.
-    fn process(&self) -> Option<Pid> {
-        let pid: i32 = std::fs::read_to_string(&self.pid_file).ok()?.trim().parse().ok()?;
-        Pid::from_raw(pid)
+/// SIGKILL to a host pid (runc's processes).
+fn kill_host_pid(pid: i32) {
+    if let Some(pid) = Pid::from_raw(pid) {
+        let _ = kill_process(pid, Signal::KILL);
     }
 }
 
 impl ExecControl for RuncExecControl {
     fn signal(&self, signal: i32) -> Result<(), String> {
         let signal = Signal::from_named_raw(signal).ok_or_else(|| format!("signal {signal} is not valid"))?;
-        let pid = self.process().ok_or("the process has not started or has ended")?;
-        kill_process(pid, signal).map_err(|e| format!("signal: {e}"))
+        let pid = self.target.pid().ok_or("the process has not started or has ended")?;
+        self.target.signal(pid, signal)
     }
 
     fn resize(&self, cols: u16, rows: u16) -> Result<(), String> {
@@ -215,14 +341,18 @@ impl ExecControl for RuncExecControl {
         let master = terminal.as_ref().ok_or("the session has no terminal")?;
         let size = rustix::termios::Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
         rustix::termios::tcsetwinsize(master, size).map_err(|e| format!("resize: {e}"))?;
-        // runc copies the new size to the container's terminal when it gets SIGWINCH.
-        let runc = self.runc_pid.and_then(|p| Pid::from_raw(p as i32)).ok_or("runc has ended")?;
+        // The runtime copies the new size to the container's terminal when it gets SIGWINCH.
+        let runc = self.runc_pid.and_then(|p| Pid::from_raw(p as i32)).ok_or("the runtime has ended")?;
         kill_process(runc, Signal::WINCH).map_err(|e| format!("resize: {e}"))
     }
 
     fn kill(&self) {
-        if let Some(pid) = self.process() {
-            let _ = kill_process(pid, Signal::KILL);
+        if let Target::Gvisor { .. } = self.target {
+            self.kill_in_gvisor();
+            return;
+        }
+        if let Some(pid) = self.target.pid() {
+            kill_host_pid(pid);
             return;
         }
         // Not started yet (or runc is slow to say so): stopping runc stops a start that is still in
@@ -230,19 +360,44 @@ impl ExecControl for RuncExecControl {
         if let Some(runc) = self.runc_pid.and_then(|p| Pid::from_raw(p as i32)) {
             let _ = kill_process(runc, Signal::KILL);
         }
+        let pid_file = self.target.pid_file().to_path_buf();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let pid_file = self.pid_file.clone();
             runtime.spawn(async move {
                 for _ in 0..100 {
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    let pid = std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok());
-                    if let Some(pid) = pid.and_then(Pid::from_raw) {
-                        let _ = kill_process(pid, Signal::KILL);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if let Some(pid) = read_pid(&pid_file) {
+                        kill_host_pid(pid);
                         return;
                     }
                 }
             });
         }
+    }
+}
+
+impl RuncExecControl {
+    /// Under gVisor only `runsc exec` writes the process's pid, so it is left alive until the pid is
+    /// known and `runsc kill` has reached the process. When that fails, `runsc exec` is killed all the
+    /// same, so that the exec ends (its process may then outlive it: logged).
+    fn kill_in_gvisor(&self) {
+        let (target, client) = (self.target.clone(), self.runc_pid);
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + GVISOR_SIGNAL_TIMEOUT;
+            let mut outcome = Err("its pid was never written".to_string());
+            while std::time::Instant::now() < deadline {
+                if let Some(pid) = target.pid() {
+                    outcome = target.signal(pid, Signal::KILL);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if let Err(e) = outcome {
+                tracing::warn!(error = %e, "an exec under gVisor was not killed; ending its runsc exec");
+                if let Some(client) = client.and_then(|p| Pid::from_raw(p as i32)) {
+                    let _ = kill_process(client, Signal::KILL);
+                }
+            }
+        });
     }
 }
 

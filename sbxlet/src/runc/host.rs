@@ -10,12 +10,17 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs `program args…` and returns its stdout; a failure names the command and carries its stderr.
 pub(crate) async fn run(program: &str, args: &[&str]) -> Result<String, RuntimeError> {
+    run_within(COMMAND_TIMEOUT, program, args).await
+}
+
+/// Like `run`, with a time limit of the caller's.
+pub(crate) async fn run_within(limit: Duration, program: &str, args: &[&str]) -> Result<String, RuntimeError> {
     let describe = || format!("{program} {}", args.join(" "));
     let mut command = tokio::process::Command::new(program);
     command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-    let output = tokio::time::timeout(COMMAND_TIMEOUT, command.output())
+    let output = tokio::time::timeout(limit, command.output())
         .await
-        .map_err(|_| RuntimeError::Failed(format!("{} timed out after {COMMAND_TIMEOUT:?}", describe())))?
+        .map_err(|_| RuntimeError::Failed(format!("{} timed out after {limit:?}", describe())))?
         .map_err(|e| RuntimeError::Failed(format!("{}: {e}", describe())))?;
     if output.status.success() {
         return Ok(String::from_utf8_lossy(&output.stdout).into_owned());

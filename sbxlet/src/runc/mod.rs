@@ -1,8 +1,10 @@
 //! The real runtime (`sbxlet --runtime runc`): each sandbox is a network namespace with a private IP
-//! on the node bridge, its containers are runc containers from OCI images, and its host ports are
-//! proxied to it. State lives under `--state-dir`, so a restarted agent re-adopts what runs.
+//! on the node bridge, its containers are OCI containers from OCI images, run by runc or by gVisor's
+//! runsc (the sandbox's runtime class), and its host ports are proxied to it. State lives under
+//! `--state-dir`, so a restarted agent re-adopts what runs.
 
 mod cgroups;
+pub mod classes;
 mod container;
 mod exec;
 mod host;
@@ -17,7 +19,8 @@ use crate::error::RuntimeError;
 use crate::sim::ip_pool::IpPool;
 use crate::sim::{logs::keep_tail, validate_request};
 use cgroups::Cgroups;
-use container::{Bundle, ContainerState, Runc};
+use classes::{ClassSettings, Runtimes};
+use container::{Bundle, ContainerState, OciRuntime};
 use image::{ImageSettings, ImageStore};
 use network::{Network, SandboxNet};
 use parking_lot::Mutex;
@@ -26,6 +29,7 @@ use sandboxd_api::agent::{
 };
 use sandboxd_api::dataplane::ExecRequest;
 use sandboxd_api::validate::{sandbox_requests, SandboxPolicy};
+use sandboxd_api::RuntimeClass;
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::Bound;
@@ -56,8 +60,8 @@ pub struct RuncConfig {
     pub capacity_memory_bytes: Option<u64>,
     pub external: String,
     pub images: ImageSettings,
-    /// The runc binary.
-    pub runc: String,
+    /// The OCI runtime binary and flags of each runtime class.
+    pub classes: ClassSettings,
     /// A container's log is rotated past this size.
     pub log_max_bytes: u64,
     /// Images no sandbox used for this long are removed.
@@ -80,7 +84,7 @@ impl Default for RuncConfig {
             capacity_memory_bytes: None,
             external: String::new(),
             images: ImageSettings::default(),
-            runc: "runc".into(),
+            classes: ClassSettings::default(),
             log_max_bytes: 10 << 20,
             image_gc_after: Duration::from_secs(3600),
             data_plane: DataPlaneLimits::default(),
@@ -129,7 +133,7 @@ struct State {
 pub struct RuncRuntime {
     config: RuncConfig,
     node_ip: IpAddr,
-    runc: Runc,
+    runtimes: Runtimes,
     network: Network,
     cgroups: Cgroups,
     images: Arc<ImageStore>,
@@ -190,7 +194,7 @@ impl RuncRuntime {
         );
         let runtime = Arc::new(RuncRuntime {
             node_ip: config.listen.ip(),
-            runc: Runc { program: config.runc.clone(), root: config.state_dir.join("runc").display().to_string() },
+            runtimes: Runtimes::probe(&config.classes, &config.state_dir).await?,
             cgroups: Cgroups { version: cgroups::detect(), parent: config.cgroup_parent.clone() },
             network,
             images,
@@ -304,18 +308,25 @@ impl RuncRuntime {
         let mut saved = record.clone();
         saved.net = Some(net.clone());
         self.save(id, &saved);
+        let runtime = self.runtimes.get(request.runtime_class);
         for (container, image) in request.containers.iter().zip(&images) {
             let bundle = self.bundle(id, &container.name);
             bundle.mount_rootfs(&self.images.lower_dirs(image)).await.map_err(|e| (Some(net.clone()), e))?;
+            if runtime.class == RuntimeClass::Gvisor {
+                bundle.ensure_tmp().map_err(|e| (Some(net.clone()), e))?;
+            }
             let spec = self.container_spec(id, container, image, &net);
             self.cgroups.limit_memory(id, &container.name, spec.memory_bytes).map_err(|e| {
                 (Some(net.clone()), RuntimeError::Failed(format!("memory cgroup of {}: {e}", container.name)))
             })?;
-            bundle.start(&self.runc, &spec::runtime_config(&spec)).await.map_err(|e| (Some(net.clone()), e))?;
+            bundle
+                .start(runtime, &spec::runtime_config(&spec, runtime.class))
+                .await
+                .map_err(|e| (Some(net.clone()), e))?;
             let quota = spec::cpu_quota_us(spec.cpu_milli);
             if let Err(e) = self.cgroups.limit_cpu(id, &container.name, quota, spec::CPU_PERIOD_US) {
                 // A container that already ended has no cgroup left to limit.
-                if bundle.state(&self.runc).await == ContainerState::Running {
+                if bundle.state(runtime).await == ContainerState::Running {
                     return Err((
                         Some(net.clone()),
                         RuntimeError::Failed(format!("cpu quota of {}: {e}", container.name)),
@@ -367,6 +378,7 @@ impl RuncRuntime {
             cpu_milli,
             hosts_file: self.sandbox_dir(id).join("hosts").display().to_string(),
             resolv_conf: net.egress.then(|| "/etc/resolv.conf".to_string()),
+            rootfs_tmp: self.bundle(id, &container.name).rootfs().join("tmp").display().to_string(),
         }
     }
 
@@ -383,8 +395,9 @@ impl RuncRuntime {
         Ok((record, view))
     }
 
-    /// The bundle of a running container of a running sandbox (`container`, or the first).
-    fn running_container(&self, id: &str, container: Option<&str>) -> Result<Bundle, RuntimeError> {
+    /// The bundle of a running container of a running sandbox (`container`, or the first), and the
+    /// runtime that runs it.
+    fn running_container(&self, id: &str, container: Option<&str>) -> Result<(Bundle, &OciRuntime), RuntimeError> {
         let (record, view) = self.current(id)?;
         if view.phase != AgentPhase::Running {
             return Err(RuntimeError::NotRunning(format!("sandbox {id:?} is {}, not running", view.phase.as_str())));
@@ -398,7 +411,7 @@ impl RuncRuntime {
         if state.state != "running" {
             return Err(RuntimeError::NotRunning(format!("container {name:?} of sandbox {id:?} is {}", state.state)));
         }
-        Ok(self.bundle(id, name))
+        Ok((self.bundle(id, name), self.runtimes.get(record.request.runtime_class)))
     }
 
     fn record(&self, id: &str) -> Option<Record> {
@@ -467,8 +480,9 @@ impl RuncRuntime {
             if !record.started || record.failure.is_some() {
                 continue;
             }
+            let runtime = self.runtimes.get(record.request.runtime_class);
             for container in &record.request.containers {
-                if self.vanished(&self.bundle(id, &container.name)).await {
+                if self.vanished(runtime, &self.bundle(id, &container.name)).await {
                     self.fail(id, busy, format!("container {} vanished", container.name));
                 }
             }
@@ -482,12 +496,12 @@ impl RuncRuntime {
 
     /// Whether a container is gone without a recorded end. Asked twice: `runc run` removes its state
     /// a moment before the shim records the exit code, and a normal end must not read as vanished.
-    async fn vanished(&self, bundle: &Bundle) -> bool {
-        if bundle.state(&self.runc).await != ContainerState::Vanished {
+    async fn vanished(&self, runtime: &OciRuntime, bundle: &Bundle) -> bool {
+        if bundle.state(runtime).await != ContainerState::Vanished {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        bundle.state(&self.runc).await == ContainerState::Vanished
+        bundle.state(runtime).await == ContainerState::Vanished
     }
 
     /// Records why this incarnation of `id` failed (a later sandbox of the same id is left alone).
@@ -540,7 +554,7 @@ impl RuncRuntime {
             (held.record.clone(), held.cpu_milli, held.memory_bytes)
         };
         for container in &record.request.containers {
-            self.bundle(id, &container.name).remove(&self.runc).await;
+            self.bundle(id, &container.name).remove(self.runtimes.get(record.request.runtime_class)).await;
         }
         let net = record.net.clone().unwrap_or_else(|| SandboxNet {
             netns: self.network.names_of(id).0,
@@ -618,6 +632,7 @@ fn node_memory_bytes() -> u64 {
 impl Backend for Arc<RuncRuntime> {
     async fn create(&self, request: AgentCreateRequest) -> Result<Created, RuntimeError> {
         let spec = validate_request(&request)?;
+        crate::admission::check_runtime_class(self.runtimes.offered(), &request)?;
         let (cpu_milli, memory_bytes) = sandbox_requests(&spec, &SandboxPolicy::default());
         let id = request.id.clone();
         let (record, busy) = {
@@ -736,36 +751,50 @@ impl Backend for Arc<RuncRuntime> {
             external: self.config.external.clone(),
             sandboxes: state.sandboxes.len() as u64,
             runtime: "runc".into(),
+            runtime_classes: self.runtimes.offered().names(),
             ..AgentStatus::default()
         }
     }
 
     async fn exec(&self, id: &str, request: &ExecRequest) -> Result<crate::exec::ExecProcess, RuntimeError> {
-        let bundle = self.running_container(id, request.container.as_deref())?;
-        exec::spawn(&self.runc, &bundle, request).await
+        let (bundle, runtime) = self.running_container(id, request.container.as_deref())?;
+        exec::spawn(runtime, &bundle, request).await
     }
 
-    /// `/proc/<pid>/root` of the container's first process, opened and then checked to be the
-    /// container's own rootfs mount: a pid recorded before a reboot, or reused after the container
-    /// ended, could otherwise open a host process's root.
+    /// The directory that is the container's `/`. Under runc: `/proc/<pid>/root` of its first
+    /// process, opened and then checked to be the container's own rootfs mount (a pid recorded before
+    /// a reboot, or reused after the container ended, could otherwise open a host process's root).
+    /// Under gVisor the container's processes are not host processes: its rootfs mount is opened
+    /// instead, which gVisor serves to the container as `/` (see `classes` for why it sees host-side
+    /// changes), and the mounts that exist only inside gVisor's kernel are refused.
     async fn container_root(
         &self,
         id: &str,
         container: Option<&str>,
     ) -> Result<crate::files::ContainerRoot, RuntimeError> {
-        let bundle = self.running_container(id, container)?;
-        let pid = exec::container_pid(&bundle.dir)
-            .ok_or_else(|| RuntimeError::NotRunning(format!("container {} has no process", bundle.id)))?;
+        let (bundle, runtime) = self.running_container(id, container)?;
         let max = self.config.data_plane.max_file_bytes;
         let message = format!("container {} is not running", bundle.id);
         let not_running = move || RuntimeError::NotRunning(message.clone());
-        tokio::task::spawn_blocking(move || {
-            let root = crate::files::ContainerRoot::open(Path::new(&format!("/proc/{pid}/root")), max)
-                .map_err(|_| not_running())?;
-            if !root.is_same_directory(&bundle.rootfs()) {
-                return Err(not_running());
+        let class = runtime.class;
+        let pid = exec::container_pid(&bundle.dir);
+        tokio::task::spawn_blocking(move || match class {
+            RuntimeClass::Runc => {
+                let pid = pid.ok_or_else(&not_running)?;
+                let root = crate::files::ContainerRoot::open(Path::new(&format!("/proc/{pid}/root")), max)
+                    .map_err(|_| not_running())?;
+                if !root.is_same_directory(&bundle.rootfs()) {
+                    return Err(not_running());
+                }
+                Ok(root)
             }
-            Ok(root)
+            RuntimeClass::Gvisor => {
+                if !container::is_mount_point(&bundle.rootfs()) {
+                    return Err(not_running());
+                }
+                let root = crate::files::ContainerRoot::open(&bundle.rootfs(), max).map_err(|_| not_running())?;
+                Ok(root.refusing(spec::GVISOR_INTERNAL_MOUNTS, "it exists only inside the sandbox's gVisor kernel"))
+            }
         })
         .await
         .map_err(|e| RuntimeError::Failed(format!("opening the container's root: {e}")))?
@@ -802,19 +831,25 @@ impl Backend for Arc<RuncRuntime> {
 /// directory's sandboxes, leaving its images. For decommissioning a node, and for tests, which must
 /// leave nothing behind even when they fail. The agent must not be running.
 pub async fn purge(config: &RuncConfig) {
-    let runc = Runc { program: config.runc.clone(), root: config.state_dir.join("runc").display().to_string() };
+    let runtimes = Runtimes::unprobed(&config.classes, &config.state_dir);
     let sandboxes = config.state_dir.join("sandboxes");
     let network =
         Network { bridge: config.bridge.clone(), gateway: Ipv4Addr::UNSPECIFIED, prefix_len: 0, cidr: String::new() };
     let cgroups = Cgroups { version: cgroups::detect(), parent: config.cgroup_parent.clone() };
     for entry in std::fs::read_dir(&sandboxes).into_iter().flatten().flatten() {
         let id = entry.file_name().to_string_lossy().into_owned();
-        for container in std::fs::read_dir(entry.path().join("containers")).into_iter().flatten().flatten() {
-            let name = container.file_name().to_string_lossy().into_owned();
-            Bundle::new(container_id(&id, &name), container.path()).remove(&runc).await;
-        }
         let record: Option<Record> =
             std::fs::read(entry.path().join("record.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        for container in std::fs::read_dir(entry.path().join("containers")).into_iter().flatten().flatten() {
+            let name = container.file_name().to_string_lossy().into_owned();
+            let bundle = Bundle::new(container_id(&id, &name), container.path());
+            let runtime = match &record {
+                Some(record) => runtimes.get(record.request.runtime_class),
+                // No record (a crash mid-create): whichever runtime knows the container removes it.
+                None => bundle.owner(&runtimes.all()).await,
+            };
+            bundle.remove(runtime).await;
+        }
         let (netns, host_veth) = network.names_of(&id);
         let net = record.and_then(|r| r.net).unwrap_or(SandboxNet {
             netns,
@@ -828,7 +863,9 @@ pub async fn purge(config: &RuncConfig) {
     network.remove_bridge().await;
     cgroups.remove_parent();
     let _ = std::fs::remove_dir_all(&sandboxes);
-    let _ = std::fs::remove_dir_all(config.state_dir.join("runc"));
+    for runtime in runtimes.all() {
+        let _ = std::fs::remove_dir_all(&runtime.root);
+    }
 }
 
 /// A serving real agent. Stopping it leaves the sandboxes running; the next start re-adopts them.

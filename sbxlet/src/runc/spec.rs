@@ -1,6 +1,7 @@
 //! The OCI runtime spec (`config.json`) of one container: the process from the image and the
 //! request, the sandbox's network namespace, cgroup limits, and runc's default hardening.
 
+use sandboxd_api::RuntimeClass;
 use serde_json::{json, Value};
 
 /// The most processes one container may run (a fork bomb stops here).
@@ -30,6 +31,8 @@ pub(crate) struct ContainerSpec {
     pub hosts_file: String,
     /// The node's resolver configuration, for sandboxes with egress.
     pub resolv_conf: Option<String>,
+    /// The rootfs's `/tmp` on the host, bound onto `/tmp` under gVisor.
+    pub rootfs_tmp: String,
 }
 
 /// Capabilities a container keeps: the set container runtimes grant by default, none of the
@@ -87,14 +90,29 @@ pub(crate) fn cpu_shares(cpu_milli: u64) -> u64 {
     (cpu_milli * 1024 / 1000).max(2)
 }
 
-/// The runc `config.json` for `spec`, with the rootfs at `rootfs` (relative to the bundle).
-pub(crate) fn runtime_config(spec: &ContainerSpec) -> Value {
+/// Mounts a gVisor container sees that live only inside gVisor's kernel (or are bound in from host
+/// files), not in its rootfs on the host; the files API refuses them under gVisor.
+pub(crate) const GVISOR_INTERNAL_MOUNTS: &[&str] = &["/proc", "/sys", "/dev", "/etc/hosts", "/etc/resolv.conf"];
+
+/// The `config.json` for `spec` under `class`, with the rootfs at `rootfs` (relative to the bundle).
+///
+/// Under gVisor, `/tmp` is not a tmpfs: a tmpfs there would live in gVisor's memory, out of reach of
+/// the files API, which writes into the rootfs on the host. Nor can `/tmp` be left out: runsc then
+/// mounts a tmpfs of its own over an empty `/tmp`. So the rootfs's own `/tmp` is bound onto `/tmp`
+/// (`spec.rootfs_tmp`, created by the caller): part of the container's writable layer, as in a
+/// Docker container, and the directory the files API writes to.
+pub(crate) fn runtime_config(spec: &ContainerSpec, class: RuntimeClass) -> Value {
     let capabilities: Vec<&str> = CAPABILITIES.to_vec();
     let mut config = base_config(spec, &capabilities);
     if !spec.memory_limit_in_leaf {
         config["linux"]["resources"].as_object_mut().expect("resources are an object").remove("memory");
     }
     let mounts = config["mounts"].as_array_mut().expect("mounts are a list");
+    if class == RuntimeClass::Gvisor {
+        for mount in mounts.iter_mut().filter(|m| m["destination"] == "/tmp") {
+            *mount = json!({"destination": "/tmp", "type": "bind", "source": spec.rootfs_tmp, "options": ["rbind", "rw", "nosuid", "nodev"]});
+        }
+    }
     mounts.push(read_only_bind(&spec.hosts_file, "/etc/hosts"));
     if let Some(resolv) = &spec.resolv_conf {
         mounts.push(read_only_bind(resolv, "/etc/resolv.conf"));
@@ -180,12 +198,13 @@ mod tests {
             cpu_milli: 250,
             hosts_file: "/state/s/hosts".into(),
             resolv_conf: None,
+            rootfs_tmp: "/state/s/containers/web/rootfs/tmp".into(),
         }
     }
 
     #[test]
     fn requests_become_cgroup_limits() {
-        let config = runtime_config(&spec());
+        let config = runtime_config(&spec(), RuntimeClass::Runc);
         let resources = &config["linux"]["resources"];
         assert_eq!(resources["memory"]["limit"], 64u64 << 20);
         assert_eq!((resources["cpu"]["shares"].as_u64(), cpu_quota_us(250)), (Some(256), 25_000));
@@ -195,7 +214,7 @@ mod tests {
 
     #[test]
     fn containers_join_the_sandbox_network_and_are_hardened() {
-        let config = runtime_config(&spec());
+        let config = runtime_config(&spec(), RuntimeClass::Runc);
         let namespaces = config["linux"]["namespaces"].as_array().unwrap();
         assert!(namespaces.contains(&json!({"type": "network", "path": "/var/run/netns/sbx-1"})));
         assert_eq!(config["process"]["noNewPrivileges"], true);
@@ -209,9 +228,23 @@ mod tests {
 
     #[test]
     fn the_memory_limit_can_be_left_to_a_parent_cgroup() {
-        let config = runtime_config(&ContainerSpec { memory_limit_in_leaf: false, ..spec() });
+        let config = runtime_config(&ContainerSpec { memory_limit_in_leaf: false, ..spec() }, RuntimeClass::Runc);
         assert!(config["linux"]["resources"].get("memory").is_none());
         assert_eq!(config["linux"]["resources"]["pids"]["limit"], PIDS_LIMIT);
+    }
+
+    #[test]
+    fn under_gvisor_tmp_is_the_rootfs_own_directory_the_host_reaches() {
+        let tmp = |class| {
+            let config = runtime_config(&spec(), class);
+            config["mounts"].as_array().unwrap().iter().find(|m| m["destination"] == "/tmp").cloned().unwrap()
+        };
+        assert_eq!(tmp(RuntimeClass::Runc)["type"], "tmpfs");
+        let gvisor = tmp(RuntimeClass::Gvisor);
+        assert_eq!(
+            (gvisor["type"].as_str(), gvisor["source"].as_str()),
+            (Some("bind"), Some("/state/s/containers/web/rootfs/tmp"))
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use sandboxd_api::agent::{
     AgentCreateRequest, AgentLogs, AgentPhase, AgentSandbox, AgentSandboxList, AgentStatus, LogLines,
 };
 use sandboxd_api::validate::{sandbox_requests, validate_name, validate_sandbox_spec, SandboxPolicy};
-use sandboxd_api::{FieldErrors, PortSpec, Protocol, SandboxSpec};
+use sandboxd_api::{FieldErrors, PortSpec, Protocol, RuntimeClasses, SandboxSpec};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::ops::Bound;
@@ -28,6 +28,8 @@ pub struct RuntimeLimits {
     pub capacity_cpu_milli: u64,
     pub capacity_memory_bytes: u64,
     pub create_delay: Duration,
+    /// The runtime classes this simulated node claims to run.
+    pub classes: RuntimeClasses,
 }
 
 /// One sandbox the agent holds.
@@ -75,6 +77,7 @@ impl Runtime {
         F: FnOnce(&[u16]) -> Result<Vec<PublishedPort>, PortUnavailable>,
     {
         let spec = validate_request(&request)?;
+        crate::admission::check_runtime_class(self.limits.classes, &request)?;
         if let Some(held) = self.sandboxes.get(&request.id) {
             if held.request != request {
                 return Err(RuntimeError::SpecConflict(request.id));
@@ -216,6 +219,7 @@ impl Runtime {
             external: external.to_string(),
             sandboxes: self.sandboxes.len() as u64,
             runtime: "sim".into(),
+            runtime_classes: self.limits.classes.names(),
             ..AgentStatus::default()
         }
     }
@@ -296,10 +300,16 @@ fn describe(problems: Vec<FieldErrors>) -> String {
 mod tests {
     use super::*;
     use sandboxd_api::agent::AgentPort;
+    use sandboxd_api::RuntimeClass;
     use sandboxd_api::{Container, ContainerResource};
 
     fn limits() -> RuntimeLimits {
-        RuntimeLimits { capacity_cpu_milli: 1000, capacity_memory_bytes: 1 << 30, create_delay: Duration::from_secs(1) }
+        RuntimeLimits {
+            capacity_cpu_milli: 1000,
+            capacity_memory_bytes: 1 << 30,
+            create_delay: Duration::from_secs(1),
+            classes: RuntimeClasses::only(RuntimeClass::Runc),
+        }
     }
 
     fn runtime() -> Runtime {
@@ -320,6 +330,7 @@ mod tests {
                 work_dir: String::new(),
                 resource: None,
             }],
+            runtime_class: RuntimeClass::Runc,
         }
     }
 
@@ -410,11 +421,27 @@ mod tests {
                 capacity_cpu_milli: 1000,
                 capacity_memory_bytes: 1 << 30,
                 runtime: "sim".into(),
+                runtime_classes: vec!["runc".into()],
                 ..AgentStatus::default()
             }
         );
         let Created::New(s) = admit(&mut rt, sandbox("b"), t0).unwrap() else { panic!("not new") };
         assert_eq!(s.private_ip, "10.88.0.2", "address was not returned to the pool");
+    }
+
+    #[test]
+    fn a_runtime_class_the_node_does_not_offer_is_refused_and_nothing_is_kept() {
+        let mut rt = runtime();
+        let t0 = Instant::now();
+        let gvisor = AgentCreateRequest { runtime_class: RuntimeClass::Gvisor, ..sandbox("a") };
+        let err = admit(&mut rt, gvisor, t0).unwrap_err();
+        assert!(matches!(err, RuntimeError::Invalid(_)), "{err:?}");
+        assert!(
+            err.to_string().contains("runtime class gvisor is not offered by this node (it offers: runc)"),
+            "{err}"
+        );
+        assert_eq!((rt.status("").sandboxes, rt.status("").used_cpu_milli), (0, 0));
+        assert!(admit(&mut rt, sandbox("a"), t0).is_ok(), "runc is");
     }
 
     #[test]
