@@ -216,6 +216,50 @@ async fn concurrent_creates_fill_allocatable_cpu_exactly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_priority_sandbox_preempts_the_fewest_lowest_priority_sandboxes_and_never_an_equal_one() {
+    // 3600m allocatable, filled: six of 400m at priority 0 and two of 600m at priority 1.
+    let c = Cluster::start(1, &[]).await;
+    let with_priority = |cpu: &str, priority: i32| SandboxSpec { priority, ..sandbox_spec(cpu) };
+    let low: Vec<String> = (0..6).map(|i| format!("low-{i}")).collect();
+    create_concurrently(&c.client, &low, |_| with_priority("400m", 0)).await;
+    for id in ["mid-0", "mid-1"] {
+        c.client.create_sandbox(id, &with_priority("600m", 1)).await.unwrap();
+    }
+    for id in low.iter().map(String::as_str).chain(["mid-0", "mid-1"]) {
+        wait_phase(&c.client, id, Phase::Running).await;
+    }
+
+    // An equal priority preempts nothing: it waits.
+    c.client.create_sandbox("peer", &with_priority("400m", 0)).await.unwrap();
+    let peer =
+        wait_status(&c.client, "peer", "Unschedulable", |s| s.status.reason.as_deref() == Some("Unschedulable")).await;
+    assert_eq!(peer.status.message.as_deref(), Some("0/1 nodes available: 1 insufficient cpu"));
+    c.client.delete_sandbox("peer").await.unwrap();
+
+    // 700m at priority 10: two of the priority-0 ones make room; the priority-1 ones stay.
+    c.client.create_sandbox("vip", &with_priority("700m", 10)).await.unwrap();
+    let vip = wait_phase(&c.client, "vip", Phase::Running).await;
+    assert_eq!(vip.status.node_name.as_deref(), Some("node-a"));
+    let all = c.client.list_sandboxes().await.unwrap().items;
+    let preempted: Vec<&Sandbox> = all.iter().filter(|s| s.status.reason.as_deref() == Some("Preempted")).collect();
+    assert_eq!(preempted.len(), 2, "the fewest victims: {:?}", preempted.iter().map(|s| &s.id).collect::<Vec<_>>());
+    for victim in &preempted {
+        assert!(victim.id.starts_with("low-") && victim.status.phase == Phase::Failed, "{victim:?}");
+        let message = victim.status.message.as_deref().unwrap_or_default();
+        assert_eq!(message, "preempted by sandbox vip (priority 10 over 0)");
+    }
+    for id in ["mid-0", "mid-1"] {
+        assert_eq!(c.client.get_sandbox(id).await.unwrap().status.phase, Phase::Running, "{id} outranks the victims");
+    }
+    eventually(20, "the victims gone from the agent", || async {
+        let held = c.agents[0].sandbox_ids();
+        preempted.iter().all(|v| !held.contains(&v.id)).then_some(())
+    })
+    .await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_ports_are_unique_per_node_under_concurrent_creates() {
     let c = Cluster::start(5, &[]).await;
     let ids: Vec<String> = (0..200).map(|i| format!("port-{i:03}")).collect();

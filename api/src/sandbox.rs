@@ -150,6 +150,13 @@ pub struct SandboxSpec {
     /// The isolation the containers run under; only nodes that offer it are chosen.
     #[serde(default, skip_serializing_if = "RuntimeClass::is_default")]
     pub runtime_class: RuntimeClass,
+    /// When nothing fits, the scheduler may preempt sandboxes of a lower priority (default 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 /// How a sandbox's containers are isolated from the node (a Kubernetes RuntimeClass, fixed set).

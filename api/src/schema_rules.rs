@@ -6,7 +6,7 @@
 //! Those stay 400s that a schema-valid request can still get; `hack/schemathesis/hooks.py` keeps
 //! its generated requests inside them.
 
-use crate::validate::{SandboxPolicy, MAX_ARGS, MAX_CONTAINERS, MAX_ENV, MAX_LABELS, MAX_PORTS};
+use crate::validate::{SandboxPolicy, MAX_ARGS, MAX_CONTAINERS, MAX_ENV, MAX_LABELS, MAX_PORTS, MAX_PRIORITY};
 use serde_json::{json, Value};
 
 /// An object name (`names::name_problem`): a DNS-1123 label of 1–63 characters, dots allowed.
@@ -64,6 +64,7 @@ pub fn component_constraints(policy: &SandboxPolicy) -> Vec<(&'static str, &'sta
         ("SandboxSpec", "containers", json!({ "minItems": 1, "maxItems": MAX_CONTAINERS })),
         ("SandboxSpec", "ports", json!({ "maxItems": MAX_PORTS })),
         ("SandboxSpec", "ttl_seconds", json!({ "minimum": 0, "maximum": policy.max_ttl_seconds })),
+        ("SandboxSpec", "priority", json!({ "minimum": -MAX_PRIORITY, "maximum": MAX_PRIORITY })),
         ("SandboxSpec", "labels", labels.clone()),
         ("SandboxSpec", "node_selector", labels.clone()),
         ("NodeSpec", "labels", labels.clone()),

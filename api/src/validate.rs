@@ -155,6 +155,9 @@ pub fn is_ip_or_dns_name(s: &str) -> bool {
         })
 }
 
+/// The largest priority a user may give (as Kubernetes bounds user priority classes).
+pub const MAX_PRIORITY: i32 = 1_000_000_000;
+
 /// Checks a sandbox spec against every rule of semantics.md.
 pub fn validate_sandbox_spec(spec: &SandboxSpec, policy: &SandboxPolicy) -> Result<(), FieldErrors> {
     let mut errors = FieldErrors::default();
@@ -175,6 +178,9 @@ pub fn validate_sandbox_spec(spec: &SandboxSpec, policy: &SandboxPolicy) -> Resu
     }
     if let Some(probe) = &spec.readiness_probe {
         validate_probe(probe, spec, &mut errors);
+    }
+    if !(-MAX_PRIORITY..=MAX_PRIORITY).contains(&spec.priority) {
+        errors.push("spec.priority", format!("{} is outside -{MAX_PRIORITY}..{MAX_PRIORITY}", spec.priority));
     }
     validate_labels("spec.labels", &spec.labels, &mut errors);
     validate_labels("spec.node_selector", &spec.node_selector, &mut errors);

@@ -244,6 +244,9 @@ fn check_immutable(current: &SandboxSpec, wanted: &SandboxSpec) -> RegistryResul
     if current.runtime_class != wanted.runtime_class {
         changed.push("spec.runtime_class");
     }
+    if current.priority != wanted.priority {
+        changed.push("spec.priority");
+    }
     if changed.is_empty() {
         return Ok(());
     }

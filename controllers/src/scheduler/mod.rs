@@ -111,7 +111,10 @@ impl Scheduler {
                     let node = new.status.node_name.as_deref().unwrap_or_default();
                     let request = Request::of(&new.spec, &self.settings.requests);
                     let ports = new.status.assigned_ports.iter().map(|p| (p.protocol, p.host_port)).collect();
-                    self.index.lock().hold(&new.id, node, request.cpu_milli, request.memory_bytes, ports);
+                    let terminating = matches!(new.status.phase, Phase::Failed | Phase::Terminating);
+                    let mut index = self.index.lock();
+                    index.hold(&new.id, node, request.cpu_milli, request.memory_bytes, ports);
+                    index.mark(&new.id, request.priority, terminating);
                 } else if new.status.node_name.is_some() && self.index.lock().release(&new.id) {
                     // Only a bound sandbox's release frees anything: a Pending copy may predate our own bind
                     // (a relist, or the event of the bind not yet applied) and must not undo the assumption.
@@ -192,6 +195,17 @@ impl Scheduler {
         match decision {
             Ok((node, ports)) => self.bind(&sandbox, node, ports).await,
             Err(message) => {
+                let plan = self.index.lock().preemption_plan(&request, self.settings.host_port_range);
+                let message = match plan {
+                    Some((node, victims)) if victims.is_empty() => {
+                        format!("{message}; waiting for preempted sandboxes to leave node {node}")
+                    }
+                    Some((node, victims)) => {
+                        self.preempt(&sandbox, request.priority, &node, &victims).await?;
+                        format!("{message}; preempting {} lower-priority sandbox(es) on node {node}", victims.len())
+                    }
+                    None => message,
+                };
                 let outcome = self.mark_unschedulable(&sandbox, message).await;
                 // Room freed while we looked: the retry that release triggered may have missed us.
                 if self.releases.load(Ordering::SeqCst) != releases_before {
@@ -235,6 +249,36 @@ impl Scheduler {
                 Err(ControllerError::from(e).context(format!("binding {} to {}", sandbox.id, node.name)))
             }
         }
+    }
+
+    /// Fails each victim with reason `Preempted`; the sandbox controller then removes it from its
+    /// agent and releases its room, which retries the preemptor (kept Pending meanwhile).
+    async fn preempt(
+        &self,
+        by: &Sandbox,
+        priority: i32,
+        node: &str,
+        victims: &[String],
+    ) -> Result<(), ControllerError> {
+        for id in victims {
+            let Some(victim) = self.sandboxes.get(id) else { continue };
+            if matches!(victim.status.phase, Phase::Failed | Phase::Terminating) {
+                continue;
+            }
+            let mut status = victim.status.clone();
+            status.phase = Phase::Failed;
+            status.ready = false;
+            status.reason = Some("Preempted".into());
+            status.message =
+                Some(format!("preempted by sandbox {} (priority {priority} over {})", by.id, victim.spec.priority));
+            self.objects
+                .put_sandbox_status(id, &status, &victim.resource_version)
+                .await
+                .map_err(|e| ControllerError::from(e).context(format!("preempting {id} on {node}")))?;
+            self.index.lock().mark(id, victim.spec.priority, true);
+            tracing::info!(sandbox = %id, node, by = %by.id, from = victim.status.phase.as_str(), to = "Failed", reason = "Preempted", "sandbox phase changed");
+        }
+        Ok(())
     }
 
     async fn mark_unschedulable(&self, sandbox: &Sandbox, message: String) -> Reconciled {

@@ -25,6 +25,8 @@ pub struct Request {
     pub node_selector: BTreeMap<String, String>,
     pub affinity: Option<Affinity>,
     pub runtime_class: RuntimeClass,
+    /// Sandboxes of a lower priority may be preempted to make room.
+    pub priority: i32,
 }
 
 impl Request {
@@ -40,6 +42,7 @@ impl Request {
             node_selector: spec.node_selector.clone(),
             affinity: spec.affinity.clone(),
             runtime_class: spec.runtime_class,
+            priority: spec.priority,
         }
     }
 
@@ -218,6 +221,76 @@ pub fn pick_ports(used: &BTreeSet<(Protocol, u16)>, request: &Request, range: (u
         assigned.push(AssignedPort { host_port, container_port: *container_port, protocol: *proto });
     }
     Some(assigned)
+}
+
+/// A sandbox held on a node, as preemption weighs it.
+#[derive(Debug, Clone)]
+pub struct Candidate<'a> {
+    pub id: &'a str,
+    pub priority: i32,
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+    pub ports: &'a [(Protocol, u16)],
+    /// Already on its way out (Failed, being cleaned up): its room is counted as free, and it is
+    /// never chosen again.
+    pub terminating: bool,
+}
+
+/// The sandboxes to evict from `node` so that `request` fits there, or `None` when no set of
+/// lower-priority sandboxes would do (or the node is ruled out for other reasons: state, cordon,
+/// labels, runtime class). Like kube-scheduler: take every lower-priority sandbox away, then give
+/// back as many as still leave room, highest priority first, so the victims are the lowest.
+/// Sandboxes of an equal or higher priority are never victims. An empty list: the room that
+/// terminating sandboxes free is enough.
+pub fn victims_on_node(
+    node: &NodeView<'_>,
+    request: &Request,
+    range: (u16, u16),
+    candidates: &[Candidate<'_>],
+) -> Option<Vec<usize>> {
+    let fits_without = |gone: &[usize]| {
+        let mut ports = node.used_ports.clone();
+        let mut view = node.clone();
+        for i in
+            gone.iter().copied().chain(candidates.iter().enumerate().filter(|(_, c)| c.terminating).map(|(i, _)| i))
+        {
+            let c = &candidates[i];
+            view.bound_cpu_milli = view.bound_cpu_milli.saturating_sub(c.cpu_milli);
+            view.bound_memory_bytes = view.bound_memory_bytes.saturating_sub(c.memory_bytes);
+            view.available_cpu_milli += c.cpu_milli;
+            view.available_memory_bytes += c.memory_bytes;
+            for port in c.ports {
+                ports.remove(port);
+            }
+        }
+        filter(&NodeView { used_ports: &ports, ..view }, request, range).is_ok()
+    };
+    let mut eligible: Vec<usize> = (0..candidates.len())
+        .filter(|i| !candidates[*i].terminating && candidates[*i].priority < request.priority)
+        .collect();
+    if !fits_without(&eligible) {
+        return None;
+    }
+    // Highest priority first, then the largest (keeping a big one back spares more victims).
+    eligible.sort_by_key(|i| (std::cmp::Reverse(candidates[*i].priority), std::cmp::Reverse(candidates[*i].cpu_milli)));
+    let mut victims = eligible.clone();
+    for i in eligible {
+        let without: Vec<usize> = victims.iter().copied().filter(|v| *v != i).collect();
+        if fits_without(&without) {
+            victims = without;
+        }
+    }
+    Some(victims)
+}
+
+/// (victims, highest priority among them, sum of their priorities).
+pub type VictimsCost = (usize, i64, i64);
+
+/// How a node's victims rank against another node's: fewer victims first, then the lower highest
+/// priority among them, then the lower sum of priorities; lower is better.
+pub fn victims_cost(candidates: &[Candidate<'_>], victims: &[usize]) -> VictimsCost {
+    let priorities = victims.iter().map(|i| i64::from(candidates[*i].priority));
+    (victims.len(), priorities.clone().max().unwrap_or(i64::MIN), priorities.sum())
 }
 
 /// `0/3 nodes available: 2 insufficient cpu, 1 not ready`; a missing runtime class is named
@@ -555,6 +628,67 @@ mod tests {
         assert_eq!(err, "0/3 nodes available: 2 without the runtime class gvisor, 1 insufficient cpu");
         let nodes = [view("a", &none), NodeView { runtime_classes: both, ..view("b", &none) }];
         assert_eq!(choose(nodes, &gvisor, Policy::Spread, (1, 2), 100, 0).unwrap().0, "b");
+    }
+
+    fn candidate(id: &'static str, priority: i32, cpu_milli: u64) -> Candidate<'static> {
+        Candidate { id, priority, cpu_milli, memory_bytes: 0, ports: &[], terminating: false }
+    }
+
+    #[test]
+    fn preemption_evicts_the_lowest_priorities_and_never_an_equal_or_higher_one() {
+        let none = BTreeSet::new();
+        // A 3600m node that is full.
+        let full = NodeView { bound_cpu_milli: 3600, available_cpu_milli: 0, ..view("n", &none) };
+        let wants = |cpu, priority| Request { priority, ..request(cpu, &[]) };
+        let held = [
+            candidate("a-p0", 0, 1000),
+            candidate("b-p0", 0, 600),
+            candidate("c-p1", 1, 1000),
+            candidate("d-p5", 5, 1000),
+        ];
+        let names = |victims: Vec<usize>| {
+            let mut names: Vec<&str> = victims.iter().map(|i| held[*i].id).collect();
+            names.sort();
+            names
+        };
+        let cases: Vec<(&str, Request, Option<Vec<&str>>)> = vec![
+            ("the lowest that make room", wants(1000, 5), Some(vec!["a-p0"])),
+            ("two of the lowest", wants(1500, 5), Some(vec!["a-p0", "b-p0"])),
+            ("the next priority once the lowest are not enough", wants(2500, 5), Some(vec!["a-p0", "b-p0", "c-p1"])),
+            ("not an equal priority", wants(3000, 5), None),
+            ("priority 0 preempts nothing at 0", wants(500, 0), None),
+            ("a higher one is never a victim", wants(3700, 9), None),
+        ];
+        for (what, req, want) in cases {
+            let got = victims_on_node(&full, &req, (1, 2), &held).map(names);
+            assert_eq!(got, want, "{what}");
+        }
+    }
+
+    #[test]
+    fn preemption_counts_terminating_room_and_frees_pinned_ports() {
+        let none = BTreeSet::new();
+        let full = NodeView { bound_cpu_milli: 3600, available_cpu_milli: 0, ..view("n", &none) };
+        let leaving = Candidate { terminating: true, ..candidate("gone", 0, 1000) };
+        let got = victims_on_node(&full, &Request { priority: 1, ..request(1000, &[]) }, (1, 2), &[leaving]);
+        assert_eq!(got, Some(vec![]), "the room being freed is enough: nobody else goes");
+
+        let port = [(Protocol::Tcp, 10000)];
+        let used: BTreeSet<_> = port.into();
+        let node = view("n", &used);
+        let holder = Candidate { ports: &port, ..candidate("holder", 0, 100) };
+        let pinned = Request { priority: 1, ..request(100, &[(80, Some(10000))]) };
+        assert_eq!(victims_on_node(&node, &pinned, (10000, 10001), std::slice::from_ref(&holder)), Some(vec![0]));
+        let cordoned = NodeView { unschedulable: true, ..node.clone() };
+        assert_eq!(victims_on_node(&cordoned, &pinned, (10000, 10001), &[holder]), None, "no help on a cordoned node");
+    }
+
+    #[test]
+    fn nodes_rank_by_fewest_victims_then_lowest_priority() {
+        let one_high = [candidate("x", 3, 1000)];
+        let two_low = [candidate("y", 0, 500), candidate("z", 0, 500)];
+        assert!(victims_cost(&one_high, &[0]) < victims_cost(&two_low, &[0, 1]), "fewer victims first");
+        assert!(victims_cost(&two_low, &[0]) < victims_cost(&one_high, &[0]), "then the lower priority");
     }
 
     #[test]

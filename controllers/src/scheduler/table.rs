@@ -1,7 +1,10 @@
 //! The scheduler's node table: each node's room, what bound sandboxes hold (assumed on bind, before
 //! the informer shows the bind), and the host ports in use.
 
-use super::placement::{choose, feasible_nodes_to_score, label_fit, tie_seed, LabelFit, NodeView, Policy, Request};
+use super::placement::{
+    choose, feasible_nodes_to_score, label_fit, tie_seed, victims_cost, victims_on_node, Candidate, LabelFit, NodeView,
+    Policy, Request, VictimsCost,
+};
 use sandboxd_api::affinity::Affinity;
 use sandboxd_api::{AssignedPort, Node, NodeState, Protocol, RuntimeClasses};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -13,6 +16,9 @@ struct Held {
     cpu_milli: u64,
     memory_bytes: u64,
     ports: Vec<(Protocol, u16)>,
+    /// For preemption: its priority, and whether it is already on its way out.
+    priority: i32,
+    terminating: bool,
 }
 
 /// One node as the scheduler keeps it: the last reported figures and what is bound to it.
@@ -70,6 +76,9 @@ pub struct AllocationIndex {
     /// Bumped whenever a node's labels change or a node is added, so cached label fits expire.
     labels_generation: u64,
     fit_cache: LabelFitCache,
+    /// How many held sandboxes have each priority, so that a placement that fails looks for
+    /// victims only when some sandbox ranks below it (with every priority 0, never).
+    priorities: BTreeMap<i32, usize>,
 }
 
 /// Which nodes fit the last label rules placed, filled in as nodes are scanned. Most sandboxes of
@@ -162,7 +171,64 @@ impl AllocationIndex {
         s.bound_memory_bytes += memory_bytes;
         s.sandboxes += 1;
         s.ports.extend(ports.iter().copied());
-        self.held.insert(sandbox.to_string(), Held { slot, cpu_milli, memory_bytes, ports });
+        self.held.insert(
+            sandbox.to_string(),
+            Held { slot, cpu_milli, memory_bytes, ports, priority: 0, terminating: false },
+        );
+        *self.priorities.entry(0).or_default() += 1;
+    }
+
+    fn forget_priority(&mut self, priority: i32) {
+        if let Some(n) = self.priorities.get_mut(&priority) {
+            *n -= 1;
+            if *n == 0 {
+                self.priorities.remove(&priority);
+            }
+        }
+    }
+
+    /// Records what preemption needs to know of a held sandbox (nothing when it holds nothing).
+    pub fn mark(&mut self, sandbox: &str, priority: i32, terminating: bool) {
+        let Some(held) = self.held.get_mut(sandbox) else { return };
+        let old = held.priority;
+        held.priority = priority;
+        held.terminating = terminating;
+        if old != priority {
+            self.forget_priority(old);
+            *self.priorities.entry(priority).or_default() += 1;
+        }
+    }
+
+    /// The node where preempting sandboxes of a lower priority lets `request` fit, with the fewest
+    /// victims (then the lowest priorities; see `victims_cost`), or `None`. Victims come back in
+    /// no particular order; an empty list means that room being freed already will do.
+    pub fn preemption_plan(&self, request: &Request, range: (u16, u16)) -> Option<(String, Vec<String>)> {
+        self.priorities.range(..request.priority).next()?;
+        let mut by_slot: HashMap<usize, Vec<Candidate<'_>>> = HashMap::new();
+        for (id, held) in &self.held {
+            by_slot.entry(held.slot).or_default().push(Candidate {
+                id,
+                priority: held.priority,
+                cpu_milli: held.cpu_milli,
+                memory_bytes: held.memory_bytes,
+                ports: &held.ports,
+                terminating: held.terminating,
+            });
+        }
+        let mut best: Option<(VictimsCost, usize, Vec<String>)> = None;
+        for (slot, candidates) in &by_slot {
+            let s = &self.slots[*slot];
+            if !s.present {
+                continue;
+            }
+            let Some(victims) = victims_on_node(&s.view(), request, range, candidates) else { continue };
+            let cost = victims_cost(candidates, &victims);
+            let better = best.as_ref().is_none_or(|(c, best_slot, _)| (cost, *slot) < (*c, *best_slot));
+            if better {
+                best = Some((cost, *slot, victims.iter().map(|i| candidates[*i].id.to_string()).collect()));
+            }
+        }
+        best.map(|(_, slot, victims)| (self.slots[slot].name.clone(), victims))
     }
 
     /// Whether `sandbox` holds (or is assumed to hold) resources.
@@ -173,6 +239,7 @@ impl AllocationIndex {
     /// Frees what `sandbox` held; returns whether it held anything.
     pub fn release(&mut self, sandbox: &str) -> bool {
         let Some(held) = self.held.remove(sandbox) else { return false };
+        self.forget_priority(held.priority);
         let s = &mut self.slots[held.slot];
         s.bound_cpu_milli = s.bound_cpu_milli.saturating_sub(held.cpu_milli);
         s.bound_memory_bytes = s.bound_memory_bytes.saturating_sub(held.memory_bytes);
@@ -210,6 +277,7 @@ impl AllocationIndex {
         self.next_start = start + 1;
         let held_ports = ports.iter().map(|p| (p.protocol, p.host_port)).collect();
         self.hold(sandbox, &name, request.cpu_milli, request.memory_bytes, held_ports);
+        self.mark(sandbox, request.priority, false);
         Ok((name, ports))
     }
 
@@ -340,6 +408,29 @@ mod tests {
         index.upsert_node(&node);
         let refused = index.place("s2", &wants_gpu, Policy::Spread, (1, 2)).unwrap_err();
         assert_eq!(refused, "0/2 nodes available: 2 node selector mismatch");
+    }
+
+    #[test]
+    fn a_preemption_plan_picks_the_node_with_the_fewest_victims_and_waits_for_terminating_ones() {
+        let mut index = AllocationIndex::default();
+        for name in ["a", "b"] {
+            index.upsert_node(&ready_node(name, 1000));
+        }
+        // a: two small priority-0 sandboxes; b: one big priority-1 one. Both full.
+        index.hold("a1", "a", 500, 0, vec![]);
+        index.hold("a2", "a", 500, 0, vec![]);
+        index.hold("b1", "b", 1000, 0, vec![]);
+        index.mark("b1", 1, false);
+        let high = Request { priority: 5, ..request(800, &[]) };
+        assert_eq!(index.preemption_plan(&high, (1, 2)), Some(("b".to_string(), vec!["b1".to_string()])));
+        let low = Request { priority: 0, ..request(800, &[]) };
+        assert_eq!(index.preemption_plan(&low, (1, 2)), None, "priority 0 preempts nothing");
+        index.mark("b1", 1, true);
+        assert_eq!(index.preemption_plan(&high, (1, 2)), Some(("b".to_string(), vec![])), "b1 is leaving already");
+        index.release("b1");
+        index.release("a1");
+        index.release("a2");
+        assert!(index.priorities.is_empty(), "released sandboxes leave no count behind");
     }
 
     #[test]

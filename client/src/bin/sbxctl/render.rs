@@ -350,6 +350,8 @@ fn describe_sandbox(s: &Sandbox) {
     field("Expires", expires);
     field("Created", format!("{} ({} ago)", s.created_at, age(&s.created_at)));
     field("Egress", s.spec.egress);
+    field("Runtime class", s.spec.runtime_class);
+    field("Priority", s.spec.priority);
     say!("Containers:");
     for c in &s.spec.containers {
         let r = c.resource.clone().unwrap_or_default();
@@ -415,6 +417,7 @@ fn describe_node(n: &Node, bound: &[String]) {
     if n.unschedulable {
         field("Scheduling", "disabled (cordoned)");
     }
+    field("Classes", st.node_info.runtime_classes().names().join(", "));
     field("Agent", &n.sbxlet_base_url);
     field("External", dash(Some(n.effective_external())));
     field("Last heartbeat", dash(st.last_heartbeat.as_deref()));
