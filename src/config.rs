@@ -50,6 +50,9 @@ pub struct StaticNode {
     /// The node's labels; absent leaves what the API set.
     #[serde(default)]
     pub labels: Option<std::collections::BTreeMap<String, String>>,
+    /// Taints, as in `POST /api/v1/nodes`; absent keeps what the node has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taints: Option<Vec<sandboxd_api::taints::Taint>>,
 }
 
 /// Every setting of the orchestrator, with the defaults of semantics.md.
@@ -615,6 +618,7 @@ fn parse_nodes(s: &str) -> Result<Vec<StaticNode>, String> {
             // A restart declares config nodes again; it must not uncordon them.
             unschedulable: None,
             labels: node.labels.clone(),
+            taints: node.taints.clone(),
         };
         if let Err(e) = sandboxd_api::validate::validate_node_spec(&spec) {
             return Err(format!("[{i}]: {e}"));

@@ -251,6 +251,7 @@ async fn start_demo_agents(demo: &DemoAgents, config: &mut Config) -> anyhow::Re
             external: Some(agent.addr().ip().to_string()),
             max_alloc_percent: None,
             labels: None,
+            taints: None,
         });
         tracing::info!(node = %fleet.node_name(i), addr = %agent.addr(), "demo agent started");
     }

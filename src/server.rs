@@ -325,6 +325,7 @@ async fn declare_static_nodes(state: &ApiState, config: &Config) -> Result<(), S
             // A restart declares config nodes again; it must not uncordon them.
             unschedulable: None,
             labels: node.labels.clone(),
+            taints: node.taints.clone(),
         };
         apiserver::register_static_node(state, &node.id, &spec)
             .await

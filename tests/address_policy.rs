@@ -117,6 +117,7 @@ async fn a_config_node_at_a_refused_address_stops_the_start() {
         external: None,
         max_alloc_percent: None,
         labels: None,
+        taints: None,
     });
     let err = match sandboxd_o::server::start(config, sandboxd_o::server::Mode::ApiOnly).await {
         Ok(_) => panic!("a server started with a config node at 169.254.169.254"),

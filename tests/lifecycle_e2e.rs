@@ -168,6 +168,90 @@ async fn node_selectors_place_by_labels_and_wait_for_a_matching_node() {
     c.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taints_keep_sandboxes_off_and_no_execute_evicts_after_the_toleration() {
+    use sandboxd_api::taints::{Taint, TaintEffect, Toleration, TolerationOperator};
+    let c = Cluster::start(2, &[]).await;
+    let taint = |node: &str, taints: Vec<Taint>| {
+        let client = c.client.clone();
+        let node = node.to_string();
+        async move {
+            let spec =
+                sandboxd_api::node::NodeSpec { taints: Some(taints), ..client.get_node(&node).await.unwrap().spec() };
+            client.apply_node(&node, &spec).await.unwrap().object
+        }
+    };
+    let new_taint =
+        |key: &str, value: &str, effect| Taint { key: key.into(), value: value.into(), effect, added_at: None };
+    let tolerating = |key: &str, seconds: Option<i64>| {
+        let toleration = Toleration {
+            key: key.into(),
+            operator: TolerationOperator::Exists,
+            value: String::new(),
+            effect: None,
+            toleration_seconds: seconds,
+        };
+        SandboxSpec { tolerations: vec![toleration], ..sandbox_spec("100m") }
+    };
+
+    // NoSchedule on both nodes: only a sandbox that tolerates it is placed.
+    for node in ["node-a", "node-b"] {
+        let tainted = taint(node, vec![new_taint("dedicated", "gpu", TaintEffect::NoSchedule)]).await;
+        assert!(tainted.taints[0].added_at.is_some(), "the server stamps when a taint appeared");
+    }
+    c.client.create_sandbox("plain", &sandbox_spec("100m")).await.unwrap();
+    let s =
+        wait_status(&c.client, "plain", "Unschedulable", |s| s.status.reason.as_deref() == Some("Unschedulable")).await;
+    assert_eq!(s.status.message.as_deref(), Some("0/2 nodes available: 2 untolerated taint"));
+    c.client.create_sandbox("gpu-user", &tolerating("dedicated", None)).await.unwrap();
+    wait_phase(&c.client, "gpu-user", Phase::Running).await;
+    // Taints removed from node-b: the waiting sandbox lands there.
+    let labelled = sandboxd_api::node::NodeSpec {
+        taints: Some(vec![]),
+        labels: Some([("pool".to_string(), "b".to_string())].into()),
+        ..c.client.get_node("node-b").await.unwrap().spec()
+    };
+    c.client.apply_node("node-b", &labelled).await.unwrap();
+    let s = wait_phase(&c.client, "plain", Phase::Running).await;
+    assert_eq!(s.status.node_name.as_deref(), Some("node-b"));
+
+    // NoExecute on node-b: evicted at once without a toleration, after it with one, never with one
+    // without a limit. The running NoSchedule-tolerating sandbox on node-a is left alone.
+    for (id, seconds) in [("patient", Some(2)), ("steady", None)] {
+        let spec = SandboxSpec {
+            node_selector: [("pool".to_string(), "b".to_string())].into(),
+            ..tolerating("maintenance", seconds)
+        };
+        c.client.create_sandbox(id, &spec).await.unwrap();
+        let s = wait_phase(&c.client, id, Phase::Running).await;
+        assert_eq!(s.status.node_name.as_deref(), Some("node-b"));
+    }
+    let tainted_at = std::time::Instant::now();
+    taint("node-b", vec![new_taint("maintenance", "", TaintEffect::NoExecute)]).await;
+    let plain = wait_status(&c.client, "plain", "Evicted", |s| s.status.reason.as_deref() == Some("Evicted")).await;
+    assert_eq!(plain.status.phase, Phase::Failed);
+    assert_eq!(
+        plain.status.message.as_deref(),
+        Some("node node-b has the taint maintenance:NoExecute, which the sandbox does not tolerate")
+    );
+    for id in ["patient", "steady"] {
+        let s = c.client.get_sandbox(id).await.unwrap();
+        assert_eq!(s.status.phase, Phase::Running, "{id} tolerates the taint for now");
+    }
+    wait_status(&c.client, "patient", "Evicted", |s| s.status.reason.as_deref() == Some("Evicted")).await;
+    assert!(tainted_at.elapsed() >= Duration::from_secs(1), "not before its toleration ran out");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(c.client.get_sandbox("steady").await.unwrap().status.phase, Phase::Running, "tolerated for ever");
+    // gpu-user tolerates only `dedicated`: evicted if it landed on node-b, left alone on node-a.
+    let gpu_user = c.client.get_sandbox("gpu-user").await.unwrap();
+    let expected = match gpu_user.status.node_name.as_deref() {
+        Some("node-b") => (Phase::Failed, Some("Evicted")),
+        _ => (Phase::Running, None),
+    };
+    assert_eq!((gpu_user.status.phase, gpu_user.status.reason.as_deref()), expected, "{:?}", gpu_user.status);
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn a_cordoned_node_keeps_its_sandboxes_takes_no_new_ones_and_survives_re_registration() {
     let c = Cluster::start(1, &[]).await;

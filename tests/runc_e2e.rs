@@ -89,13 +89,7 @@ async fn real_sandbox_lifecycle(class: RuntimeClass, slot: u32) {
     let host_port = running.status.assigned_ports[0].host_port;
     assert_kernel(&client, "web", class).await;
 
-    // Retried: busybox httpd under gVisor's host networking (runsc 20221219) sometimes drops a
-    // request with EAGAIN (docs/security.md); it must still serve.
-    eventually(20, "the node's host port serving the container's file", || async {
-        let page = reqwest::get(format!("http://{}:{host_port}/", node.addr.ip())).await.ok()?.text().await.ok()?;
-        (page == INDEX_HTML).then_some(())
-    })
-    .await;
+    serves_the_page(&format!("http://{}:{host_port}/", node.addr.ip())).await;
     let logs = eventually(60, "the sidecar's output in the logs", || async {
         let (_, body) = call(&client, Method::GET, "/api/v1/nodes/real/sandboxes/web/logs", None).await;
         let lines: Vec<String> = serde_json::from_value(body["logs"]["lines"].clone()).ok()?;
@@ -141,8 +135,7 @@ async fn real_sandbox_lifecycle(class: RuntimeClass, slot: u32) {
     assert_eq!((after.status.phase, after.status.reason.as_deref()), (Phase::Running, None), "{:?}", after.status);
     let (_, agent_view) = call(&client, Method::GET, "/api/v1/nodes/real/sandboxes/web", None).await;
     assert_eq!(agent_view["sandbox"]["phase"], "running", "re-adopted: {agent_view}");
-    let page = reqwest::get(format!("http://{}:{host_port}/", node.addr.ip())).await.unwrap().text().await.unwrap();
-    assert_eq!(page, INDEX_HTML, "the host port is served again after the restart");
+    serves_the_page(&format!("http://{}:{host_port}/", node.addr.ip())).await;
 
     for id in ["web", "hog"] {
         client.delete_sandbox(id).await.unwrap();
@@ -365,6 +358,17 @@ fn skip_without_prerequisites(test: &str) -> bool {
     }
     eprintln!("SKIPPED {test}: the real runtime needs {}; run hack/deps.sh as root", missing.join(", "));
     true
+}
+
+/// Waits (20 s at most) until `url` answers the test image's page. Retried: busybox httpd under
+/// gVisor's host networking (runsc 20221219) sometimes drops a request with EAGAIN
+/// (docs/security.md); it must still serve.
+async fn serves_the_page(url: &str) {
+    eventually(20, &format!("{url} serving the container's file"), || async {
+        let page = reqwest::get(url).await.ok()?.text().await.ok()?;
+        (page == INDEX_HTML).then_some(())
+    })
+    .await;
 }
 
 /// Like `skip_without_prerequisites`, and a runsc that boots a sandbox here (Debian package runsc),

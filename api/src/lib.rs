@@ -13,6 +13,7 @@ pub mod quantity;
 pub mod sandbox;
 pub mod schema_rules;
 pub mod syntax;
+pub mod taints;
 pub mod time;
 pub mod validate;
 pub mod watch;

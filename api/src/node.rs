@@ -48,6 +48,10 @@ pub struct NodeSpec {
     /// them all; absent leaves them as they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<BTreeMap<String, String>>,
+    /// The node's taints. Present replaces them all (a taint already there keeps its `added_at`);
+    /// absent leaves them as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taints: Option<Vec<crate::taints::Taint>>,
 }
 
 /// Body of `POST /api/v1/nodes`.
@@ -204,6 +208,8 @@ pub struct Node {
     pub unschedulable: bool,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taints: Vec<crate::taints::Taint>,
     #[serde(flatten)]
     pub status: NodeStatus,
     pub created_at: String,
@@ -232,6 +238,7 @@ impl Node {
             max_alloc_percent: self.max_alloc_percent.map(i64::from),
             unschedulable: self.unschedulable.then_some(true),
             labels: (!self.labels.is_empty()).then(|| self.labels.clone()),
+            taints: (!self.taints.is_empty()).then(|| self.taints.clone()),
         }
     }
 

@@ -153,6 +153,9 @@ pub struct SandboxSpec {
     /// When nothing fits, the scheduler may preempt sandboxes of a lower priority (default 0).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub priority: i32,
+    /// Taints of nodes this sandbox may be placed on, or keep running on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "crate::objects_only::list")]
+    pub tolerations: Vec<crate::taints::Toleration>,
 }
 
 fn is_zero(n: &i32) -> bool {

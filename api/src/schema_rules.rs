@@ -6,7 +6,10 @@
 //! Those stay 400s that a schema-valid request can still get; `hack/schemathesis/hooks.py` keeps
 //! its generated requests inside them.
 
-use crate::validate::{SandboxPolicy, MAX_ARGS, MAX_CONTAINERS, MAX_ENV, MAX_LABELS, MAX_PORTS, MAX_PRIORITY};
+use crate::validate::{
+    SandboxPolicy, MAX_ARGS, MAX_CONTAINERS, MAX_ENV, MAX_LABELS, MAX_PORTS, MAX_PRIORITY, MAX_TAINTS,
+    MAX_TOLERATION_SECONDS,
+};
 use serde_json::{json, Value};
 
 /// An object name (`names::name_problem`): a DNS-1123 label of 1–63 characters, dots allowed.
@@ -65,6 +68,17 @@ pub fn component_constraints(policy: &SandboxPolicy) -> Vec<(&'static str, &'sta
         ("SandboxSpec", "ports", json!({ "maxItems": MAX_PORTS })),
         ("SandboxSpec", "ttl_seconds", json!({ "minimum": 0, "maximum": policy.max_ttl_seconds })),
         ("SandboxSpec", "priority", json!({ "minimum": -MAX_PRIORITY, "maximum": MAX_PRIORITY })),
+        ("SandboxSpec", "tolerations", json!({ "maxItems": MAX_TAINTS })),
+        ("NodeSpec", "taints", json!({ "maxItems": MAX_TAINTS })),
+        ("Toleration", "toleration_seconds", json!({ "minimum": 0, "maximum": MAX_TOLERATION_SECONDS })),
+        ("Taint", "key", json!({ "pattern": LABEL_KEY, "not": { "pattern": LONG_LABEL_PREFIX } })),
+        ("Taint", "value", json!({ "pattern": LABEL_VALUE })),
+        (
+            "Toleration",
+            "key",
+            json!({ "anyOf": [{ "maxLength": 0 }, { "pattern": LABEL_KEY, "not": { "pattern": LONG_LABEL_PREFIX } }] }),
+        ),
+        ("Toleration", "value", json!({ "pattern": LABEL_VALUE })),
         ("SandboxSpec", "labels", labels.clone()),
         ("SandboxSpec", "node_selector", labels.clone()),
         ("NodeSpec", "labels", labels.clone()),

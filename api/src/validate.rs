@@ -134,7 +134,50 @@ pub fn validate_node_spec(spec: &NodeSpec) -> Result<(), FieldErrors> {
     if let Some(labels) = &spec.labels {
         validate_labels("spec.labels", labels, &mut errors);
     }
+    if let Some(taints) = &spec.taints {
+        validate_taints(taints, &mut errors);
+    }
     errors.into_result()
+}
+
+/// The most taints on a node, and tolerations on a sandbox.
+pub const MAX_TAINTS: usize = 32;
+
+/// The longest `toleration_seconds`: a year.
+pub const MAX_TOLERATION_SECONDS: i64 = 365 * 24 * 3600;
+
+fn validate_taints(taints: &[crate::taints::Taint], errors: &mut FieldErrors) {
+    if taints.len() > MAX_TAINTS {
+        errors.push("spec.taints", format!("{} taints is more than {MAX_TAINTS}", taints.len()));
+        return;
+    }
+    for (i, taint) in taints.iter().enumerate() {
+        if let Some(problem) = label_key_problem(&taint.key).or_else(|| label_value_problem(&taint.value)) {
+            errors.push(format!("spec.taints[{i}]"), problem);
+        }
+    }
+}
+
+/// Syntax and bounds only, so that the OpenAPI schema can say all of it: an empty key (which only
+/// `Exists` makes useful), a value under `Exists`, and `toleration_seconds` on a NoSchedule
+/// toleration are accepted and mean nothing, as Kubernetes ignores the last.
+fn validate_tolerations(tolerations: &[crate::taints::Toleration], errors: &mut FieldErrors) {
+    if tolerations.len() > MAX_TAINTS {
+        errors.push("spec.tolerations", format!("{} tolerations is more than {MAX_TAINTS}", tolerations.len()));
+        return;
+    }
+    for (i, t) in tolerations.iter().enumerate() {
+        let at = format!("spec.tolerations[{i}]");
+        let key_problem = if t.key.is_empty() { None } else { label_key_problem(&t.key) };
+        if let Some(problem) = key_problem.or_else(|| label_value_problem(&t.value)) {
+            errors.push(at.clone(), problem);
+        }
+        if let Some(seconds) = t.toleration_seconds {
+            if !(0..=MAX_TOLERATION_SECONDS).contains(&seconds) {
+                errors.push(at, format!("toleration_seconds {seconds} is not in 0-{MAX_TOLERATION_SECONDS}"));
+            }
+        }
+    }
 }
 
 pub fn is_ip_or_dns_name(s: &str) -> bool {
@@ -184,6 +227,7 @@ pub fn validate_sandbox_spec(spec: &SandboxSpec, policy: &SandboxPolicy) -> Resu
     }
     validate_labels("spec.labels", &spec.labels, &mut errors);
     validate_labels("spec.node_selector", &spec.node_selector, &mut errors);
+    validate_tolerations(&spec.tolerations, &mut errors);
     if let Some(affinity) = &spec.affinity {
         validate_affinity(affinity, &mut errors);
     }

@@ -4,6 +4,7 @@
 use super::{encode, Registry, RegistryError, RegistryResult};
 use crate::store::{Kind, StoreError, Versioned};
 use sandboxd_api::node::{NodeSpec, NodeStatus};
+use sandboxd_api::taints::Taint;
 use sandboxd_api::{Node, NodeSource};
 use sandboxd_contracts::agent::AgentAddr;
 use sandboxd_controllers::node::{derive_resources, Reported};
@@ -86,6 +87,9 @@ impl Registry {
         if let Some(labels) = &spec.labels {
             node.labels = labels.clone();
         }
+        if let Some(taints) = &spec.taints {
+            node.taints = stamped_taints(taints, &node.taints, &self.clock.rfc3339_now());
+        }
         let reported = Reported::from_resources(&node.status.resources);
         node.status.resources = derive_resources(&node, &reported, self.default_max_alloc_percent);
         node.updated_at = self.clock.rfc3339_now();
@@ -124,6 +128,20 @@ impl Registry {
     }
 }
 
+/// The taints a node gets from `wanted`: each stamped with when it appeared (kept from `current`
+/// when it was there already, else `now`, whatever the request said), listed once.
+fn stamped_taints(wanted: &[Taint], current: &[Taint], now: &str) -> Vec<Taint> {
+    let mut taints: Vec<Taint> = Vec::with_capacity(wanted.len());
+    for taint in wanted {
+        if taints.iter().any(|t| t.same_as(taint)) {
+            continue;
+        }
+        let added_at = current.iter().find(|t| t.same_as(taint)).and_then(|t| t.added_at.clone());
+        taints.push(Taint { added_at: Some(added_at.unwrap_or_else(|| now.to_string())), ..taint.clone() });
+    }
+    taints
+}
+
 /// A freshly registered node: state Unknown, streaks zero, resources empty until the agent reports.
 fn new_node(id: &str, spec: &NodeSpec, source: NodeSource, default_max_alloc_percent: u32, at: String) -> Node {
     let port = spec.port as u16;
@@ -137,6 +155,7 @@ fn new_node(id: &str, spec: &NodeSpec, source: NodeSource, default_max_alloc_per
         source,
         unschedulable: spec.unschedulable.unwrap_or(false),
         labels: spec.labels.clone().unwrap_or_default(),
+        taints: stamped_taints(spec.taints.as_deref().unwrap_or_default(), &[], &at),
         status: NodeStatus::default(),
         created_at: at.clone(),
         updated_at: at,

@@ -17,6 +17,7 @@ use crate::runtime::queue::{Outcome, Reconciled};
 use crate::status::write_status;
 use parking_lot::Mutex;
 use sandboxd_api::agent::{AgentCreateRequest, AgentPhase, AgentPort, AgentSandbox};
+use sandboxd_api::taints::{eviction, Eviction};
 use sandboxd_api::time::parse_rfc3339;
 use sandboxd_api::{Node, NodeState, Phase, Sandbox, SandboxStatus, MANAGED_LABEL};
 use std::collections::{HashMap, HashSet};
@@ -257,7 +258,10 @@ impl SandboxController {
         let by_node = self.by_node.clone();
         self.controller.watches(&self.nodes, move |change| {
             let (name, changed) = match change {
-                Change::Upsert { old, new } => (&new.name, old.is_none_or(|o| o.status.state != new.status.state)),
+                // State decides NodeLost; taints decide NoExecute evictions.
+                Change::Upsert { old, new } => {
+                    (&new.name, old.is_none_or(|o| o.status.state != new.status.state || o.taints != new.taints))
+                }
                 Change::Delete(gone) => (&gone.name, true),
             };
             let on_node = if changed { by_node.lock().get(name).cloned() } else { None };
@@ -337,10 +341,32 @@ impl SandboxController {
             self.prober.forget(&sandbox.id);
             return Ok(Outcome::Done);
         }
-        if sandbox.status.phase == Phase::Scheduled {
-            return self.create_on_agent(sandbox, &node).await;
-        }
-        self.sync_with_agent(sandbox, &node).await
+        let evict_at = match eviction(&node.taints, &sandbox.spec.tolerations, now) {
+            Eviction::Now(taint) => {
+                let why = format!("node {node_name} has the taint {taint}, which the sandbox does not tolerate");
+                write_status(self.objects.as_ref(), sandbox, failed(&sandbox.status, "Evicted", why)).await?;
+                self.prober.forget(&sandbox.id);
+                return Ok(Outcome::Done);
+            }
+            Eviction::At(at, _) => Some(at),
+            Eviction::Never => None,
+        };
+        let outcome = if sandbox.status.phase == Phase::Scheduled {
+            self.create_on_agent(sandbox, &node).await?
+        } else {
+            self.sync_with_agent(sandbox, &node).await?
+        };
+        Ok(match evict_at {
+            // Back when a NoExecute toleration runs out.
+            Some(at) => {
+                let left = Duration::from_secs(at.saturating_sub(now).max(0) as u64 + 1);
+                match outcome {
+                    Outcome::Requeue(after) => Outcome::Requeue(after.min(left)),
+                    _ => Outcome::Requeue(left),
+                }
+            }
+            None => outcome,
+        })
     }
 
     async fn create_on_agent(&self, sandbox: &Sandbox, node: &Node) -> Result<Outcome, ControllerError> {

@@ -158,6 +158,7 @@ impl Scheduler {
             o.status.state != new.status.state
                 || o.unschedulable != new.unschedulable
                 || o.labels != new.labels
+                || o.taints != new.taints
                 || o.status.node_info != new.status.node_info
         });
         if state_changed || (more_room && new.status.state == NodeState::Ready) {

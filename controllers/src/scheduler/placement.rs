@@ -1,6 +1,7 @@
 //! Placement, pure: whether a node fits a sandbox, how nodes score, and which host ports it gets.
 
 use sandboxd_api::affinity::{selector_matches, Affinity};
+use sandboxd_api::taints::{untolerated, Taint, Toleration};
 use sandboxd_api::validate::{sandbox_requests, SandboxPolicy};
 use sandboxd_api::{AssignedPort, Protocol, RuntimeClass, RuntimeClasses, SandboxSpec};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -27,6 +28,7 @@ pub struct Request {
     pub runtime_class: RuntimeClass,
     /// Sandboxes of a lower priority may be preempted to make room.
     pub priority: i32,
+    pub tolerations: Vec<Toleration>,
 }
 
 impl Request {
@@ -43,6 +45,7 @@ impl Request {
             affinity: spec.affinity.clone(),
             runtime_class: spec.runtime_class,
             priority: spec.priority,
+            tolerations: spec.tolerations.clone(),
         }
     }
 
@@ -78,6 +81,7 @@ pub enum Rejection {
     Unschedulable,
     NodeSelectorMismatch,
     AffinityMismatch,
+    UntoleratedTaint,
     RuntimeClassMissing,
     InsufficientCpu,
     InsufficientMemory,
@@ -92,6 +96,7 @@ impl Rejection {
             Rejection::Unschedulable => "unschedulable (cordoned)",
             Rejection::NodeSelectorMismatch => "node selector mismatch",
             Rejection::AffinityMismatch => "affinity mismatch",
+            Rejection::UntoleratedTaint => "untolerated taint",
             Rejection::RuntimeClassMissing => "without the runtime class",
             Rejection::InsufficientCpu => "insufficient cpu",
             Rejection::InsufficientMemory => "insufficient memory",
@@ -112,6 +117,8 @@ pub struct NodeView<'a> {
     /// `label_fit` of these labels for the request at hand, when the caller already knows it.
     pub label_fit: Option<LabelFit>,
     pub runtime_classes: RuntimeClasses,
+    /// NoSchedule and NoExecute both keep a sandbox that does not tolerate them off the node.
+    pub taints: &'a [Taint],
     pub available_cpu_milli: u64,
     pub available_memory_bytes: u64,
     pub allocatable_cpu_milli: u64,
@@ -133,6 +140,9 @@ pub fn filter(node: &NodeView<'_>, request: &Request, range: (u16, u16)) -> Resu
         return Err(Rejection::Unschedulable);
     }
     node.label_fit.unwrap_or_else(|| label_fit(request, node.labels))?;
+    if untolerated(node.taints, &request.tolerations).is_some() {
+        return Err(Rejection::UntoleratedTaint);
+    }
     if !node.runtime_classes.contains(request.runtime_class) {
         return Err(Rejection::RuntimeClassMissing);
     }
@@ -397,6 +407,7 @@ mod tests {
             labels: &NO_LABELS,
             label_fit: None,
             runtime_classes: RuntimeClasses::only(RuntimeClass::Runc),
+            taints: &[],
             available_cpu_milli: 3600,
             available_memory_bytes: 8 << 30,
             allocatable_cpu_milli: 3600,
@@ -681,6 +692,47 @@ mod tests {
         assert_eq!(victims_on_node(&node, &pinned, (10000, 10001), std::slice::from_ref(&holder)), Some(vec![0]));
         let cordoned = NodeView { unschedulable: true, ..node.clone() };
         assert_eq!(victims_on_node(&cordoned, &pinned, (10000, 10001), &[holder]), None, "no help on a cordoned node");
+    }
+
+    #[test]
+    fn a_taint_keeps_off_every_sandbox_that_does_not_tolerate_it() {
+        use sandboxd_api::taints::{TaintEffect, TolerationOperator};
+        let none = BTreeSet::new();
+        let taint = |effect| Taint { key: "dedicated".into(), value: "gpu".into(), effect, added_at: None };
+        let tolerate = |operator, value: &str, effect| Request {
+            tolerations: vec![Toleration {
+                key: "dedicated".into(),
+                operator,
+                value: value.into(),
+                effect,
+                toleration_seconds: None,
+            }],
+            ..request(100, &[])
+        };
+        let (no_schedule, no_execute) = ([taint(TaintEffect::NoSchedule)], [taint(TaintEffect::NoExecute)]);
+        type Case<'a> = (&'a str, &'a [Taint], Request, Result<(), Rejection>);
+        let cases: Vec<Case<'_>> = vec![
+            ("no toleration, NoSchedule", &no_schedule, request(100, &[]), Err(Rejection::UntoleratedTaint)),
+            ("no toleration, NoExecute", &no_execute, request(100, &[]), Err(Rejection::UntoleratedTaint)),
+            ("Equal, same value", &no_schedule, tolerate(TolerationOperator::Equal, "gpu", None), Ok(())),
+            (
+                "Equal, other value",
+                &no_schedule,
+                tolerate(TolerationOperator::Equal, "tpu", None),
+                Err(Rejection::UntoleratedTaint),
+            ),
+            ("Exists", &no_execute, tolerate(TolerationOperator::Exists, "", None), Ok(())),
+            (
+                "the other effect only",
+                &no_execute,
+                tolerate(TolerationOperator::Exists, "", Some(TaintEffect::NoSchedule)),
+                Err(Rejection::UntoleratedTaint),
+            ),
+            ("an untainted node", &[], request(100, &[]), Ok(())),
+        ];
+        for (what, taints, req, want) in cases {
+            assert_eq!(filter(&NodeView { taints, ..view("n", &none) }, &req, (1, 2)), want, "{what}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use super::placement::{
     Policy, Request, VictimsCost,
 };
 use sandboxd_api::affinity::Affinity;
+use sandboxd_api::taints::Taint;
 use sandboxd_api::{AssignedPort, Node, NodeState, Protocol, RuntimeClasses};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -31,6 +32,7 @@ struct Slot {
     unschedulable: bool,
     labels: BTreeMap<String, String>,
     runtime_classes: RuntimeClasses,
+    taints: Vec<Taint>,
     available_cpu_milli: u64,
     available_memory_bytes: u64,
     allocatable_cpu_milli: u64,
@@ -51,6 +53,7 @@ impl Slot {
             labels: &self.labels,
             label_fit: None,
             runtime_classes: self.runtime_classes,
+            taints: &self.taints,
             available_cpu_milli: self.available_cpu_milli,
             available_memory_bytes: self.available_memory_bytes,
             allocatable_cpu_milli: self.allocatable_cpu_milli,
@@ -144,6 +147,7 @@ impl AllocationIndex {
             self.labels_generation += 1;
         }
         slot.runtime_classes = node.status.node_info.runtime_classes();
+        slot.taints.clone_from(&node.taints);
         slot.available_cpu_milli = r.available_cpu_milli;
         slot.available_memory_bytes = r.available_memory_bytes;
         slot.allocatable_cpu_milli = r.allocatable_cpu_milli;

@@ -352,6 +352,10 @@ fn describe_sandbox(s: &Sandbox) {
     field("Egress", s.spec.egress);
     field("Runtime class", s.spec.runtime_class);
     field("Priority", s.spec.priority);
+    if !s.spec.tolerations.is_empty() {
+        let tolerations: Vec<String> = s.spec.tolerations.iter().map(describe_toleration).collect();
+        field("Tolerations", tolerations.join(", "));
+    }
     say!("Containers:");
     for c in &s.spec.containers {
         let r = c.resource.clone().unwrap_or_default();
@@ -406,6 +410,23 @@ fn joined_labels(labels: &std::collections::BTreeMap<String, String>) -> String 
     }
 }
 
+/// `key=value:Effect for 60s`, `key:*` (any value), `*` (everything), as kubectl shows them.
+fn describe_toleration(t: &sandboxd_api::taints::Toleration) -> String {
+    use sandboxd_api::taints::TolerationOperator;
+    let mut text = match (t.operator, t.key.is_empty()) {
+        (TolerationOperator::Exists, true) => "*".to_string(),
+        (TolerationOperator::Exists, false) => format!("{}:*", t.key),
+        (TolerationOperator::Equal, _) => format!("{}={}", t.key, t.value),
+    };
+    if let Some(effect) = t.effect {
+        text.push_str(&format!(":{}", effect.as_str()));
+    }
+    if let Some(seconds) = t.toleration_seconds {
+        text.push_str(&format!(" for {seconds}s"));
+    }
+    text
+}
+
 fn describe_node(n: &Node, bound: &[String]) {
     let st = &n.status;
     let r = &st.resources;
@@ -418,6 +439,8 @@ fn describe_node(n: &Node, bound: &[String]) {
         field("Scheduling", "disabled (cordoned)");
     }
     field("Classes", st.node_info.runtime_classes().names().join(", "));
+    let taints: Vec<String> = n.taints.iter().map(|t| t.to_string()).collect();
+    field("Taints", if taints.is_empty() { "-".into() } else { taints.join(", ") });
     field("Agent", &n.sbxlet_base_url);
     field("External", dash(Some(n.effective_external())));
     field("Last heartbeat", dash(st.last_heartbeat.as_deref()));
