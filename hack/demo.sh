@@ -49,6 +49,7 @@ sbxctl apply -f manifests/examples/sandbox-web.yaml | grep -q "sandbox/sbx-demo-
 step "sandboxes converge to Running, gated by their readiness probes"
 sbxctl wait sandbox/sbx-demo-1 --for phase=Running --timeout 30s || fail "sbx-demo-1 not Running"
 sbxctl wait sandbox/sbx-multi-1 --for phase=Running --timeout 30s || fail "sbx-multi-1 not Running"
+sbxctl wait sandbox/sbx-isolated --for phase=Running --timeout 30s || fail "sbx-isolated (gvisor class) not Running"
 sbxctl get sandboxes -o wide
 
 step "the unschedulable one says why"
