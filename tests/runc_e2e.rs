@@ -54,11 +54,7 @@ async fn real_sandbox_lifecycle(class: RuntimeClass, slot: u32) {
     let (server, client) = start_server(test_config(&[("sync_period", "1s"), ("agent_timeout", "5s")])).await;
     register(&client, "real", node.addr).await;
     wait_node_state(&client, "real", NodeState::Ready).await;
-    let classes = eventually(20, "the node's runtime classes", || async {
-        let node = client.get_node("real").await.ok()?;
-        Some(node.status.node_info.runtime_classes).filter(|c| !c.is_empty())
-    })
-    .await;
+    let classes = reported_classes(&client, "real").await;
     assert!(classes.contains(&class.to_string()), "the node offers {class}: {classes:?}");
 
     // gVisor's own kernel counts against a container's memory limit.
@@ -159,11 +155,7 @@ async fn a_gvisor_sandbox_stays_pending_on_a_node_without_runsc() {
     let (server, client) = start_server(test_config(&[("sync_period", "1s")])).await;
     register(&client, "plain", node.addr).await;
     wait_node_state(&client, "plain", NodeState::Ready).await;
-    let classes = eventually(20, "the node's runtime classes", || async {
-        let node = client.get_node("plain").await.ok()?;
-        Some(node.status.node_info.runtime_classes).filter(|c| !c.is_empty())
-    })
-    .await;
+    let classes = reported_classes(&client, "plain").await;
     assert_eq!(classes, ["runc"], "without runsc the node offers runc only");
 
     let spec = SandboxSpec { runtime_class: RuntimeClass::Gvisor, ..common::sandbox_spec("100m") };
@@ -358,6 +350,15 @@ fn skip_without_prerequisites(test: &str) -> bool {
     }
     eprintln!("SKIPPED {test}: the real runtime needs {}; run hack/deps.sh as root", missing.join(", "));
     true
+}
+
+/// The runtime classes node `name` reports, once it has reported them (20 s at most).
+async fn reported_classes(client: &Client, name: &str) -> Vec<String> {
+    eventually(20, &format!("node {name}'s runtime classes"), || async {
+        let node = client.get_node(name).await.ok()?;
+        Some(node.status.node_info.runtime_classes).filter(|c| !c.is_empty())
+    })
+    .await
 }
 
 /// Waits (20 s at most) until `url` answers the test image's page. Retried: busybox httpd under

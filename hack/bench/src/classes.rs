@@ -5,13 +5,12 @@
 use crate::cluster::Cluster;
 use crate::load::{create_paced, quantile};
 use crate::observe::Observer;
-use crate::real::{missing_prerequisites, ms, rss_bytes, sleeping_sandbox, wait_phase, wait_ready};
+use crate::real::{missing_prerequisites, ms, rss_bytes, sleeping_sandbox, wait_phase};
 use crate::scenarios::{report, Report};
-use anyhow::{ensure, Context};
+use anyhow::ensure;
 use sandboxd_api::dataplane::ExecRequest;
-use sandboxd_api::node::NodeSpec;
 use sandboxd_api::{Phase, PortSpec, Protocol, RuntimeClass, SandboxSpec};
-use sandboxd_testkit::image::{busybox_image, INDEX_HTML};
+use sandboxd_testkit::image::INDEX_HTML;
 use sandboxd_testkit::RealNode;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -37,17 +36,8 @@ pub async fn runtime_classes(bin_dir: &Path, smoke: bool) -> anyhow::Result<Repo
     } else {
         Sizes { sandboxes: 40, execs: 100, idle: 10, http_for: Duration::from_secs(10) }
     };
-    let spec = crate::scenarios::cluster_spec(0, "2s");
-    let cluster = Cluster::start(bin_dir, &spec).await?;
-    let node = RealNode::start(&bin_dir.join("sbxlet"), 8)?;
     let reference = "bench.test/busybox:classes";
-    let archive = node.state_dir().join("busybox.tar");
-    busybox_image()?.write_oci_archive(&archive, reference)?;
-    node.import(&archive).context("importing the image")?;
-    let node_spec =
-        NodeSpec { ip: node.addr.ip().to_string(), port: i64::from(node.addr.port()), ..Default::default() };
-    cluster.client.apply_node("real", &node_spec).await?;
-    wait_ready(&cluster).await?;
+    let (cluster, node) = crate::dataplane::cluster_with_real_node(bin_dir, 8, reference).await?;
     let offered = offered_classes(&cluster).await?;
     if !offered.contains("gvisor") {
         let figures = json!({ "skipped": "the node does not offer gvisor (runsc missing or cannot boot here)" });

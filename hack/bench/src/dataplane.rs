@@ -25,17 +25,8 @@ pub async fn data_plane(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
         return Ok(report("data-plane", smoke, json!({ "skipped": missing }), TARGET, None));
     }
     let (execs, upload_mib, sessions) = if smoke { (10, 4, 8) } else { (300, 64, 256) };
-    let spec = crate::scenarios::cluster_spec(0, "2s");
-    let cluster = Cluster::start(bin_dir, &spec).await?;
-    let node = RealNode::start(&bin_dir.join("sbxlet"), 7)?;
     let reference = "bench.test/busybox:data-plane";
-    let archive = node.state_dir().join("busybox.tar");
-    busybox_image()?.write_oci_archive(&archive, reference)?;
-    node.import(&archive).context("importing the image")?;
-    let node_spec =
-        NodeSpec { ip: node.addr.ip().to_string(), port: i64::from(node.addr.port()), ..Default::default() };
-    cluster.client.apply_node("real", &node_spec).await?;
-    wait_ready(&cluster).await?;
+    let (cluster, node) = cluster_with_real_node(bin_dir, 7, reference).await?;
     cluster.client.create_sandbox("dp", &workspace(reference)).await?;
     wait_phase(&cluster, "dp", Phase::Running, Duration::from_secs(60)).await?;
 
@@ -159,4 +150,24 @@ async fn hold_sessions(cluster: &Cluster, n: usize) -> anyhow::Result<Held> {
 /// RSS of every `runc … exec` process on the host (one per streaming session).
 fn runc_rss_bytes() -> u64 {
     rss_of_processes(|args| args.first().is_some_and(|a| a.ends_with("runc")) && args.iter().any(|a| a == "exec"))
+}
+
+/// A cluster with one real node (`slot`) registered as `real` and Ready, the busybox image imported
+/// on it as `reference`.
+pub(crate) async fn cluster_with_real_node(
+    bin_dir: &Path,
+    slot: u32,
+    reference: &str,
+) -> anyhow::Result<(Cluster, RealNode)> {
+    let spec = crate::scenarios::cluster_spec(0, "2s");
+    let cluster = Cluster::start(bin_dir, &spec).await?;
+    let node = RealNode::start(&bin_dir.join("sbxlet"), slot)?;
+    let archive = node.state_dir().join("busybox.tar");
+    busybox_image()?.write_oci_archive(&archive, reference)?;
+    node.import(&archive).context("importing the image")?;
+    let node_spec =
+        NodeSpec { ip: node.addr.ip().to_string(), port: i64::from(node.addr.port()), ..Default::default() };
+    cluster.client.apply_node("real", &node_spec).await?;
+    wait_ready(&cluster).await?;
+    Ok((cluster, node))
 }
