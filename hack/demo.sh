@@ -65,6 +65,18 @@ echo "http://$external/ -> $code"
 step "logs through the node proxy"
 sbxctl logs sbx-demo-1 --tail 2 | grep -q '^\[web\]' || fail "no logs"
 
+step "drain sbx-demo-1's node: it is created again on another node under the same id"
+node_of() { sbxctl get sandbox "$1" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"].get("node_name", ""))'; }
+drained=$(node_of sbx-demo-1)
+sbxctl drain "$drained" --grace-period 1s --timeout 60s || fail "drain of $drained did not finish"
+sbxctl wait sandbox/sbx-demo-1 --for phase=Running --timeout 30s || fail "sbx-demo-1 not Running after the drain"
+moved=$(node_of sbx-demo-1)
+[ -n "$moved" ] && [ "$moved" != "$drained" ] || fail "sbx-demo-1 did not move off $drained (on '$moved')"
+sbxctl describe sandbox sbx-demo-1 | grep -q "^Reschedules: *1" || fail "describe does not show the reschedule"
+sbxctl get nodes | grep "^$drained " | grep -q SchedulingDisabled || fail "$drained is not left cordoned"
+echo "sbx-demo-1: $drained -> $moved"
+sbxctl uncordon "$drained"
+
 step "delete and wait until it is gone from the store and its agent"
 sbxctl delete sandbox sbx-demo-1 --wait --timeout 30s || fail "delete --wait"
 if sbxctl get sandbox sbx-demo-1 >/dev/null 2>&1; then fail "sbx-demo-1 still there"; fi

@@ -308,6 +308,13 @@ impl AgentClient for HttpAgentClient {
         Ok(())
     }
 
+    async fn stop_sandbox(&self, agent: AgentAddr<'_>, id: &str, grace: Duration) -> AgentResult<()> {
+        let url = format!("{}/api/v1/sandboxes/{id}?grace_seconds={}", agent.base_url, grace.as_secs());
+        let timeout = self.call_timeout + grace;
+        let _: (_, AgentDeleted) = self.call(Method::DELETE, url, None, timeout, agent).await?;
+        Ok(())
+    }
+
     async fn logs(
         &self,
         agent: AgentAddr<'_>,

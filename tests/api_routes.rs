@@ -936,8 +936,10 @@ async fn put_sandbox_changes_ttl_and_labels_and_moves_expire_at() {
 async fn put_sandbox_refuses_to_change_immutable_fields() {
     let app = app();
     let created = create_sandbox(&app, sandbox_body("sbx-1")).await;
-    let cases: [(&str, &str, Value); 6] = [
+    let cases: [(&str, &str, Value); 8] = [
         ("spec.priority", "priority", json!(7)),
+        ("spec.restart_policy", "restart_policy", json!("Reschedule")),
+        ("spec.tolerations", "tolerations", json!([{ "key": "gpu", "operator": "Exists" }])),
         ("spec.containers", "containers", json!([{ "name": "web", "image": "nginx:1.27" }])),
         ("spec.runtime_class", "runtime_class", json!("gvisor")),
         ("spec.ports", "ports", json!([{ "container_port": 80 }, { "container_port": 443 }])),

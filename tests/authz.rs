@@ -27,6 +27,7 @@ const MATRIX: &[(&str, &str, &str)] = &[
     ("DELETE", "/api/v1/nodes/n1", "A"),
     ("PUT", "/api/v1/nodes/n1/status", "ACN"),
     ("POST", "/api/v1/nodes/n1/heartbeat", "ACN"),
+    ("POST", "/api/v1/nodes/n1/drain", "A"),
     ("POST", "/api/v1/nodes/n1/reconcile", "AC"),
     ("GET", "/api/v1/nodes/n1/sandboxes", "AC"),
     ("POST", "/api/v1/nodes/n1/sandboxes", "A"),

@@ -277,6 +277,112 @@ async fn a_cordoned_node_keeps_its_sandboxes_takes_no_new_ones_and_survives_re_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_node_of_50_sandboxes_moves_the_reschedule_ones_under_their_ids_and_evicts_the_rest() {
+    use sandboxd_api::node::DrainRequest;
+    use sandboxd_api::sandbox::RestartPolicy;
+    let c = Cluster::start(3, &[]).await;
+    // Everything lands on node-a first.
+    for node in ["node-b", "node-c"] {
+        c.client.set_unschedulable(node, true).await.unwrap();
+    }
+    let ids: Vec<String> = (0..50).map(|i| format!("drain-{i:02}")).collect();
+    let moves = |id: &str| id.ends_with(['0', '2', '4', '6', '8']);
+    create_concurrently(&c.client, &ids, |id| SandboxSpec {
+        restart_policy: if moves(id) { RestartPolicy::Reschedule } else { RestartPolicy::Never },
+        ..web("50m")
+    })
+    .await;
+    for id in &ids {
+        assert_eq!(wait_phase(&c.client, id, Phase::Running).await.status.node_name.as_deref(), Some("node-a"));
+    }
+    for node in ["node-b", "node-c"] {
+        c.client.set_unschedulable(node, false).await.unwrap();
+    }
+    let mut watched = SandboxEvents::open(&c.client, "drain-00", None).await;
+
+    let request = DrainRequest { grace_seconds: Some(1), deadline_seconds: Some(60) };
+    let drained = c.client.drain_node("node-a", &request).await.unwrap();
+    assert!(drained.node.unschedulable, "a drain cordons first");
+    let (mut evicted, mut rescheduled) = (drained.evicted.clone(), drained.rescheduled.clone());
+    evicted.sort();
+    rescheduled.sort();
+    let expected_moves: Vec<String> = ids.iter().filter(|id| moves(id)).cloned().collect();
+    let expected_evictions: Vec<String> = ids.iter().filter(|id| !moves(id)).cloned().collect();
+    assert_eq!((evicted, rescheduled), (expected_evictions.clone(), expected_moves.clone()));
+    // Repeated at once: it reports those still under way (some may have left already), nothing new.
+    let again = c.client.drain_node("node-a", &request).await.unwrap();
+    assert!(again.evicted.iter().all(|id| expected_evictions.contains(id)), "{again:?}");
+    assert!(again.rescheduled.iter().all(|id| expected_moves.contains(id)), "{again:?}");
+
+    for id in &expected_evictions {
+        let s = wait_status_within(&c.client, id, 20, "Evicted and released", |s| {
+            s.status.phase == Phase::Failed && s.status.released
+        })
+        .await;
+        assert_eq!(
+            (s.status.reason.as_deref(), s.status.message.as_deref()),
+            (Some("Evicted"), Some("node node-a is drained"))
+        );
+    }
+    for id in &expected_moves {
+        let s = wait_status_within(&c.client, id, 20, "Running on another node", |s| {
+            s.status.phase == Phase::Running && s.status.node_name.as_deref() != Some("node-a")
+        })
+        .await;
+        assert_eq!((s.status.reschedules, s.status.eviction.is_none()), (1, true), "{id}");
+        assert!(matches!(s.status.node_name.as_deref(), Some("node-b" | "node-c")), "{id}");
+    }
+
+    // What a watcher saw of one of them: evicting on node-a, Pending again, then bound elsewhere.
+    let seen = watched.until(|_, s| s.status.phase == Phase::Running && s.status.reschedules == 1).await;
+    let mut steps: Vec<(Phase, bool, Option<String>)> = Vec::new();
+    for (_, s) in &seen {
+        let step = (s.status.phase, s.status.eviction.is_some(), s.status.node_name.clone());
+        if steps.last() != Some(&step) {
+            steps.push(step);
+        }
+    }
+    let new_node = seen.last().unwrap().1.status.node_name.clone();
+    let expected = vec![
+        (Phase::Running, true, Some("node-a".to_string())),
+        (Phase::Pending, false, None),
+        (Phase::Scheduled, false, new_node.clone()),
+        (Phase::Creating, false, new_node.clone()),
+        (Phase::Running, false, new_node),
+    ];
+    assert_eq!(steps, expected);
+    let pending = seen.iter().find(|(_, s)| s.status.phase == Phase::Pending).unwrap();
+    assert_eq!(pending.1.status.reason.as_deref(), Some("Rescheduled"));
+
+    // No host port is handed out twice on any node, and the agents hold exactly what the store binds.
+    let all = c.client.list_sandboxes().await.unwrap().items;
+    for node in ["node-a", "node-b", "node-c"] {
+        let holding: Vec<Sandbox> = all.iter().filter(|s| s.status.holds_node_resources()).cloned().collect();
+        let bound = host_ports_bound_to(&holding, node);
+        let ports: Vec<u16> = bound.values().flatten().copied().collect();
+        let unique: BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(ports.len(), unique.len(), "{node}: a host port twice: {bound:?}");
+        assert_eq!(host_ports_on_agent(c.agent_of(node)).await, bound, "{node}");
+    }
+    assert!(c.agent_of("node-a").sandbox_ids().is_empty(), "nothing is left on the drained node");
+    assert!(c.client.get_node("node-a").await.unwrap().unschedulable, "the node stays cordoned");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_drain_refuses_bad_bounds_and_unknown_nodes() {
+    use sandboxd_api::node::DrainRequest;
+    let c = Cluster::start(1, &[]).await;
+    let bad = DrainRequest { grace_seconds: Some(-1), deadline_seconds: None };
+    let err = c.client.drain_node("node-a", &bad).await.unwrap_err().to_string();
+    assert!(err.contains("grace_seconds: -1 is outside 0..3600"), "{err}");
+    assert!(!c.client.get_node("node-a").await.unwrap().unschedulable, "a refused drain cordons nothing");
+    let err = c.client.drain_node("nope", &DrainRequest::default()).await.unwrap_err().to_string();
+    assert!(err.contains("not found"), "{err}");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_creates_fill_allocatable_cpu_exactly() {
     // 4000m at 90 % is 3600m allocatable: room for 18 sandboxes of 200m, not 19.
     let c = Cluster::start(1, &[]).await;
@@ -416,6 +522,53 @@ async fn sandbox_on_a_node_not_ready_past_the_grace_fails_with_node_lost() {
     assert_eq!(s.status.reason.as_deref(), Some("NodeLost"));
     assert_eq!(s.status.node_name.as_deref(), Some(node.as_str()), "keeps its node");
     assert!(!s.status.ready);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_not_ready_node_is_tainted_and_a_sandbox_that_tolerates_it_longer_outlives_the_grace() {
+    use sandboxd_api::taints::{TaintEffect, Toleration, TolerationOperator, NOT_READY_TAINT};
+    let c = Cluster::start(2, &[("node_lost_grace", "1s")]).await;
+    c.client.set_unschedulable("node-b", true).await.unwrap();
+    let patient = SandboxSpec {
+        tolerations: vec![Toleration {
+            key: NOT_READY_TAINT.into(),
+            operator: TolerationOperator::Exists,
+            value: String::new(),
+            effect: Some(TaintEffect::NoExecute),
+            toleration_seconds: Some(600),
+        }],
+        ..web("100m")
+    };
+    c.client.create_sandbox("patient", &patient).await.unwrap();
+    c.client.create_sandbox("default", &web("100m")).await.unwrap();
+    for id in ["patient", "default"] {
+        assert_eq!(wait_phase(&c.client, id, Phase::Running).await.status.node_name.as_deref(), Some("node-a"));
+    }
+
+    c.agent_of("node-a").set_faults(health_failing());
+    let down = wait_node_state(&c.client, "node-a", NodeState::NotReady).await;
+    let taint = down.taints.iter().find(|t| t.key == NOT_READY_TAINT).expect("the system taints a NotReady node");
+    assert_eq!(taint.effect, TaintEffect::NoExecute);
+    assert_eq!(taint.added_at, down.status.last_transition_at, "added when the node became NotReady");
+
+    let s = wait_phase(&c.client, "default", Phase::Failed).await;
+    assert_eq!(s.status.reason.as_deref(), Some("NodeLost"), "the default toleration is node_lost_grace");
+    let since = unix(down.status.last_transition_at.as_deref().unwrap());
+    let past_grace = || async move { unix_now() >= since + 1 + 3 };
+    assert_holds_until(&c.client, "patient", "Running", past_grace, |s| s.status.phase == Phase::Running).await;
+
+    c.agent_of("node-a").set_faults(Faults::default());
+    let up = wait_node_state(&c.client, "node-a", NodeState::Ready).await;
+    assert!(up.taints.iter().all(|t| t.key != NOT_READY_TAINT), "Ready again: the taint is gone: {:?}", up.taints);
+    // A user's taints never replace the system's, and a post of the system's key is ignored.
+    c.agent_of("node-a").set_faults(health_failing());
+    wait_node_state(&c.client, "node-a", NodeState::NotReady).await;
+    let mut spec = c.client.get_node("node-a").await.unwrap().spec();
+    spec.taints = Some(vec![]);
+    let kept = c.client.apply_node("node-a", &spec).await.unwrap().object;
+    assert_eq!(kept.taints.iter().map(|t| t.key.as_str()).collect::<Vec<_>>(), [NOT_READY_TAINT]);
+    assert_eq!(c.client.get_sandbox("patient").await.unwrap().status.phase, Phase::Running);
     c.stop().await;
 }
 

@@ -334,6 +334,38 @@ async fn a_container_that_vanishes_without_an_exit_fails_its_sandbox_as_vanished
     assert!(left.iter().all(|(_, n)| *n == 0), "left behind: {left:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_with_a_grace_sends_sigterm_and_kills_only_after_the_grace() {
+    if skip_without_prerequisites("a_delete_with_a_grace_sends_sigterm_and_kills_only_after_the_grace") {
+        return;
+    }
+    let node = node_with_image(9, "example.test/busybox:grace");
+    let agent = AgentApi::new(node.addr);
+    let ids = ["polite".to_string(), "stubborn".to_string()];
+    let baseline = leftovers(&node, &ids);
+    let on_term = |action: &str| format!("trap '{action}' TERM; while true; do sleep 0.1; done");
+    for (id, action) in [("polite", "exit 0"), ("stubborn", "")] {
+        let script = on_term(action);
+        let body = agent_sandbox(id, "example.test/busybox:grace", &["sh", "-c", &script], &[]);
+        assert_eq!(agent.send(Method::POST, "/api/v1/sandboxes", Some(body)).await.0, 201);
+        agent.wait_phase(id, "running").await;
+    }
+    let (code, answer) = agent.send(Method::DELETE, "/api/v1/sandboxes/polite?grace_seconds=3601", None).await;
+    assert_eq!(code, 400, "{answer}");
+
+    // One that exits on SIGTERM is gone long before its grace; one that ignores it takes the grace.
+    let started = std::time::Instant::now();
+    assert_eq!(agent.send(Method::DELETE, "/api/v1/sandboxes/polite?grace_seconds=10", None).await.0, 200);
+    let polite = started.elapsed();
+    let started = std::time::Instant::now();
+    assert_eq!(agent.send(Method::DELETE, "/api/v1/sandboxes/stubborn?grace_seconds=2", None).await.0, 200);
+    let stubborn = started.elapsed();
+    assert!(polite < Duration::from_secs(5), "SIGTERM reached the container: {polite:?}");
+    assert!(stubborn >= Duration::from_secs(2), "the kill waited for the grace: {stubborn:?}");
+    assert!(stubborn < Duration::from_secs(10), "and not much longer: {stubborn:?}");
+    assert_eq!(leftovers(&node, &ids), baseline, "both are removed completely");
+}
+
 // === fixtures ===
 
 /// Says why the real-runtime tests cannot run here, loudly, and whether to skip.

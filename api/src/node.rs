@@ -178,6 +178,57 @@ impl NodeInfo {
     }
 }
 
+/// The default of `grace_seconds` in a drain (Kubernetes' default termination grace).
+pub const DEFAULT_DRAIN_GRACE_SECONDS: i64 = 30;
+/// The default of `deadline_seconds` in a drain.
+pub const DEFAULT_DRAIN_DEADLINE_SECONDS: i64 = 300;
+/// The longest `grace_seconds` a drain accepts.
+pub const MAX_DRAIN_GRACE_SECONDS: i64 = 3_600;
+/// The longest `deadline_seconds` a drain accepts.
+pub const MAX_DRAIN_DEADLINE_SECONDS: i64 = 86_400;
+
+/// Body of `POST /api/v1/nodes/{name}/drain` (every field optional; `{}` drains with the defaults).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// How long each sandbox's containers get between SIGTERM and SIGKILL (0–3600, default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_seconds: Option<i64>,
+    /// How long the drain may take: past it, a sandbox whose agent has not confirmed its stop leaves
+    /// the node anyway (1–86400, default 300, or grace_seconds when that is longer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_seconds: Option<i64>,
+}
+
+impl DrainRequest {
+    /// `(grace, deadline)` in seconds with the defaults filled in, or why they are refused.
+    pub fn bounds(&self) -> Result<(u32, u32), String> {
+        let grace = self.grace_seconds.unwrap_or(DEFAULT_DRAIN_GRACE_SECONDS);
+        let deadline = self.deadline_seconds.unwrap_or(DEFAULT_DRAIN_DEADLINE_SECONDS.max(grace));
+        if !(0..=MAX_DRAIN_GRACE_SECONDS).contains(&grace) {
+            return Err(format!("grace_seconds: {grace} is outside 0..{MAX_DRAIN_GRACE_SECONDS}"));
+        }
+        if !(1..=MAX_DRAIN_DEADLINE_SECONDS).contains(&deadline) {
+            return Err(format!("deadline_seconds: {deadline} is outside 1..{MAX_DRAIN_DEADLINE_SECONDS}"));
+        }
+        Ok((grace as u32, deadline as u32))
+    }
+}
+
+/// Answer of a drain: the node, now cordoned, and the sandboxes it evicts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DrainResponse {
+    pub node: Node,
+    /// Sandboxes that end `Failed` with reason `Evicted`.
+    pub evicted: Vec<String>,
+    /// Sandboxes (`restart_policy: Reschedule`) that are placed again on another node.
+    pub rescheduled: Vec<String>,
+    /// When the drain gives up waiting for the node's agent.
+    pub deadline_at: String,
+}
+
 /// Body of `PUT /api/v1/nodes/{id}/status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -279,5 +330,17 @@ mod tests {
     fn base_url_brackets_ipv6() {
         assert_eq!(Node::base_url("192.168.0.3", 8080), "http://192.168.0.3:8080");
         assert_eq!(Node::base_url("::1", 8080), "http://[::1]:8080");
+    }
+
+    #[test]
+    fn drain_bounds_default_and_refuse_what_cannot_work() {
+        assert_eq!(DrainRequest::default().bounds(), Ok((30, 300)));
+        let with = |grace, deadline| DrainRequest { grace_seconds: grace, deadline_seconds: deadline }.bounds();
+        assert_eq!(with(Some(0), Some(1)), Ok((0, 1)));
+        assert_eq!(with(Some(600), None), Ok((600, 600)), "the default deadline is never shorter than the grace");
+        assert!(with(Some(-1), None).unwrap_err().starts_with("grace_seconds"));
+        assert!(with(Some(3_601), None).unwrap_err().starts_with("grace_seconds"));
+        assert!(with(None, Some(0)).unwrap_err().starts_with("deadline_seconds"));
+        assert_eq!(with(Some(60), Some(10)), Ok((60, 10)), "a deadline within the grace cuts waiting short");
     }
 }

@@ -156,10 +156,48 @@ pub struct SandboxSpec {
     /// Taints of nodes this sandbox may be placed on, or keep running on.
     #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "crate::objects_only::list")]
     pub tolerations: Vec<crate::taints::Toleration>,
+    /// What happens when the sandbox is evicted by a drain: `Never` (it ends Failed, `Evicted`) or
+    /// `Reschedule` (it is created again on another node under the same id).
+    #[serde(default, skip_serializing_if = "RestartPolicy::is_default")]
+    pub restart_policy: RestartPolicy,
 }
 
 fn is_zero(n: &i32) -> bool {
     *n == 0
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
+
+/// What a drain does to a sandbox once it has left its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum RestartPolicy {
+    /// It ends `Failed` with reason `Evicted`.
+    #[default]
+    Never,
+    /// It goes back to Pending, unbound, and the scheduler places it on another node.
+    Reschedule,
+}
+
+impl RestartPolicy {
+    pub fn is_default(&self) -> bool {
+        *self == RestartPolicy::Never
+    }
+}
+
+/// An eviction under way (a drain asked for it): the sandbox controller stops the sandbox on its
+/// agent within `grace_seconds`, then fails it or, with `restart_policy: Reschedule`, places it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PendingEviction {
+    /// Why, e.g. `node n1 is drained`.
+    pub message: String,
+    /// How long the containers get between SIGTERM and SIGKILL.
+    pub grace_seconds: u32,
+    /// After this time the sandbox leaves the node even if its agent never confirmed the stop.
+    pub deadline_at: String,
 }
 
 /// How a sandbox's containers are isolated from the node (a Kubernetes RuntimeClass, fixed set).
@@ -332,6 +370,12 @@ pub struct SandboxStatus {
     /// A Failed sandbox's agent confirmed its leftovers gone: its host ports and resources are free again.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub released: bool,
+    /// Set while a drain evicts the sandbox from its node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eviction: Option<PendingEviction>,
+    /// How many times a drain moved the sandbox to another node.
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub reschedules: u32,
 }
 
 impl SandboxStatus {

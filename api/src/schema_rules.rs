@@ -69,6 +69,12 @@ pub fn component_constraints(policy: &SandboxPolicy) -> Vec<(&'static str, &'sta
         ("SandboxSpec", "ttl_seconds", json!({ "minimum": 0, "maximum": policy.max_ttl_seconds })),
         ("SandboxSpec", "priority", json!({ "minimum": -MAX_PRIORITY, "maximum": MAX_PRIORITY })),
         ("SandboxSpec", "tolerations", json!({ "maxItems": MAX_TAINTS })),
+        ("DrainRequest", "grace_seconds", json!({ "minimum": 0, "maximum": crate::node::MAX_DRAIN_GRACE_SECONDS })),
+        (
+            "DrainRequest",
+            "deadline_seconds",
+            json!({ "minimum": 1, "maximum": crate::node::MAX_DRAIN_DEADLINE_SECONDS }),
+        ),
         ("NodeSpec", "taints", json!({ "maxItems": MAX_TAINTS })),
         ("Toleration", "toleration_seconds", json!({ "minimum": 0, "maximum": MAX_TOLERATION_SECONDS })),
         ("Taint", "key", json!({ "pattern": LABEL_KEY, "not": { "pattern": LONG_LABEL_PREFIX } })),

@@ -137,6 +137,50 @@ pub fn eviction<'a>(taints: &'a [Taint], tolerations: &[Toleration], now: i64) -
     }
 }
 
+/// The taint the system puts on a NotReady node (Kubernetes' `node.kubernetes.io/not-ready`):
+/// NoExecute, stamped with the time the node became NotReady.
+pub const NOT_READY_TAINT: &str = "sandboxd.io/not-ready";
+
+/// Whether `key` belongs to a taint only the system sets (a user's post of it is ignored).
+pub fn is_system_taint(key: &str) -> bool {
+    key == NOT_READY_TAINT
+}
+
+/// `taints` with the system's taints brought in line with the node's state: the not-ready taint is
+/// there exactly while the node is NotReady, added at `not_ready_since` (kept when already there).
+pub fn with_system_taints(taints: &[Taint], not_ready_since: Option<&str>) -> Vec<Taint> {
+    let current = taints.iter().find(|t| t.key == NOT_READY_TAINT).cloned();
+    let mut synced: Vec<Taint> = taints.iter().filter(|t| !is_system_taint(&t.key)).cloned().collect();
+    if let Some(since) = not_ready_since {
+        synced.push(current.unwrap_or_else(|| Taint {
+            key: NOT_READY_TAINT.to_string(),
+            value: String::new(),
+            effect: TaintEffect::NoExecute,
+            added_at: Some(since.to_string()),
+        }));
+    }
+    synced
+}
+
+/// A sandbox's tolerations with the default one added (Kubernetes' DefaultTolerationSeconds): a
+/// sandbox that does not say how long it tolerates a NotReady node stays `grace_seconds` on it.
+pub fn with_default_tolerations(tolerations: &[Toleration], grace_seconds: i64) -> std::borrow::Cow<'_, [Toleration]> {
+    let probe =
+        Taint { key: NOT_READY_TAINT.into(), value: String::new(), effect: TaintEffect::NoExecute, added_at: None };
+    if tolerations.iter().any(|t| t.tolerates(&probe)) {
+        return std::borrow::Cow::Borrowed(tolerations);
+    }
+    let mut all = tolerations.to_vec();
+    all.push(Toleration {
+        key: NOT_READY_TAINT.into(),
+        operator: TolerationOperator::Exists,
+        value: String::new(),
+        effect: Some(TaintEffect::NoExecute),
+        toleration_seconds: Some(grace_seconds),
+    });
+    std::borrow::Cow::Owned(all)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +231,31 @@ mod tests {
         assert_eq!(eviction(&taints, &[for_secs(60), forever.clone()], added + 999), Eviction::Never);
         assert_eq!(eviction(&taints, &[forever], added + 999), Eviction::Never);
         assert_eq!(eviction(&taints[..1], &[], added), Eviction::Never);
+    }
+
+    #[test]
+    fn the_not_ready_taint_follows_the_state_and_keeps_its_time() {
+        let user = taint("gpu", "", TaintEffect::NoSchedule);
+        let tainted = with_system_taints(std::slice::from_ref(&user), Some("2026-12-01T00:00:05Z"));
+        assert_eq!(tainted.len(), 2);
+        assert_eq!((tainted[1].key.as_str(), tainted[1].effect), (NOT_READY_TAINT, TaintEffect::NoExecute));
+        let again = with_system_taints(&tainted, Some("2026-12-01T00:09:00Z"));
+        assert_eq!(again[1].added_at.as_deref(), Some("2026-12-01T00:00:05Z"), "still NotReady: the first time stays");
+        assert_eq!(with_system_taints(&again, None), vec![user], "Ready again: only the user's taints remain");
+    }
+
+    #[test]
+    fn a_sandbox_without_a_not_ready_toleration_gets_the_default_one() {
+        let defaulted = with_default_tolerations(&[], 60);
+        assert_eq!(defaulted[0].toleration_seconds, Some(60));
+        let own = Toleration {
+            toleration_seconds: Some(600),
+            ..toleration(NOT_READY_TAINT, TolerationOperator::Exists, "", None)
+        };
+        assert_eq!(with_default_tolerations(std::slice::from_ref(&own), 60).as_ref(), std::slice::from_ref(&own));
+        let everything = toleration("", TolerationOperator::Exists, "", None);
+        assert_eq!(with_default_tolerations(std::slice::from_ref(&everything), 60).len(), 1, "tolerates all for ever");
+        let other = toleration("gpu", TolerationOperator::Exists, "", None);
+        assert_eq!(with_default_tolerations(std::slice::from_ref(&other), 60).len(), 2);
     }
 }

@@ -239,6 +239,16 @@ impl Client {
         Ok(self.apply_node(name, &spec).await?.object)
     }
 
+    /// Drains a node: cordons it and evicts its sandboxes (`POST /api/v1/nodes/{name}/drain`).
+    pub async fn drain_node(
+        &self,
+        name: &str,
+        request: &sandboxd_api::node::DrainRequest,
+    ) -> Result<sandboxd_api::node::DrainResponse> {
+        let body = to_json(request);
+        self.call(Method::POST, &format!("/api/v1/nodes/{name}/drain"), Some(&body)).await.map(|(_, d)| d)
+    }
+
     pub async fn get_node(&self, name: &str) -> Result<Node> {
         let (_, env): (u16, NodeEnvelope) = self.call(Method::GET, &format!("/api/v1/nodes/{name}"), None).await?;
         Ok(env.node)

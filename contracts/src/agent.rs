@@ -62,6 +62,9 @@ pub trait AgentClient: Send + Sync + 'static {
     async fn list_sandboxes(&self, agent: AgentAddr<'_>, cursor: &str, limit: usize) -> AgentResult<AgentSandboxList>;
     /// `DELETE /api/v1/sandboxes/{id}`; a 404 is returned as an error for the caller to judge.
     async fn delete_sandbox(&self, agent: AgentAddr<'_>, id: &str) -> AgentResult<()>;
+    /// `DELETE /api/v1/sandboxes/{id}?grace_seconds=N`: SIGTERM, up to `grace` for the containers to
+    /// end, then SIGKILL and removal. The call's own timeout covers the grace.
+    async fn stop_sandbox(&self, agent: AgentAddr<'_>, id: &str, grace: Duration) -> AgentResult<()>;
     /// `GET .../logs`, of one container when `container` is set.
     async fn logs(
         &self,

@@ -134,7 +134,9 @@ impl Prober {
             self.forget(id);
             return Ok(Outcome::Done);
         };
-        let probing = matches!(sandbox.status.phase, Phase::Creating | Phase::Running);
+        // A sandbox being evicted stays not ready: it is on its way off the node.
+        let probing =
+            matches!(sandbox.status.phase, Phase::Creating | Phase::Running) && sandbox.status.eviction.is_none();
         let (Some(probe), true) = (sandbox.spec.readiness_probe.clone(), probing) else {
             self.forget(id);
             return Ok(Outcome::Done);
@@ -194,7 +196,7 @@ impl Prober {
     async fn publish(&self, id: &str, state: &ProbeState, refresh_due: bool) -> Result<bool, ObjectError> {
         for _ in 0..5 {
             let Some(sandbox) = self.objects.get_sandbox(id).await? else { return Ok(false) };
-            if !matches!(sandbox.status.phase, Phase::Creating | Phase::Running) {
+            if !matches!(sandbox.status.phase, Phase::Creating | Phase::Running) || sandbox.status.eviction.is_some() {
                 return Ok(false);
             }
             let previous = sandbox.status.readiness.clone().unwrap_or_default();

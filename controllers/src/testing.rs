@@ -181,6 +181,14 @@ impl crate::agent::AgentClient for UnreachableAgents {
     async fn delete_sandbox(&self, _: crate::agent::AgentAddr<'_>, _: &str) -> crate::agent::AgentResult<()> {
         unreachable()
     }
+    async fn stop_sandbox(
+        &self,
+        _: crate::agent::AgentAddr<'_>,
+        _: &str,
+        _: std::time::Duration,
+    ) -> crate::agent::AgentResult<()> {
+        unreachable()
+    }
     async fn logs(
         &self,
         _: crate::agent::AgentAddr<'_>,

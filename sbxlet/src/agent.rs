@@ -109,7 +109,8 @@ impl crate::backend::Backend for Agent {
     async fn create(&self, request: AgentCreateRequest) -> Result<Created, RuntimeError> {
         self.create_sandbox(request).await
     }
-    async fn delete(&self, id: &str) -> Result<(), RuntimeError> {
+    /// The simulator runs no processes, so there is nothing to stop gracefully: the grace is unused.
+    async fn delete(&self, id: &str, _grace: std::time::Duration) -> Result<(), RuntimeError> {
         self.delete_sandbox(id).await
     }
     async fn get(&self, id: &str) -> Result<AgentSandbox, RuntimeError> {

@@ -36,8 +36,9 @@ pub enum Created {
 pub trait Backend: Send + Sync + 'static {
     /// Admits a sandbox; an id already held with the same spec is `Existing` (idempotent).
     async fn create(&self, request: AgentCreateRequest) -> Result<Created, RuntimeError>;
-    /// Removes a sandbox and everything it holds on the node.
-    async fn delete(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Removes a sandbox and everything it holds on the node, first giving its containers `grace`
+    /// between SIGTERM and SIGKILL (zero: killed at once).
+    async fn delete(&self, id: &str, grace: std::time::Duration) -> Result<(), RuntimeError>;
     async fn get(&self, id: &str) -> Result<AgentSandbox, RuntimeError>;
     /// Up to `limit` sandboxes with ids after `cursor`, in id order.
     async fn list(&self, cursor: &str, limit: usize) -> AgentSandboxList;

@@ -114,11 +114,25 @@ async fn get_sandbox(
     Ok(Json(AgentSandboxEnvelope { sandbox: agent.get(&id).await? }))
 }
 
+/// The longest stop a delete may ask for (a drain's `grace_seconds` is bounded the same way).
+const MAX_GRACE_SECONDS: u64 = 3_600;
+
+#[derive(Debug, Deserialize)]
+struct DeleteParams {
+    /// Seconds the containers get between SIGTERM and SIGKILL; absent or 0 kills at once.
+    grace_seconds: Option<u64>,
+}
+
 async fn delete_sandbox(
     State(agent): BackendState,
     ApiPath(id): ApiPath<String>,
+    ApiQuery(params): ApiQuery<DeleteParams>,
 ) -> Result<Json<AgentDeleted>, ApiError> {
-    agent.delete(&id).await?;
+    let grace = params.grace_seconds.unwrap_or(0);
+    if grace > MAX_GRACE_SECONDS {
+        return Err(ApiError::BadRequest(format!("grace_seconds: {grace} is more than {MAX_GRACE_SECONDS}")));
+    }
+    agent.delete(&id, std::time::Duration::from_secs(grace)).await?;
     Ok(Json(AgentDeleted { id, phase: AgentPhase::Deleted }))
 }
 

@@ -178,6 +178,7 @@ pub const RULES: &[(&str, &str, Access)] = &[
     ("GET", "/api/v1/nodes/{name}", READ_NODE),
     ("DELETE", "/api/v1/nodes/{name}", ADMIN),
     ("PUT", "/api/v1/nodes/{name}/status", CONTROLLER_NODE),
+    ("POST", "/api/v1/nodes/{name}/drain", ADMIN),
     ("POST", "/api/v1/nodes/{name}/heartbeat", CONTROLLER_NODE),
     ("POST", "/api/v1/nodes/{name}/reconcile", CONTROLLER),
     // Straight to an agent, past scheduling and ports: reads for controllers, writes for admins.

@@ -136,6 +136,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/api/v1/nodes", post(nodes::create_or_update).get(nodes::list))
         .route("/api/v1/nodes/{name}", get(nodes::get_one).delete(nodes::delete))
         .route("/api/v1/nodes/{name}/status", put(nodes::put_status))
+        .route("/api/v1/nodes/{name}/drain", post(nodes::drain))
         .route("/api/v1/nodes/{name}/heartbeat", post(proxy::heartbeat))
         .route("/api/v1/nodes/{name}/reconcile", post(proxy::reconcile))
         .route("/api/v1/nodes/{name}/sandboxes", get(proxy::list_sandboxes).post(proxy::create_sandbox))

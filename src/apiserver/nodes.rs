@@ -8,11 +8,11 @@ use super::{respond, watch, ApiState};
 use crate::store::Kind;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use sandboxd_api::auth::Role;
 use sandboxd_api::node::NodeStatus;
-use sandboxd_api::node::{NodeCreateRequest, NodeStatusUpdate};
+use sandboxd_api::node::{DrainRequest, DrainResponse, NodeCreateRequest, NodeStatusUpdate};
 use sandboxd_api::validate::{validate_name, validate_node_spec};
 use sandboxd_api::NodeSource;
 
@@ -125,6 +125,19 @@ pub async fn get_one(State(state): State<ApiState>, Path(name): Path<String>) ->
 pub async fn delete(State(state): State<ApiState>, Path(name): Path<String>) -> ApiResult<Response> {
     state.registry.delete_node(&name).await?;
     Ok(respond::deleted(&name))
+}
+
+#[utoipa::path(post, path = "/api/v1/nodes/{name}/drain", params(("name" = String, Path)), request_body = DrainRequest,
+    responses((status = 200, description = "Cordoned; the listed sandboxes are being evicted", body = DrainResponse),
+              (status = 400, description = "grace_seconds or deadline_seconds out of range"),
+              (status = 404, description = "Unknown node")))]
+pub async fn drain(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<DrainRequest>,
+) -> ApiResult<Response> {
+    let drained = state.registry.drain_node(&name, &request).await?;
+    Ok((StatusCode::OK, axum::Json(drained)).into_response())
 }
 
 #[utoipa::path(put, path = "/api/v1/nodes/{name}/status", params(("name" = String, Path)), request_body = NodeStatusUpdate,

@@ -4,6 +4,7 @@
 //! HTTP handlers and `InProcessObjects` call this layer and never each other, so a rule holds the same
 //! whichever way a write arrives, and each caller maps `RegistryError` once.
 
+mod drain;
 mod nodes;
 mod sandboxes;
 

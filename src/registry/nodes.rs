@@ -4,8 +4,8 @@
 use super::{encode, Registry, RegistryError, RegistryResult};
 use crate::store::{Kind, StoreError, Versioned};
 use sandboxd_api::node::{NodeSpec, NodeStatus};
-use sandboxd_api::taints::Taint;
-use sandboxd_api::{Node, NodeSource};
+use sandboxd_api::taints::{is_system_taint, with_system_taints, Taint};
+use sandboxd_api::{Node, NodeSource, NodeState};
 use sandboxd_contracts::agent::AgentAddr;
 use sandboxd_controllers::node::{derive_resources, Reported};
 
@@ -88,8 +88,12 @@ impl Registry {
             node.labels = labels.clone();
         }
         if let Some(taints) = &spec.taints {
+            let system: Vec<Taint> = node.taints.iter().filter(|t| is_system_taint(&t.key)).cloned().collect();
             node.taints = stamped_taints(taints, &node.taints, &self.clock.rfc3339_now());
+            node.taints.extend(system);
         }
+        let not_ready_since = self.not_ready_since(&node.status);
+        node.taints = with_system_taints(&node.taints, not_ready_since.as_deref());
         let reported = Reported::from_resources(&node.status.resources);
         node.status.resources = derive_resources(&node, &reported, self.default_max_alloc_percent);
         node.updated_at = self.clock.rfc3339_now();
@@ -108,6 +112,7 @@ impl Registry {
             let current = self.get_node(name).await?;
             let mut node: Node = current.decode()?;
             node.status = status.clone();
+            node.taints = with_system_taints(&node.taints, self.not_ready_since(&node.status).as_deref());
             node.updated_at = self.clock.rfc3339_now();
             let guard = expect.or(Some(current.revision));
             match self.store.update_encoded(Kind::Nodes, name, encode(&node)?, guard).await {
@@ -122,6 +127,12 @@ impl Registry {
         }
     }
 
+    /// When a node became NotReady (its last transition), or `None` while it is not NotReady.
+    fn not_ready_since(&self, status: &NodeStatus) -> Option<String> {
+        (status.state == NodeState::NotReady)
+            .then(|| status.last_transition_at.clone().unwrap_or_else(|| self.clock.rfc3339_now()))
+    }
+
     pub async fn delete_node(&self, name: &str) -> RegistryResult<()> {
         self.store.delete(Kind::Nodes, name, None).await?;
         Ok(())
@@ -129,11 +140,12 @@ impl Registry {
 }
 
 /// The taints a node gets from `wanted`: each stamped with when it appeared (kept from `current`
-/// when it was there already, else `now`, whatever the request said), listed once.
+/// when it was there already, else `now`, whatever the request said), listed once. The system's
+/// taints are not the user's to set: they are left out here and kept by the caller.
 fn stamped_taints(wanted: &[Taint], current: &[Taint], now: &str) -> Vec<Taint> {
     let mut taints: Vec<Taint> = Vec::with_capacity(wanted.len());
     for taint in wanted {
-        if taints.iter().any(|t| t.same_as(taint)) {
+        if is_system_taint(&taint.key) || taints.iter().any(|t| t.same_as(taint)) {
             continue;
         }
         let added_at = current.iter().find(|t| t.same_as(taint)).and_then(|t| t.added_at.clone());

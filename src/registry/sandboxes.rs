@@ -247,6 +247,12 @@ fn check_immutable(current: &SandboxSpec, wanted: &SandboxSpec) -> RegistryResul
     if current.priority != wanted.priority {
         changed.push("spec.priority");
     }
+    if current.tolerations != wanted.tolerations {
+        changed.push("spec.tolerations");
+    }
+    if current.restart_policy != wanted.restart_policy {
+        changed.push("spec.restart_policy");
+    }
     if changed.is_empty() {
         return Ok(());
     }
@@ -263,14 +269,20 @@ fn check_immutable(current: &SandboxSpec, wanted: &SandboxSpec) -> RegistryResul
 pub fn mark_terminating(sandbox: &mut Sandbox, reason: &str, message: &str, at: &str) {
     sandbox.status.phase = Phase::Terminating;
     sandbox.status.ready = false;
+    // A deletion overrides a drain's eviction: the sandbox goes away rather than elsewhere.
+    sandbox.status.eviction = None;
     sandbox.status.reason = Some(reason.to_string());
     sandbox.status.message = Some(message.to_string());
     sandbox.status.last_transition_at = Some(at.to_string());
     sandbox.updated_at = at.to_string();
 }
 
-/// Phases never move backwards, and a bound sandbox never moves to another node.
+/// Phases never move backwards, and a bound sandbox never moves to another node, except that a
+/// sandbox a drain evicted goes back to Pending, unbound, counting one more reschedule.
 pub fn check_status_transition(current: &SandboxStatus, next: &SandboxStatus) -> RegistryResult<()> {
+    if is_reschedule(current, next) {
+        return Ok(());
+    }
     if next.phase.rank() < current.phase.rank() {
         return Err(RegistryError::Invalid(format!(
             "status.phase: cannot move from {} back to {}",
@@ -289,6 +301,15 @@ pub fn check_status_transition(current: &SandboxStatus, next: &SandboxStatus) ->
         return Err(RegistryError::Invalid("status.node_name: cannot unbind a scheduled sandbox".into()));
     }
     Ok(())
+}
+
+fn is_reschedule(current: &SandboxStatus, next: &SandboxStatus) -> bool {
+    current.eviction.is_some()
+        && !matches!(current.phase, Phase::Failed | Phase::Terminating)
+        && next.phase == Phase::Pending
+        && next.node_name.is_none()
+        && next.eviction.is_none()
+        && next.reschedules == current.reschedules + 1
 }
 
 #[cfg(test)]
@@ -331,6 +352,27 @@ mod tests {
                 "{from:?}->{to:?}"
             );
         }
+    }
+
+    #[test]
+    fn only_an_evicted_sandbox_goes_back_to_pending_and_only_once_per_eviction() {
+        let evicting = SandboxStatus {
+            eviction: Some(sandboxd_api::sandbox::PendingEviction {
+                message: "node n is drained".into(),
+                grace_seconds: 30,
+                deadline_at: "2026-12-01T00:05:00Z".into(),
+            }),
+            ..status(Phase::Running, Some("n"))
+        };
+        let rescheduled = SandboxStatus { reschedules: 1, ..status(Phase::Pending, None) };
+        assert!(check_status_transition(&evicting, &rescheduled).is_ok());
+        assert!(check_status_transition(&status(Phase::Running, Some("n")), &rescheduled).is_err(), "not evicted");
+        let twice = SandboxStatus { reschedules: 2, ..rescheduled.clone() };
+        assert!(check_status_transition(&evicting, &twice).is_err(), "one reschedule per eviction");
+        let failed = SandboxStatus { phase: Phase::Failed, ..evicting.clone() };
+        assert!(check_status_transition(&failed, &rescheduled).is_err(), "a Failed sandbox stays failed");
+        let still_bound = SandboxStatus { node_name: Some("n".into()), ..rescheduled };
+        assert!(check_status_transition(&evicting, &still_bound).is_err());
     }
 
     #[test]

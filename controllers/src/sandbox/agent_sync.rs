@@ -81,6 +81,10 @@ impl SandboxController {
 /// reconciles only these, plus the phases that are not settled.
 pub fn needs_sync(sandbox: &Sandbox, on_agent: Option<&AgentSandbox>, node: &Node) -> bool {
     let status = &sandbox.status;
+    if status.eviction.is_some() {
+        // A drain's eviction is under way until the sandbox leaves the node.
+        return true;
+    }
     match status.phase {
         Phase::Pending => false,
         Phase::Scheduled | Phase::Terminating => true,

@@ -17,7 +17,10 @@ use crate::runtime::queue::{Outcome, Reconciled};
 use crate::status::write_status;
 use parking_lot::Mutex;
 use sandboxd_api::agent::{AgentCreateRequest, AgentPhase, AgentPort, AgentSandbox};
-use sandboxd_api::taints::{eviction, Eviction};
+use sandboxd_api::sandbox::{PendingEviction, RestartPolicy};
+use sandboxd_api::taints::{
+    eviction, with_default_tolerations, with_system_taints, Eviction, Taint, Toleration, NOT_READY_TAINT,
+};
 use sandboxd_api::time::parse_rfc3339;
 use sandboxd_api::{Node, NodeState, Phase, Sandbox, SandboxStatus, MANAGED_LABEL};
 use std::collections::{HashMap, HashSet};
@@ -50,46 +53,78 @@ impl Default for SandboxSettings {
     }
 }
 
-/// Whether a bound sandbox's node still counts as alive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a bound sandbox's node means for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeVerdict {
-    /// Ready: act on the agent.
-    Usable,
-    /// Not Ready yet or NotReady within the grace: look again after this long.
+    /// Ready: act on the agent; come back at this Unix time, when a NoExecute toleration runs out.
+    Usable { evict_at: Option<i64> },
+    /// Not Ready yet, or NotReady within what the sandbox tolerates: look again after this long.
     Wait(Duration),
-    /// Deleted, or NotReady past the grace while some other node is Ready.
-    Lost,
+    /// The sandbox leaves the node: `(reason, message)`, `NodeLost` or `Evicted`.
+    Leave(&'static str, String),
 }
 
-/// Judges a sandbox's node (pure): deleted or NotReady past `grace` is lost, unless every node is NotReady.
+/// Judges a sandbox's node (pure). A deleted node is lost at once. A NotReady node carries the
+/// system's NoExecute taint `sandboxd.io/not-ready`, and a sandbox that does not say how long it
+/// tolerates it gets `grace` (Kubernetes' default toleration); when it runs out the sandbox is
+/// `NodeLost`, unless every node is NotReady. Other NoExecute taints evict it (`Evicted`).
 ///
 /// NotReady counts only from `watching_since` (when this controller started) at the earliest: a state
 /// recorded before a restart was not observed by us and may be stale.
 pub fn judge_node(
     node: Option<&Node>,
+    tolerations: &[Toleration],
     now_unix: i64,
     grace: Duration,
     every_node_not_ready: bool,
     watching_since: i64,
 ) -> NodeVerdict {
-    let Some(node) = node else { return NodeVerdict::Lost };
-    match node.status.state {
-        NodeState::Ready => NodeVerdict::Usable,
-        NodeState::Unknown => NodeVerdict::Wait(Duration::from_secs(1)),
-        NodeState::NotReady => {
-            let since = node.status.last_transition_at.as_deref().and_then(parse_rfc3339).unwrap_or(now_unix);
-            let since = since.max(watching_since);
-            let lost_at = since + grace.as_secs() as i64;
-            if now_unix < lost_at {
-                NodeVerdict::Wait(Duration::from_secs((lost_at - now_unix) as u64))
-            } else if every_node_not_ready {
-                // We are probably the one cut off: fail nothing until some node is Ready again.
-                NodeVerdict::Wait(Duration::from_secs(5))
-            } else {
-                NodeVerdict::Lost
-            }
-        }
+    let Some(node) = node else {
+        return NodeVerdict::Leave("NodeLost", "the node was deleted".into());
+    };
+    if node.status.state == NodeState::Unknown {
+        return NodeVerdict::Wait(Duration::from_secs(1));
     }
+    let taints = observed_taints(node, now_unix, watching_since);
+    let tolerations = with_default_tolerations(tolerations, grace.as_secs() as i64);
+    let not_ready = node.status.state == NodeState::NotReady;
+    let evict_at = match eviction(&taints, &tolerations, now_unix) {
+        Eviction::Now(taint) if taint.key == NOT_READY_TAINT && every_node_not_ready => {
+            // We are probably the one cut off: fail nothing until some node is Ready again.
+            return NodeVerdict::Wait(Duration::from_secs(5));
+        }
+        Eviction::Now(taint) if taint.key == NOT_READY_TAINT => {
+            return NodeVerdict::Leave(
+                "NodeLost",
+                format!("node {} is NotReady past what the sandbox tolerates", node.name),
+            );
+        }
+        Eviction::Now(taint) => {
+            let message = format!("node {} has the taint {taint}, which the sandbox does not tolerate", node.name);
+            return NodeVerdict::Leave("Evicted", message);
+        }
+        Eviction::At(at, _) => Some(at),
+        Eviction::Never => None,
+    };
+    match (not_ready, evict_at) {
+        (false, evict_at) => NodeVerdict::Usable { evict_at },
+        (true, Some(at)) => NodeVerdict::Wait(Duration::from_secs(at.saturating_sub(now_unix).max(0) as u64 + 1)),
+        // Tolerated for ever: the node's next change brings the sandbox back.
+        (true, None) => NodeVerdict::Wait(Duration::from_secs(60)),
+    }
+}
+
+/// The node's taints as this controller judges them: the stored ones with the not-ready taint
+/// derived from the state (so it holds even before the registry stamped it), counted from our start
+/// at the earliest.
+fn observed_taints(node: &Node, now_unix: i64, watching_since: i64) -> Vec<Taint> {
+    let since = (node.status.state == NodeState::NotReady).then(|| {
+        let since = node.status.last_transition_at.as_deref().and_then(parse_rfc3339).unwrap_or(now_unix);
+        sandboxd_api::time::format_unix(since.max(watching_since))
+    });
+    let mut taints = with_system_taints(&node.taints, None);
+    taints.extend(with_system_taints(&[], since.as_deref()));
+    taints
 }
 
 /// What the agent's view of a sandbox means for its phase (pure).
@@ -157,6 +192,20 @@ pub fn creation_overdue(status: &SandboxStatus, timeout: Duration, now_unix: i64
         message.push_str(&format!("; last: {last}"));
     }
     Some(message)
+}
+
+/// The status of an evicted sandbox that goes back to Pending, unbound, to be placed on another node.
+pub fn rescheduled(status: &SandboxStatus, why: &str) -> SandboxStatus {
+    let from = status.node_name.as_deref().unwrap_or("?");
+    SandboxStatus {
+        phase: Phase::Pending,
+        reason: Some("Rescheduled".into()),
+        message: Some(format!("{why}; placing it on another node (was on {from})")),
+        reschedules: status.reschedules + 1,
+        expire_at: status.expire_at.clone(),
+        last_transition_at: status.last_transition_at.clone(),
+        ..SandboxStatus::default()
+    }
 }
 
 /// A Failed copy of `status` with reason and message.
@@ -272,22 +321,32 @@ impl SandboxController {
     /// Keeps `by_node` current and stops probing deleted sandboxes.
     fn index(&self, change: &Change<'_, Sandbox>) {
         match change {
-            Change::Upsert { new, .. } => {
+            Change::Upsert { old, new } => {
+                let before = old.and_then(|o| o.status.node_name.as_deref());
+                if before.is_some() && before != new.status.node_name.as_deref() {
+                    // Rescheduled by a drain: it left its node.
+                    self.unindex(before.unwrap_or_default(), &new.id);
+                    self.prober.forget(&new.id);
+                }
                 if let Some(node) = &new.status.node_name {
                     self.by_node.lock().entry(node.clone()).or_default().insert(new.id.clone());
                 }
             }
             Change::Delete(gone) => {
                 if let Some(node) = &gone.status.node_name {
-                    let mut by_node = self.by_node.lock();
-                    if let Some(ids) = by_node.get_mut(node) {
-                        ids.remove(&gone.id);
-                        if ids.is_empty() {
-                            by_node.remove(node);
-                        }
-                    }
+                    self.unindex(node, &gone.id);
                 }
                 self.prober.forget(&gone.id);
+            }
+        }
+    }
+
+    fn unindex(&self, node: &str, id: &str) {
+        let mut by_node = self.by_node.lock();
+        if let Some(ids) = by_node.get_mut(node) {
+            ids.remove(id);
+            if ids.is_empty() {
+                by_node.remove(node);
             }
         }
     }
@@ -319,21 +378,25 @@ impl SandboxController {
     async fn drive(&self, sandbox: &Sandbox) -> Result<Outcome, ControllerError> {
         let Some(node_name) = sandbox.status.node_name.clone() else { return Ok(Outcome::Done) };
         let node = self.node_of(sandbox);
+        if let Some(eviction) = &sandbox.status.eviction {
+            return self.evict(sandbox, node.as_deref(), eviction).await;
+        }
         // Scanning every node is only worth it when this one is NotReady.
         let all_down =
             node.as_ref().is_some_and(|n| n.status.state == NodeState::NotReady) && self.every_node_not_ready();
         let now = self.clock.unix_now();
-        match judge_node(node.as_deref(), now, self.settings.node_lost_grace, all_down, self.started_unix) {
-            NodeVerdict::Lost => {
-                let why = if node.is_none() { "was deleted" } else { "is NotReady past node_lost_grace" };
-                let status = failed(&sandbox.status, "NodeLost", format!("node {node_name} {why}"));
-                write_status(self.objects.as_ref(), sandbox, status).await?;
+        let grace = self.settings.node_lost_grace;
+        let tolerations = &sandbox.spec.tolerations;
+        let evict_at = match judge_node(node.as_deref(), tolerations, now, grace, all_down, self.started_unix) {
+            NodeVerdict::Leave(reason, message) => {
+                let message = if node.is_none() { format!("node {node_name} was deleted") } else { message };
+                write_status(self.objects.as_ref(), sandbox, failed(&sandbox.status, reason, message)).await?;
                 self.prober.forget(&sandbox.id);
                 return Ok(Outcome::Done);
             }
             NodeVerdict::Wait(after) => return Ok(Outcome::Requeue(after)),
-            NodeVerdict::Usable => {}
-        }
+            NodeVerdict::Usable { evict_at } => evict_at,
+        };
         let node = node.expect("usable nodes exist");
         if let Some(why) = creation_overdue(&sandbox.status, self.settings.creating_timeout, now) {
             // Failed keeps the binding, so the Failed clean-up removes whatever the agent made.
@@ -341,16 +404,6 @@ impl SandboxController {
             self.prober.forget(&sandbox.id);
             return Ok(Outcome::Done);
         }
-        let evict_at = match eviction(&node.taints, &sandbox.spec.tolerations, now) {
-            Eviction::Now(taint) => {
-                let why = format!("node {node_name} has the taint {taint}, which the sandbox does not tolerate");
-                write_status(self.objects.as_ref(), sandbox, failed(&sandbox.status, "Evicted", why)).await?;
-                self.prober.forget(&sandbox.id);
-                return Ok(Outcome::Done);
-            }
-            Eviction::At(at, _) => Some(at),
-            Eviction::Never => None,
-        };
         let outcome = if sandbox.status.phase == Phase::Scheduled {
             self.create_on_agent(sandbox, &node).await?
         } else {
@@ -367,6 +420,54 @@ impl SandboxController {
             }
             None => outcome,
         })
+    }
+
+    /// A drain's eviction: stop the sandbox on its agent within the grace, then place it again
+    /// (`Reschedule`) or fail it (`Evicted`). Past the deadline it leaves the node even if the agent
+    /// never confirmed; the orphan sweep removes what is left there once the agent answers again.
+    async fn evict(
+        &self,
+        sandbox: &Sandbox,
+        node: Option<&Node>,
+        eviction: &PendingEviction,
+    ) -> Result<Outcome, ControllerError> {
+        self.prober.forget(&sandbox.id);
+        let now = self.clock.unix_now();
+        let deadline = parse_rfc3339(&eviction.deadline_at).unwrap_or(now);
+        let past_deadline = now >= deadline;
+        let stopped = match node {
+            None => true,
+            Some(node) if node.status.state != NodeState::Ready => {
+                if !past_deadline {
+                    return Ok(Outcome::Requeue(Duration::from_secs((deadline - now).clamp(1, 5) as u64)));
+                }
+                false
+            }
+            Some(node) => {
+                let grace = Duration::from_secs(u64::from(eviction.grace_seconds));
+                match self.agents.stop_sandbox(AgentAddr::of(node), &sandbox.id, grace).await {
+                    Ok(()) => true,
+                    Err(e) if e.is_not_found() => true,
+                    Err(e) if !past_deadline => {
+                        return Err(ControllerError::from(e).context(format!("evicting from node {}", node.name)))
+                    }
+                    Err(_) => false,
+                }
+            }
+        };
+        let status = match sandbox.spec.restart_policy {
+            RestartPolicy::Reschedule => rescheduled(&sandbox.status, &eviction.message),
+            RestartPolicy::Never => {
+                let mut status = failed(&sandbox.status, "Evicted", eviction.message.clone());
+                status.eviction = None;
+                status.released = stopped;
+                status
+            }
+        };
+        write_status(self.objects.as_ref(), sandbox, status).await?;
+        let node = sandbox.status.node_name.as_deref().unwrap_or("");
+        tracing::info!(sandbox = %sandbox.id, node, stopped, policy = ?sandbox.spec.restart_policy, "sandbox evicted");
+        Ok(Outcome::Done)
     }
 
     async fn create_on_agent(&self, sandbox: &Sandbox, node: &Node) -> Result<Outcome, ControllerError> {
@@ -606,15 +707,18 @@ mod tests {
     }
 
     #[test]
-    fn node_verdicts_follow_state_grace_and_the_cut_off_rule() {
+    fn node_verdicts_follow_state_grace_tolerations_and_the_cut_off_rule() {
+        use sandboxd_api::taints::{TaintEffect, TolerationOperator};
         let t0 = parse_rfc3339("2026-05-15T04:30:00Z").unwrap();
         let grace = Duration::from_secs(60);
         let not_ready = node(NodeState::NotReady, Some("2026-05-15T04:30:00Z"));
+        let lost = NodeVerdict::Leave("NodeLost", "node n is NotReady past what the sandbox tolerates".into());
+        let deleted = NodeVerdict::Leave("NodeLost", "the node was deleted".into());
         let cases = [
-            ("deleted", None, t0, false, NodeVerdict::Lost),
-            ("ready", Some(node(NodeState::Ready, None)), t0, false, NodeVerdict::Usable),
-            ("within grace", Some(not_ready.clone()), t0 + 20, false, NodeVerdict::Wait(Duration::from_secs(40))),
-            ("past grace", Some(not_ready.clone()), t0 + 60, false, NodeVerdict::Lost),
+            ("deleted", None, t0, false, deleted),
+            ("ready", Some(node(NodeState::Ready, None)), t0, false, NodeVerdict::Usable { evict_at: None }),
+            ("within grace", Some(not_ready.clone()), t0 + 20, false, NodeVerdict::Wait(Duration::from_secs(41))),
+            ("past grace", Some(not_ready.clone()), t0 + 60, false, lost.clone()),
             (
                 "past grace but everyone is down",
                 Some(not_ready.clone()),
@@ -625,10 +729,45 @@ mod tests {
             ("unknown", Some(node(NodeState::Unknown, None)), t0, false, NodeVerdict::Wait(Duration::from_secs(1))),
         ];
         for (what, node, now, all_down, want) in cases {
-            assert_eq!(judge_node(node.as_ref(), now, grace, all_down, t0), want, "{what}");
+            assert_eq!(judge_node(node.as_ref(), &[], now, grace, all_down, t0), want, "{what}");
         }
-        let restarted_later = judge_node(Some(&not_ready), t0 + 90, grace, false, t0 + 60);
-        assert_eq!(restarted_later, NodeVerdict::Wait(Duration::from_secs(30)), "grace counts from our own start");
+        let restarted_later = judge_node(Some(&not_ready), &[], t0 + 90, grace, false, t0 + 60);
+        assert_eq!(restarted_later, NodeVerdict::Wait(Duration::from_secs(31)), "grace counts from our own start");
+
+        let tolerate = |seconds: Option<i64>| Toleration {
+            key: NOT_READY_TAINT.into(),
+            operator: TolerationOperator::Exists,
+            value: String::new(),
+            effect: Some(TaintEffect::NoExecute),
+            toleration_seconds: seconds,
+        };
+        let longer = [tolerate(Some(600))];
+        assert_eq!(
+            judge_node(Some(&not_ready), &longer, t0 + 120, grace, false, t0),
+            NodeVerdict::Wait(Duration::from_secs(481))
+        );
+        assert_eq!(judge_node(Some(&not_ready), &longer, t0 + 600, grace, false, t0), lost);
+        let shorter = [tolerate(Some(5))];
+        assert_eq!(
+            judge_node(Some(&not_ready), &shorter, t0 + 5, grace, false, t0),
+            lost,
+            "its own shorter toleration"
+        );
+        let forever = [tolerate(None)];
+        assert!(matches!(judge_node(Some(&not_ready), &forever, t0 + 99_999, grace, false, t0), NodeVerdict::Wait(_)));
+
+        let mut maintenance = node(NodeState::Ready, None);
+        maintenance.taints = vec![Taint {
+            key: "maintenance".into(),
+            value: String::new(),
+            effect: TaintEffect::NoExecute,
+            added_at: Some("2026-05-15T04:30:00Z".into()),
+        }];
+        let evicted = NodeVerdict::Leave(
+            "Evicted",
+            "node n has the taint maintenance:NoExecute, which the sandbox does not tolerate".into(),
+        );
+        assert_eq!(judge_node(Some(&maintenance), &[], t0, grace, false, t0), evicted);
     }
 
     pub(super) fn agent_sandbox(phase: AgentPhase, message: &str) -> AgentSandbox {

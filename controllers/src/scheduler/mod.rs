@@ -106,7 +106,12 @@ impl Scheduler {
 
     fn on_sandbox_change(&self, change: &Change<'_, Sandbox>) {
         match change {
-            Change::Upsert { new, .. } => {
+            Change::Upsert { old, new } => {
+                let unbound = old.is_some_and(|o| o.status.node_name.is_some()) && new.status.node_name.is_none();
+                if unbound && self.index.lock().release(&new.id) {
+                    // A drain rescheduled it: its old node's room and ports are free, and it needs a new one.
+                    self.retry_unschedulable();
+                }
                 if new.status.holds_node_resources() {
                     let node = new.status.node_name.as_deref().unwrap_or_default();
                     let request = Request::of(&new.spec, &self.settings.requests);

@@ -192,6 +192,21 @@ impl Bundle {
         std::fs::read_to_string(self.exit_path()).ok()?.trim().parse().ok()
     }
 
+    /// Asks the container to stop (SIGTERM to its first process) and waits up to `grace` for it to
+    /// end, as a graceful stop does before the kill. A container that ignores the signal (a shell as
+    /// pid 1 without a trap) takes the whole grace.
+    pub async fn stop(&self, runtime: &OciRuntime, grace: Duration) {
+        if self.exit_code().is_some() || runtime.run(&["kill", &self.id, "TERM"]).await.is_err() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut pause = Duration::from_millis(5);
+        while self.exit_code().is_none() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
     /// Kills the container, waits (boundedly) for its shim to record the end, and removes runc's
     /// record, the rootfs mount and the bundle directory.
     pub async fn remove(&self, runtime: &OciRuntime) {

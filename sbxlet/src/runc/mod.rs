@@ -535,7 +535,7 @@ impl RuncRuntime {
 
     /// Removes a sandbox and all it holds. The entry stays, marked deleting, until the removal ends,
     /// so the id cannot be created again (on the same names) meanwhile.
-    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+    async fn remove(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
         let busy = self
             .state
             .lock()
@@ -553,8 +553,13 @@ impl RuncRuntime {
             held._proxies = None;
             (held.record.clone(), held.cpu_milli, held.memory_bytes)
         };
+        let runtime = self.runtimes.get(record.request.runtime_class);
+        if !grace.is_zero() {
+            let bundles: Vec<Bundle> = record.request.containers.iter().map(|c| self.bundle(id, &c.name)).collect();
+            futures::future::join_all(bundles.iter().map(|b| b.stop(runtime, grace))).await;
+        }
         for container in &record.request.containers {
-            self.bundle(id, &container.name).remove(self.runtimes.get(record.request.runtime_class)).await;
+            self.bundle(id, &container.name).remove(runtime).await;
         }
         let net = record.net.clone().unwrap_or_else(|| SandboxNet {
             netns: self.network.names_of(id).0,
@@ -690,9 +695,9 @@ impl Backend for Arc<RuncRuntime> {
 
     /// Runs the removal on a task of its own: a caller that gives up (a timeout, a disconnect) must
     /// not leave the sandbox half removed with its address and resources still counted.
-    async fn delete(&self, id: &str) -> Result<(), RuntimeError> {
+    async fn delete(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
         let (me, id) = (self.clone(), id.to_string());
-        tokio::spawn(async move { me.remove(&id).await })
+        tokio::spawn(async move { me.remove(&id, grace).await })
             .await
             .map_err(|e| RuntimeError::Failed(format!("removal stopped: {e}")))?
     }

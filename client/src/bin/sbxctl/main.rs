@@ -31,6 +31,7 @@ pub fn print_line(line: &str) {
 }
 
 mod dataplane;
+mod drain;
 mod manifest;
 mod render;
 mod wait;
@@ -132,6 +133,17 @@ enum Command {
     Cordon { node: String },
     /// Make a cordoned node schedulable again.
     Uncordon { node: String },
+    /// Cordon a node and evict its sandboxes (`restart_policy: Reschedule` ones move to other
+    /// nodes, the others end Evicted); prints progress until the node is empty.
+    Drain {
+        node: String,
+        /// How long each sandbox's containers get between SIGTERM and SIGKILL.
+        #[arg(long, default_value = "30s")]
+        grace_period: String,
+        /// Give up waiting after this long (the server stops waiting for the node's agent then too).
+        #[arg(long, default_value = "5m")]
+        timeout: String,
+    },
     /// Print a shell completion script.
     Completion { shell: clap_complete::Shell },
     /// API tokens: issue one for a role, list, revoke, and show who you are.
@@ -273,6 +285,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Heartbeat { target } => heartbeat(&client, &target).await,
         Command::Cordon { node } => cordon(&client, &node, true).await,
         Command::Uncordon { node } => cordon(&client, &node, false).await,
+        Command::Drain { node, grace_period, timeout } => drain::drain(&client, &node, &grace_period, &timeout).await,
         Command::Auth(command) => auth(&client, command).await,
         Command::Completion { shell } => {
             let mut script = Vec::new();

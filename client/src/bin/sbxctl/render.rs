@@ -63,9 +63,14 @@ fn dash(s: Option<&str>) -> String {
 }
 
 fn sandbox_row(s: &Sandbox, wide: bool) -> Vec<String> {
+    // As `get nodes` shows a cordon: an eviction under way beside the phase.
+    let phase = match s.status.eviction {
+        Some(_) => format!("{},Evicting", s.status.phase.as_str()),
+        None => s.status.phase.as_str().to_string(),
+    };
     let mut row = vec![
         s.id.clone(),
-        s.status.phase.as_str().to_string(),
+        phase,
         dash(s.status.node_name.as_deref()),
         s.status.ready.to_string(),
         ports(s),
@@ -329,6 +334,12 @@ fn describe_sandbox(s: &Sandbox) {
     field("Reason", dash(st.reason.as_deref()));
     field("Message", dash(st.message.as_deref()));
     field("Node", dash(st.node_name.as_deref()));
+    if let Some(e) = &st.eviction {
+        field("Evicting", format!("{} (grace {}s, deadline {})", e.message, e.grace_seconds, e.deadline_at));
+    }
+    if st.reschedules > 0 {
+        field("Reschedules", st.reschedules);
+    }
     field("External", dash(st.external.as_deref()));
     field("Private IP", dash(st.private_ip.as_deref()));
     field("Ports", ports(s));
@@ -352,6 +363,7 @@ fn describe_sandbox(s: &Sandbox) {
     field("Egress", s.spec.egress);
     field("Runtime class", s.spec.runtime_class);
     field("Priority", s.spec.priority);
+    field("Restart policy", format!("{:?}", s.spec.restart_policy));
     if !s.spec.tolerations.is_empty() {
         let tolerations: Vec<String> = s.spec.tolerations.iter().map(describe_toleration).collect();
         field("Tolerations", tolerations.join(", "));
