@@ -370,6 +370,42 @@ async fn draining_a_node_of_50_sandboxes_moves_the_reschedule_ones_under_their_i
 }
 
 #[tokio::test]
+async fn a_sandbox_bound_to_a_draining_node_after_the_drain_is_evicted_too() {
+    use sandboxd_api::node::DrainRequest;
+    use sandboxd_api::sandbox::RestartPolicy;
+    let c = Cluster::start(2, &[]).await;
+    c.client.set_unschedulable("node-b", true).await.unwrap();
+    let drained = c.client.drain_node("node-a", &DrainRequest::default()).await.unwrap();
+    assert!(drained.evicted.is_empty() && drained.rescheduled.is_empty());
+    assert!(drained.node.draining.is_some(), "the node records the drain");
+    // A scheduler that had not seen the cordon yet binds a sandbox there, as it would in a race.
+    let spec = SandboxSpec { restart_policy: RestartPolicy::Reschedule, ..web("100m") };
+    let created = c.client.create_sandbox("late", &spec).await.unwrap().object;
+    let late = wait_status(&c.client, "late", "Unschedulable", |s| s.status.reason.is_some()).await;
+    let bound = sandboxd_api::SandboxStatus {
+        phase: Phase::Scheduled,
+        node_name: Some("node-a".into()),
+        assigned_ports: vec![AssignedPort { host_port: 10_500, container_port: 80, protocol: Protocol::Tcp }],
+        reason: None,
+        message: None,
+        ..late.status.clone()
+    };
+    c.client.put_sandbox_status("late", &bound, Some(&late.resource_version)).await.unwrap();
+    c.client.set_unschedulable("node-b", false).await.unwrap();
+    let moved = wait_status(&c.client, "late", "Running on node-b", |s| {
+        s.status.phase == Phase::Running && s.status.node_name.as_deref() == Some("node-b")
+    })
+    .await;
+    assert_eq!(moved.status.reschedules, 1);
+    assert!(c.agent_of("node-a").sandbox_ids().is_empty());
+    assert_eq!(created.status.reschedules, 0);
+    // An uncordon ends the drain.
+    let uncordoned = c.client.set_unschedulable("node-a", false).await.unwrap();
+    assert_eq!((uncordoned.unschedulable, uncordoned.draining), (false, None));
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn a_drain_refuses_bad_bounds_and_unknown_nodes() {
     use sandboxd_api::node::DrainRequest;
     let c = Cluster::start(1, &[]).await;

@@ -261,6 +261,10 @@ pub struct Node {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub taints: Vec<crate::taints::Taint>,
+    /// Set by a drain, cleared by an uncordon: every sandbox bound here is evicted on these terms,
+    /// including one bound while the drain was being posted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining: Option<crate::sandbox::PendingEviction>,
     #[serde(flatten)]
     pub status: NodeStatus,
     pub created_at: String,

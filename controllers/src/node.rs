@@ -412,6 +412,7 @@ pub(crate) fn test_node(state: NodeState, since: Option<&str>) -> Node {
         unschedulable: false,
         labels: Default::default(),
         taints: Vec::new(),
+        draining: None,
         status: NodeStatus { state, last_transition_at: since.map(String::from), ..NodeStatus::default() },
         created_at: String::new(),
         updated_at: String::new(),

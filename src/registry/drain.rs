@@ -1,5 +1,6 @@
-//! Node drain: cordon the node, then mark each sandbox on it for eviction; the sandbox controller
-//! stops them within the grace and fails them (`Evicted`) or places them again (`Reschedule`).
+//! Node drain: cordon the node and mark it draining, then mark each sandbox on it for eviction; the
+//! sandbox controller stops them within the grace and fails them (`Evicted`) or places them again
+//! (`Reschedule`).
 
 use super::{Registry, RegistryError, RegistryResult};
 use crate::store::{Kind, StoreError};
@@ -16,12 +17,13 @@ impl Registry {
     /// eviction. A repeated drain keeps the evictions already under way and marks any newcomer.
     pub async fn drain_node(&self, name: &str, request: &DrainRequest) -> RegistryResult<DrainResponse> {
         let (grace_seconds, deadline_seconds) = request.bounds().map_err(RegistryError::Invalid)?;
-        let node = self.cordon(name).await?;
-        let eviction = PendingEviction {
+        let wanted = PendingEviction {
             message: format!("node {name} is drained"),
             grace_seconds,
             deadline_at: format_unix(self.clock.unix_now().saturating_add(i64::from(deadline_seconds))),
         };
+        let node = self.mark_draining(name, wanted).await?;
+        let eviction = node.draining.clone().expect("a draining node has its terms");
         let (mut evicted, mut rescheduled) = (Vec::new(), Vec::new());
         let mut cursor = String::new();
         loop {
@@ -47,16 +49,19 @@ impl Registry {
         Ok(DrainResponse { node, evicted, rescheduled, deadline_at: eviction.deadline_at })
     }
 
-    /// Sets `unschedulable` on the node (when it is not set already) and returns the node.
-    async fn cordon(&self, name: &str) -> RegistryResult<Node> {
+    /// Cordons the node and records the drain's terms on it, in one write; a node already draining
+    /// keeps the terms it has (a repeated drain changes no deadline). The sandbox controller evicts
+    /// whatever is bound to a draining node, so a bind that raced the cordon is evicted too.
+    async fn mark_draining(&self, name: &str, wanted: PendingEviction) -> RegistryResult<Node> {
         loop {
             let current = self.get_node(name).await?;
             let mut node: Node = current.decode()?;
-            if node.unschedulable {
+            if node.unschedulable && node.draining.is_some() {
                 node.resource_version = current.revision.to_string();
                 return Ok(node);
             }
             node.unschedulable = true;
+            node.draining = Some(node.draining.take().unwrap_or_else(|| wanted.clone()));
             node.updated_at = self.clock.rfc3339_now();
             let json = super::encode(&node)?;
             match self.store.update_encoded(Kind::Nodes, name, json, Some(current.revision)).await {

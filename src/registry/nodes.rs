@@ -83,6 +83,10 @@ impl Registry {
         node.max_alloc_percent = spec.max_alloc_percent.map(|p| p as u32);
         if let Some(unschedulable) = spec.unschedulable {
             node.unschedulable = unschedulable;
+            if !unschedulable {
+                // An uncordon ends a drain: evictions already under way go on, nothing new is evicted.
+                node.draining = None;
+            }
         }
         if let Some(labels) = &spec.labels {
             node.labels = labels.clone();
@@ -168,6 +172,7 @@ fn new_node(id: &str, spec: &NodeSpec, source: NodeSource, default_max_alloc_per
         unschedulable: spec.unschedulable.unwrap_or(false),
         labels: spec.labels.clone().unwrap_or_default(),
         taints: stamped_taints(spec.taints.as_deref().unwrap_or_default(), &[], &at),
+        draining: None,
         status: NodeStatus::default(),
         created_at: at.clone(),
         updated_at: at,

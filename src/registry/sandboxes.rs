@@ -154,6 +154,8 @@ impl Registry {
             }
             let mut sandbox: Sandbox = current.decode()?;
             check_status_transition(&sandbox.status, status)?;
+            let mut status = status.clone();
+            keep_drain_marks(&sandbox.status, &mut status);
             let previous = std::mem::replace(&mut sandbox.status, status.clone());
             sandbox.status.expire_at = previous.expire_at;
             sandbox.status.last_transition_at = if previous.phase != status.phase {
@@ -303,6 +305,17 @@ pub fn check_status_transition(current: &SandboxStatus, next: &SandboxStatus) ->
     Ok(())
 }
 
+/// A drain's marks survive writes that do not end them: `eviction` stays until the sandbox is
+/// rescheduled, fails or terminates (and is dropped then), and `reschedules` never goes down.
+fn keep_drain_marks(current: &SandboxStatus, next: &mut SandboxStatus) {
+    if matches!(next.phase, Phase::Failed | Phase::Terminating) {
+        next.eviction = None;
+    } else if next.eviction.is_none() && !is_reschedule(current, next) {
+        next.eviction = current.eviction.clone();
+    }
+    next.reschedules = next.reschedules.max(current.reschedules);
+}
+
 fn is_reschedule(current: &SandboxStatus, next: &SandboxStatus) -> bool {
     current.eviction.is_some()
         && !matches!(current.phase, Phase::Failed | Phase::Terminating)
@@ -373,6 +386,26 @@ mod tests {
         assert!(check_status_transition(&failed, &rescheduled).is_err(), "a Failed sandbox stays failed");
         let still_bound = SandboxStatus { node_name: Some("n".into()), ..rescheduled };
         assert!(check_status_transition(&evicting, &still_bound).is_err());
+    }
+
+    #[test]
+    fn writes_that_do_not_end_an_eviction_keep_it_and_reschedules_never_drop() {
+        let eviction = sandboxd_api::sandbox::PendingEviction {
+            message: "node n is drained".into(),
+            grace_seconds: 30,
+            deadline_at: "2026-12-01T00:05:00Z".into(),
+        };
+        let current =
+            SandboxStatus { eviction: Some(eviction.clone()), reschedules: 2, ..status(Phase::Running, Some("n")) };
+        let mut stale = status(Phase::Running, Some("n"));
+        keep_drain_marks(&current, &mut stale);
+        assert_eq!((stale.eviction.as_ref(), stale.reschedules), (Some(&eviction), 2), "a write without them");
+        let mut failed = SandboxStatus { eviction: Some(eviction.clone()), ..status(Phase::Failed, Some("n")) };
+        keep_drain_marks(&current, &mut failed);
+        assert_eq!(failed.eviction, None, "a Failed sandbox is no longer being evicted");
+        let mut moved = SandboxStatus { reschedules: 3, ..status(Phase::Pending, None) };
+        keep_drain_marks(&current, &mut moved);
+        assert_eq!((moved.eviction, moved.reschedules), (None, 3), "the reschedule ends the eviction");
     }
 
     #[test]

@@ -215,6 +215,7 @@ pub fn failed(status: &SandboxStatus, reason: &str, message: String) -> SandboxS
         ready: false,
         reason: Some(reason.to_string()),
         message: Some(message),
+        eviction: None,
         ..status.clone()
     }
 }
@@ -252,13 +253,30 @@ pub struct SandboxController {
     /// When this controller started, in Unix seconds; node-lost grace never counts from earlier.
     started_unix: i64,
     clock: Arc<dyn Clock>,
+    /// Graceful stops of evicted sandboxes, by id, while they run and until `evict` reads the result.
+    stops: Arc<Mutex<HashMap<String, StopState>>>,
+    /// Bounds the graceful stops in flight, so a drain of thousands does not open thousands of calls.
+    stop_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Where a graceful stop of an evicted sandbox stands.
+#[derive(Debug, Clone)]
+enum StopState {
+    Stopping,
+    Done(Result<(), String>),
+}
+
+/// Graceful stops in flight at once, over every node.
+const MAX_STOPS_IN_FLIGHT: usize = 64;
 
 impl crate::runtime::footprint::Footprint for SandboxController {
     fn footprint(&self) -> Vec<(&'static str, usize)> {
         let by_node = self.by_node.lock();
-        let mut sizes =
-            vec![("by_node_nodes", by_node.len()), ("by_node_sandboxes", by_node.values().map(|s| s.len()).sum())];
+        let mut sizes = vec![
+            ("by_node_nodes", by_node.len()),
+            ("by_node_sandboxes", by_node.values().map(|s| s.len()).sum()),
+            ("stops", self.stops.lock().len()),
+        ];
         sizes.extend(self.controller.queue().footprint());
         sizes
     }
@@ -286,6 +304,8 @@ impl SandboxController {
             by_node: Default::default(),
             started_unix: clock.unix_now(),
             clock,
+            stops: Default::default(),
+            stop_slots: Arc::new(tokio::sync::Semaphore::new(MAX_STOPS_IN_FLIGHT)),
         });
         controller.subscribe();
         crate::runtime::footprint::register("sandbox", &controller);
@@ -307,10 +327,13 @@ impl SandboxController {
         let by_node = self.by_node.clone();
         self.controller.watches(&self.nodes, move |change| {
             let (name, changed) = match change {
-                // State decides NodeLost; taints decide NoExecute evictions.
-                Change::Upsert { old, new } => {
-                    (&new.name, old.is_none_or(|o| o.status.state != new.status.state || o.taints != new.taints))
-                }
+                // State decides NodeLost; taints decide NoExecute evictions; a drain evicts everything.
+                Change::Upsert { old, new } => (
+                    &new.name,
+                    old.is_none_or(|o| {
+                        o.status.state != new.status.state || o.taints != new.taints || o.draining != new.draining
+                    }),
+                ),
                 Change::Delete(gone) => (&gone.name, true),
             };
             let on_node = if changed { by_node.lock().get(name).cloned() } else { None };
@@ -337,6 +360,7 @@ impl SandboxController {
                     self.unindex(node, &gone.id);
                 }
                 self.prober.forget(&gone.id);
+                self.stops.lock().remove(&gone.id);
             }
         }
     }
@@ -381,6 +405,9 @@ impl SandboxController {
         if let Some(eviction) = &sandbox.status.eviction {
             return self.evict(sandbox, node.as_deref(), eviction).await;
         }
+        if let Some(terms) = node.as_ref().and_then(|n| n.draining.as_ref()) {
+            return self.mark_evicted(sandbox, terms).await;
+        }
         // Scanning every node is only worth it when this one is NotReady.
         let all_down =
             node.as_ref().is_some_and(|n| n.status.state == NodeState::NotReady) && self.every_node_not_ready();
@@ -422,9 +449,19 @@ impl SandboxController {
         })
     }
 
+    /// Puts a draining node's terms on a sandbox bound there that has none yet (one bound while the
+    /// drain was posted); the write brings it back here, to `evict`.
+    async fn mark_evicted(&self, sandbox: &Sandbox, terms: &PendingEviction) -> Result<Outcome, ControllerError> {
+        let status = SandboxStatus { eviction: Some(terms.clone()), ready: false, ..sandbox.status.clone() };
+        write_status(self.objects.as_ref(), sandbox, status).await?;
+        Ok(Outcome::Done)
+    }
+
     /// A drain's eviction: stop the sandbox on its agent within the grace, then place it again
-    /// (`Reschedule`) or fail it (`Evicted`). Past the deadline it leaves the node even if the agent
-    /// never confirmed; the orphan sweep removes what is left there once the agent answers again.
+    /// (`Reschedule`) or fail it (`Evicted`). The stop runs on a task of its own, so a long grace
+    /// never holds one of the controller's workers. Past the deadline (counted from this
+    /// controller's start at the earliest, as NotReady is) it leaves the node even if the agent never
+    /// confirmed; the orphan sweep removes what is left there once the agent answers again.
     async fn evict(
         &self,
         sandbox: &Sandbox,
@@ -433,33 +470,69 @@ impl SandboxController {
     ) -> Result<Outcome, ControllerError> {
         self.prober.forget(&sandbox.id);
         let now = self.clock.unix_now();
-        let deadline = parse_rfc3339(&eviction.deadline_at).unwrap_or(now);
-        let past_deadline = now >= deadline;
-        let stopped = match node {
-            None => true,
-            Some(node) if node.status.state != NodeState::Ready => {
-                if !past_deadline {
-                    return Ok(Outcome::Requeue(Duration::from_secs((deadline - now).clamp(1, 5) as u64)));
-                }
-                false
+        let deadline = parse_rfc3339(&eviction.deadline_at)
+            .unwrap_or(now)
+            .max(self.started_unix + self.settings.node_lost_grace.as_secs() as i64);
+        let finished = self.stops.lock().get(&sandbox.id).cloned();
+        match finished {
+            Some(StopState::Stopping) => return Ok(Outcome::Requeue(Duration::from_secs(5))),
+            Some(StopState::Done(result)) => {
+                self.stops.lock().remove(&sandbox.id);
+                return match result {
+                    Ok(()) => self.finish_eviction(sandbox, eviction, true).await,
+                    Err(_) if now >= deadline => self.finish_eviction(sandbox, eviction, false).await,
+                    Err(e) => Err(ControllerError::Transient(format!("evicting {}: {e}", sandbox.id))),
+                };
             }
-            Some(node) => {
-                let grace = Duration::from_secs(u64::from(eviction.grace_seconds));
-                match self.agents.stop_sandbox(AgentAddr::of(node), &sandbox.id, grace).await {
-                    Ok(()) => true,
-                    Err(e) if e.is_not_found() => true,
-                    Err(e) if !past_deadline => {
-                        return Err(ControllerError::from(e).context(format!("evicting from node {}", node.name)))
-                    }
-                    Err(_) => false,
-                }
+            None => {}
+        }
+        let Some(node) = node else { return self.finish_eviction(sandbox, eviction, true).await };
+        if node.status.state == NodeState::Ready {
+            let left = Duration::from_secs(deadline.saturating_sub(now).max(0) as u64);
+            let grace = Duration::from_secs(u64::from(eviction.grace_seconds)).min(left);
+            self.start_stop(&sandbox.id, node, grace);
+            return Ok(Outcome::Done);
+        }
+        // Not Ready: wait for it until the deadline, and for ever while every node is down (we are
+        // probably the one cut off, as for NodeLost).
+        if now < deadline || self.every_node_not_ready() {
+            return Ok(Outcome::Requeue(Duration::from_secs(deadline.saturating_sub(now).clamp(1, 5) as u64)));
+        }
+        self.finish_eviction(sandbox, eviction, false).await
+    }
+
+    /// Stops a sandbox on its agent on a task of its own (bounded in number), then queues it again.
+    fn start_stop(&self, id: &str, node: &Node, grace: Duration) {
+        self.stops.lock().insert(id.to_string(), StopState::Stopping);
+        let (agents, stops, slots, queue) =
+            (self.agents.clone(), self.stops.clone(), self.stop_slots.clone(), self.controller.queue().clone());
+        let (id, name, base_url) = (id.to_string(), node.name.clone(), node.sbxlet_base_url.clone());
+        tokio::spawn(async move {
+            let _slot = slots.acquire_owned().await;
+            let addr = AgentAddr { node: &name, base_url: &base_url };
+            let result = match agents.stop_sandbox(addr, &id, grace).await {
+                Ok(()) => Ok(()),
+                Err(e) if e.is_not_found() => Ok(()),
+                Err(e) => Err(format!("node {name}: {e}")),
+            };
+            // Gone from the map: the sandbox was deleted meanwhile, and nothing waits for the result.
+            if let Some(state) = stops.lock().get_mut(&id) {
+                *state = StopState::Done(result);
             }
-        };
+            queue.add(id);
+        });
+    }
+
+    async fn finish_eviction(
+        &self,
+        sandbox: &Sandbox,
+        eviction: &PendingEviction,
+        stopped: bool,
+    ) -> Result<Outcome, ControllerError> {
         let status = match sandbox.spec.restart_policy {
             RestartPolicy::Reschedule => rescheduled(&sandbox.status, &eviction.message),
             RestartPolicy::Never => {
                 let mut status = failed(&sandbox.status, "Evicted", eviction.message.clone());
-                status.eviction = None;
                 status.released = stopped;
                 status
             }

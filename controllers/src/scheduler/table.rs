@@ -165,7 +165,8 @@ impl AllocationIndex {
     pub fn hold(&mut self, sandbox: &str, node: &str, cpu_milli: u64, memory_bytes: u64, ports: Vec<(Protocol, u16)>) {
         let slot = self.slot_of(node);
         if let Some(existing) = self.held.get(sandbox) {
-            if existing.slot == slot {
+            // The same node with other ports is a new placement (a drain rescheduled it back here).
+            if existing.slot == slot && existing.ports == ports {
                 return;
             }
             self.release(sandbox);

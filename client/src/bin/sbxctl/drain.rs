@@ -3,7 +3,7 @@
 use crate::{parse_duration, split_target};
 use anyhow::bail;
 use sandboxd_api::node::DrainRequest;
-use sandboxd_api::{Phase, Sandbox};
+use sandboxd_api::Sandbox;
 use sandboxd_client::Client;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -39,13 +39,6 @@ pub async fn drain(client: &Client, node: &str, grace_period: &str, timeout: &st
     let mut last_left = usize::MAX;
     loop {
         let left = sandboxes_on(client, name).await?;
-        // A sandbox placed there just before the cordon took effect: the drain is posted again for it.
-        if left
-            .iter()
-            .any(|s| s.status.eviction.is_none() && !matches!(s.status.phase, Phase::Failed | Phase::Terminating))
-        {
-            client.drain_node(name, &request).await?;
-        }
         if left.len() != last_left {
             say!("node/{name}: {} sandbox(es) left", left.len());
             last_left = left.len();
