@@ -112,6 +112,10 @@ pub struct Config {
     pub watch_buffer: usize,
     /// Most history events one HTTP watch may replay; from further back it gets 410 and lists.
     pub watch_max_replay: usize,
+    /// Events last seen longer ago than this are deleted.
+    pub event_ttl: Duration,
+    /// Most events kept.
+    pub event_max: usize,
 }
 
 /// One configuration key: its file key (also `--flag-name` and `SANDBOXD_KEY`), default and help text.
@@ -140,7 +144,7 @@ const fn key(name: &'static str, default: &'static str, help: &'static str) -> K
 
 /// Every key, in the order of the table in semantics.md. This is the one declaration of each key:
 /// the file layer, the env layer, the flags and their `--help` all read it.
-pub const KEYS: [Key; 41] = [
+pub const KEYS: [Key; 43] = [
     key("listen", "0.0.0.0:8082", "Address the API listens on"),
     key(
         "store",
@@ -247,6 +251,8 @@ pub const KEYS: [Key; 41] = [
         "10000",
         "Most past events one watch may replay; a watch from further back gets 410 and lists again",
     ),
+    key("event_ttl", "1h", "How long an Event is kept after it last happened (1m-30d)"),
+    key("event_max", "20000", "Most Events kept; past it the ones last seen longest ago are deleted first"),
 ];
 
 fn known_keys() -> impl Iterator<Item = &'static str> {
@@ -426,6 +432,14 @@ impl Config {
             watch_max_replay: parse_key("watch_max_replay", &value("watch_max_replay"), |s| {
                 count_in(s, 1, 10_000_000)
             })?,
+            event_ttl: parse_key("event_ttl", &value("event_ttl"), |s| {
+                let d = parse_duration(s)?;
+                if d < Duration::from_secs(60) || d > Duration::from_secs(30 * 86_400) {
+                    return Err(format!("{s:?} is outside 1m-30d"));
+                }
+                Ok(d)
+            })?,
+            event_max: parse_key("event_max", &value("event_max"), |s| count_in(s, 100, 1_000_000))?,
         };
         config.check_relations()?;
         Ok(config)
@@ -735,6 +749,8 @@ mod tests {
             ("creating_timeout", "0s"),
             ("watch_buffer", "8"),
             ("watch_max_replay", "many"),
+            ("event_ttl", "5s"),
+            ("event_max", "10"),
             ("agent_allowed_networks", "10.0.0.0/33"),
             ("agent_allowed_networks", "10.0.0.0/8,example.com"),
             ("nodes", "[{\"id\": \"n1\", \"ip\": \"169.254.169.254\", \"port\": 80}]"),

@@ -5,6 +5,7 @@ use crate::apiserver::node_settings;
 use crate::config::{Config, SchedulerPolicy};
 use sandboxd_api::{Node, Sandbox};
 use sandboxd_contracts::clock::SystemClock;
+use sandboxd_controllers::events::{Events, Recorder};
 use sandboxd_controllers::node::{NodeController, NodeSettings};
 use sandboxd_controllers::prober::Prober;
 use sandboxd_controllers::runtime::informer::Informer;
@@ -56,6 +57,8 @@ type StartController = Box<dyn FnOnce(CancellationToken) -> ControllerRun + Send
 struct Built {
     nodes: Informer<Node>,
     sandboxes: Informer<Sandbox>,
+    /// Writes the events of every controller of this process.
+    recorder: Arc<Recorder>,
     runs: Vec<(&'static str, StartController)>,
 }
 
@@ -75,29 +78,46 @@ fn build(
 ) -> Built {
     let nodes: Informer<Node> = Informer::new();
     let sandboxes: Informer<Sandbox> = Informer::new();
+    let recorder = Recorder::new(objects.clone());
     let mut runs: Vec<(&'static str, StartController)> = Vec::new();
     // Every controller subscribes before the informers list, so none misses the first list.
     for name in CONTROLLERS.into_iter().filter(|n| only.contains(n)) {
         let run: StartController = match name {
             "node" => {
                 // A new leader continues the old one's fresh judgments instead of blacking out every node.
-                let settings = NodeSettings { keep_fresh_states: start == Start::Elected, ..node_settings(config) };
+                let settings = NodeSettings {
+                    keep_fresh_states: start == Start::Elected,
+                    events: Events::new(&recorder, "node-controller"),
+                    ..node_settings(config)
+                };
                 let c = NodeController::new(nodes.clone(), objects.clone(), agents.clone(), settings);
                 Box::new(move |stop| Box::pin(c.run(stop)))
             }
             "scheduler" => {
-                let c = Scheduler::new(nodes.clone(), sandboxes.clone(), objects.clone(), scheduler_settings(config));
+                let settings =
+                    SchedulerSettings { events: Events::new(&recorder, "scheduler"), ..scheduler_settings(config) };
+                let c = Scheduler::new(nodes.clone(), sandboxes.clone(), objects.clone(), settings);
                 Box::new(move |stop| Box::pin(c.run(stop)))
             }
             "sandbox" => {
-                let prober = Prober::new(nodes.clone(), sandboxes.clone(), objects.clone(), agents.clone(), 64);
+                let prober = Prober::new(
+                    nodes.clone(),
+                    sandboxes.clone(),
+                    objects.clone(),
+                    agents.clone(),
+                    64,
+                    Events::new(&recorder, "prober"),
+                );
                 let c = SandboxController::new(
                     nodes.clone(),
                     sandboxes.clone(),
                     objects.clone(),
                     agents.clone(),
                     prober.clone(),
-                    sandbox_settings(config),
+                    SandboxSettings {
+                        events: Events::new(&recorder, "sandbox-controller"),
+                        ..sandbox_settings(config)
+                    },
                     Arc::new(SystemClock),
                 );
                 Box::new(move |stop: CancellationToken| {
@@ -107,13 +127,14 @@ fn build(
                 })
             }
             _ => {
-                let c = TtlController::new(sandboxes.clone(), objects.clone(), Arc::new(SystemClock));
+                let events = Events::new(&recorder, "ttl-controller");
+                let c = TtlController::new(sandboxes.clone(), objects.clone(), Arc::new(SystemClock), events);
                 Box::new(move |stop| Box::pin(c.run(stop)))
             }
         };
         runs.push((name, run));
     }
-    Built { nodes, sandboxes, runs }
+    Built { nodes, sandboxes, recorder, runs }
 }
 
 fn spawn_informers(
@@ -124,6 +145,7 @@ fn spawn_informers(
 ) {
     tasks.spawn(built.nodes.clone().run(objects.clone(), shutdown.clone()));
     tasks.spawn(built.sandboxes.clone().run(objects.clone(), shutdown.clone()));
+    tasks.spawn(built.recorder.clone().run(shutdown.clone()));
 }
 
 /// Spawns shared informers and every controller in this process; they stop when `shutdown` is cancelled.

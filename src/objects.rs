@@ -107,6 +107,10 @@ impl ObjectClient for InProcessObjects {
         let expect = parse_revision(resource_version)?;
         self.registry.finalize_sandbox(id, expect).await.map_err(from_registry)
     }
+
+    async fn record_events(&self, events: &[sandboxd_api::event::EventRecord]) -> ObjectResult<()> {
+        self.registry.record_events(events).await.map_err(from_registry)
+    }
 }
 
 #[async_trait]

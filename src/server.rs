@@ -108,6 +108,11 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
             .map_err(|error| ServeError::Audit { path: path.clone(), error })?;
         state = state.with_audit(audit);
     }
+    // On-demand heartbeats (`POST /api/v1/nodes/{name}/heartbeat`) report state changes as events too.
+    let recorder = sandboxd_controllers::events::Recorder::new(Arc::new(crate::objects::InProcessObjects::new(
+        state.registry.clone(),
+    )));
+    state.node_settings.events = sandboxd_controllers::events::Events::new(&recorder, "api-server");
     declare_static_nodes(&state, &config).await?;
     if !matches!(mode, Mode::ApiOnly) {
         let keep_fresh_states = matches!(mode, Mode::AllInOneElected(_));
@@ -115,7 +120,7 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
     }
     let addr = listener.local_addr().map_err(ServeError::Serve)?;
     let shutdown = state.shutdown.clone();
-    let controllers = match mode {
+    let mut controllers = match mode {
         Mode::AllInOne => {
             let objects = Arc::new(crate::objects::InProcessObjects::new(state.registry.clone()));
             crate::controllers::start(objects, &config, agents, shutdown.clone())
@@ -129,6 +134,8 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
         }
         Mode::ApiOnly => tokio::task::JoinSet::new(),
     };
+    controllers.spawn(sweep_events(state.registry.clone(), config.event_ttl, config.event_max, shutdown.clone()));
+    controllers.spawn(recorder.run(shutdown.clone()));
     let router = apiserver::router(state, config.max_body_bytes);
     tracing::info!(%addr, store = %config.store, ?mode, "sandboxd-o serving");
     let limits = crate::http_server::Limits {
@@ -138,6 +145,27 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
     };
     let task = tokio::spawn(serve(listener, router, limits, store.clone(), controllers, shutdown.clone()));
     Ok(Running { addr, shutdown, store, task })
+}
+
+/// How often expired and surplus events are deleted.
+const EVENT_SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Deletes events past `event_ttl` and beyond `event_max`, every minute until `shutdown`. Each API
+/// server sweeps; two sweeping at once delete the same events, which is harmless.
+async fn sweep_events(registry: crate::registry::Registry, ttl: Duration, max: usize, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(EVENT_SWEEP_EVERY) => {}
+        }
+        match registry.sweep_events(ttl.as_secs() as i64, max).await {
+            Ok(swept) if swept.expired + swept.over_max > 0 => {
+                tracing::info!(expired = swept.expired, over_max = swept.over_max, "events swept");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "event sweep failed; retrying in a minute"),
+        }
+    }
 }
 
 async fn serve(

@@ -544,6 +544,59 @@ async fn raising_ttl_before_expiry_moves_expire_at_and_keeps_the_sandbox() {
     c.stop().await;
 }
 
+// === events ===
+
+#[tokio::test]
+async fn events_tell_a_sandbox_from_failed_scheduling_to_expiry_and_a_node_from_not_ready_to_lost() {
+    let c = Cluster::start(1, &[("node_lost_grace", "1s")]).await;
+    let spec = SandboxSpec {
+        node_selector: [("pool".to_string(), "gpu".to_string())].into(),
+        ttl_seconds: Some(4),
+        ..web("100m")
+    };
+    c.client.create_sandbox("story", &spec).await.unwrap();
+    wait_status(&c.client, "story", "Unschedulable", |s| s.status.reason.as_deref() == Some("Unschedulable")).await;
+    let labelled = sandboxd_api::node::NodeSpec {
+        labels: Some([("pool".to_string(), "gpu".to_string())].into()),
+        ..c.client.get_node("node-a").await.unwrap().spec()
+    };
+    c.client.apply_node("node-a", &labelled).await.unwrap();
+    wait_phase(&c.client, "story", Phase::Running).await;
+
+    // The object goes at its TTL; its events stay, in the order they happened.
+    let reasons = eventually(20, "the sandbox's events up to Expired", || async {
+        let events = c.client.list_events(Some("sandbox/story")).await.ok()?.items;
+        let reasons: Vec<String> = events.iter().map(|e| e.reason.clone()).collect();
+        reasons.contains(&"Expired".to_string()).then_some(events)
+    })
+    .await;
+    let order: Vec<&str> = reasons.iter().map(|e| e.reason.as_str()).collect();
+    let wanted = ["FailedScheduling", "Scheduled", "Created", "Started", "Expired"];
+    let positions: Vec<Option<usize>> = wanted.iter().map(|w| order.iter().position(|r| r == w)).collect();
+    assert!(positions.iter().all(Option::is_some), "every step has its event: {order:?}");
+    assert!(positions.windows(2).all(|p| p[0] < p[1]), "in order: {order:?}");
+    let failed = &reasons[positions[0].unwrap()];
+    assert_eq!(failed.event_type, sandboxd_api::event::EventType::Warning);
+    assert_eq!(failed.message, "0/1 nodes available: 1 node selector mismatch");
+    let scheduled = &reasons[positions[1].unwrap()];
+    assert!(scheduled.message.starts_with("placed on node node-a (host ports 10000->80/tcp"), "{}", scheduled.message);
+    assert_eq!(scheduled.source, "scheduler");
+
+    c.agent_of("node-a").set_faults(health_failing());
+    let node_events = eventually(20, "node-a's NodeLost event", || async {
+        let events = c.client.list_events(Some("node/node-a")).await.ok()?.items;
+        events.iter().any(|e| e.reason == "NodeLost").then_some(events)
+    })
+    .await;
+    let order: Vec<&str> = node_events.iter().map(|e| e.reason.as_str()).collect();
+    let not_ready = order.iter().position(|r| *r == "NodeNotReady").expect("NodeNotReady");
+    assert!(not_ready < order.iter().position(|r| *r == "NodeLost").unwrap(), "{order:?}");
+    assert_eq!(order.first(), Some(&"NodeReady"), "{order:?}");
+    let all = c.client.list_events(None).await.unwrap().items;
+    assert!(all.len() >= reasons.len() + node_events.len());
+    c.stop().await;
+}
+
 // === node loss ===
 
 #[tokio::test]

@@ -76,6 +76,21 @@ async fn sbxctl_drives_a_real_server() {
         let waited = ctl.ok(&["wait", "sandbox/cli-1", "--for", "phase=Running", "--timeout", "20s"]);
         assert!(waited.contains("condition met"), "{waited}");
 
+        // Events are written every half second, after the phases they tell of.
+        let mut described = String::new();
+        for _ in 0..50 {
+            described = ctl.ok(&["describe", "sandbox", "cli-1"]);
+            if described.contains("Started") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let events = described.split("Events:").nth(1).unwrap_or_else(|| panic!("no Events block: {described}"));
+        assert!(events.contains("Type") && events.contains("From"), "{events}");
+        assert!(events.lines().any(|l| l.contains("Scheduled") && l.contains("scheduler")), "{events}");
+        let listed = ctl.ok(&["get", "events", "sandbox/cli-1"]);
+        assert!(listed.starts_with("LAST SEEN") && listed.contains("Started"), "{listed}");
+
         let table = ctl.ok(&["get", "sandboxes"]);
         let header = table.lines().next().unwrap();
         assert!(header.starts_with("NAME") && header.contains("PHASE") && header.contains("NODE"), "{table}");

@@ -137,6 +137,9 @@ impl sandboxd_contracts::ObjectClient for HeldFirstWatch {
     ) -> ObjectResult<sandboxd_api::Sandbox> {
         self.inner.put_sandbox_status(id, status, rv).await
     }
+    async fn record_events(&self, events: &[sandboxd_api::event::EventRecord]) -> ObjectResult<()> {
+        self.inner.record_events(events).await
+    }
     async fn remove_sandbox(&self, id: &str, rv: &str) -> ObjectResult<()> {
         self.inner.remove_sandbox(id, rv).await
     }

@@ -5,6 +5,7 @@ pub mod affinity;
 pub mod agent;
 pub mod auth;
 pub mod dataplane;
+pub mod event;
 pub mod lease;
 pub mod names;
 pub mod node;

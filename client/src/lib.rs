@@ -341,6 +341,15 @@ impl Client {
         Ok(env.lease)
     }
 
+    /// Every event, or those of one object (`sandbox/ID` or `node/NAME`), oldest first for one object.
+    pub async fn list_events(&self, object: Option<&str>) -> Result<List<sandboxd_api::event::Event>> {
+        let path = match object {
+            Some(object) => format!("/api/v1/events?object={object}"),
+            None => "/api/v1/events".to_string(),
+        };
+        self.call(Method::GET, &path, None).await.map(|(_, l)| l)
+    }
+
     pub async fn list_leases(&self) -> Result<List<Lease>> {
         self.call(Method::GET, "/api/v1/leases", None).await.map(|(_, l)| l)
     }
@@ -358,7 +367,21 @@ impl Client {
         kind: &str,
         resource_version: Option<&str>,
     ) -> Result<BoxStream<'static, Result<WatchEvent<serde_json::Value>>>> {
+        self.watch_matching(kind, None, resource_version).await
+    }
+
+    /// Like `watch`, with a filter the route takes (`object=sandbox/ID` for events).
+    pub async fn watch_matching(
+        &self,
+        kind: &str,
+        filter: Option<&str>,
+        resource_version: Option<&str>,
+    ) -> Result<BoxStream<'static, Result<WatchEvent<serde_json::Value>>>> {
         let mut path = format!("/api/v1/{kind}?watch=true");
+        if let Some(filter) = filter {
+            path.push('&');
+            path.push_str(filter);
+        }
         if let Some(rv) = resource_version {
             path.push_str(&format!("&resource_version={rv}"));
         }

@@ -123,6 +123,11 @@ impl ObjectClient for HttpObjects {
         let body = json!({ "resource_version": resource_version });
         self.send(Method::POST, &format!("/api/v1/sandboxes/{id}/finalize"), &body, "deleted").await.map(|_| ())
     }
+
+    async fn record_events(&self, events: &[sandboxd_api::event::EventRecord]) -> ObjectResult<()> {
+        let body = json!({ "events": events });
+        self.send(Method::POST, "/api/v1/events", &body, "recorded").await.map(|_| ())
+    }
 }
 
 #[async_trait]

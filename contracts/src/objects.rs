@@ -13,10 +13,13 @@ pub enum ObjectKind {
     Leases,
     /// Issued API tokens (their hashes): the one kind no watch or list route serves.
     Tokens,
+    /// What happened to sandboxes and nodes, merged by repeat and expired after `event_ttl`.
+    Events,
 }
 
 impl ObjectKind {
-    pub const ALL: [ObjectKind; 4] = [ObjectKind::Nodes, ObjectKind::Sandboxes, ObjectKind::Leases, ObjectKind::Tokens];
+    pub const ALL: [ObjectKind; 5] =
+        [ObjectKind::Nodes, ObjectKind::Sandboxes, ObjectKind::Leases, ObjectKind::Tokens, ObjectKind::Events];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -24,6 +27,7 @@ impl ObjectKind {
             ObjectKind::Sandboxes => "sandboxes",
             ObjectKind::Leases => "leases",
             ObjectKind::Tokens => "tokens",
+            ObjectKind::Events => "events",
         }
     }
 
@@ -38,6 +42,7 @@ impl ObjectKind {
             ObjectKind::Sandboxes => "sandbox",
             ObjectKind::Leases => "lease",
             ObjectKind::Tokens => "token",
+            ObjectKind::Events => "event",
         }
     }
 }
@@ -101,4 +106,6 @@ pub trait ObjectClient: Send + Sync + 'static {
     ) -> ObjectResult<Sandbox>;
     /// Removes a Terminating sandbox once its agent confirmed it gone, if still at `resource_version`.
     async fn remove_sandbox(&self, id: &str, resource_version: &str) -> ObjectResult<()>;
+    /// Records events, each merged into the stored one with the same name (count added up).
+    async fn record_events(&self, events: &[sandboxd_api::event::EventRecord]) -> ObjectResult<()>;
 }

@@ -1,6 +1,7 @@
 //! Controller runtime and the node, scheduler, sandbox and ttl controllers of sandboxd-o.
 #![forbid(unsafe_code)]
 
+pub mod events;
 pub mod node;
 pub mod prober;
 pub mod runtime;

@@ -26,6 +26,10 @@ pub struct NodeSettings {
     /// A leader taking over from another keeps node states whose last heartbeat is recent (the
     /// previous leader's judgment still stands); otherwise every node starts over as Unknown.
     pub keep_fresh_states: bool,
+    /// Where NodeReady, NodeNotReady and NodeLost events go.
+    pub events: crate::events::Events,
+    /// NotReady this long makes the node lost (its NodeLost event).
+    pub node_lost_grace: Duration,
 }
 
 impl Default for NodeSettings {
@@ -38,6 +42,8 @@ impl Default for NodeSettings {
             default_max_alloc_percent: 90,
             workers: 256,
             keep_fresh_states: false,
+            events: Default::default(),
+            node_lost_grace: Duration::from_secs(60),
         }
     }
 }
@@ -242,6 +248,9 @@ pub async fn heartbeat_once(
         }
         match objects.put_node_status(name, &status, &node.resource_version).await {
             Ok(written) => {
+                if written.status.state != node.status.state {
+                    report_transition(&settings.events, &written);
+                }
                 return Ok(HeartbeatReport {
                     node: written,
                     verdict,
@@ -263,6 +272,26 @@ pub async fn heartbeat_once(
     }
 }
 
+/// The event of a node's state change.
+fn report_transition(events: &crate::events::Events, node: &Node) {
+    let object = sandboxd_api::event::ObjectReference::node(&node.name);
+    match node.status.state {
+        NodeState::Ready => events.normal(object, "NodeReady", format!("node {} is Ready", node.name)),
+        NodeState::NotReady => {
+            let why = if node.status.last_error.is_empty() { "heartbeats failed" } else { &node.status.last_error };
+            events.warning(object, "NodeNotReady", format!("node {} is NotReady: {why}", node.name))
+        }
+        NodeState::Unknown => {}
+    }
+}
+
+/// Whether a NotReady node has been so for `grace` by `now` (its NodeLost moment).
+pub fn lost_by(node: &Node, grace: Duration, now_unix: i64) -> bool {
+    let since = node.status.last_transition_at.as_deref().and_then(sandboxd_api::time::parse_rfc3339);
+    node.status.state == NodeState::NotReady
+        && since.is_some_and(|s| s.saturating_add(grace.as_secs() as i64) <= now_unix)
+}
+
 pub use crate::clock::rfc3339_now;
 
 /// The heartbeat period with ±10 % jitter, so thousands of nodes do not beat in lockstep.
@@ -280,11 +309,14 @@ pub struct NodeController {
     controller: Controller<String>,
     /// When each node's next heartbeat is due, to measure how late it starts.
     due: parking_lot::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
+    /// Nodes whose NodeLost event was reported in their current NotReady spell.
+    reported_lost: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 impl crate::runtime::footprint::Footprint for NodeController {
     fn footprint(&self) -> Vec<(&'static str, usize)> {
-        let mut sizes = vec![("heartbeats_due", self.due.lock().len())];
+        let mut sizes =
+            vec![("heartbeats_due", self.due.lock().len()), ("reported_lost", self.reported_lost.lock().len())];
         sizes.extend(self.controller.queue().footprint());
         sizes
     }
@@ -300,8 +332,15 @@ impl NodeController {
     ) -> Arc<NodeController> {
         let controller = Controller::new("node", settings.workers);
         controller.watches(&nodes, heartbeat_now);
-        let controller =
-            Arc::new(NodeController { nodes, objects, agents, settings, controller, due: Default::default() });
+        let controller = Arc::new(NodeController {
+            nodes,
+            objects,
+            agents,
+            settings,
+            controller,
+            due: Default::default(),
+            reported_lost: Default::default(),
+        });
         crate::runtime::footprint::register("node", &controller);
         controller
     }
@@ -310,6 +349,7 @@ impl NodeController {
     pub async fn beat(&self, name: &str) -> Reconciled {
         let due = self.due.lock().remove(name);
         if self.nodes.get(name).is_none() {
+            self.reported_lost.lock().remove(name);
             return Ok(Outcome::Done);
         }
         if let Some(due) = due {
@@ -317,6 +357,9 @@ impl NodeController {
         }
         METRICS.heartbeats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let result = heartbeat_once(self.objects.as_ref(), self.agents.as_ref(), &self.settings, name).await;
+        if let Ok(report) = &result {
+            self.report_lost(&report.node);
+        }
         if let Err(e) = &result {
             if matches!(e, ObjectError::NotFound(_)) {
                 return Ok(Outcome::Done);
@@ -327,6 +370,24 @@ impl NodeController {
         self.due.lock().insert(name.to_string(), tokio::time::Instant::now() + next);
         // A failed heartbeat is already recorded in the node's streaks; the next one comes on time.
         Ok(Outcome::Requeue(next))
+    }
+
+    /// Reports NodeLost once per NotReady spell, when it has lasted `node_lost_grace`.
+    fn report_lost(&self, node: &Node) {
+        if !lost_by(node, self.settings.node_lost_grace, crate::clock::unix_now()) {
+            if node.status.state != NodeState::NotReady {
+                self.reported_lost.lock().remove(&node.name);
+            }
+            return;
+        }
+        if self.reported_lost.lock().insert(node.name.clone()) {
+            let grace = self.settings.node_lost_grace.as_secs();
+            self.settings.events.warning(
+                sandboxd_api::event::ObjectReference::node(&node.name),
+                "NodeLost",
+                format!("node {} is NotReady longer than node_lost_grace ({grace}s): its sandboxes fail NodeLost unless they tolerate sandboxd.io/not-ready longer", node.name),
+            );
+        }
     }
 
     /// Runs heartbeats until `shutdown`.

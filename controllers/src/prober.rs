@@ -1,6 +1,7 @@
 //! Readiness prober: one shared timer queue with bounded concurrency probes running sandboxes and writes `ready`.
 
 use crate::agent::{AgentClient, ProbeTarget};
+use crate::events::Events;
 use crate::node::rfc3339_now;
 use crate::objects::{ObjectClient, ObjectError};
 use crate::runtime::controller::Controller;
@@ -75,6 +76,7 @@ pub struct Prober {
     sandboxes: Informer<Sandbox>,
     objects: Arc<dyn ObjectClient>,
     agents: Arc<dyn AgentClient>,
+    events: Events,
     /// Keys come from `track`, not from a watch: a sandbox is probed once its agent runs it.
     controller: Controller<String>,
     tracked: Mutex<HashMap<String, Tracked>>,
@@ -95,12 +97,14 @@ impl Prober {
         objects: Arc<dyn ObjectClient>,
         agents: Arc<dyn AgentClient>,
         workers: usize,
+        events: Events,
     ) -> Arc<Prober> {
         let prober = Arc::new(Prober {
             nodes,
             sandboxes,
             objects,
             agents,
+            events,
             controller: Controller::new("prober", workers),
             tracked: Mutex::new(HashMap::new()),
         });
@@ -157,6 +161,11 @@ impl Prober {
             None => Err(format!("no tcp host port for probe port {} on a known node", probe.port)),
         };
         let next = record_probe(&state, &result, &probe);
+        if let Err(why) = &result {
+            // Repeats of the same error merge into one event with a count, as kubelet's do.
+            let object = sandboxd_api::event::ObjectReference::sandbox(id);
+            self.events.warning(object, "Unhealthy", format!("readiness probe failed: {why}"));
+        }
         match self.tracked.lock().get_mut(id) {
             Some(t) => t.state = next.clone(),
             None => return Ok(Outcome::Done),

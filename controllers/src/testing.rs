@@ -32,6 +32,8 @@ pub struct FakeObjects {
     watched_from: Mutex<Vec<u64>>,
     /// What the next watches do: fail, or deliver these events and end. Afterwards: open, silent.
     scripted_watches: Mutex<std::collections::VecDeque<ObjectResult<Vec<ObjectResult<RawEvent>>>>>,
+    /// Every event recorded, in order.
+    events: Mutex<Vec<sandboxd_api::event::EventRecord>>,
 }
 
 impl FakeObjects {
@@ -72,6 +74,11 @@ impl FakeObjects {
         self.writes.lock().clone()
     }
 
+    /// `(object, reason)` of every event recorded, in order.
+    pub fn event_reasons(&self) -> Vec<(String, String)> {
+        self.events.lock().iter().map(|e| (e.involved_object.to_string(), e.reason.clone())).collect()
+    }
+
     /// The last status written for sandbox `id`, if any.
     pub fn last_sandbox_status(&self, id: &str) -> Option<SandboxStatus> {
         self.writes.lock().iter().rev().find_map(|w| match w {
@@ -100,7 +107,7 @@ impl ObjectClient for FakeObjects {
         let items = match kind {
             ObjectKind::Nodes => encode_all(&self.nodes.lock()),
             ObjectKind::Sandboxes => encode_all(&self.sandboxes.lock()),
-            ObjectKind::Leases | ObjectKind::Tokens => Vec::new(),
+            ObjectKind::Leases | ObjectKind::Tokens | ObjectKind::Events => Vec::new(),
         };
         *self.lists.lock() += 1;
         Ok((items, *self.list_revision.lock()))
@@ -137,6 +144,11 @@ impl ObjectClient for FakeObjects {
 
     async fn remove_sandbox(&self, id: &str, _: &str) -> ObjectResult<()> {
         self.writes.lock().push(Write::Removed { id: id.to_string() });
+        Ok(())
+    }
+
+    async fn record_events(&self, events: &[sandboxd_api::event::EventRecord]) -> ObjectResult<()> {
+        self.events.lock().extend(events.iter().cloned());
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! TTL controller: a delay queue keyed by `expire_at` that moves expired sandboxes to Terminating.
 
 use crate::clock::Clock;
+use crate::events::Events;
 use crate::objects::{ObjectClient, ObjectError};
 use crate::runtime::controller::Controller;
 use crate::runtime::error::ControllerError;
@@ -39,6 +40,7 @@ pub struct TtlController {
     objects: Arc<dyn ObjectClient>,
     controller: Controller<String>,
     clock: Arc<dyn Clock>,
+    events: Events,
 }
 
 impl crate::runtime::footprint::Footprint for TtlController {
@@ -52,12 +54,13 @@ impl TtlController {
         sandboxes: Informer<Sandbox>,
         objects: Arc<dyn ObjectClient>,
         clock: Arc<dyn Clock>,
+        events: Events,
     ) -> Arc<TtlController> {
         let controller = Controller::new("ttl", 8);
         // Rebuilt from the informer's list on every start, so expiries due while down fire at once.
         let now = clock.clone();
         controller.watches_with(&sandboxes, move |change, queue| schedule_expiry(queue, change, now.unix_now()));
-        let controller = Arc::new(TtlController { sandboxes, objects, controller, clock });
+        let controller = Arc::new(TtlController { sandboxes, objects, controller, clock, events });
         crate::runtime::footprint::register("ttl", &controller);
         controller
     }
@@ -69,11 +72,16 @@ impl TtlController {
         if !remaining.is_zero() {
             return Ok(Outcome::Requeue(remaining));
         }
+        let ttl = sandbox.spec.ttl_seconds.unwrap_or_default();
+        self.events.normal(
+            sandboxd_api::event::ObjectReference::sandbox(&sandbox.id),
+            "Expired",
+            format!("ttl of {ttl}s expired: deleting the sandbox"),
+        );
         let result = if sandbox.status.node_name.is_none() {
             // Never bound: nothing to remove from an agent.
             self.objects.remove_sandbox(&sandbox.id, &sandbox.resource_version).await
         } else {
-            let ttl = sandbox.spec.ttl_seconds.unwrap_or_default();
             let status = SandboxStatus {
                 phase: Phase::Terminating,
                 ready: false,
@@ -148,7 +156,12 @@ mod tests {
             ],
         ));
         let sandboxes = Informer::new();
-        let controller = TtlController::new(sandboxes.clone(), objects.clone(), Arc::new(TokioClock::starting_at(T0)));
+        let controller = TtlController::new(
+            sandboxes.clone(),
+            objects.clone(),
+            Arc::new(TokioClock::starting_at(T0)),
+            Default::default(),
+        );
         let stop = CancellationToken::new();
         tokio::spawn(sandboxes.run(objects.clone(), stop.clone()));
         tokio::spawn(controller.run(stop.clone()));

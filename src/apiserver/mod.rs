@@ -4,6 +4,7 @@ pub mod audit;
 pub mod auth;
 mod dataplane;
 mod error;
+mod events;
 mod extract;
 mod leases;
 mod nodes;
@@ -126,6 +127,7 @@ pub fn node_settings(config: &Config) -> NodeSettings {
         ready_threshold: config.node_ready_threshold,
         failure_threshold: config.node_failure_threshold,
         default_max_alloc_percent: config.max_alloc_percent,
+        node_lost_grace: config.node_lost_grace,
         ..NodeSettings::default()
     }
 }
@@ -155,6 +157,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         )
         .route("/api/v1/sandboxes/{id}/files/archive", get(dataplane::read_archive).put(dataplane::write_archive))
         .route("/api/v1/sandboxes/{id}/logs", get(dataplane::logs))
+        .route("/api/v1/events", post(events::record).get(events::list))
         .route("/api/v1/leases", post(leases::create).get(leases::list))
         .route("/api/v1/leases/{name}", get(leases::get_one).put(leases::update).delete(leases::delete))
         .route("/api/v1/tokens", post(tokens::issue).get(tokens::list))

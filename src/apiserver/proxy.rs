@@ -108,7 +108,8 @@ pub async fn get_sandbox(
 #[utoipa::path(post, path = "/api/v1/nodes/{name}/sandboxes", params(("name" = String, Path)),
     request_body = sandboxd_api::agent::AgentCreateRequest,
     responses((status = 201, description = "Created on the agent"), (status = 404, description = "Unknown node"),
-              (status = 409, description = "Port clash or no capacity on the agent"), (status = 502, description = "Agent failed")))]
+              (status = 409, description = "Port clash, no capacity, or a runtime class the node does not offer"),
+              (status = 502, description = "Agent failed")))]
 pub async fn create_sandbox(
     State(state): State<ApiState>,
     Path(name): Path<String>,
@@ -117,8 +118,9 @@ pub async fn create_sandbox(
     check_names(&[("id", &request.id)])?;
     let (node, agents) = node_and_agent(&state, &name).await?;
     // An agent older than runtime classes would ignore the field and run the sandbox under runc.
+    // A valid request the node cannot take now (it may offer the class later): 409, like a port clash.
     if !node.status.node_info.runtime_classes().contains(request.runtime_class) {
-        return Err(ApiError::BadRequest(format!(
+        return Err(ApiError::Conflict(format!(
             "runtime_class: node {name} does not offer {} (it offers: {})",
             request.runtime_class,
             node.status.node_info.runtime_classes().names().join(", ")

@@ -97,10 +97,29 @@ impl WatchSlots {
 /// A full server is an HTTP 429 before the stream; a revision the store cannot serve is one ERROR
 /// event in the stream, as Kubernetes answers it.
 pub fn stream(state: &ApiState, kind: Kind, from: Option<Revision>, caller: &Identity) -> ApiResult<Response> {
+    stream_matching(state, kind, from, caller, None)
+}
+
+/// Like `stream`, keeping of the object lines only those that contain `needle` (bookmarks and
+/// errors always pass): the events of one involved object, matched on their encoding.
+pub fn stream_matching(
+    state: &ApiState,
+    kind: Kind,
+    from: Option<Revision>,
+    caller: &Identity,
+    needle: Option<Vec<u8>>,
+) -> ApiResult<Response> {
     // The anonymous caller of a server without authentication is everyone: only the server cap.
     let slot = state.watch_slots.take((caller.source != "anonymous").then_some(caller.name.as_str()))?;
     let lines = stream::once(open(state.store.clone(), kind, from, state.watch_limits))
         .flatten()
+        .filter(move |line| {
+            let keep = match &needle {
+                None => true,
+                Some(needle) => !is_object_line(line) || contains(line, needle),
+            };
+            std::future::ready(keep)
+        })
         .take_until(state.shutdown.clone().cancelled_owned())
         .map(move |line| {
             // The slot goes back when the stream is dropped, however it ends.
@@ -112,6 +131,16 @@ pub fn stream(state: &ApiState, kind: Kind, from: Option<Revision>, caller: &Ide
         .header(CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(lines))
         .expect("static headers are valid"))
+}
+
+fn is_object_line(line: &[u8]) -> bool {
+    [&b"{\"type\":\"ADDED\""[..], b"{\"type\":\"MODIFIED\"", b"{\"type\":\"DELETED\""]
+        .iter()
+        .any(|p| line.starts_with(p))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The encoded lines of a watch: ADDED for `initial` (encoded as the client reads, not all at

@@ -5,9 +5,11 @@
 //! whichever way a write arrives, and each caller maps `RegistryError` once.
 
 mod drain;
+mod events;
 mod nodes;
 mod sandboxes;
 
+pub use events::Swept;
 pub use sandboxes::{check_status_transition, mark_terminating, Created};
 
 use crate::address_policy::AddressPolicy;

@@ -67,7 +67,15 @@ impl SandboxController {
                 .is_some_and(|s| s.status.node_name.as_deref() == Some(node.name.as_str()) && !s.status.released);
             if managed && !known && self.confirmed_orphan(&agent_sandbox.id, &node.name).await {
                 match self.agents.delete_sandbox(AgentAddr::of(node), &agent_sandbox.id).await {
-                    Ok(()) => tracing::info!(node = %node.name, sandbox = %agent_sandbox.id, "removed managed orphan"),
+                    Ok(()) => {
+                        tracing::info!(node = %node.name, sandbox = %agent_sandbox.id, "removed managed orphan");
+                        let why = format!("removed from node {}, which the sandbox is no longer bound to", node.name);
+                        self.settings.events.normal(
+                            sandboxd_api::event::ObjectReference::sandbox(&agent_sandbox.id),
+                            "OrphanDeleted",
+                            why,
+                        );
+                    }
                     Err(e) => {
                         tracing::debug!(node = %node.name, sandbox = %agent_sandbox.id, error = %e, "orphan removal failed")
                     }

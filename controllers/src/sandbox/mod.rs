@@ -17,6 +17,7 @@ use crate::runtime::queue::{Outcome, Reconciled};
 use crate::status::write_status;
 use parking_lot::Mutex;
 use sandboxd_api::agent::{AgentCreateRequest, AgentPhase, AgentPort, AgentSandbox};
+use sandboxd_api::event::ObjectReference;
 use sandboxd_api::sandbox::{PendingEviction, RestartPolicy};
 use sandboxd_api::taints::{
     eviction, with_default_tolerations, with_system_taints, Eviction, Taint, Toleration, NOT_READY_TAINT,
@@ -39,6 +40,8 @@ pub struct SandboxSettings {
     pub creating_poll: Duration,
     /// How long a sandbox may stay Scheduled or Creating before it fails with `CreateTimeout`.
     pub creating_timeout: Duration,
+    /// Where the lifecycle events of sandboxes (Created, Started, Killing, NodeLost, …) go.
+    pub events: crate::events::Events,
 }
 
 impl Default for SandboxSettings {
@@ -49,6 +52,7 @@ impl Default for SandboxSettings {
             workers: 64,
             creating_poll: Duration::from_millis(100),
             creating_timeout: Duration::from_secs(300),
+            events: Default::default(),
         }
     }
 }
@@ -365,6 +369,14 @@ impl SandboxController {
         }
     }
 
+    fn event_normal(&self, sandbox: &Sandbox, reason: &str, message: &str) {
+        self.settings.events.normal(ObjectReference::sandbox(&sandbox.id), reason, message);
+    }
+
+    fn event_warning(&self, sandbox: &Sandbox, reason: &str, message: &str) {
+        self.settings.events.warning(ObjectReference::sandbox(&sandbox.id), reason, message);
+    }
+
     fn unindex(&self, node: &str, id: &str) {
         let mut by_node = self.by_node.lock();
         if let Some(ids) = by_node.get_mut(node) {
@@ -417,6 +429,7 @@ impl SandboxController {
         let evict_at = match judge_node(node.as_deref(), tolerations, now, grace, all_down, self.started_unix) {
             NodeVerdict::Leave(reason, message) => {
                 let message = if node.is_none() { format!("node {node_name} was deleted") } else { message };
+                self.event_warning(sandbox, reason, &message);
                 write_status(self.objects.as_ref(), sandbox, failed(&sandbox.status, reason, message)).await?;
                 self.prober.forget(&sandbox.id);
                 return Ok(Outcome::Done);
@@ -427,6 +440,7 @@ impl SandboxController {
         let node = node.expect("usable nodes exist");
         if let Some(why) = creation_overdue(&sandbox.status, self.settings.creating_timeout, now) {
             // Failed keeps the binding, so the Failed clean-up removes whatever the agent made.
+            self.event_warning(sandbox, "CreateTimeout", &why);
             write_status(self.objects.as_ref(), sandbox, failed(&sandbox.status, "CreateTimeout", why)).await?;
             self.prober.forget(&sandbox.id);
             return Ok(Outcome::Done);
@@ -490,6 +504,8 @@ impl SandboxController {
         if node.status.state == NodeState::Ready {
             let left = Duration::from_secs(deadline.saturating_sub(now).max(0) as u64);
             let grace = Duration::from_secs(u64::from(eviction.grace_seconds)).min(left);
+            let why = format!("stopping it on node {} within {}s: {}", node.name, grace.as_secs(), eviction.message);
+            self.event_normal(sandbox, "Killing", &why);
             self.start_stop(&sandbox.id, node, grace);
             return Ok(Outcome::Done);
         }
@@ -537,7 +553,12 @@ impl SandboxController {
                 status
             }
         };
-        write_status(self.objects.as_ref(), sandbox, status).await?;
+        write_status(self.objects.as_ref(), sandbox, status.clone()).await?;
+        let message = status.message.as_deref().unwrap_or_default();
+        match sandbox.spec.restart_policy {
+            RestartPolicy::Reschedule => self.event_normal(sandbox, "Rescheduled", message),
+            RestartPolicy::Never => self.event_warning(sandbox, "Evicted", message),
+        }
         let node = sandbox.status.node_name.as_deref().unwrap_or("");
         tracing::info!(sandbox = %sandbox.id, node, stopped, policy = ?sandbox.spec.restart_policy, "sandbox evicted");
         Ok(Outcome::Done)
@@ -552,16 +573,19 @@ impl SandboxController {
                 status.message = None;
                 apply_agent_view(&mut status, &created, node);
                 write_status(self.objects.as_ref(), sandbox, status).await?;
+                self.event_normal(sandbox, "Created", &format!("node {} accepted the sandbox", node.name));
                 Ok(Outcome::Requeue(self.settings.creating_poll))
             }
             Err(e) if e.is_client_error() => {
                 let status = failed(&sandbox.status, "AgentRejected", format!("node {}: {e}", node.name));
+                self.event_warning(sandbox, "AgentRejected", status.message.as_deref().unwrap_or_default());
                 write_status(self.objects.as_ref(), sandbox, status).await?;
                 Ok(Outcome::Done)
             }
             Err(e) => {
                 // Retried with backoff; say why in the status so `describe` shows what it is waiting for.
                 let message = format!("creating on node {}: {e} (retrying)", node.name);
+                self.event_warning(sandbox, "FailedCreate", &message);
                 if sandbox.status.message.as_deref() != Some(message.as_str()) {
                     let mut status = sandbox.status.clone();
                     status.reason = Some("AgentError".into());
@@ -586,6 +610,7 @@ impl SandboxController {
         let outcome = match verdict {
             AgentVerdict::Failed { reason, message } => {
                 self.prober.forget(&sandbox.id);
+                self.event_warning(sandbox, reason, &message);
                 status = failed(&status, reason, message);
                 Outcome::Done
             }
@@ -611,7 +636,10 @@ impl SandboxController {
             },
         };
         if status != sandbox.status {
-            write_status(self.objects.as_ref(), sandbox, status).await?;
+            write_status(self.objects.as_ref(), sandbox, status.clone()).await?;
+            if status.phase == Phase::Running && sandbox.status.phase != Phase::Running {
+                self.event_normal(sandbox, "Started", &format!("running on node {}", node.name));
+            }
         }
         Ok(outcome)
     }
@@ -621,6 +649,7 @@ impl SandboxController {
         // A released sandbox's agent already confirmed it gone: nothing to delete there.
         let on_agent = if sandbox.status.released { None } else { self.node_of(sandbox) };
         if let Some(node) = on_agent {
+            self.event_normal(sandbox, "Killing", &format!("removing it from node {}", node.name));
             match self.agents.delete_sandbox(AgentAddr::of(&node), &sandbox.id).await {
                 Ok(()) => {}
                 Err(e) if e.is_not_found() => {}
@@ -724,7 +753,14 @@ mod tests {
         let objects = Arc::new(FakeObjects::new(nodes, sandboxes));
         let (node_informer, sandbox_informer) = (Informer::new(), Informer::new());
         let agents: Arc<dyn AgentClient> = Arc::new(UnreachableAgents);
-        let prober = Prober::new(node_informer.clone(), sandbox_informer.clone(), objects.clone(), agents.clone(), 1);
+        let prober = Prober::new(
+            node_informer.clone(),
+            sandbox_informer.clone(),
+            objects.clone(),
+            agents.clone(),
+            1,
+            Default::default(),
+        );
         let settings = SandboxSettings { node_lost_grace: Duration::from_secs(60), ..SandboxSettings::default() };
         let clock = Arc::new(TokioClock::starting_at(t0));
         let controller = SandboxController::new(

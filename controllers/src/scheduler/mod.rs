@@ -14,6 +14,7 @@ use crate::runtime::error::ControllerError;
 use crate::runtime::informer::{Change, Informer};
 use crate::runtime::queue::{Outcome, Reconciled};
 use parking_lot::Mutex;
+use sandboxd_api::event::ObjectReference;
 use sandboxd_api::validate::SandboxPolicy;
 use sandboxd_api::{AssignedPort, Node, NodeState, Phase, Protocol, Sandbox};
 use std::collections::HashSet;
@@ -29,6 +30,8 @@ pub struct SchedulerSettings {
     pub requests: SandboxPolicy,
     /// Binds written concurrently; placement itself is serialized.
     pub workers: usize,
+    /// Where Scheduled, FailedScheduling and Preempted events go.
+    pub events: crate::events::Events,
 }
 
 impl Default for SchedulerSettings {
@@ -38,8 +41,19 @@ impl Default for SchedulerSettings {
             host_port_range: (10000, 19999),
             requests: SandboxPolicy::default(),
             workers: 32,
+            events: Default::default(),
         }
     }
+}
+
+/// ` (host ports 10000->80/tcp, …)` for an event's message, or nothing without ports.
+fn ports_note(ports: &[AssignedPort]) -> String {
+    if ports.is_empty() {
+        return String::new();
+    }
+    let each: Vec<String> =
+        ports.iter().map(|p| format!("{}->{}/{}", p.host_port, p.container_port, p.protocol.as_str())).collect();
+    format!(" (host ports {})", each.join(", "))
 }
 
 /// The scheduler controller.
@@ -246,6 +260,11 @@ impl Scheduler {
             Ok(_) => {
                 crate::runtime::metrics::METRICS.binds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.unschedulable.lock().remove(&sandbox.id);
+                self.settings.events.normal(
+                    ObjectReference::sandbox(&sandbox.id),
+                    "Scheduled",
+                    format!("placed on node {}{}", node.name, ports_note(&status.assigned_ports)),
+                );
                 tracing::info!(sandbox = %sandbox.id, node = %node.name, from = "Pending", to = "Scheduled", "sandbox phase changed");
                 Ok(Outcome::Done)
             }
@@ -282,6 +301,11 @@ impl Scheduler {
                 .await
                 .map_err(|e| ControllerError::from(e).context(format!("preempting {id} on {node}")))?;
             self.index.lock().mark(id, victim.spec.priority, true);
+            self.settings.events.warning(
+                ObjectReference::sandbox(id),
+                "Preempted",
+                status.message.clone().unwrap_or_default(),
+            );
             tracing::info!(sandbox = %id, node, by = %by.id, from = victim.status.phase.as_str(), to = "Failed", reason = "Preempted", "sandbox phase changed");
         }
         Ok(())
@@ -294,6 +318,7 @@ impl Scheduler {
         if unchanged {
             return Ok(Outcome::Done);
         }
+        self.settings.events.warning(ObjectReference::sandbox(&sandbox.id), "FailedScheduling", message.clone());
         let mut status = sandbox.status.clone();
         status.reason = Some("Unschedulable".into());
         status.message = Some(message);
@@ -352,6 +377,9 @@ mod assumption_tests {
         }
         async fn remove_sandbox(&self, _: &str, _: &str) -> ObjectResult<()> {
             Err(ObjectError::Unavailable("test".into()))
+        }
+        async fn record_events(&self, _: &[sandboxd_api::event::EventRecord]) -> ObjectResult<()> {
+            Ok(())
         }
     }
 

@@ -32,6 +32,7 @@ pub fn print_line(line: &str) {
 
 mod dataplane;
 mod drain;
+mod events;
 mod manifest;
 mod render;
 mod wait;
@@ -68,7 +69,8 @@ enum Command {
     },
     /// List objects, or show one.
     Get {
-        resource: Resource,
+        resource: Listable,
+        /// The object's name; for events, the object they are about (`sandbox/ID`, `node/NAME`).
         name: Option<String>,
         #[arg(short = 'o', long)]
         output: Option<Output>,
@@ -172,6 +174,31 @@ enum AuthCommand {
     Whoami,
 }
 
+/// What `get` lists: the objects, and the events about them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Listable {
+    #[value(alias = "node", alias = "no")]
+    Nodes,
+    #[value(alias = "sandbox", alias = "sbx")]
+    Sandboxes,
+    #[value(alias = "lease")]
+    Leases,
+    #[value(alias = "event", alias = "ev")]
+    Events,
+}
+
+impl Listable {
+    /// The object kind, or `None` for events.
+    fn object(self) -> Option<Resource> {
+        match self {
+            Listable::Nodes => Some(Resource::Nodes),
+            Listable::Sandboxes => Some(Resource::Sandboxes),
+            Listable::Leases => Some(Resource::Leases),
+            Listable::Events => None,
+        }
+    }
+}
+
 /// The kinds sbxctl knows, with kubectl-style short names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Resource {
@@ -264,9 +291,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     let client = Client::from_config(&client_config(&cli)?)?;
     match cli.command {
         Command::Apply { files } => manifest::apply(&client, &files).await,
-        Command::Get { resource, name, output, watch } => {
-            render::get(&client, resource, name.as_deref(), output, watch).await.map(|_| 0)
-        }
+        Command::Get { resource, name, output, watch } => match resource.object() {
+            Some(resource) => render::get(&client, resource, name.as_deref(), output, watch).await.map(|_| 0),
+            None => {
+                let json = matches!(output, Some(Output::Json | Output::Yaml));
+                events::get(&client, name.as_deref(), json, watch).await.map(|_| 0)
+            }
+        },
         Command::Describe { resource, name } => render::describe(&client, resource, &name).await.map(|_| 0),
         Command::Delete { resource, name, wait, timeout } => delete(&client, resource, &name, wait, &timeout).await,
         Command::Logs { sandbox, container, tail, follow: true } => {

@@ -304,7 +304,10 @@ async fn stream_rows(
 /// `describe`: everything about one object, in a readable block.
 pub async fn describe(client: &Client, resource: Resource, name: &str) -> anyhow::Result<()> {
     match resource {
-        Resource::Sandboxes => describe_sandbox(&client.get_sandbox(name).await?),
+        Resource::Sandboxes => {
+            describe_sandbox(&client.get_sandbox(name).await?);
+            crate::events::describe_block(client, &format!("sandbox/{name}")).await?;
+        }
         Resource::Nodes => {
             let node = client.get_node(name).await?;
             let bound: Vec<String> = client
@@ -316,6 +319,7 @@ pub async fn describe(client: &Client, resource: Resource, name: &str) -> anyhow
                 .map(|s| format!("{} ({})", s.id, s.status.phase.as_str()))
                 .collect();
             describe_node(&node, &bound);
+            crate::events::describe_block(client, &format!("node/{name}")).await?;
         }
         Resource::Leases => describe_lease(&client.get_lease(name).await?),
     }

@@ -1,0 +1,75 @@
+//! Event routes: controllers record batches; anyone who may read sandboxes lists or watches them,
+//! all or one object's (`?object=sandbox/ID` or `node/NAME`).
+
+use super::auth::Identity;
+use super::error::{ApiError, ApiResult};
+use super::extract::{ApiJson, ApiQuery};
+use super::nodes::{list_kind, query_bool, ListQuery};
+use super::{respond, watch, ApiState};
+use crate::store::Kind;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use sandboxd_api::event::{Event, EventBatch, ObjectReference};
+
+/// Query of `GET /api/v1/events`: a list query plus the involved-object filter.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct EventsQuery {
+    pub object: Option<String>,
+    pub watch: Option<String>,
+    pub resource_version: Option<String>,
+    pub limit: Option<String>,
+    pub cursor: Option<String>,
+}
+
+#[utoipa::path(post, path = "/api/v1/events", request_body = EventBatch,
+    responses((status = 200, description = "Recorded, each merged into the event of the same name"),
+              (status = 400, description = "A record is invalid (nothing is written)")))]
+pub async fn record(State(state): State<ApiState>, ApiJson(batch): ApiJson<EventBatch>) -> ApiResult<Response> {
+    state.registry.record_events(&batch.events).await?;
+    Ok((StatusCode::OK, axum::Json(serde_json::json!({ "recorded": batch.events.len() }))).into_response())
+}
+
+#[utoipa::path(get, path = "/api/v1/events",
+    params(("object" = Option<String>, Query, description = "Only this object's events: sandbox/ID or node/NAME"),
+           ("watch" = Option<bool>, Query, description = "Stream changes as NDJSON"),
+           ("resource_version" = Option<String>, Query, description = "Watch changes after this revision"),
+           ("limit" = Option<usize>, Query, description = "Page size (not with object)"),
+           ("cursor" = Option<String>, Query, description = "Exclusive start name (not with object)")),
+    responses((status = 200, description = "Events, or a watch stream"), (status = 400, description = "Bad filter")))]
+pub async fn list(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Identity>,
+    ApiQuery(query): ApiQuery<EventsQuery>,
+) -> ApiResult<Response> {
+    let rest = ListQuery {
+        watch: query.watch,
+        resource_version: query.resource_version,
+        limit: query.limit,
+        cursor: query.cursor,
+    };
+    let Some(object) = query.object else { return list_kind(&state, Kind::Events, rest, &caller).await };
+    let object = ObjectReference::parse(&object).map_err(|e| ApiError::BadRequest(format!("object: {e}")))?;
+    if rest.limit.is_some() || rest.cursor.is_some() {
+        return Err(ApiError::BadRequest(
+            "limit and cursor page all events; with object, every match is listed".into(),
+        ));
+    }
+    // The encoding of the reference, as it appears in every event of that object.
+    let needle = format!("\"involved_object\":{}", serde_json::to_string(&object).expect("references serialize"));
+    if query_bool("watch", rest.watch.as_deref())? {
+        let from = super::nodes::parse_expected(rest.resource_version.as_deref())?;
+        return watch::stream_matching(&state, Kind::Events, from, &caller, Some(needle.into_bytes()));
+    }
+    let (items, revision) = state.store.list(Kind::Events).await?;
+    let mut matching = Vec::new();
+    for stored in items {
+        let event: Event = stored.decode()?;
+        if event.involved_object == object {
+            matching.push((event.first_seen, stored));
+        }
+    }
+    matching.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(respond::list(matching.into_iter().map(|(_, stored)| stored).collect(), revision, None))
+}
