@@ -96,7 +96,7 @@ pub struct EventRecord {
     /// Repeats merged by the reporter before it sent them (at least 1).
     #[serde(default = "one")]
     pub count: u64,
-    /// When it first and last happened, by the reporter's clock (RFC 3339, milliseconds).
+    /// When it first and last happened, by the reporter's clock (RFC 3339, microseconds).
     pub first_seen: String,
     pub last_seen: String,
 }
@@ -212,21 +212,21 @@ mod tests {
             message: message.into(),
             source: "scheduler".into(),
             count: 1,
-            first_seen: "2026-12-02T10:00:00.000Z".into(),
-            last_seen: "2026-12-02T10:00:00.000Z".into(),
+            first_seen: "2026-12-02T10:00:00.000000Z".into(),
+            last_seen: "2026-12-02T10:00:00.000000Z".into(),
         }
     }
 
     #[test]
     fn repeats_share_a_name_and_merge_into_one_count() {
         let first = record("Scheduled", "placed on node a");
-        let again = EventRecord { last_seen: "2026-12-02T10:00:05.000Z".into(), count: 2, ..first.clone() };
+        let again = EventRecord { last_seen: "2026-12-02T10:00:05.000000Z".into(), count: 2, ..first.clone() };
         assert_eq!(first.event_name(), again.event_name());
         assert_ne!(first.event_name(), record("Scheduled", "placed on node b").event_name());
         let mut event = Event::from_record(&first);
         event.merge(&again);
-        assert_eq!((event.count, event.last_seen.as_str()), (3, "2026-12-02T10:00:05.000Z"));
-        assert_eq!(event.first_seen, "2026-12-02T10:00:00.000Z");
+        assert_eq!((event.count, event.last_seen.as_str()), (3, "2026-12-02T10:00:05.000000Z"));
+        assert_eq!(event.first_seen, "2026-12-02T10:00:00.000000Z");
     }
 
     #[test]

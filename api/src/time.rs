@@ -1,4 +1,4 @@
-//! RFC 3339 UTC timestamps with second precision (milliseconds for events), and the wall clock they are read from.
+//! RFC 3339 UTC timestamps with second precision (microseconds for events), and the wall clock they are read from.
 
 /// Seconds since the Unix epoch, by the wall clock.
 pub fn unix_now() -> i64 {
@@ -10,17 +10,18 @@ pub fn rfc3339_now() -> String {
     format_unix(unix_now())
 }
 
-/// Now as `2026-05-15T04:30:00.123Z`: for records ordered within a second (events).
-pub fn rfc3339_millis_now() -> String {
-    let ms =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
-    format_unix_millis(ms)
+/// Now as `2026-05-15T04:30:00.123456Z`: for records ordered within a millisecond (events, as
+/// Kubernetes' MicroTime orders them).
+pub fn rfc3339_micros_now() -> String {
+    let us =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+    format_unix_micros(us)
 }
 
-/// Formats milliseconds since the Unix epoch as `2026-05-15T04:30:00.123Z`.
-pub fn format_unix_millis(ms: i64) -> String {
-    let seconds = format_unix(ms.div_euclid(1000));
-    format!("{}.{:03}Z", &seconds[..seconds.len() - 1], ms.rem_euclid(1000))
+/// Formats microseconds since the Unix epoch as `2026-05-15T04:30:00.123456Z`.
+pub fn format_unix_micros(us: i64) -> String {
+    let seconds = format_unix(us.div_euclid(1_000_000));
+    format!("{}.{:06}Z", &seconds[..seconds.len() - 1], us.rem_euclid(1_000_000))
 }
 
 /// Formats seconds since the Unix epoch as `2026-05-15T04:30:00Z`.
@@ -102,9 +103,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn formats_milliseconds_that_parse_back_to_their_second() {
-        assert_eq!(format_unix_millis(1_000_007), "1970-01-01T00:16:40.007Z");
-        assert_eq!(parse_rfc3339(&format_unix_millis(1_000_007)), Some(1_000));
+    fn formats_microseconds_that_parse_back_to_their_second() {
+        assert_eq!(format_unix_micros(1_000_000_007), "1970-01-01T00:16:40.000007Z");
+        assert_eq!(parse_rfc3339(&format_unix_micros(1_000_000_007)), Some(1_000));
     }
 
     #[test]

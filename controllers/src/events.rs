@@ -3,6 +3,7 @@
 //! fit the bounded buffer is dropped and counted, as Kubernetes' recorder drops under pressure.
 
 use crate::objects::ObjectClient;
+use crate::runtime::metrics::METRICS;
 use parking_lot::Mutex;
 use sandboxd_api::event::{EventRecord, EventType, ObjectReference, MAX_EVENTS_PER_BATCH, MAX_MESSAGE_CHARS};
 use std::collections::HashMap;
@@ -56,6 +57,7 @@ impl Recorder {
         if pending.len() >= MAX_PENDING {
             drop(pending);
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            METRICS.events_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
         pending.insert(name, record);
@@ -69,9 +71,11 @@ impl Recorder {
             match self.objects.record_events(chunk).await {
                 Ok(()) => {
                     self.written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    METRICS.events_written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
                     self.dropped.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    METRICS.events_dropped.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                     tracing::debug!(error = %e, events = chunk.len(), "events not recorded");
                 }
             }
@@ -110,16 +114,32 @@ impl Events {
     }
 
     pub fn normal(&self, object: ObjectReference, reason: &str, message: impl Into<String>) {
-        self.emit(object, EventType::Normal, reason, message.into());
+        self.emit(object, EventType::Normal, reason, message.into(), sandboxd_api::time::rfc3339_micros_now());
+    }
+
+    /// The time to give an event that is reported only once its write succeeded (`normal_at`), so
+    /// it sorts before what other controllers did in reaction to that write.
+    pub fn stamp() -> String {
+        sandboxd_api::time::rfc3339_micros_now()
+    }
+
+    pub fn normal_at(&self, at: String, object: ObjectReference, reason: &str, message: impl Into<String>) {
+        self.emit(object, EventType::Normal, reason, message.into(), at);
     }
 
     pub fn warning(&self, object: ObjectReference, reason: &str, message: impl Into<String>) {
-        self.emit(object, EventType::Warning, reason, message.into());
+        self.emit(object, EventType::Warning, reason, message.into(), sandboxd_api::time::rfc3339_micros_now());
     }
 
-    fn emit(&self, involved_object: ObjectReference, event_type: EventType, reason: &str, message: String) {
+    fn emit(
+        &self,
+        involved_object: ObjectReference,
+        event_type: EventType,
+        reason: &str,
+        message: String,
+        now: String,
+    ) {
         let Some(recorder) = &self.recorder else { return };
-        let now = sandboxd_api::time::rfc3339_millis_now();
         recorder.record(EventRecord {
             involved_object,
             event_type,

@@ -232,6 +232,8 @@ async fn metrics(State(state): State<ApiState>) -> String {
     let counters = [
         ("sandboxd_heartbeats_total", m.heartbeats.load(Relaxed)),
         ("sandboxd_binds_total", m.binds.load(Relaxed)),
+        ("sandboxd_events_written_total", m.events_written.load(Relaxed)),
+        ("sandboxd_events_dropped_total", m.events_dropped.load(Relaxed)),
         ("sandboxd_store_commits_total", crate::store::COMMITS.load(Relaxed)),
         ("sandboxd_store_writes_total", crate::store::COMMITTED_WRITES.load(Relaxed)),
     ];

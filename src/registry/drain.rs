@@ -1,6 +1,6 @@
-//! Node drain: cordon the node and mark it draining, then mark each sandbox on it for eviction; the
-//! sandbox controller stops them within the grace and fails them (`Evicted`) or places them again
-//! (`Reschedule`).
+//! Node drain: cordon the node, mark each sandbox on it for eviction, then mark the node draining;
+//! the sandbox controller stops them within the grace and fails them (`Evicted`) or places them
+//! again (`Reschedule`).
 
 use super::{Registry, RegistryError, RegistryResult};
 use crate::store::{Kind, StoreError};
@@ -22,8 +22,11 @@ impl Registry {
             grace_seconds,
             deadline_at: format_unix(self.clock.unix_now().saturating_add(i64::from(deadline_seconds))),
         };
-        let node = self.mark_draining(name, wanted).await?;
-        let eviction = node.draining.clone().expect("a draining node has its terms");
+        // Cordon first, so nothing new lands while the scan runs; the node is marked draining only
+        // after the scan, so the sandbox controller never evicts (and moves away) a sandbox before
+        // the scan has counted it.
+        let cordoned = self.update_node(name, |node| node.unschedulable = true).await?;
+        let eviction = cordoned.draining.clone().unwrap_or(wanted);
         let (mut evicted, mut rescheduled) = (Vec::new(), Vec::new());
         let mut cursor = String::new();
         loop {
@@ -45,23 +48,29 @@ impl Registry {
             }
             cursor = page.next_cursor;
         }
+        // A bind that raced the cordon lands after the scan: the marker lets the controller evict it.
+        let node = self
+            .update_node(name, |node| {
+                node.unschedulable = true;
+                node.draining.get_or_insert_with(|| eviction.clone());
+            })
+            .await?;
         tracing::info!(node = name, evicted = evicted.len(), rescheduled = rescheduled.len(), "node drain requested");
         Ok(DrainResponse { node, evicted, rescheduled, deadline_at: eviction.deadline_at })
     }
 
-    /// Cordons the node and records the drain's terms on it, in one write; a node already draining
-    /// keeps the terms it has (a repeated drain changes no deadline). The sandbox controller evicts
-    /// whatever is bound to a draining node, so a bind that raced the cordon is evicted too.
-    async fn mark_draining(&self, name: &str, wanted: PendingEviction) -> RegistryResult<Node> {
+    /// Applies `change` to the node with compare-and-swap (nothing is written when it changes
+    /// nothing) and returns the node.
+    async fn update_node(&self, name: &str, change: impl Fn(&mut Node)) -> RegistryResult<Node> {
         loop {
             let current = self.get_node(name).await?;
             let mut node: Node = current.decode()?;
-            if node.unschedulable && node.draining.is_some() {
+            let before = node.clone();
+            change(&mut node);
+            if node == before {
                 node.resource_version = current.revision.to_string();
                 return Ok(node);
             }
-            node.unschedulable = true;
-            node.draining = Some(node.draining.take().unwrap_or_else(|| wanted.clone()));
             node.updated_at = self.clock.rfc3339_now();
             let json = super::encode(&node)?;
             match self.store.update_encoded(Kind::Nodes, name, json, Some(current.revision)).await {

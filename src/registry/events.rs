@@ -106,7 +106,7 @@ mod tests {
     const T0: i64 = 1_800_000_000;
 
     fn record(object: &str, reason: &str, seen_secs_ago: i64) -> EventRecord {
-        let at = sandboxd_api::time::format_unix_millis((T0 - seen_secs_ago) * 1000);
+        let at = sandboxd_api::time::format_unix_micros((T0 - seen_secs_ago) * 1_000_000);
         EventRecord {
             involved_object: ObjectReference::sandbox(object),
             event_type: EventType::Normal,

@@ -82,6 +82,10 @@ pub struct ControllerMetrics {
     pub heartbeats: AtomicU64,
     pub binds: AtomicU64,
     pub agent_creates: AtomicU64,
+    /// Events written by this process's recorders (a merged repeat counts once).
+    pub events_written: AtomicU64,
+    /// Events dropped: the recorder's buffer was full, or the write failed.
+    pub events_dropped: AtomicU64,
 }
 
 /// The process's controller metrics.
@@ -90,6 +94,8 @@ pub static METRICS: ControllerMetrics = ControllerMetrics {
     heartbeats: AtomicU64::new(0),
     binds: AtomicU64::new(0),
     agent_creates: AtomicU64::new(0),
+    events_written: AtomicU64::new(0),
+    events_dropped: AtomicU64::new(0),
 };
 
 #[cfg(test)]

@@ -565,6 +565,7 @@ impl SandboxController {
     }
 
     async fn create_on_agent(&self, sandbox: &Sandbox, node: &Node) -> Result<Outcome, ControllerError> {
+        let at = crate::events::Events::stamp();
         match self.agents.create_sandbox(AgentAddr::of(node), &agent_request(sandbox)).await {
             Ok(created) => {
                 let mut status = sandbox.status.clone();
@@ -573,7 +574,8 @@ impl SandboxController {
                 status.message = None;
                 apply_agent_view(&mut status, &created, node);
                 write_status(self.objects.as_ref(), sandbox, status).await?;
-                self.event_normal(sandbox, "Created", &format!("node {} accepted the sandbox", node.name));
+                let accepted = format!("node {} accepted the sandbox", node.name);
+                self.settings.events.normal_at(at, ObjectReference::sandbox(&sandbox.id), "Created", accepted);
                 Ok(Outcome::Requeue(self.settings.creating_poll))
             }
             Err(e) if e.is_client_error() => {

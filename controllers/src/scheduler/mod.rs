@@ -256,11 +256,13 @@ impl Scheduler {
         status.external = Some(node.effective_external().to_string()).filter(|e| !e.is_empty());
         status.reason = None;
         status.message = None;
+        let at = crate::events::Events::stamp();
         match self.objects.put_sandbox_status(&sandbox.id, &status, &sandbox.resource_version).await {
             Ok(_) => {
                 crate::runtime::metrics::METRICS.binds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.unschedulable.lock().remove(&sandbox.id);
-                self.settings.events.normal(
+                self.settings.events.normal_at(
+                    at,
                     ObjectReference::sandbox(&sandbox.id),
                     "Scheduled",
                     format!("placed on node {}{}", node.name, ports_note(&status.assigned_ports)),
