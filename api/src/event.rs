@@ -163,11 +163,25 @@ impl EventRecord {
             return Some("count: at least 1".into());
         }
         for (field, at) in [("first_seen", &self.first_seen), ("last_seen", &self.last_seen)] {
-            if crate::time::parse_rfc3339(at).is_none() {
+            if crate::time::parse_rfc3339_micros(at).is_none() {
                 return Some(format!("{field}: {at:?} is not an RFC 3339 time"));
             }
         }
         None
+    }
+
+    /// The record with both times in the one format events are compared in (UTC, microseconds),
+    /// `last_seen` no earlier than `first_seen`, and neither later than `now_micros` (a reporter's
+    /// clock running ahead cannot make an event outlive the sweep). Call after `problem`.
+    pub fn canonical(&self, now_micros: i64) -> EventRecord {
+        let parse = |at: &str| crate::time::parse_rfc3339_micros(at).unwrap_or(now_micros).min(now_micros);
+        let first = parse(&self.first_seen);
+        let last = parse(&self.last_seen).max(first);
+        EventRecord {
+            first_seen: crate::time::format_unix_micros(first),
+            last_seen: crate::time::format_unix_micros(last),
+            ..self.clone()
+        }
     }
 }
 
@@ -227,6 +241,27 @@ mod tests {
         event.merge(&again);
         assert_eq!((event.count, event.last_seen.as_str()), (3, "2026-12-02T10:00:05.000000Z"));
         assert_eq!(event.first_seen, "2026-12-02T10:00:00.000000Z");
+    }
+
+    #[test]
+    fn times_are_made_canonical_and_never_later_than_now() {
+        let now = crate::time::parse_rfc3339_micros("2026-12-02T10:00:10.000000Z").unwrap();
+        let odd = EventRecord {
+            first_seen: "2026-12-02T11:00:00.5+01:00".into(),
+            last_seen: "2026-12-02T09:59:59Z".into(),
+            ..record("A", "b")
+        };
+        let fixed = odd.canonical(now);
+        assert_eq!(
+            (fixed.first_seen.as_str(), fixed.last_seen.as_str()),
+            ("2026-12-02T10:00:00.500000Z", "2026-12-02T10:00:00.500000Z")
+        );
+        let future = EventRecord {
+            first_seen: "2027-01-01T00:00:00Z".into(),
+            last_seen: "2027-01-01T00:00:00Z".into(),
+            ..record("A", "b")
+        };
+        assert_eq!(future.canonical(now).last_seen, "2026-12-02T10:00:10.000000Z");
     }
 
     #[test]

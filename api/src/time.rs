@@ -24,6 +24,16 @@ pub fn format_unix_micros(us: i64) -> String {
     format!("{}.{:06}Z", &seconds[..seconds.len() - 1], us.rem_euclid(1_000_000))
 }
 
+/// Parses an RFC 3339 time (as `parse_rfc3339` does) into Unix microseconds, keeping up to six
+/// fractional digits.
+pub fn parse_rfc3339_micros(s: &str) -> Option<i64> {
+    let seconds = parse_rfc3339(s)?;
+    let fraction = s.get(19..).and_then(|rest| rest.strip_prefix('.')).unwrap_or("");
+    let digits: String = fraction.chars().take_while(char::is_ascii_digit).take(6).collect();
+    let micros = if digits.is_empty() { 0 } else { format!("{digits:0<6}").parse::<i64>().ok()? };
+    seconds.checked_mul(1_000_000)?.checked_add(micros)
+}
+
 /// Formats seconds since the Unix epoch as `2026-05-15T04:30:00Z`.
 pub fn format_unix(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
@@ -101,6 +111,15 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn microsecond_times_parse_whatever_their_precision_and_offset() {
+        assert_eq!(parse_rfc3339_micros("1970-01-01T00:16:40.000007Z"), Some(1_000_000_007));
+        assert_eq!(parse_rfc3339_micros("1970-01-01T00:16:40.5Z"), Some(1_000_500_000));
+        assert_eq!(parse_rfc3339_micros("1970-01-01T00:16:40Z"), Some(1_000_000_000));
+        assert_eq!(parse_rfc3339_micros("1970-01-01T01:16:40.25+01:00"), Some(1_000_250_000));
+        assert_eq!(parse_rfc3339_micros("soon"), None);
+    }
 
     #[test]
     fn formats_microseconds_that_parse_back_to_their_second() {

@@ -16,12 +16,20 @@ use tokio_util::sync::CancellationToken;
 pub const MAX_PENDING: usize = 1024;
 /// How often pending events are written.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// An event written this recently is held and counted, not written again, until this has passed
+/// (Kubernetes' recorder throttles repeats the same way): a failing probe every second is one
+/// write every ten seconds.
+pub const REPEAT_EVERY: Duration = Duration::from_secs(10);
+/// Bytes of records sent in one batch, well under the API's default 1 MiB body limit.
+const MAX_BATCH_BYTES: usize = 512 << 10;
 
 /// Merges and writes the events of one controller process.
 pub struct Recorder {
     objects: Arc<dyn ObjectClient>,
-    /// Pending records by event name, in first-seen order within a flush.
+    /// Pending records by event name.
     pending: Mutex<HashMap<String, EventRecord>>,
+    /// When each event was last written, for those written within `REPEAT_EVERY`.
+    written_at: Mutex<HashMap<String, std::time::Instant>>,
     dropped: AtomicU64,
     written: AtomicU64,
 }
@@ -31,6 +39,7 @@ impl Recorder {
         Arc::new(Recorder {
             objects,
             pending: Mutex::new(HashMap::new()),
+            written_at: Mutex::new(HashMap::new()),
             dropped: AtomicU64::new(0),
             written: AtomicU64::new(0),
         })
@@ -51,7 +60,7 @@ impl Recorder {
         let mut pending = self.pending.lock();
         if let Some(held) = pending.get_mut(&name) {
             held.count += 1;
-            held.last_seen = record.last_seen;
+            held.last_seen = held.last_seen.clone().max(record.last_seen);
             return;
         }
         if pending.len() >= MAX_PENDING {
@@ -64,11 +73,11 @@ impl Recorder {
     }
 
     /// Writes what is pending now, in batches; a failed batch is dropped (events are best effort).
+    /// Repeats of an event written less than `REPEAT_EVERY` ago stay pending (and keep counting).
     pub async fn flush(&self) {
-        let mut batch: Vec<EventRecord> = std::mem::take(&mut *self.pending.lock()).into_values().collect();
-        batch.sort_by(|a, b| a.first_seen.cmp(&b.first_seen));
-        for chunk in batch.chunks(MAX_EVENTS_PER_BATCH) {
-            match self.objects.record_events(chunk).await {
+        let batch = self.due_now(std::time::Instant::now());
+        for chunk in chunks(batch) {
+            match self.objects.record_events(&chunk).await {
                 Ok(()) => {
                     self.written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                     METRICS.events_written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
@@ -80,6 +89,23 @@ impl Recorder {
                 }
             }
         }
+    }
+
+    /// Takes the pending records that are due, oldest first, and notes them as written now.
+    fn due_now(&self, now: std::time::Instant) -> Vec<EventRecord> {
+        let mut written_at = self.written_at.lock();
+        written_at.retain(|_, at| now.duration_since(*at) < REPEAT_EVERY);
+        let mut pending = self.pending.lock();
+        let due: Vec<String> = pending.keys().filter(|name| !written_at.contains_key(*name)).cloned().collect();
+        let mut batch: Vec<EventRecord> = Vec::with_capacity(due.len());
+        for name in due {
+            if let Some(record) = pending.remove(&name) {
+                written_at.insert(name, now);
+                batch.push(record);
+            }
+        }
+        batch.sort_by(|a, b| a.first_seen.cmp(&b.first_seen));
+        batch
     }
 
     /// Flushes every `FLUSH_EVERY` until `shutdown`, then once more.
@@ -127,6 +153,10 @@ impl Events {
         self.emit(object, EventType::Normal, reason, message.into(), at);
     }
 
+    pub fn warning_at(&self, at: String, object: ObjectReference, reason: &str, message: impl Into<String>) {
+        self.emit(object, EventType::Warning, reason, message.into(), at);
+    }
+
     pub fn warning(&self, object: ObjectReference, reason: &str, message: impl Into<String>) {
         self.emit(object, EventType::Warning, reason, message.into(), sandboxd_api::time::rfc3339_micros_now());
     }
@@ -151,6 +181,26 @@ impl Events {
             last_seen: now,
         });
     }
+}
+
+/// Batches of at most `MAX_EVENTS_PER_BATCH` records and about `MAX_BATCH_BYTES`.
+fn chunks(records: Vec<EventRecord>) -> Vec<Vec<EventRecord>> {
+    let mut chunks: Vec<Vec<EventRecord>> = Vec::new();
+    let (mut current, mut bytes) = (Vec::new(), 0);
+    for record in records {
+        // The fixed fields and the JSON around them stay under 300 bytes.
+        let size = record.message.len() + record.involved_object.name.len() + 300;
+        if !current.is_empty() && (current.len() == MAX_EVENTS_PER_BATCH || bytes + size > MAX_BATCH_BYTES) {
+            chunks.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += size;
+        current.push(record);
+    }
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    chunks
 }
 
 /// `text` on one line, without control characters, cut to the longest message an event holds.
@@ -194,7 +244,36 @@ mod tests {
             events.normal(ObjectReference::sandbox(&format!("s{i}")), "Scheduled", "placed");
         }
         assert_eq!(recorder.dropped(), 10, "the buffer holds at most MAX_PENDING distinct events");
+        recorder.flush().await;
+
+        // A repeat of an event just written waits, counting, for REPEAT_EVERY.
+        events.warning(ObjectReference::sandbox("s"), "FailedScheduling", "0/1 nodes available: 1 insufficient cpu");
+        let before = recorder.written();
+        recorder.flush().await;
+        assert_eq!(recorder.written(), before, "held: written less than REPEAT_EVERY ago");
+        let later = std::time::Instant::now() + REPEAT_EVERY;
+        assert_eq!(recorder.due_now(later).len(), 1, "due once REPEAT_EVERY has passed");
         Events::default().normal(ObjectReference::node("n"), "NodeReady", "not recorded anywhere");
+    }
+
+    #[test]
+    fn batches_stay_under_the_count_and_the_body_limit() {
+        let record = |message: String| EventRecord {
+            involved_object: ObjectReference::sandbox("s"),
+            event_type: EventType::Normal,
+            reason: "R".into(),
+            message,
+            source: "t".into(),
+            count: 1,
+            first_seen: String::new(),
+            last_seen: String::new(),
+        };
+        let small: Vec<EventRecord> = (0..2500).map(|i| record(format!("m{i}"))).collect();
+        assert_eq!(chunks(small).iter().map(Vec::len).collect::<Vec<_>>(), [1000, 1000, 500]);
+        let big: Vec<EventRecord> = (0..1000).map(|_| record("x".repeat(MAX_MESSAGE_CHARS))).collect();
+        assert!(chunks(big)
+            .iter()
+            .all(|c| c.len() * (MAX_MESSAGE_CHARS + 300) <= MAX_BATCH_BYTES + MAX_MESSAGE_CHARS + 300));
     }
 
     #[test]

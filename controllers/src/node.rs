@@ -362,6 +362,7 @@ impl NodeController {
         }
         if let Err(e) = &result {
             if matches!(e, ObjectError::NotFound(_)) {
+                self.reported_lost.lock().remove(name);
                 return Ok(Outcome::Done);
             }
             tracing::debug!(node = %name, error = %e, "heartbeat not recorded");

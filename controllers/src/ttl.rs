@@ -73,11 +73,7 @@ impl TtlController {
             return Ok(Outcome::Requeue(remaining));
         }
         let ttl = sandbox.spec.ttl_seconds.unwrap_or_default();
-        self.events.normal(
-            sandboxd_api::event::ObjectReference::sandbox(&sandbox.id),
-            "Expired",
-            format!("ttl of {ttl}s expired: deleting the sandbox"),
-        );
+        let at = crate::events::Events::stamp();
         let result = if sandbox.status.node_name.is_none() {
             // Never bound: nothing to remove from an agent.
             self.objects.remove_sandbox(&sandbox.id, &sandbox.resource_version).await
@@ -92,7 +88,12 @@ impl TtlController {
             crate::status::write_status(self.objects.as_ref(), &sandbox, status).await.map(|_| ())
         };
         match result {
-            Ok(()) | Err(ObjectError::NotFound(_)) => Ok(Outcome::Done),
+            Ok(()) => {
+                let object = sandboxd_api::event::ObjectReference::sandbox(&sandbox.id);
+                self.events.normal_at(at, object, "Expired", format!("ttl of {ttl}s expired: deleting the sandbox"));
+                Ok(Outcome::Done)
+            }
+            Err(ObjectError::NotFound(_)) => Ok(Outcome::Done),
             Err(e) => Err(ControllerError::from(e).context(format!("expiring {id}"))),
         }
     }

@@ -60,16 +60,22 @@ pub async fn list(
     let needle = format!("\"involved_object\":{}", serde_json::to_string(&object).expect("references serialize"));
     if query_bool("watch", rest.watch.as_deref())? {
         let from = super::nodes::parse_expected(rest.resource_version.as_deref())?;
-        return watch::stream_matching(&state, Kind::Events, from, &caller, Some(needle.into_bytes()));
+        return watch::stream_matching(&state, Kind::Events, from, &caller, Some(needle.clone().into_bytes()));
     }
     let (items, revision) = state.store.list(Kind::Events).await?;
     let mut matching = Vec::new();
-    for stored in items {
+    // Only the events whose encoding names the object are decoded (`describe` asks this often).
+    for stored in items.into_iter().filter(|stored| contains(&stored.data, needle.as_bytes())) {
         let event: Event = stored.decode()?;
         if event.involved_object == object {
-            matching.push((event.first_seen, stored));
+            let first = sandboxd_api::time::parse_rfc3339_micros(&event.first_seen).unwrap_or_default();
+            matching.push((first, stored));
         }
     }
-    matching.sort_by(|a, b| a.0.cmp(&b.0));
+    matching.sort_by_key(|(first, _)| *first);
     Ok(respond::list(matching.into_iter().map(|(_, stored)| stored).collect(), revision, None))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }

@@ -3,8 +3,9 @@
 
 use super::{encode, Registry, RegistryError, RegistryResult};
 use crate::store::{Kind, StoreError};
+use futures::StreamExt;
 use sandboxd_api::event::{Event, EventRecord, MAX_EVENTS_PER_BATCH};
-use sandboxd_api::time::{format_unix, parse_rfc3339};
+use sandboxd_api::time::parse_rfc3339_micros;
 
 /// What one sweep removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -27,8 +28,9 @@ impl Registry {
                 return Err(RegistryError::Invalid(format!("events[{i}].{problem}")));
             }
         }
+        let now = self.clock.unix_now().saturating_mul(1_000_000).saturating_add(999_999);
         for record in records {
-            self.record_event(record).await?;
+            self.record_event(&record.canonical(now)).await?;
         }
         Ok(())
     }
@@ -59,40 +61,54 @@ impl Registry {
         }
     }
 
-    /// Deletes events last seen more than `ttl_seconds` ago, then the oldest beyond `max`.
+    /// Deletes events last seen more than `ttl_seconds` ago, then the oldest beyond `max`. Each
+    /// delete is conditional on the revision listed: an event merged again meanwhile stays.
     pub async fn sweep_events(&self, ttl_seconds: i64, max: usize) -> RegistryResult<Swept> {
         let (items, _) = self.store.list(Kind::Events).await?;
-        let cutoff = format_unix(self.clock.unix_now().saturating_sub(ttl_seconds));
-        let mut kept: Vec<(String, String)> = Vec::with_capacity(items.len());
-        let mut swept = Swept::default();
+        let cutoff = self.clock.unix_now().saturating_sub(ttl_seconds).saturating_mul(1_000_000);
+        let mut expired: Vec<Listed> = Vec::new();
+        let mut kept: Vec<(i64, String, u64)> = Vec::new();
         for stored in items {
             let event: Event = stored.decode()?;
-            let last = parse_rfc3339(&event.last_seen).map(format_unix).unwrap_or_default();
+            let last = parse_rfc3339_micros(&event.last_seen).unwrap_or(i64::MIN);
             if last < cutoff {
-                self.delete_event(&event.name).await?;
-                swept.expired += 1;
+                expired.push((event.name, stored.revision));
             } else {
-                kept.push((event.last_seen, event.name));
+                kept.push((last, event.name, stored.revision));
             }
         }
+        let mut over: Vec<Listed> = Vec::new();
         if kept.len() > max {
             kept.sort();
             let excess = kept.len() - max;
-            for (_, name) in kept.into_iter().take(excess) {
-                self.delete_event(&name).await?;
-                swept.over_max += 1;
-            }
+            over = kept.into_iter().take(excess).map(|(_, name, revision)| (name, revision)).collect();
         }
-        Ok(swept)
+        Ok(Swept { expired: self.delete_events(expired).await?, over_max: self.delete_events(over).await? })
     }
 
-    async fn delete_event(&self, name: &str) -> RegistryResult<()> {
-        match self.store.delete(Kind::Events, name, None).await {
-            Ok(_) | Err(StoreError::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
+    /// Deletes events at their listed revisions, a few at once; returns how many went.
+    async fn delete_events(&self, events: Vec<Listed>) -> RegistryResult<usize> {
+        let deletes = futures::stream::iter(events).map(|(name, revision)| async move {
+            match self.store.delete(Kind::Events, &name, Some(revision)).await {
+                Ok(_) => Ok(1),
+                Err(StoreError::NotFound { .. } | StoreError::Conflict { .. }) => Ok(0),
+                Err(e) => Err(RegistryError::from(e)),
+            }
+        });
+        let mut deleted = 0;
+        let mut results = deletes.buffer_unordered(SWEEP_CONCURRENCY);
+        while let Some(result) = results.next().await {
+            deleted += result?;
         }
+        Ok(deleted)
     }
 }
+
+/// An event's name and the revision the sweep listed it at.
+type Listed = (String, u64);
+
+/// Deletes a sweep keeps in flight, so a long sweep uses the store's group commits.
+const SWEEP_CONCURRENCY: usize = 32;
 
 #[cfg(test)]
 mod tests {
@@ -132,7 +148,7 @@ mod tests {
         let merged = stored(&store).await;
         assert_eq!(merged.len(), 1);
         assert_eq!(merged[0].count, 2);
-        assert_eq!(parse_rfc3339(&merged[0].last_seen), Some(T0 - 5));
+        assert_eq!(parse_rfc3339_micros(&merged[0].last_seen), Some((T0 - 5) * 1_000_000));
 
         let bad = EventRecord { reason: "not a word".into(), ..record("b", "X", 0) };
         let err = registry.record_events(&[record("b", "Started", 0), bad]).await.unwrap_err();

@@ -369,6 +369,15 @@ impl SandboxController {
         }
     }
 
+    /// Writes a Failed status, then reports it (stamped before the write, as what it reports).
+    async fn fail(&self, sandbox: &Sandbox, status: SandboxStatus) -> Result<(), ControllerError> {
+        let at = crate::events::Events::stamp();
+        let (reason, message) = (status.reason.clone().unwrap_or_default(), status.message.clone().unwrap_or_default());
+        write_status(self.objects.as_ref(), sandbox, status).await?;
+        self.settings.events.warning_at(at, ObjectReference::sandbox(&sandbox.id), &reason, message);
+        Ok(())
+    }
+
     fn event_normal(&self, sandbox: &Sandbox, reason: &str, message: &str) {
         self.settings.events.normal(ObjectReference::sandbox(&sandbox.id), reason, message);
     }
@@ -429,8 +438,7 @@ impl SandboxController {
         let evict_at = match judge_node(node.as_deref(), tolerations, now, grace, all_down, self.started_unix) {
             NodeVerdict::Leave(reason, message) => {
                 let message = if node.is_none() { format!("node {node_name} was deleted") } else { message };
-                self.event_warning(sandbox, reason, &message);
-                write_status(self.objects.as_ref(), sandbox, failed(&sandbox.status, reason, message)).await?;
+                self.fail(sandbox, failed(&sandbox.status, reason, message)).await?;
                 self.prober.forget(&sandbox.id);
                 return Ok(Outcome::Done);
             }
@@ -440,8 +448,7 @@ impl SandboxController {
         let node = node.expect("usable nodes exist");
         if let Some(why) = creation_overdue(&sandbox.status, self.settings.creating_timeout, now) {
             // Failed keeps the binding, so the Failed clean-up removes whatever the agent made.
-            self.event_warning(sandbox, "CreateTimeout", &why);
-            write_status(self.objects.as_ref(), sandbox, failed(&sandbox.status, "CreateTimeout", why)).await?;
+            self.fail(sandbox, failed(&sandbox.status, "CreateTimeout", why)).await?;
             self.prober.forget(&sandbox.id);
             return Ok(Outcome::Done);
         }
@@ -504,7 +511,8 @@ impl SandboxController {
         if node.status.state == NodeState::Ready {
             let left = Duration::from_secs(deadline.saturating_sub(now).max(0) as u64);
             let grace = Duration::from_secs(u64::from(eviction.grace_seconds)).min(left);
-            let why = format!("stopping it on node {} within {}s: {}", node.name, grace.as_secs(), eviction.message);
+            let why =
+                format!("stopping it on node {} (grace {}s): {}", node.name, eviction.grace_seconds, eviction.message);
             self.event_normal(sandbox, "Killing", &why);
             self.start_stop(&sandbox.id, node, grace);
             return Ok(Outcome::Done);
@@ -580,8 +588,7 @@ impl SandboxController {
             }
             Err(e) if e.is_client_error() => {
                 let status = failed(&sandbox.status, "AgentRejected", format!("node {}: {e}", node.name));
-                self.event_warning(sandbox, "AgentRejected", status.message.as_deref().unwrap_or_default());
-                write_status(self.objects.as_ref(), sandbox, status).await?;
+                self.fail(sandbox, status).await?;
                 Ok(Outcome::Done)
             }
             Err(e) => {
@@ -603,6 +610,7 @@ impl SandboxController {
         let observed = self.agents.get_sandbox(AgentAddr::of(node), &sandbox.id).await;
         let Some(verdict) = judge_agent(observed.as_ref(), &node.name) else {
             let e = observed.unwrap_err();
+            self.event_warning(sandbox, "FailedSync", &format!("reading it from node {}: {e}", node.name));
             return Err(ControllerError::from(e).context(format!("reading from node {}", node.name)));
         };
         let mut status = sandbox.status.clone();
@@ -612,9 +620,7 @@ impl SandboxController {
         let outcome = match verdict {
             AgentVerdict::Failed { reason, message } => {
                 self.prober.forget(&sandbox.id);
-                self.event_warning(sandbox, reason, &message);
-                status = failed(&status, reason, message);
-                Outcome::Done
+                return self.fail(sandbox, failed(&status, reason, message)).await.map(|_| Outcome::Done);
             }
             AgentVerdict::StillCreating => Outcome::Requeue(creating_poll_after(
                 &sandbox.status,
@@ -655,7 +661,10 @@ impl SandboxController {
             match self.agents.delete_sandbox(AgentAddr::of(&node), &sandbox.id).await {
                 Ok(()) => {}
                 Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(ControllerError::from(e).context(format!("deleting on node {}", node.name))),
+                Err(e) => {
+                    self.event_warning(sandbox, "FailedKill", &format!("removing it from node {}: {e}", node.name));
+                    return Err(ControllerError::from(e).context(format!("deleting on node {}", node.name)));
+                }
             }
         }
         match self.objects.remove_sandbox(&sandbox.id, &sandbox.resource_version).await {
@@ -681,7 +690,9 @@ impl SandboxController {
                 Ok(()) => true,
                 Err(e) if e.is_not_found() => true,
                 Err(e) => {
-                    return Err(ControllerError::from(e).context(format!("removing leftovers on node {}", node.name)))
+                    let why = format!("removing its leftovers from node {}: {e}", node.name);
+                    self.event_warning(sandbox, "FailedKill", &why);
+                    return Err(ControllerError::from(e).context(format!("removing leftovers on node {}", node.name)));
                 }
             },
         };

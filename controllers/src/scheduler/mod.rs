@@ -320,12 +320,15 @@ impl Scheduler {
         if unchanged {
             return Ok(Outcome::Done);
         }
-        self.settings.events.warning(ObjectReference::sandbox(&sandbox.id), "FailedScheduling", message.clone());
+        let at = crate::events::Events::stamp();
         let mut status = sandbox.status.clone();
         status.reason = Some("Unschedulable".into());
-        status.message = Some(message);
+        status.message = Some(message.clone());
         match self.objects.put_sandbox_status(&sandbox.id, &status, &sandbox.resource_version).await {
-            Ok(_) => Ok(Outcome::Done),
+            Ok(_) => {
+                self.settings.events.warning_at(at, ObjectReference::sandbox(&sandbox.id), "FailedScheduling", message);
+                Ok(Outcome::Done)
+            }
             Err(e) => Err(ControllerError::from(e).context(format!("recording why {} is unschedulable", sandbox.id))),
         }
     }

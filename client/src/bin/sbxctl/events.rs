@@ -1,6 +1,7 @@
 //! `get events` and the Events table `describe` ends with, as kubectl prints them.
 
 use crate::render::age;
+use crate::Output;
 use futures::StreamExt;
 use sandboxd_api::event::Event;
 use sandboxd_api::watch::WatchEvent;
@@ -9,10 +10,13 @@ use sandboxd_client::Client;
 
 /// `get events [OBJECT] [-w]`: every event, or one object's (`sandbox/ID`, `node/NAME`), oldest
 /// first; with `watch`, new and repeated events as they come.
-pub async fn get(client: &Client, object: Option<&str>, json: bool, watch: bool) -> anyhow::Result<()> {
+pub async fn get(client: &Client, object: Option<&str>, output: Option<Output>, watch: bool) -> anyhow::Result<()> {
     let mut list = client.list_events(object).await?;
     list.items.sort_by(|a, b| a.last_seen.cmp(&b.last_seen));
-    if json {
+    let json = matches!(output, Some(Output::Json | Output::Yaml));
+    if output == Some(Output::Yaml) {
+        say!("{}", serde_norway::to_string(&serde_json::json!({ "items": list.items }))?.trim_end());
+    } else if json {
         say!("{}", serde_json::to_string_pretty(&serde_json::json!({ "items": list.items }))?);
     } else if list.items.is_empty() && !watch {
         eprintln!("No events found.");

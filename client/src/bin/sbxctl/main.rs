@@ -293,10 +293,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Apply { files } => manifest::apply(&client, &files).await,
         Command::Get { resource, name, output, watch } => match resource.object() {
             Some(resource) => render::get(&client, resource, name.as_deref(), output, watch).await.map(|_| 0),
-            None => {
-                let json = matches!(output, Some(Output::Json | Output::Yaml));
-                events::get(&client, name.as_deref(), json, watch).await.map(|_| 0)
-            }
+            None => events::get(&client, name.as_deref(), output, watch).await.map(|_| 0),
         },
         Command::Describe { resource, name } => render::describe(&client, resource, &name).await.map(|_| 0),
         Command::Delete { resource, name, wait, timeout } => delete(&client, resource, &name, wait, &timeout).await,
