@@ -1460,3 +1460,43 @@ async fn terminal_escapes_and_oversized_specs_are_refused() {
     many["spec"]["containers"] = json!(containers);
     assert_invalid(post_invalid_sandbox(many).await, "spec.containers", "40 containers is more than 32");
 }
+
+#[tokio::test]
+async fn events_merge_list_by_object_in_order_and_page() {
+    let app = app();
+    let event = |object: &str, reason: &str, at: &str| {
+        let (kind, name) = object.split_once('/').unwrap();
+        json!({ "involved_object": { "kind": kind, "name": name }, "type": "Normal", "reason": reason,
+                "message": format!("{reason} happened"), "source": "test", "first_seen": at, "last_seen": at })
+    };
+    let batch = json!({ "events": [
+        event("sandbox/s", "Started", "2026-12-02T10:00:03.000001Z"),
+        event("sandbox/s", "Scheduled", "2026-12-02T10:00:01.5+00:00"),
+        event("sandbox/other", "Scheduled", "2026-12-02T10:00:00Z"),
+        event("sandbox/s", "Created", "2026-12-02T10:00:02Z"),
+        event("sandbox/s", "Scheduled", "2026-12-02T10:00:01.5Z"),
+    ]});
+    let (status, body) = call(&app, "POST", "/api/v1/events", Some(batch)).await;
+    assert_eq!((status, &body["recorded"]), (StatusCode::OK, &json!(5)));
+
+    let (_, listed) = call(&app, "GET", "/api/v1/events?object=sandbox/s", None).await;
+    let reasons: Vec<&str> =
+        listed["items"].as_array().unwrap().iter().map(|e| e["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["Scheduled", "Created", "Started"], "in the order they first happened");
+    assert_eq!(listed["items"][0]["count"], 2, "the repeat merged");
+    assert_eq!(listed["items"][0]["first_seen"], "2026-12-02T10:00:01.500000Z", "times made canonical");
+
+    let (_, first) = call(&app, "GET", "/api/v1/events?object=sandbox/s&limit=2", None).await;
+    assert_eq!(first["items"].as_array().unwrap().len(), 2);
+    let cursor = first["next_cursor"].as_str().unwrap().to_string();
+    let (_, rest) = call(&app, "GET", &format!("/api/v1/events?object=sandbox/s&limit=2&cursor={cursor}"), None).await;
+    assert_eq!(rest["items"][0]["reason"], "Started");
+    assert_eq!(rest["next_cursor"], "", "the last page");
+
+    let (status, body) = call(&app, "GET", "/api/v1/events?object=pod/s", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let bad = json!({ "events": [event("sandbox/s", "Not a word", "2026-12-02T10:00:00Z")] });
+    let (status, body) = call(&app, "POST", "/api/v1/events", Some(bad)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"].as_str().unwrap().starts_with("events[0].reason"), "{body}");
+}

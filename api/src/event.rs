@@ -119,6 +119,8 @@ pub const MAX_EVENTS_PER_BATCH: usize = 1000;
 pub const MAX_REASON_CHARS: usize = 64;
 /// The longest message, in characters (longer ones are cut by the reporter).
 pub const MAX_MESSAGE_CHARS: usize = 1024;
+/// The largest `count` one record may carry.
+pub const MAX_EVENT_COUNT: u64 = u32::MAX as u64;
 
 impl EventRecord {
     /// The stored event's name: the same for every repeat (same object, type, reason, source and message).
@@ -159,8 +161,8 @@ impl EventRecord {
         if self.message.chars().count() > MAX_MESSAGE_CHARS || !crate::syntax::is_printable(&self.message, false) {
             return Some(format!("message: printable text of at most {MAX_MESSAGE_CHARS} characters"));
         }
-        if self.count == 0 {
-            return Some("count: at least 1".into());
+        if !(1..=MAX_EVENT_COUNT).contains(&self.count) {
+            return Some(format!("count: {} is outside 1..{MAX_EVENT_COUNT}", self.count));
         }
         for (field, at) in [("first_seen", &self.first_seen), ("last_seen", &self.last_seen)] {
             if crate::time::parse_rfc3339_micros(at).is_none() {

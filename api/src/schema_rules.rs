@@ -161,8 +161,31 @@ pub fn component_constraints(policy: &SandboxPolicy) -> Vec<(&'static str, &'sta
             json!({ "minimum": 1, "maximum": crate::dataplane::MAX_EXEC_TIMEOUT_SECONDS }),
         ),
         ("Lease", "lease_duration_seconds", json!({ "minimum": 1, "maximum": crate::lease::MAX_LEASE_SECONDS })),
+        ("EventBatch", "events", json!({ "maxItems": crate::event::MAX_EVENTS_PER_BATCH })),
+        ("ObjectReference", "kind", json!({ "enum": ["sandbox", "node"] })),
+        ("ObjectReference", "name", json!({ "pattern": NAME })),
+        ("EventRecord", "reason", json!({ "pattern": EVENT_WORD })),
+        ("EventRecord", "source", json!({ "pattern": EVENT_WORD })),
+        (
+            "EventRecord",
+            "message",
+            json!({ "pattern": SINGLE_LINE_TEXT, "maxLength": crate::event::MAX_MESSAGE_CHARS }),
+        ),
+        ("EventRecord", "count", json!({ "minimum": 1, "maximum": crate::event::MAX_EVENT_COUNT })),
+        ("EventRecord", "first_seen", json!({ "pattern": RFC3339 })),
+        ("EventRecord", "last_seen", json!({ "pattern": RFC3339 })),
     ]
 }
+
+/// An event's reason or source (`EventRecord::problem`): 1–64 letters, digits and `-`.
+pub const EVENT_WORD: &str = r"^[A-Za-z0-9-]{1,64}$";
+
+/// An RFC 3339 time as `time::parse_rfc3339` takes it: a real month, day and time of day, optional
+/// fraction, `Z` or an offset.
+pub const RFC3339: &str = r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$";
+
+/// The `?object=` filter of events: `sandbox/ID` or `node/NAME`.
+pub const EVENT_OBJECT: &str = r"^(sandbox|node)/[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$";
 
 /// Text on one line: no control characters at all (`char::is_control`).
 pub const SINGLE_LINE_TEXT: &str = r"^[^\u0000-\u001f\u007f-\u009f]*$";
@@ -171,8 +194,12 @@ pub const SINGLE_LINE_TEXT: &str = r"^[^\u0000-\u001f\u007f-\u009f]*$";
 pub const ROLE: &str = r"^(admin|user|controller|node:[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?)$";
 
 /// Schemas whose types refuse unknown fields (`deny_unknown_fields`): `additionalProperties: false`.
-pub const CLOSED: [&str; 12] = [
+pub const CLOSED: [&str; 16] = [
     "ExecRequest",
+    "DrainRequest",
+    "EventBatch",
+    "EventRecord",
+    "ObjectReference",
     "TokenRequest",
     "NodeSpec",
     "PortSpec",
@@ -249,6 +276,35 @@ mod tests {
         for case in cases {
             assert_eq!(re.is_match(case), accepts(case), "pattern and validator disagree on {case:?}");
         }
+    }
+
+    #[test]
+    fn event_fields_match_their_validators() {
+        use crate::event::{EventRecord, ObjectReference};
+        let times = [
+            "2026-12-02T10:00:00Z",
+            "2026-12-02T10:00:00.123456Z",
+            "2026-12-02 10:00:00+01:00",
+            "2026-13-02T10:00:00Z",
+            "2026-12-02T24:00:00Z",
+            "2026-12-02T10:00:00",
+            "",
+        ];
+        agree(RFC3339, |s| crate::time::parse_rfc3339_micros(s).is_some(), &times);
+        let record = |reason: &str| EventRecord {
+            involved_object: ObjectReference::sandbox("s"),
+            event_type: Default::default(),
+            reason: reason.into(),
+            message: String::new(),
+            source: "t".into(),
+            count: 1,
+            first_seen: "2026-12-02T10:00:00Z".into(),
+            last_seen: "2026-12-02T10:00:00Z".into(),
+        };
+        let words = ["Scheduled", "node-lost", "", "a b", "a_b", &"a".repeat(64), &"a".repeat(65)];
+        agree(EVENT_WORD, |s| record(s).problem().is_none(), &words);
+        let objects = ["sandbox/a", "node/n-1", "pod/a", "sandbox/", "sandbox/A", "a"];
+        agree(EVENT_OBJECT, |s| ObjectReference::parse(s).is_ok(), &objects);
     }
 
     #[test]

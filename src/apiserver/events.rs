@@ -4,7 +4,7 @@
 use super::auth::Identity;
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiQuery};
-use super::nodes::{list_kind, query_bool, ListQuery};
+use super::nodes::{list_kind, page_limit, query_bool, query_number, ListQuery};
 use super::{respond, watch, ApiState};
 use crate::store::Kind;
 use axum::extract::State;
@@ -35,8 +35,8 @@ pub async fn record(State(state): State<ApiState>, ApiJson(batch): ApiJson<Event
     params(("object" = Option<String>, Query, description = "Only this object's events: sandbox/ID or node/NAME"),
            ("watch" = Option<bool>, Query, description = "Stream changes as NDJSON"),
            ("resource_version" = Option<String>, Query, description = "Watch changes after this revision"),
-           ("limit" = Option<usize>, Query, description = "Page size (not with object)"),
-           ("cursor" = Option<String>, Query, description = "Exclusive start name (not with object)")),
+           ("limit" = Option<usize>, Query, description = "Page size"),
+           ("cursor" = Option<String>, Query, description = "The name the last page ended at")),
     responses((status = 200, description = "Events, or a watch stream"), (status = 400, description = "Bad filter")))]
 pub async fn list(
     State(state): State<ApiState>,
@@ -51,29 +51,54 @@ pub async fn list(
     };
     let Some(object) = query.object else { return list_kind(&state, Kind::Events, rest, &caller).await };
     let object = ObjectReference::parse(&object).map_err(|e| ApiError::BadRequest(format!("object: {e}")))?;
-    if rest.limit.is_some() || rest.cursor.is_some() {
-        return Err(ApiError::BadRequest(
-            "limit and cursor page all events; with object, every match is listed".into(),
-        ));
-    }
     // The encoding of the reference, as it appears in every event of that object.
     let needle = format!("\"involved_object\":{}", serde_json::to_string(&object).expect("references serialize"));
-    if query_bool("watch", rest.watch.as_deref())? {
-        let from = super::nodes::parse_expected(rest.resource_version.as_deref())?;
-        return watch::stream_matching(&state, Kind::Events, from, &caller, Some(needle.clone().into_bytes()));
+    // The same forms as every other list: a revision, and a cursor that is an (event) name.
+    let from = super::nodes::parse_expected(rest.resource_version.as_deref())?;
+    if let Some(problem) = rest.cursor.as_deref().filter(|c| !c.is_empty()).and_then(sandboxd_api::names::name_problem)
+    {
+        return Err(ApiError::BadRequest(format!("cursor: {problem}")));
     }
+    if query_bool("watch", rest.watch.as_deref())? {
+        return watch::stream_matching(&state, Kind::Events, from, &caller, Some(needle.into_bytes()));
+    }
+    let limit = query_number("limit", rest.limit.as_deref())?.map(|l| page_limit(Some(l))).transpose()?;
+    let after = match rest.cursor.as_deref().filter(|c| !c.is_empty()) {
+        Some(cursor) => position_of(&state, cursor).await?,
+        None => None,
+    };
     let (items, revision) = state.store.list(Kind::Events).await?;
     let mut matching = Vec::new();
     // Only the events whose encoding names the object are decoded (`describe` asks this often).
     for stored in items.into_iter().filter(|stored| contains(&stored.data, needle.as_bytes())) {
         let event: Event = stored.decode()?;
         if event.involved_object == object {
-            let first = sandboxd_api::time::parse_rfc3339_micros(&event.first_seen).unwrap_or_default();
-            matching.push((first, stored));
+            let position =
+                (sandboxd_api::time::parse_rfc3339_micros(&event.first_seen).unwrap_or_default(), event.name);
+            if after.as_ref().is_none_or(|after| position > *after) {
+                matching.push((position, stored));
+            }
         }
     }
-    matching.sort_by_key(|(first, _)| *first);
-    Ok(respond::list(matching.into_iter().map(|(_, stored)| stored).collect(), revision, None))
+    matching.sort_by(|a, b| a.0.cmp(&b.0));
+    let next_cursor = match limit {
+        Some(limit) if matching.len() > limit => {
+            matching.truncate(limit);
+            Some(matching.last().map(|(position, _)| position.1.clone()).unwrap_or_default())
+        }
+        Some(_) => Some(String::new()),
+        None => None,
+    };
+    let items = matching.into_iter().map(|(_, stored)| stored).collect();
+    Ok(respond::list(items, revision, next_cursor.as_deref()))
+}
+
+/// Where a page that ended at event `cursor` continues: after its (first seen, name). A cursor
+/// whose event has been swept meanwhile starts the list again.
+async fn position_of(state: &ApiState, cursor: &str) -> ApiResult<Option<(i64, String)>> {
+    let Some(stored) = state.store.get(Kind::Events, cursor).await? else { return Ok(None) };
+    let event: Event = stored.decode()?;
+    Ok(Some((sandboxd_api::time::parse_rfc3339_micros(&event.first_seen).unwrap_or_default(), event.name)))
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

@@ -219,6 +219,7 @@ fn constrain_parameters(operation: &mut Value) {
         let name = parameter["name"].as_str().unwrap_or_default().to_string();
         let schema = match (location.as_str(), name.as_str()) {
             ("path", _) | ("query", "container") => json!({ "type": "string", "pattern": schema_rules::NAME }),
+            ("query", "object") => json!({ "type": "string", "pattern": schema_rules::EVENT_OBJECT }),
             ("query", "cursor") => {
                 json!({ "type": "string", "pattern": format!("^({})?$", &schema_rules::NAME[1..schema_rules::NAME.len() - 1]) })
             }
