@@ -70,7 +70,7 @@ pub async fn list(
     let (items, revision) = state.store.list(Kind::Events).await?;
     let mut matching = Vec::new();
     // Only the events whose encoding names the object are decoded (`describe` asks this often).
-    for stored in items.into_iter().filter(|stored| contains(&stored.data, needle.as_bytes())) {
+    for stored in items.into_iter().filter(|stored| watch::contains(&stored.data, needle.as_bytes())) {
         let event: Event = stored.decode()?;
         if event.involved_object == object {
             let position =
@@ -99,8 +99,4 @@ async fn position_of(state: &ApiState, cursor: &str) -> ApiResult<Option<(i64, S
     let Some(stored) = state.store.get(Kind::Events, cursor).await? else { return Ok(None) };
     let event: Event = stored.decode()?;
     Ok(Some((sandboxd_api::time::parse_rfc3339_micros(&event.first_seen).unwrap_or_default(), event.name)))
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }

@@ -139,7 +139,8 @@ fn is_object_line(line: &[u8]) -> bool {
         .any(|p| line.starts_with(p))
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+/// Whether `needle` occurs in `haystack` (matching events of one object by their encoding).
+pub(super) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 

@@ -224,37 +224,19 @@ fn expire_at(created_unix: i64, ttl_seconds: Option<i64>) -> Option<String> {
 
 /// Only `ttl_seconds` and `labels` may change after create.
 fn check_immutable(current: &SandboxSpec, wanted: &SandboxSpec) -> RegistryResult<()> {
-    let mut changed = Vec::new();
-    if current.containers != wanted.containers {
-        changed.push("spec.containers");
-    }
-    if current.ports != wanted.ports {
-        changed.push("spec.ports");
-    }
-    if current.readiness_probe != wanted.readiness_probe {
-        changed.push("spec.readiness_probe");
-    }
-    if current.egress != wanted.egress {
-        changed.push("spec.egress");
-    }
-    if current.node_selector != wanted.node_selector {
-        changed.push("spec.node_selector");
-    }
-    if current.affinity != wanted.affinity {
-        changed.push("spec.affinity");
-    }
-    if current.runtime_class != wanted.runtime_class {
-        changed.push("spec.runtime_class");
-    }
-    if current.priority != wanted.priority {
-        changed.push("spec.priority");
-    }
-    if current.tolerations != wanted.tolerations {
-        changed.push("spec.tolerations");
-    }
-    if current.restart_policy != wanted.restart_policy {
-        changed.push("spec.restart_policy");
-    }
+    let fields = [
+        ("spec.containers", current.containers != wanted.containers),
+        ("spec.ports", current.ports != wanted.ports),
+        ("spec.readiness_probe", current.readiness_probe != wanted.readiness_probe),
+        ("spec.egress", current.egress != wanted.egress),
+        ("spec.node_selector", current.node_selector != wanted.node_selector),
+        ("spec.affinity", current.affinity != wanted.affinity),
+        ("spec.runtime_class", current.runtime_class != wanted.runtime_class),
+        ("spec.priority", current.priority != wanted.priority),
+        ("spec.tolerations", current.tolerations != wanted.tolerations),
+        ("spec.restart_policy", current.restart_policy != wanted.restart_policy),
+    ];
+    let changed: Vec<&str> = fields.iter().filter(|(_, differs)| *differs).map(|(field, _)| *field).collect();
     if changed.is_empty() {
         return Ok(());
     }

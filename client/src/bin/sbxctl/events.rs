@@ -1,6 +1,6 @@
 //! `get events` and the Events table `describe` ends with, as kubectl prints them.
 
-use crate::render::age;
+use crate::render::{age, print_table, print_table_indented};
 use crate::Output;
 use futures::StreamExt;
 use sandboxd_api::event::Event;
@@ -22,7 +22,7 @@ pub async fn get(client: &Client, object: Option<&str>, output: Option<Output>, 
         eprintln!("No events found.");
     } else {
         let rows: Vec<Vec<String>> = list.items.iter().map(row).collect();
-        print_rows(&["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"], &rows);
+        print_table(&["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"], &rows);
     }
     if !watch {
         return Ok(());
@@ -85,27 +85,6 @@ pub async fn describe_block(client: &Client, object: &str) -> anyhow::Result<()>
             ]
         })
         .collect();
-    print_rows_indented(&["Type", "Reason", "Age", "From", "Message"], &rows, "  ");
+    print_table_indented(&["Type", "Reason", "Age", "From", "Message"], &rows, "  ");
     Ok(())
-}
-
-fn print_rows(header: &[&str], rows: &[Vec<String>]) {
-    print_rows_indented(header, rows, "");
-}
-
-fn print_rows_indented(header: &[&str], rows: &[Vec<String>], indent: &str) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (i, cell) in row.iter().enumerate() {
-            widths[i] = widths[i].max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| -> String {
-        let padded: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
-        format!("{indent}{}", padded.join("   ").trim_end())
-    };
-    say!("{}", line(header.iter().map(|h| h.to_string()).collect()));
-    for row in rows {
-        say!("{}", line(row.clone()));
-    }
 }

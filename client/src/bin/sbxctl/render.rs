@@ -151,7 +151,12 @@ fn headers(resource: Resource, wide: bool) -> Vec<&'static str> {
 }
 
 /// Prints a header and rows in aligned columns; returns the column widths for rows printed later.
-fn print_table(header: &[&str], rows: &[Vec<String>]) -> Vec<usize> {
+pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) -> Vec<usize> {
+    print_table_indented(header, rows, "")
+}
+
+/// `print_table` with every line after `indent` (the Events block of `describe`).
+pub(crate) fn print_table_indented(header: &[&str], rows: &[Vec<String>], indent: &str) -> Vec<usize> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -159,9 +164,9 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) -> Vec<usize> {
         }
     }
     let header: Vec<String> = header.iter().map(|s| s.to_string()).collect();
-    say!("{}", aligned(&header, &widths));
+    say!("{indent}{}", aligned(&header, &widths));
     for row in rows {
-        say!("{}", aligned(row, &widths));
+        say!("{indent}{}", aligned(row, &widths));
     }
     widths
 }
