@@ -10,6 +10,8 @@
 #   boots a sandbox (`runsc do true`), as sbxlet's own probe does; where that fails (no ptrace, say)
 #   it warns, and the gvisor tests skip loudly.
 #
+# - promtool (Debian's prometheus): tests lint both binaries' /metrics with `promtool check metrics`
+#   and load manifests/observability/prometheus.yml with `promtool check config`.
 # - Schemathesis (PyPI, pinned, in the venv .venv-schemathesis): hack/schemathesis/run.sh fuzzes a
 #   live server with it; Debian's python3-venv provides the venv module.
 #
@@ -86,9 +88,16 @@ missing_packages() {
   runsc_runs || echo runsc
   busybox_is_static || echo busybox-static
   venv_module_works || echo python3-venv
+  promtool_lints || echo prometheus
   if [ "$with_stress" = 1 ]; then
     stress_runs || echo stress-ng
   fi
+}
+
+# What the tests run: promtool linting a one-family exposition.
+promtool_lints() {
+  command -v promtool >/dev/null 2>&1 || return 1
+  printf '# HELP probe_total A probe.\n# TYPE probe_total counter\nprobe_total 1\n' | promtool check metrics >/dev/null 2>&1
 }
 
 stress_runs() {
@@ -112,7 +121,7 @@ check_all() {
   fi
   local check
   for check in "runc_runs runc" "iptables_runs iptables" "ip_runs iproute2" "registry_runs docker-registry" \
-    "busybox_is_static busybox-static" "runsc_runs runsc"; do
+    "busybox_is_static busybox-static" "runsc_runs runsc" "promtool_lints prometheus"; do
     set -- $check
     if ! "$1"; then
       echo "hack/deps.sh: $1 failed: install Debian's $2" >&2
@@ -174,7 +183,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   echo "hack/deps.sh: installing ${missing[*]} (Debian packages)" >&2
   $sudo apt-get update -qq
-  # etcd-server's package starts a system etcd on 127.0.0.1:2379; tests never use it (they pick free ports).
+  # etcd-server's package starts a system etcd on 127.0.0.1:2379, and prometheus' a Prometheus on :9090,
+  # where systemd runs; tests never use them (they pick free ports and run promtool only).
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 check_all

@@ -121,7 +121,24 @@ impl HttpAgentClient {
         self.policy.check_url(base_url).map_err(|refusal| AgentError::Unreachable(refusal.to_string()))
     }
 
+    /// One timed call: `operation` names it in `sandboxd_agent_request_duration_seconds`.
     async fn call<T: DeserializeOwned>(
+        &self,
+        operation: &'static str,
+        method: Method,
+        url: String,
+        body: Option<&AgentCreateRequest>,
+        timeout: Duration,
+        agent: AgentAddr<'_>,
+    ) -> AgentResult<(StatusCode, T)> {
+        let family = &sandboxd_controllers::runtime::metrics::METRICS.agent_request_duration;
+        sandboxd_controllers::runtime::metrics::timed(family, operation, result_label, async {
+            self.call_untimed(method, url, body, timeout, agent).await
+        })
+        .await
+    }
+
+    async fn call_untimed<T: DeserializeOwned>(
         &self,
         method: Method,
         url: String,
@@ -160,6 +177,16 @@ impl HttpAgentClient {
             .ok_or_else(|| AgentError::Invalid(format!("an answer over {MAX_ANSWER_BYTES} bytes")))?;
         let value = serde_json::from_slice(&bytes).map_err(|e| AgentError::Invalid(undecodable(status, &bytes, &e)))?;
         Ok((status, value))
+    }
+}
+
+/// An agent call's outcome as the `result` label: success, or the kind of failure.
+fn result_label<T>(outcome: &AgentResult<T>) -> &'static str {
+    match outcome {
+        Ok(_) => "success",
+        Err(AgentError::Unreachable(_)) => "unreachable",
+        Err(AgentError::Status { .. }) => "status",
+        Err(AgentError::Invalid(_)) => "invalid",
     }
 }
 
@@ -270,7 +297,7 @@ fn sanitise(text: &str) -> String {
 impl AgentClient for HttpAgentClient {
     async fn health(&self, agent: AgentAddr<'_>, timeout: Duration) -> AgentResult<()> {
         let (_, health): (_, Health) =
-            self.call(Method::GET, format!("{}/healthz", agent.base_url), None, timeout, agent).await?;
+            self.call("health", Method::GET, format!("{}/healthz", agent.base_url), None, timeout, agent).await?;
         if health.ok {
             Ok(())
         } else {
@@ -280,38 +307,39 @@ impl AgentClient for HttpAgentClient {
 
     async fn status(&self, agent: AgentAddr<'_>, timeout: Duration) -> AgentResult<AgentStatus> {
         let url = format!("{}/api/v1/status", agent.base_url);
-        self.call(Method::GET, url, None, timeout, agent).await.map(|(_, s)| s)
+        self.call("status", Method::GET, url, None, timeout, agent).await.map(|(_, s)| s)
     }
 
     async fn create_sandbox(&self, agent: AgentAddr<'_>, request: &AgentCreateRequest) -> AgentResult<AgentSandbox> {
         let url = format!("{}/api/v1/sandboxes", agent.base_url);
         let (_, envelope): (_, AgentSandboxEnvelope) =
-            self.call(Method::POST, url, Some(request), self.call_timeout, agent).await?;
+            self.call("create_sandbox", Method::POST, url, Some(request), self.call_timeout, agent).await?;
         Ok(envelope.sandbox)
     }
 
     async fn get_sandbox(&self, agent: AgentAddr<'_>, id: &str) -> AgentResult<AgentSandbox> {
         let url = format!("{}/api/v1/sandboxes/{id}", agent.base_url);
         let (_, envelope): (_, AgentSandboxEnvelope) =
-            self.call(Method::GET, url, None, self.call_timeout, agent).await?;
+            self.call("get_sandbox", Method::GET, url, None, self.call_timeout, agent).await?;
         Ok(envelope.sandbox)
     }
 
     async fn list_sandboxes(&self, agent: AgentAddr<'_>, cursor: &str, limit: usize) -> AgentResult<AgentSandboxList> {
         let url = format!("{}/api/v1/sandboxes?cursor={cursor}&limit={limit}", agent.base_url);
-        self.call(Method::GET, url, None, self.call_timeout, agent).await.map(|(_, l)| l)
+        self.call("list_sandboxes", Method::GET, url, None, self.call_timeout, agent).await.map(|(_, l)| l)
     }
 
     async fn delete_sandbox(&self, agent: AgentAddr<'_>, id: &str) -> AgentResult<()> {
         let url = format!("{}/api/v1/sandboxes/{id}", agent.base_url);
-        let _: (_, AgentDeleted) = self.call(Method::DELETE, url, None, self.call_timeout, agent).await?;
+        let _: (_, AgentDeleted) =
+            self.call("delete_sandbox", Method::DELETE, url, None, self.call_timeout, agent).await?;
         Ok(())
     }
 
     async fn stop_sandbox(&self, agent: AgentAddr<'_>, id: &str, grace: Duration) -> AgentResult<()> {
         let url = format!("{}/api/v1/sandboxes/{id}?grace_seconds={}", agent.base_url, grace.as_secs());
         let timeout = self.call_timeout + grace;
-        let _: (_, AgentDeleted) = self.call(Method::DELETE, url, None, timeout, agent).await?;
+        let _: (_, AgentDeleted) = self.call("stop_sandbox", Method::DELETE, url, None, timeout, agent).await?;
         Ok(())
     }
 
@@ -329,12 +357,12 @@ impl AgentClient for HttpAgentClient {
         if let Some(tail) = tail {
             url.push_str(&format!("?tail={tail}"));
         }
-        self.call(Method::GET, url, None, self.call_timeout, agent).await.map(|(_, l)| l)
+        self.call("logs", Method::GET, url, None, self.call_timeout, agent).await.map(|(_, l)| l)
     }
 
     async fn reconcile(&self, agent: AgentAddr<'_>) -> AgentResult<()> {
         let url = format!("{}/api/v1/reconcile", agent.base_url);
-        let (_, ok): (_, Health) = self.call(Method::POST, url, None, self.call_timeout, agent).await?;
+        let (_, ok): (_, Health) = self.call("reconcile", Method::POST, url, None, self.call_timeout, agent).await?;
         if ok.ok {
             Ok(())
         } else {

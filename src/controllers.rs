@@ -3,13 +3,14 @@
 
 use crate::apiserver::node_settings;
 use crate::config::{Config, SchedulerPolicy};
-use sandboxd_api::{Node, Sandbox};
+use sandboxd_api::{Node, NodeState, Phase, Sandbox};
 use sandboxd_contracts::clock::SystemClock;
 use sandboxd_controllers::events::{Events, Recorder};
 use sandboxd_controllers::node::{NodeController, NodeSettings};
 use sandboxd_controllers::prober::Prober;
 use sandboxd_controllers::runtime::informer::Informer;
 use sandboxd_controllers::runtime::lease::{Elector, LeaseClient, LeaseSettings};
+use sandboxd_controllers::runtime::metrics::{sample_while_alive, saturating_i64, Metrics, Sampled};
 use sandboxd_controllers::sandbox::{SandboxController, SandboxSettings};
 use sandboxd_controllers::scheduler::{Policy, Scheduler, SchedulerSettings};
 use sandboxd_controllers::ttl::TtlController;
@@ -146,6 +147,48 @@ fn spawn_informers(
     tasks.spawn(built.nodes.clone().run(objects.clone(), shutdown.clone()));
     tasks.spawn(built.sandboxes.clone().run(objects.clone(), shutdown.clone()));
     tasks.spawn(built.recorder.clone().run(shutdown.clone()));
+    let counts = Arc::new(CacheCounts { nodes: built.nodes.clone(), sandboxes: built.sandboxes.clone() });
+    sample_while_alive(&counts);
+    let stop = shutdown.clone();
+    // Reported for as long as the informers run.
+    tasks.spawn(async move {
+        stop.cancelled().await;
+        drop(counts);
+    });
+}
+
+/// `sandboxd_nodes` by state and `sandboxd_sandboxes` by phase, counted in the informers' caches at
+/// each scrape (a standby's warm caches report too).
+struct CacheCounts {
+    nodes: Informer<Node>,
+    sandboxes: Informer<Sandbox>,
+}
+
+/// Every state and phase is reported, at 0 when empty, so a query sees 0 rather than nothing.
+const NODE_STATES: [&str; 3] = ["Unknown", "Ready", "NotReady"];
+const PHASES: [Phase; 6] =
+    [Phase::Pending, Phase::Scheduled, Phase::Creating, Phase::Running, Phase::Terminating, Phase::Failed];
+
+impl Sampled for CacheCounts {
+    fn sample(&self, metrics: &Metrics) {
+        for state in NODE_STATES {
+            metrics.nodes.with_label_values(&[state]);
+        }
+        for phase in PHASES {
+            metrics.sandboxes.with_label_values(&[phase.as_str()]);
+        }
+        let nodes = self.nodes.count_by(|node| match node.status.state {
+            NodeState::Unknown => NODE_STATES[0],
+            NodeState::Ready => NODE_STATES[1],
+            NodeState::NotReady => NODE_STATES[2],
+        });
+        for (state, count) in nodes {
+            metrics.nodes.with_label_values(&[state]).add(saturating_i64(count));
+        }
+        for (phase, count) in self.sandboxes.count_by(|sandbox| sandbox.status.phase.as_str()) {
+            metrics.sandboxes.with_label_values(&[phase]).add(saturating_i64(count));
+        }
+    }
 }
 
 /// Spawns shared informers and every controller in this process; they stop when `shutdown` is cancelled.

@@ -7,6 +7,7 @@ pub mod apiserver;
 pub mod config;
 pub mod controllers;
 pub mod http_server;
+pub mod metrics;
 pub mod objects;
 pub mod registry;
 pub mod server;

@@ -66,7 +66,7 @@ impl Recorder {
         if pending.len() >= MAX_PENDING {
             drop(pending);
             self.dropped.fetch_add(1, Ordering::Relaxed);
-            METRICS.events_dropped.fetch_add(1, Ordering::Relaxed);
+            METRICS.events_dropped.inc();
             return;
         }
         pending.insert(name, record);
@@ -80,11 +80,11 @@ impl Recorder {
             match self.objects.record_events(&chunk).await {
                 Ok(()) => {
                     self.written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    METRICS.events_written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    METRICS.events_written.inc_by(chunk.len() as u64);
                 }
                 Err(e) => {
                     self.dropped.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    METRICS.events_dropped.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    METRICS.events_dropped.inc_by(chunk.len() as u64);
                     tracing::debug!(error = %e, events = chunk.len(), "events not recorded");
                 }
             }

@@ -353,9 +353,9 @@ impl NodeController {
             return Ok(Outcome::Done);
         }
         if let Some(due) = due {
-            METRICS.heartbeat_lag.record(tokio::time::Instant::now().saturating_duration_since(due));
+            METRICS.heartbeat_lag.observe(tokio::time::Instant::now().saturating_duration_since(due).as_secs_f64());
         }
-        METRICS.heartbeats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        METRICS.heartbeats.inc();
         let result = heartbeat_once(self.objects.as_ref(), self.agents.as_ref(), &self.settings, name).await;
         if let Ok(report) = &result {
             self.report_lost(&report.node);

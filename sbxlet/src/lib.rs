@@ -14,6 +14,7 @@ mod exec;
 mod faults;
 pub mod files;
 mod fleet;
+pub mod metrics;
 mod ports;
 pub mod runc;
 mod server;

@@ -48,6 +48,7 @@ fn routes() -> Router<Arc<dyn Backend>> {
         .route("/api/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
         .route("/api/v1/sandboxes/{id}", get(get_sandbox).delete(delete_sandbox))
         .route("/api/v1/reconcile", post(reconcile))
+        .route("/metrics", get(metrics))
 }
 
 fn sim_routes() -> Router<Arc<Agent>> {
@@ -81,7 +82,7 @@ async fn create_sandbox(
     State(agent): BackendState,
     ApiJson(request): ApiJson<sandboxd_api::agent::AgentCreateRequest>,
 ) -> Result<(StatusCode, Json<AgentSandboxEnvelope>), ApiError> {
-    let (code, sandbox) = match agent.create(request).await? {
+    let (code, sandbox) = match crate::metrics::METRICS.timed("create", agent.create(request)).await? {
         Created::New(s) => (StatusCode::CREATED, s),
         Created::Existing(s) => (StatusCode::OK, s),
     };
@@ -132,12 +133,20 @@ async fn delete_sandbox(
     if grace > MAX_GRACE_SECONDS {
         return Err(ApiError::BadRequest(format!("grace_seconds: {grace} is more than {MAX_GRACE_SECONDS}")));
     }
-    agent.delete(&id, std::time::Duration::from_secs(grace)).await?;
+    crate::metrics::METRICS.timed("delete", agent.delete(&id, std::time::Duration::from_secs(grace))).await?;
     Ok(Json(AgentDeleted { id, phase: AgentPhase::Deleted }))
 }
 
+/// Prometheus text: runtime operations, image pulls, this agent's sandboxes by state, the process.
+async fn metrics(State(agent): BackendState) -> Response {
+    let text = crate::metrics::render(agent.as_ref()).await;
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
 async fn reconcile(State(agent): BackendState) -> Json<Health> {
+    let started = std::time::Instant::now();
     agent.reconcile().await;
+    crate::metrics::METRICS.observe_operation("reconcile", true, started.elapsed());
     Json(Health { ok: true })
 }
 

@@ -174,6 +174,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(reject_long_uri))
         .layer(axum::middleware::from_fn(errors_as_json))
+        .layer(axum::middleware::from_fn(crate::metrics::time_request))
         .with_state(state)
 }
 
@@ -217,47 +218,18 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "ok": true }))
 }
 
-/// Prometheus text exposition of the process's counters and heartbeat lag.
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text: heartbeat lag, heartbeats, binds, store commits and writes, watch history size, open watches")))]
-async fn metrics(State(state): State<ApiState>) -> String {
-    use std::sync::atomic::Ordering::Relaxed;
-    let m = &sandboxd_controllers::runtime::metrics::METRICS;
-    let mut out = String::new();
-    out.push_str("# TYPE sandboxd_heartbeat_lag_seconds summary\n");
-    for q in [0.5, 0.9, 0.99] {
-        let v = m.heartbeat_lag.quantile(q).as_secs_f64();
-        out.push_str(&format!("sandboxd_heartbeat_lag_seconds{{quantile=\"{q}\"}} {v}\n"));
+/// The Prometheus text exposition of every family of the process, with this server's gauges read now.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format 0.0.4: work queues, reconciles, API requests, store commits, agent calls, heartbeat lag, sandbox startup, nodes by state, sandboxes by phase, leader status, process", content_type = "text/plain")))]
+async fn metrics(State(state): State<ApiState>) -> Response {
+    use sandboxd_controllers::runtime::metrics::{saturating_i64, CONTENT_TYPE, METRICS};
+    let server = &*crate::metrics::SERVER;
+    server.watches_open.set(saturating_i64(state.watch_slots.open()));
+    server.watch_identities.set(saturating_i64(state.watch_slots.identities()));
+    server.inflight_identity_shares.set(saturating_i64(state.shedder.identities_holding()));
+    for class in shedding::Class::ALL {
+        server.inflight.with_label_values(&[class.as_str()]).set(saturating_i64(state.shedder.in_flight(class)));
     }
-    out.push_str(&format!("sandboxd_heartbeat_lag_seconds_count {}\n", m.heartbeat_lag.count()));
-    let counters = [
-        ("sandboxd_heartbeats_total", m.heartbeats.load(Relaxed)),
-        ("sandboxd_binds_total", m.binds.load(Relaxed)),
-        ("sandboxd_events_written_total", m.events_written.load(Relaxed)),
-        ("sandboxd_events_dropped_total", m.events_dropped.load(Relaxed)),
-        ("sandboxd_store_commits_total", crate::store::COMMITS.load(Relaxed)),
-        ("sandboxd_store_writes_total", crate::store::COMMITTED_WRITES.load(Relaxed)),
-    ];
-    for (name, value) in counters {
-        out.push_str(&format!("# TYPE {name} counter\n{name} {value}\n"));
-    }
-    let gauges = [
-        ("sandboxd_watch_history_events", crate::store::HISTORY_EVENTS.load(Relaxed)),
-        ("sandboxd_watch_history_bytes", crate::store::HISTORY_BYTES.load(Relaxed)),
-        ("sandboxd_watches_open", state.watch_slots.open() as u64),
-        ("sandboxd_watch_identities", state.watch_slots.identities() as u64),
-        ("sandboxd_inflight_identity_shares", state.shedder.identities_holding() as u64),
-    ];
-    for (name, value) in gauges {
-        out.push_str(&format!("# TYPE {name} gauge\n{name} {value}\n"));
-    }
-    // Entries of every per-key structure the controllers keep: flat under churn, zero once deleted.
-    out.push_str("# TYPE sandboxd_controller_entries gauge\n");
-    for ((owner, structure), entries) in sandboxd_controllers::runtime::footprint::snapshot() {
-        out.push_str(&format!(
-            "sandboxd_controller_entries{{owner=\"{owner}\",structure=\"{structure}\"}} {entries}\n"
-        ));
-    }
-    out
+    ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], METRICS.render()).into_response()
 }
 
 async fn not_found(request: Request) -> ApiError {

@@ -28,6 +28,8 @@ pub enum Class {
 }
 
 impl Class {
+    pub const ALL: [Class; 3] = [Class::System, Class::Workload, Class::LongRunning];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Class::System => "system",
@@ -101,6 +103,16 @@ impl Shedder {
             Class::Workload => self.limits.workload,
             Class::LongRunning => self.limits.long_running,
         }
+    }
+
+    /// Requests of `class` in flight now.
+    pub fn in_flight(&self, class: Class) -> usize {
+        let permits = match class {
+            Class::System => &self.system,
+            Class::Workload => &self.workload,
+            Class::LongRunning => &self.long_running,
+        };
+        self.limit(class).saturating_sub(permits.available_permits())
     }
 
     /// Most slots of `class` one identity may hold.

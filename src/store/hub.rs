@@ -77,9 +77,9 @@ pub(super) struct Change {
 
 /// Sets the `/metrics` gauges of the watch history (the last hub to change wins; a server has one).
 fn publish_history_size(state: &State) {
-    use std::sync::atomic::Ordering::Relaxed;
-    super::HISTORY_EVENTS.store(state.ring.len() as u64, Relaxed);
-    super::HISTORY_BYTES.store(state.ring_bytes as u64, Relaxed);
+    let metrics = &*crate::metrics::SERVER;
+    metrics.history_events.set(sandboxd_controllers::runtime::metrics::saturating_i64(state.ring.len()));
+    metrics.history_bytes.set(sandboxd_controllers::runtime::metrics::saturating_i64(state.ring_bytes));
 }
 
 /// Objects and watchers; readers never wait for the writer's disk IO.

@@ -20,13 +20,6 @@ use std::time::Duration;
 pub use hub::HistoryLimits;
 pub use writer::LocalStore;
 
-/// Durable commits (transactions) the in-process backends made, and the writes they carried.
-pub static COMMITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-pub static COMMITTED_WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-/// Events and bytes the watch history holds now (gauges for `/metrics`).
-pub static HISTORY_EVENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-pub static HISTORY_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 /// Global revision: bumped by one on every write.
 pub type Revision = u64;
 

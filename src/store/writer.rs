@@ -245,7 +245,11 @@ impl<P: Persist> BatchWriter<P> {
             planned.push(Planned { reply: request.reply, outcome: outcome.map(|(_, v)| v) });
         }
         if !mutations.is_empty() {
-            if let Err(e) = self.persist.commit(&mutations, revision) {
+            let started = std::time::Instant::now();
+            let committed = self.persist.commit(&mutations, revision);
+            let metrics = &*crate::metrics::SERVER;
+            metrics.store_commit_duration.observe(started.elapsed().as_secs_f64());
+            if let Err(e) = committed {
                 tracing::error!(error = %e, writes = mutations.len(), "store commit failed");
                 for p in planned {
                     let outcome = p.outcome.and(Err(StoreError::Unavailable(e.clone())));
@@ -253,8 +257,9 @@ impl<P: Persist> BatchWriter<P> {
                 }
                 return;
             }
-            super::COMMITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            super::COMMITTED_WRITES.fetch_add(mutations.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            metrics.store_commits.inc();
+            metrics.store_writes.inc_by(mutations.len() as u64);
+            metrics.store_commit_batch.observe(mutations.len() as f64);
             self.hub.apply(changes);
         }
         for p in planned {

@@ -24,7 +24,7 @@ pub struct Controller<K: QueueKey> {
 impl<K: QueueKey + fmt::Debug> Controller<K> {
     /// A controller named `name` (for logs) with `workers` concurrent reconciles (at least one).
     pub fn new(name: &'static str, workers: usize) -> Controller<K> {
-        Controller { name, queue: WorkQueue::new(), workers: workers.max(1), sources: Mutex::new(Vec::new()) }
+        Controller { name, queue: WorkQueue::named(name), workers: workers.max(1), sources: Mutex::new(Vec::new()) }
     }
 
     /// The queue the watches feed, for keys that come from elsewhere (a probe to schedule, a timer).

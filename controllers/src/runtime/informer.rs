@@ -105,6 +105,15 @@ impl<T: Object> Informer<T> {
         self.inner.cache.read().values().cloned().collect()
     }
 
+    /// How many cached objects `label_of` gives each label (nodes by state, sandboxes by phase).
+    pub fn count_by(&self, label_of: impl Fn(&T) -> &'static str) -> HashMap<&'static str, usize> {
+        let mut counts = HashMap::new();
+        for object in self.inner.cache.read().values() {
+            *counts.entry(label_of(object)).or_insert(0) += 1;
+        }
+        counts
+    }
+
     pub fn keys(&self) -> Vec<String> {
         self.inner.cache.read().keys().cloned().collect()
     }

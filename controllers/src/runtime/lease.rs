@@ -106,6 +106,7 @@ impl Elector {
 
     /// Campaigns, renews and steps down until `shutdown`; then releases the lease if held.
     pub async fn run(self, shutdown: CancellationToken) {
+        self.report_leading(false);
         let mut seen: Option<(String, Instant)> = None;
         let mut last_renewed: Option<Instant> = None;
         loop {
@@ -144,6 +145,7 @@ impl Elector {
             }
         }
         self.leading.send_replace(false);
+        self.report_leading(false);
         // Bounded: a shutdown must not hang on a server that does not answer.
         match tokio::time::timeout(self.settings.renew_deadline, self.release()).await {
             Ok(Err(e)) => tracing::debug!(lease = %self.name, error = %e, "lease not released"),
@@ -156,7 +158,12 @@ impl Elector {
         if *self.leading.borrow() != leading {
             tracing::info!(lease = %self.name, identity = %self.identity, leading, "leadership changed");
             self.leading.send_replace(leading);
+            self.report_leading(leading);
         }
+    }
+
+    fn report_leading(&self, leading: bool) {
+        crate::runtime::metrics::METRICS.leader.with_label_values(&[self.name.as_str()]).set(i64::from(leading));
     }
 
     /// Reads the lease and acts on it; returns whether we hold it afterwards.
@@ -363,6 +370,23 @@ mod tests {
         assert!(*leading.borrow());
         stop.cancel();
         task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leader_status_is_exported_while_leading_and_cleared_on_release() {
+        let status =
+            || crate::runtime::metrics::METRICS.leader.with_label_values(&["sandboxd-controller-metrics-test"]).get();
+        let leases = Arc::new(FakeLeases::default());
+        let (elector, leading) =
+            Elector::new("sandboxd-controller-metrics-test", "a", LeaseSettings::default(), leases.clone());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(elector.run(stop.clone()));
+        settle(1).await;
+        assert!(*leading.borrow());
+        assert_eq!(status(), 1);
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(status(), 0, "a released lease reads 0");
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,6 +1,7 @@
 //! Controller work queue: deduplicated keys, one worker per key, delayed and rate-limited re-adds.
 
 use crate::runtime::error::ControllerError;
+use crate::runtime::metrics::{Metrics, Sampled, METRICS};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
@@ -87,13 +88,48 @@ struct Inner<K> {
     /// Wakes the delay pump when an earlier deadline arrives or the queue goes away.
     delay_wakeup: Arc<Notify>,
     rate_limit: RateLimit,
+    /// The controller's series; `None` for an unnamed queue (tests, helpers), which reports nothing.
+    series: Option<QueueSeries>,
+}
+
+/// A named queue's metric series, resolved once so the hot path does no label lookups.
+struct QueueSeries {
+    name: &'static str,
+    adds: prometheus::IntCounter,
+    retries: prometheus::IntCounter,
+    queue_duration: prometheus::Histogram,
+    work_duration: prometheus::Histogram,
+    reconcile_time: prometheus::Histogram,
+    succeeded: prometheus::IntCounter,
+    requeued: prometheus::IntCounter,
+    failed: prometheus::IntCounter,
+}
+
+impl QueueSeries {
+    fn of(name: &'static str) -> QueueSeries {
+        let m = &*METRICS;
+        let result = |r: &str| m.reconcile_total.with_label_values(&[name, r]);
+        QueueSeries {
+            name,
+            adds: m.workqueue_adds.with_label_values(&[name]),
+            retries: m.workqueue_retries.with_label_values(&[name]),
+            queue_duration: m.workqueue_queue_duration.with_label_values(&[name]),
+            work_duration: m.workqueue_work_duration.with_label_values(&[name]),
+            reconcile_time: m.reconcile_time.with_label_values(&[name]),
+            succeeded: result("success"),
+            requeued: result("requeue_after"),
+            failed: result("error"),
+        }
+    }
 }
 
 struct State<K> {
-    ready: VecDeque<K>,
+    /// Keys in FIFO order, each with when it became ready (for the queue-wait histogram).
+    ready: VecDeque<(K, Instant)>,
     /// Keys owed a run: those in `ready` plus those re-added while processing.
     dirty: HashSet<K>,
-    processing: HashSet<K>,
+    /// Keys a worker holds, each with when it was taken.
+    processing: HashMap<K, Instant>,
     delayed: DelaySet<K>,
     failures: HashMap<K, u32>,
     bucket: TokenBucket,
@@ -135,12 +171,24 @@ impl<K: QueueKey> WorkQueue<K> {
         Self::with_rate_limit(RateLimit::default())
     }
 
+    /// Creates a queue with the default retry pacing that reports its depth, adds, retries, waits and
+    /// reconciles under `name` on `/metrics`.
+    pub fn named(name: &'static str) -> Self {
+        let queue = Self::build(RateLimit::default(), Some(QueueSeries::of(name)));
+        crate::runtime::metrics::sample_while_alive(&queue.inner);
+        queue
+    }
+
     /// Creates a queue with custom retry pacing.
     pub fn with_rate_limit(rate_limit: RateLimit) -> Self {
+        Self::build(rate_limit, None)
+    }
+
+    fn build(rate_limit: RateLimit, series: Option<QueueSeries>) -> Self {
         let state = State {
             ready: VecDeque::new(),
             dirty: HashSet::new(),
-            processing: HashSet::new(),
+            processing: HashMap::new(),
             delayed: DelaySet::new(),
             failures: HashMap::new(),
             bucket: TokenBucket::new(&rate_limit, Instant::now()),
@@ -152,12 +200,16 @@ impl<K: QueueKey> WorkQueue<K> {
             ready_wakeup: Notify::new(),
             delay_wakeup: Arc::new(Notify::new()),
             rate_limit,
+            series,
         };
         Self { inner: Arc::new(inner) }
     }
 
     /// Queues `key` unless it is already waiting; a key being processed runs once more after it is done.
     pub fn add(&self, key: K) {
+        if let Some(series) = &self.inner.series {
+            series.adds.inc();
+        }
         let became_ready = self.inner.state.lock().mark_dirty(key);
         if became_ready {
             self.inner.ready_wakeup.notify_one();
@@ -191,6 +243,9 @@ impl<K: QueueKey> WorkQueue<K> {
 
     /// Records a failure of `key` and adds it after its backoff or the global budget, whichever is later.
     pub fn add_rate_limited(&self, key: K) {
+        if let Some(series) = &self.inner.series {
+            series.retries.inc();
+        }
         let delay = {
             let mut state = self.inner.state.lock();
             let now = Instant::now();
@@ -254,7 +309,10 @@ impl<K: QueueKey> WorkQueue<K> {
                 if state.shut_down {
                     return None;
                 }
-                if let Some(key) = state.take_ready() {
+                if let Some((key, waited)) = state.take_ready() {
+                    if let Some(series) = &self.inner.series {
+                        series.queue_duration.observe(waited.as_secs_f64());
+                    }
                     let queue = self.clone();
                     return Some(QueueItem { key, queue });
                 }
@@ -286,9 +344,23 @@ impl<K: QueueKey> WorkQueue<K> {
     }
 
     fn done(&self, key: &K) {
-        let requeued = self.inner.state.lock().finish(key);
+        let (held, requeued) = self.inner.state.lock().finish(key);
+        if let (Some(series), Some(held)) = (&self.inner.series, held) {
+            series.work_duration.observe(held.as_secs_f64());
+        }
         if requeued {
             self.inner.ready_wakeup.notify_one();
+        }
+    }
+
+    /// Counts one reconcile of `took` by its result.
+    fn observe_reconcile(&self, outcome: &Reconciled, took: Duration) {
+        let Some(series) = &self.inner.series else { return };
+        series.reconcile_time.observe(took.as_secs_f64());
+        match outcome {
+            Ok(Outcome::Done) => series.succeeded.inc(),
+            Ok(Outcome::Requeue(_)) => series.requeued.inc(),
+            Err(_) => series.failed.inc(),
         }
     }
 
@@ -351,6 +423,25 @@ impl<K: QueueKey> fmt::Debug for WorkQueue<K> {
     }
 }
 
+impl<K: QueueKey> Sampled for Inner<K> {
+    fn sample(&self, metrics: &Metrics) {
+        let Some(series) = &self.series else { return };
+        let (depth, longest, unfinished) = {
+            let state = self.state.lock();
+            let now = Instant::now();
+            let running = state.processing.values().map(|since| now.saturating_duration_since(*since));
+            let (longest, unfinished) =
+                running.fold((Duration::ZERO, Duration::ZERO), |(longest, sum), d| (longest.max(d), sum + d));
+            (state.ready.len(), longest, unfinished)
+        };
+        let name = [series.name];
+        metrics.workqueue_depth.with_label_values(&name).add(crate::runtime::metrics::saturating_i64(depth));
+        let longest_gauge = metrics.workqueue_longest_running.with_label_values(&name);
+        longest_gauge.set(longest_gauge.get().max(longest.as_secs_f64()));
+        metrics.workqueue_unfinished_work.with_label_values(&name).add(unfinished.as_secs_f64());
+    }
+}
+
 impl<K> Drop for Inner<K> {
     fn drop(&mut self) {
         // The pump holds only a weak handle; wake it so it notices and exits.
@@ -388,28 +479,30 @@ impl<K: QueueKey> State<K> {
             return false;
         }
         self.dirty.insert(key.clone());
-        if self.processing.contains(&key) {
+        if self.processing.contains_key(&key) {
             return false;
         }
-        self.ready.push_back(key);
+        self.ready.push_back((key, Instant::now()));
         true
     }
 
-    fn take_ready(&mut self) -> Option<K> {
-        let key = self.ready.pop_front()?;
+    /// The next ready key and how long it waited.
+    fn take_ready(&mut self) -> Option<(K, Duration)> {
+        let (key, since) = self.ready.pop_front()?;
         self.dirty.remove(&key);
-        self.processing.insert(key.clone());
-        Some(key)
+        let now = Instant::now();
+        self.processing.insert(key.clone(), now);
+        Some((key, now.saturating_duration_since(since)))
     }
 
-    /// Returns true when `key` changed while processing and went back on the ready list.
-    fn finish(&mut self, key: &K) -> bool {
-        self.processing.remove(key);
+    /// How long `key` was held, and whether it changed while processing and went back on the ready list.
+    fn finish(&mut self, key: &K) -> (Option<Duration>, bool) {
+        let held = self.processing.remove(key).map(|since| since.elapsed());
         if self.shut_down || !self.dirty.contains(key) {
-            return false;
+            return (held, false);
         }
-        self.ready.push_back(key.clone());
-        true
+        self.ready.push_back((key.clone(), Instant::now()));
+        (held, true)
     }
 
     fn shut_down(&mut self) {
@@ -590,7 +683,9 @@ where
 {
     while let Some(item) = queue.next().await {
         let key = item.key().clone();
+        let started = Instant::now();
         let outcome = reconcile_catching_panics(&reconcile, key.clone()).await;
+        queue.observe_reconcile(&outcome, started.elapsed());
         queue.record_outcome(key, outcome);
         drop(item);
     }
@@ -651,6 +746,41 @@ mod tests {
 
     async fn is_starved(queue: &Queue) -> bool {
         timeout(Duration::from_secs(3600), queue.next()).await.is_err()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_named_queue_reports_depth_adds_waits_work_and_results() {
+        let name = "queue-metrics-test";
+        let m = &*METRICS;
+        let line = |family: &str, value: &str| format!("{family}{{name=\"{name}\"}} {value}\n");
+        let queue: Queue = WorkQueue::named(name);
+        queue.add("a");
+        queue.add("b");
+        queue.add("a");
+        assert_eq!(m.workqueue_adds.with_label_values(&[name]).get(), 3, "every add counts, merged or not");
+        assert!(m.render().contains(&line("sandboxd_workqueue_depth", "2")));
+
+        advance(Duration::from_secs(2)).await;
+        let (_, item) = next_key(&queue).await;
+        assert_eq!(m.workqueue_queue_duration.with_label_values(&[name]).get_sample_sum(), 2.0, "waited 2 s");
+        advance(Duration::from_secs(3)).await;
+        let text = m.render();
+        assert!(text.contains(&line("sandboxd_workqueue_depth", "1")), "{text}");
+        assert!(text.contains(&line("sandboxd_workqueue_longest_running_processor_seconds", "3")), "{text}");
+        drop(item);
+        assert_eq!(m.workqueue_work_duration.with_label_values(&[name]).get_sample_sum(), 3.0, "held 3 s");
+
+        queue.observe_reconcile(&Err(ControllerError::Transient("down".into())), Duration::from_millis(5));
+        queue.observe_reconcile(&Ok(Outcome::Requeue(Duration::from_secs(1))), Duration::from_millis(5));
+        queue.add_rate_limited("c");
+        let result = |r: &str| m.reconcile_total.with_label_values(&[name, r]).get();
+        assert_eq!((result("error"), result("requeue_after"), result("success")), (1, 1, 0));
+        assert_eq!(m.workqueue_retries.with_label_values(&[name]).get(), 1);
+        drop(queue);
+        assert!(
+            !m.render().contains(&format!("sandboxd_workqueue_depth{{name=\"{name}\"}}")),
+            "a dropped queue leaves"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -261,6 +261,9 @@ pub struct SandboxController {
     stops: Arc<Mutex<HashMap<String, StopState>>>,
     /// Bounds the graceful stops in flight, so a drain of thousands does not open thousands of calls.
     stop_slots: Arc<tokio::sync::Semaphore>,
+    /// When each new sandbox was first seen Pending, until it is first seen Running (the startup
+    /// histogram) or leaves otherwise.
+    first_seen: Arc<Mutex<HashMap<String, std::time::Instant>>>,
 }
 
 /// Where a graceful stop of an evicted sandbox stands.
@@ -280,6 +283,7 @@ impl crate::runtime::footprint::Footprint for SandboxController {
             ("by_node_nodes", by_node.len()),
             ("by_node_sandboxes", by_node.values().map(|s| s.len()).sum()),
             ("stops", self.stops.lock().len()),
+            ("startup_clocks", self.first_seen.lock().len()),
         ];
         sizes.extend(self.controller.queue().footprint());
         sizes
@@ -310,6 +314,7 @@ impl SandboxController {
             clock,
             stops: Default::default(),
             stop_slots: Arc::new(tokio::sync::Semaphore::new(MAX_STOPS_IN_FLIGHT)),
+            first_seen: Default::default(),
         });
         controller.subscribe();
         crate::runtime::footprint::register("sandbox", &controller);
@@ -358,6 +363,7 @@ impl SandboxController {
                 if let Some(node) = &new.status.node_name {
                     self.by_node.lock().entry(node.clone()).or_default().insert(new.id.clone());
                 }
+                self.time_startup(old.is_none(), new);
             }
             Change::Delete(gone) => {
                 if let Some(node) = &gone.status.node_name {
@@ -365,6 +371,27 @@ impl SandboxController {
                 }
                 self.prober.forget(&gone.id);
                 self.stops.lock().remove(&gone.id);
+                self.first_seen.lock().remove(&gone.id);
+            }
+        }
+    }
+
+    /// Starts a new Pending sandbox's startup clock, and records create → Running when it first runs.
+    /// Both ends are seen through the same watch, so its delay cancels out.
+    fn time_startup(&self, is_new: bool, sandbox: &Sandbox) {
+        let mut first_seen = self.first_seen.lock();
+        match sandbox.status.phase {
+            Phase::Pending if is_new => {
+                first_seen.entry(sandbox.id.clone()).or_insert_with(std::time::Instant::now);
+            }
+            Phase::Pending | Phase::Scheduled | Phase::Creating => {}
+            Phase::Running => {
+                if let Some(since) = first_seen.remove(&sandbox.id) {
+                    crate::runtime::metrics::METRICS.sandbox_startup.observe(since.elapsed().as_secs_f64());
+                }
+            }
+            Phase::Failed | Phase::Terminating => {
+                first_seen.remove(&sandbox.id);
             }
         }
     }

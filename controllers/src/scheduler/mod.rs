@@ -259,7 +259,7 @@ impl Scheduler {
         let at = crate::events::Events::stamp();
         match self.objects.put_sandbox_status(&sandbox.id, &status, &sandbox.resource_version).await {
             Ok(_) => {
-                crate::runtime::metrics::METRICS.binds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                crate::runtime::metrics::METRICS.binds.inc();
                 self.unschedulable.lock().remove(&sandbox.id);
                 self.settings.events.normal_at(
                     at,

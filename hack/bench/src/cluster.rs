@@ -192,6 +192,12 @@ impl Cluster {
         (ticks(11) + ticks(12)) / 100.0
     }
 
+    /// The `q` quantile of the histogram `name` on `/metrics`.
+    pub async fn metric_quantile(&self, name: &str, q: f64) -> anyhow::Result<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.url)).await?.text().await?;
+        histogram_quantile(&text, name, q).with_context(|| format!("histogram {name} missing"))
+    }
+
     /// Reads one Prometheus value from `/metrics`.
     pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
         let text = reqwest::get(format!("{}/metrics", self.url)).await?.text().await?;
@@ -201,6 +207,38 @@ impl Cluster {
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("metric {name} missing"))
     }
+}
+
+/// The `q` quantile of the unlabelled histogram `name` in the exposition `text`, interpolated
+/// linearly within its bucket as PromQL's `histogram_quantile` does.
+pub fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((bound, count.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return Some(0.0);
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for &(bound, count) in &buckets {
+        if count >= rank {
+            if bound.is_infinite() {
+                return Some(lower);
+            }
+            let within = if count > below { (rank - below) / (count - below) } else { 1.0 };
+            return Some(lower + (bound - lower) * within);
+        }
+        (lower, below) = (bound, count);
+    }
+    Some(lower)
 }
 
 fn proc_status_kib(pid: u32, key: &str) -> u64 {
@@ -261,5 +299,21 @@ impl Drop for Cluster {
             let _ = fleet.kill();
             let _ = fleet.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::histogram_quantile;
+
+    #[test]
+    fn quantiles_interpolate_within_the_bucket_as_promql_does() {
+        let text = "# TYPE lag_seconds histogram\nlag_seconds_bucket{le=\"0.1\"} 50\nlag_seconds_bucket{le=\"1\"} 90\n\
+                    lag_seconds_bucket{le=\"+Inf\"} 100\nlag_seconds_sum 9\nlag_seconds_count 100\n";
+        assert_eq!(histogram_quantile(text, "lag_seconds", 0.5), Some(0.1));
+        let p70 = histogram_quantile(text, "lag_seconds", 0.7).unwrap();
+        assert!((p70 - 0.55).abs() < 1e-9, "{p70}");
+        assert_eq!(histogram_quantile(text, "lag_seconds", 0.99), Some(1.0), "+Inf answers the last finite bound");
+        assert_eq!(histogram_quantile(text, "other_seconds", 0.5), None);
     }
 }

@@ -290,8 +290,8 @@ async fn heartbeats(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
     tokio::time::sleep(Duration::from_secs(window)).await;
     let cpu_percent = (cluster.server_cpu_seconds() - cpu_before) / window as f64 * 100.0;
     let beats = cluster.metric("sandboxd_heartbeat_lag_seconds_count").await? - count_before;
-    let lag_p99 = cluster.metric("sandboxd_heartbeat_lag_seconds{quantile=\"0.99\"}").await?;
-    let lag_p50 = cluster.metric("sandboxd_heartbeat_lag_seconds{quantile=\"0.5\"}").await?;
+    let lag_p99 = cluster.metric_quantile("sandboxd_heartbeat_lag_seconds", 0.99).await?;
+    let lag_p50 = cluster.metric_quantile("sandboxd_heartbeat_lag_seconds", 0.5).await?;
     let ready = cluster.ready_nodes().await?;
     ensure!(ready == nodes, "{ready}/{nodes} nodes Ready while heartbeating");
     let expected = nodes as f64 * window as f64 / 5.0;
@@ -330,7 +330,7 @@ async fn scale(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
     tokio::time::sleep(Duration::from_secs(settle)).await;
     let cpu_percent = (cluster.server_cpu_seconds() - cpu_before) / settle as f64 * 100.0;
     let rss = cluster.server_rss_bytes();
-    let lag_p99 = cluster.metric("sandboxd_heartbeat_lag_seconds{quantile=\"0.99\"}").await?;
+    let lag_p99 = cluster.metric_quantile("sandboxd_heartbeat_lag_seconds", 0.99).await?;
     let heartbeats = cluster.metric("sandboxd_heartbeat_lag_seconds_count").await? - lag_before_count;
     let restart = cluster.crash_and_restart().await?;
     let listed = cluster.client.list_sandboxes_page("", 1).await?;

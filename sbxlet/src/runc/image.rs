@@ -85,9 +85,14 @@ impl ImageStore {
                 .or_insert_with(|| {
                     let store = self.clone();
                     let key = key.clone();
-                    async move { store.pull(parsed, &key).await.map(Arc::new).map_err(|e| e.to_string()) }
-                        .boxed()
-                        .shared()
+                    async move {
+                        let started = std::time::Instant::now();
+                        let pulled = store.pull(parsed, &key).await;
+                        crate::metrics::METRICS.observe_pull(pulled.is_ok(), started.elapsed().as_secs_f64());
+                        pulled.map(Arc::new).map_err(|e| e.to_string())
+                    }
+                    .boxed()
+                    .shared()
                 })
                 .clone()
         };
