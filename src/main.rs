@@ -70,6 +70,10 @@ struct ControllersArgs {
     /// TOML configuration file (heartbeat, scheduler and sync settings apply here too).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Serve this process's /metrics (and /healthz) on ADDR, plain HTTP without authentication:
+    /// bind it to loopback or a network only Prometheus reaches (e.g. 127.0.0.1:9464). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     flags: ConfigFlags,
 }
@@ -332,6 +336,13 @@ fn run_controllers(args: ControllersArgs) -> anyhow::Result<()> {
             tracing::info!("shutting down: releasing leases");
             stop.cancel();
         });
+        if let Some(addr) = args.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening for /metrics on {addr}"))?;
+            tracing::info!(%addr, "serving /metrics");
+            tokio::spawn(sandboxd_o::metrics::serve(listener, shutdown.clone()));
+        }
         tracing::info!(server = %client_config.server, identity = %identity, only = ?args.only, "controllers starting");
         let candidacy =
             sandboxd_o::controllers::Candidacy { identity, only: args.only.clone(), lease: args.leases.settings() };

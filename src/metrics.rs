@@ -102,19 +102,35 @@ pub async fn time_request(request: Request, next: Next) -> Response {
     let verb = verb_of(&request);
     let started = Instant::now();
     let response = next.run(request).await;
-    let code = response.status();
-    SERVER
-        .request_duration
-        .with_label_values(&[route.as_str(), verb, code.as_str()])
-        .observe(started.elapsed().as_secs_f64());
+    let code = code_label(response.status());
+    SERVER.request_duration.with_label_values(&[route.as_str(), verb, code]).observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// The status code as a label: the codes this API answers, or the class (`4xx`) for any other,
+/// which a node agent's answer relayed by the data plane may be: an agent must not mint label values.
+fn code_label(status: axum::http::StatusCode) -> &'static str {
+    const KNOWN: [&str; 30] = [
+        "101", "200", "201", "202", "204", "206", "301", "302", "304", "400", "401", "403", "404", "405", "406", "408",
+        "409", "410", "411", "412", "413", "414", "415", "416", "422", "429", "431", "500", "502", "503",
+    ];
+    if let Some(known) = KNOWN.iter().find(|k| **k == status.as_str()) {
+        return known;
+    }
+    match status.as_u16() / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
 }
 
 /// The method, or WATCH for a list's watch (its duration ends at the response head, not the stream's
 /// end); methods the API does not serve are OTHER, so a client cannot mint label values.
 fn verb_of(request: &Request) -> &'static str {
     use axum::http::Method;
-    let watching = request.uri().query().is_some_and(|q| q.split('&').any(|pair| pair == "watch=true"));
+    let watching = request.uri().query().is_some_and(|q| crate::apiserver::shedding::query_flag(q, "watch"));
     match *request.method() {
         Method::GET if watching => "WATCH",
         Method::GET => "GET",
@@ -127,6 +143,26 @@ fn verb_of(request: &Request) -> &'static str {
     }
 }
 
+/// Serves `/metrics` and `/healthz` on `listener` until `shutdown`: the endpoint of a controllers
+/// process, which has no API of its own.
+pub async fn serve(listener: tokio::net::TcpListener, shutdown: tokio_util::sync::CancellationToken) {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/metrics", get(|| async { exposition() }))
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({ "ok": true })) }));
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+        tracing::error!(error = %e, "metrics listener stopped");
+    }
+}
+
+/// The process's families as a `/metrics` answer.
+pub fn exposition() -> Response {
+    use axum::response::IntoResponse;
+    LazyLock::force(&SERVER);
+    let headers = [(axum::http::header::CONTENT_TYPE, m::CONTENT_TYPE)];
+    (headers, METRICS.render()).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,10 +172,22 @@ mod tests {
     }
 
     #[test]
+    fn codes_are_a_closed_set() {
+        use axum::http::StatusCode;
+        assert_eq!(code_label(StatusCode::CREATED), "201");
+        assert_eq!(code_label(StatusCode::TOO_MANY_REQUESTS), "429");
+        assert_eq!(code_label(StatusCode::from_u16(499).unwrap()), "4xx", "an agent's odd code is its class");
+        assert_eq!(code_label(StatusCode::from_u16(504).unwrap()), "5xx");
+        assert_eq!(code_label(StatusCode::IM_A_TEAPOT), "4xx");
+    }
+
+    #[test]
     fn verbs_are_a_closed_set_and_watches_have_their_own() {
         assert_eq!(verb_of(&request("GET", "/api/v1/sandboxes?watch=true&resource_version=3")), "WATCH");
         assert_eq!(verb_of(&request("GET", "/api/v1/sandboxes?watch=false")), "GET");
         assert_eq!(verb_of(&request("GET", "/api/v1/sandboxes?nowatch=true")), "GET");
+        assert_eq!(verb_of(&request("GET", "/api/v1/nodes?watch")), "WATCH", "as the handlers read the flag");
+        assert_eq!(verb_of(&request("GET", "/api/v1/nodes?limit=5&watch=1")), "WATCH");
         assert_eq!(verb_of(&request("POST", "/api/v1/sandboxes")), "POST");
         assert_eq!(verb_of(&request("BREW", "/api/v1/sandboxes")), "OTHER");
     }

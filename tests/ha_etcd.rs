@@ -47,12 +47,17 @@ async fn ha_layout_survives_the_leading_controllers_and_one_api_server_dying() {
     wait_healthy(&client_b).await;
 
     // The first replica (through A) takes every lease; the second (through B) stands by.
-    let mut leader = Daemon::spawn("controllers-1", &controllers_args(port_a, "controllers-1"));
+    let (metrics_1, metrics_2) = (exclusive_addr(9464), exclusive_addr(9464));
+    let mut leader = Daemon::spawn("controllers-1", &controllers_args(port_a, "controllers-1", metrics_1));
     wait_leases_held_by(&client_b, "controllers-1").await;
-    let _standby = Daemon::spawn("controllers-2", &controllers_args(port_b, "controllers-2"));
+    let _standby = Daemon::spawn("controllers-2", &controllers_args(port_b, "controllers-2", metrics_2));
     for i in 0..AGENTS {
         wait_node_state(&client_b, &node_name(i), NodeState::Ready).await;
     }
+    assert_leader_status(metrics_1, 1).await;
+    assert_leader_status(metrics_2, 0).await;
+    let standby = scrape(metrics_2).await;
+    assert!(!standby.contains("sandboxd_workqueue_depth{"), "a standby's idle queues are no backlog: {standby}");
 
     let first_wave = Creates::start(&[client_a.clone(), client_b.clone()], 0..FIRST_WAVE);
     first_wave.wait_for(FIRST_WAVE / 2).await;
@@ -63,6 +68,7 @@ async fn ha_layout_survives_the_leading_controllers_and_one_api_server_dying() {
     let took_over_after = wait_leases_held_by(&client_b, "controllers-2").await.duration_since(killed_at);
     eprintln!("failover: the standby held every lease {took_over_after:?} after the SIGKILL");
     assert_took_over_within_the_lease_duration(&before, &leases(&client_b).await, took_over_after);
+    assert_leader_status(metrics_2, 1).await;
     first_wave.finish().await;
 
     // A watch through B is open while A dies: it must keep streaming.
@@ -89,14 +95,38 @@ fn apiserver_args(addr: SocketAddr, etcd: &LocalEtcd, nodes: &str) -> Vec<String
     ["apiserver", "--insecure-listen", &listen, "--store", &etcd.url(), "--nodes", nodes].map(String::from).to_vec()
 }
 
-fn controllers_args(addr: SocketAddr, identity: &str) -> Vec<String> {
+fn controllers_args(addr: SocketAddr, identity: &str, metrics: SocketAddr) -> Vec<String> {
     let server = format!("http://{addr}");
     let duration = format!("{}ms", LEASE_DURATION.as_millis());
     let retry = format!("{}ms", RETRY.as_millis());
-    let args = ["controllers", "--server", &server, "--identity", identity];
+    let metrics = metrics.to_string();
+    let args = ["controllers", "--server", &server, "--identity", identity, "--metrics-listen", &metrics];
     let leases = ["--lease-duration", &duration, "--renew-deadline", "3s", "--retry-period", &retry];
     let timers = ["--heartbeat-interval", "200ms", "--heartbeat-timeout", "200ms", "--sync-period", "1s"];
     args.into_iter().chain(leases).chain(timers).map(String::from).collect()
+}
+
+/// A controllers process's `/metrics` (its `--metrics-listen`).
+async fn scrape(addr: SocketAddr) -> String {
+    eventually(20, &format!("/metrics on {addr}"), || async {
+        reqwest::get(format!("http://{addr}/metrics")).await.ok()?.text().await.ok()
+    })
+    .await
+}
+
+/// Waits until the controllers process at `metrics` reports `leading` for every controller lease.
+async fn assert_leader_status(metrics: SocketAddr, leading: u8) {
+    eventually(20, &format!("leader status {leading} on {metrics}"), || async move {
+        let text = scrape(metrics).await;
+        CONTROLLERS
+            .iter()
+            .all(|name| {
+                let series = format!("sandboxd_leader_election_master_status{{lease=\"sandboxd-controller-{name}\"}}");
+                text.lines().any(|line| line == format!("{series} {leading}"))
+            })
+            .then_some(())
+    })
+    .await;
 }
 
 fn client(addr: SocketAddr) -> Client {

@@ -124,17 +124,27 @@ async fn both_binaries_export_lint_clean_series_that_follow_the_traffic() {
         &[("operation", "create"), ("result", "success")],
     );
     assert!(creates.is_some_and(|n| n >= 1.0), "{agent_text}");
-    assert!(sample(&agent_text, "process_resident_memory_bytes", &[]).is_some_and(|v| v > 0.0));
+    assert!(!agent_text.contains("process_"), "an agent sharing its process leaves process_* to the process");
+    let alone = start_isolated_agent(sbxlet::SimConfig { process_metrics: true, ..isolated_sim_config() }).await;
+    let alone_text = scrape(&format!("http://{}/metrics", alone.addr())).await;
+    assert!(sample(&alone_text, "process_resident_memory_bytes", &[]).is_some_and(|v| v > 0.0), "{alone_text}");
+    assert_eq!(
+        sample(&alone_text, "sbxlet_sandboxes", &[("state", "running")]),
+        Some(0.0),
+        "each agent counts its own"
+    );
 
     if promtool_available("promtool check metrics") {
         assert_eq!(promtool_complaints(&text), "", "sandboxd-o's /metrics");
         assert_eq!(promtool_complaints(&agent_text), "", "sbxlet's /metrics");
+        assert_eq!(promtool_complaints(&alone_text), "", "a standalone sbxlet's /metrics");
         let complaint = promtool_complaints("# TYPE sandboxd_bad counter\nsandboxd_bad 1\n");
         assert!(complaint.contains("no help text"), "promtool itself catches a bad family: {complaint}");
     }
 }
 
-/// Families that exist only in some modes: leader status only where controllers run elected.
+/// Families that exist only in some modes: leader status only where controllers run elected
+/// (tests/ha_etcd.rs scrapes it from `controllers --metrics-listen`).
 const ONLY_IN_OTHER_MODES: &[&str] = &["sandboxd_leader_election_master_status"];
 
 /// The metric names `manifests/observability/grafana-dashboard.json` queries, without the

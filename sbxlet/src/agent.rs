@@ -185,7 +185,12 @@ pub(crate) fn serve_agent(listener: TcpListener, config: SimConfig) -> io::Resul
         external: config.external,
         admissions: config.record_admissions.then(Mutex::default),
     });
-    let routes = if config.fault_injection { server::sim_router(agent.clone()) } else { server::router(agent.clone()) };
+    let metrics = crate::metrics::AgentMetrics::new(config.process_metrics);
+    let routes = if config.fault_injection {
+        server::sim_router(agent.clone(), metrics)
+    } else {
+        server::router(agent.clone(), metrics)
+    };
     let app = axum::middleware::from_fn_with_state(faults, inject_faults).layer(routes.layer(
         axum::middleware::from_fn_with_state(
             crate::auth::AgentToken::new(config.token.as_deref()),

@@ -290,6 +290,7 @@ impl SimFlags {
             record_admissions: false,
             token: None,
             fault_injection: false,
+            process_metrics: false,
         }
     }
 }
@@ -342,7 +343,8 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), Cli
         None => {
             let token = cli.access.token_for(cli.listen.ip())?;
             let fault_injection = cli.access.enable_fault_injection;
-            run_agent(SimConfig { token, fault_injection, ..cli.sim.into_config(cli.listen) }, shutdown).await
+            let config = SimConfig { token, fault_injection, process_metrics: true, ..cli.sim.into_config(cli.listen) };
+            run_agent(config, shutdown).await
         }
         Some(Command::Fleet(flags)) => {
             let token = cli.access.token_for(std::net::IpAddr::V4(flags.base_ip))?;

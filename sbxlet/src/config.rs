@@ -30,6 +30,9 @@ pub struct SimConfig {
     pub fault_injection: bool,
     /// The runtime classes the agent claims to run (a simulator runs any).
     pub runtime_classes: RuntimeClasses,
+    /// Serve the process's `process_*` series on `/metrics`: only where the agent is the process
+    /// (the `sbxlet` binary), not where several agents or a server share it (a fleet, demo agents).
+    pub process_metrics: bool,
 }
 
 impl Default for SimConfig {
@@ -46,6 +49,7 @@ impl Default for SimConfig {
             token: None,
             fault_injection: false,
             runtime_classes: RuntimeClass::ALL.into_iter().collect(),
+            process_metrics: false,
         }
     }
 }

@@ -5,13 +5,14 @@ use crate::agent::Agent;
 use crate::backend::{Backend, Created};
 use crate::error::RuntimeError;
 use crate::faults::Faults;
+use crate::metrics::AgentMetrics;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use sandboxd_api::agent::{
     AgentDeleted, AgentPhase, AgentSandboxEnvelope, AgentSandboxList, AgentStatus, ErrorBody, Health,
 };
@@ -23,7 +24,7 @@ type AgentState = State<Arc<Agent>>;
 type BackendState = State<Arc<dyn Backend>>;
 
 /// The agent API over any backend, sharing the process-wide route table.
-pub(crate) fn router(backend: Arc<dyn Backend>) -> Router {
+pub(crate) fn router(backend: Arc<dyn Backend>, metrics: Arc<AgentMetrics>) -> Router {
     static ROUTES: OnceLock<Router<Arc<dyn Backend>>> = OnceLock::new();
     ROUTES
         .get_or_init(routes)
@@ -32,13 +33,14 @@ pub(crate) fn router(backend: Arc<dyn Backend>) -> Router {
         .merge(crate::dataplane::routes(backend))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(Extension(metrics))
 }
 
 /// The agent API of the simulated runtime, plus its `/sim` admin routes (faults, restart, fail).
-pub(crate) fn sim_router(agent: Arc<Agent>) -> Router {
+pub(crate) fn sim_router(agent: Arc<Agent>, metrics: Arc<AgentMetrics>) -> Router {
     static SIM_ROUTES: OnceLock<Router<Arc<Agent>>> = OnceLock::new();
     let admin = SIM_ROUTES.get_or_init(sim_routes).clone().with_state(agent.clone());
-    router(agent).merge(admin)
+    router(agent, metrics).merge(admin)
 }
 
 fn routes() -> Router<Arc<dyn Backend>> {
@@ -80,9 +82,10 @@ fn machine_hostname() -> String {
 
 async fn create_sandbox(
     State(agent): BackendState,
+    Extension(metrics): Extension<Arc<AgentMetrics>>,
     ApiJson(request): ApiJson<sandboxd_api::agent::AgentCreateRequest>,
 ) -> Result<(StatusCode, Json<AgentSandboxEnvelope>), ApiError> {
-    let (code, sandbox) = match crate::metrics::METRICS.timed("create", agent.create(request)).await? {
+    let (code, sandbox) = match metrics.timed("create", agent.create(request)).await? {
         Created::New(s) => (StatusCode::CREATED, s),
         Created::Existing(s) => (StatusCode::OK, s),
     };
@@ -126,6 +129,7 @@ struct DeleteParams {
 
 async fn delete_sandbox(
     State(agent): BackendState,
+    Extension(metrics): Extension<Arc<AgentMetrics>>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(params): ApiQuery<DeleteParams>,
 ) -> Result<Json<AgentDeleted>, ApiError> {
@@ -133,20 +137,20 @@ async fn delete_sandbox(
     if grace > MAX_GRACE_SECONDS {
         return Err(ApiError::BadRequest(format!("grace_seconds: {grace} is more than {MAX_GRACE_SECONDS}")));
     }
-    crate::metrics::METRICS.timed("delete", agent.delete(&id, std::time::Duration::from_secs(grace))).await?;
+    metrics.timed("delete", agent.delete(&id, std::time::Duration::from_secs(grace))).await?;
     Ok(Json(AgentDeleted { id, phase: AgentPhase::Deleted }))
 }
 
 /// Prometheus text: runtime operations, image pulls, this agent's sandboxes by state, the process.
-async fn metrics(State(agent): BackendState) -> Response {
-    let text = crate::metrics::render(agent.as_ref()).await;
+async fn metrics(State(agent): BackendState, Extension(metrics): Extension<Arc<AgentMetrics>>) -> Response {
+    let text = metrics.render(agent.as_ref()).await;
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
-async fn reconcile(State(agent): BackendState) -> Json<Health> {
+async fn reconcile(State(agent): BackendState, Extension(metrics): Extension<Arc<AgentMetrics>>) -> Json<Health> {
     let started = std::time::Instant::now();
     agent.reconcile().await;
-    crate::metrics::METRICS.observe_operation("reconcile", true, started.elapsed());
+    metrics.observe_operation("reconcile", true, started.elapsed());
     Json(Health { ok: true })
 }
 

@@ -221,7 +221,7 @@ async fn healthz() -> Json<serde_json::Value> {
 /// The Prometheus text exposition of every family of the process, with this server's gauges read now.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format 0.0.4: work queues, reconciles, API requests, store commits, agent calls, heartbeat lag, sandbox startup, nodes by state, sandboxes by phase, leader status, process", content_type = "text/plain")))]
 async fn metrics(State(state): State<ApiState>) -> Response {
-    use sandboxd_controllers::runtime::metrics::{saturating_i64, CONTENT_TYPE, METRICS};
+    use sandboxd_controllers::runtime::metrics::saturating_i64;
     let server = &*crate::metrics::SERVER;
     server.watches_open.set(saturating_i64(state.watch_slots.open()));
     server.watch_identities.set(saturating_i64(state.watch_slots.identities()));
@@ -229,7 +229,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     for class in shedding::Class::ALL {
         server.inflight.with_label_values(&[class.as_str()]).set(saturating_i64(state.shedder.in_flight(class)));
     }
-    ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], METRICS.render()).into_response()
+    crate::metrics::exposition()
 }
 
 async fn not_found(request: Request) -> ApiError {

@@ -172,12 +172,17 @@ pub fn classify_for(role: &sandboxd_api::auth::Role, method: &Method, path: &str
 }
 
 /// The class of a request, by method, path and query.
-pub fn classify(method: &Method, path: &str, query: &str) -> Class {
-    // As the handlers read them: `watch`, `watch=`, `watch=true` and `watch=1` all stream.
-    let streams = query.split('&').any(|p| {
+/// Whether the boolean query flag `name` is on, as the handlers read it: `name`, `name=`,
+/// `name=true` and `name=1` all are.
+pub fn query_flag(query: &str, name: &str) -> bool {
+    query.split('&').any(|p| {
         let (key, value) = p.split_once('=').unwrap_or((p, ""));
-        matches!(key, "watch" | "follow") && matches!(value, "" | "true" | "1")
-    });
+        key == name && matches!(value, "" | "true" | "1")
+    })
+}
+
+pub fn classify(method: &Method, path: &str, query: &str) -> Class {
+    let streams = query_flag(query, "watch") || query_flag(query, "follow");
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let data_plane = matches!(segments.as_slice(), ["api", "v1", "sandboxes", _, "exec" | "files", ..]);
     if streams || data_plane {

@@ -248,7 +248,6 @@ impl<P: Persist> BatchWriter<P> {
             let started = std::time::Instant::now();
             let committed = self.persist.commit(&mutations, revision);
             let metrics = &*crate::metrics::SERVER;
-            metrics.store_commit_duration.observe(started.elapsed().as_secs_f64());
             if let Err(e) = committed {
                 tracing::error!(error = %e, writes = mutations.len(), "store commit failed");
                 for p in planned {
@@ -257,6 +256,7 @@ impl<P: Persist> BatchWriter<P> {
                 }
                 return;
             }
+            metrics.store_commit_duration.observe(started.elapsed().as_secs_f64());
             metrics.store_commits.inc();
             metrics.store_writes.inc_by(mutations.len() as u64);
             metrics.store_commit_batch.observe(mutations.len() as f64);

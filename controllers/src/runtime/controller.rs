@@ -76,6 +76,7 @@ impl<K: QueueKey + fmt::Debug> Controller<K> {
         Fut: Future<Output = Reconciled> + Send + 'static,
     {
         self.wait_synced().await;
+        self.queue.activate();
         tracing::debug!(controller = self.name, workers = self.workers, "controller started");
         run_until_shutdown(self.queue.clone(), self.workers, shutdown, reconcile).await;
     }

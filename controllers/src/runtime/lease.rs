@@ -92,6 +92,20 @@ pub struct Elector {
     leading: watch::Sender<bool>,
 }
 
+/// `sandboxd_leader_election_master_status{lease}`.
+fn report_leading(lease: &str, leading: bool) {
+    crate::runtime::metrics::METRICS.leader.with_label_values(&[lease]).set(i64::from(leading));
+}
+
+/// Reports the lease as not led when the elector's run ends, however it ends (aborted included).
+struct NotLeadingOnDrop(String);
+
+impl Drop for NotLeadingOnDrop {
+    fn drop(&mut self) {
+        report_leading(&self.0, false);
+    }
+}
+
 impl Elector {
     /// A candidate for lease `name`; the receiver says whether it leads right now.
     pub fn new(
@@ -107,6 +121,8 @@ impl Elector {
     /// Campaigns, renews and steps down until `shutdown`; then releases the lease if held.
     pub async fn run(self, shutdown: CancellationToken) {
         self.report_leading(false);
+        // An elector aborted with its process's other controllers must not read as leading.
+        let _not_leading_after = NotLeadingOnDrop(self.name.clone());
         let mut seen: Option<(String, Instant)> = None;
         let mut last_renewed: Option<Instant> = None;
         loop {
@@ -163,7 +179,7 @@ impl Elector {
     }
 
     fn report_leading(&self, leading: bool) {
-        crate::runtime::metrics::METRICS.leader.with_label_values(&[self.name.as_str()]).set(i64::from(leading));
+        report_leading(&self.name, leading);
     }
 
     /// Reads the lease and acts on it; returns whether we hold it afterwards.

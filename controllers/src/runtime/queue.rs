@@ -135,6 +135,9 @@ struct State<K> {
     bucket: TokenBucket,
     shut_down: bool,
     pump_running: bool,
+    /// Workers drain the queue. A standby's queue fills from its informers but reports nothing
+    /// until it leads, so its idle keys do not read as a backlog.
+    active: bool,
 }
 
 /// Per-key timers that only ever move earlier, ordered by deadline.
@@ -194,6 +197,7 @@ impl<K: QueueKey> WorkQueue<K> {
             bucket: TokenBucket::new(&rate_limit, Instant::now()),
             shut_down: false,
             pump_running: false,
+            active: false,
         };
         let inner = Inner {
             state: Mutex::new(state),
@@ -207,10 +211,13 @@ impl<K: QueueKey> WorkQueue<K> {
 
     /// Queues `key` unless it is already waiting; a key being processed runs once more after it is done.
     pub fn add(&self, key: K) {
-        if let Some(series) = &self.inner.series {
+        let (became_ready, active) = {
+            let mut state = self.inner.state.lock();
+            (state.mark_dirty(key), state.active)
+        };
+        if let Some(series) = self.inner.series.as_ref().filter(|_| active) {
             series.adds.inc();
         }
-        let became_ready = self.inner.state.lock().mark_dirty(key);
         if became_ready {
             self.inner.ready_wakeup.notify_one();
         }
@@ -243,9 +250,7 @@ impl<K: QueueKey> WorkQueue<K> {
 
     /// Records a failure of `key` and adds it after its backoff or the global budget, whichever is later.
     pub fn add_rate_limited(&self, key: K) {
-        if let Some(series) = &self.inner.series {
-            series.retries.inc();
-        }
+        self.count_retry();
         let delay = {
             let mut state = self.inner.state.lock();
             let now = Instant::now();
@@ -255,6 +260,21 @@ impl<K: QueueKey> WorkQueue<K> {
             per_key.max(state.bucket.reserve(now))
         };
         self.add_after(key, delay);
+    }
+
+    fn count_retry(&self) {
+        if let Some(series) = &self.inner.series {
+            series.retries.inc();
+        }
+    }
+
+    /// Marks the queue as drained by workers from now on: its series report, and keys that waited
+    /// before (on a standby) count their wait from now.
+    pub fn activate(&self) {
+        let mut state = self.inner.state.lock();
+        state.active = true;
+        let now = Instant::now();
+        state.ready.iter_mut().for_each(|(_, since)| *since = now);
     }
 
     fn count_failure(&self, key: &K) {
@@ -328,6 +348,11 @@ impl<K: QueueKey> WorkQueue<K> {
         self.inner.delay_wakeup.notify_one();
     }
 
+    /// Whether workers drain this queue (see `activate`).
+    pub fn is_active(&self) -> bool {
+        self.inner.state.lock().active
+    }
+
     /// Whether `shut_down` has been called.
     pub fn is_shut_down(&self) -> bool {
         self.inner.state.lock().shut_down
@@ -380,6 +405,7 @@ impl<K: QueueKey> WorkQueue<K> {
                 tracing::debug!(?key, %error, "reconcile hit a conflict, retrying");
                 if self.failures(&key) < CONFLICT_RETRIES_AT_BASE_DELAY {
                     self.count_failure(&key);
+                    self.count_retry();
                     let base = self.inner.rate_limit.base_delay;
                     self.add_after(key, base);
                 } else {
@@ -428,6 +454,9 @@ impl<K: QueueKey> Sampled for Inner<K> {
         let Some(series) = &self.series else { return };
         let (depth, longest, unfinished) = {
             let state = self.state.lock();
+            if !state.active {
+                return;
+            }
             let now = Instant::now();
             let running = state.processing.values().map(|since| now.saturating_duration_since(*since));
             let (longest, unfinished) =
@@ -620,15 +649,19 @@ fn promote_due<K: QueueKey>(queue: &Weak<Inner<K>>) -> PumpStep {
     let Some(inner) = queue.upgrade() else {
         return PumpStep::Stop;
     };
-    let (promoted, step) = {
+    let (promoted, step, active) = {
         let mut state = inner.state.lock();
         if state.shut_down {
             return PumpStep::Stop;
         }
         let promoted = state.promote_due(Instant::now());
         let step = state.delayed.earliest().map_or(PumpStep::Idle, PumpStep::SleepUntil);
-        (promoted, step)
+        (promoted, step, state.active)
     };
+    // A timer's key counts as an add, as client-go's AddAfter does.
+    if let Some(series) = inner.series.as_ref().filter(|_| active) {
+        series.adds.inc_by(promoted as u64);
+    }
     for _ in 0..promoted {
         inner.ready_wakeup.notify_one();
     }
@@ -755,9 +788,12 @@ mod tests {
         let line = |family: &str, value: &str| format!("{family}{{name=\"{name}\"}} {value}\n");
         let queue: Queue = WorkQueue::named(name);
         queue.add("a");
+        assert_eq!(m.workqueue_adds.with_label_values(&[name]).get(), 0, "a standby's queue counts nothing");
+        assert!(!m.render().contains(&format!("sandboxd_workqueue_depth{{name=\"{name}\"}}")), "nor reports a depth");
+        queue.activate();
         queue.add("b");
         queue.add("a");
-        assert_eq!(m.workqueue_adds.with_label_values(&[name]).get(), 3, "every add counts, merged or not");
+        assert_eq!(m.workqueue_adds.with_label_values(&[name]).get(), 2, "every add counts, merged or not");
         assert!(m.render().contains(&line("sandboxd_workqueue_depth", "2")));
 
         advance(Duration::from_secs(2)).await;

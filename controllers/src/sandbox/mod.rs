@@ -377,16 +377,19 @@ impl SandboxController {
     }
 
     /// Starts a new Pending sandbox's startup clock, and records create → Running when it first runs.
-    /// Both ends are seen through the same watch, so its delay cancels out.
+    /// Both ends are seen through the same watch, so its delay cancels out. Sandboxes of the first
+    /// list are not timed (they were created before this process watched), and only the leader
+    /// records, so replicas do not count a startup twice.
     fn time_startup(&self, is_new: bool, sandbox: &Sandbox) {
         let mut first_seen = self.first_seen.lock();
         match sandbox.status.phase {
-            Phase::Pending if is_new => {
+            Phase::Pending if is_new && self.sandboxes.has_synced() => {
                 first_seen.entry(sandbox.id.clone()).or_insert_with(std::time::Instant::now);
             }
             Phase::Pending | Phase::Scheduled | Phase::Creating => {}
             Phase::Running => {
-                if let Some(since) = first_seen.remove(&sandbox.id) {
+                let since = first_seen.remove(&sandbox.id);
+                if let Some(since) = since.filter(|_| self.controller.queue().is_active()) {
                     crate::runtime::metrics::METRICS.sandbox_startup.observe(since.elapsed().as_secs_f64());
                 }
             }

@@ -4,6 +4,7 @@ mod classes;
 mod cluster;
 mod dataplane;
 mod failover;
+mod floor;
 mod load;
 mod observe;
 mod overload;

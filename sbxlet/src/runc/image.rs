@@ -88,7 +88,7 @@ impl ImageStore {
                     async move {
                         let started = std::time::Instant::now();
                         let pulled = store.pull(parsed, &key).await;
-                        crate::metrics::METRICS.observe_pull(pulled.is_ok(), started.elapsed().as_secs_f64());
+                        crate::metrics::observe_pull(pulled.is_ok(), started.elapsed().as_secs_f64());
                         pulled.map(Arc::new).map_err(|e| e.to_string())
                     }
                     .boxed()

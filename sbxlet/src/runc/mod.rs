@@ -911,7 +911,8 @@ pub async fn start(config: RuncConfig) -> Result<RuncAgent, RuntimeError> {
     let stop = CancellationToken::new();
     runtime.spawn_monitor(stop.clone());
     let token = crate::auth::AgentToken::new(config_token.as_deref());
-    let app = crate::server::router(Arc::new(runtime.clone()))
+    // A real agent is its process: it serves the process's series too.
+    let app = crate::server::router(Arc::new(runtime.clone()), crate::metrics::AgentMetrics::new(true))
         .layer(axum::middleware::from_fn_with_state(token, crate::auth::require_token));
     let shutdown = stop.clone().cancelled_owned();
     let server = tokio::spawn(async move {
