@@ -112,7 +112,7 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
     let recorder = sandboxd_controllers::events::Recorder::new(Arc::new(crate::objects::InProcessObjects::new(
         state.registry.clone(),
     )));
-    state.node_settings.events = sandboxd_controllers::events::Events::new(&recorder, "api-server");
+    state = state.with_node_events(sandboxd_controllers::events::Events::new(&recorder, "api-server"));
     declare_static_nodes(&state, &config).await?;
     if !matches!(mode, Mode::ApiOnly) {
         let keep_fresh_states = matches!(mode, Mode::AllInOneElected(_));

@@ -1207,8 +1207,7 @@ impl sandboxd_contracts::clock::Clock for SteppedClock {
 async fn a_phase_change_sets_last_transition_at_even_when_the_old_status_is_echoed() {
     let clock = Arc::new(SteppedClock(std::sync::atomic::AtomicI64::new(1_780_000_000)));
     let store: Arc<dyn Store> = Arc::new(memory::open(StoreOptions::default()));
-    let mut state = ApiState::new(store, &Config::default());
-    state.registry = state.registry.with_clock(clock.clone());
+    let state = ApiState::new(store, &Config::default()).with_clock(clock.clone());
     let app = router(state, Config::default().max_body_bytes);
     let created = create_sandbox(&app, minimal_sandbox("sbx-1")).await;
     assert_eq!(timestamp(&created["status"]["last_transition_at"]), 1_780_000_000);

@@ -195,11 +195,22 @@ impl Client {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<(u16, T)> {
+        let encoded = body.map(|b| serde_json::to_vec(b).expect("JSON values serialize"));
+        self.call_encoded(method, path, encoded).await
+    }
+
+    /// `call` with a body already encoded as JSON (no intermediate `Value`).
+    async fn call_encoded<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, T)> {
         let mut attempt = 0;
         loop {
             let mut builder = self.request(method.clone(), path).timeout(Duration::from_secs(30));
-            if let Some(body) = body {
-                builder = builder.json(body);
+            if let Some(body) = &body {
+                builder = builder.header(reqwest::header::CONTENT_TYPE, "application/json").body(body.clone());
             }
             let response = builder.send().await.map_err(|e| self.transport_error(e))?;
             let status = response.status();
@@ -280,8 +291,10 @@ impl Client {
 
     /// Creates a sandbox (201), or returns the identical existing one (200).
     pub async fn create_sandbox(&self, id: &str, spec: &SandboxSpec) -> Result<Written<Sandbox>> {
-        let body = to_json(&SandboxCreateRequest { id: id.to_string(), spec: spec.clone() });
-        let (status, env): (u16, SandboxEnvelope) = self.call(Method::POST, "/api/v1/sandboxes", Some(&body)).await?;
+        let request = SandboxCreateRequest { id: id.to_string(), spec: spec.clone() };
+        let body = serde_json::to_vec(&request).expect("request types serialize");
+        let (status, env): (u16, SandboxEnvelope) =
+            self.call_encoded(Method::POST, "/api/v1/sandboxes", Some(body)).await?;
         Ok(Written { status, object: env.sandbox })
     }
 

@@ -23,6 +23,8 @@ pub struct ClusterSpec {
     pub server_args: Vec<String>,
     /// Serve as `serve` does by default, HTTPS with tokens, instead of `--insecure-listen`.
     pub tls: bool,
+    /// Run `sandboxd-o apiserver` (no controllers) instead of `serve`.
+    pub api_only: bool,
 }
 
 /// A running server (and fleet); both are killed on drop.
@@ -35,6 +37,7 @@ pub struct Cluster {
     heartbeat_interval: &'static str,
     store_url: String,
     server_args: Vec<String>,
+    subcommand: &'static str,
     server: Child,
     fleet: Option<Child>,
     /// The client config the server wrote (HTTPS clusters), for raw HTTP clients.
@@ -62,7 +65,9 @@ impl Cluster {
         if spec.tls {
             server_args.extend(["--data-dir".to_string(), data_dir.display().to_string()]);
         }
-        let server = spawn_server(bin_dir, dir.path(), port, spec.heartbeat_interval, &store_url, &server_args)?;
+        let subcommand = if spec.api_only { "apiserver" } else { "serve" };
+        let server =
+            spawn_server(bin_dir, dir.path(), port, spec.heartbeat_interval, &store_url, subcommand, &server_args)?;
         let (client, url, client_config) = if spec.tls {
             let config = read_client_config(&data_dir.join("client.json"), Duration::from_secs(60)).await?;
             (Client::from_config(&config)?, config.server.clone(), Some(config))
@@ -79,6 +84,7 @@ impl Cluster {
             heartbeat_interval: spec.heartbeat_interval,
             store_url,
             server_args,
+            subcommand,
             server,
             fleet: None,
             _etcd: etcd,
@@ -166,6 +172,7 @@ impl Cluster {
             self.port,
             self.heartbeat_interval,
             &self.store_url,
+            self.subcommand,
             &self.server_args,
         )?;
         self.wait_serving(Duration::from_secs(120)).await?;
@@ -271,13 +278,14 @@ fn spawn_server(
     port: u16,
     heartbeat_interval: &str,
     store: &str,
+    subcommand: &str,
     extra_args: &[String],
 ) -> anyhow::Result<Child> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("server.log"))?;
     let tls = extra_args.iter().any(|a| a == "--data-dir");
     let listen = if tls { "--listen" } else { "--insecure-listen" };
     Command::new(bin_dir.join("sandboxd-o"))
-        .args(["serve", listen, &format!("127.0.0.1:{port}")])
+        .args([subcommand, listen, &format!("127.0.0.1:{port}")])
         .args(["--store", store])
         .args(["--heartbeat-interval", heartbeat_interval])
         .args(["--max-body-bytes", "1MiB"])

@@ -54,6 +54,38 @@ pub async fn create_concurrently(
     results.into_iter().collect()
 }
 
+/// Like `create_concurrently`, but the `concurrency` requests in flight are driven by as many
+/// tasks, so the load generator itself can use every core instead of polling all of them from one
+/// task (which held store-create's client to one core).
+pub async fn create_on_tasks(
+    client: &Client,
+    ids: &[String],
+    spec: &SandboxSpec,
+    concurrency: usize,
+) -> anyhow::Result<Vec<Sent>> {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let ids: std::sync::Arc<[String]> = ids.into();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (client, spec, ids, next) = (client.clone(), spec.clone(), ids.clone(), next.clone());
+        workers.spawn(async move {
+            let mut sent = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(id) = ids.get(i) else { return anyhow::Ok(sent) };
+                let at = Instant::now();
+                client.create_sandbox(id, &spec).await?;
+                sent.push(Sent { id: id.clone(), at, latency: at.elapsed() });
+            }
+        });
+    }
+    let mut all = Vec::with_capacity(ids.len());
+    while let Some(joined) = workers.join_next().await {
+        all.extend(joined??);
+    }
+    Ok(all)
+}
+
 /// Creates every id at a steady `per_second` rate, each request on its own task.
 pub async fn create_paced(
     client: &Client,
