@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     "store-create",
     "store-create-etcd",
     "heartbeats",
@@ -28,6 +28,7 @@ pub const ALL: [&str; 17] = [
     "data-plane",
     "runtime-classes",
     "overload",
+    "watch-fanout",
 ];
 
 /// One scenario's figures, printed as one JSON line.
@@ -75,11 +76,12 @@ pub async fn run(name: &str, bin_dir: &Path, smoke: bool) -> anyhow::Result<Repo
         "data-plane" => crate::dataplane::data_plane(bin_dir, smoke).await,
         "runtime-classes" => crate::classes::runtime_classes(bin_dir, smoke).await,
         "overload" => crate::overload::overload(bin_dir, smoke).await,
+        "watch-fanout" => crate::fanout::watch_fanout(bin_dir, smoke).await,
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }
 
-fn ids(prefix: &str, n: usize) -> Vec<String> {
+pub(crate) fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:06}")).collect()
 }
 
