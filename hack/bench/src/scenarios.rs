@@ -129,12 +129,25 @@ struct CreateRun {
     writes_per_commit: f64,
 }
 
-async fn measure_creates(cluster: &Cluster, prefix: &str, n: usize, clients: usize) -> anyhow::Result<CreateRun> {
+/// `on_tasks` drives the clients from as many tasks (the API-only phase); otherwise from one task, as
+/// every published figure of `serve` and etcd was measured.
+async fn measure_creates(
+    cluster: &Cluster,
+    prefix: &str,
+    n: usize,
+    clients: usize,
+    on_tasks: bool,
+) -> anyhow::Result<CreateRun> {
     let commits_before = cluster.metric("sandboxd_store_commits_total").await?;
     let writes_before = cluster.metric("sandboxd_store_writes_total").await?;
     let template = spec("10m", 0);
     let start = Instant::now();
-    let sent = create_on_tasks(&cluster.client, &ids(prefix, n), &template, clients).await?;
+    let names = ids(prefix, n);
+    let sent = if on_tasks {
+        create_on_tasks(&cluster.client, &names, &template, clients).await?
+    } else {
+        create_concurrently(&cluster.client, &names, &template, clients).await?
+    };
     let elapsed = start.elapsed();
     let commits = cluster.metric("sandboxd_store_commits_total").await? - commits_before;
     let writes = cluster.metric("sandboxd_store_writes_total").await? - writes_before;
@@ -150,7 +163,7 @@ async fn store_create(bin_dir: &Path, smoke: bool, etcd: bool) -> anyhow::Result
     let cluster = Cluster::start(bin_dir, &ClusterSpec { etcd, ..cluster_spec(0, "5s") }).await?;
     let mut figures = Map::new();
     for (clients, n) in [(1usize, n1), (64, n64)] {
-        let run = measure_creates(&cluster, &format!("c{clients}"), n, clients).await?;
+        let run = measure_creates(&cluster, &format!("c{clients}"), n, clients, false).await?;
         figures.insert(format!("creates_per_s_{clients}_clients"), json!(run.per_s.round()));
         figures.extend(latency_figures(&format!("create_{clients}_clients"), run.latencies));
         // etcd batches inside etcd; only the in-process writer counts its commits.
@@ -164,15 +177,15 @@ async fn store_create(bin_dir: &Path, smoke: bool, etcd: bool) -> anyhow::Result
         let target = "figures for issue 7: etcd vs SQLite (no target)";
         return Ok(report("store-create-etcd", smoke, Value::Object(figures), target, None));
     }
-    let row_bytes = serde_json::to_vec(&listed[0])?.len();
     drop(cluster);
 
     // Durable creates alone: `apiserver` runs no controllers, so no scheduler writes an
     // Unschedulable status beside each create (with `serve` and no nodes, every create is two writes).
     let api_only = Cluster::start(bin_dir, &ClusterSpec { api_only: true, ..cluster_spec(0, "5s") }).await?;
-    let run = measure_creates(&api_only, "a64", n64, 64).await?;
-    let stored = api_only.client.list_sandboxes().await?.items.len();
-    ensure!(stored == n64, "{stored} sandboxes stored by the API server alone, expected {n64}");
+    let run = measure_creates(&api_only, "a64", n64, 64, true).await?;
+    let stored = api_only.client.list_sandboxes().await?.items;
+    ensure!(stored.len() == n64, "{} sandboxes stored by the API server alone, expected {n64}", stored.len());
+    let row_bytes = serde_json::to_vec(&stored[0])?.len();
     drop(api_only);
     figures.insert("api_only_creates_per_s_64_clients".into(), json!(run.per_s.round()));
     figures.extend(latency_figures("api_only_create_64_clients", run.latencies));
