@@ -43,7 +43,7 @@ pub struct Cluster {
     /// The client config the server wrote (HTTPS clusters), for raw HTTP clients.
     pub client_config: Option<sandboxd_client::ClientConfig>,
     /// Dropped after the server (fields drop in order), so the server never outlives its store.
-    _etcd: Option<sandboxd_testkit::LocalEtcd>,
+    etcd: Option<sandboxd_testkit::LocalEtcd>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -87,7 +87,7 @@ impl Cluster {
             subcommand,
             server,
             fleet: None,
-            _etcd: etcd,
+            etcd,
         };
         cluster.wait_serving(Duration::from_secs(60)).await?;
         if spec.nodes > 0 {
@@ -105,6 +105,11 @@ impl Cluster {
             cluster.fleet = Some(fleet);
         }
         Ok(cluster)
+    }
+
+    /// The etcd the server stores in, as `host:port`, if it runs on one.
+    pub fn etcd_endpoint(&self) -> Option<String> {
+        self.etcd.as_ref().map(|etcd| etcd.url().trim_start_matches("etcd://").to_string())
     }
 
     /// A plain reqwest client for this server: its CA and token when it serves HTTPS.

@@ -1,7 +1,11 @@
-//! Raw SQLite: the floor durable creates through the API are measured against (issue 19). The same
-//! schema, pragmas and statements as the server's store, with no server, HTTP or JSON in the way.
+//! The floors durable creates through the API are measured against (issue 19): raw SQLite with the
+//! server store's schema, pragmas and statements, and etcd's own `txn` with the etcd store's create,
+//! each with no server, HTTP or JSON in the way.
 
+use anyhow::ensure;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The server store's table and the statement it commits each write with (`src/store/sqlite.rs`).
@@ -42,6 +46,54 @@ pub fn raw_sqlite_rows_per_s(dir: &Path, rows: usize, batch: usize, row_bytes: u
     Ok(rows as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Transactions per second that `clients` concurrent callers commit to the etcd at `endpoint`
+/// (`host:port`) over `connections` gRPC connections: `rows` of the etcd store's create, a put of
+/// `row_bytes` under `prefix` guarded by "this key never existed", with a read of it otherwise. The
+/// server's store holds one connection; more show what that one costs.
+pub async fn etcd_create_txns_per_s(
+    endpoint: &str,
+    prefix: &str,
+    rows: usize,
+    clients: usize,
+    connections: usize,
+    row_bytes: usize,
+) -> anyhow::Result<f64> {
+    let mut kvs = Vec::with_capacity(connections.max(1));
+    for _ in 0..connections.max(1) {
+        kvs.push(etcd_client::Client::connect([endpoint], None).await?.kv_client());
+    }
+    let payload: Arc<[u8]> = vec![b'x'; row_bytes].into();
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut callers = tokio::task::JoinSet::new();
+    for caller in 0..clients.max(1) {
+        let (mut kv, payload, next) = (kvs[caller % kvs.len()].clone(), payload.clone(), next.clone());
+        let prefix = prefix.to_string();
+        callers.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= rows {
+                    return anyhow::Ok(());
+                }
+                let key = format!("{prefix}sandboxes/floor-{i}");
+                let txn = etcd_client::Txn::new()
+                    .when([etcd_client::Compare::create_revision(key.as_str(), etcd_client::CompareOp::Equal, 0)])
+                    .and_then([etcd_client::TxnOp::put(key.as_str(), payload.to_vec(), None)])
+                    .or_else([etcd_client::TxnOp::get(key.as_str(), None)]);
+                ensure!(kv.txn(txn).await?.succeeded(), "{key} already existed");
+            }
+        });
+    }
+    while let Some(joined) = callers.join_next().await {
+        joined??;
+    }
+    let rate = rows as f64 / started.elapsed().as_secs_f64();
+    let options = etcd_client::GetOptions::new().with_prefix().with_count_only();
+    let stored = kvs[0].get(format!("{prefix}sandboxes/floor-"), Some(options)).await?.count();
+    ensure!(stored as usize == rows, "the etcd floor stored {stored} keys, expected {rows}");
+    Ok(rate)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,5 +107,16 @@ mod tests {
         let stored: i64 = conn.query_row("SELECT count(*) FROM objects", [], |r| r.get(0)).unwrap();
         let revision: i64 = conn.query_row("SELECT value FROM meta", [], |r| r.get(0)).unwrap();
         assert_eq!((stored, revision), (100, 100));
+    }
+
+    #[tokio::test]
+    async fn the_etcd_floor_creates_every_key_once() {
+        let etcd = sandboxd_testkit::LocalEtcd::start().expect("local etcd starts (apt-get install etcd-server)");
+        let endpoint = etcd.url().trim_start_matches("etcd://").to_string();
+        let rate = etcd_create_txns_per_s(&endpoint, "/floor/", 100, 8, 2, 320).await.unwrap();
+        assert!(rate > 0.0);
+        // The guard is the store's create: the same keys again are refused, not overwritten.
+        let again = etcd_create_txns_per_s(&endpoint, "/floor/", 1, 1, 1, 320).await;
+        assert!(again.unwrap_err().to_string().contains("already existed"));
     }
 }
