@@ -114,6 +114,7 @@ async fn on_demand_heartbeat_reports_ok_degraded_and_failed() {
     let (status, failed) = call(&client, Method::POST, "/api/v1/nodes/node-a/heartbeat", None).await;
     assert_eq!(status, 200, "the outcome is in the body");
     assert_eq!(failed["heartbeat"], "failed");
+    assert_eq!(failed["status_error"], "", "a failed health check skips the status call");
     assert_eq!(failed["node"]["failure_streak"], 1);
     assert_eq!(failed["node"]["state"], "Ready", "one failure does not flap a Ready node");
 

@@ -223,9 +223,19 @@ pub fn derive_resources(node: &Node, reported: &Reported, default_max_alloc_perc
     resources
 }
 
-/// Calls the agent's health and status endpoints concurrently, each bounded by `timeout`.
+/// Calls the agent's health endpoint, then, if it answered healthy, its status endpoint; each is
+/// bounded by `timeout`.
+///
+/// One call at a time, so a heartbeat reuses one pooled connection per agent: two concurrent calls
+/// kept two open per agent, 20,000 descriptors at 10,000 nodes. A failed health check already
+/// fails the heartbeat, so its error stands for the status call that is skipped (and the report
+/// shows no `status_error`).
 pub async fn probe_agent(agents: &dyn AgentClient, agent: AgentAddr<'_>, timeout: Duration) -> Probe {
-    let (health, status) = tokio::join!(agents.health(agent, timeout), agents.status(agent, timeout));
+    let health = agents.health(agent, timeout).await;
+    let status = match &health {
+        Ok(()) => agents.status(agent, timeout).await,
+        Err(e) => Err(e.clone()),
+    };
     Probe { health, status }
 }
 
@@ -255,7 +265,11 @@ pub async fn heartbeat_once(
                     node: written,
                     verdict,
                     heartbeat_error: probe.health.as_ref().err().map(describe_failure).unwrap_or_default(),
-                    status_error: probe.status.as_ref().err().map(describe_failure).unwrap_or_default(),
+                    // A failed health check skips the status call: there is no status error to show.
+                    status_error: match (&probe.health, &probe.status) {
+                        (Ok(()), Err(e)) => describe_failure(e),
+                        _ => String::new(),
+                    },
                 });
             }
             // Someone else wrote the node (a user, the on-demand heartbeat): apply the same probe to the new version.
@@ -523,6 +537,27 @@ mod tests {
 
     use super::*;
     use NodeState::*;
+
+    fn agent_addr() -> AgentAddr<'static> {
+        AgentAddr { node: "n1", base_url: "http://127.0.0.1:1" }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_makes_one_agent_call_at_a_time() {
+        let agent = crate::testing::ScriptedAgent::new(Ok(()), Duration::from_millis(100));
+        let probe = probe_agent(&agent, agent_addr(), Duration::from_secs(2)).await;
+        assert!(probe.health.is_ok() && probe.status.is_ok());
+        assert_eq!(agent.max_in_flight.load(std::sync::atomic::Ordering::SeqCst), 1, "health and status overlapped");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_health_check_skips_the_status_call_and_stands_for_it() {
+        let down = AgentError::Unreachable("connection refused".into());
+        let agent = crate::testing::ScriptedAgent::new(Err(down.clone()), Duration::ZERO);
+        let probe = probe_agent(&agent, agent_addr(), Duration::from_secs(2)).await;
+        assert_eq!((probe.health, probe.status), (Err(down.clone()), Err(down)));
+        assert_eq!(agent.status_calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
 
     #[test]
     fn streaks_and_state_follow_thresholds_with_hysteresis() {

@@ -153,24 +153,63 @@ impl ObjectClient for FakeObjects {
     }
 }
 
-/// An agent client for which every node is unreachable: the controllers act on the store alone.
-pub struct UnreachableAgents;
-
 fn unreachable<T>() -> crate::agent::AgentResult<T> {
     Err(crate::agent::AgentError::Unreachable("test agents are unreachable".into()))
 }
 
+/// An agent whose `/healthz` and status calls answer `health` and `status`, each after `delay`; it
+/// counts the status calls and the most calls it had in flight at once. Every other call is
+/// unreachable, so controllers act on the store alone.
+pub struct ScriptedAgent {
+    health: crate::agent::AgentResult<()>,
+    status: crate::agent::AgentResult<AgentStatus>,
+    delay: std::time::Duration,
+    in_flight: std::sync::atomic::AtomicUsize,
+    pub max_in_flight: std::sync::atomic::AtomicUsize,
+    pub status_calls: std::sync::atomic::AtomicUsize,
+}
+
+impl ScriptedAgent {
+    /// Every call fails as unreachable, at once.
+    pub fn unreachable() -> ScriptedAgent {
+        ScriptedAgent::new(unreachable(), std::time::Duration::ZERO)
+    }
+
+    /// `/healthz` answers `health`, the status call succeeds; both after `delay`.
+    pub fn new(health: crate::agent::AgentResult<()>, delay: std::time::Duration) -> ScriptedAgent {
+        let status = health.clone().map(|()| AgentStatus::default());
+        ScriptedAgent {
+            health,
+            status,
+            delay,
+            in_flight: Default::default(),
+            max_in_flight: Default::default(),
+            status_calls: Default::default(),
+        }
+    }
+
+    async fn call<T>(&self, answer: crate::agent::AgentResult<T>) -> crate::agent::AgentResult<T> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, SeqCst);
+        tokio::time::sleep(self.delay).await;
+        self.in_flight.fetch_sub(1, SeqCst);
+        answer
+    }
+}
+
 #[async_trait]
-impl crate::agent::AgentClient for UnreachableAgents {
+impl crate::agent::AgentClient for ScriptedAgent {
     async fn health(&self, _: crate::agent::AgentAddr<'_>, _: std::time::Duration) -> crate::agent::AgentResult<()> {
-        unreachable()
+        self.call(self.health.clone()).await
     }
     async fn status(
         &self,
         _: crate::agent::AgentAddr<'_>,
         _: std::time::Duration,
     ) -> crate::agent::AgentResult<AgentStatus> {
-        unreachable()
+        self.status_calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.call(self.status.clone()).await
     }
     async fn create_sandbox(
         &self,

@@ -781,7 +781,7 @@ mod tests {
         assert_eq!(creating_poll_after(&since(600), base, 1_000), Duration::from_secs(5));
     }
     use crate::node::test_node as node;
-    use crate::testing::{FakeObjects, UnreachableAgents};
+    use crate::testing::{FakeObjects, ScriptedAgent};
 
     fn running_on(id: &str, node: &str) -> Sandbox {
         serde_json::from_value(serde_json::json!({
@@ -795,7 +795,7 @@ mod tests {
     async fn start_controller(nodes: Vec<Node>, sandboxes: Vec<Sandbox>, t0: i64) -> Arc<FakeObjects> {
         let objects = Arc::new(FakeObjects::new(nodes, sandboxes));
         let (node_informer, sandbox_informer) = (Informer::new(), Informer::new());
-        let agents: Arc<dyn AgentClient> = Arc::new(UnreachableAgents);
+        let agents: Arc<dyn AgentClient> = Arc::new(ScriptedAgent::unreachable());
         let prober = Prober::new(
             node_informer.clone(),
             sandbox_informer.clone(),

@@ -1,5 +1,5 @@
 //! A real cluster for a benchmark: a `sandboxd-o serve` child (on SQLite in a temp dir, or on a throwaway
-//! local etcd) and a `sbxlet fleet` child.
+//! local etcd) and `sbxlet fleet` children.
 
 use anyhow::{bail, Context};
 use sandboxd_client::Client;
@@ -27,7 +27,12 @@ pub struct ClusterSpec {
     pub api_only: bool,
 }
 
-/// A running server (and fleet); both are killed on drop.
+/// Agents per `sbxlet fleet` child. Each agent holds two descriptors in its fleet (its listener and
+/// the server's connection to it), and this machine's hard limit is 20,000 (not raisable here), so
+/// 10,000 nodes take two fleets, as they would take two machines.
+const NODES_PER_FLEET: usize = 5_000;
+
+/// A running server (and fleets); all are killed on drop.
 pub struct Cluster {
     pub client: Client,
     pub url: String,
@@ -39,7 +44,7 @@ pub struct Cluster {
     server_args: Vec<String>,
     subcommand: &'static str,
     server: Child,
-    fleet: Option<Child>,
+    fleets: Vec<Child>,
     /// The client config the server wrote (HTTPS clusters), for raw HTTP clients.
     pub client_config: Option<sandboxd_client::ClientConfig>,
     /// Dropped after the server (fields drop in order), so the server never outlives its store.
@@ -86,25 +91,44 @@ impl Cluster {
             server_args,
             subcommand,
             server,
-            fleet: None,
+            fleets: Vec::new(),
             etcd,
         };
         cluster.wait_serving(Duration::from_secs(60)).await?;
         if spec.nodes > 0 {
             let agent_port = free_port()?;
-            let log = std::fs::File::create(cluster.dir.path().join("fleet.log"))?;
-            let fleet = Command::new(bin_dir.join("sbxlet"))
-                .args(["fleet", "--nodes", &spec.nodes.to_string(), "--base-ip", spec.base_ip])
-                .args(["--port", &agent_port.to_string(), "--register", &cluster.url])
-                .args(["--capacity-cpu", spec.capacity_cpu, "--capacity-memory", spec.capacity_memory])
-                .env("RUST_LOG", "warn")
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .context("starting sbxlet fleet")?;
-            cluster.fleet = Some(fleet);
+            let first: std::net::Ipv4Addr = spec.base_ip.parse().context("base_ip")?;
+            for (shard, start) in (0..spec.nodes).step_by(NODES_PER_FLEET).enumerate() {
+                let nodes = NODES_PER_FLEET.min(spec.nodes - start);
+                let base_ip = std::net::Ipv4Addr::from(u32::from(first) + start as u32);
+                // The first fleet keeps the plain `sim-N` names the other scenarios know.
+                let prefix = if shard == 0 { "sim".to_string() } else { format!("sim{shard}") };
+                let fleet = cluster.spawn_fleet(bin_dir, spec, nodes, base_ip, &prefix, agent_port)?;
+                cluster.fleets.push(fleet);
+            }
         }
         Ok(cluster)
+    }
+
+    fn spawn_fleet(
+        &self,
+        bin_dir: &Path,
+        spec: &ClusterSpec,
+        nodes: usize,
+        base_ip: std::net::Ipv4Addr,
+        name_prefix: &str,
+        agent_port: u16,
+    ) -> anyhow::Result<Child> {
+        let log = std::fs::File::create(self.dir.path().join(format!("fleet-{name_prefix}.log")))?;
+        Command::new(bin_dir.join("sbxlet"))
+            .args(["fleet", "--nodes", &nodes.to_string(), "--base-ip", &base_ip.to_string()])
+            .args(["--name-prefix", name_prefix, "--port", &agent_port.to_string(), "--register", &self.url])
+            .args(["--capacity-cpu", spec.capacity_cpu, "--capacity-memory", spec.capacity_memory])
+            .env("RUST_LOG", "warn")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting sbxlet fleet")
     }
 
     /// The etcd the server stores in, as `host:port`, if it runs on one.
@@ -189,9 +213,9 @@ impl Cluster {
         proc_status_kib(self.server.id(), "VmRSS:") * 1024
     }
 
-    /// Resident memory of the fleet process (zero without a fleet).
+    /// Resident memory of the fleet processes (zero without a fleet).
     pub fn fleet_rss_bytes(&self) -> u64 {
-        self.fleet.as_ref().map(|f| proc_status_kib(f.id(), "VmRSS:") * 1024).unwrap_or(0)
+        self.fleets.iter().map(|f| proc_status_kib(f.id(), "VmRSS:") * 1024).sum()
     }
 
     /// CPU seconds (user + system) the server has used so far.
@@ -308,7 +332,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = self.server.kill();
         let _ = self.server.wait();
-        if let Some(fleet) = &mut self.fleet {
+        for fleet in &mut self.fleets {
             let _ = fleet.kill();
             let _ = fleet.wait();
         }

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 19] = [
     "store-create",
     "store-create-etcd",
     "heartbeats",
@@ -20,6 +20,7 @@ pub const ALL: [&str; 18] = [
     "startup-latency",
     "burst",
     "scale",
+    "scale-2x",
     "api-latency",
     "api-tls",
     "failover",
@@ -67,7 +68,8 @@ pub async fn run(name: &str, bin_dir: &Path, smoke: bool) -> anyhow::Result<Repo
         "burst" => burst(bin_dir, smoke).await,
         "burst-1k" => burst_1k(bin_dir, smoke).await,
         "heartbeats" => heartbeats(bin_dir, smoke).await,
-        "scale" => scale(bin_dir, smoke).await,
+        "scale" => scale(bin_dir, smoke, Size::KubernetesLimits).await,
+        "scale-2x" => scale(bin_dir, smoke, Size::TwiceKubernetesLimits).await,
         "api-latency" => api_latency(bin_dir, smoke).await,
         "api-tls" => api_tls(bin_dir, smoke).await,
         "failover" => crate::failover::failover(bin_dir, smoke).await,
@@ -410,10 +412,22 @@ async fn load_sandboxes(cluster: &Cluster, n: usize, prefix: &str) -> anyhow::Re
     Ok(start.elapsed())
 }
 
-async fn scale(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
-    let (nodes, n, settle) = if smoke { (5, 100, 2) } else { (5_000, 150_000, 30) };
+/// The scale scenarios' sizes: Kubernetes' documented limits (5,000 nodes, 150,000 pods), and twice
+/// them with a tighter restart target (issue 19, target 4).
+#[derive(Clone, Copy, PartialEq)]
+enum Size {
+    KubernetesLimits,
+    TwiceKubernetesLimits,
+}
+
+async fn scale(bin_dir: &Path, smoke: bool, size: Size) -> anyhow::Result<Report> {
+    let (name, nodes, n, restart_limit) = match size {
+        Size::KubernetesLimits => ("scale", 5_000, 150_000, Duration::from_secs(5)),
+        Size::TwiceKubernetesLimits => ("scale-2x", 10_000, 300_000, Duration::from_secs(2)),
+    };
+    let (nodes, n, settle) = if smoke { (5, 100, 2) } else { (nodes, n, 30) };
     let mut cluster = Cluster::start(bin_dir, &cluster_spec(nodes, "5s")).await?;
-    cluster.wait_nodes_ready(nodes, Duration::from_secs(90)).await?;
+    let ready_after = cluster.wait_nodes_ready(nodes, Duration::from_secs(180)).await?;
     let loaded_in = load_sandboxes(&cluster, n, "x").await?;
     // Let placement and agent creates finish and heartbeats run steadily before measuring.
     let cpu_before = cluster.server_cpu_seconds();
@@ -432,6 +446,7 @@ async fn scale(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
     }
     let figures = json!({
         "nodes": nodes,
+        "nodes_ready_after_s": ready_after.as_secs_f64().round(),
         "sandboxes": n,
         "loaded_through_api_s": loaded_in.as_secs_f64().round(),
         "server_rss_mib": rss / (1 << 20),
@@ -440,8 +455,9 @@ async fn scale(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
         "heartbeat_lag_p99_ms": (lag_p99 * 1000.0).round(),
         "restart_to_serving_s": (restart.as_secs_f64() * 100.0).round() / 100.0,
     });
-    let met = rss <= 2 << 30 && lag_p99 <= 1.0 && restart <= Duration::from_secs(5);
-    Ok(report("scale", smoke, figures, "RSS <= 2 GiB, lag p99 <= 1 s, restart <= 5 s", Some(met)))
+    let met = rss <= 2 << 30 && lag_p99 <= 1.0 && restart <= restart_limit;
+    let target = format!("RSS <= 2 GiB, lag p99 <= 1 s, restart <= {} s", restart_limit.as_secs());
+    Ok(report(name, smoke, figures, &target, Some(met)))
 }
 
 // === api-latency: GET / LIST page / POST with 150,000 stored, against a bare axum floor ===
