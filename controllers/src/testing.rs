@@ -34,6 +34,10 @@ pub struct FakeObjects {
     scripted_watches: Mutex<std::collections::VecDeque<ObjectResult<Vec<ObjectResult<RawEvent>>>>>,
     /// Every event recorded, in order.
     events: Mutex<Vec<sandboxd_api::event::EventRecord>>,
+    /// How long each node status write takes, as a store commit would.
+    node_write_latency: std::time::Duration,
+    /// Node status writes in flight now, and the most ever at once.
+    node_writes_in_flight: Mutex<(usize, usize)>,
 }
 
 impl FakeObjects {
@@ -44,6 +48,16 @@ impl FakeObjects {
             list_revision: Mutex::new(1),
             ..FakeObjects::default()
         }
+    }
+
+    /// Node status writes that each take `latency` from now on.
+    pub fn with_node_write_latency(self, latency: std::time::Duration) -> FakeObjects {
+        FakeObjects { node_write_latency: latency, ..self }
+    }
+
+    /// The most node status writes that were ever in flight at once.
+    pub fn max_node_writes_in_flight(&self) -> usize {
+        self.node_writes_in_flight.lock().1
     }
 
     /// What lists answer from now on.
@@ -132,6 +146,13 @@ impl ObjectClient for FakeObjects {
 
     async fn put_node_status(&self, name: &str, status: &NodeStatus, _: &str) -> ObjectResult<Node> {
         let node = self.get_node(name).await?.ok_or_else(|| ObjectError::NotFound(name.to_string()))?;
+        {
+            let mut in_flight = self.node_writes_in_flight.lock();
+            in_flight.0 += 1;
+            in_flight.1 = in_flight.1.max(in_flight.0);
+        }
+        tokio::time::sleep(self.node_write_latency).await;
+        self.node_writes_in_flight.lock().0 -= 1;
         self.writes.lock().push(Write::NodeStatus { name: name.to_string(), status: status.clone() });
         Ok(Node { status: status.clone(), ..node })
     }

@@ -228,10 +228,10 @@ impl Cluster {
         (ticks(11) + ticks(12)) / 100.0
     }
 
-    /// The `q` quantile of the histogram `name` on `/metrics`.
-    pub async fn metric_quantile(&self, name: &str, q: f64) -> anyhow::Result<f64> {
+    /// The histogram `name` on `/metrics` as it stands now.
+    pub async fn histogram(&self, name: &str) -> anyhow::Result<Buckets> {
         let text = reqwest::get(format!("{}/metrics", self.url)).await?.text().await?;
-        histogram_quantile(&text, name, q).with_context(|| format!("histogram {name} missing"))
+        Buckets::parse(&text, name).with_context(|| format!("histogram {name} missing"))
     }
 
     /// Reads one Prometheus value from `/metrics`.
@@ -245,36 +245,58 @@ impl Cluster {
     }
 }
 
-/// The `q` quantile of the unlabelled histogram `name` in the exposition `text`, interpolated
-/// linearly within its bucket as PromQL's `histogram_quantile` does.
-pub fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
-    let prefix = format!("{name}_bucket{{le=\"");
-    let buckets: Vec<(f64, f64)> = text
-        .lines()
-        .filter_map(|line| line.strip_prefix(&prefix))
-        .filter_map(|rest| {
-            let (le, count) = rest.split_once("\"} ")?;
-            let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
-            Some((bound, count.trim().parse().ok()?))
-        })
-        .collect();
-    let total = buckets.last()?.1;
-    if total == 0.0 {
-        return Some(0.0);
+/// The cumulative buckets of one unlabelled Prometheus histogram: (upper bound, count) in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Buckets(Vec<(f64, f64)>);
+
+impl Buckets {
+    /// The histogram `name` in the exposition `text`.
+    pub fn parse(text: &str, name: &str) -> Option<Buckets> {
+        let prefix = format!("{name}_bucket{{le=\"");
+        let buckets: Vec<(f64, f64)> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix(&prefix))
+            .filter_map(|rest| {
+                let (le, count) = rest.split_once("\"} ")?;
+                let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+                Some((bound, count.trim().parse().ok()?))
+            })
+            .collect();
+        (!buckets.is_empty()).then_some(Buckets(buckets))
     }
-    let rank = q * total;
-    let (mut lower, mut below) = (0.0, 0.0);
-    for &(bound, count) in &buckets {
-        if count >= rank {
-            if bound.is_infinite() {
-                return Some(lower);
-            }
-            let within = if count > below { (rank - below) / (count - below) } else { 1.0 };
-            return Some(lower + (bound - lower) * within);
+
+    /// What was observed after `earlier` (the same histogram scraped before), as PromQL's
+    /// `increase` over a window.
+    pub fn since(&self, earlier: &Buckets) -> Buckets {
+        let counts = self.0.iter().zip(&earlier.0).map(|(&(bound, now), &(_, then))| (bound, (now - then).max(0.0)));
+        Buckets(counts.collect())
+    }
+
+    /// Observations counted.
+    pub fn count(&self) -> f64 {
+        self.0.last().map_or(0.0, |&(_, count)| count)
+    }
+
+    /// The `q` quantile, interpolated linearly within its bucket as PromQL's `histogram_quantile` does.
+    pub fn quantile(&self, q: f64) -> f64 {
+        let total = self.count();
+        if total == 0.0 {
+            return 0.0;
         }
-        (lower, below) = (bound, count);
+        let rank = q * total;
+        let (mut lower, mut below) = (0.0, 0.0);
+        for &(bound, count) in &self.0 {
+            if count >= rank {
+                if bound.is_infinite() {
+                    return lower;
+                }
+                let within = if count > below { (rank - below) / (count - below) } else { 1.0 };
+                return lower + (bound - lower) * within;
+            }
+            (lower, below) = (bound, count);
+        }
+        lower
     }
-    Some(lower)
 }
 
 fn proc_status_kib(pid: u32, key: &str) -> u64 {
@@ -341,16 +363,32 @@ impl Drop for Cluster {
 
 #[cfg(test)]
 mod tests {
-    use super::histogram_quantile;
+    use super::Buckets;
+
+    fn lag(le_01: u32, le_1: u32, all: u32) -> String {
+        format!(
+            "# TYPE lag_seconds histogram\nlag_seconds_bucket{{le=\"0.1\"}} {le_01}\nlag_seconds_bucket{{le=\"1\"}} {le_1}\n\
+             lag_seconds_bucket{{le=\"+Inf\"}} {all}\nlag_seconds_sum 9\nlag_seconds_count {all}\n"
+        )
+    }
 
     #[test]
     fn quantiles_interpolate_within_the_bucket_as_promql_does() {
-        let text = "# TYPE lag_seconds histogram\nlag_seconds_bucket{le=\"0.1\"} 50\nlag_seconds_bucket{le=\"1\"} 90\n\
-                    lag_seconds_bucket{le=\"+Inf\"} 100\nlag_seconds_sum 9\nlag_seconds_count 100\n";
-        assert_eq!(histogram_quantile(text, "lag_seconds", 0.5), Some(0.1));
-        let p70 = histogram_quantile(text, "lag_seconds", 0.7).unwrap();
+        let buckets = Buckets::parse(&lag(50, 90, 100), "lag_seconds").unwrap();
+        assert_eq!(buckets.quantile(0.5), 0.1);
+        let p70 = buckets.quantile(0.7);
         assert!((p70 - 0.55).abs() < 1e-9, "{p70}");
-        assert_eq!(histogram_quantile(text, "lag_seconds", 0.99), Some(1.0), "+Inf answers the last finite bound");
-        assert_eq!(histogram_quantile(text, "other_seconds", 0.5), None);
+        assert_eq!(buckets.quantile(0.99), 1.0, "+Inf answers the last finite bound");
+        assert_eq!(Buckets::parse(&lag(50, 90, 100), "other_seconds"), None);
+    }
+
+    #[test]
+    fn a_window_counts_only_what_was_observed_in_it() {
+        let before = Buckets::parse(&lag(0, 0, 100), "lag_seconds").unwrap(); // 100 late ones while loading
+        let after = Buckets::parse(&lag(1_000, 1_000, 1_100), "lag_seconds").unwrap();
+        assert_eq!(after.quantile(0.99), 1.0, "over the whole run the late ones set the p99");
+        let window = after.since(&before);
+        assert_eq!(window.count(), 1_000.0);
+        assert!(window.quantile(0.99) <= 0.1, "the window's p99 is {}", window.quantile(0.99));
     }
 }

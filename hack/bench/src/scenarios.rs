@@ -374,17 +374,20 @@ async fn burst_of(
 
 // === heartbeats: 5,000 agents heartbeating at 5 s and nothing else ===
 
+/// How late heartbeats start; its quantiles are taken over a measuring window, not the whole run,
+/// which includes registration and (in `scale`) loading the sandboxes with every core busy.
+const HEARTBEAT_LAG: &str = "sandboxd_heartbeat_lag_seconds";
+
 async fn heartbeats(bin_dir: &Path, smoke: bool) -> anyhow::Result<Report> {
     let (nodes, window) = if smoke { (5, 6) } else { (5_000, 30) };
     let cluster = Cluster::start(bin_dir, &cluster_spec(nodes, "5s")).await?;
     cluster.wait_nodes_ready(nodes, Duration::from_secs(90)).await?;
-    let count_before = cluster.metric("sandboxd_heartbeat_lag_seconds_count").await?;
+    let lag_before = cluster.histogram(HEARTBEAT_LAG).await?;
     let cpu_before = cluster.server_cpu_seconds();
     tokio::time::sleep(Duration::from_secs(window)).await;
     let cpu_percent = (cluster.server_cpu_seconds() - cpu_before) / window as f64 * 100.0;
-    let beats = cluster.metric("sandboxd_heartbeat_lag_seconds_count").await? - count_before;
-    let lag_p99 = cluster.metric_quantile("sandboxd_heartbeat_lag_seconds", 0.99).await?;
-    let lag_p50 = cluster.metric_quantile("sandboxd_heartbeat_lag_seconds", 0.5).await?;
+    let lag = cluster.histogram(HEARTBEAT_LAG).await?.since(&lag_before);
+    let (beats, lag_p99, lag_p50) = (lag.count(), lag.quantile(0.99), lag.quantile(0.5));
     let ready = cluster.ready_nodes().await?;
     ensure!(ready == nodes, "{ready}/{nodes} nodes Ready while heartbeating");
     let expected = nodes as f64 * window as f64 / 5.0;
@@ -431,12 +434,13 @@ async fn scale(bin_dir: &Path, smoke: bool, size: Size) -> anyhow::Result<Report
     let loaded_in = load_sandboxes(&cluster, n, "x").await?;
     // Let placement and agent creates finish and heartbeats run steadily before measuring.
     let cpu_before = cluster.server_cpu_seconds();
-    let lag_before_count = cluster.metric("sandboxd_heartbeat_lag_seconds_count").await?;
+    let lag_before = cluster.histogram(HEARTBEAT_LAG).await?;
     tokio::time::sleep(Duration::from_secs(settle)).await;
     let cpu_percent = (cluster.server_cpu_seconds() - cpu_before) / settle as f64 * 100.0;
     let rss = cluster.server_rss_bytes();
-    let lag_p99 = cluster.metric_quantile("sandboxd_heartbeat_lag_seconds", 0.99).await?;
-    let heartbeats = cluster.metric("sandboxd_heartbeat_lag_seconds_count").await? - lag_before_count;
+    let lag_whole_run = cluster.histogram(HEARTBEAT_LAG).await?;
+    let lag = lag_whole_run.since(&lag_before);
+    let (heartbeats, lag_p99) = (lag.count(), lag.quantile(0.99));
     let restart = cluster.crash_and_restart().await?;
     let listed = cluster.client.list_sandboxes_page("", 1).await?;
     ensure!(listed.next_cursor.is_some(), "store lost its sandboxes");
@@ -453,6 +457,7 @@ async fn scale(bin_dir: &Path, smoke: bool, size: Size) -> anyhow::Result<Report
         "server_cpu_percent_steady": cpu_percent.round(),
         "heartbeats_in_window": heartbeats,
         "heartbeat_lag_p99_ms": (lag_p99 * 1000.0).round(),
+        "heartbeat_lag_p99_with_load_ms": (lag_whole_run.quantile(0.99) * 1000.0).round(),
         "restart_to_serving_s": (restart.as_secs_f64() * 100.0).round() / 100.0,
     });
     let met = rss <= 2 << 30 && lag_p99 <= 1.0 && restart <= restart_limit;
