@@ -82,6 +82,8 @@ pub struct Config {
     pub auth_token_file: Option<PathBuf>,
     /// Plain HTTP, no authentication, on this loopback address; `None`: HTTPS with tokens on `listen`.
     pub insecure_listen: Option<SocketAddr>,
+    /// A second listener, on its own thread, for controllers, nodes, `/metrics` and `/healthz` only.
+    pub system_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
@@ -144,7 +146,7 @@ const fn key(name: &'static str, default: &'static str, help: &'static str) -> K
 
 /// Every key, in the order of the table in semantics.md. This is the one declaration of each key:
 /// the file layer, the env layer, the flags and their `--help` all read it.
-pub const KEYS: [Key; 43] = [
+pub const KEYS: [Key; 44] = [
     key("listen", "0.0.0.0:8082", "Address the API listens on"),
     key(
         "store",
@@ -184,6 +186,12 @@ pub const KEYS: [Key; 43] = [
         "insecure_listen",
         "",
         "Serve plain HTTP without authentication on this loopback address instead of HTTPS on listen (local development only)",
+    ),
+    key(
+        "system_listen",
+        "",
+        "Also serve controllers, nodes, /metrics and /healthz (no user requests) on this address, on a thread of its own, \
+         so they are answered while users saturate the main listener; loopback only with insecure_listen",
     ),
     key(
         "data_dir",
@@ -292,6 +300,14 @@ fn parse_insecure_listen(s: &str) -> Result<Option<SocketAddr>, String> {
     Ok(Some(addr))
 }
 
+/// An address, or empty for none.
+fn parse_optional_addr(s: &str) -> Result<Option<SocketAddr>, String> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse::<SocketAddr>().map(Some).map_err(|e| e.to_string())
+}
+
 fn default_of(name: &str) -> &'static str {
     KEYS.iter().find(|k| k.name == name).map(|k| k.default).unwrap_or_default()
 }
@@ -373,6 +389,7 @@ impl Config {
             nodes: parse_key("nodes", &value("nodes"), parse_nodes)?,
             auth_token_file: optional_path(&value("auth_token_file")),
             insecure_listen: parse_key("insecure_listen", &value("insecure_listen"), parse_insecure_listen)?,
+            system_listen: parse_key("system_listen", &value("system_listen"), parse_optional_addr)?,
             data_dir: PathBuf::from(value("data_dir")),
             tls_cert_file: optional_path(&value("tls_cert_file")),
             tls_key_file: optional_path(&value("tls_key_file")),
@@ -454,6 +471,16 @@ impl Config {
                 "heartbeat_timeout",
                 format!("{:?} is longer than heartbeat_interval {:?}", self.heartbeat_timeout, self.heartbeat_interval),
             ));
+        }
+        if let (Some(_), Some(system)) = (self.insecure_listen, self.system_listen) {
+            if !system.ip().is_loopback() {
+                return Err(invalid(
+                    "system_listen",
+                    format!(
+                        "{system} is not a loopback address; with insecure_listen it serves without TLS and tokens"
+                    ),
+                ));
+            }
         }
         for (i, node) in self.nodes.iter().enumerate() {
             if let Err(refusal) = self.agent_policy.check_host(&node.ip) {
@@ -725,6 +752,7 @@ mod tests {
             ("scheduler_policy", "random"),
             ("listen", "nowhere"),
             ("insecure_listen", "0.0.0.0:8082"),
+            ("system_listen", "nowhere"),
             ("tls_san", "a b,example.org"),
             ("max_inflight_share", "0"),
             ("max_watches_per_identity", "0"),
@@ -759,6 +787,23 @@ mod tests {
             let err = Config::load(None, &HashMap::new(), &map(&[(key, value)])).unwrap_err();
             assert!(err.to_string().starts_with(&format!("{key}: ")), "{key}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn an_insecure_system_listener_stays_on_loopback() {
+        let insecure = |system: &str| {
+            Config::load(
+                None,
+                &HashMap::new(),
+                &map(&[("insecure_listen", "127.0.0.1:8082"), ("system_listen", system)]),
+            )
+        };
+        let err = insecure("0.0.0.0:8083").unwrap_err();
+        assert!(err.to_string().starts_with("system_listen: "), "{err}");
+        assert_eq!(insecure("127.0.0.1:8083").unwrap().system_listen, Some("127.0.0.1:8083".parse().unwrap()));
+        let secure = Config::load(None, &HashMap::new(), &map(&[("system_listen", "0.0.0.0:8083")])).unwrap();
+        assert_eq!(secure.system_listen, Some("0.0.0.0:8083".parse().unwrap()), "with TLS and tokens any address");
+        assert_eq!(Config::load(None, &HashMap::new(), &HashMap::new()).unwrap().system_listen, None, "off by default");
     }
 
     #[test]

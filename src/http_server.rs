@@ -17,6 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Descriptors kept back from connections: the store, agent calls, watches' internals, logs.
 pub const FD_RESERVE: u64 = 1024;
+/// Connections `system_listen` holds at once: controllers, nodes registering, scrapers and health
+/// checkers are few, and these come out of the descriptors kept back (`FD_RESERVE`).
+pub const SYSTEM_MAX_CONNECTIONS: usize = 256;
 /// Refusals answered at once; past it, an excess connection is closed without an answer.
 const MAX_REFUSALS: usize = 256;
 /// Longest TLS handshake.

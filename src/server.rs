@@ -56,6 +56,8 @@ pub enum Mode {
 /// A started server: its address and the handle to stop it.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where `system_listen` serves, when it is on.
+    pub system_addr: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     pub store: Arc<dyn Store>,
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
@@ -89,6 +91,7 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
     let wanted = config.insecure_listen.unwrap_or(config.listen);
     let listener =
         tokio::net::TcpListener::bind(wanted).await.map_err(|error| ServeError::Bind { addr: wanted, error })?;
+    let system_listener = config.system_listen.map(bind_system_listener).transpose()?;
     if let Mode::AllInOneElected(candidacy) = &mode {
         candidacy.lease.validate().map_err(ServeError::Lease)?;
     }
@@ -143,8 +146,60 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
         max_connections: crate::http_server::connection_budget(config.max_connections),
         tls: security.tls.clone(),
     };
-    let task = tokio::spawn(serve(listener, router, limits, store.clone(), controllers, shutdown.clone()));
-    Ok(Running { addr, shutdown, store, task })
+    let mut system_addr = None;
+    let system_thread = match system_listener {
+        Some(listener) => {
+            system_addr = Some(listener.local_addr().map_err(ServeError::Serve)?);
+            tracing::info!(addr = ?system_addr, "serving controllers, nodes, /metrics and /healthz on system_listen");
+            let limits = crate::http_server::Limits {
+                max_connections: crate::http_server::SYSTEM_MAX_CONNECTIONS,
+                ..limits.clone()
+            };
+            let router = router.clone().layer(axum::Extension(apiserver::SystemListener));
+            Some(spawn_system_listener(listener, router, limits, shutdown.clone())?)
+        }
+        None => None,
+    };
+    let serving = Serving { router, limits, system_thread };
+    let task = tokio::spawn(serve(listener, serving, store.clone(), controllers, shutdown.clone()));
+    Ok(Running { addr, system_addr, shutdown, store, task })
+}
+
+/// Binds `system_listen` before anything else starts, like the main listener.
+fn bind_system_listener(addr: SocketAddr) -> Result<std::net::TcpListener, ServeError> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|error| ServeError::Bind { addr, error })?;
+    listener.set_nonblocking(true).map_err(ServeError::Serve)?;
+    Ok(listener)
+}
+
+/// Serves `router` on `listener` from a thread and runtime of its own until `shutdown`: its
+/// requests never wait in the run queue of the main listener's tasks, however many a user flood
+/// makes there, so controllers, nodes, scrapes and health checks keep being answered.
+fn spawn_system_listener(
+    listener: std::net::TcpListener,
+    router: axum::Router,
+    limits: crate::http_server::Limits,
+    shutdown: CancellationToken,
+) -> Result<std::thread::JoinHandle<()>, ServeError> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ServeError::Serve)?;
+    std::thread::Builder::new()
+        .name("system-listener".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => crate::http_server::serve(listener, router, limits, shutdown).await,
+                    Err(e) => tracing::error!(error = %e, "system_listen: cannot serve"),
+                }
+            })
+        })
+        .map_err(ServeError::Serve)
+}
+
+/// What the main task serves: the router on the main listener, and the system listener's thread.
+struct Serving {
+    router: axum::Router,
+    limits: crate::http_server::Limits,
+    system_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// How often expired and surplus events are deleted: often enough that a busy server (hundreds of
@@ -172,16 +227,17 @@ async fn sweep_events(registry: crate::registry::Registry, ttl: Duration, max: u
 
 async fn serve(
     listener: tokio::net::TcpListener,
-    router: axum::Router,
-    limits: crate::http_server::Limits,
+    serving: Serving,
     store: Arc<dyn Store>,
     mut controllers: tokio::task::JoinSet<()>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    let Serving { router, limits, system_thread } = serving;
     let served = tokio::spawn(crate::http_server::serve(listener, router, limits, shutdown.clone()));
     shutdown.cancelled().await;
     // In-flight requests get a bounded time to finish; watches end at once with the token.
-    if tokio::time::timeout(Duration::from_secs(10), served).await.is_err() {
+    let system_served = tokio::task::spawn_blocking(move || system_thread.map(|thread| thread.join()));
+    if tokio::time::timeout(Duration::from_secs(10), async { (served.await, system_served.await) }).await.is_err() {
         tracing::warn!("requests still open after 10s; stopping anyway");
     }
     // Controllers finish their current reconcile and stop; their writes land before the store closes.

@@ -289,6 +289,16 @@ async fn admit_and_run(state: &super::ApiState, identity: &Identity, mut request
     let class = shedding::classify_for(&identity.role, request.method(), uri.path(), uri.query().unwrap_or(""));
     // No share for the anonymous caller of a server without authentication (it is everyone), nor
     // for controllers: their replicas share one identity and their work is the system's own.
+    if request.extensions().get::<super::SystemListener>().is_some()
+        && !shedding::serves_on_system_listener(&identity.role, class)
+    {
+        return ApiError::Forbidden(format!(
+            "{} {} is not served on system_listen, which answers controllers, nodes, /metrics and /healthz; send it to the main listener",
+            request.method(),
+            request.uri().path()
+        ))
+        .into_response();
+    }
     let unshared = identity.source == "anonymous" || identity.role == Role::Controller;
     let share_key = (!unshared).then_some(identity.name.as_str());
     let admission = match state.shedder.admit(class, share_key) {

@@ -165,6 +165,11 @@ pub fn node_settings(config: &Config) -> NodeSettings {
     }
 }
 
+/// Marks a request that came in on `system_listen`, which answers only controllers, nodes and
+/// system-class routes (`shedding::serves_on_system_listener`).
+#[derive(Debug, Clone, Copy)]
+pub struct SystemListener;
+
 /// The whole API as an axum router.
 pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
     let api = Router::new()

@@ -171,7 +171,14 @@ pub fn classify_for(role: &sandboxd_api::auth::Role, method: &Method, path: &str
     }
 }
 
-/// The class of a request, by method, path and query.
+/// Whether `system_listen` answers a request of `role` in `class`: controllers and nodes whatever
+/// they call (a remote controller's informers watch there too), anyone else only system-class
+/// routes (`/metrics`, leases, status writes); users' work belongs on the main listener.
+pub fn serves_on_system_listener(role: &sandboxd_api::auth::Role, class: Class) -> bool {
+    use sandboxd_api::auth::Role;
+    matches!(role, Role::Controller | Role::Node(_)) || class == Class::System
+}
+
 /// Whether the boolean query flag `name` is on, as the handlers read it: `name`, `name=`,
 /// `name=true` and `name=1` all are.
 pub fn query_flag(query: &str, name: &str) -> bool {
@@ -181,6 +188,7 @@ pub fn query_flag(query: &str, name: &str) -> bool {
     })
 }
 
+/// The class of a request, by method, path and query.
 pub fn classify(method: &Method, path: &str, query: &str) -> Class {
     let streams = query_flag(query, "watch") || query_flag(query, "follow");
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();

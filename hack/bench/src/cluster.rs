@@ -51,7 +51,7 @@ pub struct Cluster {
     etcd: Option<sandboxd_testkit::LocalEtcd>,
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
