@@ -2,6 +2,7 @@
 //! replica is SIGKILLed (then, once it is back as a standby, the new leader gets SIGTERM), and the
 //! time until the standby holds every lease and runs a sandbox created right after the kill is measured.
 
+use crate::cluster::free_port;
 use crate::load::spec;
 use crate::scenarios::Report;
 use anyhow::{bail, Context};
@@ -45,10 +46,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Lease timing: the defaults for the real figure, short ones for the smoke run.
