@@ -146,10 +146,10 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
         max_connections: crate::http_server::connection_budget(config.max_connections),
         tls: security.tls.clone(),
     };
-    let mut system_addr = None;
+    let system_addr =
+        system_listener.as_ref().map(std::net::TcpListener::local_addr).transpose().map_err(ServeError::Serve)?;
     let system_thread = match system_listener {
         Some(listener) => {
-            system_addr = Some(listener.local_addr().map_err(ServeError::Serve)?);
             tracing::info!(addr = ?system_addr, "serving controllers, nodes, /metrics and /healthz on system_listen");
             let limits = crate::http_server::Limits {
                 max_connections: crate::http_server::SYSTEM_MAX_CONNECTIONS,
