@@ -35,7 +35,6 @@ fn event_cost(event: &Event) -> usize {
 }
 
 struct Watcher {
-    kind: Kind,
     tx: mpsc::Sender<WatchItem>,
     /// Set when the watcher is cut off for a full buffer, so its stream ends with `Lagged`.
     lagged: Arc<AtomicBool>,
@@ -63,7 +62,9 @@ struct State {
     ring: VecDeque<(Instant, Event)>,
     /// `event_cost` summed over `ring`.
     ring_bytes: usize,
-    watchers: Vec<Watcher>,
+    /// By kind, so an event walks only the watchers of its own kind (10,000 watchers of nodes cost a
+    /// sandbox write nothing).
+    watchers: HashMap<Kind, Vec<Watcher>>,
     closed: bool,
 }
 
@@ -110,7 +111,7 @@ impl Hub {
                 compacted: revision,
                 ring: VecDeque::new(),
                 ring_bytes: 0,
-                watchers: Vec::new(),
+                watchers: HashMap::new(),
                 closed: false,
             }),
             limits,
@@ -165,9 +166,17 @@ impl Hub {
 
     /// Applies committed changes in revision order and fans them out to watchers.
     pub fn apply(&self, changes: Vec<Change>) {
+        self.apply_then(changes, || {});
+    }
+
+    /// Like `apply`, running `applied` once the objects are in place and before any watcher is
+    /// offered the events: the writer answers its callers there, so under a wide fan-out their
+    /// answers do not queue behind every watcher's wake-up, and a read after an answer sees the write.
+    pub fn apply_then(&self, changes: Vec<Change>, applied: impl FnOnce()) {
         let mut guard = self.state.write();
         let state = &mut *guard;
         let now = Instant::now();
+        let first_new = state.ring.len();
         for change in changes {
             let map = state.objects.entry(change.kind).or_default();
             match change.event_type {
@@ -180,10 +189,16 @@ impl Hub {
             }
             state.revision = change.object.revision;
             let event = Event { kind: change.kind, event_type: change.event_type, object: change.object };
-            // A watcher that cannot take the event now is cut off: it will re-watch from its last revision.
-            state.watchers.retain(|w| w.kind != event.kind || w.offer(WatchItem::Event(event.clone())));
             state.ring_bytes += event_cost(&event);
             state.ring.push_back((now, event));
+        }
+        applied();
+        let State { ring, watchers, .. } = state;
+        for (_, event) in ring.range(first_new..) {
+            if let Some(of_kind) = watchers.get_mut(&event.kind) {
+                // A watcher that cannot take the event now is cut off: it will re-watch from its last revision.
+                of_kind.retain(|w| w.offer(WatchItem::Event(event.clone())));
+            }
         }
         self.trim_ring(state, now);
         self.applied.send_replace(state.revision);
@@ -278,7 +293,7 @@ impl Hub {
         let backlog: Vec<WatchItem> = backlog.into_iter().rev().map(|e| WatchItem::Event(e.clone())).collect();
         let (tx, rx) = mpsc::channel(limits.buffer.max(1) + self.batch_headroom);
         let lagged = Arc::new(AtomicBool::new(false));
-        state.watchers.push(Watcher { kind, tx, lagged: lagged.clone() });
+        state.watchers.entry(kind).or_default().push(Watcher { tx, lagged: lagged.clone() });
         let live = futures::stream::unfold(Some(rx), move |rx| {
             let lagged = lagged.clone();
             async move {
@@ -297,7 +312,9 @@ impl Hub {
     pub fn bookmark(&self) {
         let mut state = self.state.write();
         let revision = state.revision;
-        state.watchers.retain(|w| w.offer(WatchItem::Bookmark(revision)));
+        for of_kind in state.watchers.values_mut() {
+            of_kind.retain(|w| w.offer(WatchItem::Bookmark(revision)));
+        }
     }
 
     /// Ends every watch and refuses new ones.
@@ -348,6 +365,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn callers_are_answered_before_any_watcher_hears_and_only_watchers_of_the_kind_hear() {
+        let hub = Hub::new(vec![], 0, HistoryLimits::events(1000, Duration::from_secs(60)), 16);
+        let mut sandboxes = hub.watch(Kind::Sandboxes, 0).unwrap();
+        let mut nodes = hub.watch(Kind::Nodes, 0).unwrap();
+        let mut answered_before_watchers = None;
+        hub.apply_then(vec![change("a", 1)], || {
+            answered_before_watchers = Some(futures::FutureExt::now_or_never(sandboxes.next()).is_none());
+        });
+        assert_eq!(answered_before_watchers, Some(true), "the callback ran once, before the watcher had the event");
+        assert!(hub.current(Kind::Sandboxes, "a").is_some());
+        assert!(matches!(sandboxes.next().await, Some(WatchItem::Event(e)) if e.revision() == 1));
+        assert!(futures::FutureExt::now_or_never(nodes.next()).is_none(), "a node watcher hears no sandbox");
+    }
+
+    #[tokio::test]
     async fn history_is_bounded_by_bytes_and_older_revisions_are_gone() {
         let one = event_cost(&Event { kind: Kind::Sandboxes, event_type: ChangeType::Added, object: object("s-0", 1) });
         let limits = HistoryLimits { max_events: 1_000, max_bytes: 3 * one, max_age: Duration::from_secs(60) };
@@ -379,7 +411,8 @@ mod tests {
         assert!(matches!(seen[..2], [WatchItem::Event(_), WatchItem::Event(_)]));
         assert_eq!(seen[2], WatchItem::Lagged { buffer: 1 });
         assert!(matches!(reading.next().await, Some(WatchItem::Event(e)) if e.revision() == 3), "readers go on");
-        assert_eq!(hub.state.read().watchers.len(), 1, "the slow watcher's slot is gone");
+        let open: usize = hub.state.read().watchers.values().map(Vec::len).sum();
+        assert_eq!(open, 1, "the slow watcher's slot is gone");
     }
 
     #[tokio::test]

@@ -61,6 +61,9 @@ fn open_blocking(path: &Path, options: StoreOptions) -> Result<LocalStore> {
     conn.pragma_update(None, "synchronous", "FULL").map_err(unavailable)?;
     // This process is the store's only writer and keeps everything in memory: a second process on the
     // same file would fork the history, so hold the lock for as long as the store is open.
+    // Exclusive mode keeps the WAL index in this connection's memory, so no other connection can
+    // checkpoint: SQLite's automatic checkpoint (every 1,000 WAL pages, about 4 MiB) runs on the
+    // writer thread after the commit that crosses it, and that is what bounds the WAL file.
     conn.pragma_update(None, "locking_mode", "EXCLUSIVE").map_err(unavailable)?;
     conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
         .map_err(|e| StoreError::Unavailable(format!("sqlite {} is in use by another process: {e}", path.display())))?;
@@ -72,8 +75,7 @@ fn open_blocking(path: &Path, options: StoreOptions) -> Result<LocalStore> {
         .map_err(unavailable)?;
     let revision = (stored_revision.unwrap_or(0) as Revision).max(max_row_revision);
     tracing::info!(path = %path.display(), objects = objects.len(), revision, "sqlite store loaded");
-    let checkpoints = spawn_checkpointer(path)?;
-    Ok(LocalStore::start(objects, revision, SqlitePersist { conn, _checkpoints: checkpoints, _lock: lock }, options))
+    Ok(LocalStore::start(objects, revision, SqlitePersist { conn, _lock: lock }, options))
 }
 
 /// Takes an exclusive lock on `PATH.lock` for as long as the store is open: this process keeps every
@@ -94,30 +96,6 @@ fn lock_store(path: &Path) -> Result<std::fs::File> {
         ))
     })?;
     Ok(file)
-}
-
-/// Checkpoints the WAL every second from a second connection until the returned sender is dropped.
-fn spawn_checkpointer(path: &Path) -> Result<std::sync::mpsc::Sender<()>> {
-    let conn = Connection::open(path).map_err(|e| StoreError::Unavailable(format!("sqlite checkpointer: {e}")))?;
-    conn.busy_timeout(std::time::Duration::from_millis(200))
-        .map_err(|e| StoreError::Unavailable(format!("sqlite checkpointer: {e}")))?;
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    std::thread::Builder::new()
-        .name("store-checkpoint".into())
-        .spawn(move || loop {
-            match stopped.recv_timeout(std::time::Duration::from_secs(1)) {
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    // PASSIVE never blocks the writer; it copies what it can and the next round does the rest.
-                    // Busy means the writer was resetting the WAL at that moment; the next round catches up.
-                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                        tracing::debug!(error = %e, "wal checkpoint skipped");
-                    }
-                }
-                _ => return,
-            }
-        })
-        .map_err(|e| StoreError::Unavailable(format!("starting checkpointer: {e}")))?;
-    Ok(stop)
 }
 
 fn load_objects(conn: &Connection) -> rusqlite::Result<(Vec<(Kind, Versioned)>, Revision)> {
@@ -142,8 +120,6 @@ fn load_objects(conn: &Connection) -> rusqlite::Result<(Vec<(Kind, Versioned)>, 
 
 struct SqlitePersist {
     conn: Connection,
-    /// Dropping it stops the checkpointer thread.
-    _checkpoints: std::sync::mpsc::Sender<()>,
     /// Held for the store's lifetime.
     _lock: std::fs::File,
 }
@@ -167,11 +143,11 @@ impl SqlitePersist {
                     }
                 }
             }
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO meta (key, value) VALUES ('revision', ?1)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                params![revision as i64],
-            )?;
+            )?
+            .execute(params![revision as i64])?;
         }
         tx.commit()
     }
@@ -186,6 +162,7 @@ impl Persist for SqlitePersist {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
 
     /// A tiny tmpfs, unmounted on drop even when the test fails.
     struct TinyDisk(tempfile::TempDir);
@@ -206,6 +183,22 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::process::Command::new("umount").arg(self.0.path()).status();
         }
+    }
+
+    /// A server writes for months: the WAL must be checkpointed and restarted as it goes, not grow
+    /// with every write (with `wal_autocheckpoint=0` and nothing else checkpointing, it would).
+    #[tokio::test]
+    async fn the_wal_file_stays_bounded_under_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = open(&path, StoreOptions::default()).await.unwrap();
+        let padding = "x".repeat(4096);
+        // About 16 MiB of rows, four times the automatic checkpoint's 1,000 pages.
+        for i in 0..4_000 {
+            store.create(Kind::Sandboxes, &format!("s{i}"), serde_json::json!({ "pad": padding })).await.unwrap();
+        }
+        let wal = std::fs::metadata(path.with_extension("db-wal")).unwrap().len();
+        assert!(wal < 8 << 20, "the WAL grew to {wal} bytes");
     }
 
     #[tokio::test]

@@ -260,11 +260,17 @@ impl<P: Persist> BatchWriter<P> {
             metrics.store_commits.inc();
             metrics.store_writes.inc_by(mutations.len() as u64);
             metrics.store_commit_batch.observe(mutations.len() as f64);
-            self.hub.apply(changes);
+            // Callers hear back before any watcher is woken (see `Hub::apply_then`).
+            self.hub.apply_then(changes, || answer(planned));
+            return;
         }
-        for p in planned {
-            let _ = p.reply.send(p.outcome);
-        }
+        answer(planned);
+    }
+}
+
+fn answer(planned: Vec<Planned>) {
+    for p in planned {
+        let _ = p.reply.send(p.outcome);
     }
 }
 

@@ -208,6 +208,12 @@ impl Cluster {
         Ok(start.elapsed())
     }
 
+    /// The plain-HTTP address of the API, for raw connections.
+    pub fn addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        let host = self.url.strip_prefix("http://").context("raw connections need a plain-HTTP cluster")?;
+        host.parse().with_context(|| format!("server address {host}"))
+    }
+
     /// Resident memory of the server process.
     pub fn server_rss_bytes(&self) -> u64 {
         proc_status_kib(self.server.id(), "VmRSS:") * 1024

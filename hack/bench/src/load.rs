@@ -162,3 +162,30 @@ pub fn quantile(values: &mut [Duration], q: f64) -> Duration {
 pub fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
+
+/// Work running on a thread and current-thread runtime of its own, so that its timings never wait
+/// behind the tasks of the bench's runtime (a flood, a hundred watchers); `finish` waits for it.
+pub struct OwnThread<T>(tokio::sync::oneshot::Receiver<anyhow::Result<T>>);
+
+impl<T: Send + 'static> OwnThread<T> {
+    pub fn spawn<F, Fut>(work: F) -> OwnThread<T>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = anyhow::Result<T>>,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let done = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| runtime.block_on(work()));
+            let _ = tx.send(done);
+        });
+        OwnThread(rx)
+    }
+
+    pub async fn finish(self) -> anyhow::Result<T> {
+        self.0.await.map_err(|_| anyhow::anyhow!("the bench's own thread died"))?
+    }
+}

@@ -9,6 +9,7 @@ mod floor;
 mod load;
 mod observe;
 mod overload;
+mod raw;
 mod real;
 mod scenarios;
 mod soak;

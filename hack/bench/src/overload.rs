@@ -3,7 +3,7 @@
 //! 32 unpaginated lists in a loop, and idle and slow connections held open throughout.
 
 use crate::cluster::Cluster;
-use crate::load::{ms, quantile};
+use crate::load::{ms, quantile, OwnThread};
 use crate::scenarios::{report, Report};
 use anyhow::ensure;
 use sandboxd_api::SandboxSpec;
@@ -201,17 +201,8 @@ struct Probe {
 }
 
 impl Probe {
-    fn start(url: String, probe_for: Duration) -> ProbeThread {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            let probed = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|runtime| runtime.block_on(Probe::run(&url, probe_for)));
-            let _ = tx.send(probed);
-        });
-        ProbeThread(rx)
+    fn start(url: String, probe_for: Duration) -> OwnThread<Probe> {
+        OwnThread::spawn(move || async move { Probe::run(&url, probe_for).await })
     }
 
     async fn run(url: &str, probe_for: Duration) -> anyhow::Result<Probe> {
@@ -232,15 +223,6 @@ impl Probe {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(probe)
-    }
-}
-
-/// A probe running on its thread; `finish` waits for its samples.
-struct ProbeThread(tokio::sync::oneshot::Receiver<anyhow::Result<Probe>>);
-
-impl ProbeThread {
-    async fn finish(self) -> anyhow::Result<Probe> {
-        self.0.await.map_err(|_| anyhow::anyhow!("the probe thread died"))?
     }
 }
 

@@ -131,24 +131,32 @@ struct CreateRun {
     writes_per_commit: f64,
 }
 
-/// `on_tasks` drives the clients from as many tasks (the API-only phase); otherwise from one task, as
-/// every published figure of `serve` and etcd was measured.
+/// What drives the creates: the API's client polled from one task (the published figures of every
+/// scenario before issue 19), the same client on one task per request in flight, or the raw
+/// HTTP/1.1 generator (`raw.rs`), which leaves the server most of the two cores.
+#[derive(Clone, Copy)]
+enum Generator {
+    OneTask,
+    Tasks,
+    Raw,
+}
+
 async fn measure_creates(
     cluster: &Cluster,
     prefix: &str,
     n: usize,
     clients: usize,
-    on_tasks: bool,
+    generator: Generator,
 ) -> anyhow::Result<CreateRun> {
     let commits_before = cluster.metric("sandboxd_store_commits_total").await?;
     let writes_before = cluster.metric("sandboxd_store_writes_total").await?;
     let template = spec("10m", 0);
     let start = Instant::now();
     let names = ids(prefix, n);
-    let sent = if on_tasks {
-        create_on_tasks(&cluster.client, &names, &template, clients).await?
-    } else {
-        create_concurrently(&cluster.client, &names, &template, clients).await?
+    let sent = match generator {
+        Generator::OneTask => create_concurrently(&cluster.client, &names, &template, clients).await?,
+        Generator::Tasks => create_on_tasks(&cluster.client, &names, &template, clients).await?,
+        Generator::Raw => crate::raw::create_raw(cluster.addr()?, &names, &template, clients).await?,
     };
     let elapsed = start.elapsed();
     let commits = cluster.metric("sandboxd_store_commits_total").await? - commits_before;
@@ -165,7 +173,7 @@ async fn store_create(bin_dir: &Path, smoke: bool, etcd: bool) -> anyhow::Result
     let cluster = Cluster::start(bin_dir, &ClusterSpec { etcd, ..cluster_spec(0, "5s") }).await?;
     let mut figures = Map::new();
     for (clients, n) in [(1usize, n1), (64, n64)] {
-        let run = measure_creates(&cluster, &format!("c{clients}"), n, clients, false).await?;
+        let run = measure_creates(&cluster, &format!("c{clients}"), n, clients, Generator::OneTask).await?;
         figures.insert(format!("creates_per_s_{clients}_clients"), json!(run.per_s.round()));
         figures.extend(latency_figures(&format!("create_{clients}_clients"), run.latencies));
         // etcd batches inside etcd; only the in-process writer counts its commits.
@@ -183,25 +191,64 @@ async fn store_create(bin_dir: &Path, smoke: bool, etcd: bool) -> anyhow::Result
     // Durable creates alone: `apiserver` runs no controllers, so no scheduler writes an
     // Unschedulable status beside each create (with `serve` and no nodes, every create is two writes).
     let api_only = Cluster::start(bin_dir, &ClusterSpec { api_only: true, ..cluster_spec(0, "5s") }).await?;
-    let run = measure_creates(&api_only, "a64", n64, 64, true).await?;
-    let stored = api_only.client.list_sandboxes().await?.items;
-    ensure!(stored.len() == n64, "{} sandboxes stored by the API server alone, expected {n64}", stored.len());
-    let row_bytes = serde_json::to_vec(&stored[0])?.len();
+    // First with the API's own client on 64 tasks (the figure published before the raw generator),
+    // then rounds of the raw generator, each followed by its floor: raw SQLite on the same disk, at
+    // the batch size the server reached in that round, with rows the size of the objects it stored.
+    // The disk's fsync time drifts within seconds here, so each ratio pairs figures taken seconds
+    // apart and the verdict takes the median of the rounds.
+    let with_client = measure_creates(&api_only, "a64", n64, 64, Generator::Tasks).await?;
+    let row_bytes = serde_json::to_vec(&api_only.client.get_sandbox("a64-000000").await?)?.len();
+    let floor_at = |run: &CreateRun| {
+        let batch = run.writes_per_commit.round().max(1.0) as usize;
+        crate::floor::raw_sqlite_rows_per_s(tempfile::tempdir()?.path(), n64, batch, row_bytes)
+    };
+    let client_floor = floor_at(&with_client)?;
+    let mut rounds = Vec::with_capacity(FLOOR_ROUNDS);
+    for round in 0..FLOOR_ROUNDS {
+        let run = measure_creates(&api_only, &format!("r{round}"), n64, 64, Generator::Raw).await?;
+        let floor = floor_at(&run)?;
+        rounds.push((run, floor));
+    }
+    let stored = api_only.client.list_sandboxes().await?.items.len();
+    let expected = n64 * (1 + FLOOR_ROUNDS);
+    ensure!(stored == expected, "{stored} sandboxes stored by the API server alone, expected {expected}");
     drop(api_only);
-    figures.insert("api_only_creates_per_s_64_clients".into(), json!(run.per_s.round()));
-    figures.extend(latency_figures("api_only_create_64_clients", run.latencies));
-    figures.insert("api_only_writes_per_commit_64_clients".into(), json!(round1(run.writes_per_commit)));
-    // The floor: raw SQLite on the same disk, at the batch size the API server reached and rows the
-    // size of the objects it stored.
-    let batch = run.writes_per_commit.round().max(1.0) as usize;
-    let floor_dir = tempfile::tempdir()?;
-    let floor = crate::floor::raw_sqlite_rows_per_s(floor_dir.path(), n64, batch, row_bytes)?;
-    let ratio = run.per_s / floor;
-    figures.insert("raw_sqlite_rows_per_s_same_batch".into(), json!(floor.round()));
+    let percents: Vec<f64> = rounds.iter().map(|(run, floor)| round1(run.per_s / floor * 100.0)).collect();
+    let median_percent = median(&percents);
+    let rates: Vec<f64> = rounds.iter().map(|(run, _)| run.per_s.round()).collect();
+    figures.insert("api_only_creates_per_s_64_clients".into(), json!(median(&rates)));
+    figures.insert("api_only_creates_per_s_64_clients_rounds".into(), json!(rates));
+    let batches: Vec<f64> = rounds.iter().map(|(run, _)| round1(run.writes_per_commit)).collect();
+    figures.insert("api_only_writes_per_commit_64_clients_rounds".into(), json!(batches));
+    let floors: Vec<f64> = rounds.iter().map(|(_, floor)| floor.round()).collect();
+    figures.insert("raw_sqlite_rows_per_s_same_batch_rounds".into(), json!(floors));
+    figures.insert("api_vs_raw_sqlite_percent_rounds".into(), json!(percents));
+    figures.insert("api_vs_raw_sqlite_percent".into(), json!(median_percent));
+    let latencies = rounds.into_iter().flat_map(|(run, _)| run.latencies).collect();
+    figures.extend(latency_figures("api_only_create_64_clients", latencies));
+    figures.insert("api_only_with_client_creates_per_s_64_clients".into(), json!(with_client.per_s.round()));
+    figures.extend(latency_figures("api_only_with_client_create_64_clients", with_client.latencies));
+    figures.insert("api_only_with_client_writes_per_commit".into(), json!(round1(with_client.writes_per_commit)));
+    figures.insert("raw_sqlite_rows_per_s_with_client_batch".into(), json!(client_floor.round()));
+    let client_percent = with_client.per_s / client_floor * 100.0;
+    figures.insert("api_with_client_vs_raw_sqlite_percent".into(), json!(round1(client_percent)));
     figures.insert("row_bytes".into(), json!(row_bytes));
-    figures.insert("api_vs_raw_sqlite_percent".into(), json!(round1(ratio * 100.0)));
     let target = "API-only durable creates (64 clients) >= 50 % of raw SQLite at the same batch size";
-    Ok(report("store-create", smoke, Value::Object(figures), target, (!smoke).then_some(ratio >= 0.5)))
+    Ok(report("store-create", smoke, Value::Object(figures), target, (!smoke).then_some(median_percent >= 50.0)))
+}
+
+/// Rounds of raw-generator creates, each beside its own floor, in store-create.
+const FLOOR_ROUNDS: usize = 3;
+
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }
 
 /// API creates on etcd through `apiserver` alone, against etcd's own `txn` floor (issue 19, target 5):
@@ -217,8 +264,8 @@ async fn etcd_against_its_floor(
     let spec = ClusterSpec { api_only: true, etcd: true, ..cluster_spec(0, "5s") };
     let api_only = Cluster::start(bin_dir, &spec).await?;
     let endpoint = api_only.etcd_endpoint().expect("an etcd cluster");
-    let one = measure_creates(&api_only, "a1", n1, 1, true).await?;
-    let run = measure_creates(&api_only, "a64", n64, 64, true).await?;
+    let one = measure_creates(&api_only, "a1", n1, 1, Generator::Tasks).await?;
+    let run = measure_creates(&api_only, "a64", n64, 64, Generator::Tasks).await?;
     let stored = api_only.client.list_sandboxes().await?.items;
     ensure!(stored.len() == n1 + n64, "{} sandboxes stored on etcd, expected {}", stored.len(), n1 + n64);
     let row_bytes = serde_json::to_vec(&stored[0])?.len();
@@ -286,7 +333,8 @@ async fn scheduling_basic(bin_dir: &Path, smoke: bool, selectors: bool) -> anyho
     figures.insert("creates_accepted_per_s".into(), json!((measured as f64 / accepted.as_secs_f64()).round()));
     figures.extend(latency_figures("create", sent.into_iter().map(|s| s.latency).collect()));
     figures.insert("selectors".into(), json!(selectors));
-    Ok(report(name, smoke, Value::Object(figures), ">= 5000 binds/s", Some(binds_per_s >= 5000.0)))
+    // Issue 19 raised the target from 5,000.
+    Ok(report(name, smoke, Value::Object(figures), ">= 10000 binds/s", Some(binds_per_s >= 10_000.0)))
 }
 
 /// A node selector and affinity that every simulated node satisfies.
