@@ -52,6 +52,7 @@ const MATRIX: &[(&str, &str, &str)] = &[
     ("GET", "/api/v1/sandboxes/s1/logs", "AU"),
     ("POST", "/api/v1/events", "AC"),
     ("GET", "/api/v1/events", "AUC"),
+    ("POST", "/api/v1/watch", "AUC"),
     ("POST", "/api/v1/leases", "AC"),
     ("GET", "/api/v1/leases", "AC"),
     ("GET", "/api/v1/leases/l1", "AC"),

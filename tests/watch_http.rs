@@ -310,3 +310,126 @@ async fn a_watcher_that_stops_reading_is_closed_with_a_429_error_event_after_wha
     }
     stop.cancel();
 }
+
+// === many watches over one stream (POST /api/v1/watch) ===
+
+fn watch_spec(id: &str, name: Option<&str>, resource_version: Option<&str>) -> sandboxd_api::watch::WatchSpec {
+    sandboxd_api::watch::WatchSpec {
+        id: id.into(),
+        name: name.map(Into::into),
+        resource_version: resource_version.map(Into::into),
+    }
+}
+
+fn watch_many_request(
+    kind: &str,
+    watches: Vec<sandboxd_api::watch::WatchSpec>,
+) -> sandboxd_api::watch::WatchManyRequest {
+    sandboxd_api::watch::WatchManyRequest { kind: kind.into(), watches }
+}
+
+type Tagged = sandboxd_api::watch::TaggedWatchEvent<serde_json::Value>;
+
+/// The next `n` lines that are not bookmarks, as (watch, type, object id).
+async fn next_tagged(
+    stream: &mut futures::stream::BoxStream<'static, sandboxd_client::Result<Tagged>>,
+    n: usize,
+) -> Vec<(String, EventType, String)> {
+    let mut seen = Vec::new();
+    while seen.len() < n {
+        let event = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("event within 5s")
+            .expect("stream open")
+            .expect("valid line");
+        if event.event_type == EventType::Bookmark {
+            assert_eq!(event.watch, None, "a bookmark speaks for every watch");
+            continue;
+        }
+        let id = event.object["id"].as_str().unwrap_or_default().to_string();
+        seen.push((event.watch.expect("an object line names its watch"), event.event_type, id));
+    }
+    seen
+}
+
+fn line(watch: &str, event_type: EventType, id: &str) -> (String, EventType, String) {
+    (watch.into(), event_type, id.into())
+}
+
+#[tokio::test]
+async fn one_stream_carries_many_watches_each_routed_by_name_and_revision() {
+    let (server, client) = start_api_server(test_config(&[])).await;
+    client.create_sandbox("a", &sandbox_spec("100m")).await.unwrap();
+    client.create_sandbox("b", &sandbox_spec("100m")).await.unwrap();
+    let now = client.list_sandboxes().await.unwrap().resource_version;
+    let request = watch_many_request(
+        "sandboxes",
+        vec![
+            watch_spec("every", None, None),
+            watch_spec("only-b", Some("b"), None),
+            watch_spec("c-from-now", Some("c"), Some(&now)),
+        ],
+    );
+    let mut stream = client.watch_many(&request).await.unwrap();
+    // Watches without a revision get the current objects first, in list order.
+    assert_eq!(
+        next_tagged(&mut stream, 3).await,
+        [
+            line("every", EventType::Added, "a"),
+            line("every", EventType::Added, "b"),
+            line("only-b", EventType::Added, "b")
+        ]
+    );
+    client.create_sandbox("c", &sandbox_spec("100m")).await.unwrap();
+    assert_eq!(
+        next_tagged(&mut stream, 2).await,
+        [line("every", EventType::Added, "c"), line("c-from-now", EventType::Added, "c")]
+    );
+    client.delete_sandbox("b").await.unwrap();
+    assert_eq!(
+        next_tagged(&mut stream, 2).await,
+        [line("every", EventType::Deleted, "b"), line("only-b", EventType::Deleted, "b")]
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stream_of_many_watches_takes_one_slot_and_bad_requests_get_400() {
+    let (server, client) = start_api_server(test_config(&[("max_watches", "1")])).await;
+    let bad = [
+        watch_many_request("leases", vec![watch_spec("a", None, None)]),
+        watch_many_request("sandboxes", vec![]),
+        watch_many_request("sandboxes", vec![watch_spec("a", None, None), watch_spec("a", Some("x"), None)]),
+        watch_many_request("sandboxes", vec![watch_spec("a", Some("No"), None)]),
+        watch_many_request("sandboxes", vec![watch_spec("a", None, Some("-1"))]),
+    ];
+    for request in &bad {
+        let refused = client.watch_many(request).await.err().expect("refused");
+        assert_eq!(refused.status(), Some(400), "{request:?}: {refused}");
+    }
+    let thousand = (0..1000).map(|i| watch_spec(&format!("w{i}"), Some(&format!("s{i}")), None)).collect();
+    let _held = client.watch_many(&watch_many_request("sandboxes", thousand)).await.unwrap();
+    let refused = client.watch("nodes", None).await.err().expect("the server's one slot is taken");
+    assert_eq!(refused.status(), Some(429), "{refused}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stream_whose_earliest_revision_is_gone_ends_with_one_410() {
+    let (server, client) = start_api_server(test_config(&[("watch_max_replay", "2")])).await;
+    let start = client.list_sandboxes().await.unwrap().resource_version;
+    for i in 0..4 {
+        client.create_sandbox(&format!("g{i}"), &sandbox_spec("100m")).await.unwrap();
+    }
+    let request =
+        watch_many_request("sandboxes", vec![watch_spec("old", None, Some(&start)), watch_spec("new", None, None)]);
+    let mut stream = client.watch_many(&request).await.unwrap();
+    let mut lines = Vec::new();
+    while let Ok(Some(Ok(event))) = tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+        lines.push(event);
+    }
+    let errors: Vec<&Tagged> = lines.iter().filter(|e| e.event_type == EventType::Error).collect();
+    assert_eq!(errors.len(), 1, "{lines:?}");
+    assert_eq!((errors[0].watch.as_deref(), &errors[0].object["code"]), (None, &serde_json::json!(410)));
+    server.stop().await.unwrap();
+}

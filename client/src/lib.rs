@@ -8,7 +8,7 @@ use futures::stream::{BoxStream, StreamExt};
 use reqwest::{Method, StatusCode};
 use sandboxd_api::node::{NodeCreateRequest, NodeSpec, NodeStatus, NodeStatusUpdate};
 use sandboxd_api::sandbox::{SandboxCreateRequest, SandboxStatusUpdate, SandboxUpdateRequest};
-use sandboxd_api::watch::WatchEvent;
+use sandboxd_api::watch::{TaggedWatchEvent, WatchEvent, WatchManyRequest};
 use sandboxd_api::{Lease, Node, Sandbox, SandboxSpec, SandboxStatus};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -407,13 +407,34 @@ impl Client {
         let server = self.base.clone();
         Ok(ndjson_lines(response.bytes_stream(), server))
     }
+
+    /// Many watches of one kind over one connection (`POST /api/v1/watch`): each line names the
+    /// watch it belongs to; BOOKMARK and ERROR lines name none and speak for every watch.
+    pub async fn watch_many(
+        &self,
+        request: &WatchManyRequest,
+    ) -> Result<BoxStream<'static, Result<TaggedWatchEvent<serde_json::Value>>>> {
+        let response = self
+            .request(Method::POST, "/api/v1/watch")
+            .json(request)
+            .send()
+            .await
+            .map_err(|e| self.transport_error(e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let bytes = response.bytes().await.map_err(|e| self.transport_error(e))?;
+            return Err(api_error(status, &bytes));
+        }
+        let server = self.base.clone();
+        Ok(ndjson_lines(response.bytes_stream(), server))
+    }
 }
 
 /// Splits a byte stream into newline-delimited JSON watch events.
-fn ndjson_lines(
+fn ndjson_lines<T: DeserializeOwned + Send + 'static>(
     bytes: impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + 'static,
     server: String,
-) -> BoxStream<'static, Result<WatchEvent<serde_json::Value>>> {
+) -> BoxStream<'static, Result<T>> {
     let state = (Box::pin(bytes), Vec::<u8>::new(), server);
     futures::stream::unfold(state, |(mut bytes, mut buffer, server)| async move {
         loop {

@@ -68,7 +68,9 @@ impl AuditLog {
 
 /// Whether a request is audited: every method that changes something, and exec sessions.
 pub fn audited(method: &axum::http::Method, route: &str) -> bool {
-    !matches!(method.as_str(), "GET" | "HEAD" | "OPTIONS") || route.ends_with("/exec/stream")
+    // POST /api/v1/watch only reads: a watch is not audited, whichever route opens it.
+    (!matches!(method.as_str(), "GET" | "HEAD" | "OPTIONS") && route != "/api/v1/watch")
+        || route.ends_with("/exec/stream")
 }
 
 /// `sandbox/ID`, `node/NAME`, `lease/NAME` or `token/ID` of a route with a name in it.
@@ -192,6 +194,7 @@ mod tests {
         assert!(audited(&Method::POST, "/api/v1/sandboxes"));
         assert!(audited(&Method::DELETE, "/api/v1/sandboxes/{id}"));
         assert!(!audited(&Method::GET, "/api/v1/sandboxes"));
+        assert!(!audited(&Method::POST, "/api/v1/watch"), "a watch opened by POST only reads");
         assert!(audited(&Method::GET, "/api/v1/sandboxes/{id}/exec/stream"));
     }
 

@@ -205,6 +205,7 @@ pub const RULES: &[(&str, &str, Access)] = &[
     ("GET", "/api/v1/sandboxes/{id}/logs", USER),
     ("POST", "/api/v1/events", CONTROLLER),
     ("GET", "/api/v1/events", USER_CONTROLLER),
+    ("POST", "/api/v1/watch", USER_CONTROLLER),
     ("POST", "/api/v1/leases", CONTROLLER),
     ("GET", "/api/v1/leases", CONTROLLER),
     ("GET", "/api/v1/leases/{name}", CONTROLLER),

@@ -7,6 +7,7 @@ mod error;
 mod events;
 mod extract;
 mod leases;
+mod multiwatch;
 mod nodes;
 mod openapi;
 mod proxy;
@@ -196,6 +197,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/api/v1/sandboxes/{id}/files/archive", get(dataplane::read_archive).put(dataplane::write_archive))
         .route("/api/v1/sandboxes/{id}/logs", get(dataplane::logs))
         .route("/api/v1/events", post(events::record).get(events::list))
+        .route("/api/v1/watch", post(multiwatch::watch_many))
         .route("/api/v1/leases", post(leases::create).get(leases::list))
         .route("/api/v1/leases/{name}", get(leases::get_one).put(leases::update).delete(leases::delete))
         .route("/api/v1/tokens", post(tokens::issue).get(tokens::list))

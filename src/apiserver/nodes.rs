@@ -34,6 +34,11 @@ pub fn query_bool(name: &str, raw: Option<&str>) -> ApiResult<bool> {
     }
 }
 
+/// Parses a revision to watch from, naming `field` on error.
+pub fn parse_revision(field: &str, raw: &str) -> ApiResult<u64> {
+    raw.parse::<u64>().map_err(|_| ApiError::BadRequest(format!("{field}: {raw:?} is not a revision")))
+}
+
 /// Parses a numeric query parameter, naming it on error.
 pub fn query_number(name: &str, raw: Option<&str>) -> ApiResult<Option<usize>> {
     raw.map(|s| s.parse::<usize>().map_err(|_| ApiError::BadRequest(format!("{name}: {s:?} is not a number"))))
@@ -88,9 +93,7 @@ pub async fn list_kind(state: &ApiState, kind: Kind, query: ListQuery, caller: &
         .resource_version
         .as_deref()
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<u64>().map_err(|_| ApiError::BadRequest(format!("resource_version: {s:?} is not a revision")))
-        })
+        .map(|s| parse_revision("resource_version", s))
         .transpose()?;
     // A cursor is the name a page ended at, so it is a name (or empty, the first page).
     if let Some(problem) = query.cursor.as_deref().filter(|c| !c.is_empty()).and_then(sandboxd_api::names::name_problem)

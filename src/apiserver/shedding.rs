@@ -193,7 +193,8 @@ pub fn classify(method: &Method, path: &str, query: &str) -> Class {
     let streams = query_flag(query, "watch") || query_flag(query, "follow");
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let data_plane = matches!(segments.as_slice(), ["api", "v1", "sandboxes", _, "exec" | "files", ..]);
-    if streams || data_plane {
+    let watch_many = segments.as_slice() == ["api", "v1", "watch"];
+    if streams || data_plane || watch_many {
         return Class::LongRunning;
     }
     let system = match segments.as_slice() {
@@ -262,6 +263,7 @@ mod tests {
         assert_eq!(class(Method::GET, "/api/v1/sandboxes/a/logs", "follow=true&tail=1"), Class::LongRunning);
         assert_eq!(class(Method::GET, "/api/v1/sandboxes/a/logs", ""), Class::Workload);
         assert_eq!(class(Method::POST, "/api/v1/sandboxes/a/exec", ""), Class::LongRunning);
+        assert_eq!(class(Method::POST, "/api/v1/watch", ""), Class::LongRunning);
         assert_eq!(class(Method::PUT, "/api/v1/sandboxes/a/files/archive", "path=/x"), Class::LongRunning);
     }
 

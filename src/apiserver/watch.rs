@@ -109,28 +109,39 @@ pub fn stream_matching(
     caller: &Identity,
     needle: Option<Vec<u8>>,
 ) -> ApiResult<Response> {
+    let slot = slot_for(state, caller)?;
+    let lines = stream::once(open(state.store.clone(), kind, from, state.watch_limits)).flatten().filter(move |line| {
+        let keep = match &needle {
+            None => true,
+            Some(needle) => !is_object_line(line) || contains(line, needle),
+        };
+        std::future::ready(keep)
+    });
+    Ok(ndjson(state, slot, lines))
+}
+
+/// A slot of `max_watches` (and of the caller's `max_watches_per_identity`), or a 429.
+pub(super) fn slot_for(state: &ApiState, caller: &Identity) -> ApiResult<impl Send + Sync + 'static> {
     // The anonymous caller of a server without authentication is everyone: only the server cap.
-    let slot = state.watch_slots.take((caller.source != "anonymous").then_some(caller.name.as_str()))?;
-    let lines = stream::once(open(state.store.clone(), kind, from, state.watch_limits))
-        .flatten()
-        .filter(move |line| {
-            let keep = match &needle {
-                None => true,
-                Some(needle) => !is_object_line(line) || contains(line, needle),
-            };
-            std::future::ready(keep)
-        })
-        .take_until(state.shutdown.clone().cancelled_owned())
-        .map(move |line| {
-            // The slot goes back when the stream is dropped, however it ends.
-            let _held = &slot;
-            Ok::<Bytes, Infallible>(line)
-        });
-    Ok(Response::builder()
+    state.watch_slots.take((caller.source != "anonymous").then_some(caller.name.as_str()))
+}
+
+/// A 200 streaming `lines` as NDJSON until they end or the server shuts down, holding `slot` until
+/// the stream is dropped, however it ends.
+pub(super) fn ndjson(
+    state: &ApiState,
+    slot: impl Send + Sync + 'static,
+    lines: impl futures::Stream<Item = Bytes> + Send + 'static,
+) -> Response {
+    let lines = lines.take_until(state.shutdown.clone().cancelled_owned()).map(move |line| {
+        let _held = &slot;
+        Ok::<Bytes, Infallible>(line)
+    });
+    Response::builder()
         .status(StatusCode::OK)
         .header(CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(lines))
-        .expect("static headers are valid"))
+        .expect("static headers are valid")
 }
 
 fn is_object_line(line: &[u8]) -> bool {
@@ -166,7 +177,7 @@ async fn open(
     }
 }
 
-fn item_line(item: WatchItem) -> Bytes {
+pub(super) fn item_line(item: WatchItem) -> Bytes {
     match item {
         WatchItem::Event(e) => event_line(e.event_type.into(), &e.object.data),
         WatchItem::Bookmark(revision) => {
@@ -184,7 +195,7 @@ fn item_line(item: WatchItem) -> Bytes {
     }
 }
 
-fn event_line(event_type: EventType, object: &[u8]) -> Bytes {
+pub(super) fn event_line(event_type: EventType, object: &[u8]) -> Bytes {
     let mut line = Vec::with_capacity(object.len() + 32);
     line.extend_from_slice(b"{\"type\":\"");
     line.extend_from_slice(event_type.as_str().as_bytes());
@@ -194,7 +205,7 @@ fn event_line(event_type: EventType, object: &[u8]) -> Bytes {
     Bytes::from(line)
 }
 
-fn error_line(e: &StoreError) -> Bytes {
+pub(super) fn error_line(e: &StoreError) -> Bytes {
     let code = match e {
         StoreError::Gone { .. } | StoreError::Ahead { .. } => 410,
         StoreError::Unavailable(_) => 503,

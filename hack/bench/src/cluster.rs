@@ -278,6 +278,12 @@ impl Buckets {
         Buckets(counts.collect())
     }
 
+    /// Observations above `bound`, which must be one of the bucket bounds.
+    pub fn over(&self, bound: f64) -> f64 {
+        let within = self.0.iter().find(|&&(le, _)| le == bound).map_or(0.0, |&(_, count)| count);
+        self.count() - within
+    }
+
     /// Observations counted.
     pub fn count(&self) -> f64 {
         self.0.last().map_or(0.0, |&(_, count)| count)
