@@ -45,7 +45,9 @@ async fn sandbox_runs_on_its_node_then_delete_removes_it_everywhere() {
 
 #[tokio::test]
 async fn watch_sees_scheduled_creating_running_in_order() {
-    let c = Cluster::start(1, &[]).await;
+    // An agent that takes a moment to start it: it still reports creating when first read.
+    let slow_start = SimConfig { create_delay: Duration::from_millis(300), ..isolated_sim_config() };
+    let c = Cluster::start_with(&[slow_start], &[]).await;
     let from = c.client.list_sandboxes().await.unwrap().resource_version;
     let mut events = SandboxEvents::open(&c.client, "watched", Some(from)).await;
     c.client.create_sandbox("watched", &web("100m")).await.unwrap();
@@ -60,6 +62,36 @@ async fn watch_sees_scheduled_creating_running_in_order() {
         (EventType::Modified, Phase::Running),
     ];
     assert_eq!(phases, expected);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_sandbox_running_when_first_read_goes_from_scheduled_straight_to_running() {
+    // The sim starts it within the create call: read back at once, it already runs.
+    let c = Cluster::start(1, &[]).await;
+    let from = c.client.list_sandboxes().await.unwrap().resource_version;
+    let mut events = SandboxEvents::open(&c.client, "quick", Some(from)).await;
+    c.client.create_sandbox("quick", &web("100m")).await.unwrap();
+
+    let seen = events.until(|_, s| s.status.phase == Phase::Running).await;
+    let phases: Vec<(EventType, Phase)> = seen.iter().map(|(t, s)| (*t, s.status.phase)).collect();
+    let expected = [
+        (EventType::Added, Phase::Pending),
+        (EventType::Modified, Phase::Scheduled),
+        (EventType::Modified, Phase::Running),
+    ];
+    assert_eq!(phases, expected, "one write from Scheduled to Running, no Creating between");
+    let running = &seen.last().unwrap().1;
+    assert!(running.status.ready && running.status.private_ip.is_some(), "{:?}", running.status);
+    // The agent's acceptance is still on record, before the start.
+    let reasons = eventually(20, "Created and Started events", || async {
+        let events = c.client.list_events(Some("sandbox/quick")).await.ok()?.items;
+        let reasons: Vec<String> = events.iter().map(|e| e.reason.clone()).collect();
+        reasons.contains(&"Started".to_string()).then_some(reasons)
+    })
+    .await;
+    let at = |reason: &str| reasons.iter().position(|r| r == reason);
+    assert!(at("Created").is_some() && at("Created") < at("Started"), "{reasons:?}");
     c.stop().await;
 }
 
@@ -333,7 +365,8 @@ async fn draining_a_node_of_50_sandboxes_moves_the_reschedule_ones_under_their_i
         assert!(matches!(s.status.node_name.as_deref(), Some("node-b" | "node-c")), "{id}");
     }
 
-    // What a watcher saw of one of them: evicting on node-a, Pending again, then bound elsewhere.
+    // What a watcher saw of one of them: evicting on node-a, Pending again, then bound elsewhere
+    // (the sim runs it within the create call, so no Creating between Scheduled and Running).
     let seen = watched.until(|_, s| s.status.phase == Phase::Running && s.status.reschedules == 1).await;
     let mut steps: Vec<(Phase, bool, Option<String>)> = Vec::new();
     for (_, s) in &seen {
@@ -347,7 +380,6 @@ async fn draining_a_node_of_50_sandboxes_moves_the_reschedule_ones_under_their_i
         (Phase::Running, true, Some("node-a".to_string())),
         (Phase::Pending, false, None),
         (Phase::Scheduled, false, new_node.clone()),
-        (Phase::Creating, false, new_node.clone()),
         (Phase::Running, false, new_node),
     ];
     assert_eq!(steps, expected);

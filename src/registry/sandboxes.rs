@@ -321,6 +321,7 @@ mod tests {
         let allowed = [
             (Pending, Scheduled),
             (Scheduled, Creating),
+            (Scheduled, Running),
             (Creating, Running),
             (Running, Failed),
             (Failed, Terminating),

@@ -611,10 +611,11 @@ impl SandboxController {
                 status.reason = None;
                 status.message = None;
                 apply_agent_view(&mut status, &created, node);
-                write_status(self.objects.as_ref(), sandbox, status).await?;
                 let accepted = format!("node {} accepted the sandbox", node.name);
                 self.settings.events.normal_at(at, ObjectReference::sandbox(&sandbox.id), "Created", accepted);
-                Ok(Outcome::Requeue(self.settings.creating_poll))
+                // Read it back before writing: one already running goes from Scheduled straight to
+                // Running, one store write instead of two (what the Creating write used to trigger).
+                self.sync_from(sandbox, node, status).await
             }
             Err(e) if e.is_client_error() => {
                 let status = failed(&sandbox.status, "AgentRejected", format!("node {}: {e}", node.name));
@@ -637,13 +638,23 @@ impl SandboxController {
     }
 
     async fn sync_with_agent(&self, sandbox: &Sandbox, node: &Node) -> Result<Outcome, ControllerError> {
+        self.sync_from(sandbox, node, sandbox.status.clone()).await
+    }
+
+    /// Reads the sandbox from its agent and writes the status that follows from `base` (the stored
+    /// status, or Creating right after the agent accepted it), if it differs from the stored one.
+    async fn sync_from(&self, sandbox: &Sandbox, node: &Node, base: SandboxStatus) -> Result<Outcome, ControllerError> {
         let observed = self.agents.get_sandbox(AgentAddr::of(node), &sandbox.id).await;
         let Some(verdict) = judge_agent(observed.as_ref(), &node.name) else {
+            if base != sandbox.status {
+                // The agent accepted it: that much is recorded even when it cannot be read back now.
+                write_status(self.objects.as_ref(), sandbox, base).await?;
+            }
             let e = observed.unwrap_err();
             self.event_warning(sandbox, "FailedSync", &format!("reading it from node {}: {e}", node.name));
             return Err(ControllerError::from(e).context(format!("reading from node {}", node.name)));
         };
-        let mut status = sandbox.status.clone();
+        let mut status = base;
         if let Ok(view) = &observed {
             apply_agent_view(&mut status, view, node);
         }
