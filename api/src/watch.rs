@@ -52,6 +52,10 @@ pub struct Bookmark {
 /// Most watches one `POST /api/v1/watch` stream carries.
 pub const MAX_WATCHES_PER_STREAM: usize = 10_000;
 
+/// Most watches of one stream that may see the same object (its name's, plus those of every
+/// object): each gets its own copy of every change, so this bounds what one change costs.
+pub const MAX_WATCHES_PER_OBJECT: usize = 16;
+
 /// Body of `POST /api/v1/watch`: many watches of one kind over one stream. Each is routed by the
 /// server, so a client holding thousands of watches (one per object it waits on) holds one
 /// connection, as etcd's clients multiplex watches over one gRPC stream.

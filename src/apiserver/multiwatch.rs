@@ -15,7 +15,9 @@ use axum::response::Response;
 use axum::Extension;
 use futures::stream::{self, BoxStream, StreamExt};
 use sandboxd_api::names::name_problem;
-use sandboxd_api::watch::{watch_id_problem, EventType, WatchManyRequest, MAX_WATCHES_PER_STREAM};
+use sandboxd_api::watch::{
+    watch_id_problem, EventType, WatchManyRequest, MAX_WATCHES_PER_OBJECT, MAX_WATCHES_PER_STREAM,
+};
 use std::collections::{HashMap, HashSet};
 use std::future::ready;
 use std::sync::Arc;
@@ -77,7 +79,28 @@ fn parse(request: WatchManyRequest) -> ApiResult<(Kind, Vec<Asked>)> {
             .transpose()?;
         asked.push(Asked { id: spec.id.into(), name: spec.name.map(Into::into), after });
     }
+    check_copies_per_change(&asked)?;
     Ok((kind, asked))
+}
+
+/// Refuses a stream in which one change would go to more than `MAX_WATCHES_PER_OBJECT` watches:
+/// each gets a copy of the object, so 10,000 watches of one name would make every change of it
+/// 10,000 copies held at once.
+fn check_copies_per_change(asked: &[Asked]) -> ApiResult<()> {
+    let mut per_name: HashMap<&str, usize> = HashMap::new();
+    for name in asked.iter().filter_map(|a| a.name.as_deref()) {
+        *per_name.entry(name).or_default() += 1;
+    }
+    let every = asked.iter().filter(|a| a.name.is_none()).count();
+    let (busiest, named) = per_name.into_iter().max_by_key(|&(_, n)| n).unwrap_or(("any object", 0));
+    if every + named > MAX_WATCHES_PER_OBJECT {
+        return Err(ApiError::BadRequest(format!(
+            "watches: {} of them would see {busiest:?} ({named} of that name, {every} of every object); \
+             at most {MAX_WATCHES_PER_OBJECT} watches of one stream may see the same object",
+            every + named
+        )));
+    }
+    Ok(())
 }
 
 /// The lines of the stream: ADDED for the current objects to the watches that asked for them,
@@ -307,5 +330,21 @@ mod tests {
         }
         let too_many = (0..=MAX_WATCHES_PER_STREAM).map(|i| spec(&format!("w{i}"), None, None)).collect();
         assert!(parse(request("nodes", too_many)).unwrap_err().to_string().contains("10000 allowed"));
+    }
+
+    #[test]
+    fn one_change_goes_to_at_most_sixteen_watches_of_a_stream() {
+        let named =
+            |n: usize, name: &str| (0..n).map(|i| spec(&format!("{name}-{i}"), Some(name), None)).collect::<Vec<_>>();
+        let every = |n: usize| (0..n).map(|i| spec(&format!("every-{i}"), None, None)).collect::<Vec<_>>();
+        let distinct: Vec<_> =
+            (0..MAX_WATCHES_PER_STREAM).map(|i| spec(&format!("w{i}"), Some(&format!("s{i}")), None)).collect();
+        assert!(parse(request("sandboxes", distinct)).is_ok(), "10,000 watches of 10,000 objects");
+        assert!(parse(request("sandboxes", [named(15, "a"), every(1)].concat())).is_ok());
+        let error =
+            parse(request("sandboxes", [named(16, "a"), every(1), named(3, "b")].concat())).unwrap_err().to_string();
+        assert!(error.contains("17 of them would see \"a\""), "{error}");
+        let error = parse(request("sandboxes", every(17))).unwrap_err().to_string();
+        assert!(error.contains("17 of them would see \"any object\""), "{error}");
     }
 }
