@@ -415,6 +415,23 @@ async fn a_stream_of_many_watches_takes_one_slot_and_bad_requests_get_400() {
 }
 
 #[tokio::test]
+async fn a_stream_with_a_watch_ahead_of_the_store_ends_with_one_410_at_once() {
+    let (server, client) = start_api_server(test_config(&[])).await;
+    client.create_sandbox("h1", &sandbox_spec("100m")).await.unwrap();
+    let request = watch_many_request(
+        "sandboxes",
+        vec![watch_spec("now", None, None), watch_spec("future", Some("h1"), Some("5000"))],
+    );
+    let mut stream = client.watch_many(&request).await.unwrap();
+    let first =
+        tokio::time::timeout(Duration::from_secs(5), stream.next()).await.expect("a line at once").unwrap().unwrap();
+    assert_eq!((first.watch, first.event_type), (None, EventType::Error), "{:?}", first.object);
+    assert_eq!(first.object["code"], 410);
+    assert!(first.object["error"].as_str().unwrap().contains("ahead"), "{:?}", first.object);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_stream_whose_earliest_revision_is_gone_ends_with_one_410() {
     let (server, client) = start_api_server(test_config(&[("watch_max_replay", "2")])).await;
     let start = client.list_sandboxes().await.unwrap().resource_version;

@@ -8,7 +8,7 @@ use super::extract::ApiJson;
 use super::nodes::parse_revision;
 use super::watch::{error_line, item_line, ndjson, slot_for};
 use super::ApiState;
-use crate::store::{Kind, Revision, Store, Versioned, WatchItem, WatchLimits};
+use crate::store::{Kind, Revision, Store, StoreError, Versioned, WatchItem, WatchLimits};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::Response;
@@ -115,6 +115,14 @@ async fn open(store: Arc<dyn Store>, kind: Kind, asked: Vec<Asked>, limits: Watc
         (Vec::new(), 0)
     };
     let routes = Arc::new(Routes::new(asked, listed_at));
+    // Only the earliest revision opens the store watcher. A later one ahead of the store (taken
+    // from another store, or from before a reset) must still get the 410 a single watch gets,
+    // not wait in silence until the store passes it.
+    if routes.latest > routes.earliest {
+        if let Err(e @ StoreError::Ahead { .. }) = store.watch_limited(kind, routes.latest, limits).await {
+            return stream::iter([error_line(&e)]).boxed();
+        }
+    }
     let first = {
         let routes = routes.clone();
         stream::iter(current).filter_map(move |object| ready(routes.current_lines(&object)))
@@ -138,6 +146,8 @@ struct Routes {
     every: Vec<u32>,
     /// The revision the store watcher starts after: the earliest any watch asked for.
     earliest: Revision,
+    /// The latest any watch asked for.
+    latest: Revision,
 }
 
 impl Routes {
@@ -152,6 +162,7 @@ impl Routes {
             by_name: HashMap::new(),
             every: Vec::new(),
             earliest: Revision::MAX,
+            latest: 0,
         };
         for (index, watch) in asked.into_iter().enumerate() {
             let index = index as u32;
@@ -161,6 +172,7 @@ impl Routes {
             }
             let after = watch.after.unwrap_or(listed_at);
             routes.earliest = routes.earliest.min(after);
+            routes.latest = routes.latest.max(after);
             routes.listed.push(watch.after.is_none());
             routes.after.push(after);
             routes.ids.push(watch.id);
@@ -278,7 +290,7 @@ mod tests {
     #[test]
     fn each_watch_takes_changes_only_after_its_own_revision() {
         let routes = routes(vec![spec("old", None, Some("3")), spec("new", None, Some("7"))], 0);
-        assert_eq!(routes.earliest, 3, "the store watcher starts at the earliest");
+        assert_eq!((routes.earliest, routes.latest), (3, 7), "the store watcher starts at the earliest");
         assert_eq!(lines(routes.live_lines(change("a", 5))), [tagged("old", EventType::Modified, "a")]);
         assert_eq!(lines(routes.live_lines(change("a", 7))), [tagged("old", EventType::Modified, "a")]);
         assert_eq!(lines(routes.live_lines(change("a", 8))).len(), 2);

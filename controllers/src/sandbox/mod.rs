@@ -611,11 +611,9 @@ impl SandboxController {
                 status.reason = None;
                 status.message = None;
                 apply_agent_view(&mut status, &created, node);
-                let accepted = format!("node {} accepted the sandbox", node.name);
-                self.settings.events.normal_at(at, ObjectReference::sandbox(&sandbox.id), "Created", accepted);
                 // Read it back before writing: one already running goes from Scheduled straight to
                 // Running, one store write instead of two (what the Creating write used to trigger).
-                self.sync_from(sandbox, node, status).await
+                self.sync_from(sandbox, node, status, Some(at)).await
             }
             Err(e) if e.is_client_error() => {
                 let status = failed(&sandbox.status, "AgentRejected", format!("node {}: {e}", node.name));
@@ -638,17 +636,32 @@ impl SandboxController {
     }
 
     async fn sync_with_agent(&self, sandbox: &Sandbox, node: &Node) -> Result<Outcome, ControllerError> {
-        self.sync_from(sandbox, node, sandbox.status.clone()).await
+        self.sync_from(sandbox, node, sandbox.status.clone(), None).await
     }
 
     /// Reads the sandbox from its agent and writes the status that follows from `base` (the stored
-    /// status, or Creating right after the agent accepted it), if it differs from the stored one.
-    async fn sync_from(&self, sandbox: &Sandbox, node: &Node, base: SandboxStatus) -> Result<Outcome, ControllerError> {
+    /// status, or Creating right after the agent accepted it at `accepted_at`), if it differs from
+    /// the stored one. The `Created` event is recorded once that write succeeds, so a write lost
+    /// to a conflict and retried does not count the acceptance twice.
+    async fn sync_from(
+        &self,
+        sandbox: &Sandbox,
+        node: &Node,
+        base: SandboxStatus,
+        accepted_at: Option<String>,
+    ) -> Result<Outcome, ControllerError> {
+        let record_accepted = |at: Option<String>| {
+            if let Some(at) = at {
+                let accepted = format!("node {} accepted the sandbox", node.name);
+                self.settings.events.normal_at(at, ObjectReference::sandbox(&sandbox.id), "Created", accepted);
+            }
+        };
         let observed = self.agents.get_sandbox(AgentAddr::of(node), &sandbox.id).await;
         let Some(verdict) = judge_agent(observed.as_ref(), &node.name) else {
             if base != sandbox.status {
                 // The agent accepted it: that much is recorded even when it cannot be read back now.
                 write_status(self.objects.as_ref(), sandbox, base).await?;
+                record_accepted(accepted_at);
             }
             let e = observed.unwrap_err();
             self.event_warning(sandbox, "FailedSync", &format!("reading it from node {}: {e}", node.name));
@@ -661,7 +674,9 @@ impl SandboxController {
         let outcome = match verdict {
             AgentVerdict::Failed { reason, message } => {
                 self.prober.forget(&sandbox.id);
-                return self.fail(sandbox, failed(&status, reason, message)).await.map(|_| Outcome::Done);
+                self.fail(sandbox, failed(&status, reason, message)).await?;
+                record_accepted(accepted_at);
+                return Ok(Outcome::Done);
             }
             AgentVerdict::StillCreating => Outcome::Requeue(creating_poll_after(
                 &sandbox.status,
@@ -686,6 +701,7 @@ impl SandboxController {
         };
         if status != sandbox.status {
             write_status(self.objects.as_ref(), sandbox, status.clone()).await?;
+            record_accepted(accepted_at);
             if status.phase == Phase::Running && sandbox.status.phase != Phase::Running {
                 self.event_normal(sandbox, "Started", &format!("running on node {}", node.name));
             }
