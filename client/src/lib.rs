@@ -398,14 +398,7 @@ impl Client {
         if let Some(rv) = resource_version {
             path.push_str(&format!("&resource_version={rv}"));
         }
-        let response = self.request(Method::GET, &path).send().await.map_err(|e| self.transport_error(e))?;
-        let status = response.status();
-        if !status.is_success() {
-            let bytes = response.bytes().await.map_err(|e| self.transport_error(e))?;
-            return Err(api_error(status, &bytes));
-        }
-        let server = self.base.clone();
-        Ok(ndjson_lines(response.bytes_stream(), server))
+        self.stream_lines(self.request(Method::GET, &path)).await
     }
 
     /// Many watches of one kind over one connection (`POST /api/v1/watch`): each line names the
@@ -414,12 +407,15 @@ impl Client {
         &self,
         request: &WatchManyRequest,
     ) -> Result<BoxStream<'static, Result<TaggedWatchEvent<serde_json::Value>>>> {
-        let response = self
-            .request(Method::POST, "/api/v1/watch")
-            .json(request)
-            .send()
-            .await
-            .map_err(|e| self.transport_error(e))?;
+        self.stream_lines(self.request(Method::POST, "/api/v1/watch").json(request)).await
+    }
+
+    /// Sends `request` and streams its NDJSON answer line by line; a refusal is its API error.
+    async fn stream_lines<T: DeserializeOwned + Send + 'static>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<BoxStream<'static, Result<T>>> {
+        let response = request.send().await.map_err(|e| self.transport_error(e))?;
         let status = response.status();
         if !status.is_success() {
             let bytes = response.bytes().await.map_err(|e| self.transport_error(e))?;
