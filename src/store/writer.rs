@@ -24,6 +24,22 @@ pub(super) struct Mutation {
 /// Durable layer under the hub; `commit` returns only once the batch is on disk.
 pub(super) trait Persist: Send + 'static {
     fn commit(&mut self, batch: &[Mutation], revision: Revision) -> std::result::Result<(), String>;
+
+    /// How long a small batch may wait for more writes while writers are busy (see `waits_for_company`).
+    fn commit_delay(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+/// A batch this large already shares its commit well; it never waits.
+const GROUPED_ENOUGH: usize = 16;
+
+/// Whether the writer waits `delay` for more writes before committing `current` requests, as
+/// PostgreSQL's `commit_delay` does once `commit_siblings` are active: only when the previous commit
+/// carried more than one write. A lone client writing one thing at a time is therefore never
+/// delayed, while concurrent writers share one fsync instead of paying one each.
+fn waits_for_company(previous: usize, current: usize, delay: Duration) -> bool {
+    !delay.is_zero() && previous > 1 && current < GROUPED_ENOUGH
 }
 
 /// The memory backend persists nothing.
@@ -200,15 +216,26 @@ struct Planned {
 
 impl<P: Persist> BatchWriter<P> {
     fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        let delay = self.persist.commit_delay();
+        let mut previous = 0;
         while let Some(first) = rx.blocking_recv() {
             let mut batch = vec![first];
-            while batch.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(request) => batch.push(request),
-                    Err(_) => break,
-                }
+            self.take_queued(&mut rx, &mut batch);
+            if waits_for_company(previous, batch.len(), delay) {
+                std::thread::sleep(delay);
+                self.take_queued(&mut rx, &mut batch);
             }
+            previous = batch.len();
             self.write_batch(batch);
+        }
+    }
+
+    fn take_queued(&self, rx: &mut mpsc::Receiver<Request>, batch: &mut Vec<Request>) {
+        while batch.len() < self.max_batch {
+            match rx.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
         }
     }
 
@@ -349,7 +376,81 @@ pub(super) fn encode(name: &Arc<str>, mut value: serde_json::Value, revision: Re
 
 #[cfg(test)]
 mod tests {
-    use super::stamp_encoded;
+    use super::*;
+    use std::time::Instant;
+
+    /// Records each commit's size; the first commit takes `first_commit` so writes queue behind it.
+    struct Recording {
+        batches: Arc<Mutex<Vec<usize>>>,
+        first_commit: Duration,
+        delay: Duration,
+    }
+
+    impl Persist for Recording {
+        fn commit(&mut self, batch: &[Mutation], _: Revision) -> std::result::Result<(), String> {
+            let mut batches = self.batches.lock();
+            if batches.is_empty() {
+                std::thread::sleep(self.first_commit);
+            }
+            batches.push(batch.len());
+            Ok(())
+        }
+
+        fn commit_delay(&self) -> Duration {
+            self.delay
+        }
+    }
+
+    fn recording_store(first_commit: Duration, delay: Duration) -> (Arc<LocalStore>, Arc<Mutex<Vec<usize>>>) {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let persist = Recording { batches: batches.clone(), first_commit, delay };
+        (Arc::new(LocalStore::start(Vec::new(), 0, persist, StoreOptions::default())), batches)
+    }
+
+    fn create(store: &Arc<LocalStore>, name: &str) -> tokio::task::JoinHandle<Result<Versioned>> {
+        let (store, name) = (store.clone(), name.to_string());
+        tokio::spawn(async move { store.create(Kind::Sandboxes, &name, serde_json::json!({"id": name})).await })
+    }
+
+    #[test]
+    fn a_small_batch_waits_only_after_a_commit_that_carried_several_writes() {
+        let delay = Duration::from_millis(1);
+        assert!(!waits_for_company(0, 1, delay), "the first batch");
+        assert!(!waits_for_company(1, 1, delay), "one writer at a time");
+        assert!(waits_for_company(2, 1, delay));
+        assert!(waits_for_company(40, GROUPED_ENOUGH - 1, delay));
+        assert!(!waits_for_company(40, GROUPED_ENOUGH, delay), "already grouped");
+        assert!(!waits_for_company(40, 1, Duration::ZERO), "the memory store never waits");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_writer_at_a_time_is_never_delayed() {
+        let (store, batches) = recording_store(Duration::ZERO, Duration::from_millis(300));
+        let started = Instant::now();
+        for i in 0..10 {
+            create(&store, &format!("s{i}")).await.unwrap().unwrap();
+        }
+        assert!(started.elapsed() < Duration::from_millis(1500), "took {:?}", started.elapsed());
+        assert_eq!(*batches.lock(), vec![1; 10]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_shared_commit_a_lone_write_waits_for_the_next_one() {
+        let (store, batches) = recording_store(Duration::from_millis(150), Duration::from_millis(400));
+        let a = create(&store, "a");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let (b, c) = (create(&store, "b"), create(&store, "c"));
+        for write in [a, b, c] {
+            write.await.unwrap().unwrap();
+        }
+        assert_eq!(*batches.lock(), vec![1, 2], "b and c queued behind a's commit and shared one");
+        let d = create(&store, "d");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let e = create(&store, "e");
+        d.await.unwrap().unwrap();
+        e.await.unwrap().unwrap();
+        assert_eq!(*batches.lock(), vec![1, 2, 2], "d waited for e instead of committing alone");
+    }
 
     #[test]
     fn encoded_objects_get_their_revision_stamped_in_place() {
