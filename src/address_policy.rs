@@ -208,10 +208,20 @@ impl AddressPolicy {
     /// Checks the host of `url` when it is an IP address, read as reqwest reads it; host names
     /// pass here and are checked when they are resolved.
     pub fn check_url(&self, url: &str) -> Result<()> {
-        let parsed =
-            reqwest::Url::parse(url).map_err(|e| AddressError::BadUrl { url: url.to_string(), why: e.to_string() })?;
+        self.check_parsed(&parse_url(url)?)
+    }
+
+    /// `url` parsed as reqwest reads it, checked, for the caller to send as it is.
+    pub fn parse_and_check_url(&self, url: &str) -> Result<reqwest::Url> {
+        let parsed = parse_url(url)?;
+        self.check_parsed(&parsed)?;
+        Ok(parsed)
+    }
+
+    /// `check_url` for a URL the caller has already parsed (and will send as it is).
+    fn check_parsed(&self, url: &reqwest::Url) -> Result<()> {
         let host =
-            parsed.host_str().ok_or_else(|| AddressError::BadUrl { url: url.to_string(), why: "no host".into() })?;
+            url.host_str().ok_or_else(|| AddressError::BadUrl { url: url.to_string(), why: "no host".into() })?;
         // The URL parser already turned every IPv4 spelling into a dotted quad and bracketed IPv6.
         match host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
             Ok(ip) => self.check(ip),
@@ -312,6 +322,10 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
         (0x64, 0xff9b, 0, 0, 0, 0) => Some(tail),
         _ => None,
     }
+}
+
+fn parse_url(url: &str) -> Result<reqwest::Url> {
+    reqwest::Url::parse(url).map_err(|e| AddressError::BadUrl { url: url.to_string(), why: e.to_string() })
 }
 
 #[cfg(test)]

@@ -146,9 +146,11 @@ impl HttpAgentClient {
         timeout: Duration,
         agent: AgentAddr<'_>,
     ) -> AgentResult<(StatusCode, T)> {
-        self.check_address(agent.base_url)?;
+        // Parsed once: the policy checks the very URL reqwest sends (a call used to parse it twice).
+        let url =
+            self.policy.parse_and_check_url(&url).map_err(|refusal| AgentError::Unreachable(refusal.to_string()))?;
         let send = |token: Option<String>| {
-            let mut request = self.http.request(method.clone(), url.as_str()).timeout(timeout);
+            let mut request = self.http.request(method.clone(), url.clone()).timeout(timeout);
             if let Some(token) = token {
                 request = request.bearer_auth(token);
             }
