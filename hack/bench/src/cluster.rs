@@ -226,12 +226,12 @@ impl Cluster {
 
     /// CPU seconds (user + system) the server has used so far.
     pub fn server_cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.server.id())).unwrap_or_default();
-        let fields: Vec<&str> =
-            stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // utime and stime are fields 14 and 15; after the ')' they are at 11 and 12. Kernel ticks are 100 Hz here.
-        (ticks(11) + ticks(12)) / 100.0
+        process_cpu_seconds(self.server.id())
+    }
+
+    /// CPU time the agent fleets have used so far.
+    pub fn fleet_cpu_seconds(&self) -> f64 {
+        self.fleets.iter().map(|f| process_cpu_seconds(f.id())).sum()
     }
 
     /// The histogram `name` on `/metrics` as it stands now.
@@ -249,6 +249,16 @@ impl Cluster {
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("metric {name} missing"))
     }
+}
+
+/// CPU time (user and system) process `pid` has used so far.
+pub fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15; after the ')' they are at 11 and 12. Kernel ticks are 100 Hz here.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// The cumulative buckets of one unlabelled Prometheus histogram: (upper bound, count) in order.
