@@ -118,6 +118,8 @@ pub struct Config {
     pub event_ttl: Duration,
     /// Most events kept.
     pub event_max: usize,
+    /// How long a small store commit waits for more writes while several writers are busy.
+    pub store_commit_delay: Duration,
 }
 
 /// One configuration key: its file key (also `--flag-name` and `SANDBOXD_KEY`), default and help text.
@@ -146,7 +148,7 @@ const fn key(name: &'static str, default: &'static str, help: &'static str) -> K
 
 /// Every key, in the order of the table in semantics.md. This is the one declaration of each key:
 /// the file layer, the env layer, the flags and their `--help` all read it.
-pub const KEYS: [Key; 44] = [
+pub const KEYS: [Key; 45] = [
     key("listen", "0.0.0.0:8082", "Address the API listens on"),
     key(
         "store",
@@ -261,6 +263,11 @@ pub const KEYS: [Key; 44] = [
     ),
     key("event_ttl", "1h", "How long an Event is kept after it last happened (1m-30d)"),
     key("event_max", "20000", "Most Events kept; past it the ones last seen longest ago are deleted first"),
+    key(
+        "store_commit_delay",
+        "0",
+        "How long a small SQLite commit waits for more writes while several writers are busy (0-100ms; 0: never)",
+    ),
 ];
 
 fn known_keys() -> impl Iterator<Item = &'static str> {
@@ -457,6 +464,13 @@ impl Config {
                 Ok(d)
             })?,
             event_max: parse_key("event_max", &value("event_max"), |s| count_in(s, 100, 1_000_000))?,
+            store_commit_delay: parse_key("store_commit_delay", &value("store_commit_delay"), |s| {
+                let d = parse_duration(s)?;
+                if d > Duration::from_millis(100) {
+                    return Err(format!("{s:?} is over 100ms"));
+                }
+                Ok(d)
+            })?,
         };
         config.check_relations()?;
         Ok(config)
@@ -779,6 +793,8 @@ mod tests {
             ("watch_max_replay", "many"),
             ("event_ttl", "5s"),
             ("event_max", "10"),
+            ("store_commit_delay", "200ms"),
+            ("store_commit_delay", "soon"),
             ("agent_allowed_networks", "10.0.0.0/33"),
             ("agent_allowed_networks", "10.0.0.0/8,example.com"),
             ("nodes", "[{\"id\": \"n1\", \"ip\": \"169.254.169.254\", \"port\": 80}]"),

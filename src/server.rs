@@ -83,6 +83,7 @@ impl Running {
 fn store_options(config: &Config) -> StoreOptions {
     let mut options = StoreOptions::default();
     options.history.max_bytes = config.watch_history_bytes;
+    options.commit_delay = config.store_commit_delay;
     options
 }
 

@@ -191,6 +191,8 @@ pub struct StoreOptions {
     pub max_batch: usize,
     /// How often every watcher gets a bookmark.
     pub bookmark_interval: Duration,
+    /// How long a small batch waits for more writes while several writers are busy (SQLite only).
+    pub commit_delay: Duration,
 }
 
 impl Default for StoreOptions {
@@ -204,6 +206,7 @@ impl Default for StoreOptions {
             watcher_buffer: 16_384,
             max_batch: 1024,
             bookmark_interval: Duration::from_secs(30),
+            commit_delay: Duration::ZERO,
         }
     }
 }

@@ -6,7 +6,6 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS objects (
@@ -207,18 +206,9 @@ impl SqlitePersist {
     }
 }
 
-/// How long a small batch waits for company while writers are busy. Each commit costs an fsync
-/// and a WAL append whatever its size; under scheduling-basic's load commits carried about 5
-/// writes without the wait and about 25 with it (docs/benchmarks.md).
-const COMMIT_DELAY: Duration = Duration::from_millis(1);
-
 impl Persist for SqlitePersist {
     fn commit(&mut self, batch: &[Mutation], revision: Revision) -> std::result::Result<(), String> {
         self.commit_batch(batch, revision).map_err(|e| e.to_string())
-    }
-
-    fn commit_delay(&self) -> Duration {
-        COMMIT_DELAY
     }
 }
 

@@ -24,22 +24,18 @@ pub(super) struct Mutation {
 /// Durable layer under the hub; `commit` returns only once the batch is on disk.
 pub(super) trait Persist: Send + 'static {
     fn commit(&mut self, batch: &[Mutation], revision: Revision) -> std::result::Result<(), String>;
-
-    /// How long a small batch may wait for more writes while writers are busy (see `waits_for_company`).
-    fn commit_delay(&self) -> Duration {
-        Duration::ZERO
-    }
 }
 
 /// A batch this large already shares its commit well; it never waits.
-const GROUPED_ENOUGH: usize = 16;
+const GROUPED_ENOUGH: usize = 8;
 
-/// Whether the writer waits `delay` for more writes before committing `current` requests, as
-/// PostgreSQL's `commit_delay` does once `commit_siblings` are active: only when the previous commit
-/// carried more than one write. A lone client writing one thing at a time is therefore never
-/// delayed, while concurrent writers share one fsync instead of paying one each.
-fn waits_for_company(previous: usize, current: usize, delay: Duration) -> bool {
-    !delay.is_zero() && previous > 1 && current < GROUPED_ENOUGH
+/// Whether the writer waits `delay` (`store_commit_delay`) for more writes before committing a
+/// batch of `batch` requests, the one before having carried `previous`. Like PostgreSQL's
+/// `commit_delay` with `commit_siblings`, it waits only while the batch is small and writers are
+/// concurrent: two are in this batch, or the last commit was already grouped. So a client that
+/// writes one thing at a time is never delayed, even beside an occasional background write.
+fn waits_for_company(previous: usize, batch: usize, delay: Duration) -> bool {
+    !delay.is_zero() && batch < GROUPED_ENOUGH && (batch >= 2 || previous >= GROUPED_ENOUGH)
 }
 
 /// The memory backend persists nothing.
@@ -89,7 +85,12 @@ impl LocalStore {
         );
         spawn_bookmarks(&hub, options.bookmark_interval);
         let (tx, rx) = mpsc::channel(options.max_batch.max(1) * 4);
-        let writer = BatchWriter { hub: hub.clone(), persist, max_batch: options.max_batch.max(1) };
+        let writer = BatchWriter {
+            hub: hub.clone(),
+            persist,
+            max_batch: options.max_batch.max(1),
+            commit_delay: options.commit_delay,
+        };
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer.run(rx))
@@ -206,6 +207,7 @@ struct BatchWriter<P> {
     hub: Arc<Hub>,
     persist: P,
     max_batch: usize,
+    commit_delay: Duration,
 }
 
 /// The outcome of one request inside a batch, before the commit decides its fate.
@@ -216,13 +218,12 @@ struct Planned {
 
 impl<P: Persist> BatchWriter<P> {
     fn run(mut self, mut rx: mpsc::Receiver<Request>) {
-        let delay = self.persist.commit_delay();
         let mut previous = 0;
         while let Some(first) = rx.blocking_recv() {
             let mut batch = vec![first];
             self.take_queued(&mut rx, &mut batch);
-            if waits_for_company(previous, batch.len(), delay) {
-                std::thread::sleep(delay);
+            if waits_for_company(previous, batch.len(), self.commit_delay) {
+                std::thread::sleep(self.commit_delay);
                 self.take_queued(&mut rx, &mut batch);
             }
             previous = batch.len();
@@ -383,7 +384,6 @@ mod tests {
     struct Recording {
         batches: Arc<Mutex<Vec<usize>>>,
         first_commit: Duration,
-        delay: Duration,
     }
 
     impl Persist for Recording {
@@ -395,16 +395,13 @@ mod tests {
             batches.push(batch.len());
             Ok(())
         }
-
-        fn commit_delay(&self) -> Duration {
-            self.delay
-        }
     }
 
-    fn recording_store(first_commit: Duration, delay: Duration) -> (Arc<LocalStore>, Arc<Mutex<Vec<usize>>>) {
+    fn recording_store(first_commit: Duration, commit_delay: Duration) -> (Arc<LocalStore>, Arc<Mutex<Vec<usize>>>) {
         let batches = Arc::new(Mutex::new(Vec::new()));
-        let persist = Recording { batches: batches.clone(), first_commit, delay };
-        (Arc::new(LocalStore::start(Vec::new(), 0, persist, StoreOptions::default())), batches)
+        let persist = Recording { batches: batches.clone(), first_commit };
+        let options = StoreOptions { commit_delay, ..StoreOptions::default() };
+        (Arc::new(LocalStore::start(Vec::new(), 0, persist, options)), batches)
     }
 
     fn create(store: &Arc<LocalStore>, name: &str) -> tokio::task::JoinHandle<Result<Versioned>> {
@@ -413,14 +410,15 @@ mod tests {
     }
 
     #[test]
-    fn a_small_batch_waits_only_after_a_commit_that_carried_several_writes() {
+    fn only_a_small_batch_of_concurrent_writes_waits_for_company() {
         let delay = Duration::from_millis(1);
-        assert!(!waits_for_company(0, 1, delay), "the first batch");
-        assert!(!waits_for_company(1, 1, delay), "one writer at a time");
-        assert!(waits_for_company(2, 1, delay));
-        assert!(waits_for_company(40, GROUPED_ENOUGH - 1, delay));
-        assert!(!waits_for_company(40, GROUPED_ENOUGH, delay), "already grouped");
-        assert!(!waits_for_company(40, 1, Duration::ZERO), "the memory store never waits");
+        assert!(!waits_for_company(0, 1, delay), "one write at a time");
+        assert!(!waits_for_company(2, 1, delay), "one write beside an occasional other");
+        assert!(waits_for_company(GROUPED_ENOUGH, 1, delay), "a lone write while the last commit was grouped");
+        assert!(waits_for_company(1, 2, delay));
+        assert!(waits_for_company(1, GROUPED_ENOUGH - 1, delay));
+        assert!(!waits_for_company(GROUPED_ENOUGH, GROUPED_ENOUGH, delay), "already grouped");
+        assert!(!waits_for_company(GROUPED_ENOUGH, 2, Duration::ZERO), "the default never waits");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,21 +433,31 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn after_a_shared_commit_a_lone_write_waits_for_the_next_one() {
+    async fn concurrent_writes_wait_for_the_next_one_to_share_a_commit() {
         let (store, batches) = recording_store(Duration::from_millis(150), Duration::from_millis(400));
         let a = create(&store, "a");
         tokio::time::sleep(Duration::from_millis(30)).await;
         let (b, c) = (create(&store, "b"), create(&store, "c"));
-        for write in [a, b, c] {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let d = create(&store, "d");
+        for write in [a, b, c, d] {
             write.await.unwrap().unwrap();
         }
-        assert_eq!(*batches.lock(), vec![1, 2], "b and c queued behind a's commit and shared one");
+        assert_eq!(*batches.lock(), vec![1, 3], "b and c queued behind a's commit and waited for d");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_a_commit_delay_concurrent_writes_do_not_wait() {
+        let (store, batches) = recording_store(Duration::from_millis(150), Duration::ZERO);
+        let a = create(&store, "a");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let (b, c) = (create(&store, "b"), create(&store, "c"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let d = create(&store, "d");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let e = create(&store, "e");
-        d.await.unwrap().unwrap();
-        e.await.unwrap().unwrap();
-        assert_eq!(*batches.lock(), vec![1, 2, 2], "d waited for e instead of committing alone");
+        for write in [a, b, c, d] {
+            write.await.unwrap().unwrap();
+        }
+        assert_eq!(*batches.lock(), vec![1, 2, 1]);
     }
 
     #[test]
