@@ -2,8 +2,8 @@
 //! the informer shows the bind), and the host ports in use.
 
 use super::placement::{
-    choose, feasible_nodes_to_score, label_fit, tie_seed, victims_cost, victims_on_node, Candidate, LabelFit, NodeView,
-    Policy, Request, VictimsCost,
+    choose, feasible_nodes_to_score, label_fit, name_hash, tie_seed, victims_cost, victims_on_node, Candidate,
+    LabelFit, NodeView, Policy, Request, VictimsCost,
 };
 use sandboxd_api::affinity::Affinity;
 use sandboxd_api::taints::Taint;
@@ -26,6 +26,7 @@ struct Held {
 #[derive(Debug, Default)]
 struct Slot {
     name: String,
+    name_hash: u64,
     /// Still registered (a deleted node keeps its slot until its sandboxes are released).
     present: bool,
     ready: bool,
@@ -48,6 +49,7 @@ impl Slot {
     fn view(&self) -> NodeView<'_> {
         NodeView {
             name: &self.name,
+            name_hash: self.name_hash,
             ready: self.present && self.ready,
             unschedulable: self.unschedulable,
             labels: &self.labels,
@@ -72,6 +74,8 @@ impl Slot {
 #[derive(Debug, Default)]
 pub struct AllocationIndex {
     slots: Vec<Slot>,
+    /// Slots whose node is registered, kept so a placement does not count them every time.
+    present: usize,
     by_name: HashMap<String, usize>,
     held: HashMap<String, Held>,
     /// Where the next placement starts scanning, so sampled placements rotate over all nodes.
@@ -127,7 +131,7 @@ impl AllocationIndex {
         if let Some(i) = self.by_name.get(node) {
             return *i;
         }
-        self.slots.push(Slot { name: node.to_string(), ..Slot::default() });
+        self.slots.push(Slot { name: node.to_string(), name_hash: name_hash(node), ..Slot::default() });
         self.labels_generation += 1;
         self.by_name.insert(node.to_string(), self.slots.len() - 1);
         self.slots.len() - 1
@@ -138,7 +142,10 @@ impl AllocationIndex {
         let i = self.slot_of(&node.name);
         let r = &node.status.resources;
         let slot = &mut self.slots[i];
-        slot.present = true;
+        if !slot.present {
+            slot.present = true;
+            self.present += 1;
+        }
         slot.ready = node.status.state == NodeState::Ready;
         slot.unschedulable = node.unschedulable;
         let labels = node.effective_labels();
@@ -157,7 +164,9 @@ impl AllocationIndex {
     /// A deleted node takes no new sandboxes; what its sandboxes hold is released with them.
     pub fn remove_node(&mut self, node: &str) {
         if let Some(i) = self.by_name.get(node) {
-            self.slots[*i].present = false;
+            if std::mem::replace(&mut self.slots[*i].present, false) {
+                self.present -= 1;
+            }
         }
     }
 
@@ -265,7 +274,7 @@ impl AllocationIndex {
     ) -> Result<(String, Vec<AssignedPort>), String> {
         let n = self.slots.len();
         let start = if n == 0 { 0 } else { self.next_start % n };
-        let sample = feasible_nodes_to_score(self.slots.iter().filter(|s| s.present).count());
+        let sample = feasible_nodes_to_score(self.present);
         let rules = request.has_label_rules();
         if rules {
             self.fit_cache.prepare(self.labels_generation, request, n);
@@ -306,6 +315,22 @@ mod tests {
     use super::*;
     use crate::scheduler::placement::test_request as request;
     use std::collections::HashSet;
+
+    #[test]
+    fn the_count_of_registered_nodes_follows_adds_updates_and_removals() {
+        let mut index = AllocationIndex::default();
+        let counted = |index: &AllocationIndex| index.slots.iter().filter(|s| s.present).count();
+        for name in ["a", "b", "a"] {
+            index.upsert_node(&ready_node(name, 1000));
+        }
+        assert_eq!((index.present, counted(&index)), (2, 2), "an update is not a second node");
+        index.remove_node("a");
+        index.remove_node("a");
+        index.remove_node("never-added");
+        assert_eq!((index.present, counted(&index)), (1, 1));
+        index.upsert_node(&ready_node("a", 1000));
+        assert_eq!((index.present, counted(&index)), (2, 2));
+    }
 
     #[test]
     fn index_hold_is_idempotent_and_release_frees_ports() {
