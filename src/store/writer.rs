@@ -26,14 +26,17 @@ pub(super) trait Persist: Send + 'static {
     fn commit(&mut self, batch: &[Mutation], revision: Revision) -> std::result::Result<(), String>;
 }
 
-/// A batch this large already shares its commit well; it never waits.
+/// A batch this large already shares its commit well; it never waits, and a wait ends once it is reached.
 const GROUPED_ENOUGH: usize = 8;
+
+/// How often a waiting writer looks for more writes.
+const WAIT_SLICE: Duration = Duration::from_micros(250);
 
 /// Whether the writer waits `delay` (`store_commit_delay`) for more writes before committing a
 /// batch of `batch` requests, the one before having carried `previous`. Like PostgreSQL's
 /// `commit_delay` with `commit_siblings`, it waits only while the batch is small and writers are
-/// concurrent: two are in this batch, or the last commit was already grouped. So a client that
-/// writes one thing at a time is never delayed, even beside an occasional background write.
+/// concurrent: two are in this batch, or the last commit was already grouped. A client that writes
+/// one thing at a time is delayed only when another write (a controller's, say) lands beside its own.
 fn waits_for_company(previous: usize, batch: usize, delay: Duration) -> bool {
     !delay.is_zero() && batch < GROUPED_ENOUGH && (batch >= 2 || previous >= GROUPED_ENOUGH)
 }
@@ -223,11 +226,24 @@ impl<P: Persist> BatchWriter<P> {
             let mut batch = vec![first];
             self.take_queued(&mut rx, &mut batch);
             if waits_for_company(previous, batch.len(), self.commit_delay) {
-                std::thread::sleep(self.commit_delay);
-                self.take_queued(&mut rx, &mut batch);
+                self.wait_for_company(&mut rx, &mut batch);
             }
             previous = batch.len();
             self.write_batch(batch);
+        }
+    }
+
+    /// Takes writes as they come for up to `commit_delay`, and stops early once the batch is
+    /// grouped enough or the store is closing.
+    fn wait_for_company(&self, rx: &mut mpsc::Receiver<Request>, batch: &mut Vec<Request>) {
+        let deadline = std::time::Instant::now() + self.commit_delay;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || batch.len() >= GROUPED_ENOUGH || rx.is_closed() {
+                return;
+            }
+            std::thread::sleep(left.min(WAIT_SLICE));
+            self.take_queued(rx, batch);
         }
     }
 
@@ -380,33 +396,83 @@ mod tests {
     use super::*;
     use std::time::Instant;
 
-    /// Records each commit's size; the first commit takes `first_commit` so writes queue behind it.
+    /// Records each commit's size. With a gate, the first commit holds until the gate opens, so
+    /// the test decides which writes queue behind it.
     struct Recording {
         batches: Arc<Mutex<Vec<usize>>>,
-        first_commit: Duration,
+        commits_entered: Arc<std::sync::atomic::AtomicUsize>,
+        gate: Option<std::sync::mpsc::Receiver<()>>,
     }
 
     impl Persist for Recording {
         fn commit(&mut self, batch: &[Mutation], _: Revision) -> std::result::Result<(), String> {
-            let mut batches = self.batches.lock();
-            if batches.is_empty() {
-                std::thread::sleep(self.first_commit);
+            self.commits_entered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if let Some(gate) = self.gate.take() {
+                let _ = gate.recv();
             }
-            batches.push(batch.len());
+            self.batches.lock().push(batch.len());
             Ok(())
         }
     }
 
-    fn recording_store(first_commit: Duration, commit_delay: Duration) -> (Arc<LocalStore>, Arc<Mutex<Vec<usize>>>) {
-        let batches = Arc::new(Mutex::new(Vec::new()));
-        let persist = Recording { batches: batches.clone(), first_commit };
-        let options = StoreOptions { commit_delay, ..StoreOptions::default() };
-        (Arc::new(LocalStore::start(Vec::new(), 0, persist, options)), batches)
+    struct Recorded {
+        store: Arc<LocalStore>,
+        batches: Arc<Mutex<Vec<usize>>>,
+        commits_entered: Arc<std::sync::atomic::AtomicUsize>,
+        open_gate: std::sync::mpsc::Sender<()>,
     }
 
-    fn create(store: &Arc<LocalStore>, name: &str) -> tokio::task::JoinHandle<Result<Versioned>> {
-        let (store, name) = (store.clone(), name.to_string());
-        tokio::spawn(async move { store.create(Kind::Sandboxes, &name, serde_json::json!({"id": name})).await })
+    impl Recorded {
+        fn new(gated: bool, commit_delay: Duration) -> Recorded {
+            let (open_gate, gate) = std::sync::mpsc::channel();
+            let batches = Arc::new(Mutex::new(Vec::new()));
+            let commits_entered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let persist = Recording {
+                batches: batches.clone(),
+                commits_entered: commits_entered.clone(),
+                gate: gated.then_some(gate),
+            };
+            let options = StoreOptions { commit_delay, ..StoreOptions::default() };
+            let store = Arc::new(LocalStore::start(Vec::new(), 0, persist, options));
+            Recorded { store, batches, commits_entered, open_gate }
+        }
+
+        fn create(&self, name: &str) -> tokio::task::JoinHandle<Result<Versioned>> {
+            let (store, name) = (self.store.clone(), name.to_string());
+            tokio::spawn(async move { store.create(Kind::Sandboxes, &name, serde_json::json!({"id": name})).await })
+        }
+
+        /// Writes sent and not yet taken by the writer.
+        fn queued(&self) -> usize {
+            let sender = self.store.requests.lock().clone().expect("store open");
+            sender.max_capacity() - sender.capacity()
+        }
+
+        fn entered(&self) -> usize {
+            self.commits_entered.load(std::sync::atomic::Ordering::SeqCst)
+        }
+
+        /// Writes a, then b and c while a's commit is held, then d once the writer has taken b and c.
+        async fn a_then_b_c_then_d(&self) {
+            let a = self.create("a");
+            until(|| self.entered() == 1).await;
+            let (b, c) = (self.create("b"), self.create("c"));
+            until(|| self.queued() == 2).await;
+            self.open_gate.send(()).unwrap();
+            until(|| self.queued() == 0).await;
+            let d = self.create("d");
+            for write in [a, b, c, d] {
+                write.await.unwrap().unwrap();
+            }
+        }
+    }
+
+    async fn until(condition: impl Fn() -> bool) {
+        let started = Instant::now();
+        while !condition() {
+            assert!(started.elapsed() < Duration::from_secs(10), "condition not reached in 10 s");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     #[test]
@@ -423,41 +489,45 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_writer_at_a_time_is_never_delayed() {
-        let (store, batches) = recording_store(Duration::ZERO, Duration::from_millis(300));
+        let recorded = Recorded::new(false, Duration::from_millis(300));
         let started = Instant::now();
         for i in 0..10 {
-            create(&store, &format!("s{i}")).await.unwrap().unwrap();
+            recorded.create(&format!("s{i}")).await.unwrap().unwrap();
         }
         assert!(started.elapsed() < Duration::from_millis(1500), "took {:?}", started.elapsed());
-        assert_eq!(*batches.lock(), vec![1; 10]);
+        assert_eq!(*recorded.batches.lock(), vec![1; 10]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writes_wait_for_the_next_one_to_share_a_commit() {
-        let (store, batches) = recording_store(Duration::from_millis(150), Duration::from_millis(400));
-        let a = create(&store, "a");
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        let (b, c) = (create(&store, "b"), create(&store, "c"));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let d = create(&store, "d");
-        for write in [a, b, c, d] {
-            write.await.unwrap().unwrap();
-        }
-        assert_eq!(*batches.lock(), vec![1, 3], "b and c queued behind a's commit and waited for d");
+        let recorded = Recorded::new(true, Duration::from_millis(400));
+        recorded.a_then_b_c_then_d().await;
+        assert_eq!(*recorded.batches.lock(), vec![1, 3], "b and c queued behind a's commit and waited for d");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn without_a_commit_delay_concurrent_writes_do_not_wait() {
-        let (store, batches) = recording_store(Duration::from_millis(150), Duration::ZERO);
-        let a = create(&store, "a");
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        let (b, c) = (create(&store, "b"), create(&store, "c"));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let d = create(&store, "d");
-        for write in [a, b, c, d] {
+        let recorded = Recorded::new(true, Duration::ZERO);
+        recorded.a_then_b_c_then_d().await;
+        assert_eq!(*recorded.batches.lock(), vec![1, 2, 1]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wait_ends_once_the_batch_is_grouped_enough() {
+        let recorded = Recorded::new(true, Duration::from_secs(5));
+        let first = recorded.create("first");
+        until(|| recorded.entered() == 1).await;
+        let mut writes: Vec<_> = (1..GROUPED_ENOUGH).map(|i| recorded.create(&format!("s{i}"))).collect();
+        until(|| recorded.queued() == GROUPED_ENOUGH - 1).await;
+        recorded.open_gate.send(()).unwrap();
+        until(|| recorded.queued() == 0).await;
+        let last_sent = Instant::now();
+        writes.push(recorded.create("last"));
+        for write in writes.into_iter().chain([first]) {
             write.await.unwrap().unwrap();
         }
-        assert_eq!(*batches.lock(), vec![1, 2, 1]);
+        assert!(last_sent.elapsed() < Duration::from_secs(4), "waited the whole delay: {:?}", last_sent.elapsed());
+        assert_eq!(*recorded.batches.lock(), vec![1, GROUPED_ENOUGH]);
     }
 
     #[test]
