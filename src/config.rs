@@ -457,20 +457,12 @@ impl Config {
                 count_in(s, 1, 10_000_000)
             })?,
             event_ttl: parse_key("event_ttl", &value("event_ttl"), |s| {
-                let d = parse_duration(s)?;
-                if d < Duration::from_secs(60) || d > Duration::from_secs(30 * 86_400) {
-                    return Err(format!("{s:?} is outside 1m-30d"));
-                }
-                Ok(d)
+                duration_in(s, Duration::from_secs(60), Duration::from_secs(30 * 86_400), "1m-30d")
             })?,
             event_max: parse_key("event_max", &value("event_max"), |s| count_in(s, 100, 1_000_000))?,
+            // A few writers that each wait for their answer write at most once per delay.
             store_commit_delay: parse_key("store_commit_delay", &value("store_commit_delay"), |s| {
-                let d = parse_duration(s)?;
-                // A few writers that each wait for their answer write at most once per delay.
-                if d > Duration::from_millis(10) {
-                    return Err(format!("{s:?} is over 10ms"));
-                }
-                Ok(d)
+                duration_in(s, Duration::ZERO, Duration::from_millis(10), "0-10ms")
             })?,
         };
         config.check_relations()?;
@@ -533,6 +525,15 @@ impl Config {
 }
 
 /// An integer within `min..=max`, for counts of things the server holds.
+/// A duration within `min..=max`, which the error names as `range`.
+fn duration_in(s: &str, min: Duration, max: Duration, range: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < min || d > max {
+        return Err(format!("{s:?} is outside {range}"));
+    }
+    Ok(d)
+}
+
 fn count_in(s: &str, min: usize, max: usize) -> Result<usize, String> {
     s.parse::<usize>()
         .ok()
