@@ -54,6 +54,20 @@ impl Watcher {
     }
 }
 
+/// Watchers of one kind past which a new watch first drops those whose readers are gone.
+const PRUNE_FROM: usize = 64;
+
+/// Drops the watchers whose readers are gone when the list reaches a power of two (from
+/// `PRUNE_FROM`): events and bookmarks drop them too, but a kind nobody writes could otherwise
+/// gather a bookmark interval's worth of closed watches (and their buffers) from clients that
+/// reconnect. Doubling keeps the cost per watch constant and the dead at most the live plus
+/// `PRUNE_FROM`.
+fn drop_closed_on_growth(watchers: &mut Vec<Watcher>) {
+    if watchers.len() >= PRUNE_FROM && watchers.len().is_power_of_two() {
+        watchers.retain(|w| !w.tx.is_closed());
+    }
+}
+
 struct State {
     objects: HashMap<Kind, BTreeMap<Arc<str>, Versioned>>,
     revision: Revision,
@@ -293,7 +307,9 @@ impl Hub {
         let backlog: Vec<WatchItem> = backlog.into_iter().rev().map(|e| WatchItem::Event(e.clone())).collect();
         let (tx, rx) = mpsc::channel(limits.buffer.max(1) + self.batch_headroom);
         let lagged = Arc::new(AtomicBool::new(false));
-        state.watchers.entry(kind).or_default().push(Watcher { tx, lagged: lagged.clone() });
+        let of_kind = state.watchers.entry(kind).or_default();
+        drop_closed_on_growth(of_kind);
+        of_kind.push(Watcher { tx, lagged: lagged.clone() });
         let live = futures::stream::unfold(Some(rx), move |rx| {
             let lagged = lagged.clone();
             async move {
@@ -413,6 +429,27 @@ mod tests {
         assert!(matches!(reading.next().await, Some(WatchItem::Event(e)) if e.revision() == 3), "readers go on");
         let open: usize = hub.state.read().watchers.values().map(Vec::len).sum();
         assert_eq!(open, 1, "the slow watcher's slot is gone");
+    }
+
+    #[tokio::test]
+    async fn closed_watches_of_a_kind_nobody_writes_do_not_pile_up_between_bookmarks() {
+        let hub = Hub::new(vec![], 0, HistoryLimits::events(100, Duration::from_secs(60)), 16);
+        let mut live = Vec::new();
+        for i in 0..10_000 {
+            let watch = hub.watch(Kind::Nodes, 0).unwrap();
+            if i % 100 == 0 {
+                live.push(watch);
+            }
+        }
+        let held = hub.state.read().watchers[&Kind::Nodes].len();
+        assert!(held <= live.len() * 2 + PRUNE_FROM, "{held} watchers held for {} open", live.len());
+        hub.apply(vec![Change { kind: Kind::Nodes, ..change("n", 1) }]);
+        for watch in &mut live {
+            assert!(
+                matches!(watch.next().await, Some(WatchItem::Event(e)) if e.revision() == 1),
+                "an open watch hears"
+            );
+        }
     }
 
     #[tokio::test]
