@@ -155,7 +155,7 @@ pub const KEYS: [Key; 45] = [
         "sqlite://./sandboxd-data/store.db",
         "Store: memory://, sqlite://PATH or etcd://HOST:PORT[,HOST:PORT...]",
     ),
-    key("heartbeat_interval", "5s", "How often each node's agent is heartbeated (jittered ±10 %)"),
+    key("heartbeat_interval", "5s", "How often each node's agent is heartbeated (±10 %, steered so that nodes spread evenly over it)"),
     key("heartbeat_timeout", "2s", "Bound on each heartbeat call to an agent (at most heartbeat_interval)"),
     key("node_ready_threshold", "2", "Successful heartbeats in a row that make a node Ready"),
     key("node_failure_threshold", "3", "Failed heartbeats in a row that make a node NotReady"),

@@ -309,10 +309,30 @@ pub fn lost_by(node: &Node, grace: Duration, now_unix: i64) -> bool {
 
 pub use crate::clock::rfc3339_now;
 
-/// The heartbeat period with ±10 % jitter, so thousands of nodes do not beat in lockstep.
-pub fn jittered(interval: Duration) -> Duration {
-    let factor = 0.9 + fastrand::f64() * 0.2;
-    interval.mul_f64(factor)
+/// How far one gap may stray from `heartbeat_interval` (the ±10 % of the contract).
+const GAP_SLACK: f64 = 0.1;
+
+/// Where in each interval a node's heartbeats fall, from a hash of its name: evenly spread over the
+/// fleet, and the same on every replica and after every restart.
+pub fn heartbeat_phase(name: &str, interval: Duration) -> Duration {
+    let spread = crate::scheduler::tie_break(0, name);
+    Duration::from_nanos(spread % interval.as_nanos().max(1) as u64)
+}
+
+/// The gap until a node's next heartbeat, `elapsed` after the controller's epoch: the interval,
+/// stretched or shortened by up to 10 % toward the node's `phase`. Nodes registered together, or
+/// all beaten at once when a controller starts, would otherwise beat in rounds (every node within
+/// a second, then nothing for four), which random ±10 % jitter takes minutes to smear out; steered,
+/// a round is spread over the whole interval within five intervals.
+pub fn next_heartbeat_gap(elapsed: Duration, phase: Duration, interval: Duration) -> Duration {
+    let period = interval.as_nanos().max(1) as i128;
+    // How far past its phase the node is now, in (-period/2, period/2].
+    let mut late = (elapsed.as_nanos() as i128 - phase.as_nanos() as i128).rem_euclid(period);
+    if late > period / 2 {
+        late -= period;
+    }
+    let slack = (period as f64 * GAP_SLACK) as i128;
+    Duration::from_nanos((period - late.clamp(-slack, slack)) as u64)
 }
 
 /// The node controller: one timer queue of due heartbeats drained by a bounded set of workers.
@@ -324,6 +344,8 @@ pub struct NodeController {
     controller: Controller<String>,
     /// When each node's next heartbeat is due, to measure how late it starts.
     due: parking_lot::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
+    /// What heartbeat phases are measured from.
+    epoch: tokio::time::Instant,
     /// Nodes whose NodeLost event was reported in their current NotReady spell.
     reported_lost: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
@@ -354,6 +376,7 @@ impl NodeController {
             settings,
             controller,
             due: Default::default(),
+            epoch: tokio::time::Instant::now(),
             reported_lost: Default::default(),
         });
         crate::runtime::footprint::register("node", &controller);
@@ -382,8 +405,10 @@ impl NodeController {
             }
             tracing::debug!(node = %name, error = %e, "heartbeat not recorded");
         }
-        let next = jittered(self.settings.heartbeat_interval);
-        self.due.lock().insert(name.to_string(), tokio::time::Instant::now() + next);
+        let interval = self.settings.heartbeat_interval;
+        let now = tokio::time::Instant::now();
+        let next = next_heartbeat_gap(now - self.epoch, heartbeat_phase(name, interval), interval);
+        self.due.lock().insert(name.to_string(), now + next);
         // A failed heartbeat is already recorded in the node's streaks; the next one comes on time.
         Ok(Outcome::Requeue(next))
     }
@@ -720,10 +745,50 @@ mod tests {
     }
 
     #[test]
-    fn jitter_stays_within_ten_percent() {
-        for _ in 0..1000 {
-            let d = jittered(Duration::from_secs(5));
-            assert!(d >= Duration::from_millis(4500) && d <= Duration::from_millis(5500), "{d:?}");
+    fn a_gap_stays_within_ten_percent_of_the_interval() {
+        let interval = Duration::from_secs(5);
+        for step in 0..2_000u64 {
+            let elapsed = Duration::from_millis(step * 37);
+            let phase = heartbeat_phase(&format!("node-{step}"), interval);
+            let gap = next_heartbeat_gap(elapsed, phase, interval);
+            assert!(gap >= Duration::from_millis(4500) && gap <= Duration::from_millis(5500), "{gap:?}");
+        }
+    }
+
+    #[test]
+    fn a_node_on_its_phase_beats_exactly_every_interval() {
+        let interval = Duration::from_secs(5);
+        let phase = Duration::from_millis(1234);
+        for round in 1..4u32 {
+            assert_eq!(next_heartbeat_gap(phase + interval * round, phase, interval), interval);
+        }
+    }
+
+    /// Heartbeat starts of `nodes` over one interval, in tenths of it, after `rounds` beats that all
+    /// began at the same instant (nodes registered together, or a controller that just started).
+    fn tenths_after(nodes: usize, rounds: usize) -> [usize; 10] {
+        let interval = Duration::from_secs(5);
+        let mut tenths = [0; 10];
+        for i in 0..nodes {
+            let name = format!("node-{i:04}");
+            let phase = heartbeat_phase(&name, interval);
+            let mut at = Duration::from_secs(60);
+            for _ in 0..rounds {
+                at += next_heartbeat_gap(at, phase, interval);
+            }
+            tenths[(at.as_millis() % 5_000 / 500) as usize] += 1;
+        }
+        tenths
+    }
+
+    #[test]
+    fn nodes_that_beat_together_spread_over_the_interval_within_five_rounds() {
+        let (nodes, even) = (5_000, 500);
+        let first = tenths_after(nodes, 1);
+        assert!(first.iter().filter(|n| **n > 0).count() <= 3, "one round moves each node by 10 % at most: {first:?}");
+        let fifth = tenths_after(nodes, 5);
+        for n in fifth {
+            assert!(n.abs_diff(even) < even / 5, "not spread evenly: {fifth:?}");
         }
     }
 }
