@@ -249,7 +249,20 @@ pub async fn heartbeat_once(
     settings: &NodeSettings,
     name: &str,
 ) -> Result<HeartbeatReport, ObjectError> {
-    let mut node = objects.get_node(name).await?.ok_or_else(|| ObjectError::NotFound(format!("node {name:?}")))?;
+    let node = objects.get_node(name).await?.ok_or_else(|| ObjectError::NotFound(format!("node {name:?}")))?;
+    heartbeat_from(objects, agents, settings, Arc::new(node)).await
+}
+
+/// `heartbeat_once` from a copy of the node already at hand (the node controller's informer holds
+/// one): a copy behind the store only costs a compare-and-swap retry, which reads the node again.
+pub async fn heartbeat_from(
+    objects: &dyn ObjectClient,
+    agents: &dyn AgentClient,
+    settings: &NodeSettings,
+    mut node: Arc<Node>,
+) -> Result<HeartbeatReport, ObjectError> {
+    let name = node.name.clone();
+    let name = name.as_str();
     let probe = probe_agent(agents, AgentAddr::of(&node), settings.heartbeat_timeout).await;
     let now = rfc3339_now();
     loop {
@@ -276,7 +289,9 @@ pub async fn heartbeat_once(
             // Someone else wrote the node (a user, the on-demand heartbeat): apply the same probe to the new version.
             Err(ObjectError::Conflict(_)) => {
                 let probed = node.sbxlet_base_url.clone();
-                node = objects.get_node(name).await?.ok_or_else(|| ObjectError::NotFound(format!("node {name:?}")))?;
+                node = Arc::new(
+                    objects.get_node(name).await?.ok_or_else(|| ObjectError::NotFound(format!("node {name:?}")))?,
+                );
                 if node.sbxlet_base_url != probed {
                     // The address changed under us: this probe says nothing about the new one.
                     return Err(ObjectError::Conflict(format!("node {name} moved to {}", node.sbxlet_base_url)));
@@ -386,15 +401,15 @@ impl NodeController {
     /// One heartbeat of one node, then the next one is scheduled an interval (±10 %) later.
     pub async fn beat(&self, name: &str) -> Reconciled {
         let due = self.due.lock().remove(name);
-        if self.nodes.get(name).is_none() {
+        let Some(node) = self.nodes.get(name) else {
             self.reported_lost.lock().remove(name);
             return Ok(Outcome::Done);
-        }
+        };
         if let Some(due) = due {
             METRICS.heartbeat_lag.observe(tokio::time::Instant::now().saturating_duration_since(due).as_secs_f64());
         }
         METRICS.heartbeats.inc();
-        let result = heartbeat_once(self.objects.as_ref(), self.agents.as_ref(), &self.settings, name).await;
+        let result = heartbeat_from(self.objects.as_ref(), self.agents.as_ref(), &self.settings, node).await;
         if let Ok(report) = &result {
             self.report_lost(&report.node);
         }
