@@ -191,14 +191,15 @@ impl Sampled for CacheCounts {
     }
 }
 
-/// Spawns shared informers and every controller in this process; they stop when `shutdown` is cancelled.
+/// Spawns shared informers and the controllers in `only` in this process; they stop when `shutdown` is cancelled.
 pub fn start(
     objects: Arc<dyn ObjectClient>,
     config: &Config,
     agents: Arc<dyn AgentClient>,
+    only: &[&'static str],
     shutdown: CancellationToken,
 ) -> JoinSet<()> {
-    let built = build(&objects, &agents, config, &CONTROLLERS, Start::WithProcess);
+    let built = build(&objects, &agents, config, only, Start::WithProcess);
     let mut tasks = JoinSet::new();
     spawn_informers(&built, &objects, &mut tasks, &shutdown);
     for (_, run) in built.runs {
@@ -228,6 +229,14 @@ pub enum ControllersError {
     LostLeadership(&'static str),
 }
 
+/// The known controllers named in `names`, in their start order; an unknown name is an error.
+pub fn choose(names: &[String]) -> Result<Vec<&'static str>, ControllersError> {
+    if let Some(unknown) = names.iter().find(|n| !CONTROLLERS.contains(&n.as_str())) {
+        return Err(ControllersError::Unknown(unknown.clone()));
+    }
+    Ok(CONTROLLERS.into_iter().filter(|c| names.iter().any(|n| n == c)).collect())
+}
+
 /// Who this replica is and which controllers it campaigns for.
 #[derive(Debug, Clone)]
 pub struct Candidacy {
@@ -252,12 +261,7 @@ pub async fn run_elected(
 ) -> Result<(), ControllersError> {
     let (only, identity, lease_settings) = (&candidacy.only, candidacy.identity.as_str(), candidacy.lease);
     lease_settings.validate().map_err(ControllersError::Lease)?;
-    let mut chosen: Vec<&str> = Vec::new();
-    for name in only {
-        let known =
-            CONTROLLERS.iter().find(|c| **c == name.as_str()).ok_or_else(|| ControllersError::Unknown(name.clone()))?;
-        chosen.push(known);
-    }
+    let chosen = choose(only)?;
     let built = build(&objects, &agents, config, &chosen, Start::Elected);
     let mut background = JoinSet::new();
     spawn_informers(&built, &objects, &mut background, &shutdown);

@@ -98,6 +98,11 @@ struct ServeArgs {
     identity: Option<String>,
     #[command(flatten)]
     leases: LeaseFlags,
+    /// Controllers to run in this process (comma-separated; `serve` only), as
+    /// kube-controller-manager's --controllers: e.g. node,scheduler to leave sandbox starts to a
+    /// `controllers --only sandbox` process elsewhere.
+    #[arg(long, value_delimiter = ',', default_value = "node,scheduler,sandbox,ttl")]
+    controllers: Vec<String>,
     #[command(flatten)]
     flags: ConfigFlags,
 }
@@ -193,16 +198,23 @@ fn run_cli() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (args, mode) = match cli.command {
         Command::Serve(args) if args.leader_elect => {
+            let chosen = sandboxd_o::controllers::choose(&args.controllers)?;
             let candidacy = sandboxd_o::controllers::Candidacy {
                 identity: args.identity.clone().unwrap_or_else(|| default_identity("sandboxd")),
-                only: sandboxd_o::controllers::CONTROLLERS.iter().map(|c| c.to_string()).collect(),
+                only: chosen.iter().map(|c| c.to_string()).collect(),
                 lease: args.leases.settings(),
             };
             (args, Mode::AllInOneElected(candidacy))
         }
-        Command::Serve(args) => (args, Mode::AllInOne),
+        Command::Serve(args) => {
+            let chosen = sandboxd_o::controllers::choose(&args.controllers)?;
+            (args, Mode::AllInOne(chosen))
+        }
         Command::Apiserver(args) if args.leader_elect => {
             anyhow::bail!("--leader-elect is for `serve`; `apiserver` runs no controllers")
+        }
+        Command::Apiserver(args) if args.controllers != sandboxd_o::controllers::CONTROLLERS => {
+            anyhow::bail!("--controllers is for `serve`; `apiserver` runs no controllers")
         }
         Command::Apiserver(args) => (args, Mode::ApiOnly),
         Command::Controllers(args) => return run_controllers(args),

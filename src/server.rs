@@ -44,13 +44,24 @@ impl From<StoreError> for ServeError {
 /// What a process runs besides the API.
 #[derive(Debug, Clone)]
 pub enum Mode {
-    /// API, store and every controller.
-    AllInOne,
+    /// API, store and these controllers (`serve --controllers`; all of them by default).
+    AllInOne(Vec<&'static str>),
     /// API, store, and every controller behind its leader lease, so several servers can share one
     /// etcd: a server that loses a lease stops its controllers and stands by again.
     AllInOneElected(crate::controllers::Candidacy),
     /// API and store only.
     ApiOnly,
+}
+
+impl Mode {
+    /// Only the process that heartbeats the nodes may judge their stored states stale.
+    fn runs_node_controller(&self) -> bool {
+        match self {
+            Mode::AllInOne(only) => only.contains(&"node"),
+            Mode::AllInOneElected(candidacy) => candidacy.only.iter().any(|c| c == "node"),
+            Mode::ApiOnly => false,
+        }
+    }
 }
 
 /// A started server: its address and the handle to stop it.
@@ -118,16 +129,16 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running, ServeError> {
     )));
     state = state.with_node_events(sandboxd_controllers::events::Events::new(&recorder, "api-server"));
     declare_static_nodes(&state, &config).await?;
-    if !matches!(mode, Mode::ApiOnly) {
+    if mode.runs_node_controller() {
         let keep_fresh_states = matches!(mode, Mode::AllInOneElected(_));
         forget_stale_node_states(&state, &config, keep_fresh_states).await?;
     }
     let addr = listener.local_addr().map_err(ServeError::Serve)?;
     let shutdown = state.shutdown.clone();
     let mut controllers = match mode {
-        Mode::AllInOne => {
+        Mode::AllInOne(ref only) => {
             let objects = Arc::new(crate::objects::InProcessObjects::new(state.registry.clone()));
-            crate::controllers::start(objects, &config, agents, shutdown.clone())
+            crate::controllers::start(objects, &config, agents, only, shutdown.clone())
         }
         Mode::AllInOneElected(ref candidacy) => {
             let objects = Arc::new(crate::objects::InProcessObjects::new(state.registry.clone()));

@@ -7,7 +7,7 @@ use sandboxd_api::{NodeState, Phase};
 use sandboxd_client::objects::HttpObjects;
 use sandboxd_controllers::runtime::lease::{LeaseClient, LeaseSettings};
 use sandboxd_o::agent_client::HttpAgentClient;
-use sandboxd_o::controllers::{run_elected, Candidacy, ControllersError};
+use sandboxd_o::controllers::{run_elected, Candidacy, ControllersError, CONTROLLERS};
 use sbxlet::Faults;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -35,13 +35,23 @@ fn start_replica_with(
     identity: &str,
     token: Option<String>,
 ) -> (CancellationToken, tokio::task::JoinHandle<Result<(), ControllersError>>) {
+    start_replica_of(server, identity, token, &CONTROLLERS)
+}
+
+/// A replica campaigning for the controllers in `only`.
+fn start_replica_of(
+    server: &str,
+    identity: &str,
+    token: Option<String>,
+    only: &[&str],
+) -> (CancellationToken, tokio::task::JoinHandle<Result<(), ControllersError>>) {
     let client = sandboxd_client::Client::new(server, token).unwrap();
     let objects = Arc::new(HttpObjects::new(client));
     let agents = Arc::new(HttpAgentClient::new(Duration::from_secs(1)).loopback_only());
     let config = test_config(&[]);
     let candidacy = Candidacy {
         identity: identity.to_string(),
-        only: ["node", "scheduler", "sandbox", "ttl"].iter().map(|s| s.to_string()).collect(),
+        only: only.iter().map(|s| s.to_string()).collect(),
         lease: fast_leases(),
     };
     let stop = CancellationToken::new();
@@ -188,4 +198,47 @@ async fn a_controller_token_leads_only_under_its_own_name() {
     stop.cancel();
     let _ = task.await;
     server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_some_controllers_leaves_the_others_to_a_replica() {
+    let agent = start_agent(Faults::default()).await;
+    let config = test_config(&[]);
+    let running = sandboxd_o::server::start(config, sandboxd_o::server::Mode::AllInOne(vec!["node", "scheduler"]))
+        .await
+        .expect("server starts");
+    let url = format!("http://{}", running.addr);
+    let client = sandboxd_client::Client::new(&url, None).unwrap();
+    register(&client, "node-a", agent.addr()).await;
+    wait_node_state(&client, "node-a", NodeState::Ready).await;
+    client.create_sandbox("split-1", &with_port(sandbox_spec("10m"), 80)).await.unwrap();
+    eventually(10, "split-1 Scheduled", || async {
+        let s = client.get_sandbox("split-1").await.ok()?;
+        (s.status.phase == Phase::Scheduled).then_some(())
+    })
+    .await;
+    // Nobody in the server starts it: it stays Scheduled, and the agent never hears of it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(client.get_sandbox("split-1").await.unwrap().status.phase, Phase::Scheduled);
+    assert!(agent.sandbox_ids().is_empty(), "the agent was asked to create {:?}", agent.sandbox_ids());
+
+    let (stop, task) = start_replica_of(&url, "sandbox-only", None, &["sandbox"]);
+    wait_all_running(&client, &["split-1".to_string()]).await;
+    let leases = HttpObjects::new(client.clone());
+    assert!(
+        leases.get_lease("sandboxd-controller-scheduler").await.unwrap().is_none(),
+        "the replica ran the scheduler"
+    );
+    stop.cancel();
+    task.await.unwrap().expect("the replica stops without error");
+    running.stop().await.unwrap();
+}
+
+#[test]
+fn controllers_are_chosen_by_name_in_start_order_and_an_unknown_name_is_refused() {
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(sandboxd_o::controllers::choose(&names(&["scheduler", "node"])).unwrap(), vec!["node", "scheduler"]);
+    assert!(sandboxd_o::controllers::choose(&names(&[])).unwrap().is_empty());
+    let err = sandboxd_o::controllers::choose(&names(&["node", "kubelet"])).unwrap_err();
+    assert!(err.to_string().contains("\"kubelet\""), "{err}");
 }

@@ -32,7 +32,9 @@ pub fn test_config(overrides: &[(&str, &str)]) -> Config {
 
 /// Starts an all-in-one server and returns it with a client.
 pub async fn start_server(config: Config) -> (Running, sandboxd_client::Client) {
-    let running = server::start(config, Mode::AllInOne).await.expect("server starts");
+    let running = server::start(config, Mode::AllInOne(sandboxd_o::controllers::CONTROLLERS.to_vec()))
+        .await
+        .expect("server starts");
     let client = sandboxd_client::Client::new(&format!("http://{}", running.addr), None).unwrap();
     (running, client)
 }

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(name = "sandboxd-bench", about = "Benchmarks sandboxd-o through its public API")]
 struct Cli {
-    /// Scenarios to run: store-create, store-create-etcd, heartbeats, burst-1k, scheduling-basic, scheduling-selectors, startup-latency, burst, scale, scale-2x, api-latency, api-tls, failover, soak, real-runtime, data-plane, runtime-classes, overload, watch-fanout, or all.
+    /// Scenarios to run: store-create, store-create-etcd, heartbeats, burst-1k, scheduling-basic, scheduling-selectors, scheduling-only, startup-latency, burst, scale, scale-2x, api-latency, api-tls, failover, soak, real-runtime, data-plane, runtime-classes, overload, watch-fanout, or all.
     #[arg(default_value = "all")]
     scenarios: Vec<String>,
     /// Tiny sizes that only check correctness (every sandbox Running, unique ports), for CI.
