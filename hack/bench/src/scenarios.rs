@@ -404,6 +404,10 @@ async fn scheduling_basic(bin_dir: &Path, smoke: bool, variant: Scheduling) -> a
     figures.extend(latency_figures("create", sent.into_iter().map(|s| s.latency).collect()));
     figures.insert("selectors".into(), json!(variant == Scheduling::Selectors));
     figures.insert("sandboxes_started".into(), json!(variant.starts()));
+    if !variant.starts() {
+        // Issue 19's target is judged on scheduling-basic; this one says what the starts cost.
+        return Ok(report(name, smoke, Value::Object(figures), "figure only (scheduler alone)", None));
+    }
     // Issue 19 raised the target from 5,000.
     Ok(report(name, smoke, Value::Object(figures), ">= 10000 binds/s", Some(binds_per_s >= 10_000.0)))
 }
