@@ -46,8 +46,8 @@ impl From<StoreError> for ServeError {
 pub enum Mode {
     /// API, store and these controllers (`serve --controllers`; all of them by default).
     AllInOne(Vec<&'static str>),
-    /// API, store, and every controller behind its leader lease, so several servers can share one
-    /// etcd: a server that loses a lease stops its controllers and stands by again.
+    /// API, store, and the chosen controllers each behind its leader lease, so several servers can
+    /// share one etcd: a server that loses a lease stops its controllers and stands by again.
     AllInOneElected(crate::controllers::Candidacy),
     /// API and store only.
     ApiOnly,
