@@ -404,12 +404,13 @@ async fn scheduling_basic(bin_dir: &Path, smoke: bool, variant: Scheduling) -> a
     figures.extend(latency_figures("create", sent.into_iter().map(|s| s.latency).collect()));
     figures.insert("selectors".into(), json!(variant == Scheduling::Selectors));
     figures.insert("sandboxes_started".into(), json!(variant.starts()));
-    if !variant.starts() {
-        // Issue 19's target is judged on scheduling-basic; this one says what the starts cost.
-        return Ok(report(name, smoke, Value::Object(figures), "figure only (scheduler alone)", None));
-    }
-    // Issue 19 raised the target from 5,000.
-    Ok(report(name, smoke, Value::Object(figures), ">= 10000 binds/s", Some(binds_per_s >= 10_000.0)))
+    // Issue 19 raised the target from 5,000. It is judged where sandboxes start; the scheduler
+    // alone says what the starts cost.
+    let (target, met) = match variant.starts() {
+        true => (">= 10000 binds/s", Some(binds_per_s >= 10_000.0)),
+        false => ("figure only (scheduler alone)", None),
+    };
+    Ok(report(name, smoke, Value::Object(figures), target, met))
 }
 
 /// Object writes the store's commits carried, over the server's life.
